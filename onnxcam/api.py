@@ -1,0 +1,171 @@
+"""The Python API: load a model once, explain many images. The CLI is a thin shell over this.
+
+>>> explainer = Explainer("models/efficientnet_lite0.onnx")
+>>> result = explainer.explain("cat.jpg", top_k=2)
+>>> result.maps[0].label, result.maps[0].cam.shape   # ('Egyptian cat', (300, 451))
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxcam import cam as cams
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+from onnxcam.image import read_rgb, resize_rgb, write_npy, write_png_rgb
+from onnxcam.overlay import HEAT_WEIGHT, overlay_rgb
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class TargetMap:
+    """The Grad-CAM of one class on one image."""
+
+    index: int
+    label: str
+    probability: float
+    logit: float
+    weights: np.ndarray  # [C] channel weights alpha
+    cam_lowres: np.ndarray  # [h, w] ReLU(sum alpha A), unnormalised, at the target layer's size
+    cam: np.ndarray  # [H, W] float32 in [0, 1], the image's size
+    empty: bool  # True when no location supports the class (the map is all zero)
+
+    @property
+    def peak(self) -> tuple[int, int]:
+        """(x, y) of the map's maximum in image pixels."""
+        y, x = np.unravel_index(int(np.argmax(self.cam)), self.cam.shape)
+        return int(x), int(y)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    image_rgb: np.ndarray
+    predictions: list[Prediction]
+    maps: list[TargetMap]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class Explainer:
+    """Grad-CAM with one ONNX Runtime call per batch of images, for all their targets at once."""
+
+    def __init__(self, model: str | Path, provider: str | None = None) -> None:
+        self.engine = Engine(model, provider)
+        self.card = self.engine.card
+        self._by_name = {name.lower(): i for i, name in enumerate(self.card.labels)}
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.card.labels
+
+    def class_index(self, target: int | str) -> int:
+        """A class index from an index or a class name (case-insensitive); bad ones raise OnnxcamError."""
+        count = len(self.labels)
+        text = str(target).strip()
+        if re.fullmatch(r"-?\d+", text):
+            index = int(text)
+            if not 0 <= index < count:
+                raise OnnxcamError(f"class index {index} is out of range; this model has {count} classes (0-{count - 1})")
+            return index
+        if text.lower() in self._by_name:
+            return self._by_name[text.lower()]
+        close = difflib.get_close_matches(text.lower(), self._by_name, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(self.labels[self._by_name[c]]) for c in close)}?" if close else ""
+        raise OnnxcamError(f"unknown class name {text!r}{hint} (see `onnxcam info MODEL --labels`)")
+
+    def target_codes(self, targets: Sequence[int | str] = (), top_k: int | None = None) -> list[int]:
+        """Contract codes: explicit class indices, then ``-1 .. -top_k`` for the top predictions.
+
+        With neither given, the top-1 prediction is explained.
+        """
+        codes = [self.class_index(t) for t in targets]
+        k = top_k if top_k is not None else (0 if codes else 1)
+        if not 0 <= k <= len(self.labels):
+            raise OnnxcamError(f"top-k must be between 0 and {len(self.labels)}, got {k}")
+        codes += [-(i + 1) for i in range(k)]
+        if not codes:
+            raise OnnxcamError("nothing to explain: give a --target or a --top-k of at least 1")
+        return codes
+
+    def explain(
+        self,
+        image: np.ndarray | str | Path,
+        targets: Sequence[int | str] = (),
+        top_k: int | None = None,
+        predictions: int = 5,
+    ) -> Explanation:
+        """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size)."""
+        return self.explain_batch([image], targets, top_k, predictions)[0]
+
+    def explain_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        targets: Sequence[int | str] = (),
+        top_k: int | None = None,
+        predictions: int = 5,
+    ) -> list[Explanation]:
+        """Explain several images in one ORT call; each gets the same target list."""
+        codes = self.target_codes(targets, top_k)
+        photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
+        batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)))
+        probs = softmax(out.logits.astype(np.float64))
+        results = []
+        for n, photo in enumerate(photos):
+            order = np.argsort(-out.logits[n], kind="stable")[:predictions]
+            preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
+            lowres = cams.gradcam(out.activations[n], out.weights[n])
+            maps = []
+            for t, index in enumerate(out.target_classes[n]):
+                cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
+                pred = self._prediction(int(index), probs[n], out.logits[n])
+                maps.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam, empty=empty))
+            results.append(Explanation(photo, preds, maps))
+        return results
+
+    def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
+        return Prediction(index, self.labels[index], float(probs[index]), float(logits[index]))
+
+
+def _check_rgb(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise OnnxcamError(f"an image array must be uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
+    return image
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
+
+
+def output_paths(out_dir: Path, stem: str, target: TargetMap) -> tuple[Path, Path]:
+    """``<stem>_<class>_<label>.png`` (overlay) and ``.npy`` (float32 map in [0, 1])."""
+    base = f"{stem}_{target.index}_{slug(target.label)}"
+    return out_dir / f"{base}.png", out_dir / f"{base}.npy"
+
+
+def save(explanation: Explanation, out_dir: Path, stem: str, alpha: float = HEAT_WEIGHT) -> list[dict[str, str]]:
+    """Write the overlay PNG and the raw map of every target; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for m in explanation.maps:
+        overlay, raw = output_paths(out_dir, stem, m)
+        write_png_rgb(overlay, overlay_rgb(explanation.image_rgb, m.cam, alpha))
+        write_npy(raw, m.cam)
+        written.append({"overlay": str(overlay), "map": str(raw)})
+    return written

@@ -1,0 +1,169 @@
+"""``onnxcam`` command line: a thin shell over :mod:`onnxcam.api`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from onnxcam.api import Explainer, output_paths, save
+from onnxcam.errors import OnnxcamError
+from onnxcam.image import read_rgb
+from onnxcam.overlay import HEAT_WEIGHT
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time.",
+)
+
+DEFAULT_MODEL = Path("models/vgg16.onnx")
+
+
+class Arch(str, Enum):
+    vgg16 = "vgg16"
+    efficientnet_lite0 = "efficientnet_lite0"
+
+
+@app.command()
+def export(
+    arch: Annotated[Arch, typer.Option(help="Network to build.")] = Arch.vgg16,
+    weights: Annotated[
+        str, typer.Option(help="'imagenet' (download once, hash-checked), 'none' (seeded random), or a .pth path.")
+    ] = "imagenet",
+    layer: Annotated[
+        str | None, typer.Option(help="Target layer: an alias (block5_conv3, head) or a module path (features.29).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file [default: models/<arch>.onnx].")] = None,
+) -> None:
+    """Build an ONNX model whose outputs are the logits AND the class gradients (needs PyTorch).
+
+    Example: onnxcam export --arch efficientnet_lite0
+    """
+    try:
+        from onnxcam_export.torch_export import export_arch
+    except ImportError as exc:
+        raise OnnxcamError(f"onnxcam export needs PyTorch and onnx ({exc}); install: pip install 'onnxcam[export]'") from exc
+    target = out or Path("models") / f"{arch.value}.onnx"
+    card = export_arch(arch.value, weights, layer, target)
+    size_mb = target.stat().st_size / 1e6
+    typer.echo(f"wrote {target} ({size_mb:.0f} MB)")
+    for key, value in card.items():
+        typer.echo(f"  {key}: {value}")
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, ...).", show_default=False)],
+    model: Annotated[Path, typer.Option(help="An onnxcam model from `onnxcam export`.")] = DEFAULT_MODEL,
+    target: Annotated[
+        list[str] | None, typer.Option(help="Class to explain: an index or a class name. Repeatable.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Also explain the K top-scoring classes [default: 1 without --target].")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for overlays (.png) and raw maps (.npy).")] = Path(
+        "onnxcam-out"
+    ),
+    alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
+    provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+) -> None:
+    """Explain images with Grad-CAM: one ONNX Runtime call per image, no PyTorch.
+
+    Example: onnxcam explain cat.jpg --model models/efficientnet_lite0.onnx --top-k 2
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
+    explainer = Explainer(model, provider)
+    targets = target or []
+    explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
+    photos = {path: read_rgb(path) for path in images}  # every input is checked before anything is written
+    stems = _unique_stems(images)
+    inputs = {p.resolve() for p in images}
+    report = []
+    for path, photo in photos.items():
+        result = explainer.explain(photo, targets, top_k)
+        clash = [f for m in result.maps for f in output_paths(out, stems[path], m) if f.resolve() in inputs]
+        if clash:
+            raise OnnxcamError(f"writing would overwrite the input {clash[0]}; choose another --out")
+        report.append(_record(path, photo, result, save(result, out, stems[path], alpha)))
+    if json_output:
+        typer.echo(json.dumps({"model": str(model), "images": report}, indent=2))
+    else:
+        _print_table(report)
+
+
+def _unique_stems(paths: list[Path]) -> dict[Path, str]:
+    stems: dict[Path, str] = {}
+    seen: dict[str, int] = {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems[path] = path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
+    return stems
+
+
+def _record(path: Path, photo, result, files: list[dict[str, str]]) -> dict:  # noqa: ANN001
+    return {
+        "path": str(path),
+        "size": [int(photo.shape[1]), int(photo.shape[0])],
+        "predictions": [
+            {"class": p.index, "label": p.label, "probability": round(p.probability, 6)} for p in result.predictions
+        ],
+        "targets": [
+            {
+                "class": m.index,
+                "label": m.label,
+                "probability": round(m.probability, 6),
+                "logit": round(m.logit, 6),
+                "empty_map": m.empty,
+                "peak_xy": list(m.peak),
+                **f,
+            }
+            for m, f in zip(result.maps, files, strict=True)
+        ],
+    }
+
+
+def _print_table(report: list[dict]) -> None:
+    for item in report:
+        width, height = item["size"]
+        typer.echo(f"{item['path']} ({width}x{height})")
+        typer.echo(f"  {'class':>5}  {'probability':>11}  label")
+        for p in item["predictions"]:
+            typer.echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
+        for t in item["targets"]:
+            note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
+            typer.echo(f"  map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="An onnxcam model.")],
+    labels: Annotated[bool, typer.Option("--labels", help="Also list every class index and name.")] = False,
+) -> None:
+    """Print the model card: architecture, weights, target layer, preprocessing, classes.
+
+    Example: onnxcam info models/vgg16.onnx
+    """
+    explainer = Explainer(model)
+    typer.echo(str(model))
+    for key, value in explainer.card.rows():
+        typer.echo(f"  {key:<16} {value}")
+    if labels:
+        for i, name in enumerate(explainer.labels):
+            typer.echo(f"  {i:>5}  {name}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except OnnxcamError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
