@@ -181,7 +181,9 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     empty = b.op("ConstantOfShape", empty_shape, value=helper.make_tensor("zero", elem, [1], [0]))
     b.nodes = main_nodes
     branch = {
-        "then_branch": helper.make_graph(branch_nodes, "full", [], [helper.make_tensor_value_info(gradients, elem, None)]),
+        "then_branch": helper.make_graph(
+            branch_nodes, "full", [], [helper.make_tensor_value_info(gradients, elem, None)]
+        ),
         "else_branch": helper.make_graph(else_nodes, "empty", [], [helper.make_tensor_value_info(empty, elem, None)]),
     }
     b.nodes.append(helper.make_node("If", [contract.FULL_GRADIENTS], [contract.GRADIENTS], name="gradients", **branch))

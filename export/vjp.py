@@ -32,8 +32,9 @@ def _unsupported(node: onnx.NodeProto, why: str) -> UnsupportedOp:
     return UnsupportedOp(f"{node.op_type} node {node.name or node.output[0]!r}: {why}")
 
 
-def _mask(b: Builder, dy: str, keep: str) -> str:
-    return b.op("Where", keep, dy, b.scalar(0.0, dy))
+def _mask(b: Builder, dy: str, keep: str, like: str) -> str:
+    """``dy`` where ``keep``, else 0 (``like``: a forward tensor of the same element type)."""
+    return b.op("Where", keep, dy, b.scalar(0.0, like))
 
 
 # dX = dY
@@ -52,13 +53,13 @@ def Dropout(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
 # dX = dY * (Y > 0)
 def Relu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    y = b.fwd(node.output[0])
-    return [_mask(b, dy[0], b.op("Greater", y, b.scalar(0.0, y)))]
+    y = node.output[0]
+    return [_mask(b, dy[0], b.op("Greater", b.fwd(y), b.scalar(0.0, y)), y)]
 
 
 # dX = dY * (min < X < max)   (strict, as torch's hardtanh/relu6 backward)
 def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x = b.fwd(node.input[0])
+    x = node.input[0]
     a = attrs(node)
     bounds = [node.input[i] if len(node.input) > i and node.input[i] else None for i in (1, 2)]
     if b.opset < 11:
@@ -69,9 +70,9 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     keep = None
     for bound, cmp in zip(bounds, ("Greater", "Less"), strict=True):
         if bound is not None:
-            inside = b.op(cmp, x, bound)
+            inside = b.op(cmp, b.fwd(x), bound)
             keep = inside if keep is None else b.op("And", keep, inside)
-    grads: list[Grad] = [dy[0] if keep is None else _mask(b, dy[0], keep)]
+    grads: list[Grad] = [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
     return grads + [None] * (len(node.input) - 1)
 
 
@@ -107,7 +108,7 @@ def Gemm(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 # Y = A @ B with constant B  =>  dA = dY @ B^T
 def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     rank = b.rank(node.input[1])
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    perm = [*list(range(rank - 2)), rank - 1, rank - 2]
     return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm)), None]
 
 

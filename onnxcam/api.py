@@ -81,7 +81,9 @@ class Explainer:
         if re.fullmatch(r"-?\d+", text):
             index = int(text)
             if not 0 <= index < count:
-                raise OnnxcamError(f"class index {index} is out of range; this model has {count} classes (0-{count - 1})")
+                raise OnnxcamError(
+                    f"class index {index} is out of range; this model has {count} classes (0-{count - 1})"
+                )
             return index
         if text.lower() in self._by_name:
             return self._by_name[text.lower()]
@@ -135,7 +137,9 @@ class Explainer:
             for t, index in enumerate(out.target_classes[n]):
                 cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
                 pred = self._prediction(int(index), probs[n], out.logits[n])
-                maps.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam, empty=empty))
+                maps.append(
+                    TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam, empty=empty)
+                )
             results.append(Explanation(photo, preds, maps))
         return results
 

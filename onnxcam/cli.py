@@ -8,9 +8,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
-from onnxcam.api import Explainer, output_paths, save
+from onnxcam.api import Explainer, Explanation, output_paths, save
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
 from onnxcam.overlay import HEAT_WEIGHT
@@ -48,7 +49,9 @@ def export(
     try:
         from onnxcam_export.torch_export import export_arch
     except ImportError as exc:
-        raise OnnxcamError(f"onnxcam export needs PyTorch and onnx ({exc}); install: pip install 'onnxcam[export]'") from exc
+        raise OnnxcamError(
+            f"onnxcam export needs PyTorch and onnx ({exc}); install: pip install 'onnxcam[export]'"
+        ) from exc
     target = out or Path("models") / f"{arch.value}.onnx"
     card = export_arch(arch.value, weights, layer, target)
     size_mb = target.stat().st_size / 1e6
@@ -108,7 +111,7 @@ def _unique_stems(paths: list[Path]) -> dict[Path, str]:
     return stems
 
 
-def _record(path: Path, photo, result, files: list[dict[str, str]]) -> dict:  # noqa: ANN001
+def _record(path: Path, photo: np.ndarray, result: Explanation, files: list[dict[str, str]]) -> dict:
     return {
         "path": str(path),
         "size": [int(photo.shape[1]), int(photo.shape[0])],

