@@ -76,19 +76,24 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return grads + [None] * (len(node.input) - 1)
 
 
-# dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first)
+def _reshape_back(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))] + [None] * (len(node.input) - 1)
+
+
+# dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
 def Flatten(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    if int(attrs(node).get("axis", 1)) < 1:
-        raise _unsupported(node, "axis=0 merges the batch axis; only axis >= 1 is supported")
-    x = node.input[0]
-    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], x))] + [None] * (len(node.input) - 1)
+    axis = int(attrs(node).get("axis", 1))
+    if axis % b.rank(node.input[0]) != 1:
+        raise _unsupported(node, f"axis={axis} does not keep the batch axis alone; only axis=1 is supported")
+    return _reshape_back(b, node, dy)
 
 
+# dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
 def Reshape(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x, y = b.shape(node.input[0]), b.shape(node.output[0])
     if x and y and x[0] is not None and y[0] is not None and x[0] != y[0]:
         raise _unsupported(node, f"it changes the batch axis ({x[0]} -> {y[0]}); only reshapes that keep it")
-    return Flatten(b, node, dy)
+    return _reshape_back(b, node, dy)
 
 
 # Y = alpha * A' B' + beta * C  =>  dA = alpha * dY B'^T   (A is the batch input, B and C constants)

@@ -52,10 +52,8 @@ def torch_reference(
     _, path = resolve_layer(arch, model, layer)
     wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).double().eval()
     logits, activations = wrapper(torch.from_numpy(images))
-    grads = [
-        torch.autograd.grad(logits.gather(1, torch.from_numpy(classes[:, [t]])).sum(), activations, retain_graph=True)[0]
-        for t in range(classes.shape[1])
-    ]
+    scores = [logits.gather(1, torch.from_numpy(classes[:, [t]])).sum() for t in range(classes.shape[1])]
+    grads = [torch.autograd.grad(score, activations, retain_graph=True)[0] for score in scores]
     return logits.detach().numpy(), activations.detach().numpy(), torch.stack(grads, 1).numpy()
 
 
