@@ -123,7 +123,8 @@ def load_weights(arch: Arch, model: nn.Module, weights: str) -> str:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise OnnxcamError(f"could not load weights from {path}: {exc}") from exc
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxcamError(f"could not load weights from {path} as a state dict ({reason})") from exc
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         source = f"file {path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
     result = model.load_state_dict(state, strict=False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from onnxcam import cam as cams
 from onnxcam.engine import Engine
@@ -65,8 +66,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Explainer:
     """Grad-CAM with one ONNX Runtime call per batch of images, for all their targets at once."""
 
-    def __init__(self, model: str | Path, provider: str | None = None) -> None:
-        self.engine = Engine(model, provider)
+    def __init__(
+        self, model: str | Path, provider: str | None = None, options: ort.SessionOptions | None = None
+    ) -> None:
+        self.engine = Engine(model, provider, options)
         self.card = self.engine.card
         self._by_name = {name.lower(): i for i, name in enumerate(self.card.labels)}
 

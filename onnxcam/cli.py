@@ -168,5 +168,5 @@ def main() -> None:
     try:
         app()
     except OnnxcamError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)  # always one line
         sys.exit(2)

@@ -95,12 +95,14 @@ def _providers(provider: str | None) -> list[str]:
 class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
-    def __init__(self, path: str | Path, provider: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, provider: str | None = None, options: ort.SessionOptions | None = None
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise OnnxcamError(f"model file {path} not found; create it with: onnxcam export --arch vgg16 --out {path}")
         providers = _providers(provider)
-        options = ort.SessionOptions()
+        options = options or ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -10,7 +10,9 @@ import numpy as np
 
 from onnxcam.errors import OnnxcamError
 
-_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+# (signature, end marker): a file that starts like one of these but lacks its end marker
+# was cut short. Checked before decoding, because libjpeg/libpng complain on stderr.
+_END_MARKERS = {"JPEG": (b"\xff\xd8", b"\xff\xd9"), "PNG": (b"\x89PNG\r\n\x1a\n", b"IEND")}
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -21,8 +23,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
     data = path.read_bytes()
     if not data:
         raise OnnxcamError(f"image {path} is empty (0 bytes)")
-    if data.startswith(_JPEG_START) and _JPEG_END not in data[-64:]:
-        raise OnnxcamError(f"image {path} is a truncated JPEG (no end-of-image marker); re-export or re-download it")
+    for kind, (start, end) in _END_MARKERS.items():
+        if data.startswith(start) and end not in data[-64:]:
+            raise OnnxcamError(
+                f"image {path} is a truncated {kind} (its end marker is missing); re-copy or re-export it"
+            )
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise OnnxcamError(f"{path} is not a readable image (corrupt, truncated, or not an image format OpenCV reads)")

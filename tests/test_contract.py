@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -14,7 +15,7 @@ from tests.conftest import ROOT
 pytest.importorskip("torch")
 
 
-def _all_nodes(graph: onnx.GraphProto):  # noqa: ANN202
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for attr in node.attribute:

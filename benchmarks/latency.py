@@ -1,0 +1,106 @@
+"""Grad-CAM latency vs a plain ONNX Runtime forward of the same weights, side by side.
+
+    python benchmarks/latency.py [--pairs 15] [--arch vgg16 --arch efficientnet_lite0]
+
+For each architecture it exports (random weights for VGG16, which do not change the
+cost; real ones for Lite0) the onnxcam model and the plain forward graph, then alternates
+in the same process: forward, Grad-CAM with 1 target, Grad-CAM with the top-5 targets,
+Grad-CAM with 1 target and the full gradient tensor. The order rotates every pair; each
+ratio is taken within its pair and the median of the per-pair ratios is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from onnxcam import Explainer
+from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, resolve_layer
+
+WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
+
+
+def forward_only(arch_name: str, out: Path) -> None:
+    """The same network and weights, exported by torch.onnx without onnxcam's graft."""
+    arch = ARCHS[arch_name]
+    torch.manual_seed(RANDOM_SEED)
+    model = arch.build().eval()
+    if WEIGHTS[arch_name] == "imagenet":
+        model.load_state_dict(arch.imagenet()[0], strict=False)
+    _, path = resolve_layer(arch, model, None)
+    wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).eval()
+    graph = export_forward(wrapper, arch.input_size)
+    del graph.graph.output[1:]  # logits only
+    onnx.save(graph, out)
+
+
+def quiet_options() -> ort.SessionOptions:
+    """Identical options for both sessions; no spinning, so one session's idle worker threads
+    do not steal the two cores from the other's run (which skews whoever runs next)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def measure(arch_name: str, pairs: int, folder: Path) -> dict[str, list[float]]:
+    cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.forward.onnx"
+    export_arch(arch_name, WEIGHTS[arch_name], None, cam_path)
+    forward_only(arch_name, fwd_path)
+    explainer = Explainer(cam_path, options=quiet_options())
+    session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    contenders = {
+        "forward": lambda: session.run(["logits"], {"image": image[None]}),
+        "gradcam_1": lambda: explainer.explain(image, top_k=1),
+        "gradcam_top5": lambda: explainer.explain(image, top_k=5),
+        "full_gradient_1": lambda: explainer.engine.run(image[None], np.array([[-1]]), full_gradients=True),
+    }
+    for run in contenders.values():  # warm-up: allocations, thread pools
+        run()
+        run()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for i in range(pairs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(arch_name: str, times: dict[str, list[float]]) -> str:
+    header = "| contender | median ms | ratio to forward (median of pairs) | min-max ratio |"
+    lines = [f"### {arch_name}, batch 1, 224x224", "", header, "|---|---|---|---|"]
+    base = times["forward"]
+    for name, values in times.items():
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        lines.append(
+            f"| {name} | {statistics.median(values) * 1e3:.1f} | {statistics.median(ratios):.3f} | "
+            f"{min(ratios):.3f}-{max(ratios):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--arch", action="append", choices=sorted(WEIGHTS))
+    args = parser.parse_args()
+    print(f"{platform.processor() or platform.machine()}, {ort.get_device()}, onnxruntime {ort.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}, {args.pairs} rounds")  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        for arch_name in args.arch or ["vgg16", "efficientnet_lite0"]:
+            print(report(arch_name, measure(arch_name, args.pairs, Path(folder))), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

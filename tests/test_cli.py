@@ -1,0 +1,219 @@
+"""The ``onnxcam`` command as a user runs it: success paths and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxcam import Explainer
+from onnxcam.image import read_rgb
+from onnxcam.overlay import overlay_rgb
+from tests.conftest import EXAMPLES, ROOT
+
+CAT = str(EXAMPLES / "chelsea.png")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "onnxcam", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    """Non-zero exit, exactly one line on stderr that says what is wrong, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_explain_writes_overlay_and_map_per_target(lite0_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run("explain", CAT, "--model", str(lite0_model), "--top-k", "2", "--target", "coffee mug",
+                 "--out", str(out), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    (image,) = doc["images"]
+    assert image["size"] == [451, 300] and len(image["predictions"]) == 5
+    assert [t["class"] for t in image["targets"]] == [504, *[p["class"] for p in image["predictions"][:2]]]
+    expected = Explainer(lite0_model).explain(CAT, targets=["coffee mug"], top_k=2)
+    for target, reference in zip(image["targets"], expected.maps, strict=True):
+        raw = np.load(target["map"])
+        assert raw.dtype == np.float32 and raw.shape == (300, 451) and raw.min() >= 0 and raw.max() <= 1
+        np.testing.assert_allclose(raw, reference.cam, atol=1e-6)
+        np.testing.assert_array_equal(read_rgb(target["overlay"]), overlay_rgb(read_rgb(CAT), reference.cam))
+        assert Path(target["overlay"]).parent == out and target["empty_map"] is False
+    assert sorted(p.suffix for p in out.iterdir()) == [".npy"] * 3 + [".png"] * 3
+
+
+def test_explain_table_names_the_prediction_and_files(lite0_model: Path, tmp_path: Path) -> None:
+    result = run("explain", CAT, "--model", str(lite0_model), "--alpha", "0.5", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "Egyptian cat" in result.stdout and "chelsea_285_egyptian-cat.png" in result.stdout
+
+
+def test_default_output_folder_is_not_beside_the_input(lite0_model: Path, tmp_path: Path) -> None:
+    photo = tmp_path / "in" / "cat.png"
+    photo.parent.mkdir()
+    photo.write_bytes(Path(CAT).read_bytes())
+    result = run("explain", str(photo), "--model", str(lite0_model), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["cat.png"]
+    assert len(list((tmp_path / "onnxcam-out").iterdir())) == 2
+
+
+def test_info_prints_the_model_card(lite0_model: Path) -> None:
+    result = run("info", str(lite0_model))
+    assert result.returncode == 0, result.stderr
+    for phrase in ["efficientnet_lite0", "head (_relu1)", "RGB", "0.4980", "1000", "presummed"]:
+        assert phrase in result.stdout
+    labels = run("info", str(lite0_model), "--labels").stdout
+    assert "  281  tabby" in labels
+
+
+def test_every_command_has_help_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command in ["export", "explain", "info"]:
+        result = run(command, "--help")
+        assert result.returncode == 0 and "Example:" in result.stdout
+        assert f"onnxcam {command}" in readme
+
+
+def test_export_cli_writes_a_working_model(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "lite.onnx"
+    result = run("export", "--arch", "efficientnet_lite0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "presummed" in result.stdout and out.is_file()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    jpeg = cv2.imencode(".jpg", cv2.imread(CAT))[1].tobytes()
+    png = Path(CAT).read_bytes()
+    files = {
+        "text.jpg": b"this is not an image\n",
+        "empty.png": b"",
+        "cut.jpg": jpeg[: len(jpeg) // 2],
+        "cut.png": png[: len(png) // 2],
+        "garbage.onnx": b"\x08\x07garbage that is not a protobuf",
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "plain",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+    )
+    onnx.save(plain, folder / "plain.onnx")
+    return {name: folder / name for name in [*files, "plain.onnx"]}
+
+
+BAD_INPUTS = {
+    "missing image": (["explain", "nope.jpg"], ["nope.jpg", "not found"]),
+    "not an image": (["explain", "{text.jpg}"], ["text.jpg", "not a readable image"]),
+    "empty file": (["explain", "{empty.png}"], ["empty.png", "empty"]),
+    "truncated jpeg": (["explain", "{cut.jpg}"], ["cut.jpg", "truncated JPEG"]),
+    "truncated png": (["explain", "{cut.png}"], ["cut.png", "truncated PNG"]),
+    "class index out of range": (["explain", CAT, "--target", "1000"], ["1000", "out of range", "0-999"]),
+    "negative class index": (["explain", CAT, "--target", "-3"], ["-3", "out of range"]),
+    "unknown class name": (["explain", CAT, "--target", "tabby kat"], ["tabby kat", "did you mean"]),
+    "bad alpha": (["explain", CAT, "--alpha", "2"], ["--alpha"]),
+    "bad top-k": (["explain", CAT, "--top-k", "1001"], ["top-k"]),
+    "bad provider": (["explain", CAT, "--provider", "warp"], ["warp", "available"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_in_one_line_and_writes_nothing(
+    case: str, bad_files: dict[str, Path], lite0_model: Path, tmp_path: Path
+) -> None:
+    args, phrases = BAD_INPUTS[case]
+    args = [str(bad_files[a[1:-1]]) if a.startswith("{") else a for a in args]
+    out = tmp_path / "out"
+    assert_clean_failure(run(*args, "--model", str(lite0_model), "--out", str(out)), *phrases)
+    assert not out.exists()
+
+
+def test_a_bad_image_among_good_ones_writes_nothing(
+    bad_files: dict[str, Path], lite0_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = run("explain", CAT, str(bad_files["cut.png"]), "--model", str(lite0_model), "--out", str(out))
+    assert_clean_failure(result, "cut.png")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "phrases"),
+    [
+        ("models/missing.onnx", ["not found", "onnxcam export --arch vgg16 --out models/missing.onnx"]),
+        ("{garbage.onnx}", ["could not load model", "garbage.onnx"]),
+        ("{plain.onnx}", ["not an onnxcam model", "onnxcam export"]),
+    ],
+)
+def test_bad_model_fails_in_one_line(
+    model: str, phrases: list[str], bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    path = str(bad_files[model[1:-1]]) if model.startswith("{") else model
+    assert_clean_failure(run("explain", CAT, "--model", path, "--out", str(tmp_path / "o")), *phrases)
+    assert_clean_failure(run("info", path), *phrases)
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_bad_input_fails_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "m.onnx"
+    base = ["export", "--arch", "efficientnet_lite0", "--out", str(out)]
+    assert_clean_failure(run(*base, "--layer", "nope"), "unknown layer 'nope'", "head", "_blocks.15")
+    assert_clean_failure(run(*base, "--weights", str(tmp_path / "none.pth")), "not found")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    assert_clean_failure(run(*base, "--weights", str(tmp_path / "bad.pth")), "could not load weights")
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_explain_runs_where_torch_and_onnx_cannot_be_imported(lite0_model: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "onnx"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("torch imported despite the block")
+        sys.argv = ["onnxcam", "explain", {CAT!r}, "--model", {str(lite0_model)!r}, "--out", {str(tmp_path)!r}]
+        sys.argv.append("--json")
+        from onnxcam.cli import main
+        try:
+            main()
+        finally:
+            assert not any(m.split(".")[0] in ("torch", "onnx") for m in sys.modules), "torch/onnx got imported"
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"][0]["targets"][0]["label"] == "Egyptian cat"
