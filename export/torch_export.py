@@ -18,6 +18,7 @@ from onnxcam import contract
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.graft import graft, set_card
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
+from onnxcam_export.vjp import UnsupportedOp
 
 OPSET = 18
 RANDOM_SEED = 0
@@ -164,7 +165,10 @@ def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> d
     rank = len(forward.graph.output[1].type.tensor_type.shape.dim)
     if rank != 4:
         raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
-    grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS)
+    try:
+        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS)
+    except UnsupportedOp as exc:
+        raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
     card = {
         "contract": contract.CONTRACT_VERSION,
         "arch": arch_name,

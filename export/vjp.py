@@ -186,6 +186,49 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))]
 
 
+def _explicit_pads(
+    a: dict, spatial_in: list[int], kernel: list[int], strides: list[int], dilations: list[int]
+) -> list[int]:
+    """Begin/end pads of a Conv/pool node, with auto_pad SAME_* / VALID made explicit."""
+    nd = len(kernel)
+    mode = a.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode in ("NOTSET", ""):
+        return list(a.get("pads", [0] * 2 * nd))
+    if mode == "VALID":
+        return [0] * 2 * nd
+    begin, end = [], []
+    for size, k, s, d in zip(spatial_in, kernel, strides, dilations, strict=True):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
+# dX = ConvTranspose(dY, W) with the forward strides, pads, dilations and groups;
+# output_padding restores input cells that no window reached.
+def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a = attrs(node)
+    x, weight = node.input[0], node.input[1]
+    shape, w_shape = b.shape(x), b.shape(weight)
+    if shape is None or w_shape is None or any(d is None for d in shape[1:] + w_shape):
+        raise _unsupported(node, "needs static input and weight shapes (export with a fixed input size)")
+    kernel = list(a.get("kernel_shape", w_shape[2:]))
+    nd = len(kernel)
+    strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    pads = _explicit_pads(a, shape[2:], kernel, strides, dilations)
+    out = b.shape(node.output[0])[2:]
+    reach = [(out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + nd] for i in range(nd)]
+    extra = [shape[2 + i] - reach[i] for i in range(nd)]
+    folded, head = _fold_targets(b, dy[0])
+    dx = b.op(
+        "ConvTranspose", folded, weight, group=int(a.get("group", 1)), strides=strides, pads=pads,
+        dilations=dilations, kernel_shape=kernel, output_padding=extra,
+    )  # fmt: skip
+    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))] + [None] * (len(node.input) - 1)
+
+
 # dX = expand(dY) / (H * W)
 def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
@@ -231,7 +274,7 @@ def BatchNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
 RULES: dict[str, Rule] = {
     rule.__name__: rule
     for rule in (
-        Identity, Dropout, Relu, Clip, Flatten, Reshape, Gemm, MatMul, MaxPool, AveragePool,
+        Identity, Dropout, Relu, Clip, Flatten, Reshape, Gemm, MatMul, MaxPool, AveragePool, Conv,
         GlobalAveragePool, ReduceMean, BatchNormalization,
     )
 }  # fmt: skip

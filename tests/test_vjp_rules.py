@@ -51,6 +51,10 @@ RNG = np.random.default_rng(1234)
 W85, W58, BIAS5 = RNG.standard_normal((8, 5)), RNG.standard_normal((5, 8)), RNG.standard_normal(5)
 BN = [RNG.standard_normal(3), RNG.standard_normal(3), RNG.standard_normal(3), RNG.uniform(0.5, 2, 3)]
 W85_T, W58_T, BIAS5_T = (torch.from_numpy(v) for v in (W85, W58, BIAS5))
+CONV_W, CONV_B, CONV_WG, CONV_DW, CONV_W4 = (
+    torch.from_numpy(RNG.standard_normal(shape))
+    for shape in [(6, 4, 3, 3), (6,), (6, 2, 3, 3), (4, 1, 3, 3), (5, 4, 4, 4)]
+)
 
 # fmt: off
 CASES = [
@@ -87,6 +91,20 @@ CASES = [
     Case("AveragePool", [2, 3, 7, 7], lambda x: F.avg_pool2d(x, 2, 2), {"kernel_shape": [2, 2], "strides": [2, 2]},
          dtype=np.float32, tol=1e-5),  # last row/column is never pooled
     Case("AveragePool", [2, 3, 7, 7], lambda x: x, {"kernel_shape": [1, 1]}, dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 7, 7], lambda x: F.conv2d(x, CONV_W), constants={"W": CONV_W.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 9, 8], lambda x: F.conv2d(x, CONV_W, CONV_B, stride=2, padding=1),
+         {"strides": [2, 2], "pads": [1, 1, 1, 1]}, constants={"W": CONV_W.numpy(), "B": CONV_B.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 10, 10], lambda x: F.conv2d(x, CONV_WG, stride=3, dilation=2, groups=2),
+         {"strides": [3, 3], "dilations": [2, 2], "group": 2}, constants={"W": CONV_WG.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 6, 6], lambda x: F.conv2d(F.pad(x, (0, 1, 0, 1)), CONV_DW, stride=2, groups=4),
+         {"strides": [2, 2], "auto_pad": "SAME_UPPER", "group": 4}, constants={"W": CONV_DW.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 5, 5], lambda x: F.conv2d(F.pad(x, (2, 1, 2, 1)), CONV_W4, stride=2),
+         {"strides": [2, 2], "auto_pad": "SAME_LOWER"}, constants={"W": CONV_W4.numpy()},
+         dtype=np.float32, tol=1e-5),
     Case("GlobalAveragePool", [2, 3, 4, 5], lambda x: x.mean((2, 3), keepdim=True), dtype=np.float32, tol=1e-5),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean((2, 3)), {"keepdims": 0}, constants={"axes": np.asarray([2, 3])}),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean(-1, keepdim=True), constants={"axes": np.asarray([-1])}),
