@@ -187,7 +187,7 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
 
 def _explicit_pads(
-    a: dict, spatial_in: list[int], kernel: list[int], strides: list[int], dilations: list[int]
+    a: dict, spatial: list[int], kernel: list[int], strides: list[int], dilations: list[int]
 ) -> list[int]:
     """Begin/end pads of a Conv/pool node, with auto_pad SAME_* / VALID made explicit."""
     nd = len(kernel)
@@ -198,7 +198,7 @@ def _explicit_pads(
     if mode == "VALID":
         return [0] * 2 * nd
     begin, end = [], []
-    for size, k, s, d in zip(spatial_in, kernel, strides, dilations, strict=True):
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
         total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
         small, large = total // 2, total - total // 2
         begin.append(small if mode == "SAME_UPPER" else large)
