@@ -29,6 +29,11 @@ class Builder:
         self.types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
         self._count = 0
         self._fwd: dict[str, str] = {}
+        self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
+
+    def needs(self, name: str) -> bool:
+        """Whether a rule should build the gradient of forward tensor ``name``."""
+        return self.wanted is None or name in self.wanted
 
     # -- naming and emission ---------------------------------------------------------
     def fresh(self, hint: str) -> str:

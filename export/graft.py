@@ -144,7 +144,7 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
             node.output.append(f"{node.output[0]}/indices")
     b = Builder(out)
     elem = b.elem_type(logits)
-    needs = {activations} | {o for n in head for o in n.output}
+    b.wanted = {activations} | {o for n in head for o in n.output}
     target_classes = _resolve_targets(b, logits)
     classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
     seed = b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
@@ -162,7 +162,7 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
             weights_raw = b.op("MatMul", dys[0], b.const(cheap[1], "fc_weight_presummed"))
             b.nodes = branch_nodes
         for name, dx in zip(node.input, RULES[node.op_type](b, node, dys), strict=False):
-            if dx is not None and name in needs:
+            if dx is not None and b.needs(name):
                 grads.setdefault(name, []).append(dx)
     gradients = _sum(b, grads.get(activations))
     if gradients is None:

@@ -271,10 +271,350 @@ def BatchNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
     return [b.op("Mul", dy[0], factor)] + [None] * (len(node.input) - 1)
 
 
-RULES: dict[str, Rule] = {
-    rule.__name__: rule
-    for rule in (
-        Identity, Dropout, Relu, Clip, Flatten, Reshape, Gemm, MatMul, MaxPool, AveragePool, Conv,
-        GlobalAveragePool, ReduceMean, BatchNormalization,
+# -- elementwise ops ---------------------------------------------------------------------
+def _gaxis(b: Builder, node: onnx.NodeProto, tensor: str, axis: int) -> int:
+    """Forward ``axis`` of ``tensor`` as an axis of its gradient (which has the target axis at 1)."""
+    axis %= b.rank(tensor)
+    if axis == 0:
+        raise _unsupported(node, "it works along the batch axis")
+    return axis + 1
+
+
+def _bcast(b: Builder, x: str, out: str) -> str:
+    """Forward tensor ``x`` ready to broadcast against the gradient of ``out``."""
+    return b.fwd(x) if b.rank(x) == b.rank(out) else x
+
+
+def _unbroadcast(b: Builder, g: str, x: str, out: str) -> str:
+    """Sum the gradient of a broadcast output back to the shape of input ``x``."""
+    xs, ys = b.shape(x), b.shape(out)
+    if xs is None or ys is None:
+        raise ValueError(f"broadcasting of {x!r} needs known ranks")
+    padded = [1] * (len(ys) - len(xs)) + xs
+    axes = [i + (i > 0) for i, (dx, dy) in enumerate(zip(padded, ys, strict=True)) if dx == 1 and dy != 1]
+    if 0 in axes or (len(xs) < len(ys) and padded[0] == 1 and ys[0] != 1):
+        raise ValueError(f"{x!r} is broadcast along the batch axis")
+    summed = b.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
+    return summed if len(xs) == len(ys) and not axes else b.op("Reshape", summed, b.grad_shape(g, x))
+
+
+def _elementwise(local: Callable[[Builder, onnx.NodeProto, str], str]) -> Rule:
+    """A rule for ``y = f(x)``, given ``local(b, node, dy) = dy * f'(x)``."""
+
+    def rule(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+        return [local(b, node, dy[0])] + [None] * (len(node.input) - 1)
+
+    return rule
+
+
+def _x(b: Builder, node: onnx.NodeProto) -> str:
+    return b.fwd(node.input[0])
+
+
+def _y(b: Builder, node: onnx.NodeProto) -> str:
+    return b.fwd(node.output[0])
+
+
+def _one(b: Builder, node: onnx.NodeProto, value: float = 1.0) -> str:
+    return b.scalar(value, node.input[0])
+
+
+# dX = dY * (X > 0 ? 1 : alpha)
+LeakyRelu = _elementwise(
+    lambda b, n, g: b.op(
+        "Mul",
+        g,
+        b.op("Where", b.op("Greater", _x(b, n), _one(b, n, 0)), _one(b, n), _one(b, n, attrs(n).get("alpha", 0.01))),
     )
+)
+# dX = dY * Y * (1 - Y)
+Sigmoid = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Mul", _y(b, n), b.op("Sub", _one(b, n), _y(b, n)))))
+
+
+# y = clip(alpha * x + beta, 0, 1)  =>  dX = dY * alpha * (0 < alpha * x + beta < 1)
+def _hard_sigmoid_slope(b: Builder, n: onnx.NodeProto, alpha: float, beta: float) -> str:
+    z = b.op("Add", b.op("Mul", _x(b, n), _one(b, n, alpha)), _one(b, n, beta))
+    inside = b.op("And", b.op("Greater", z, _one(b, n, 0)), b.op("Less", z, _one(b, n, 1)))
+    return b.op("Where", inside, _one(b, n, alpha), _one(b, n, 0))
+
+
+HardSigmoid = _elementwise(
+    lambda b, n, g: b.op("Mul", g, _hard_sigmoid_slope(b, n, attrs(n).get("alpha", 0.2), attrs(n).get("beta", 0.5)))
+)
+# y = x * clip(x / 6 + 1/2, 0, 1)  =>  dX = dY * (0 if x < -3, 1 if x > 3, else x / 3 + 1/2)
+HardSwish = _elementwise(
+    lambda b, n, g: b.op(
+        "Mul",
+        g,
+        b.op(
+            "Where",
+            b.op("Less", _x(b, n), _one(b, n, -3)),
+            _one(b, n, 0),
+            b.op(
+                "Where",
+                b.op("Greater", _x(b, n), _one(b, n, 3)),
+                _one(b, n, 1),
+                b.op("Add", b.op("Mul", _x(b, n), _one(b, n, 1 / 3)), _one(b, n, 0.5)),
+            ),
+        ),
+    )
+)
+# dX = dY / (2 Y)
+Sqrt = _elementwise(lambda b, n, g: b.op("Div", g, b.op("Mul", _y(b, n), _one(b, n, 2))))
+# dX = dY * 2 / sqrt(pi) * exp(-X^2)
+Erf = _elementwise(
+    lambda b, n, g: b.op(
+        "Mul", g, b.op("Mul", b.op("Exp", b.op("Neg", b.op("Mul", _x(b, n), _x(b, n)))), _one(b, n, 2 / np.sqrt(np.pi)))
+    )
+)
+# dX = Cast(dY, to = X's type)
+Cast = _elementwise(lambda b, n, g: b.op("Cast", g, to=b.elem_type(n.input[0])))
+Squeeze = Unsqueeze = _reshape_back
+
+
+# exact: dX = dY * (Phi(x) + x * phi(x));  tanh: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
+def Gelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, one, half = _x(b, node), _one(b, node), _one(b, node, 0.5)
+    if attrs(node).get("approximate", b"none") in (b"tanh", "tanh"):
+        k = np.sqrt(2 / np.pi)
+        x2 = b.op("Mul", x, x)
+        inner = b.op(
+            "Mul", b.op("Mul", x, _one(b, node, k)), b.op("Add", one, b.op("Mul", x2, _one(b, node, 0.044715)))
+        )
+        t = b.op("Tanh", inner)
+        dinner = b.op("Mul", _one(b, node, k), b.op("Add", one, b.op("Mul", x2, _one(b, node, 3 * 0.044715))))
+        sech2 = b.op("Sub", one, b.op("Mul", t, t))
+        slope = b.op(
+            "Add", b.op("Mul", half, b.op("Add", one, t)), b.op("Mul", b.op("Mul", half, x), b.op("Mul", sech2, dinner))
+        )
+    else:
+        cdf = b.op("Mul", half, b.op("Add", one, b.op("Erf", b.op("Mul", x, _one(b, node, 1 / np.sqrt(2))))))
+        pdf = b.op(
+            "Mul",
+            b.op("Exp", b.op("Mul", b.op("Mul", x, x), _one(b, node, -0.5))),
+            _one(b, node, 1 / np.sqrt(2 * np.pi)),
+        )
+        slope = b.op("Add", cdf, b.op("Mul", x, pdf))
+    return [b.op("Mul", dy[0], slope)]
+
+
+# y = x ** p with constant p  =>  dX = dY * p * x ** (p - 1)
+def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    p = b.constant_value(node.input[1])
+    if p is None or p.size != 1:
+        raise _unsupported(node, "only a constant scalar exponent is supported")
+    p = float(p.ravel()[0])
+    slope = b.op("Mul", b.op("Pow", _x(b, node), _one(b, node, p - 1)), _one(b, node, p))
+    return [b.op("Mul", dy[0], slope), None]
+
+
+# -- binary ops with broadcasting: each input's gradient is summed back to its shape -------
+def _binary(b: Builder, node: onnx.NodeProto, grads: list[str]) -> list[Grad]:
+    out = node.output[0]
+    return [_unbroadcast(b, g, x, out) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
+
+
+# dA = dY, dB = dY
+def Add(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return _binary(b, node, [dy[0], dy[0]])
+
+
+# dX_i = dY for every input
+def Sum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return _binary(b, node, [dy[0]] * len(node.input))
+
+
+# dA = dY, dB = -dY
+def Sub(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return _binary(b, node, [dy[0], b.op("Neg", dy[0])])
+
+
+# dA = dY * B, dB = dY * A
+def Mul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a, c = node.input
+    out = node.output[0]
+    grads = [b.op("Mul", dy[0], _bcast(b, other, out)) if b.needs(x) else None for x, other in ((a, c), (c, a))]
+    return _binary(b, node, grads)
+
+
+# dA = dY / B, dB = -dY * Y / B
+def Div(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    da = b.op("Div", dy[0], _bcast(b, node.input[1], node.output[0]))
+    db = b.op("Neg", b.op("Mul", da, _y(b, node))) if b.needs(node.input[1]) else None
+    return _binary(b, node, [da, db])
+
+
+# -- ops that move data around ---------------------------------------------------------------
+def _sizes(b: Builder, node: onnx.NodeProto, tensors: list[str], axis: int) -> list[int]:
+    sizes = [(b.shape(t) or [None] * (axis + 1))[axis] for t in tensors]
+    if any(s is None for s in sizes):
+        raise _unsupported(node, f"needs static sizes along axis {axis}")
+    return sizes
+
+
+def _split(b: Builder, g: str, axis: int, sizes: list[int]) -> list[str]:
+    if b.opset >= 13:
+        return b.op_multi("Split", g, b.ints(sizes), outputs=len(sizes), axis=axis)
+    return b.op_multi("Split", g, outputs=len(sizes), axis=axis, split=sizes)
+
+
+# dX_i = the i-th slice of dY along the concat axis
+def Concat(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    axis = int(attrs(node)["axis"]) % b.rank(node.output[0])
+    return _split(b, dy[0], _gaxis(b, node, node.output[0], axis), _sizes(b, node, list(node.input), axis))
+
+
+# dX = Concat(dY_i) along the split axis, zeros for outputs that get no gradient
+def Split(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    axis = int(attrs(node).get("axis", 0)) % b.rank(x)
+    parts = []
+    for g, out in zip(dy, node.output, strict=True):
+        if g is None:
+            ref = next(d for d in dy if d is not None)
+            shape = b.op("Concat", b.dims(ref, 0, 2), b.dims(out, 1), axis=0)
+            g = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", b.elem_type(x), [1], [0]))
+        parts.append(g)
+    return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))] + [None] * (len(node.input) - 1)
+
+
+# dX = Transpose(dY, inverse permutation), the batch and target axes staying in front
+def Transpose(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    rank = b.rank(node.input[0])
+    perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
+    if perm[0] != 0:
+        raise _unsupported(node, f"perm {perm} moves the batch axis")
+    inverse = [0, 1] + [int(np.argsort(perm)[i]) + 1 for i in range(1, rank)]
+    return [b.op("Transpose", dy[0], perm=inverse)]
+
+
+def _constant_ints(b: Builder, node: onnx.NodeProto, index: int, attr: str) -> list[int] | None:
+    if (b.opset >= 10 and attr != "pads") or (attr == "pads" and b.opset >= 11):
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        value = b.constant_value(node.input[index])
+        if value is None:
+            raise _unsupported(node, f"input {index} ({attr}) must be a constant")
+        return [int(v) for v in value.ravel()]
+    value = attrs(node).get(attr)
+    return None if value is None else [int(v) for v in value]
+
+
+# dX = dY padded back with zeros where the slice cut (steps of 1) or scattered (any step)
+def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    shape = b.shape(x)
+    starts, ends = _constant_ints(b, node, 1, "starts"), _constant_ints(b, node, 2, "ends")
+    axes = _constant_ints(b, node, 3, "axes") or list(range(len(starts)))
+    steps = _constant_ints(b, node, 4, "steps") or [1] * len(starts)
+    pads = [0] * 2 * (len(shape) + 1)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        axis %= len(shape)
+        size = shape[axis]
+        if size is None or step != 1:
+            raise _unsupported(node, "needs a static size and step 1 on every sliced axis")
+        begin, stop, _ = slice(start, end, step).indices(size)
+        pads[_gaxis(b, node, x, axis)] = begin
+        pads[_gaxis(b, node, x, axis) + len(shape) + 1] = size - max(stop, begin)
+    padded = b.op("Pad", dy[0], b.ints(pads)) if b.opset >= 11 else b.op("Pad", dy[0], pads=pads)
+    return [padded] + [None] * (len(node.input) - 1)
+
+
+# constant-mode Pad: dX = the unpadded window of dY
+def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    mode = attrs(node).get("mode", b"constant")
+    pads = _constant_ints(b, node, 1, "pads")
+    rank = b.rank(x)
+    if mode not in (b"constant", "constant") or pads is None or any(p < 0 for p in pads):
+        raise _unsupported(node, "only constant-mode padding with non-negative constant pads is supported")
+    if len(node.input) > 3 and node.input[3]:
+        axes = [a % rank for a in _constant_ints(b, node, 3, "axes")]
+        full = [0] * 2 * rank
+        for i, a in enumerate(axes):
+            full[a], full[a + rank] = pads[i], pads[i + len(axes)]
+        pads = full
+    if pads[0] or pads[rank]:
+        raise _unsupported(node, "it pads the batch axis")
+    starts = [pads[a] for a in range(1, rank)]
+    ends = [pads[a] + b.shape(x)[a] for a in range(1, rank)]
+    axes = list(range(2, rank + 1))
+    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))] + [None] * (len(node.input) - 1)
+
+
+# -- normalisations and softmax -----------------------------------------------------------------
+# y = softmax(x)  =>  dX = Y * (dY - sum(dY * Y));   y = log_softmax(x)  =>  dX = dY - exp(Y) * sum(dY)
+def _softmax_axes(b: Builder, node: onnx.NodeProto) -> list[int]:
+    rank = b.rank(node.input[0])
+    axis = int(attrs(node).get("axis", -1 if b.opset >= 13 else 1)) % rank
+    forward = [axis] if b.opset >= 13 else list(range(axis, rank))  # before 13: coerced to 2-D at axis
+    return [_gaxis(b, node, node.input[0], a) for a in forward]
+
+
+def Softmax(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    y, axes = _y(b, node), _softmax_axes(b, node)
+    inner = b.reduce("ReduceSum", b.op("Mul", dy[0], y), axes, keepdims=1)
+    return [b.op("Mul", y, b.op("Sub", dy[0], inner))]
+
+
+def LogSoftmax(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    y, axes = _y(b, node), _softmax_axes(b, node)
+    total = b.reduce("ReduceSum", dy[0], axes, keepdims=1)
+    return [b.op("Sub", dy[0], b.op("Mul", b.op("Exp", y), total))]
+
+
+# y = xhat * gamma + beta, xhat = (x - mean) / sigma over axes [axis, rank)
+# =>  dX = (g - mean(g) - xhat * mean(g * xhat)) / sigma, with g = dY * gamma
+def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    rank = b.rank(x)
+    a = attrs(node)
+    axes = [_gaxis(b, node, x, i) for i in range(int(a.get("axis", -1)) % rank, rank)]
+    xt = b.fwd(x)
+    centred = b.op("Sub", xt, b.reduce("ReduceMean", xt, axes, keepdims=1))
+    variance = b.reduce("ReduceMean", b.op("Mul", centred, centred), axes, keepdims=1)
+    sigma = b.op("Sqrt", b.op("Add", variance, _one(b, node, float(a.get("epsilon", 1e-5)))))
+    xhat = b.op("Div", centred, sigma)
+    g = b.op("Mul", dy[0], node.input[1])
+    mean_g = b.reduce("ReduceMean", g, axes, keepdims=1)
+    mean_gx = b.reduce("ReduceMean", b.op("Mul", g, xhat), axes, keepdims=1)
+    dx = b.op("Div", b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx)), sigma)
+    return [dx] + [None] * (len(node.input) - 1)
+
+
+# y = Gather(x, I, axis) with constant I  =>  dX = dY contracted with one_hot(I) along the axis
+def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    rank = b.rank(x)
+    axis = int(attrs(node).get("axis", 0)) % rank
+    indices = b.constant_value(node.input[1])
+    size = (b.shape(x) or [None] * rank)[axis]
+    if indices is None or size is None:
+        raise _unsupported(node, "needs constant indices and a static size along the gathered axis")
+    gaxis = _gaxis(b, node, x, axis)
+    onehot = np.zeros((indices.size, size), dtype=b.np_dtype(x))
+    np.add.at(onehot, (np.arange(indices.size), indices.ravel() % size), 1)
+    # bring the gathered axes to the end, flatten them to one, multiply by the one-hot matrix
+    g_rank = b.rank(node.output[0]) + 1
+    moved = list(range(gaxis, gaxis + indices.ndim))
+    perm = [i for i in range(g_rank) if i not in moved] + moved
+    g = b.op("Transpose", dy[0], perm=perm) if moved else b.unsqueeze(dy[0], [g_rank])
+    head = b.op("Shape", g)
+    keep = b.op("Slice", head, b.ints([0]), b.ints([g_rank - len(moved)]))
+    flat = b.op("Reshape", g, b.op("Concat", keep, b.ints([-1]), axis=0))
+    scattered = b.op("MatMul", flat, b.const(onehot, "gather_onehot"))  # [..., size]
+    back = [*list(range(gaxis)), rank, *list(range(gaxis, rank))]
+    return [b.op("Transpose", scattered, perm=back), None]
+
+
+RULES: dict[str, Rule] = {
+    "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
+    "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
+    "Gelu": Gelu, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum, "Sub": Sub, "Mul": Mul, "Div": Div,
+    "Flatten": Flatten, "Reshape": Reshape, "Squeeze": Squeeze, "Unsqueeze": Unsqueeze,
+    "Transpose": Transpose, "Concat": Concat, "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather,
+    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "MaxPool": MaxPool, "AveragePool": AveragePool,
+    "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
+    "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
+    "Softmax": Softmax, "LogSoftmax": LogSoftmax,
 }  # fmt: skip

@@ -36,11 +36,16 @@ class Case:
     dtype: type = np.float64
     tol: float = 1e-10
     seed: int = 0
+    extra: list[list[int]] = field(default_factory=list)  # more differentiable inputs, after x
+    outputs: int = 1
+    no_grad: tuple[int, ...] = ()  # outputs that receive no upstream gradient
+    opset: int = 18
+    positive: bool = False  # inputs drawn from [0.5, 2.5) instead of a standard normal
 
     @property
     def id(self) -> str:
         extras = ",".join(f"{k}={v}" for k, v in self.attrs.items())
-        return f"{self.op}{self.shape}[{extras}]"
+        return f"{self.op}{[self.shape, *self.extra]}[{extras}]@{self.opset}"
 
 
 def _c(*values: float) -> np.ndarray:
@@ -51,6 +56,7 @@ RNG = np.random.default_rng(1234)
 W85, W58, BIAS5 = RNG.standard_normal((8, 5)), RNG.standard_normal((5, 8)), RNG.standard_normal(5)
 BN = [RNG.standard_normal(3), RNG.standard_normal(3), RNG.standard_normal(3), RNG.uniform(0.5, 2, 3)]
 W85_T, W58_T, BIAS5_T = (torch.from_numpy(v) for v in (W85, W58, BIAS5))
+LN, LN4 = RNG.standard_normal((2, 8)), RNG.standard_normal((4, 3, 3))
 CONV_W, CONV_B, CONV_WG, CONV_DW, CONV_W4 = (
     torch.from_numpy(RNG.standard_normal(shape))
     for shape in [(6, 4, 3, 3), (6,), (6, 2, 3, 3), (4, 1, 3, 3), (5, 4, 4, 4)]
@@ -59,6 +65,59 @@ CONV_W, CONV_B, CONV_WG, CONV_DW, CONV_W4 = (
 # fmt: off
 CASES = [
     Case("Relu", [2, 3, 4, 5], F.relu),
+    Case("LeakyRelu", [2, 3, 4], lambda x: F.leaky_relu(x, 0.125), {"alpha": 0.125}),
+    Case("Clip", [2, 3, 4], lambda x: torch.clamp(x, -0.25, 0.5), {"min": -0.25, "max": 0.5}, opset=9,
+         dtype=np.float32, tol=1e-5),
+    Case("Sigmoid", [2, 3, 4, 5], torch.sigmoid),
+    Case("HardSigmoid", [2, 3, 4], lambda x: torch.clamp(0.25 * x + 0.5, 0, 1), {"alpha": 0.25}),
+    Case("HardSigmoid", [2, 3, 4], lambda x: torch.clamp(0.5 * x - 0.25, 0, 1), {"alpha": 0.5, "beta": -0.25}),
+    Case("HardSwish", [2, 3, 4, 5], F.hardswish, dtype=np.float32, tol=1e-5),  # ORT: 1/6 as float32 in double
+    Case("Sqrt", [2, 3, 4], torch.sqrt, positive=True),
+    Case("Erf", [2, 3, 4], torch.erf, dtype=np.float32, tol=1e-5),
+    Case("Gelu", [2, 3, 4], F.gelu, opset=20, dtype=np.float32, tol=1e-5),
+    Case("Gelu", [2, 3, 4], lambda x: F.gelu(x, approximate="tanh"), {"approximate": "tanh"}, opset=20,
+         dtype=np.float32, tol=1e-5),
+    Case("Pow", [2, 3, 4], lambda x: x**3, constants={"p": _c(3.0)}),
+    Case("Pow", [2, 3, 4], lambda x: x**0.5, constants={"p": _c(0.5)}, positive=True),
+    Case("Cast", [2, 3, 4], lambda x: x.float(), {"to": onnx.TensorProto.FLOAT}, tol=1e-6),
+    Case("Add", [2, 3, 4, 5], lambda x, z: x + z, extra=[[2, 3, 4, 5]]),
+    Case("Add", [2, 3, 4, 5], lambda x, z: x + z, extra=[[2, 3, 1, 1]]),
+    Case("Add", [2, 3, 4, 5], lambda x: x + torch.from_numpy(BIAS5), constants={"b": BIAS5}),
+    Case("Sum", [2, 3, 4, 5], lambda x, z, w: x + z + w, extra=[[2, 3, 4, 5], [2, 1, 4, 5]]),
+    Case("Sub", [2, 3, 4, 5], lambda x, z: x - z, extra=[[2, 3, 1, 5]]),
+    Case("Mul", [2, 3, 4, 5], lambda x, z: x * z, extra=[[2, 3, 1, 1]]),
+    Case("Mul", [2, 3, 4, 5], lambda x: x * torch.from_numpy(BIAS5), constants={"b": BIAS5}),
+    Case("Div", [2, 3, 4, 5], lambda x, z: x / z, extra=[[2, 3, 1, 1]], positive=True),
+    Case("Div", [2, 5], lambda x: x / torch.from_numpy(BIAS5), constants={"b": BIAS5}),
+    Case("Squeeze", [2, 3, 1, 1], lambda x: x.squeeze((2, 3)), constants={"axes": np.asarray([2, 3])}),
+    Case("Squeeze", [2, 3, 1, 1], lambda x: x.squeeze((2, 3)), {"axes": [2, 3]}, opset=11),
+    Case("Unsqueeze", [2, 3], lambda x: x[:, :, None, None], constants={"axes": np.asarray([-1, 2])}),
+    Case("Unsqueeze", [2, 3], lambda x: x[:, None], {"axes": [1]}, opset=11),
+    Case("Transpose", [2, 3, 4, 5], lambda x: x.permute(0, 2, 3, 1), {"perm": [0, 2, 3, 1]}),
+    Case("Transpose", [2, 3, 4], lambda x: x.permute(0, 2, 1), {"perm": [0, 2, 1]}),
+    Case("Concat", [2, 3, 4, 4], lambda x, z: torch.cat([x, z], 1), {"axis": 1}, extra=[[2, 5, 4, 4]]),
+    Case("Concat", [2, 3, 4], lambda x, z, w: torch.cat([x, z, w], -1), {"axis": -1}, extra=[[2, 3, 2], [2, 3, 1]]),
+    Case("Split", [2, 6, 4], lambda x: torch.split(x, [1, 2, 3], 1), {"axis": 1}, outputs=3,
+         constants={"split": np.asarray([1, 2, 3])}),
+    Case("Split", [2, 6, 4], lambda x: torch.split(x, [2, 4], 1), {"axis": 1, "split": [2, 4]}, outputs=2,
+         no_grad=(1,), opset=11),
+    Case("Slice", [2, 6, 5], lambda x: x[:, 1:-1, 2:], constants={"starts": np.asarray([1, 2]),
+         "ends": np.asarray([-1, 100]), "axes": np.asarray([1, 2])}),
+    Case("Slice", [2, 6, 5], lambda x: x[:, :, 1:3], {"starts": [1], "ends": [3], "axes": [2]}, opset=9),
+    Case("Pad", [2, 3, 4], lambda x: F.pad(x, (2, 1, 1, 0)), constants={"pads": np.asarray([0, 1, 2, 0, 0, 1])}),
+    Case("Gather", [2, 5, 3], lambda x: x[:, [4, 0, 4]], {"axis": 1}, constants={"i": np.asarray([4, 0, 4])}),
+    Case("Gather", [2, 5, 3], lambda x: x[:, 2], {"axis": 1}, constants={"i": np.asarray(2)}),
+    Case("Gather", [2, 3, 5], lambda x: x[:, :, [[1, 2], [0, -1]]], {"axis": 2},
+         constants={"i": np.asarray([[1, 2], [0, -1]])}),
+    Case("Softmax", [2, 7], lambda x: torch.softmax(x, 1), {"axis": 1}),
+    Case("Softmax", [2, 3, 4], lambda x: torch.softmax(x.flatten(1), 1).reshape(2, 3, 4), {"axis": 1}, opset=11),
+    Case("LogSoftmax", [2, 3, 4], lambda x: torch.log_softmax(x, -1), {"axis": -1}),
+    Case("LayerNormalization", [2, 3, 8],
+         lambda x: F.layer_norm(x, (8,), torch.from_numpy(LN[0]), torch.from_numpy(LN[1]), eps=1e-5),
+         constants={"scale": LN[0], "B": LN[1]}, opset=17),
+    Case("LayerNormalization", [2, 4, 3, 3],
+         lambda x: F.layer_norm(x, (4, 3, 3), torch.from_numpy(LN4), None, eps=1e-3),
+         {"axis": 1, "epsilon": 1e-3}, constants={"scale": LN4}, opset=17),
     Case("Clip", [2, 3, 4, 4], lambda x: torch.clamp(x, -0.5, 0.7), constants={"min": _c(-0.5), "max": _c(0.7)}),
     Case("Clip", [2, 6], lambda x: torch.clamp(x, max=0.3), constants={"": None, "max": _c(0.3)}),
     Case("Identity", [2, 3, 4], lambda x: x),
@@ -115,10 +174,14 @@ CASES = [
 # fmt: on
 
 
-def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[int]]:
-    """Forward node + the rule's backward nodes; returns the model and which inputs get gradients."""
-    x = helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(np.dtype(case.dtype)), case.shape)
-    inputs, initializers = ["x"], []
+def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list[str]]:
+    """Forward node + the rule's backward nodes: (model, input gradients, upstream gradient names)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(case.dtype))
+    names = [f"x{i}" for i in range(1 + len(case.extra))]
+    graph_inputs = [
+        helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, [case.shape, *case.extra], strict=True)
+    ]
+    inputs, initializers = list(names), []
     for name, value in case.constants.items():
         if value is None:
             inputs.append("")
@@ -126,42 +189,63 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[int]]:
         dtype = np.int64 if value.dtype.kind == "i" else case.dtype
         initializers.append(numpy_helper.from_array(value.astype(dtype), name))
         inputs.append(name)
-    outputs = ["y", "indices"] if case.op == "MaxPool" else ["y"]  # the grafter adds Indices to MaxPools
-    node = helper.make_node(case.op, inputs, outputs, name="node", **case.attrs)
+    outputs = [f"y{i}" for i in range(case.outputs)]
+    extra_out = ["indices"] if case.op == "MaxPool" else []  # the grafter adds Indices to every MaxPool
+    node = helper.make_node(case.op, inputs, outputs + extra_out, name="node", **case.attrs)
     model = helper.make_model(
-        helper.make_graph([node], "rule", [x], [], initializer=initializers),
-        opset_imports=[helper.make_opsetid("", 18)],
+        helper.make_graph([node], "rule", graph_inputs, [], initializer=initializers),
+        opset_imports=[helper.make_opsetid("", case.opset)],
     )
     b = Builder(model)
-    elem = x.type.tensor_type.elem_type
-    grads = RULES[case.op](b, node, ["dy", None][: len(node.output)])
+    b.wanted = set(names)
+    upstream = [None if i in case.no_grad else f"d{y}" for i, y in enumerate(outputs)]
+    grads = RULES[case.op](b, node, upstream + [None] * len(extra_out))
     assert len(grads) == len(node.input), f"{case.op}: one gradient per input"
-    model.graph.input.append(helper.make_tensor_value_info("dy", elem, None))
+    model.graph.input.extend(helper.make_tensor_value_info(d, b.elem_type(y), None)
+                             for d, y in zip(upstream, outputs, strict=True) if d)  # fmt: skip
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.initializers)
-    model.graph.output.extend(helper.make_tensor_value_info(n, elem, None) for n in ["y", grads[0]])
-    return model, grads
+    model.graph.output.extend(helper.make_tensor_value_info(y, b.elem_type(y), None) for y in outputs)
+    model.graph.output.extend(helper.make_tensor_value_info(g, elem, None) for g in grads if g)
+    return model, grads, upstream
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_rule_matches_torch_autograd(case: Case) -> None:
-    model, grads = _backward_graph(case)
-    assert all(g is None for g in grads[1:]), "only the data input needs a gradient"
+    model, grads, upstream = _backward_graph(case)
+    differentiable = len(case.extra) + 1
+    assert all(g is None for g in grads[differentiable:]), "constant inputs need no gradient"
     rng = np.random.default_rng(case.seed)
-    x = rng.standard_normal(case.shape).astype(case.dtype)
-    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
-    yt = case.torch_fn(xt)
-    dy = rng.standard_normal([x.shape[0], TARGETS, *yt.shape[1:]]).astype(case.dtype)
+    xs = [
+        (rng.uniform(0.5, 2.5, s) if case.positive else rng.standard_normal(s)).astype(case.dtype)
+        for s in [case.shape, *case.extra]
+    ]
+    xts = [torch.from_numpy(x.astype(np.float64)).requires_grad_() for x in xs]
+    yts = case.torch_fn(*xts)
+    yts = list(yts) if isinstance(yts, tuple | list) else [yts]
+    feeds = {f"x{i}": x for i, x in enumerate(xs)}
+    dys = {}
+    for d, yt in zip(upstream, yts, strict=True):
+        if d:
+            out_dtype = case.dtype if yt.dtype == torch.float64 else np.float32
+            dys[d] = rng.standard_normal([xs[0].shape[0], TARGETS, *yt.shape[1:]]).astype(out_dtype)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y, dx = session.run(["y", grads[0]], {"x": x, "dy": dy})
-    reference = yt.detach().numpy()
-    np.testing.assert_allclose(y, reference, rtol=case.tol, atol=case.tol, err_msg=f"forward, seed {case.seed}")
-    vjps = [torch.autograd.grad(yt, xt, torch.from_numpy(dy[:, t].astype(np.float64)), retain_graph=True)[0]
-            for t in range(TARGETS)]  # fmt: skip
-    expected = np.stack([v.numpy() for v in vjps], axis=1)
-    scale = max(1.0, float(np.abs(expected).max()))
+    wanted = [f"y{i}" for i in range(case.outputs)] + [g for g in grads if g]
+    values = dict(zip(wanted, session.run(wanted, feeds | dys), strict=True))
+    for i, yt in enumerate(yts):
+        reference = yt.detach().numpy()
+        np.testing.assert_allclose(values[f"y{i}"], reference, rtol=case.tol, atol=case.tol, err_msg="forward")
     message = f"{case.id} seed {case.seed}"
-    np.testing.assert_allclose(dx, expected, rtol=case.tol, atol=case.tol * scale, err_msg=message)
+    for index, (g, xt) in enumerate(zip(grads, xts, strict=False)):
+        assert g is not None, f"{message}: no gradient for differentiable input {index}"
+        pairs = [(yt, torch.from_numpy(dys[d].astype(np.float64))) for yt, d in zip(yts, upstream, strict=True) if d]
+        vjps = [
+            torch.autograd.grad([p[0] for p in pairs], xt, [p[1][:, t] for p in pairs], retain_graph=True)[0]
+            for t in range(TARGETS)
+        ]
+        expected = np.stack([v.numpy() for v in vjps], axis=1)
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(values[g], expected, rtol=case.tol, atol=case.tol * scale, err_msg=message)
 
 
 def test_every_rule_has_a_row() -> None:
