@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.utils
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
@@ -120,11 +122,12 @@ def _resolve_targets(b: Builder, logits: str) -> str:
     """target_classes = targets where targets >= 0, else the (-targets)-th ranked class."""
     classes = b.dims(logits, 1, 2)
     ranked = b.op_multi("TopK", logits, classes, outputs=2, axis=1, largest=1, sorted=1)[1]
-    zero = b.const(np.asarray(0, dtype=np.int64))
-    rank = b.op("Sub", b.op("Neg", contract.TARGETS), b.const(np.asarray(1, dtype=np.int64)))
-    rank = b.op("Min", b.op("Max", rank, zero), b.op("Sub", classes, b.const(np.asarray([1], dtype=np.int64))))
-    picked = b.op("GatherElements", ranked, rank, axis=1)
+    zero, one = b.const(np.asarray(0, dtype=np.int64)), b.const(np.asarray(1, dtype=np.int64))
     negative = b.op("Less", contract.TARGETS, zero)
+    rank = b.op("Where", negative, b.op("Sub", b.op("Neg", contract.TARGETS), one), zero)  # -k -> k-1
+    last = b.op("Sub", classes, one)
+    rank = b.op("Where", b.op("Less", rank, classes), rank, last)  # (Where, not Min: int64 Min needs opset 12)
+    picked = b.op("GatherElements", ranked, rank, axis=1)
     b.nodes.append(
         helper.make_node("Where", [negative, picked, contract.TARGETS], [contract.TARGET_CLASSES], name="targets")
     )
@@ -136,6 +139,9 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    for tensor, name in ((activations, contract.ACTIVATIONS), (logits, contract.LOGITS)):
+        rename_tensor(graph, tensor, name)
+    activations, logits = contract.ACTIVATIONS, contract.LOGITS
     head = head_nodes(graph, activations, logits)
     _check_rules(head)
     for node in head:
@@ -188,11 +194,10 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     }
     b.nodes.append(helper.make_node("If", [contract.FULL_GRADIENTS], [contract.GRADIENTS], name="gradients", **branch))
 
-    _rename_output(b, logits, contract.LOGITS)
-    _rename_output(b, activations, contract.ACTIVATIONS)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
-    graph.input.append(helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, ["N", "T"]))
+    batch = b.shape(logits)[0] or "N"
+    graph.input.append(helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(helper.make_tensor_value_info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
     channels = b.shape(activations)[1]
@@ -200,27 +205,70 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     del graph.output[:]
     graph.output.extend(
         [
-            helper.make_tensor_value_info(contract.LOGITS, elem, ["N", b.shape(logits)[1]]),
-            helper.make_tensor_value_info(contract.ACTIVATIONS, elem, ["N", channels, *b.shape(activations)[2:]]),
-            helper.make_tensor_value_info(contract.WEIGHTS, elem, ["N", "T", channels]),
-            helper.make_tensor_value_info(contract.GRADIENTS, elem, ["N", "T", channels, *spatial_dims]),
-            helper.make_tensor_value_info(contract.TARGET_CLASSES, TensorProto.INT64, ["N", "T"]),
+            helper.make_tensor_value_info(contract.LOGITS, elem, [batch, b.shape(logits)[1]]),
+            helper.make_tensor_value_info(contract.ACTIVATIONS, elem, [batch, channels, *b.shape(activations)[2:]]),
+            helper.make_tensor_value_info(contract.WEIGHTS, elem, [batch, "T", channels]),
+            helper.make_tensor_value_info(contract.GRADIENTS, elem, [batch, "T", channels, *spatial_dims]),
+            helper.make_tensor_value_info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
         ]
     )
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 
-def _rename_output(b: Builder, tensor: str, name: str) -> None:
-    if tensor != name:
-        b.nodes.append(helper.make_node("Identity", [tensor], [name], name=name))
+def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _tensor_names(attr.g)
+    return names
+
+
+def _replace(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _replace(attr.g, old, new)
+    for info in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        if info.name == old:
+            info.name = new
+
+
+def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Give tensor ``old`` the name ``new`` everywhere; a tensor already called ``new`` moves aside."""
+    if old == new:
+        return
+    if new in _tensor_names(graph):
+        _replace(graph, new, f"{new}/original")
+    _replace(graph, old, new)
+
+
+def head_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """activations -> logits of an onnxcam model, as its own graph (for head-only passes)."""
+    return onnx.utils.Extractor(model).extract_model([contract.ACTIVATIONS], [contract.LOGITS])
 
 
 def set_card(model: onnx.ModelProto, card: dict[str, object]) -> None:
     """Store the model card as ``onnxcam.*`` metadata (non-strings as JSON)."""
-    unknown = set(card) - set(contract.META_KEYS)
+    unknown = set(card) - set(contract.META_KEYS) - set(contract.OPTIONAL_META_KEYS)
     if unknown:
         raise ValueError(f"unknown model card keys {sorted(unknown)}; known: {contract.META_KEYS}")
     del model.metadata_props[:]
     for key, value in card.items():
         text = value if isinstance(value, str) else json.dumps(value)
         model.metadata_props.append(onnx.StringStringEntryProto(key=contract.META_PREFIX + key, value=text))
+
+
+def save_model(model: onnx.ModelProto, out: Path) -> None:
+    """Write through a temporary name so a failed export leaves no half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        onnx.save(model, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)

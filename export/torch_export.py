@@ -16,7 +16,7 @@ from torch import nn
 
 from onnxcam import contract
 from onnxcam.errors import OnnxcamError
-from onnxcam_export.graft import graft, set_card
+from onnxcam_export.graft import graft, save_model, set_card
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
 from onnxcam_export.vjp import UnsupportedOp
 
@@ -204,14 +204,3 @@ def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) ->
             dynamic_axes={name: {0: "N"} for name in (contract.IMAGE, contract.LOGITS, contract.ACTIVATIONS)},
         )
     return onnx.load_from_string(buffer.getvalue())
-
-
-def save_model(model: onnx.ModelProto, out: Path) -> None:
-    """Write through a temporary name so a failed export leaves no half-written file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        onnx.save(model, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)

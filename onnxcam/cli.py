@@ -33,31 +33,84 @@ class Arch(str, Enum):
 
 @app.command()
 def export(
-    arch: Annotated[Arch, typer.Option(help="Network to build.")] = Arch.vgg16,
+    arch: Annotated[Arch, typer.Option(help="Network to build (ignored with --from).")] = Arch.vgg16,
     weights: Annotated[
         str, typer.Option(help="'imagenet' (download once, hash-checked), 'none' (seeded random), or a .pth path.")
     ] = "imagenet",
     layer: Annotated[
-        str | None, typer.Option(help="Target layer: an alias (block5_conv3, head) or a module path (features.29).")
+        str | None,
+        typer.Option(
+            help="Target layer: an alias (block5_conv3, head), a module path (features.29), or with --from a "
+            "tensor name [default: the paper's layer; with --from the last 4-D activation]."
+        ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output file [default: models/<arch>.onnx].")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output file [default: models/<arch>.onnx, or <model>.cam.onnx with --from].")
+    ] = None,
+    source: Annotated[
+        Path | None, typer.Option("--from", help="An existing ONNX classifier to graft (needs only the onnx package).")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="With --from: class names, one per line.")] = None,
+    size: Annotated[int | None, typer.Option(help="With --from: input size when the model's is dynamic.")] = None,
+    mean: Annotated[
+        tuple[float, float, float] | None, typer.Option(help="With --from: per-channel mean, 0..1 scale, RGB.")
+    ] = None,
+    std: Annotated[
+        tuple[float, float, float] | None, typer.Option(help="With --from: per-channel std, 0..1 scale.")
+    ] = None,
+    bgr: Annotated[bool, typer.Option("--bgr", help="With --from: the model takes BGR channels.")] = False,
+    preprocess: Annotated[
+        Path | None, typer.Option(help='With --from: JSON sidecar {"size", "mean", "std", "bgr"} instead of flags.')
+    ] = None,
 ) -> None:
-    """Build an ONNX model whose outputs are the logits AND the class gradients (needs PyTorch).
+    """Build an ONNX model whose outputs are the logits AND the class gradients.
 
-    Example: onnxcam export --arch efficientnet_lite0
+    Example: onnxcam export --arch efficientnet_lite0      (needs PyTorch)
+
+    Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225      (needs onnx)
     """
+    if source is not None:
+        _export_from(source, out, layer, labels, size, mean, std, bgr, preprocess)
+        return
     try:
         from onnxcam_export.torch_export import export_arch
     except ImportError as exc:
         raise OnnxcamError(
-            f"onnxcam export needs PyTorch and onnx ({exc}); install: pip install 'onnxcam[export]'"
+            f"onnxcam export --arch needs PyTorch ({exc}); install: pip install 'onnxcam[export]'"
         ) from exc
     target = out or Path("models") / f"{arch.value}.onnx"
     card = export_arch(arch.value, weights, layer, target)
-    size_mb = target.stat().st_size / 1e6
-    typer.echo(f"wrote {target} ({size_mb:.0f} MB)")
+    _report_export(target, card, [])
+
+
+def _export_from(
+    source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
+    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None,
+) -> None:  # fmt: skip
+    try:
+        from onnxcam_export.from_onnx import Preprocessing, graft_file
+    except ImportError as exc:
+        raise OnnxcamError(f"onnxcam export --from needs the onnx package ({exc}); install: pip install onnx") from exc
+    if not source.is_file():
+        raise OnnxcamError(f"model file {source} not found")
+    if preprocess is not None:
+        if size or mean or std or bgr:
+            raise OnnxcamError("give the preprocessing either as --preprocess JSON or as flags, not both")
+        prep = Preprocessing.from_json(preprocess)
+    else:
+        prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
+    target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
+    card, notes = graft_file(source, target, layer, labels, prep)
+    _report_export(target, card, notes)
+
+
+def _report_export(target: Path, card: dict, notes: list[str]) -> None:
+    typer.echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    for note in notes:
+        typer.echo(f"  note: {note}")
     for key, value in card.items():
-        typer.echo(f"  {key}: {value}")
+        if key != "notes":
+            typer.echo(f"  {key}: {value}")
 
 
 @app.command()

@@ -48,3 +48,4 @@ META_KEYS = (
     "labels",  # JSON list of K class names
     "weights_path",  # how `weights` is computed: "presummed" or "gradient-mean"
 )
+OPTIONAL_META_KEYS = ("notes",)  # free text: what the exporter assumed or changed

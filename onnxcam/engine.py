@@ -27,6 +27,7 @@ class ModelCard:
     std: tuple[float, ...]
     labels: tuple[str, ...]
     weights_path: str
+    notes: str = ""
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: Path) -> ModelCard:
@@ -51,6 +52,7 @@ class ModelCard:
             std=tuple(json.loads(values["std"])),
             labels=tuple(json.loads(values["labels"])),
             weights_path=values["weights_path"],
+            notes=values.get("notes", ""),
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -67,7 +69,7 @@ class ModelCard:
             ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
             ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
             ("channel weights", self.weights_path),
-        ]
+        ] + ([("notes", self.notes)] if self.notes else [])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,300 @@
+"""``onnxcam export --from``: give a user's ONNX classifier the onnxcam contract (``onnx`` only, no torch).
+
+Steps: pick the logits (the input of a final Softmax/LogSoftmax, flattened to ``[N, K]``),
+raise the opset if a gradient rule needs a newer op form, pick the target layer, put the
+preprocessing (uint8 RGB ``[N, H, W, 3]`` -> the model's float input) in front of the graph,
+graft the gradients and store the model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam import contract
+from onnxcam.errors import OnnxcamError
+from onnxcam_export.graft import graft, head_nodes, save_model, set_card
+from onnxcam_export.vjp import UnsupportedOp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
+SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
+SOFTMAX = ("Softmax", "LogSoftmax")
+PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a uint8 RGB pixel becomes the model's input: ``(pixel / 255 - mean) / std``, channels per ``bgr``."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    bgr: bool = False
+    given: frozenset[str] = field(default_factory=frozenset)  # which fields the user set
+
+    @classmethod
+    def from_json(cls, path: Path) -> Preprocessing:
+        """Read a sidecar such as ``{"size": 224, "mean": [0.5, 0.5, 0.5], "std": [...], "bgr": false}``."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OnnxcamError(f"cannot read preprocessing file {path}: {exc}") from exc
+        unknown = set(data) - {"size", "mean", "std", "bgr"}
+        if not isinstance(data, dict) or unknown:
+            raise OnnxcamError(f"{path}: unknown keys {sorted(unknown)}; allowed: size, mean, std, bgr")
+        size = data.get("size")
+        size = (size, size) if isinstance(size, int) else tuple(size) if size else None
+        return cls.create(size, data.get("mean"), data.get("std"), bool(data.get("bgr", False)))
+
+    @classmethod
+    def create(cls, size: tuple[int, int] | None, mean: object, std: object, bgr: bool) -> Preprocessing:
+        given = {k for k, v in {"size": size, "mean": mean, "std": std, "bgr": bgr or None}.items() if v is not None}
+        values = {}
+        for key, value, default in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
+            value = tuple(float(v) for v in value) if value is not None else default
+            if len(value) != 3 or (key == "std" and min(value) <= 0):
+                raise OnnxcamError(f"{key} needs three values (std > 0) on the 0..1 scale, got {value}")
+            values[key] = value
+        if size is not None and (len(size) != 2 or min(size) < 1):
+            raise OnnxcamError(f"size needs a positive height and width, got {size}")
+        return cls(size, values["mean"], values["std"], bgr, frozenset(given))
+
+
+def _static(graph: onnx.GraphProto) -> set[str]:
+    """Tensors computed from initializers and constants alone (weights, shapes)."""
+    known = {i.name for i in graph.initializer} | {""}
+    for node in graph.node:
+        if all(i in known for i in node.input):
+            known.update(node.output)
+    return known
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim
+        ]
+        for v in infos
+        if v.type.tensor_type.HasField("shape")
+    }
+
+
+def candidate_layers(model: onnx.ModelProto, logits: str) -> list[str]:
+    """4-D tensors with static spatial size > 1 that every path to the logits crosses, in graph order."""
+    graph, shapes = model.graph, _shapes(model)
+    static = _static(graph)
+    out = []
+    for node in graph.node:
+        for name in node.output:
+            shape = shapes.get(name)
+            if name in static or not shape or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+                continue
+            if shape[2] * shape[3] <= 1:
+                continue
+            try:
+                head = head_nodes(graph, name, logits)
+            except UnsupportedOp:
+                continue
+            inside = {name} | {o for n in head for o in n.output} | static
+            if all(i in inside for n in head for i in n.input):
+                out.append(name)
+    return out
+
+
+def _auto_layer(graph: onnx.GraphProto, candidates: list[str]) -> str:
+    """The last candidate, stepping back over trailing pools (VGG: conv5_3 after ReLU, 14x14, as in the paper)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    layer = candidates[-1]
+    while producers[layer].op_type in ("MaxPool", "AveragePool") and producers[layer].input[0] in candidates:
+        layer = producers[layer].input[0]
+    return layer
+
+
+def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
+    """The pre-softmax scores feeding the first graph output."""
+    producers = {o: n for n in graph.node for o in n.output}
+    name = graph.output[0].name
+    if len(graph.output) > 1:
+        notes.append(f"the model has {len(graph.output)} outputs; explaining the first, {name!r}")
+    current = name
+    while current in producers and producers[current].op_type in PASS_THROUGH:
+        current = producers[current].input[0]
+    if current in producers and producers[current].op_type in SOFTMAX:
+        node = producers[current]
+        notes.append(f"the model ends in {node.op_type}; explaining the pre-softmax logits {node.input[0]!r}")
+        return node.input[0]
+    return name
+
+
+def _flatten_logits(model: onnx.ModelProto, logits: str) -> str:
+    """``[N, K, 1, 1]`` scores (a 1x1-conv classifier) become ``[N, K]``."""
+    shape = _shapes(model).get(logits)
+    if shape is None or len(shape) == 2:
+        return logits
+    if any(d != 1 for d in shape[2:]):
+        raise OnnxcamError(f"the scores {logits!r} have shape {shape}; onnxcam needs [N, K] (or [N, K, 1, 1])")
+    flat = "onnxcam/logits_flat"
+    model.graph.node.append(helper.make_node("Flatten", [logits], [flat], axis=1, name=flat))
+    return flat
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _upgrade(model: onnx.ModelProto, layer: str, logits: str, notes: list[str]) -> onnx.ModelProto:
+    """Raise the opset only as far as the rules need, and say so."""
+    head = head_nodes(model.graph, layer, logits)
+    needed = SCATTER_ADD_OPSET if any(n.op_type == "MaxPool" for n in head) else MIN_OPSET
+    current = _opset(model)
+    if current >= needed:
+        return model
+    why = "ScatterElements with reduction='add' for MaxPool" if needed == SCATTER_ADD_OPSET else "TopK/GatherElements"
+    try:
+        converted = onnx.version_converter.convert_version(model, needed)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        raise OnnxcamError(f"cannot upgrade the model from opset {current} to {needed} ({why}): {exc}") from exc
+    notes.append(f"upgraded opset {current} -> {needed} with onnx's version converter ({why})")
+    return _modern_ir(converted)
+
+
+def _modern_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    """IR >= 4 (weights need not be graph inputs) and new enough for the opset; weights stop being inputs."""
+    model.ir_version = max(model.ir_version, 4, helper.find_min_ir_version_for(list(model.opset_import)))
+    weights = {i.name for i in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
+
+
+def _model_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise OnnxcamError(f"onnxcam needs a model with one image input; this one has {[i.name for i in inputs]}")
+    return inputs[0]
+
+
+def _prepend_preprocessing(model: onnx.ModelProto, prep: Preprocessing, notes: list[str]) -> tuple[int, int]:
+    """Replace the float image input by uint8 RGB ``[N, H, W, 3]`` and the ops that normalise it."""
+    graph = model.graph
+    original = _model_input(graph)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in original.type.tensor_type.shape.dim]
+    if len(dims) != 4 or 3 not in (dims[1], dims[3]):
+        raise OnnxcamError(f"input {original.name!r} has shape {dims}; onnxcam needs [N, 3, H, W] or [N, H, W, 3]")
+    channels_first = dims[1] == 3
+    height, width = (dims[2], dims[3]) if channels_first else (dims[1], dims[2])
+    if prep.size is not None:
+        if height and width and (height, width) != tuple(prep.size):
+            raise OnnxcamError(f"--size {prep.size} contradicts the model's fixed input size {height}x{width}")
+        height, width = prep.size
+    if not height or not width:
+        raise OnnxcamError(f"input {original.name!r} has a dynamic size; pass --size (e.g. --size 224)")
+    if not {"mean", "std"} <= prep.given:
+        notes.append("no --mean/--std given: assuming ImageNet's mean/std on the 0..1 scale")
+    batch = original.type.tensor_type.shape.dim[0]
+    image = helper.make_tensor_value_info(contract.IMAGE, TensorProto.UINT8, [None, height, width, 3])
+    image.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    scale = np.float32(255)
+    mean = (np.asarray(prep.mean, np.float32) * scale)[:: -1 if prep.bgr else 1]
+    std = (np.asarray(prep.std, np.float32) * scale)[:: -1 if prep.bgr else 1]
+    constants = {"onnxcam/mean": mean, "onnxcam/std": std, "onnxcam/bgr": np.asarray([2, 1, 0], np.int64)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    steps = [("Cast", [], {"to": TensorProto.FLOAT})]
+    steps += [("Gather", ["onnxcam/bgr"], {"axis": 3})] if prep.bgr else []
+    steps += [("Sub", ["onnxcam/mean"], {}), ("Div", ["onnxcam/std"], {})]
+    steps += [("Transpose", [], {"perm": [0, 3, 1, 2]})] if channels_first else []
+    elem = original.type.tensor_type.elem_type
+    steps += [("Cast", [], {"to": elem})] if elem != TensorProto.FLOAT else []
+    nodes, current = [], contract.IMAGE
+    for i, (op_type, extra, attrs) in enumerate(steps):
+        output = original.name if i == len(steps) - 1 else f"onnxcam/preprocess_{i}"
+        nodes.append(helper.make_node(op_type, [current, *extra], [output], name=f"onnxcam/preprocess_{i}", **attrs))
+        current = output
+    graph.input.remove(original)
+    graph.input.insert(0, image)
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    return height, width
+
+
+def _labels(path: Path | None, classes: int, notes: list[str]) -> list[str]:
+    if path is not None:
+        try:
+            names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise OnnxcamError(f"cannot read labels file {path}: {exc}") from exc
+        if len(names) != classes:
+            raise OnnxcamError(f"{path} has {len(names)} labels but the model scores {classes} classes")
+        return names
+    if classes == 1000:
+        notes.append("no --labels: using the ImageNet-1k class names (the model scores 1000 classes)")
+        text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+        return text.splitlines()
+    notes.append(f"no --labels: classes are named 'class 0' ... 'class {classes - 1}'")
+    return [f"class {i}" for i in range(classes)]
+
+
+def graft_file(
+    source: Path, out: Path, layer: str | None = None, labels: Path | None = None, prep: Preprocessing | None = None
+) -> tuple[dict[str, object], list[str]]:
+    """Write ``out``, the onnxcam version of classifier ``source``; return its card and notes for the user."""
+    prep = prep or Preprocessing()
+    notes: list[str] = []
+    try:
+        model = onnx.load(source)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise OnnxcamError(f"cannot read {source} as an ONNX model: {exc}") from exc
+    if any(p.key == contract.META_PREFIX + "contract" for p in model.metadata_props):
+        raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
+    model = _modern_ir(model)
+    graph = model.graph
+    logits = _flatten_logits(model, _logits(graph, notes))
+    candidates = candidate_layers(model, logits)
+    if not candidates:
+        raise OnnxcamError(f"{source} has no 4-D layer with spatial size > 1 that all paths to the logits cross")
+    if layer is None:
+        layer = _auto_layer(graph, candidates)
+        notes.append(f"target layer (auto): {layer!r}, the last 4-D activation on the path to the logits")
+    elif layer not in candidates:
+        shown = ", ".join(candidates[-15:])
+        raise OnnxcamError(f"layer {layer!r} is not a usable target; candidates (last {min(15, len(candidates))} of "
+                           f"{len(candidates)}, graph order): {shown}")  # fmt: skip
+    model = _upgrade(model, layer, logits, notes)
+    height, width = _prepend_preprocessing(model, prep, notes)
+    shapes = _shapes(model)
+    try:
+        grafted, weights_path = graft(model, layer, logits)
+    except UnsupportedOp as exc:
+        raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
+    channels, h, w = shapes[layer][1:]
+    card = {
+        "contract": contract.CONTRACT_VERSION,
+        "arch": f"onnx:{Path(source).name}",
+        "weights": f"{Path(source).name} (sha256 {hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]})",
+        "layer": f"{layer} ({channels}x{h}x{w})",
+        "input_size": [height, width],
+        "channel_order": "RGB",
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "labels": _labels(labels, shapes[logits][1], notes),
+        "weights_path": weights_path,
+        "notes": "; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
+    }
+    set_card(grafted, card)
+    onnx.checker.check_model(grafted, full_check=True)
+    save_model(grafted, out)
+    return {k: v for k, v in card.items() if k != "labels"}, notes

@@ -1,0 +1,153 @@
+"""``onnxcam export --from``: grafting ONNX classifiers nobody here wrote, checked without torch.
+
+The model-zoo layouts come with the onnx package (``onnx/backend/test/data/light``): the
+real graphs of VGG19, ResNet50, SqueezeNet, AlexNet, DenseNet121, Inception v1/v2,
+ShuffleNet and ZFNet512, whose weights are stored as constants (ConstantOfShape). The tests
+give them seeded random weights so that every channel differs, graft them, and compare the
+grafted gradient with a central finite difference of the head in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxcam.engine import Engine
+from onnxcam_export.from_onnx import Preprocessing, _model_input, graft_file
+from onnxcam_export.graft import head_model
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = {p.stem.removeprefix("light_"): p for p in sorted(LIGHT.glob("light_*.onnx"))}
+# The layer the grafter picks by itself, checked by hand against each network's published layout.
+AUTO_LAYER_SHAPES = {
+    "bvlc_alexnet": (256, 12, 12),  # relu5, before pool5 (ONNX pools round down where Caffe rounded up)
+    "densenet121": (1024, 7, 7),  # the last dense block's BN + ReLU
+    "inception_v1": (1024, 6, 6),  # the last inception module's concat (Caffe2's 224 input gives 6x6)
+    "inception_v2": (1024, 7, 7),  # the last inception module's concat
+    "resnet50": (2048, 7, 7),  # res5c: the last residual Sum + ReLU
+    "shufflenet": (544, 7, 7),  # the last unit's Sum + ReLU
+    "squeezenet": (1000, 13, 13),  # conv10 + ReLU, the 1x1-conv classifier before its global pool
+    "vgg19": (512, 14, 14),  # conv5_4 + ReLU, before pool5 (as in the Grad-CAM paper)
+    "zfnet512": (512, 12, 12),  # conv5 + ReLU, before pool5
+}
+
+
+def randomized(path: Path, seed: int = 0) -> onnx.ModelProto:
+    """The model with each constant weight replaced by seeded random values of a sensible scale."""
+    model = onnx.load(path)
+    rng = np.random.default_rng(seed)
+    shapes = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consumers = {name: (n.op_type, list(n.input).index(name)) for n in model.graph.node for name in n.input}
+    for node in list(model.graph.node):
+        if node.op_type != "ConstantOfShape" or node.input[0] not in shapes:
+            continue
+        shape = [int(d) for d in shapes[node.input[0]]]
+        op, index = consumers.get(node.output[0], ("", 0))
+        if op == "BatchNormalization":
+            value = rng.uniform(0.5, 1.5, shape) if index in (1, 4) else rng.normal(0, 0.1, shape)
+        elif op == "Mul":
+            value = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) >= 2:
+            value = rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape)
+        else:
+            value = rng.normal(0, 0.1, shape)
+        model.graph.node.remove(node)
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+    return model
+
+
+def as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in float64 (weights and declared types converted)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for info in [*out.graph.input, *out.graph.output]:
+        if info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    del out.graph.value_info[:]
+    return out
+
+
+def head_session(cam_model: Path) -> tuple[ort.InferenceSession, type, float, float]:
+    """(session, dtype, relative step, tolerance): float64 when ORT has double kernels for the whole head.
+
+    In float64 a tiny step keeps the finite difference off ReLU and max-pool kinks and the
+    tolerance is tight; ORT's CPU Conv/pooling kernels exist in float32 only, where the step
+    must be larger (and a few kinks may be crossed), so the tolerance is looser.
+    """
+    head = head_model(onnx.load(cam_model))
+    try:
+        session = ort.InferenceSession(as_float64(head).SerializeToString(), providers=["CPUExecutionProvider"])
+        return session, np.float64, 1e-6, 1e-4
+    except ort.capi.onnxruntime_pybind11_state.NotImplemented:
+        session = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session, np.float32, 1e-3, 2e-2
+
+
+def finite_difference_check(cam_model: Path, seed: int = 0, directions: int = 3) -> None:
+    """<gradients, v> against (f(A + eps v) - f(A - eps v)) / 2 eps, with f = the head, for T = 2 targets.
+
+    v is zero where A is exactly zero (ReLU's dead units): a max-pool window of tied zeros
+    has no derivative, and a finite difference there measures none of its subgradients.
+    """
+    engine = Engine(cam_model)
+    head, dtype, step, tolerance = head_session(cam_model)
+    rng = np.random.default_rng(seed)
+    height, width = engine.card.input_size
+    image = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
+    out = engine.run(image, np.array([[-1, 7]]), full_gradients=True)
+    a = out.activations.astype(np.float64)
+    np.testing.assert_allclose(
+        head.run(["logits"], {"activations": a.astype(dtype)})[0], out.logits, rtol=1e-4, atol=1e-4
+    )
+    for _ in range(directions):
+        v = rng.standard_normal(a.shape) * (a != 0)
+        eps = step * np.sqrt((a**2).mean()) / np.sqrt((v**2).mean())
+        plus, minus = (head.run(["logits"], {"activations": (a + s * eps * v).astype(dtype)})[0] for s in (1, -1))
+        for t, cls in enumerate(out.target_classes[0]):
+            numeric = (float(plus[0, cls]) - float(minus[0, cls])) / (2 * eps)
+            analytic = float((out.gradients[0, t].astype(np.float64) * v[0]).sum())
+            scale = max(abs(analytic), np.abs(out.gradients[0, t]).sum() * np.abs(v).mean() * 1e-2)
+            assert abs(numeric - analytic) <= tolerance * scale, f"target {cls}: FD {numeric} vs <G, v> {analytic}"
+
+
+@pytest.mark.parametrize("name", LIGHT_MODELS)
+def test_model_zoo_layouts_graft_and_match_finite_differences(name: str, tmp_path: Path) -> None:
+    source = tmp_path / f"{name}.onnx"
+    onnx.save(randomized(LIGHT_MODELS[name]), source)
+    card, notes = graft_file(source, tmp_path / f"{name}.cam.onnx")
+    assert tuple(int(d) for d in card["layer"].split("(")[1].rstrip(")").split("x")) == AUTO_LAYER_SHAPES[name]
+    assert any("target layer (auto)" in n for n in notes)
+    finite_difference_check(tmp_path / f"{name}.cam.onnx")
+
+
+def test_softmax_is_stripped_and_the_opset_raised_only_as_needed(tmp_path: Path) -> None:
+    card, notes = graft_file(LIGHT_MODELS["vgg19"], tmp_path / "vgg19.cam.onnx")
+    assert any("ends in Softmax" in n for n in notes)
+    assert any("opset 9 -> 16" in n for n in notes), "MaxPool's rule needs ScatterElements(add), opset 16"
+    card, notes = graft_file(LIGHT_MODELS["resnet50"], tmp_path / "resnet50.cam.onnx")
+    assert any("opset 9 -> 11" in n for n in notes), "no MaxPool in ResNet's head: opset 11 is enough"
+    grafted = onnx.load(tmp_path / "resnet50.cam.onnx")
+    assert grafted.opset_import[0].version == 11
+
+
+def test_preprocessing_in_the_graph_matches_numpy(tmp_path: Path) -> None:
+    """BGR flip, mean and std applied in the graph equal the same formula in numpy."""
+    model = onnx.load(LIGHT_MODELS["squeezenet"])
+    prep = Preprocessing.create(None, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), bgr=True)
+    graft_file(LIGHT_MODELS["squeezenet"], tmp_path / "sq.cam.onnx", prep=prep)
+    image = np.random.default_rng(1).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    expected = ((image[..., ::-1] / 255 - [0.6, 0.5, 0.4]) / [0.3, 0.25, 0.2]).transpose(0, 3, 1, 2)
+    grafted = onnx.load(tmp_path / "sq.cam.onnx")
+    data = _model_input(model.graph).name
+    grafted.graph.output.append(onnx.helper.make_tensor_value_info(data, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(grafted.SerializeToString(), providers=["CPUExecutionProvider"])
+    fed = session.run([data], {"image": image, "targets": np.array([[0]])})[0]
+    np.testing.assert_allclose(fed, expected, rtol=1e-5, atol=1e-5)
