@@ -188,9 +188,19 @@ def _model_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
-def _prepend_preprocessing(model: onnx.ModelProto, prep: Preprocessing, notes: list[str]) -> tuple[int, int]:
-    """Replace the float image input by uint8 RGB ``[N, H, W, 3]`` and the ops that normalise it."""
-    graph = model.graph
+@dataclass(frozen=True)
+class Layout:
+    """The model's image input: its name, channel position, size and element type."""
+
+    name: str
+    channels_first: bool
+    height: int
+    width: int
+    elem_type: int
+    batch: onnx.TensorShapeProto.Dimension
+
+
+def _layout(graph: onnx.GraphProto, prep: Preprocessing) -> Layout:
     original = _model_input(graph)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in original.type.tensor_type.shape.dim]
     if len(dims) != 4 or 3 not in (dims[1], dims[3]):
@@ -203,11 +213,61 @@ def _prepend_preprocessing(model: onnx.ModelProto, prep: Preprocessing, notes: l
         height, width = prep.size
     if not height or not width:
         raise OnnxcamError(f"input {original.name!r} has a dynamic size; pass --size (e.g. --size 224)")
+    elem = original.type.tensor_type.elem_type
+    return Layout(original.name, channels_first, height, width, elem, original.type.tensor_type.shape.dim[0])
+
+
+def _annotate_shapes(model: onnx.ModelProto, layout: Layout) -> None:
+    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by one ORT run.
+
+    Every tensor's shape at the model's input size is recorded in ``value_info``, with the
+    batch axis kept as the model declares it, so the rules see static channel/spatial sizes.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    known = {
+        v.name
+        for v in [*inferred.graph.value_info, *inferred.graph.output]
+        if v.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+    }
+    static = _static(model.graph)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
+    if not missing:
+        return
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    shape = [1, 3, layout.height, layout.width] if layout.channels_first else [1, layout.height, layout.width, 3]
+    feed = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(layout.elem_type))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run(missing, {layout.name: feed})
+    except Exception as exc:  # ORT's own exception types
+        raise OnnxcamError(f"ONNX Runtime cannot run the model to learn its shapes: {exc}") from exc
+    by_name = {v.name: v for v in model.graph.value_info}
+    for name, value in zip(missing, values, strict=True):
+        if not isinstance(value, np.ndarray) or value.ndim == 0:
+            continue
+        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+        info.type.tensor_type.shape.dim[0].CopyFrom(layout.batch)
+        if name in by_name:
+            model.graph.value_info.remove(by_name[name])
+        model.graph.value_info.append(info)
+
+
+def _prepend_preprocessing(model: onnx.ModelProto, layout: Layout, prep: Preprocessing, notes: list[str]) -> None:
+    """Replace the float image input by uint8 RGB ``[N, H, W, 3]`` and the ops that normalise it."""
+    graph = model.graph
+    original = _model_input(graph)
+    channels_first, height, width = layout.channels_first, layout.height, layout.width
     if not {"mean", "std"} <= prep.given:
         notes.append("no --mean/--std given: assuming ImageNet's mean/std on the 0..1 scale")
-    batch = original.type.tensor_type.shape.dim[0]
     image = helper.make_tensor_value_info(contract.IMAGE, TensorProto.UINT8, [None, height, width, 3])
-    image.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    image.type.tensor_type.shape.dim[0].CopyFrom(layout.batch)
     scale = np.float32(255)
     mean = (np.asarray(prep.mean, np.float32) * scale)[:: -1 if prep.bgr else 1]
     std = (np.asarray(prep.std, np.float32) * scale)[:: -1 if prep.bgr else 1]
@@ -217,8 +277,7 @@ def _prepend_preprocessing(model: onnx.ModelProto, prep: Preprocessing, notes: l
     steps += [("Gather", ["onnxcam/bgr"], {"axis": 3})] if prep.bgr else []
     steps += [("Sub", ["onnxcam/mean"], {}), ("Div", ["onnxcam/std"], {})]
     steps += [("Transpose", [], {"perm": [0, 3, 1, 2]})] if channels_first else []
-    elem = original.type.tensor_type.elem_type
-    steps += [("Cast", [], {"to": elem})] if elem != TensorProto.FLOAT else []
+    steps += [("Cast", [], {"to": layout.elem_type})] if layout.elem_type != TensorProto.FLOAT else []
     nodes, current = [], contract.IMAGE
     for i, (op_type, extra, attrs) in enumerate(steps):
         output = original.name if i == len(steps) - 1 else f"onnxcam/preprocess_{i}"
@@ -228,7 +287,6 @@ def _prepend_preprocessing(model: onnx.ModelProto, prep: Preprocessing, notes: l
     graph.input.insert(0, image)
     for node in reversed(nodes):
         graph.node.insert(0, node)
-    return height, width
 
 
 def _labels(path: Path | None, classes: int, notes: list[str]) -> list[str]:
@@ -262,6 +320,8 @@ def graft_file(
         raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
     model = _modern_ir(model)
     graph = model.graph
+    layout = _layout(graph, prep)
+    _annotate_shapes(model, layout)
     logits = _flatten_logits(model, _logits(graph, notes))
     candidates = candidate_layers(model, logits)
     if not candidates:
@@ -273,8 +333,11 @@ def graft_file(
         shown = ", ".join(candidates[-15:])
         raise OnnxcamError(f"layer {layer!r} is not a usable target; candidates (last {min(15, len(candidates))} of "
                            f"{len(candidates)}, graph order): {shown}")  # fmt: skip
-    model = _upgrade(model, layer, logits, notes)
-    height, width = _prepend_preprocessing(model, prep, notes)
+    upgraded = _upgrade(model, layer, logits, notes)
+    if upgraded is not model:
+        model = upgraded
+        _annotate_shapes(model, layout)
+    _prepend_preprocessing(model, layout, prep, notes)
     shapes = _shapes(model)
     try:
         grafted, weights_path = graft(model, layer, logits)
@@ -286,7 +349,7 @@ def graft_file(
         "arch": f"onnx:{Path(source).name}",
         "weights": f"{Path(source).name} (sha256 {hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]})",
         "layer": f"{layer} ({channels}x{h}x{w})",
-        "input_size": [height, width],
+        "input_size": [layout.height, layout.width],
         "channel_order": "RGB",
         "mean": list(prep.mean),
         "std": list(prep.std),

@@ -9,6 +9,7 @@ grafted gradient with a central finite difference of the head in ONNX Runtime.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +130,10 @@ def test_model_zoo_layouts_graft_and_match_finite_differences(name: str, tmp_pat
 
 
 def test_softmax_is_stripped_and_the_opset_raised_only_as_needed(tmp_path: Path) -> None:
-    card, notes = graft_file(LIGHT_MODELS["vgg19"], tmp_path / "vgg19.cam.onnx")
+    _, notes = graft_file(LIGHT_MODELS["vgg19"], tmp_path / "vgg19.cam.onnx")
     assert any("ends in Softmax" in n for n in notes)
     assert any("opset 9 -> 16" in n for n in notes), "MaxPool's rule needs ScatterElements(add), opset 16"
-    card, notes = graft_file(LIGHT_MODELS["resnet50"], tmp_path / "resnet50.cam.onnx")
+    _, notes = graft_file(LIGHT_MODELS["resnet50"], tmp_path / "resnet50.cam.onnx")
     assert any("opset 9 -> 11" in n for n in notes), "no MaxPool in ResNet's head: opset 11 is enough"
     grafted = onnx.load(tmp_path / "resnet50.cam.onnx")
     assert grafted.opset_import[0].version == 11
@@ -151,3 +152,79 @@ def test_preprocessing_in_the_graph_matches_numpy(tmp_path: Path) -> None:
     session = ort.InferenceSession(grafted.SerializeToString(), providers=["CPUExecutionProvider"])
     fed = session.run([data], {"image": image, "targets": np.array([[0]])})[0]
     np.testing.assert_allclose(fed, expected, rtol=1e-5, atol=1e-5)
+
+
+def plain_torch_export(arch_name: str, weights: str, path: Path, opset: int) -> None:
+    """What a user has: the classifier exported by torch.onnx, float NCHW input, normalised outside."""
+    torch = pytest.importorskip("torch")
+    from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, load_weights
+
+    arch = ARCHS[arch_name]
+    torch.manual_seed(RANDOM_SEED)
+    model = arch.build().eval()
+    load_weights(arch, model, weights)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about SAME padding computed from shapes
+        names = {"input_names": ["input"], "output_names": ["scores"], "dynamic_axes": {"input": {0: "batch"}}}
+        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), path, dynamo=False, opset_version=opset, **names)
+
+
+@pytest.mark.parametrize(
+    ("arch_name", "weights", "fixture", "opset"),
+    [("vgg16", "none", "vgg16_model", 13), ("efficientnet_lite0", "imagenet", "lite0_model", 11)],
+)
+def test_regrafting_our_torch_export_gives_the_native_maps(
+    arch_name: str, weights: str, fixture: str, opset: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from onnxcam import Explainer
+    from onnxcam_export.torch_export import ARCHS
+    from tests.conftest import EXAMPLES
+
+    plain = tmp_path / f"{arch_name}.onnx"
+    plain_torch_export(arch_name, weights, plain, opset)
+    arch = ARCHS[arch_name]
+    graft_file(plain, tmp_path / "regrafted.onnx", prep=Preprocessing.create(None, arch.mean, arch.std, False))
+    native = Explainer(request.getfixturevalue(fixture)).explain(EXAMPLES / "chelsea.png", top_k=3)
+    regrafted = Explainer(tmp_path / "regrafted.onnx").explain(EXAMPLES / "chelsea.png", top_k=3)
+    assert [m.index for m in regrafted.maps] == [m.index for m in native.maps]
+    for ours, reference in zip(regrafted.maps, native.maps, strict=True):
+        np.testing.assert_allclose(
+            ours.weights, reference.weights, rtol=1e-4, atol=1e-5 * np.abs(reference.weights).max()
+        )
+        np.testing.assert_allclose(ours.cam, reference.cam, atol=1e-4)
+
+
+def test_export_from_runs_where_torch_cannot_be_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import EXAMPLES, ROOT
+
+    out = tmp_path / "squeezenet.cam.onnx"
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError(f"{{name}} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        from onnxcam.cli import main
+        sys.argv = ["onnxcam", "export", "--from", {str(LIGHT_MODELS["squeezenet"])!r}, "--out", {str(out)!r}]
+        try:
+            main()
+        except SystemExit as exit:
+            assert not exit.code, exit.code
+        assert not any(m.split(".")[0] == "torch" for m in sys.modules), "torch got imported"
+        sys.argv = ["onnxcam", "explain", {str(EXAMPLES / "chelsea.png")!r}, "--model", {str(out)!r},
+                    "--out", {str(tmp_path / "maps")!r}]
+        main()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "target layer (auto)" in result.stdout and "wrote" in result.stdout
+    assert len(list((tmp_path / "maps").glob("chelsea_*.png"))) == 1
