@@ -89,6 +89,58 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    """A torchvision classifier; its import is deferred so that onnxcam works without torchvision."""
+
+    def build() -> nn.Module:
+        try:
+            import torchvision.models
+        except Exception as exc:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
+            raise OnnxcamError(
+                f"--arch {name} needs torchvision ({type(exc).__name__}: {exc}); install the torchvision release "
+                "that matches your torch (e.g. pip install torch==2.14.1 torchvision==0.29.1), or use "
+                "--arch vgg16 / efficientnet_lite0, which onnxcam defines itself"
+            ) from exc
+        return getattr(torchvision.models, name)(weights=None)
+
+    return build
+
+
+def _torchvision_imagenet(name: str) -> Callable[[], tuple[dict[str, torch.Tensor], str]]:
+    def load() -> tuple[dict[str, torch.Tensor], str]:
+        import torchvision.models
+
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as exc:
+            raise OnnxcamError(
+                f"could not get torchvision's {weights} checkpoint ({exc}); pass --weights PATH or --weights none"
+            ) from exc
+        return state, f"imagenet (torchvision {weights})"
+
+    return load
+
+
+# torchvision architectures: (default target layer, note). Each ends in global pooling + FC.
+TORCHVISION = {
+    "resnet50": "layer4",  # the last residual stage, after its ReLU (2048x7x7)
+    "mobilenet_v2": "features",  # after the last 1x1 conv's ReLU6 (1280x7x7)
+    "mobilenet_v3_large": "features",  # after the last 1x1 conv's Hardswish (960x7x7)
+    "efficientnet_b0": "features",  # after the last 1x1 conv's SiLU (1280x7x7)
+    "densenet121": "features",  # after the final batch norm (1024x7x7); the ReLU is in the head
+}
+for _name, _layer in TORCHVISION.items():
+    ARCHS[_name] = Arch(
+        build=_torchvision(_name),
+        default_layer=_layer,
+        aliases={},
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        imagenet=_torchvision_imagenet(_name),
+    )
+
+
 def imagenet_labels() -> list[str]:
     text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
     return text.splitlines()

@@ -29,6 +29,12 @@ DEFAULT_MODEL = Path("models/vgg16.onnx")
 class Arch(str, Enum):
     vgg16 = "vgg16"
     efficientnet_lite0 = "efficientnet_lite0"
+    # through torchvision, when it is installed
+    resnet50 = "resnet50"
+    mobilenet_v2 = "mobilenet_v2"
+    mobilenet_v3_large = "mobilenet_v3_large"
+    efficientnet_b0 = "efficientnet_b0"
+    densenet121 = "densenet121"
 
 
 @app.command()
