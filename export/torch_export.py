@@ -129,6 +129,7 @@ TORCHVISION = {
     "mobilenet_v3_large": "features",  # after the last 1x1 conv's Hardswish (960x7x7)
     "efficientnet_b0": "features",  # after the last 1x1 conv's SiLU (1280x7x7)
     "densenet121": "features",  # after the final batch norm (1024x7x7); the ReLU is in the head
+    "convnext_tiny": "features",  # the last stage (768x7x7); head: pool, LayerNorm (Transpose), Linear
 }
 for _name, _layer in TORCHVISION.items():
     ARCHS[_name] = Arch(

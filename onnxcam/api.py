@@ -17,10 +17,12 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxcam import cam as cams
+from onnxcam import methods
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb, resize_rgb, write_npy, write_png_rgb
-from onnxcam.overlay import HEAT_WEIGHT, overlay_rgb
+from onnxcam.methods import METHODS, NEEDS_GRADIENTS
+from onnxcam.overlay import HEAT_WEIGHT, comparison_sheet, overlay_rgb
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ class TargetMap:
     label: str
     probability: float
     logit: float
-    weights: np.ndarray  # [C] channel weights alpha
-    cam_lowres: np.ndarray  # [h, w] ReLU(sum alpha A), unnormalised, at the target layer's size
+    weights: np.ndarray  # [C] Grad-CAM channel weights alpha (from the graph, whatever the method)
+    cam_lowres: np.ndarray  # [h, w] the method's map, unnormalised, at the target layer's size
     cam: np.ndarray  # [H, W] float32 in [0, 1], the image's size
     empty: bool  # True when no location supports the class (the map is all zero)
+    method: str = "gradcam"
 
     @property
     def peak(self) -> tuple[int, int]:
@@ -114,9 +117,11 @@ class Explainer:
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
         predictions: int = 5,
+        method: str | Sequence[str] = "gradcam",
+        eigen_smooth: bool = False,
     ) -> Explanation:
         """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size)."""
-        return self.explain_batch([image], targets, top_k, predictions)[0]
+        return self.explain_batch([image], targets, top_k, predictions, method, eigen_smooth)[0]
 
     def explain_batch(
         self,
@@ -124,25 +129,37 @@ class Explainer:
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
         predictions: int = 5,
+        method: str | Sequence[str] = "gradcam",
+        eigen_smooth: bool = False,
     ) -> list[Explanation]:
-        """Explain several images in one ORT call; each gets the same target list."""
+        """Explain several images in one ORT call; each gets the same target list.
+
+        ``method`` is one name from :data:`onnxcam.methods.METHODS` or several: all of them are
+        computed from the same call's activations and gradients (``maps`` holds, per method
+        in the given order, one map per target).
+        """
+        names = [method] if isinstance(method, str) else list(method)
+        unknown = [m for m in names if m not in METHODS]
+        if unknown or not names:
+            raise OnnxcamError(f"unknown method {unknown or names}; choose from: {', '.join(METHODS)}")
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
-        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)))
+        full = any(m in NEEDS_GRADIENTS for m in names)
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full)
         probs = softmax(out.logits.astype(np.float64))
         results = []
         for n, photo in enumerate(photos):
             order = np.argsort(-out.logits[n], kind="stable")[:predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
-            lowres = cams.gradcam(out.activations[n], out.weights[n])
             maps = []
-            for t, index in enumerate(out.target_classes[n]):
-                cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
-                pred = self._prediction(int(index), probs[n], out.logits[n])
-                maps.append(
-                    TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam, empty=empty)
-                )
+            for name in names:
+                lowres = methods.cam(name, out.activations[n], out.gradients[n], out.weights[n], eigen_smooth)
+                for t, index in enumerate(out.target_classes[n]):
+                    cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
+                    pred = self._prediction(int(index), probs[n], out.logits[n])
+                    maps.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam,
+                                          empty=empty, method=name))  # fmt: skip
             results.append(Explanation(photo, preds, maps))
         return results
 
@@ -163,6 +180,7 @@ def slug(text: str) -> str:
 def output_paths(out_dir: Path, stem: str, target: TargetMap) -> tuple[Path, Path]:
     """``<stem>_<class>_<label>.png`` (overlay) and ``.npy`` (float32 map in [0, 1])."""
     base = f"{stem}_{target.index}_{slug(target.label)}"
+    base += "" if target.method == "gradcam" else f".{target.method.replace('+', 'p')}"
     return out_dir / f"{base}.png", out_dir / f"{base}.npy"
 
 
@@ -175,4 +193,16 @@ def save(explanation: Explanation, out_dir: Path, stem: str, alpha: float = HEAT
         write_png_rgb(overlay, overlay_rgb(explanation.image_rgb, m.cam, alpha))
         write_npy(raw, m.cam)
         written.append({"overlay": str(overlay), "map": str(raw)})
+    return written
+
+
+def save_sheets(explanation: Explanation, out_dir: Path, stem: str, alpha: float = HEAT_WEIGHT) -> list[str]:
+    """Per target, one PNG with the overlays of every method side by side; return the paths."""
+    written = []
+    for index in dict.fromkeys(m.index for m in explanation.maps):
+        maps = [m for m in explanation.maps if m.index == index]
+        tiles = [(m.method, overlay_rgb(explanation.image_rgb, m.cam, alpha)) for m in maps]
+        path = out_dir / f"{stem}_{index}_{slug(maps[0].label)}.methods.png"
+        write_png_rgb(path, comparison_sheet(tiles))
+        written.append(str(path))
     return written

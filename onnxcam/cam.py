@@ -1,23 +1,12 @@
-"""Grad-CAM from the graph's outputs, in numpy (Selvaraju et al., ICCV 2017).
+"""From a low-resolution map to the image: bilinear upsampling and min-max scaling.
 
-``alpha_k = mean_hw(d y_c / d A_k)`` (the graph's ``weights`` output),
-``L = ReLU(sum_k alpha_k A_k)``, bilinearly upsampled to the image and min-max scaled.
+The maps themselves come from :mod:`onnxcam.methods` (Grad-CAM: ``L = ReLU(sum_k alpha_k A_k)``).
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-
-
-def gradcam(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``ReLU(sum_k weights[..., k] * activations[k])`` for ``activations [C, h, w]``.
-
-    ``weights`` is ``[C]`` or ``[T, C]``; the result is ``[h, w]`` or ``[T, h, w]``.
-    """
-    if activations.ndim != 3 or weights.shape[-1] != activations.shape[0]:
-        raise ValueError(f"need activations [C, h, w] and weights [..., C]; got {activations.shape}, {weights.shape}")
-    return np.maximum(np.tensordot(weights, activations, axes=([-1], [0])), 0)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

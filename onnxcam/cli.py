@@ -11,9 +11,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from onnxcam.api import Explainer, Explanation, output_paths, save
+from onnxcam.api import Explainer, Explanation, output_paths, save, save_sheets
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
+from onnxcam.methods import METHODS
 from onnxcam.overlay import HEAT_WEIGHT
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ class Arch(str, Enum):
     mobilenet_v3_large = "mobilenet_v3_large"
     efficientnet_b0 = "efficientnet_b0"
     densenet121 = "densenet121"
+    convnext_tiny = "convnext_tiny"
 
 
 @app.command()
@@ -135,13 +137,22 @@ def explain(
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    method: Annotated[
+        str, typer.Option(help=f"CAM method: {', '.join(METHODS)}, or 'all' (adds a side-by-side sheet).")
+    ] = "gradcam",
+    eigen_smooth: Annotated[
+        bool, typer.Option("--eigen-smooth", help="Replace the channel sum by its first principal component.")
+    ] = False,
 ) -> None:
-    """Explain images with Grad-CAM: one ONNX Runtime call per image, no PyTorch.
+    """Explain images with Grad-CAM (or another CAM method): one ONNX Runtime call per image, no PyTorch.
 
-    Example: onnxcam explain cat.jpg --model models/efficientnet_lite0.onnx --top-k 2
+    Example: onnxcam explain cat.jpg --model models/efficientnet_lite0.onnx --top-k 2 --method all
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
+    if method != "all" and method not in METHODS:
+        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}, all")
+    names = list(METHODS) if method == "all" else [method]
     explainer = Explainer(model, provider)
     targets = target or []
     explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
@@ -150,11 +161,14 @@ def explain(
     inputs = {p.resolve() for p in images}
     report = []
     for path, photo in photos.items():
-        result = explainer.explain(photo, targets, top_k)
+        result = explainer.explain(photo, targets, top_k, method=names, eigen_smooth=eigen_smooth)
         clash = [f for m in result.maps for f in output_paths(out, stems[path], m) if f.resolve() in inputs]
         if clash:
             raise OnnxcamError(f"writing would overwrite the input {clash[0]}; choose another --out")
         report.append(_record(path, photo, result, save(result, out, stems[path], alpha)))
+        if method == "all":
+            for sheet in save_sheets(result, out, stems[path], alpha):
+                report[-1].setdefault("sheets", []).append(sheet)
     if json_output:
         typer.echo(json.dumps({"model": str(model), "images": report}, indent=2))
     else:
@@ -181,6 +195,7 @@ def _record(path: Path, photo: np.ndarray, result: Explanation, files: list[dict
             {
                 "class": m.index,
                 "label": m.label,
+                "method": m.method,
                 "probability": round(m.probability, 6),
                 "logit": round(m.logit, 6),
                 "empty_map": m.empty,
@@ -201,7 +216,9 @@ def _print_table(report: list[dict]) -> None:
             typer.echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
-            typer.echo(f"  map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+            typer.echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+        for sheet in item.get("sheets", []):
+            typer.echo(f"  all methods side by side: {sheet}")
 
 
 @app.command()

@@ -5,23 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcam.cam import gradcam, normalize, upsample
+from onnxcam.cam import normalize, upsample
 from onnxcam.overlay import heatmap_rgb, overlay_rgb
 
 
-def test_gradcam_equals_the_loop_formula() -> None:
-    rng = np.random.default_rng(0)
-    activations, weights = rng.random((6, 4, 5)), rng.standard_normal((3, 6))
-    cams = gradcam(activations, weights)
-    for t in range(3):
-        expected = np.zeros((4, 5))
-        for k in range(6):
-            expected += weights[t, k] * activations[k]
-        np.testing.assert_allclose(cams[t], np.maximum(expected, 0), rtol=1e-12)
-
-
 def test_all_zero_map_stays_zero_and_is_flagged() -> None:
-    cam, empty = normalize(gradcam(np.ones((2, 3, 3)), np.array([-1.0, -2.0])))
+    cam, empty = normalize(np.zeros((3, 3)))
     assert empty and not np.isnan(cam).any() and (cam == 0).all()
 
 

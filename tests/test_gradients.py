@@ -95,3 +95,31 @@ def test_weights_do_not_need_full_gradients(lite0_model: Path) -> None:
     assert cheap.gradients.shape == (1, 2, 1280, 0, 0)
     assert full.gradients.shape == (1, 2, 1280, 7, 7)
     np.testing.assert_allclose(cheap.weights, full.gradients.mean(axis=(3, 4)), rtol=1e-5, atol=1e-9)
+
+
+TORCHVISION_ARCHS = [
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "densenet121",
+    "convnext_tiny",
+]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_architectures_match_torch_autograd(arch: str, tmp_path: Path) -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # absent, or broken beside this torch build
+        pytest.skip(f"torchvision does not import here ({type(exc).__name__}); needs a matching torch")
+    from onnxcam_export.torch_export import export_arch
+
+    export_arch(arch, "none", None, tmp_path / f"{arch}.onnx")
+    engine = Engine(tmp_path / f"{arch}.onnx")
+    images = random_images(2, seed=1)
+    out = engine.run(images, np.array([[-1, 3], [5, -2]]), full_gradients=True)
+    logits, activations, gradients = torch_reference(arch, "none", images, out.target_classes)
+    assert _rel(out.logits, logits) < TOL and _rel(out.activations, activations) < TOL
+    assert _rel(out.weights, gradients.mean(axis=(3, 4))) < TOL
+    assert _rel(out.gradients, gradients) < TOL
