@@ -117,6 +117,11 @@ class Builder:
         ends = [end if end is not None else np.iinfo(np.int64).max]
         return self.op("Slice", shape, self.ints([start]), self.ints(ends))
 
+    def product(self, x: str, start: int, end: int | None = None) -> str:
+        """``prod(Shape(x)[start:end])`` as a 1-element int64 tensor. Reshapes use it instead of -1,
+        which ONNX Runtime cannot resolve when another dimension is 0 (an empty batch)."""
+        return self.op("ReduceProd", self.dims(x, start, end), keepdims=1)
+
     def grad_shape(self, dy: str, x: str) -> str:
         """The shape of the gradient of forward tensor ``x``: ``[N, T] + x.shape[1:]``."""
         return self.op("Concat", self.dims(dy, 0, 2), self.dims(x, 1), axis=0)

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
 from onnxcam.errors import OnnxcamError
-from onnxcam_export.graft import graft, head_nodes, save_model, set_card
+from onnxcam_export.graft import annotate_shapes, graft, head_nodes, save_model, set_card, static_tensors
 from onnxcam_export.vjp import UnsupportedOp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,15 +70,6 @@ class Preprocessing:
         return cls(size, values["mean"], values["std"], bgr, frozenset(given))
 
 
-def _static(graph: onnx.GraphProto) -> set[str]:
-    """Tensors computed from initializers and constants alone (weights, shapes)."""
-    known = {i.name for i in graph.initializer} | {""}
-    for node in graph.node:
-        if all(i in known for i in node.input):
-            known.update(node.output)
-    return known
-
-
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
@@ -94,7 +85,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
 def candidate_layers(model: onnx.ModelProto, logits: str) -> list[str]:
     """4-D tensors with static spatial size > 1 that every path to the logits crosses, in graph order."""
     graph, shapes = model.graph, _shapes(model)
-    static = _static(graph)
+    static = static_tensors(graph)
     out = []
     for node in graph.node:
         for name in node.output:
@@ -218,45 +209,12 @@ def _layout(graph: onnx.GraphProto, prep: Preprocessing) -> Layout:
 
 
 def _annotate_shapes(model: onnx.ModelProto, layout: Layout) -> None:
-    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by one ORT run.
-
-    Every tensor's shape at the model's input size is recorded in ``value_info``, with the
-    batch axis kept as the model declares it, so the rules see static channel/spatial sizes.
-    """
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    known = {
-        v.name
-        for v in [*inferred.graph.value_info, *inferred.graph.output]
-        if v.type.tensor_type.HasField("shape")
-        and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
-    }
-    static = _static(model.graph)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
-    if not missing:
-        return
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
     shape = [1, 3, layout.height, layout.width] if layout.channels_first else [1, layout.height, layout.width, 3]
     feed = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(layout.elem_type))
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = session.run(missing, {layout.name: feed})
-    except Exception as exc:  # ORT's own exception types
+        annotate_shapes(model, {layout.name: feed}, layout.batch)
+    except RuntimeError as exc:
         raise OnnxcamError(f"ONNX Runtime cannot run the model to learn its shapes: {exc}") from exc
-    by_name = {v.name: v for v in model.graph.value_info}
-    for name, value in zip(missing, values, strict=True):
-        if not isinstance(value, np.ndarray) or value.ndim == 0:
-            continue
-        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-        info.type.tensor_type.shape.dim[0].CopyFrom(layout.batch)
-        if name in by_name:
-            model.graph.value_info.remove(by_name[name])
-        model.graph.value_info.append(info)
 
 
 def _prepend_preprocessing(model: onnx.ModelProto, layout: Layout, prep: Preprocessing, notes: list[str]) -> None:

@@ -52,6 +52,80 @@ def head_nodes(graph: onnx.GraphProto, activations: str, logits: str) -> list[on
     return head[::-1]
 
 
+def static_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors computed from initializers and constants alone (weights, shapes)."""
+    known = {i.name for i in graph.initializer} | {""}
+    for node in graph.node:
+        if all(i in known for i in node.input):
+            known.update(node.output)
+    return known
+
+
+def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """The head's nodes again, reading ``head_activations`` and writing ``head_logits`` (weights shared).
+
+    None when the head also reads tensors computed before the target layer (not a cut).
+    """
+    renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
+    renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
+    renamed[contract.LOGITS] = contract.HEAD_LOGITS
+    static = static_tensors(graph)
+    copies = []
+    for node in head:
+        if any(i not in renamed and i not in static for i in node.input):
+            return None
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"head/{node.name or node.output[0]}"
+        copy.input[:] = [renamed.get(i, i) for i in node.input]
+        copy.output[:] = [renamed[o] if o else "" for o in node.output][: 1 if node.op_type == "MaxPool" else None]
+        copies.append(copy)
+    return copies
+
+
+def annotate_shapes(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: onnx.TensorShapeProto.Dimension
+) -> None:
+    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by one ORT run.
+
+    Every such tensor's shape at the fed input size is recorded in ``value_info``, with the
+    batch axis set to ``batch``, so the rules see static channel and spatial sizes.
+    Raises RuntimeError when ONNX Runtime cannot run the model.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    known = {
+        v.name
+        for v in [*inferred.graph.value_info, *inferred.graph.output]
+        if v.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+    }
+    static = static_tensors(model.graph)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
+    if not missing:
+        return
+    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run(missing, feed)
+    except Exception as exc:  # ORT's own exception types
+        raise RuntimeError(str(exc)) from exc
+    by_name = {v.name: v for v in model.graph.value_info}
+    for name, value in zip(missing, values, strict=True):
+        if not isinstance(value, np.ndarray) or value.ndim == 0:
+            continue
+        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+        info.type.tensor_type.shape.dim[0].CopyFrom(batch)
+        if name in by_name:
+            model.graph.value_info.remove(by_name[name])
+        model.graph.value_info.append(info)
+
+
 def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
     for node in head:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
@@ -144,6 +218,7 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     activations, logits = contract.ACTIVATIONS, contract.LOGITS
     head = head_nodes(graph, activations, logits)
     _check_rules(head)
+    head_only = _head_copy(graph, head)
     for node in head:
         if node.op_type == "MaxPool" and (len(node.output) < 2 or not node.output[1]):
             del node.output[1:]
@@ -197,10 +272,15 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
     batch = b.shape(logits)[0] or "N"
+    channels = b.shape(activations)[1]
+    if head_only is not None:
+        graph.node.extend(head_only)
+        empty = np.zeros([0, *b.shape(activations)[1:]], dtype=b.np_dtype(activations))
+        graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
+        graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
     graph.input.append(helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(helper.make_tensor_value_info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
-    channels = b.shape(activations)[1]
     spatial_dims = [f"h{i}" for i in range(len(spatial))]
     del graph.output[:]
     graph.output.extend(
@@ -212,6 +292,8 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
             helper.make_tensor_value_info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
         ]
     )
+    if head_only is not None:
+        graph.output.append(helper.make_tensor_value_info(contract.HEAD_LOGITS, elem, ["M", b.shape(logits)[1]]))
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 

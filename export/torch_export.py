@@ -16,7 +16,7 @@ from torch import nn
 
 from onnxcam import contract
 from onnxcam.errors import OnnxcamError
-from onnxcam_export.graft import graft, save_model, set_card
+from onnxcam_export.graft import annotate_shapes, graft, save_model, set_card
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
 from onnxcam_export.vjp import UnsupportedOp
 
@@ -256,4 +256,7 @@ def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) ->
             output_names=[contract.LOGITS, contract.ACTIVATIONS],
             dynamic_axes={name: {0: "N"} for name in (contract.IMAGE, contract.LOGITS, contract.ACTIVATIONS)},
         )
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    annotate_shapes(model, {contract.IMAGE: example.numpy()}, batch_dim)  # SAME pads computed from Shape ops
+    return model

@@ -126,10 +126,11 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         raise _unsupported(node, "storage_order=1 (column-major indices) is not supported")
     x = node.input[0]
     plane = b.op("ReduceProd", b.dims(x, 2), keepdims=1)  # H*W of the input
-    flat = b.op("Reshape", node.output[1], b.op("Concat", b.dims(x, 0, 2), b.ints([-1]), axis=0))
+    out = node.output[0]
+    flat = b.op("Reshape", node.output[1], b.op("Concat", b.dims(x, 0, 2), b.product(out, 2), axis=0))
     idx = b.op("Mod", flat, plane)  # [N, C, hw], now within each H*W plane
     head = b.dims(dy[0], 0, 3)  # [N, T, C]
-    updates = b.op("Reshape", dy[0], b.op("Concat", head, b.ints([-1]), axis=0))  # [N, T, C, hw]
+    updates = b.op("Reshape", dy[0], b.op("Concat", head, b.product(out, 2), axis=0))  # [N, T, C, hw]
     idx = b.op("Expand", b.fwd(idx), b.op("Shape", updates))
     zeros = b.op(
         "ConstantOfShape",
@@ -142,7 +143,7 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
 def _fold_targets(b: Builder, dy: str) -> tuple[str, str]:
     """[N, T, C, h, w] -> [N*T, C, h, w], and the [N, T] head to unfold with."""
-    return b.op("Reshape", dy, b.op("Concat", b.ints([-1]), b.dims(dy, 2), axis=0)), b.dims(dy, 0, 2)
+    return b.op("Reshape", dy, b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)), b.dims(dy, 0, 2)
 
 
 # Transpose of the averaging: dX = ConvTranspose(dY / count, ones), one filter per channel.
@@ -601,7 +602,7 @@ def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     g = b.op("Transpose", dy[0], perm=perm) if moved else b.unsqueeze(dy[0], [g_rank])
     head = b.op("Shape", g)
     keep = b.op("Slice", head, b.ints([0]), b.ints([g_rank - len(moved)]))
-    flat = b.op("Reshape", g, b.op("Concat", keep, b.ints([-1]), axis=0))
+    flat = b.op("Reshape", g, b.op("Concat", keep, b.product(g, g_rank - len(moved)), axis=0))
     scattered = b.op("MatMul", flat, b.const(onehot, "gather_onehot"))  # [..., size]
     back = [*list(range(gaxis)), rank, *list(range(gaxis, rank))]
     return [b.op("Transpose", scattered, perm=back), None]

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxcam import cam as cams
-from onnxcam import methods
-from onnxcam.engine import Engine
+from onnxcam import methods, passes
+from onnxcam.engine import Engine, Outputs
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb, resize_rgb, write_npy, write_png_rgb
 from onnxcam.methods import METHODS, NEEDS_GRADIENTS
@@ -59,6 +59,10 @@ class Explanation:
     image_rgb: np.ndarray
     predictions: list[Prediction]
     maps: list[TargetMap]
+
+
+ALL_METHODS = (*METHODS, "scorecam", "ablationcam")
+AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -119,9 +123,10 @@ class Explainer:
         predictions: int = 5,
         method: str | Sequence[str] = "gradcam",
         eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> Explanation:
         """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size)."""
-        return self.explain_batch([image], targets, top_k, predictions, method, eigen_smooth)[0]
+        return self.explain_batch([image], targets, top_k, predictions, method, eigen_smooth, aug_smooth)[0]
 
     def explain_batch(
         self,
@@ -131,17 +136,21 @@ class Explainer:
         predictions: int = 5,
         method: str | Sequence[str] = "gradcam",
         eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> list[Explanation]:
         """Explain several images in one ORT call; each gets the same target list.
 
-        ``method`` is one name from :data:`onnxcam.methods.METHODS` or several: all of them are
-        computed from the same call's activations and gradients (``maps`` holds, per method
-        in the given order, one map per target).
+        ``method`` is one name from :data:`ALL_METHODS` or several. The methods that need only
+        activations and gradients all come from the same call; ``scorecam`` and ``ablationcam``
+        add batched passes through the same session. ``maps`` holds, per method in the given
+        order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
+        (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
+        for the classes resolved on the original view.
         """
         names = [method] if isinstance(method, str) else list(method)
-        unknown = [m for m in names if m not in METHODS]
+        unknown = [m for m in names if m not in ALL_METHODS]
         if unknown or not names:
-            raise OnnxcamError(f"unknown method {unknown or names}; choose from: {', '.join(METHODS)}")
+            raise OnnxcamError(f"unknown method {unknown or names}; choose from: {', '.join(ALL_METHODS)}")
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
@@ -154,7 +163,10 @@ class Explainer:
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
             maps = []
             for name in names:
-                lowres = methods.cam(name, out.activations[n], out.gradients[n], out.weights[n], eigen_smooth)
+                if aug_smooth:
+                    lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth)
+                else:
+                    lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t, index in enumerate(out.target_classes[n]):
                     cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
                     pred = self._prediction(int(index), probs[n], out.logits[n])
@@ -162,6 +174,31 @@ class Explainer:
                                           empty=empty, method=name))  # fmt: skip
             results.append(Explanation(photo, preds, maps))
         return results
+
+    def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool) -> np.ndarray:
+        """Low-resolution maps ``[T, h, w]`` of method ``name`` for image ``n`` of a run."""
+        activations, classes = out.activations[n], out.target_classes[n]
+        if name == "ablationcam":
+            weights = passes.ablation_weights(self.engine, activations, classes)
+        elif name == "scorecam":
+            weights = passes.score_weights(self.engine, image, activations, classes)
+        else:
+            return methods.cam(name, activations, out.gradients[n], out.weights[n], eigen_smooth)
+        return methods.cam("gradcam", activations, weights=weights, eigen_smooth=eigen_smooth)
+
+    def _augmented_maps(
+        self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool
+    ) -> np.ndarray:
+        views = [(flip, gain) for flip in (False, True) for gain in AUG_GAINS]
+        batch = np.stack([np.clip(np.rint(image[:, ::-1] if f else image) * g, 0, 255).astype(np.uint8)
+                          for f, g in views])  # fmt: skip
+        out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full)
+        total = 0.0
+        for v, (flip, _) in enumerate(views):
+            maps = self._maps(name, batch[v], out, v, eigen_smooth)
+            maps = maps[:, :, ::-1] if flip else maps
+            total = total + np.stack([cams.normalize(m)[0] for m in maps])
+        return total / len(views)
 
     def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
         return Prediction(index, self.labels[index], float(probs[index]), float(logits[index]))

@@ -11,10 +11,9 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from onnxcam.api import Explainer, Explanation, output_paths, save, save_sheets
+from onnxcam.api import ALL_METHODS, Explainer, Explanation, output_paths, save, save_sheets
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
-from onnxcam.methods import METHODS
 from onnxcam.overlay import HEAT_WEIGHT
 
 app = typer.Typer(
@@ -138,10 +137,13 @@ def explain(
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
     method: Annotated[
-        str, typer.Option(help=f"CAM method: {', '.join(METHODS)}, or 'all' (adds a side-by-side sheet).")
+        str, typer.Option(help=f"CAM method: {', '.join(ALL_METHODS)}, or 'all' (adds a side-by-side sheet).")
     ] = "gradcam",
     eigen_smooth: Annotated[
         bool, typer.Option("--eigen-smooth", help="Replace the channel sum by its first principal component.")
+    ] = False,
+    aug_smooth: Annotated[
+        bool, typer.Option("--aug-smooth", help="Average the maps of flipped and brightness-scaled views.")
     ] = False,
 ) -> None:
     """Explain images with Grad-CAM (or another CAM method): one ONNX Runtime call per image, no PyTorch.
@@ -150,9 +152,9 @@ def explain(
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
-    if method != "all" and method not in METHODS:
-        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}, all")
-    names = list(METHODS) if method == "all" else [method]
+    if method != "all" and method not in ALL_METHODS:
+        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(ALL_METHODS)}, all")
+    names = list(ALL_METHODS) if method == "all" else [method]
     explainer = Explainer(model, provider)
     targets = target or []
     explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
@@ -161,7 +163,9 @@ def explain(
     inputs = {p.resolve() for p in images}
     report = []
     for path, photo in photos.items():
-        result = explainer.explain(photo, targets, top_k, method=names, eigen_smooth=eigen_smooth)
+        result = explainer.explain(
+            photo, targets, top_k, method=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth
+        )
         clash = [f for m in result.maps for f in output_paths(out, stems[path], m) if f.resolve() in inputs]
         if clash:
             raise OnnxcamError(f"writing would overwrite the input {clash[0]}; choose another --out")

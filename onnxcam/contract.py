@@ -10,6 +10,9 @@ inputs
                         top-k explanations need no second call.
     ``full_gradients``  bool scalar, default ``False``. The per-channel weights never need
                         it; set it when a method needs the full gradient tensor.
+    ``head_activations`` float ``[M, C, h, w]``, default empty: activations to send through
+                        the head alone (target layer -> logits), e.g. with channels ablated.
+                        With an empty ``image`` batch (N = 0) the backbone costs nothing.
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -17,6 +20,7 @@ outputs
     ``gradients``       float ``[N, T, C, h, w]`` when ``full_gradients`` is true, else
                         an empty ``[N, T, C, 0, 0]``
     ``target_classes``  int64 ``[N, T]``: the class each target row explains
+    ``head_logits``     float ``[M, K]``: the head's logits for ``head_activations``
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ CONTRACT_VERSION = "1"
 IMAGE = "image"
 TARGETS = "targets"
 FULL_GRADIENTS = "full_gradients"
+HEAD_ACTIVATIONS = "head_activations"
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"
 WEIGHTS = "weights"
 GRADIENTS = "gradients"
 TARGET_CLASSES = "target_classes"
+HEAD_LOGITS = "head_logits"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
 
 # metadata_props keys (values are strings; lists are JSON)

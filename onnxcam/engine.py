@@ -132,3 +132,21 @@ class Engine:
         }
         values = self.session.run(list(contract.OUTPUTS), feeds)
         return Outputs(**dict(zip(contract.OUTPUTS, values, strict=True)))
+
+    def run_head(self, activations: np.ndarray) -> np.ndarray:
+        """Logits ``[M, K]`` of the head alone (target layer -> logits) for ``activations [M, C, h, w]``.
+
+        The image batch is empty, so the backbone does no work.
+        """
+        inputs = {i.name: i for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        if contract.HEAD_ACTIVATIONS not in inputs:
+            raise OnnxcamError(f"{self.path} has no head-only graph (its head is not a cut); re-export it")
+        if not isinstance(inputs[contract.IMAGE].shape[0], str):
+            raise OnnxcamError(f"{self.path} has a fixed batch size; head-only passes need a dynamic batch")
+        height, width = self.card.input_size
+        feeds = {
+            contract.IMAGE: np.zeros((0, height, width, 3), np.uint8),
+            contract.TARGETS: np.zeros((0, 1), np.int64),
+            contract.HEAD_ACTIVATIONS: np.ascontiguousarray(activations, dtype=np.float32),
+        }
+        return self.session.run([contract.HEAD_LOGITS], feeds)[0]

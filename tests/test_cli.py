@@ -266,3 +266,21 @@ def test_torchvision_architectures_say_what_to_install(tmp_path: Path) -> None:
         assert_clean_failure(result, "needs torchvision", "pip install")
     else:
         pytest.skip("torchvision imports here; the message is for hosts without it")
+
+
+def test_method_all_writes_every_map_and_a_sheet(lite0_model: Path, tmp_path: Path) -> None:
+    from onnxcam.api import ALL_METHODS
+
+    result = run("explain", CAT, "--model", str(lite0_model), "--method", "all", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    (image,) = json.loads(result.stdout)["images"]
+    assert [t["method"] for t in image["targets"]] == list(ALL_METHODS)
+    assert len({t["overlay"] for t in image["targets"]}) == len(ALL_METHODS)
+    (sheet,) = image["sheets"]
+    assert read_rgb(sheet).shape[1] > 5 * read_rgb(image["targets"][0]["overlay"]).shape[1] // 3
+
+
+def test_unknown_method_fails_in_one_line(lite0_model: Path, tmp_path: Path) -> None:
+    result = run("explain", CAT, "--model", str(lite0_model), "--method", "gradcam+", "--out", str(tmp_path / "o"))
+    assert_clean_failure(result, "gradcam+", "gradcam++")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,57 @@
+"""CAM methods that need extra model passes, batched through the same ORT session.
+
+Both return channel weights ``[T, C]``; the map is then ``ReLU(sum_k w_k A_k)``.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from onnxcam.engine import Engine
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def ablation_weights(engine: Engine, activations: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): ``w_k = (y_c - y_c^(k)) / y_c``.
+
+    ``y_c^(k)`` is the class logit when channel k of the target layer is set to zero. Only
+    the head runs (``Engine.run_head``), ``batch_size`` ablated copies per call.
+    """
+    channels = activations.shape[0]
+    base = engine.run_head(activations[None])[0, classes].astype(np.float64)
+    ablated = np.empty((channels, len(classes)))
+    for start in range(0, channels, batch_size):
+        ks = np.arange(start, min(channels, start + batch_size))
+        batch = np.repeat(activations[None], len(ks), axis=0)
+        batch[np.arange(len(ks)), ks] = 0
+        ablated[ks] = engine.run_head(batch)[:, classes]
+    return ((base[None] - ablated) / base[None]).T
+
+
+def score_weights(
+    engine: Engine, image: np.ndarray, activations: np.ndarray, classes: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
+    """Score-CAM (Wang et al., CVPR-W 2020), the variant of pytorch-grad-cam's ``ScoreCAM``.
+
+    Each channel, bilinearly upsampled to the model input and min-max scaled to [0, 1],
+    multiplies the uint8 RGB input (so masked-out pixels are black); the channel's score is
+    the class's softmax probability on that masked image, and ``w = softmax_k(score)``.
+    ``image`` is the resized uint8 ``[H, W, 3]`` the model sees.
+    """
+    height, width = image.shape[:2]
+    masks = np.stack([cv2.resize(a.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+                      for a in activations])  # fmt: skip
+    low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
+    masks = np.where(high > low, (masks - low) / np.where(high > low, high - low, 1), 0)
+    scores = np.empty((len(masks), len(classes)))
+    for start in range(0, len(masks), batch_size):
+        chunk = masks[start : start + batch_size]
+        masked = np.rint(image[None].astype(np.float32) * chunk[..., None]).astype(np.uint8)
+        logits = engine.run(masked, np.zeros((len(chunk), 1), np.int64)).logits.astype(np.float64)
+        scores[start : start + len(chunk)] = _softmax(logits, axis=1)[:, classes]
+    return _softmax(scores, axis=0).T
