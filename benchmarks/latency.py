@@ -5,14 +5,18 @@
 For each architecture it exports (random weights for VGG16, which do not change the
 cost; real ones for Lite0) the onnxcam model and the plain forward graph, then alternates
 in the same process: forward, Grad-CAM with 1 target, Grad-CAM with the top-5 targets,
-Grad-CAM with 1 target and the full gradient tensor. The order rotates every pair; each
-ratio is taken within its pair and the median of the per-pair ratios is reported.
+Grad-CAM with 1 target and the full gradient tensor, and all eight CAM methods that need
+only activations and gradients for the top-5 classes (one call plus numpy). Each round runs
+every contender once in a shuffled order, with a short pause before each (so that one
+contender's idle worker threads do not slow the next); each ratio is taken within its
+round, and the median of the per-round ratios is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -24,6 +28,7 @@ import onnxruntime as ort
 import torch
 
 from onnxcam import Explainer
+from onnxcam.methods import METHODS
 from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, resolve_layer
 
 WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
@@ -63,14 +68,18 @@ def measure(arch_name: str, pairs: int, folder: Path) -> dict[str, list[float]]:
         "gradcam_1": lambda: explainer.explain(image, top_k=1),
         "gradcam_top5": lambda: explainer.explain(image, top_k=5),
         "full_gradient_1": lambda: explainer.engine.run(image[None], np.array([[-1]]), full_gradients=True),
+        "all_AG_methods_top5": lambda: explainer.explain(image, top_k=5, method=list(METHODS)),
     }
     for run in contenders.values():  # warm-up: allocations, thread pools
         run()
         run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for i in range(pairs):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    order = random.Random(0)
+    for _ in range(pairs):
+        names = list(contenders)
+        order.shuffle(names)  # no contender always runs right after another one
+        for name in names:
+            time.sleep(0.05)  # let the previous contender's idle worker threads (ORT, BLAS) go to sleep
             start = time.perf_counter()
             contenders[name]()
             times[name].append(time.perf_counter() - start)
@@ -78,7 +87,7 @@ def measure(arch_name: str, pairs: int, folder: Path) -> dict[str, list[float]]:
 
 
 def report(arch_name: str, times: dict[str, list[float]]) -> str:
-    header = "| contender | median ms | ratio to forward (median of pairs) | min-max ratio |"
+    header = "| contender | median ms | ratio to forward (median of rounds) | min-max ratio |"
     lines = [f"### {arch_name}, batch 1, 224x224", "", header, "|---|---|---|---|"]
     base = times["forward"]
     for name, values in times.items():
@@ -92,7 +101,7 @@ def report(arch_name: str, times: dict[str, list[float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--pairs", type=int, default=15, help="rounds (each runs every contender once)")
     parser.add_argument("--arch", action="append", choices=sorted(WEIGHTS))
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {ort.get_device()}, onnxruntime {ort.__version__}, "

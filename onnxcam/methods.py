@@ -27,7 +27,8 @@ def gradcam_plus_plus(a: np.ndarray, g: np.ndarray) -> np.ndarray:
     ``a_ij = G^2 / (2 G^2 + sum_hw(A) G^3)`` (zero where ``G = 0``),
     ``alpha_k = sum_hw(a_ij ReLU(G))``, ``W_k = alpha_k A_k``.
     """
-    g2, g3 = g**2, g**3
+    g2 = g * g
+    g3 = g2 * g  # products, not ** (numpy pow is ~10x slower)
     denominator = 2 * g2 + a.sum(axis=(1, 2))[None, :, None, None] * g3 + EPS
     aij = np.where(g != 0, g2 / denominator, 0)
     alpha = (aij * np.maximum(g, 0)).sum(axis=(2, 3), keepdims=True)
@@ -77,9 +78,11 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     c, h, w = weighted.shape
     samples = weighted.reshape(c, h * w).T.astype(np.float64)
     samples = samples - samples.mean(axis=0)
-    _, _, vt = np.linalg.svd(samples, full_matrices=False)
-    component = vt[0] if vt[0].sum() >= 0 else -vt[0]
-    return (samples @ component).reshape(h, w)
+    # X v1 = s1 u1: the top eigenvector of the small [hw, hw] Gram matrix gives the projection
+    values, vectors = np.linalg.eigh(samples @ samples.T)
+    projection = vectors[:, -1] * np.sqrt(max(values[-1], 0.0))
+    loadings = samples.T @ vectors[:, -1]  # proportional to v1
+    return (projection if loadings.sum() >= 0 else -projection).reshape(h, w)
 
 
 Method = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -111,10 +114,11 @@ def cam(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
     if gradients is not None and gradients.size:
-        weighted = METHODS[method](activations, gradients)
+        weighted = METHODS[method](activations, gradients.astype(np.float64))
     elif weights is not None and method in ("gradcam", "eigencam"):
-        weighted = METHODS[method](activations, weights[:, :, None, None])
+        weighted = METHODS[method](activations, weights[:, :, None, None].astype(np.float64))
     else:
         raise ValueError(f"{method} needs the full gradients (run with full_gradients=True)")
     if eigen_smooth or method in ALWAYS_EIGEN:
