@@ -62,13 +62,13 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
 
 
 def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
-    """The head's nodes again, reading ``head_activations`` and writing ``head_logits`` (weights shared).
+    """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
 
     None when the head also reads tensors computed before the target layer (not a cut).
     """
     renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
     renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
-    renamed[contract.LOGITS] = contract.HEAD_LOGITS
+    renamed[contract.LOGITS] = f"{contract.HEAD_LOGITS}/run"
     static = static_tensors(graph)
     copies = []
     for node in head:
@@ -273,11 +273,26 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     graph.initializer.extend(b.initializers)
     batch = b.shape(logits)[0] or "N"
     channels = b.shape(activations)[1]
-    if head_only is not None:
-        graph.node.extend(head_only)
+    if head_only is not None:  # behind an If: ordinary calls never run it, whatever its reshapes need
+        classes = b.shape(logits)[1]
+        no_logits = numpy_helper.from_array(np.zeros([0, classes], dtype=b.np_dtype(logits)), "head/none")
+        branches = {
+            "then_branch": helper.make_graph(
+                head_only, "head", [], [helper.make_tensor_value_info(contract.HEAD_LOGITS + "/run", elem, None)]
+            ),
+            "else_branch": helper.make_graph(
+                [helper.make_node("Identity", ["head/none"], ["head/skipped"])],
+                "no_head",
+                [],
+                [helper.make_tensor_value_info("head/skipped", elem, None)],
+            ),
+        }
+        graph.node.append(helper.make_node("If", [contract.RUN_HEAD], [contract.HEAD_LOGITS], name="head", **branches))
         empty = np.zeros([0, *b.shape(activations)[1:]], dtype=b.np_dtype(activations))
         graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
         graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
+        graph.input.append(helper.make_tensor_value_info(contract.RUN_HEAD, TensorProto.BOOL, []))
+        graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
     graph.input.append(helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(helper.make_tensor_value_info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))

@@ -12,7 +12,8 @@ inputs
                         it; set it when a method needs the full gradient tensor.
     ``head_activations`` float ``[M, C, h, w]``, default empty: activations to send through
                         the head alone (target layer -> logits), e.g. with channels ablated.
-                        With an empty ``image`` batch (N = 0) the backbone costs nothing.
+                        The head runs only when ``run_head`` (bool, default ``False``) is
+                        set; with an empty ``image`` batch the backbone costs nothing.
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -31,6 +32,7 @@ IMAGE = "image"
 TARGETS = "targets"
 FULL_GRADIENTS = "full_gradients"
 HEAD_ACTIVATIONS = "head_activations"
+RUN_HEAD = "run_head"
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class Engine:
         if not set(contract.OUTPUTS) <= names or not {contract.IMAGE, contract.TARGETS} <= inputs:
             raise OnnxcamError(f"{path} does not have the onnxcam inputs/outputs; re-create it with onnxcam export")
         self.path = path
+        self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
 
     def run(self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``."""
@@ -145,8 +147,20 @@ class Engine:
             raise OnnxcamError(f"{self.path} has a fixed batch size; head-only passes need a dynamic batch")
         height, width = self.card.input_size
         feeds = {
-            contract.IMAGE: np.zeros((0, height, width, 3), np.uint8),
-            contract.TARGETS: np.zeros((0, 1), np.int64),
+            contract.IMAGE: np.zeros((self._empty_batch, height, width, 3), np.uint8),
+            contract.TARGETS: np.zeros((self._empty_batch, 1), np.int64),
             contract.HEAD_ACTIVATIONS: np.ascontiguousarray(activations, dtype=np.float32),
+            contract.RUN_HEAD: np.asarray(True),
         }
-        return self.session.run([contract.HEAD_LOGITS], feeds)[0]
+        try:
+            return self.session.run([contract.HEAD_LOGITS], feeds)[0]
+        except Exception as exc:  # ORT's Fail: e.g. a Reshape to [-1, ...] cannot take an empty batch
+            if self._empty_batch:
+                raise
+            warnings.warn(
+                f"{self.path.name} cannot run an empty image batch ({str(exc).splitlines()[0][:120]}); "
+                "head-only passes feed one blank image instead, so the backbone runs once per pass",
+                stacklevel=2,
+            )
+            self._empty_batch = 1
+            return self.run_head(activations)

@@ -19,15 +19,23 @@ from onnxcam_export.graft import head_model
 from tests.conftest import EXAMPLES
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN (conv, relu, pool, conv, relu | GAP, FC to 5 classes), seeded weights, grafted."""
+def build_tiny(folder: Path, flatten_by_reshape: bool = False) -> Path:
+    """A small CNN (conv, relu, pool, conv, relu | GAP, FC to 5 classes), seeded weights, grafted.
+
+    ``flatten_by_reshape`` flattens with Reshape [0, -1], as ``x.view(x.size(0), -1)`` exports,
+    which ONNX Runtime cannot apply to an empty batch.
+    """
     rng = np.random.default_rng(3)
     weights = {
         "w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8),
         "w2": rng.normal(0, 0.3, (8, 8, 3, 3)), "b2": rng.normal(0, 0.1, 8),
-        "fc": rng.normal(0, 0.5, (5, 8)), "fcb": rng.normal(0, 0.1, 5),
+        "fc": rng.normal(0, 0.5, (5, 8)), "fcb": rng.normal(0, 0.1, 5), "shape": np.array([0, -1]),
     }  # fmt: skip
+    flatten = (
+        helper.make_node("Reshape", ["g", "shape"], ["f"])
+        if flatten_by_reshape
+        else helper.make_node("Flatten", ["g"], ["f"])
+    )
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -35,18 +43,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
+        flatten,
         helper.make_node("Gemm", ["f", "fc", "fcb"], ["scores"], transB=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k) for k, v in weights.items()
     ]
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])], initializers,
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "tiny.onnx")
     graft_file(folder / "tiny.onnx", folder / "tiny.cam.onnx")
     return folder / "tiny.cam.onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(engine: Engine, image: np.ndarray, classes: list[int]) -> Outputs:
@@ -61,8 +75,13 @@ def test_head_only_graph_gives_the_full_graphs_logits(vgg16_model: Path, lite0_m
         np.testing.assert_array_equal(engine.run_head(out.activations), out.logits)
 
 
-def test_ablation_weights_batched_equal_one_channel_at_a_time(tiny_model: Path) -> None:
-    """Reference: the head cut out of the file by onnx's Extractor, one ablated channel per run."""
+@pytest.mark.parametrize("reshape", [False, True], ids=["flatten", "reshape-0-minus-1"])
+def test_ablation_weights_batched_equal_one_channel_at_a_time(reshape: bool, tmp_path: Path) -> None:
+    """Reference: the head cut out of the file by onnx's Extractor, one ablated channel per run.
+
+    A model that cannot take an empty image batch still works, feeding one blank image (and says so).
+    """
+    tiny_model = build_tiny(tmp_path, flatten_by_reshape=reshape)
     engine = Engine(tiny_model)
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     classes = [0, 3]
@@ -78,7 +97,12 @@ def test_ablation_weights_batched_equal_one_channel_at_a_time(tiny_model: Path) 
         ablated[k] = 0
         score = head.run(["logits"], {"activations": ablated[None]})[0][0, classes]
         expected[:, k] = (base - score) / base
-    np.testing.assert_allclose(ablation_weights(engine, a, np.array(classes), batch_size=3), expected, rtol=1e-5)
+    if reshape:
+        with pytest.warns(UserWarning, match="cannot run an empty image batch"):
+            got = ablation_weights(engine, a, np.array(classes), batch_size=3)
+    else:
+        got = ablation_weights(engine, a, np.array(classes), batch_size=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_score_weights_batched_equal_one_channel_at_a_time(tiny_model: Path) -> None:
