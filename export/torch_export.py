@@ -6,7 +6,7 @@ import hashlib
 import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -62,7 +62,6 @@ class Arch:
     std: tuple[float, float, float]
     imagenet: Callable[[], tuple[dict[str, torch.Tensor], str]]
     input_size: tuple[int, int] = (224, 224)
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

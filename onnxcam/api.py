@@ -35,7 +35,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class TargetMap:
-    """The Grad-CAM of one class on one image."""
+    """The map of one CAM method for one class on one image."""
 
     index: int
     label: str
@@ -190,7 +190,7 @@ class Explainer:
         self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool
     ) -> np.ndarray:
         views = [(flip, gain) for flip in (False, True) for gain in AUG_GAINS]
-        batch = np.stack([np.clip(np.rint(image[:, ::-1] if f else image) * g, 0, 255).astype(np.uint8)
+        batch = np.stack([np.clip(np.rint((image[:, ::-1] if f else image) * g), 0, 255).astype(np.uint8)
                           for f, g in views])  # fmt: skip
         out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full)
         total = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -41,7 +42,7 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def _atomic(path: Path, write: callable) -> None:
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write to ``path`` through a temporary name, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:

