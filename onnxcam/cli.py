@@ -8,13 +8,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from onnxcam.api import ALL_METHODS, Explainer, Explanation, output_paths, save, save_sheets
+from onnxcam.api import ALL_METHODS, Explainer
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import read_rgb
+from onnxcam.folder import Options, read_records, run
+from onnxcam.image import MAX_PIXELS, read_rgb
+from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
+from onnxcam.report import write_report
 
 app = typer.Typer(
     add_completion=False,
@@ -122,7 +124,10 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
 
 @app.command()
 def explain(
-    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, ...).", show_default=False)],
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (recursive), glob patterns or @list.txt.", show_default=False),
+    ],
     model: Annotated[Path, typer.Option(help="An onnxcam model from `onnxcam export`.")] = DEFAULT_MODEL,
     target: Annotated[
         list[str] | None, typer.Option(help="Class to explain: an index or a class name. Repeatable.")
@@ -130,9 +135,7 @@ def explain(
     top_k: Annotated[
         int | None, typer.Option(help="Also explain the K top-scoring classes [default: 1 without --target].")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for overlays (.png) and raw maps (.npy).")] = Path(
-        "onnxcam-out"
-    ),
+    out: Annotated[Path, typer.Option(help="Output folder: maps, results.jsonl, index.html.")] = Path("onnxcam-out"),
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
@@ -145,74 +148,90 @@ def explain(
     aug_smooth: Annotated[
         bool, typer.Option("--aug-smooth", help="Average the maps of flipped and brightness-scaled views.")
     ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 8,
+    panel: Annotated[bool, typer.Option("--panel", help="Also write photo | heat map | overlay per map.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images whose outputs are complete.")] = False,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be explained.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
 ) -> None:
-    """Explain images with Grad-CAM (or another CAM method): one ONNX Runtime call per image, no PyTorch.
+    """Explain images with Grad-CAM (or another CAM method) on ONNX Runtime, no PyTorch.
 
-    Example: onnxcam explain cat.jpg --model models/efficientnet_lite0.onnx --top-k 2 --method all
+    Writes an overlay PNG and the raw map (.npy) per image and class, results.jsonl (one line
+    per image and class) and index.html (a report that opens from the file system).
+
+    Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
     if method != "all" and method not in ALL_METHODS:
         raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(ALL_METHODS)}, all")
-    names = list(ALL_METHODS) if method == "all" else [method]
+    if batch_size < 1:
+        raise OnnxcamError(f"--batch-size must be at least 1, got {batch_size}")
     explainer = Explainer(model, provider)
     targets = target or []
     explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
-    photos = {path: read_rgb(path) for path in images}  # every input is checked before anything is written
-    stems = _unique_stems(images)
-    inputs = {p.resolve() for p in images}
-    report = []
-    for path, photo in photos.items():
-        result = explainer.explain(
-            photo, targets, top_k, method=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth
-        )
-        clash = [f for m in result.maps for f in output_paths(out, stems[path], m) if f.resolve() in inputs]
-        if clash:
-            raise OnnxcamError(f"writing would overwrite the input {clash[0]}; choose another --out")
-        report.append(_record(path, photo, result, save(result, out, stems[path], alpha)))
-        if method == "all":
-            for sheet in save_sheets(result, out, stems[path], alpha):
-                report[-1].setdefault("sheets", []).append(sheet)
+    paths = expand(images)
+    if not paths:
+        raise OnnxcamError(f"no image files found in {' '.join(images)}")
+    if len(images) == 1 and len(paths) == 1 and not Path(images[0]).is_dir():
+        read_rgb(paths[0], max_pixels)  # one named image: a bad one is an error before anything is written
+    options = Options(
+        out=out, targets=targets, top_k=top_k, methods=list(ALL_METHODS) if method == "all" else [method],
+        eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, alpha=alpha, batch_size=batch_size, panel=panel,
+        sheets=method == "all", resume=resume, max_pixels=max_pixels,
+    )  # fmt: skip
+    shown: dict[str, dict] = {}
+    summary: dict = {}
+    try:
+        for record in run(explainer, paths, options, progress=sys.stderr.isatty() and not quiet):
+            if "summary" in record:
+                summary = record["summary"]
+                continue
+            if record["error"]:
+                typer.echo(f"error: {record['path']}: {record['error']}", err=True)
+            if json_output or len(paths) <= TABLE_LIMIT:
+                _collect(shown, record)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; finished images are kept in {out}: run again with --resume", err=True)
+        raise SystemExit(130) from None
+    report = write_report(read_records(out), out)
     if json_output:
-        typer.echo(json.dumps({"model": str(model), "images": report}, indent=2))
+        typer.echo(json.dumps({"model": str(model), "images": list(shown.values()), "summary": summary}, indent=2))
     else:
-        _print_table(report)
+        _print_table(list(shown.values()))
+        typer.echo(
+            f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
+            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {report}"
+        )
+    if summary["failed"] and not keep_going:
+        raise SystemExit(2)
 
 
-def _unique_stems(paths: list[Path]) -> dict[Path, str]:
-    stems: dict[Path, str] = {}
-    seen: dict[str, int] = {}
-    for path in paths:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        stems[path] = path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
-    return stems
+TABLE_LIMIT = 20  # above this many images the table is left to results.jsonl and index.html
 
 
-def _record(path: Path, photo: np.ndarray, result: Explanation, files: list[dict[str, str]]) -> dict:
-    return {
-        "path": str(path),
-        "size": [int(photo.shape[1]), int(photo.shape[0])],
-        "predictions": [
-            {"class": p.index, "label": p.label, "probability": round(p.probability, 6)} for p in result.predictions
-        ],
-        "targets": [
-            {
-                "class": m.index,
-                "label": m.label,
-                "method": m.method,
-                "probability": round(m.probability, 6),
-                "logit": round(m.logit, 6),
-                "empty_map": m.empty,
-                "peak_xy": list(m.peak),
-                **f,
-            }
-            for m, f in zip(result.maps, files, strict=True)
-        ],
-    }
+def _collect(shown: dict[str, dict], record: dict) -> None:
+    """Group records per image into the --json / table shape."""
+    if record.get("error"):
+        shown[record["path"]] = {"path": record["path"], "error": record["error"]}
+        return
+    item = shown.setdefault(
+        record["path"],
+        {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
+    )
+    extra = {k: record[k] for k in ("overlay", "map", "panel") if k in record}
+    item["targets"].append({**record["target"], "empty_map": record["empty_map"], **record["stats"], **extra})
+    if "sheets" in record:
+        item["sheets"] = record["sheets"]
 
 
 def _print_table(report: list[dict]) -> None:
     for item in report:
+        if "error" in item:
+            continue  # already said on stderr
         width, height = item["size"]
         typer.echo(f"{item['path']} ({width}x{height})")
         typer.echo(f"  {'class':>5}  {'probability':>11}  label")

@@ -55,7 +55,7 @@ def test_explain_writes_overlay_and_map_per_target(lite0_model: Path, tmp_path: 
         np.testing.assert_allclose(raw, reference.cam, atol=1e-6)
         np.testing.assert_array_equal(read_rgb(target["overlay"]), overlay_rgb(read_rgb(CAT), reference.cam))
         assert Path(target["overlay"]).parent == out and target["empty_map"] is False
-    assert sorted(p.suffix for p in out.iterdir()) == [".npy"] * 3 + [".png"] * 3
+    assert sorted(p.suffix for p in out.iterdir()) == [".html", ".jsonl"] + [".npy"] * 3 + [".png"] * 3
 
 
 def test_explain_table_names_the_prediction_and_files(lite0_model: Path, tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_default_output_folder_is_not_beside_the_input(lite0_model: Path, tmp_pa
     result = run("explain", str(photo), "--model", str(lite0_model), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in photo.parent.iterdir()) == ["cat.png"]
-    assert len(list((tmp_path / "onnxcam-out").iterdir())) == 2
+    assert len(list((tmp_path / "onnxcam-out").glob("cat_*"))) == 2
 
 
 def test_info_prints_the_model_card(lite0_model: Path) -> None:
@@ -152,13 +152,22 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(
     assert not out.exists()
 
 
-def test_a_bad_image_among_good_ones_writes_nothing(
+def test_a_bad_image_among_good_ones_is_reported_and_the_run_goes_on(
     bad_files: dict[str, Path], lite0_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     result = run("explain", CAT, str(bad_files["cut.png"]), "--model", str(lite0_model), "--out", str(out))
-    assert_clean_failure(result, "cut.png")
-    assert not out.exists()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad_files['cut.png']}: image {bad_files['cut.png']} "
+        "is a truncated PNG (its end marker is missing); re-copy or re-export it"
+    ]
+    assert "explained 1 of 2 images (0 skipped, 1 failed)" in result.stdout
+    assert len(list(out.glob("chelsea_*.png"))) == 1 and not list(out.glob("cut*"))
+    kept = run(
+        "explain", CAT, str(bad_files["cut.png"]), "--model", str(lite0_model), "--out", str(out), "--keep-going"
+    )
+    assert kept.returncode == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""What ``onnxcam explain`` was pointed at: files, folders (recursive), glob patterns, ``@list.txt``."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from onnxcam.errors import OnnxcamError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jpe", ".pgm", ".ppm"}
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Image files below ``folder`` in sorted order, following links but never a folder twice."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(root) / name
+
+
+def expand(items: list[str]) -> list[Path]:
+    """Files in the order given; folders walked recursively; globs and @list files expanded.
+
+    A plain path that does not exist stays in the list, so that it is reported as missing.
+    Each file appears once, at its first mention.
+    """
+    out: dict[str, Path] = {}
+    for item in items:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            try:
+                lines = listing.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise OnnxcamError(f"cannot read the list file {listing}: {exc.strerror or exc}") from exc
+            paths = expand([line.strip() for line in lines if line.strip() and not line.startswith("#")])
+        elif Path(item).is_dir():
+            paths = list(_walk(Path(item)))
+        elif glob.has_magic(item):
+            paths = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            if not paths:
+                raise OnnxcamError(f"the pattern {item!r} matches no file")
+        else:
+            paths = [Path(item)]
+        for path in paths:
+            out.setdefault(os.path.realpath(path), path)
+    return list(out.values())

@@ -1,0 +1,117 @@
+"""``index.html``: a static report of a run that opens from the file system, no server, no network.
+
+A grid of cards (overlay thumbnail, predicted label, probability), a filter by predicted
+class and a sort by confidence; a card opens the full-size panel. ``#class=285`` in the
+address pre-selects a class. Failed images are cards with their error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from onnxcam.image import atomic_write
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>onnxcam report</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1rem;background:#f6f6f6}
+header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8rem;margin-top:1rem}
+.card{background:#fff;border-radius:6px;padding:.4rem;box-shadow:0 1px 3px #0003;cursor:pointer}
+.card img{width:100%;height:160px;object-fit:contain;background:#222}
+.card .label{font-weight:600}.card.error{border:2px solid #c33;cursor:default}
+.card .path{font-size:.75rem;color:#555;word-break:break-all}
+#modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center}
+#modal.open{display:flex}#modal img{max-width:96vw;max-height:80vh;background:#fff}
+#modal p{color:#fff}
+</style></head><body>
+<header><h1>onnxcam report</h1><span id="count"></span>
+<label>predicted class <select id="filter"><option value="">all</option></select></label>
+<label>sort <select id="sort"><option value="desc">most confident first</option>
+<option value="asc">least confident first</option><option value="path">by file</option></select></label>
+</header>
+<div id="grid"></div>
+<div id="modal"><div><div id="panel"></div><p id="caption"></p></div></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const items = JSON.parse(document.getElementById("data").textContent);
+const grid = document.getElementById("grid"), filter = document.getElementById("filter");
+const sort = document.getElementById("sort"), modal = document.getElementById("modal");
+const classes = new Map();
+for (const it of items) if (!it.error) classes.set(String(it.top.class), it.top.label);
+for (const [c, label] of [...classes].sort((a, b) => a[1].localeCompare(b[1]))) {
+  const o = document.createElement("option"); o.value = c; o.textContent = `${label} (${c})`; filter.append(o);
+}
+function card(it) {
+  const d = document.createElement("div");
+  d.className = "card" + (it.error ? " error" : "");
+  d.dataset.class = it.error ? "" : String(it.top.class);
+  if (it.error) {
+    d.innerHTML = `<div class="label">failed</div><div class="path"></div><div class="err"></div>`;
+    d.querySelector(".err").textContent = it.error;
+  } else {
+    d.innerHTML = `<img loading="lazy" alt=""><div class="label"></div><div class="prob"></div>` +
+      `<div class="path"></div>`;
+    d.querySelector("img").src = it.thumb;
+    d.querySelector(".label").textContent = it.top.label;
+    d.querySelector(".prob").textContent = (100 * it.top.probability).toFixed(1) + "%";
+    d.addEventListener("click", () => open(it));
+  }
+  d.querySelector(".path").textContent = it.path;
+  return d;
+}
+function open(it) {
+  const panel = document.getElementById("panel"); panel.replaceChildren();
+  for (const src of it.full) { const im = document.createElement("img"); im.src = src; panel.append(im); }
+  const percent = (100 * it.top.probability).toFixed(1);
+  document.getElementById("caption").textContent = `${it.path}: ${it.top.label} ${percent}%`;
+  modal.classList.add("open");
+}
+modal.addEventListener("click", () => modal.classList.remove("open"));
+function render() {
+  const order = [...items];
+  const conf = it => it.error ? -1 : it.top.probability;
+  if (sort.value === "desc") order.sort((a, b) => conf(b) - conf(a));
+  if (sort.value === "asc") order.sort((a, b) => conf(a) - conf(b));
+  if (sort.value === "path") order.sort((a, b) => a.path.localeCompare(b.path));
+  grid.replaceChildren(...order.map(card));
+  let shown = 0;
+  for (const d of grid.children) {
+    d.hidden = filter.value !== "" && d.dataset.class !== filter.value;
+    shown += !d.hidden;
+  }
+  document.getElementById("count").textContent = `${shown} of ${items.length} images`;
+}
+const hash = new URLSearchParams(location.hash.slice(1));
+if (hash.has("class")) filter.value = hash.get("class");
+filter.addEventListener("change", render); sort.addEventListener("change", render);
+render();
+</script></body></html>
+"""
+
+
+def _items(records: list[dict], out: Path) -> list[dict]:
+    """One entry per image: its top prediction, the first map's overlay, and the full-size views."""
+    items: dict[str, dict] = {}
+    rel = lambda p: os.path.relpath(p, out).replace(os.sep, "/")  # noqa: E731
+    for r in records:
+        if r["path"] in items:
+            continue
+        if r.get("error"):
+            items[r["path"]] = {"path": r["path"], "error": r["error"]}
+            continue
+        full = [rel(r["panel"])] if r.get("panel") else [rel(os.path.abspath(r["path"])), rel(r["overlay"])]
+        items[r["path"]] = {"path": r["path"], "top": r["predictions"][0], "thumb": rel(r["overlay"]), "full": full}
+    return list(items.values())
+
+
+def write_report(records: list[dict], out: Path) -> Path:
+    """Write ``out/index.html`` for ``records`` (as in ``results.jsonl``)."""
+    data = json.dumps(_items(records, out)).replace("</", "<\\/")  # safe inside <script>
+    page = PAGE.replace("__DATA__", data)
+    path = out / "index.html"
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return path
