@@ -191,7 +191,7 @@ def explain(
                 summary = record["summary"]
                 continue
             if record["error"]:
-                typer.echo(f"error: {record['path']}: {record['error']}", err=True)
+                typer.echo(f"error: {record['error']}", err=True)  # the message names the file
             if json_output or len(paths) <= TABLE_LIMIT:
                 _collect(shown, record)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 .card{background:#fff;border-radius:6px;padding:.4rem;box-shadow:0 1px 3px #0003;cursor:pointer}
 .card img{width:100%;height:160px;object-fit:contain;background:#222}
 .card .label{font-weight:600}.card.error{border:2px solid #c33;cursor:default}
-.card .path{font-size:.75rem;color:#555;word-break:break-all}
+.card .path{font-size:.75rem;color:#555;word-break:break-all}.card .err{overflow-wrap:anywhere}
 #modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center}
 #modal.open{display:flex}#modal img{max-width:96vw;max-height:80vh;background:#fff}
 #modal p{color:#fff}

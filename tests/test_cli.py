@@ -159,8 +159,7 @@ def test_a_bad_image_among_good_ones_is_reported_and_the_run_goes_on(
     result = run("explain", CAT, str(bad_files["cut.png"]), "--model", str(lite0_model), "--out", str(out))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {bad_files['cut.png']}: image {bad_files['cut.png']} "
-        "is a truncated PNG (its end marker is missing); re-copy or re-export it"
+        f"error: image {bad_files['cut.png']} is a truncated PNG (its end marker is missing); re-copy or re-export it"
     ]
     assert "explained 1 of 2 images (0 skipped, 1 failed)" in result.stdout
     assert len(list(out.glob("chelsea_*.png"))) == 1 and not list(out.glob("cut*"))
