@@ -179,3 +179,21 @@ def test_html_report_in_a_headless_browser(lite0_model: Path, tmp_path: Path) ->
     filtered, _ = load(f"#class={cat}")
     assert filtered.count(' hidden=""') == 2, "the coffee card and the failed card are hidden"
     assert "2 of 4 images" in filtered
+
+
+def test_globs_and_list_files_expand_to_each_file_once(tmp_path: Path) -> None:
+    from onnxcam.errors import OnnxcamError
+    from onnxcam.inputs import expand
+
+    for name in ("a.JPG", "b.png", "sub/c.jpeg", "sub/d.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# photos\n{tmp_path / 'b.png'}\n\n{tmp_path / 'sub'}\n")
+    found = expand([str(tmp_path / "*.png"), f"@{listing}", str(tmp_path / "a.JPG"), str(tmp_path)])
+    assert [p.name for p in found] == ["b.png", "c.jpeg", "a.JPG"]
+    assert [p.name for p in expand([str(tmp_path / "**" / "*.jpeg")])] == ["c.jpeg"]
+    with pytest.raises(OnnxcamError, match="matches no file"):
+        expand([str(tmp_path / "*.gif")])
+    with pytest.raises(OnnxcamError, match="cannot read the list file"):
+        expand([f"@{tmp_path / 'missing.txt'}"])
