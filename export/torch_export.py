@@ -207,12 +207,18 @@ def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> d
     arch = ARCHS[arch_name]
     torch.manual_seed(RANDOM_SEED)
     model = arch.build().eval()
+    source = load_weights(arch, model, weights)
+    return export_module(model, arch_name, source, layer, out)
+
+
+def export_module(model: nn.Module, arch_name: str, source: str, layer: str | None, out: Path) -> dict[str, str]:
+    """Export and graft an already built (and loaded) ``model`` of architecture ``arch_name``."""
+    arch = ARCHS[arch_name]
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False  # an in-place ReLU would overwrite a captured conv output
-    source = load_weights(arch, model, weights)
     layer_name, module_path = resolve_layer(arch, model, layer)
-    wrapper = Explainable(model, dict(model.named_modules())[module_path], arch.mean, arch.std).eval()
+    wrapper = Explainable(model.eval(), dict(model.named_modules())[module_path], arch.mean, arch.std).eval()
     forward = export_forward(wrapper, arch.input_size)
     rank = len(forward.graph.output[1].type.tensor_type.shape.dim)
     if rank != 4:
