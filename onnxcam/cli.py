@@ -10,10 +10,11 @@ from typing import Annotated
 
 import typer
 
-from onnxcam.api import ALL_METHODS, Explainer
+from onnxcam import audit as audit_mod
+from onnxcam.api import ALL_METHODS, Explainer, save
 from onnxcam.errors import OnnxcamError
 from onnxcam.folder import Options, read_records, run
-from onnxcam.image import MAX_PIXELS, read_rgb
+from onnxcam.image import MAX_PIXELS, atomic_write, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.report import write_report
@@ -242,6 +243,51 @@ def _print_table(report: list[dict]) -> None:
             typer.echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
         for sheet in item.get("sheets", []):
             typer.echo(f"  all methods side by side: {sheet}")
+
+
+@app.command()
+def audit(
+    folder: Annotated[Path, typer.Argument(help="One subfolder per class, named as the model's labels.")],
+    boxes: Annotated[Path, typer.Option(help='JSON {"image path": [x0, y0, x1, y1], ...} of the objects.')],
+    model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="Output folder: overlays, audit.jsonl, index.html.")] = Path(
+        "onnxcam-audit"
+    ),
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+) -> None:
+    """Bias audit: per class, how much of each map lies on the object and how much on the background.
+
+    Images where the map puts less mass on the object than a uniform map would are flagged and
+    listed first, here and in the HTML report.
+
+    Example: onnxcam audit data/val/ --boxes boxes.json --model models/vgg16.onnx
+    """
+    explainer = Explainer(model)
+    box_map = audit_mod.load_boxes(boxes)
+    out.mkdir(parents=True, exist_ok=True)
+    audits, records = [], []
+    for found, result in audit_mod.audit(explainer, folder, box_map):
+        stem = f"{Path(found.path).parent.name}-{Path(found.path).stem}"
+        files = save(result, out, stem)
+        audits.append(found)
+        records.append({"path": found.path, "predictions": [vars(p) for p in result.predictions],
+                        **files[0], **vars(found), "error": None})  # fmt: skip
+    atomic_write(out / "audit.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    report = write_report(records, out)
+    per_class = audit_mod.summary(audits)
+    flagged = [a for a in audits if a.flagged]
+    if json_output:
+        typer.echo(json.dumps({"classes": per_class, "flagged": [vars(a) for a in flagged]}, indent=2))
+        return
+    typer.echo(f"{'class':<20} {'images':>6} {'accuracy':>8} {'on object':>9} {'background':>10} {'flagged':>7}")
+    for label, row in per_class.items():
+        typer.echo(f"{label:<20} {row['images']:>6} {row['accuracy']:>8.2f} {row['object_share']:>9.2f} "
+                   f"{row['background_share']:>10.2f} {row['flagged']:>7}")  # fmt: skip
+    typer.echo(f"{len(flagged)} image(s) where the model looks mostly off the object:")
+    for a in sorted(flagged, key=lambda a: a.object_share):
+        typer.echo(f"  {a.path}: predicted {a.predicted} ({a.probability:.0%}), {a.object_share:.0%} of the map "
+                   f"on a box covering {a.box_area:.0%}")  # fmt: skip
+    typer.echo(f"report: {report}")
 
 
 @app.command()

@@ -21,7 +21,7 @@ header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8rem;margin-top:1rem}
 .card{background:#fff;border-radius:6px;padding:.4rem;box-shadow:0 1px 3px #0003;cursor:pointer}
 .card img{width:100%;height:160px;object-fit:contain;background:#222}
-.card .label{font-weight:600}.card.error{border:2px solid #c33;cursor:default}
+.card .label{font-weight:600}.card.flagged{border:2px solid #e90}.card.error{border:2px solid #c33;cursor:default}
 .card .path{font-size:.75rem;color:#555;word-break:break-all}.card .err{overflow-wrap:anywhere}
 #modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center}
 #modal.open{display:flex}#modal img{max-width:96vw;max-height:80vh;background:#fff}
@@ -47,7 +47,7 @@ for (const [c, label] of [...classes].sort((a, b) => a[1].localeCompare(b[1]))) 
 }
 function card(it) {
   const d = document.createElement("div");
-  d.className = "card" + (it.error ? " error" : "");
+  d.className = "card" + (it.error ? " error" : "") + (it.flagged ? " flagged" : "");
   d.dataset.class = it.error ? "" : String(it.top.class);
   if (it.error) {
     d.innerHTML = `<div class="label">failed</div><div class="path"></div><div class="err"></div>`;
@@ -56,7 +56,7 @@ function card(it) {
     d.innerHTML = `<img loading="lazy" alt=""><div class="label"></div><div class="prob"></div>` +
       `<div class="path"></div>`;
     d.querySelector("img").src = it.thumb;
-    d.querySelector(".label").textContent = it.top.label;
+    d.querySelector(".label").textContent = it.top.label + (it.flagged ? " (looks off the object)" : "");
     d.querySelector(".prob").textContent = (100 * it.top.probability).toFixed(1) + "%";
     d.addEventListener("click", () => open(it));
   }
@@ -77,6 +77,7 @@ function render() {
   if (sort.value === "desc") order.sort((a, b) => conf(b) - conf(a));
   if (sort.value === "asc") order.sort((a, b) => conf(a) - conf(b));
   if (sort.value === "path") order.sort((a, b) => a.path.localeCompare(b.path));
+  order.sort((a, b) => Boolean(b.flagged) - Boolean(a.flagged));  // audit: looks off the object first
   grid.replaceChildren(...order.map(card));
   let shown = 0;
   for (const d of grid.children) {
@@ -104,7 +105,8 @@ def _items(records: list[dict], out: Path) -> list[dict]:
             items[r["path"]] = {"path": r["path"], "error": r["error"]}
             continue
         full = [rel(r["panel"])] if r.get("panel") else [rel(os.path.abspath(r["path"])), rel(r["overlay"])]
-        items[r["path"]] = {"path": r["path"], "top": r["predictions"][0], "thumb": rel(r["overlay"]), "full": full}
+        items[r["path"]] = {"path": r["path"], "top": r["predictions"][0], "thumb": rel(r["overlay"]), "full": full,
+                            "flagged": bool(r.get("flagged"))}  # fmt: skip
     return list(items.values())
 
 
