@@ -11,9 +11,10 @@ from typing import Annotated
 import typer
 
 from onnxcam import audit as audit_mod
+from onnxcam import evaluate as evaluation
 from onnxcam.api import ALL_METHODS, Explainer, save
 from onnxcam.errors import OnnxcamError
-from onnxcam.folder import Options, read_records, run
+from onnxcam.folder import Options, Progress, read_records, run
 from onnxcam.image import MAX_PIXELS, atomic_write, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
@@ -288,6 +289,54 @@ def audit(
         typer.echo(f"  {a.path}: predicted {a.predicted} ({a.probability:.0%}), {a.object_share:.0%} of the map "
                    f"on a box covering {a.box_area:.0%}")  # fmt: skip
     typer.echo(f"report: {report}")
+
+
+@app.command(name="eval")
+def evaluate_command(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs or @list.txt.", show_default=False)],
+    model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
+    target: Annotated[str | None, typer.Option(help="Class to explain [default: each image's top prediction].")] = None,
+    method: Annotated[str, typer.Option(help=f"CAM method: {', '.join(ALL_METHODS)}.")] = "gradcam",
+    steps: Annotated[int, typer.Option(help="Deletion/insertion steps (equal shares of the pixels).")] = 32,
+    boxes: Annotated[
+        Path | None, typer.Option(help='JSON {"image path": [x0, y0, x1, y1]} for the pointing games.')
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
+    and with --boxes the pointing game and its energy-based form.
+
+    Example: onnxcam eval photos/ --model models/efficientnet_lite0.onnx --boxes boxes.json
+    """
+    if method not in ALL_METHODS:
+        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
+    if steps < 1:
+        raise OnnxcamError(f"--steps must be at least 1, got {steps}")
+    explainer = Explainer(model)
+    if target is not None:
+        explainer.class_index(target)
+    paths = expand(images)
+    if not paths:
+        raise OnnxcamError(f"no image files found in {' '.join(images)}")
+    box_map = audit_mod.load_boxes(boxes) if boxes is not None else None
+    bar = Progress(len(paths), sys.stderr.isatty() and not quiet)
+    rows = []
+    for row in evaluation.evaluate(explainer, paths, target, method, steps, box_map):
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    means = evaluation.averages(rows)
+    if json_output:
+        typer.echo(json.dumps({"model": str(model), "method": method, "steps": steps, "mean": means, "images": rows},
+                              indent=2))  # fmt: skip
+        return
+    keys = [k for k in rows[0] if k not in ("path", "class")]
+    typer.echo("| image | " + " | ".join(keys) + " |")
+    typer.echo("|---" * (len(keys) + 1) + "|")
+    for row in rows:
+        typer.echo(f"| {Path(str(row['path'])).name} | " + " | ".join(str(row[k]) for k in keys) + " |")
+    typer.echo("\nmean: " + ", ".join(f"{k} {v}" for k, v in means.items()))
 
 
 @app.command()

@@ -63,3 +63,13 @@ def insertion(
     blurred = cv2.GaussianBlur(image, (0, 0), blur_sigma)
     curve = _curve(score, blurred, image, cam, steps)
     return auc(curve), curve
+
+
+def pointing_game(cam: np.ndarray, box: list[int]) -> tuple[bool, float]:
+    """(peak inside the box, share of the map's mass inside the box): pointing game (Zhang et al.,
+    ECCV 2016) and its energy-based form (Wang et al., Score-CAM, 2020). Box: x0, y0, x1, y1, inclusive."""
+    x0, y0, x1, y1 = box
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    total = float(cam.sum())
+    energy = float(cam[y0 : y1 + 1, x0 : x1 + 1].sum()) / total if total > 0 else 0.0
+    return bool(x0 <= x <= x1 and y0 <= y <= y1), energy

@@ -85,7 +85,7 @@ def test_info_prints_the_model_card(lite0_model: Path) -> None:
 
 def test_every_command_has_help_and_is_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    for command in ["export", "explain", "info"]:
+    for command in ["export", "explain", "info", "audit", "eval"]:
         result = run(command, "--help")
         assert result.returncode == 0 and "Example:" in result.stdout
         assert f"onnxcam {command}" in readme

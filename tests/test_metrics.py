@@ -55,3 +55,12 @@ def test_insertion_rewards_a_map_on_the_region_the_model_uses() -> None:
 def test_auc_is_the_trapezoid_rule() -> None:
     curve = np.array([1.0, 0.5, 0.25, 0.0])
     np.testing.assert_allclose(auc(curve), np.trapezoid(curve, np.linspace(0, 1, 4)))
+
+
+def test_pointing_game_by_hand() -> None:
+    from onnxcam.metrics import pointing_game
+
+    cam = np.zeros((10, 10))
+    cam[2, 3], cam[8, 8] = 1.0, 0.5
+    assert pointing_game(cam, [0, 0, 4, 4]) == (True, 1 / 1.5)  # the peak (x=3, y=2) and 2/3 of the mass
+    assert pointing_game(cam, [5, 5, 9, 9]) == (False, 0.5 / 1.5)
