@@ -303,6 +303,9 @@ def evaluate_command(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    road: Annotated[
+        bool, typer.Option("--road", help="Also ROAD MoRF/LeRF at 10..90% (18 imputations: seconds per image).")
+    ] = False,
 ) -> None:
     """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
     and with --boxes the pointing game and its energy-based form.
@@ -322,7 +325,7 @@ def evaluate_command(
     box_map = audit_mod.load_boxes(boxes) if boxes is not None else None
     bar = Progress(len(paths), sys.stderr.isatty() and not quiet)
     rows = []
-    for row in evaluation.evaluate(explainer, paths, target, method, steps, box_map):
+    for row in evaluation.evaluate(explainer, paths, target, method, steps, box_map, road):
         rows.append(row)
         bar.update(1)
     bar.close()
@@ -331,7 +334,7 @@ def evaluate_command(
         typer.echo(json.dumps({"model": str(model), "method": method, "steps": steps, "mean": means, "images": rows},
                               indent=2))  # fmt: skip
         return
-    keys = [k for k in rows[0] if k not in ("path", "class")]
+    keys = [k for k in rows[0] if k not in ("path", "class") and not k.endswith("_curve")]
     typer.echo("| image | " + " | ".join(keys) + " |")
     typer.echo("|---" * (len(keys) + 1) + "|")
     for row in rows:

@@ -29,7 +29,13 @@ def scorer(explainer: Explainer, index: int) -> Score:
 
 
 def evaluate_image(
-    explainer: Explainer, path: Path, target: str | None, method: str, steps: int, box: list[int] | None
+    explainer: Explainer,
+    path: Path,
+    target: str | None,
+    method: str,
+    steps: int,
+    box: list[int] | None,
+    road: bool = False,
 ) -> dict[str, object]:
     photo = read_rgb(path)
     image = resize_rgb(photo, explainer.card.input_size)
@@ -43,6 +49,8 @@ def evaluate_image(
         "deletion_auc": round(metrics.deletion(score, image, top.cam, steps)[0], 6),
         "insertion_auc": round(metrics.insertion(score, image, top.cam, steps)[0], 6),
     }  # fmt: skip
+    if road:
+        row |= metrics.road(score, image, top.cam)
     if box is not None:
         full = explainer.explain(photo, [str(top.index)], method=method).maps[0].cam  # the box is in photo pixels
         hit, energy = metrics.pointing_game(full, box)
@@ -57,16 +65,17 @@ def evaluate(
     method: str = "gradcam",
     steps: int = 32,
     boxes: dict[str, list[int]] | None = None,
+    road: bool = False,
 ) -> Iterator[dict[str, object]]:
     for path in paths:
         box = None if boxes is None else boxes.get(str(path.resolve()))
-        yield evaluate_image(explainer, path, target, method, steps, box)
+        yield evaluate_image(explainer, path, target, method, steps, box, road)
 
 
 def averages(rows: list[dict[str, object]]) -> dict[str, float]:
     """Means over images; % Increase in Confidence and the pointing game as percentages."""
     out = {"images": len(rows)}
-    for key in ("average_drop", "deletion_auc", "insertion_auc", "energy_pointing_game"):
+    for key in ("average_drop", "deletion_auc", "insertion_auc", "road_morf", "road_lerf", "energy_pointing_game"):
         values = [r[key] for r in rows if key in r]
         if values:
             out[key] = round(float(np.mean(values)), 6)

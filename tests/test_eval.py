@@ -18,7 +18,7 @@ def test_eval_metrics_on_real_photos(lite0_model: Path, tmp_path: Path) -> None:
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(BOXES))
     args = [sys.executable, "-m", "onnxcam", "eval", str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "coffee.png"),
-            "--model", str(lite0_model), "--boxes", str(boxes), "--steps", "16", "--json"]  # fmt: skip
+            "--model", str(lite0_model), "--boxes", str(boxes), "--steps", "16", "--road", "--json"]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -30,3 +30,4 @@ def test_eval_metrics_on_real_photos(lite0_model: Path, tmp_path: Path) -> None:
         assert row["energy_pointing_game"] > area, "more of the map on the object than a uniform map puts there"
         assert row["insertion_auc"] > row["deletion_auc"], "salient pixels first: the score rises fast, falls fast"
         assert 0 <= row["average_drop"] <= 100
+        assert row["road_morf"] < row["road_lerf"], "removing the salient pixels first hurts more (ROAD)"

@@ -64,3 +64,32 @@ def test_pointing_game_by_hand() -> None:
     cam[2, 3], cam[8, 8] = 1.0, 0.5
     assert pointing_game(cam, [0, 0, 4, 4]) == (True, 1 / 1.5)  # the peak (x=3, y=2) and 2/3 of the mass
     assert pointing_game(cam, [5, 5, 9, 9]) == (False, 0.5 / 1.5)
+
+
+def test_linear_imputation_is_exact_on_a_linear_image() -> None:
+    """Each removed pixel is the mean of its symmetric neighbours: a plane is its own solution."""
+    from onnxcam.metrics import impute
+
+    yy, xx = np.mgrid[0:40, 0:40]
+    plane = np.dstack([2 * xx + yy, 100 + xx - yy, 3 * yy]).astype(np.uint8)
+    removed = np.zeros((40, 40), bool)
+    removed[8:20, 10:30] = removed[25:35, 3:9] = True
+    np.testing.assert_array_equal(impute(plane, removed, noise=0.0), plane)
+    noisy = impute(plane, removed, noise=0.01, seed=3)
+    assert 1.0 < np.std(noisy[removed].astype(float) - plane[removed]) < 4.0  # 0.01 x 255 = 2.55
+    np.testing.assert_array_equal(noisy[~removed], plane[~removed])
+
+
+def test_road_morf_falls_below_lerf_for_a_map_on_what_the_model_uses() -> None:
+    from onnxcam.metrics import road
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[5:11, 5:11] = 255  # a bright square the 'model' scores
+    region = (slice(5, 11), slice(5, 11))
+    score = lambda images: images[:, region[0], region[1], 0].reshape(len(images), -1).mean(axis=1) / 255  # noqa: E731
+    cam = np.zeros((16, 16))
+    cam[region] = 1 + np.linspace(0, 0.1, 36).reshape(6, 6)  # ties broken
+    result = road(score, image, cam, percentiles=(10, 50))
+    assert result["road_morf_curve"][1] < 0.05  # half the pixels, the square first: filled from the dark
+    assert result["road_lerf_curve"] == [1.0, 1.0]  # the dark pixels go first: the square stays
+    assert result["road_morf"] < result["road_lerf"]
