@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,3 @@ def summary(audits: list[ImageAudit]) -> dict[str, dict[str, float]]:
             "flagged": sum(a.flagged for a in rows),
         }
     return out
-
-
-def as_records(audits: list[ImageAudit]) -> list[dict]:
-    return [asdict(a) for a in audits]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxcam import cam as cams
 from onnxcam import metrics
 from onnxcam.api import Explainer, softmax
 from onnxcam.image import read_rgb, resize_rgb
@@ -52,7 +53,8 @@ def evaluate_image(
     if road:
         row |= metrics.road(score, image, top.cam)
     if box is not None:
-        full = explainer.explain(photo, [str(top.index)], method=method).maps[0].cam  # the box is in photo pixels
+        # the box is in photo pixels: the same low-resolution map, upsampled to the photo instead
+        full, _ = cams.normalize(cams.upsample(top.cam_lowres, photo.shape[:2]))
         hit, energy = metrics.pointing_game(full, box)
         row |= {"pointing_game": hit, "energy_pointing_game": round(energy, 6)}
     return row
