@@ -26,6 +26,7 @@ import onnx.utils
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
+from onnxcam.image import atomic_write
 from onnxcam_export.builder import Builder
 from onnxcam_export.vjp import RULES, UnsupportedOp, attrs
 
@@ -363,9 +364,4 @@ def set_card(model: onnx.ModelProto, card: dict[str, object]) -> None:
 def save_model(model: onnx.ModelProto, out: Path) -> None:
     """Write through a temporary name so a failed export leaves no half-written file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        onnx.save(model, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: onnx.save(model, tmp))

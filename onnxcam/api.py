@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from onnxcam import cam as cams
 from onnxcam import methods, passes
+from onnxcam.cam import softmax
 from onnxcam.engine import Engine, Outputs
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb, resize_rgb, write_npy, write_png_rgb
@@ -63,11 +64,6 @@ class Explanation:
 
 ALL_METHODS = (*METHODS, "scorecam", "ablationcam")
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 class Explainer:

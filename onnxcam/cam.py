@@ -9,6 +9,12 @@ import cv2
 import numpy as np
 
 
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis``."""
+    shifted = np.exp(x - x.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of an ``[h, w]`` map to ``(height, width)`` (pixel centres aligned)."""
     height, width = size

@@ -20,7 +20,7 @@ import numpy as np
 
 from onnxcam.api import Explainer, Explanation, output_paths, save, save_sheets
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import MAX_PIXELS, read_rgb, write_png_rgb
+from onnxcam.image import MAX_PIXELS, atomic_write, read_rgb, write_png_rgb
 from onnxcam.overlay import HEAT_WEIGHT, comparison_sheet, heatmap_rgb, overlay_rgb
 
 RESULTS = "results.jsonl"
@@ -179,9 +179,7 @@ def run(explainer: Explainer, paths: list[Path], options: Options, progress: boo
     done = completed(out) if options.resume else {}
     results = out / RESULTS
     kept = [line for p in paths if str(p) in done for line in done[str(p)]]
-    tmp = results.with_name(results.name + ".partial")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    tmp.replace(results)
+    atomic_write(results, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
     todo = [p for p in paths if str(p) not in done]
     summary = Summary(images=len(paths), skipped=len(paths) - len(todo))
     bar = Progress(len(todo), progress)

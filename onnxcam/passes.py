@@ -8,12 +8,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from onnxcam.cam import softmax
 from onnxcam.engine import Engine
-
-
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def ablation_weights(engine: Engine, activations: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -53,5 +49,5 @@ def score_weights(
         chunk = masks[start : start + batch_size]
         masked = np.rint(image[None].astype(np.float32) * chunk[..., None]).astype(np.uint8)
         logits = engine.run(masked, np.zeros((len(chunk), 1), np.int64)).logits.astype(np.float64)
-        scores[start : start + len(chunk)] = _softmax(logits, axis=1)[:, classes]
-    return _softmax(scores, axis=0).T
+        scores[start : start + len(chunk)] = softmax(logits, axis=1)[:, classes]
+    return softmax(scores, axis=0).T
