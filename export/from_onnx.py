@@ -8,10 +8,8 @@ graft the gradients and store the model card.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +18,13 @@ import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
+from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
-from onnxcam_export.graft import annotate_shapes, graft, head_nodes, save_model, set_card, static_tensors
+from onnxcam.outputs import file_digest
+from onnxcam_export.graft import annotate_shapes, graft, head_nodes, static_tensors
+from onnxcam_export.save import save_explainer
 from onnxcam_export.vjp import UnsupportedOp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
 SOFTMAX = ("Softmax", "LogSoftmax")
@@ -258,8 +257,7 @@ def _labels(path: Path | None, classes: int, notes: list[str]) -> list[str]:
         return names
     if classes == 1000:
         notes.append("no --labels: using the ImageNet-1k class names (the model scores 1000 classes)")
-        text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
-        return text.splitlines()
+        return imagenet_labels()
     notes.append(f"no --labels: classes are named 'class 0' ... 'class {classes - 1}'")
     return [f"class {i}" for i in range(classes)]
 
@@ -302,20 +300,16 @@ def graft_file(
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = shapes[layer][1:]
-    card = {
-        "contract": contract.CONTRACT_VERSION,
-        "arch": f"onnx:{Path(source).name}",
-        "weights": f"{Path(source).name} (sha256 {hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]})",
-        "layer": f"{layer} ({channels}x{h}x{w})",
-        "input_size": [layout.height, layout.width],
-        "channel_order": "RGB",
-        "mean": list(prep.mean),
-        "std": list(prep.std),
-        "labels": _labels(labels, shapes[logits][1], notes),
-        "weights_path": weights_path,
-        "notes": "; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
-    }
-    set_card(grafted, card)
-    onnx.checker.check_model(grafted, full_check=True)
-    save_model(grafted, out)
-    return {k: v for k, v in card.items() if k != "labels"}, notes
+    card = ModelCard(
+        arch=f"onnx:{Path(source).name}",
+        weights=f"{Path(source).name} (sha256 {file_digest(Path(source))[:16]})",
+        layer=f"{layer} ({channels}x{h}x{w})",
+        input_size=(layout.height, layout.width),
+        mean=prep.mean,
+        std=prep.std,
+        labels=tuple(_labels(labels, shapes[logits][1], notes)),
+        weights_path=weights_path,
+        notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
+    )
+    save_explainer(grafted, card, out)
+    return card.summary(), notes

@@ -16,9 +16,7 @@ when a caller asks for it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,7 +24,6 @@ import onnx.utils
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
-from onnxcam.image import atomic_write
 from onnxcam_export.builder import Builder
 from onnxcam_export.vjp import RULES, UnsupportedOp, attrs
 
@@ -348,20 +345,3 @@ def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
 def head_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """activations -> logits of an onnxcam model, as its own graph (for head-only passes)."""
     return onnx.utils.Extractor(model).extract_model([contract.ACTIVATIONS], [contract.LOGITS])
-
-
-def set_card(model: onnx.ModelProto, card: dict[str, object]) -> None:
-    """Store the model card as ``onnxcam.*`` metadata (non-strings as JSON)."""
-    unknown = set(card) - set(contract.META_KEYS) - set(contract.OPTIONAL_META_KEYS)
-    if unknown:
-        raise ValueError(f"unknown model card keys {sorted(unknown)}; known: {contract.META_KEYS}")
-    del model.metadata_props[:]
-    for key, value in card.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        model.metadata_props.append(onnx.StringStringEntryProto(key=contract.META_PREFIX + key, value=text))
-
-
-def save_model(model: onnx.ModelProto, out: Path) -> None:
-    """Write through a temporary name so a failed export leaves no half-written file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: onnx.save(model, tmp))

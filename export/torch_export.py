@@ -7,7 +7,6 @@ import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import onnx
@@ -15,9 +14,11 @@ import torch
 from torch import nn
 
 from onnxcam import contract
+from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
-from onnxcam_export.graft import annotate_shapes, graft, save_model, set_card
+from onnxcam_export.graft import annotate_shapes, graft
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
+from onnxcam_export.save import save_explainer
 from onnxcam_export.vjp import UnsupportedOp
 
 OPSET = 18
@@ -63,9 +64,6 @@ class Arch:
     imagenet: Callable[[], tuple[dict[str, torch.Tensor], str]]
     input_size: tuple[int, int] = (224, 224)
 
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ARCHS: dict[str, Arch] = {
     "vgg16": Arch(
@@ -141,11 +139,6 @@ for _name, _layer in TORCHVISION.items():
     )
 
 
-def imagenet_labels() -> list[str]:
-    text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
-    return text.splitlines()
-
-
 class Explainable(nn.Module):
     """uint8 ``[N, H, W, 3]`` RGB -> (logits, target-layer activations); normalisation inside."""
 
@@ -200,18 +193,20 @@ def resolve_layer(arch: Arch, model: nn.Module, layer: str | None) -> tuple[str,
     return name, path
 
 
-def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> dict[str, str]:
-    """Build, export and graft ``arch_name``; write ``out``; return the model card."""
+def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> dict[str, object]:
+    """Build, export and graft ``arch_name``; write ``out``; return the model card without its labels."""
     if arch_name not in ARCHS:
         raise OnnxcamError(f"unknown architecture {arch_name!r}; choose one of: {', '.join(ARCHS)}")
     arch = ARCHS[arch_name]
     torch.manual_seed(RANDOM_SEED)
     model = arch.build().eval()
     source = load_weights(arch, model, weights)
-    return export_module(model, arch_name, source, layer, out)
+    return export_module(model, arch_name, source, layer, out, trained=weights != "none")
 
 
-def export_module(model: nn.Module, arch_name: str, source: str, layer: str | None, out: Path) -> dict[str, str]:
+def export_module(
+    model: nn.Module, arch_name: str, source: str, layer: str | None, out: Path, trained: bool = True
+) -> dict[str, object]:
     """Export and graft an already built (and loaded) ``model`` of architecture ``arch_name``."""
     arch = ARCHS[arch_name]
     for module in model.modules():
@@ -227,22 +222,19 @@ def export_module(model: nn.Module, arch_name: str, source: str, layer: str | No
         grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
-    card = {
-        "contract": contract.CONTRACT_VERSION,
-        "arch": arch_name,
-        "weights": source,
-        "layer": layer_name if layer_name == module_path else f"{layer_name} ({module_path})",
-        "input_size": list(arch.input_size),
-        "channel_order": "RGB",
-        "mean": list(arch.mean),
-        "std": list(arch.std),
-        "labels": imagenet_labels(),
-        "weights_path": weights_path,
-    }
-    set_card(grafted, card)
-    onnx.checker.check_model(grafted, full_check=True)
-    save_model(grafted, out)
-    return {k: v for k, v in card.items() if k != "labels"}
+    card = ModelCard(
+        arch=arch_name,
+        weights=source,
+        trained=trained,
+        layer=layer_name if layer_name == module_path else f"{layer_name} ({module_path})",
+        input_size=arch.input_size,
+        mean=arch.mean,
+        std=arch.std,
+        labels=tuple(imagenet_labels()),
+        weights_path=weights_path,
+    )
+    save_explainer(grafted, card, out)
+    return card.summary()
 
 
 def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) -> onnx.ModelProto:

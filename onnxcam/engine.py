@@ -1,8 +1,9 @@
-"""One ONNX Runtime session over an onnxcam model, and the model card it carries."""
+"""One ONNX Runtime session over an onnxcam model: the graph's outputs for a batch and its targets."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,66 +12,14 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxcam import contract
+from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What the ``.onnx`` file says about itself (``onnxcam info`` prints this)."""
-
-    contract: str
-    arch: str
-    weights: str
-    layer: str
-    input_size: tuple[int, int]
-    channel_order: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    labels: tuple[str, ...]
-    weights_path: str
-    notes: str = ""
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: Path) -> ModelCard:
-        values = {k[len(contract.META_PREFIX) :]: v for k, v in meta.items() if k.startswith(contract.META_PREFIX)}
-        if values.get("contract") != contract.CONTRACT_VERSION:
-            found = values.get("contract", "none")
-            raise OnnxcamError(
-                f"{source} is not an onnxcam model (contract version {found}, expected {contract.CONTRACT_VERSION}); "
-                "create one with: onnxcam export"
-            )
-        missing = [k for k in contract.META_KEYS if k not in values]
-        if missing:
-            raise OnnxcamError(f"{source} lacks onnxcam metadata {missing}; re-create it with onnxcam export")
-        return cls(
-            contract=values["contract"],
-            arch=values["arch"],
-            weights=values["weights"],
-            layer=values["layer"],
-            input_size=tuple(json.loads(values["input_size"])),
-            channel_order=values["channel_order"],
-            mean=tuple(json.loads(values["mean"])),
-            std=tuple(json.loads(values["std"])),
-            labels=tuple(json.loads(values["labels"])),
-            weights_path=values["weights_path"],
-            notes=values.get("notes", ""),
-        )
-
-    def rows(self) -> list[tuple[str, str]]:
-        """(field, value) pairs for display."""
-        height, width = self.input_size
-        fmt = ", ".join
-        return [
-            ("contract", self.contract),
-            ("arch", self.arch),
-            ("weights", self.weights),
-            ("target layer", self.layer),
-            ("input", f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph"),
-            ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
-            ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
-            ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
-            ("channel weights", self.weights_path),
-        ] + ([("notes", self.notes)] if self.notes else [])
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis`` (logits -> probabilities)."""
+    shifted = np.exp(x - x.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -95,6 +44,33 @@ def _providers(provider: str | None) -> list[str]:
     return [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
 
+def how_to_make_a_model(path: Path) -> str:
+    """What to run on this host to get an onnxcam model at ``path``."""
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("onnxcam_export"):
+        return f"create it with: onnxcam export --arch efficientnet_lite0 --out {path}"
+    if importlib.util.find_spec("onnx"):
+        return f"graft an ONNX classifier with: onnxcam export --from MODEL.onnx --out {path}"
+    return (
+        "this host has the runtime only: copy here a model made by `onnxcam export` on a machine with "
+        "pip install 'onnxcam[export]'"
+    )
+
+
+def _check_model_path(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise OnnxcamError(f"model file {path} not found; {how_to_make_a_model(path)}") from None
+    except OSError as exc:
+        raise OnnxcamError(f"cannot read model {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        found = sorted(p.name for p in path.glob("*.onnx"))[:5]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise OnnxcamError(f"--model {path} is a folder{hint}; give the path of an onnxcam .onnx file")
+    if not stat.S_ISREG(mode):
+        raise OnnxcamError(f"model {path} is not a regular file; give the path of an onnxcam .onnx file")
+
+
 class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
@@ -102,23 +78,43 @@ class Engine:
         self, path: str | Path, provider: str | None = None, options: ort.SessionOptions | None = None
     ) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise OnnxcamError(f"model file {path} not found; create it with: onnxcam export --arch vgg16 --out {path}")
+        _check_model_path(path)
         providers = _providers(provider)
         options = options or ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
+            if type(exc).__name__ == "InvalidProtobuf":
+                raise OnnxcamError(
+                    f"{path} is not an ONNX model (ONNX Runtime cannot parse it); give the .onnx file that "
+                    "onnxcam export wrote"
+                ) from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OnnxcamError(f"could not load model {path}: {first}") from exc
+            raise OnnxcamError(f"could not load model {path}: {first}") from None
         self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
-        names = {o.name for o in self.session.get_outputs()}
-        inputs = {i.name for i in self.session.get_inputs()}
-        if not set(contract.OUTPUTS) <= names or not {contract.IMAGE, contract.TARGETS} <= inputs:
-            raise OnnxcamError(f"{path} does not have the onnxcam inputs/outputs; re-create it with onnxcam export")
         self.path = path
+        self._check_graph()
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
+
+    def _check_graph(self) -> None:
+        """The contract's inputs and outputs exist, and the card agrees with the graph's shapes."""
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if not set(contract.OUTPUTS) <= set(outputs) or not {contract.IMAGE, contract.TARGETS} <= set(inputs):
+            raise OnnxcamError(f"{self.path} lacks the onnxcam inputs/outputs; re-create it with onnxcam export")
+        classes = outputs[contract.LOGITS].shape[-1]
+        if isinstance(classes, int) and classes != len(self.card.labels):
+            raise OnnxcamError(
+                f"{self.path}: its model card names {len(self.card.labels)} classes but the model scores {classes}; "
+                "re-create it with the right --labels"
+            )
+        size = inputs[contract.IMAGE].shape[1:3]
+        if all(isinstance(d, int) for d in size) and tuple(size) != self.card.input_size:
+            raise OnnxcamError(
+                f"{self.path}: its model card says input size {list(self.card.input_size)} but the graph takes "
+                f"{list(size)}; re-create the model with onnxcam export"
+            )
 
     def run(self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``."""
@@ -134,6 +130,10 @@ class Engine:
         }
         values = self.session.run(list(contract.OUTPUTS), feeds)
         return Outputs(**dict(zip(contract.OUTPUTS, values, strict=True)))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits ``[N, K]`` alone, for a batch of model-size uint8 RGB images (extra passes of a method)."""
+        return self.run(images, np.zeros((len(images), 1), np.int64)).logits
 
     def run_head(self, activations: np.ndarray) -> np.ndarray:
         """Logits ``[M, K]`` of the head alone (target layer -> logits) for ``activations [M, C, h, w]``.

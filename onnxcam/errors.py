@@ -1,5 +1,23 @@
-"""The one exception type that the CLI turns into a one-line message."""
+"""The one exception type that the CLI turns into a one-line message, and safe text for terminals."""
+
+from __future__ import annotations
+
+import re
 
 
 class OnnxcamError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+def printable(text: str) -> str:
+    """``text`` on one line with control characters escaped (a file name cannot fake a line or colour)."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], str(text))
+
+
+def describe(exc: BaseException, subject: object = None) -> str:
+    """One line about a failure: an OnnxcamError's own message, else ``subject: Type: message``."""
+    if isinstance(exc, OnnxcamError):
+        return " ".join(str(exc).split())
+    first = (str(exc).strip().splitlines() or [""])[0]
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{subject}: {what}" if subject is not None else what

@@ -2,7 +2,8 @@
 
 Per image the explained class is the top prediction (or ``--target``); the map is computed
 on the image as the model sees it (resized to its input), and every extra pass (masked,
-deleted, inserted images) goes through the same ORT session as one batch.
+deleted, inserted images) goes through the same ORT session as one batch. An image that
+cannot be evaluated is a row with its ``error``; the others go on.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcam import cam as cams
-from onnxcam import metrics
-from onnxcam.api import Explainer, softmax
+from onnxcam import maps, metrics
+from onnxcam.api import Explainer
+from onnxcam.audit import check_box
+from onnxcam.engine import softmax
+from onnxcam.errors import describe
 from onnxcam.image import read_rgb, resize_rgb
+from onnxcam.maps import Box
 from onnxcam.metrics import Score
 
 
@@ -23,8 +27,7 @@ def scorer(explainer: Explainer, index: int) -> Score:
     """Class ``index``'s softmax probability for a batch of model-size uint8 RGB images."""
 
     def score(images: np.ndarray) -> np.ndarray:
-        logits = explainer.engine.run(images, np.zeros((len(images), 1), np.int64)).logits
-        return softmax(logits.astype(np.float64))[:, index]
+        return softmax(explainer.engine.logits(images).astype(np.float64))[:, index]
 
     return score
 
@@ -35,10 +38,12 @@ def evaluate_image(
     target: str | None,
     method: str,
     steps: int,
-    box: list[int] | None,
+    box: Box | None,
     road: bool = False,
 ) -> dict[str, object]:
     photo = read_rgb(path)
+    if box is not None:
+        check_box(box, photo.shape[:2], path)
     image = resize_rgb(photo, explainer.card.input_size)
     targets = [target] if target is not None else []
     top = explainer.explain(image, targets, None if targets else 1, method=method).maps[0]
@@ -54,7 +59,7 @@ def evaluate_image(
         row |= metrics.road(score, image, top.cam)
     if box is not None:
         # the box is in photo pixels: the same low-resolution map, upsampled to the photo instead
-        full, _ = cams.normalize(cams.upsample(top.cam_lowres, photo.shape[:2]))
+        full, _ = maps.normalize(maps.upsample(top.cam_lowres, photo.shape[:2]))
         hit, energy = metrics.pointing_game(full, box)
         row |= {"pointing_game": hit, "energy_pointing_game": round(energy, 6)}
     return row
@@ -66,16 +71,21 @@ def evaluate(
     target: str | None = None,
     method: str = "gradcam",
     steps: int = 32,
-    boxes: dict[str, list[int]] | None = None,
+    boxes: dict[str, Box] | None = None,
     road: bool = False,
 ) -> Iterator[dict[str, object]]:
+    """One row per image, in order; a failure is the row ``{"path", "error"}``."""
     for path in paths:
         box = None if boxes is None else boxes.get(str(path.resolve()))
-        yield evaluate_image(explainer, path, target, method, steps, box, road)
+        try:
+            yield evaluate_image(explainer, path, target, method, steps, box, road)
+        except Exception as exc:  # one image never stops the evaluation
+            yield {"path": str(path), "error": describe(exc, path)}
 
 
 def averages(rows: list[dict[str, object]]) -> dict[str, float]:
-    """Means over images; % Increase in Confidence and the pointing game as percentages."""
+    """Means over the images that were evaluated; % Increase in Confidence and the pointing game as percentages."""
+    rows = [r for r in rows if not r.get("error")]
     out = {"images": len(rows)}
     for key in ("average_drop", "deletion_auc", "insertion_auc", "road_morf", "road_lerf", "energy_pointing_game"):
         values = [r[key] for r in rows if key in r]

@@ -1,29 +1,31 @@
 """Explaining many images: batches streamed through one session, decoding overlapped with ORT.
 
-Per image it writes the overlay PNG and raw ``.npy`` of every target (and ``--panel``),
-appends one JSON line per (image, target) to ``results.jsonl`` (or one line with the error),
-and keeps nothing else in memory, so a long run stays flat.
+Per image it writes the files of :func:`onnxcam.outputs.save_explanation`, appends one JSON
+line per (image, target) to ``results.jsonl`` (or one line with the image's error), and
+keeps nothing else in memory, so a long run stays flat. Whatever goes wrong with one image
+becomes that image's error record; the run goes on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from onnxcam.api import Explainer, Explanation, output_paths, save, save_sheets
-from onnxcam.errors import OnnxcamError
-from onnxcam.image import MAX_PIXELS, atomic_write, read_rgb, write_png_rgb
-from onnxcam.overlay import HEAT_WEIGHT, comparison_sheet, heatmap_rgb, overlay_rgb
-
-RESULTS = "results.jsonl"
+from onnxcam import maps, outputs
+from onnxcam.api import Explainer, Explanation
+from onnxcam.errors import OnnxcamError, describe
+from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
+from onnxcam.overlay import HEAT_WEIGHT
+from onnxcam.progress import progress_bar
+from onnxcam.report import write_report
 
 
 @dataclass
@@ -41,7 +43,22 @@ class Options:
     panel: bool = False
     sheets: bool = False
     resume: bool = False
+    overwrite: bool = False
     max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
+
+    def settings(self, model: Path) -> dict[str, object]:
+        """What the outputs depend on: a resumed run must ask exactly this again."""
+        return {
+            "model": "sha256:" + outputs.file_digest(model)[:16],
+            "target": list(self.targets),
+            "top_k": self.top_k,
+            "method": list(self.methods),
+            "eigen_smooth": self.eigen_smooth,
+            "aug_smooth": self.aug_smooth,
+            "alpha": self.alpha,
+            "panel": self.panel,
+        }
 
 
 @dataclass
@@ -53,87 +70,37 @@ class Summary:
     seconds: float = 0.0
 
 
-class Progress:
-    """One line on a terminal: done/total, images per second, time left. Silent elsewhere."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.done, self.start = total, enabled, 0, time.perf_counter()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate else 0
-        sys.stderr.write(f"\r{self.done}/{self.total} images  {rate:.1f} img/s  ETA {eta:.0f}s ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def unique_stems(paths: list[Path]) -> dict[Path, str]:
-    """Output name stems: the file stem, with -2, -3, ... for repeats (over the whole input list)."""
-    stems: dict[Path, str] = {}
-    seen: dict[str, int] = {}
-    for path in paths:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        stems[path] = path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
-    return stems
-
-
-def map_stats(cam: np.ndarray) -> dict[str, object]:
-    """Peak (x, y) in image pixels, and the share of the map's mass in its brightest 20% of pixels."""
-    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    values = np.sort(cam.ravel())[::-1]
-    total = float(values.sum())
-    top = float(values[: max(1, int(np.ceil(0.2 * values.size)))].sum())
-    return {"peak_xy": [int(x), int(y)], "top20_mass": round(top / total, 6) if total > 0 else 0.0}
-
-
-def completed(out: Path) -> dict[str, list[str]]:
-    """Lines of ``results.jsonl`` per image whose records are complete and whose files all exist."""
-    lines: dict[str, list[str]] = {}
+def complete_records(records: list[dict]) -> dict[str, list[dict]]:
+    """Records per image whose records are complete and whose files all exist (``--resume`` keeps these)."""
+    by_path: dict[str, list[dict]] = {}
     broken: set[str] = set()
-    path = out / RESULTS
-    if not path.is_file():
-        return {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the tail of an interrupted write
-        files = [record.get(k) for k in ("overlay", "map", "panel") if record.get(k)]
-        if record.get("error") or not all(Path(f).is_file() for f in files):
+    for record in records:
+        if record.get("error") or not all(Path(f).is_file() for f in outputs.record_files(record)):
             broken.add(record["path"])
         else:
-            lines.setdefault(record["path"], []).append(line)
-    return {p: v for p, v in lines.items() if p not in broken}
+            by_path.setdefault(record["path"], []).append(record)
+    return {p: v for p, v in by_path.items() if p not in broken}
 
 
-def _decode(paths: list[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | str]]:
+def _decode(paths: list[Path], options: Options) -> list[tuple[Path, np.ndarray | str]]:
     decoded: list[tuple[Path, np.ndarray | str]] = []
     for path in paths:
         try:
-            decoded.append((path, read_rgb(path, max_pixels)))
-        except OnnxcamError as exc:
-            decoded.append((path, str(exc)))
+            decoded.append((path, read_rgb(path, options.max_pixels, options.max_bytes)))
+        except Exception as exc:  # one unreadable file is that file's error record
+            decoded.append((path, describe(exc, path)))
     return decoded
 
 
-def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(paths), size):
-        yield paths[start : start + size]
-
-
-def _records(path: Path, result: Explanation, files: list[dict[str, str]]) -> list[dict[str, object]]:
+def _records(path: Path, stem: str, result: Explanation, files: list[dict], sheets: list[str]) -> list[dict]:
     height, width = result.image_rgb.shape[:2]
     predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
                    for p in result.predictions]  # fmt: skip
+    extra = {"sheets": sheets} if sheets else {}
     return [
         {
             "path": str(path),
+            "stem": stem,
             "size": [width, height],
             "predictions": predictions,
             "target": {
@@ -143,93 +110,118 @@ def _records(path: Path, result: Explanation, files: list[dict[str, str]]) -> li
                 "logit": round(m.logit, 6),
                 "method": m.method,
             },
-            "stats": map_stats(m.cam),
+            "stats": maps.stats(m.cam),
             "empty_map": m.empty,
             **f,
+            **extra,
             "error": None,
         }
         for m, f in zip(result.maps, files, strict=True)
     ]
 
 
-def save_panels(result: Explanation, out: Path, stem: str, alpha: float) -> list[str]:
-    """Per map: original | heat map | overlay side by side, captioned with label and probability."""
-    paths = []
-    for m in result.maps:
-        overlay_path, _ = output_paths(out, stem, m)
-        path = overlay_path.with_name(overlay_path.stem + ".panel.png")
-        tiles = [("photo", result.image_rgb), (f"{m.method} heat map", heatmap_rgb(m.cam)),
-                 (f"{m.label} {m.probability:.1%}", overlay_rgb(result.image_rgb, m.cam, alpha))]  # fmt: skip
-        write_png_rgb(path, comparison_sheet(tiles, height=min(480, result.image_rgb.shape[0])))
-        paths.append(str(path))
-    return paths
+class _Batch:
+    """Explains one decoded batch and writes its files; every failure stays with its image."""
+
+    def __init__(self, explainer: Explainer, options: Options, stems: dict[Path, str], inputs: set[str],
+                 replace: bool) -> None:  # fmt: skip
+        self.explainer, self.options, self.stems, self.inputs, self.replace = (
+            explainer, options, stems, inputs, replace
+        )  # fmt: skip
+
+    def explain(self, images: list[np.ndarray]) -> list[Explanation | str]:
+        o = self.options
+        call = lambda batch: self.explainer.explain_batch(  # noqa: E731
+            batch, o.targets, o.top_k, method=o.methods, eigen_smooth=o.eigen_smooth, aug_smooth=o.aug_smooth
+        )
+        try:
+            return list(call(images))
+        except Exception:  # one image may break the batch: find it by explaining one at a time
+            if len(images) == 1:
+                raise
+        results: list[Explanation | str] = []
+        for image in images:
+            try:
+                results.append(call([image])[0])
+            except Exception as exc:
+                results.append(describe(exc))
+        return results
+
+    def save(self, path: Path, result: Explanation) -> list[dict]:
+        o, stem = self.options, self.stems[path]
+        names = [f"{outputs.map_name(stem, m.index, m.label, m.method)}.png" for m in result.maps]
+        clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
+        if clash:
+            raise OnnxcamError(f"writing {o.out / clash[0]} would overwrite an input image; choose another --out")
+        files, sheets = outputs.save_explanation(result, o.out, stem, o.alpha, o.panel, o.sheets, self.replace)
+        return _records(path, stem, result, files, sheets)
+
+    def records(self, decoded: list[tuple[Path, np.ndarray | str]]) -> list[dict]:
+        good = [(p, image) for p, image in decoded if isinstance(image, np.ndarray)]
+        try:
+            explained = self.explain([image for _, image in good]) if good else []
+        except Exception as exc:
+            explained = [describe(exc)] * len(good)
+        results = dict(zip([p for p, _ in good], explained, strict=True))
+        lines: list[dict] = []
+        for path, image in decoded:
+            found = results.get(path, image)
+            if isinstance(found, str):
+                lines.append({"path": str(path), "error": found})
+                continue
+            try:
+                lines += self.save(path, found)
+            except Exception as exc:  # a file that cannot be written fails this image only
+                lines.append({"path": str(path), "error": describe(exc, path)})
+        return lines
 
 
-def run(explainer: Explainer, paths: list[Path], options: Options, progress: bool = False) -> Iterator[dict]:
+def run(
+    explainer: Explainer, paths: list[Path], options: Options, progress: bool = False, warnings: list[str] = ()
+) -> Iterator[dict]:
     """Explain ``paths`` into ``options.out``; yields every record as it is written, then a summary.
 
-    Bad images become error records and the run goes on. With ``options.resume``, images
-    whose records and files are complete are skipped (their records are kept).
+    Bad images become error records and the run goes on. The folder is locked for the run;
+    an earlier run there is refused unless ``resume`` (same settings: its complete images
+    are skipped, their records kept) or ``overwrite`` (its files are deleted first). At the
+    end, ``index.html`` shows every record, with ``warnings`` about the model on top.
     """
     out = options.out
-    out.mkdir(parents=True, exist_ok=True)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any work
-    stems = unique_stems(paths)
-    inputs = {os.path.realpath(p) for p in paths}
-    done = completed(out) if options.resume else {}
-    results = out / RESULTS
-    kept = [line for p in paths if str(p) in done for line in done[str(p)]]
-    atomic_write(results, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
-    todo = [p for p in paths if str(p) not in done]
-    summary = Summary(images=len(paths), skipped=len(paths) - len(todo))
-    bar = Progress(len(todo), progress)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as pool, results.open("a", encoding="utf-8") as log:
-        batches = list(_batches(todo, max(1, options.batch_size)))
-        pending: Future | None = pool.submit(_decode, batches[0], options.max_pixels) if batches else None
-        for i in range(len(batches)):
-            decoded = pending.result()
-            pending = pool.submit(_decode, batches[i + 1], options.max_pixels) if i + 1 < len(batches) else None
-            good = [(p, image) for p, image in decoded if isinstance(image, np.ndarray)]
-            lines = [{"path": str(p), "error": image} for p, image in decoded if isinstance(image, str)]
-            summary.failed += len(lines)
-            if good:
-                explained = explainer.explain_batch(
-                    [image for _, image in good], options.targets, options.top_k,
-                    method=options.methods, eigen_smooth=options.eigen_smooth, aug_smooth=options.aug_smooth,
-                )  # fmt: skip
-                for (path, _), result in zip(good, explained, strict=True):
-                    stem = stems[path]
-                    clash = [f for m in result.maps for f in output_paths(out, stem, m)
-                             if os.path.realpath(f) in inputs]  # fmt: skip
-                    if clash:
-                        raise OnnxcamError(f"writing would overwrite the input {clash[0]}; choose another --out")
-                    files = save(result, out, stem, options.alpha)
-                    if options.panel:
-                        for f, panel in zip(files, save_panels(result, out, stem, options.alpha), strict=True):
-                            f["panel"] = panel
-                    records = _records(path, result, files)
-                    if options.sheets:
-                        sheets = save_sheets(result, out, stem, options.alpha)
-                        for record in records:
-                            record["sheets"] = sheets
-                    lines += records
-                    summary.explained += 1
-            log.write("".join(json.dumps(r) + "\n" for r in lines))  # one write per batch: whole records
-            log.flush()
-            yield from lines
-            bar.update(len(batches[i]))
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    yield {"summary": vars(summary)}
+    with outputs.owned(out):
+        kept = outputs.start_run(out, options.settings(explainer.engine.path), options.resume, options.overwrite)
+        done = complete_records(kept)
+        kept_lines = [json.dumps(r) + "\n" for records in done.values() for r in records]
+        outputs.write_text(out / outputs.RESULTS, "".join(kept_lines))
+        stems = outputs.unique_stems(paths, {p: records[0]["stem"] for p, records in done.items()
+                                             if isinstance(records[0].get("stem"), str)})  # fmt: skip
+        todo = [p for p in paths if str(p) not in done]
+        batch = _Batch(explainer, options, stems, {os.path.realpath(p) for p in paths}, replace=options.resume)
+        summary = Summary(images=len(paths), skipped=len(paths) - len(todo))
+        start = time.perf_counter()
+        bar = progress_bar(len(todo)) if progress else nullcontext(None)
+        log = (out / outputs.RESULTS).open("a", encoding="utf-8")
+        with bar as advance, ThreadPoolExecutor(max_workers=1) as pool, log:
+            size = options.batch_size
+            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+            pending: Future | None = pool.submit(_decode, chunks[0], options) if chunks else None
+            for i, chunk in enumerate(chunks):
+                decoded = pending.result()
+                pending = pool.submit(_decode, chunks[i + 1], options) if i + 1 < len(chunks) else None
+                lines = batch.records(decoded)
+                failed = {r["path"] for r in lines if r.get("error")}
+                summary.failed += len(failed)
+                summary.explained += len(chunk) - len(failed)
+                log.write("".join(json.dumps(r) + "\n" for r in lines))  # one write per batch: whole records
+                log.flush()
+                yield from lines
+                if advance:
+                    advance(len(chunk))
+        summary.seconds = time.perf_counter() - start
+        report = write_report(read_records(out), out, list(warnings))
+        yield {"summary": {**vars(summary), "report": str(report)}}
 
 
 def read_records(out: Path) -> list[dict]:
     """Every complete record of ``results.jsonl`` (for the report)."""
-    records = []
-    for line in (out / RESULTS).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return outputs.read_records(out / outputs.RESULTS, strict=False)

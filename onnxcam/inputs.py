@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from onnxcam.errors import OnnxcamError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jpe", ".pgm", ".ppm"}
+MAX_LIST_BYTES = 64 * 1024 * 1024  # an @list of paths, not a data set
+
+
+def read_list(listing: Path) -> list[str]:
+    """The lines of an ``@list`` file: a regular file only (never a pipe or device), of sane size."""
+    try:
+        info = listing.stat()
+    except OSError as exc:
+        raise OnnxcamError(f"cannot read the list file {listing}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxcamError(f"the list file {listing} is not a regular file; give a text file with one path per line")
+    if info.st_size > MAX_LIST_BYTES:
+        raise OnnxcamError(f"the list file {listing} is {info.st_size:,} bytes, over {MAX_LIST_BYTES:,}; split it")
+    try:
+        return listing.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxcamError(f"cannot read the list file {listing} as UTF-8 text: {exc}") from None
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -30,22 +48,19 @@ def _walk(folder: Path) -> Iterator[Path]:
 def expand(items: list[str]) -> list[Path]:
     """Files in the order given; folders walked recursively; globs and @list files expanded.
 
-    A plain path that does not exist stays in the list, so that it is reported as missing.
+    A plain path that does not exist (or is not a regular file) stays in the list, so that it
+    is reported as that image's error.
     Each file appears once, at its first mention.
     """
     out: dict[str, Path] = {}
     for item in items:
         if item.startswith("@"):
-            listing = Path(item[1:])
-            try:
-                lines = listing.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise OnnxcamError(f"cannot read the list file {listing}: {exc.strerror or exc}") from exc
+            lines = read_list(Path(item[1:]))
             paths = expand([line.strip() for line in lines if line.strip() and not line.startswith("#")])
         elif Path(item).is_dir():
             paths = list(_walk(Path(item)))
         elif glob.has_magic(item):
-            paths = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            paths = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if not Path(p).is_dir()]
             if not paths:
                 raise OnnxcamError(f"the pattern {item!r} matches no file")
         else:

@@ -1,19 +1,31 @@
-"""The CAM family on one ORT call's activations ``A [C, h, w]`` and gradients ``G [T, C, h, w]``.
+"""The CAM methods: one registry record each, on one ORT call's activations ``A [C, h, w]``
+and gradients ``G [T, C, h, w]``.
 
 Each method only says how it weights the channels: it returns the per-channel
 contributions ``W [T, C, h, w]`` whose channel sum, after a ReLU, is the map
 (``L = ReLU(sum_k W_k)``), as in pytorch-grad-cam's ``BaseCAM``. With ``eigen_smooth``
 the channel sum is replaced by the first principal component of ``W``, and the
-Eigen-CAM variants always use it.
+Eigen-CAM variants always use it. Score-CAM and Ablation-CAM get their channel weights
+from extra model passes (:mod:`onnxcam.passes`).
+
+Adding a method: its function here, one :class:`Method` record in :data:`METHODS`, one row
+in the tests' formula table (``tests/test_methods.py``) and in the README's methods table.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-EPS = 1e-7  # pytorch-grad-cam's guard against division by zero
+from onnxcam import passes
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+
+EPS = 1e-7  # XGrad-CAM's guard for a channel whose activations sum to zero (pytorch-grad-cam's value)
 
 
 def gradcam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -24,13 +36,17 @@ def gradcam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
 def gradcam_plus_plus(a: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Grad-CAM++ (Chattopadhyay et al., WACV 2018), second/third-order terms by the exponential trick.
 
-    ``a_ij = G^2 / (2 G^2 + sum_hw(A) G^3)`` (zero where ``G = 0``),
-    ``alpha_k = sum_hw(a_ij ReLU(G))``, ``W_k = alpha_k A_k``.
+    ``a_ij = G^2 / (2 G^2 + sum_hw(A) G^3)``, zero where that denominator is zero (which
+    includes ``G = 0``); ``alpha_k = sum_hw(a_ij ReLU(G))``, ``W_k = alpha_k A_k``.
+    The division is exact: pytorch-grad-cam adds 1e-6 to the denominator, which dominates it
+    when gradients are small (below ~1e-3, as in randomly initialised networks) and makes its
+    maps depend on the gradients' scale; here scaling ``G`` by ``s`` and ``A`` by ``1/s``
+    gives the same map.
     """
     g2 = g * g
     g3 = g2 * g  # products, not ** (numpy pow is ~10x slower)
-    denominator = 2 * g2 + a.sum(axis=(1, 2))[None, :, None, None] * g3 + EPS
-    aij = np.where(g != 0, g2 / denominator, 0)
+    denominator = 2 * g2 + a.sum(axis=(1, 2))[None, :, None, None] * g3
+    aij = np.divide(g2, denominator, out=np.zeros_like(g2), where=denominator != 0)
     alpha = (aij * np.maximum(g, 0)).sum(axis=(2, 3), keepdims=True)
     return alpha * a
 
@@ -85,19 +101,65 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     return (projection if loadings.sum() >= 0 else -projection).reshape(h, w)
 
 
-Method = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Contributions = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (A [C, h, w], G [T, C, h, w]) -> W
+PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One CAM method: how it weighs the channels and what it needs from the model.
+
+    ``uses`` is ``"weights"`` when the graph's cheap Grad-CAM channel weights are enough,
+    ``"gradients"`` when it needs the full gradient tensor (one flag on the same ORT call),
+    ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes.
+    """
+
+    name: str
+    contributions: Contributions
+    uses: str = "gradients"
+    eigen: bool = False  # the map is the first principal component of the contributions
+    passes: PassWeights | None = None
+
+
 METHODS: dict[str, Method] = {
-    "gradcam": gradcam,
-    "gradcam++": gradcam_plus_plus,
-    "xgradcam": xgradcam,
-    "hirescam": hirescam,
-    "gradcam-elementwise": gradcam_elementwise,
-    "layercam": layercam,
-    "eigencam": eigencam,
-    "eigengradcam": eigengradcam,
+    m.name: m
+    for m in (
+        Method("gradcam", gradcam, uses="weights"),
+        Method("gradcam++", gradcam_plus_plus),
+        Method("xgradcam", xgradcam),
+        Method("hirescam", hirescam),
+        Method("gradcam-elementwise", gradcam_elementwise),
+        Method("layercam", layercam),
+        Method("eigencam", eigencam, uses="weights", eigen=True),
+        Method("eigengradcam", eigengradcam, eigen=True),
+        Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
+        Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights),
+    )
 }
-ALWAYS_EIGEN = {"eigencam", "eigengradcam"}
-NEEDS_GRADIENTS = set(METHODS) - {"gradcam", "eigencam"}  # gradcam uses the graph's cheap weights
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9+]", "", name.lower())
+
+
+def resolve(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Canonical method names from user text: any case, with or without dashes; ``all`` is every method."""
+    given = [names] if isinstance(names, str) else list(names)
+    if [_key(n) for n in given] == ["all"]:
+        return list(METHODS)
+    by_key = {_key(n): n for n in METHODS}
+    unknown = [n for n in given if _key(n) not in by_key]
+    if unknown or not given:
+        close = difflib.get_close_matches(_key(unknown[0]), by_key, n=2) if unknown else []
+        hint = f"; did you mean {' or '.join(by_key[c] for c in close)}?" if close else ""
+        raise OnnxcamError(f"unknown method {unknown[0] if unknown else given!r}{hint} "
+                           f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
+    return [by_key[_key(n)] for n in given]
+
+
+def needs_gradients(names: list[str]) -> bool:
+    """Whether any of these methods needs the full gradient tensor from the graph."""
+    return any(METHODS[n].uses == "gradients" for n in names)
 
 
 def cam(
@@ -107,22 +169,18 @@ def cam(
     weights: np.ndarray | None = None,
     eigen_smooth: bool = False,
 ) -> np.ndarray:
-    """Low-resolution maps ``[T, h, w]`` (>= 0, unnormalised).
+    """Low-resolution maps ``[T, h, w]`` (>= 0, unnormalised) from the graph's outputs for one image.
 
-    ``activations`` is ``[C, h, w]``; ``gradients`` ``[T, C, h, w]``; ``weights`` ``[T, C]``, the
-    graph's Grad-CAM channel weights, are enough for ``gradcam`` and ``eigencam``.
+    ``activations`` is ``[C, h, w]``; ``gradients`` ``[T, C, h, w]``; ``weights`` ``[T, C]``: the
+    graph's Grad-CAM channel weights, or the channel weights of a method's extra passes.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    m = METHODS[method]
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
-    if gradients is not None and gradients.size:
-        weighted = METHODS[method](activations, gradients.astype(np.float64))
-    elif weights is not None and method in ("gradcam", "eigencam"):
-        weighted = METHODS[method](activations, weights[:, :, None, None].astype(np.float64))
+    if m.uses != "gradients" and weights is not None:
+        weighted = m.contributions(activations, weights[:, :, None, None].astype(np.float64))
+    elif gradients is not None and gradients.size:
+        weighted = m.contributions(activations, gradients.astype(np.float64))
     else:
         raise ValueError(f"{method} needs the full gradients (run with full_gradients=True)")
-    if eigen_smooth or method in ALWAYS_EIGEN:
-        maps = np.stack([first_component(w) for w in weighted])
-    else:
-        maps = weighted.sum(axis=1)
+    maps = np.stack([first_component(w) for w in weighted]) if eigen_smooth or m.eigen else weighted.sum(axis=1)
     return np.maximum(maps, 0)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from onnxcam import maps
+
 Score = Callable[[np.ndarray], np.ndarray]
 
 
@@ -65,14 +67,12 @@ def insertion(
     return auc(curve), curve
 
 
-def pointing_game(cam: np.ndarray, box: list[int]) -> tuple[bool, float]:
+def pointing_game(cam: np.ndarray, box: maps.Box) -> tuple[bool, float]:
     """(peak inside the box, share of the map's mass inside the box): pointing game (Zhang et al.,
     ECCV 2016) and its energy-based form (Wang et al., Score-CAM, 2020). Box: x0, y0, x1, y1, inclusive."""
     x0, y0, x1, y1 = box
-    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    total = float(cam.sum())
-    energy = float(cam[y0 : y1 + 1, x0 : x1 + 1].sum()) / total if total > 0 else 0.0
-    return bool(x0 <= x <= x1 and y0 <= y <= y1), energy
+    x, y = maps.peak(cam)
+    return bool(x0 <= x <= x1 and y0 <= y <= y1), maps.box_share(cam, box)
 
 
 # Noisy linear imputation (Rong et al., ICML 2022, ROAD): a removed pixel is the weighted mean of

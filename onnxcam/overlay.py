@@ -1,4 +1,8 @@
-"""Heat-map overlay: JET colour map blended over the photo (both RGB)."""
+"""Pictures of a map: JET colours, the blend over the photo, and side-by-side sheets (all RGB).
+
+Everything is uint8 and as few copies as OpenCV allows: a 9000 x 9000 photo stays within a
+few hundred MB per step.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +16,47 @@ def heatmap_rgb(cam: np.ndarray) -> np.ndarray:
     """JET colours for a [0, 1] map, as uint8 RGB (OpenCV's colour maps come out BGR)."""
     if cam.ndim != 2:
         raise ValueError(f"need a 2-D map, got shape {cam.shape}")
-    scaled = np.clip(np.rint(cam * 255), 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    scaled = cv2.convertScaleAbs(cam, alpha=255)  # round(|255 cam|), saturated to uint8
+    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
 
 
 def overlay_rgb(photo_rgb: np.ndarray, cam: np.ndarray, alpha: float = HEAT_WEIGHT) -> np.ndarray:
-    """``alpha * heat + (1 - alpha) * photo``, uint8 RGB of the photo's size."""
+    """``round(alpha * heat + (1 - alpha) * photo)``, uint8 RGB of the photo's size."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if cam.shape != photo_rgb.shape[:2]:
         raise ValueError(f"map {cam.shape} and photo {photo_rgb.shape[:2]} differ in size")
-    blend = alpha * heatmap_rgb(cam).astype(np.float32) + (1 - alpha) * photo_rgb.astype(np.float32)
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    heat = heatmap_rgb(cam)
+    return cv2.addWeighted(heat, alpha, photo_rgb, 1 - alpha, 0, dst=heat)
 
 
-def comparison_sheet(tiles: list[tuple[str, np.ndarray]], height: int = 240) -> np.ndarray:
+SHEET_HEIGHT = 240
+
+
+def thumbnail(image: np.ndarray, height: int = SHEET_HEIGHT) -> np.ndarray:
+    """``image`` scaled to ``height`` pixels tall (area interpolation), aspect kept."""
+    if image.shape[0] == height:
+        return image
+    width = max(1, round(image.shape[1] * height / image.shape[0]))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def comparison_sheet(tiles: list[tuple[str, np.ndarray]], height: int = SHEET_HEIGHT) -> np.ndarray:
     """A row of equally tall RGB images, each captioned with its name (e.g. one overlay per method)."""
     row = []
     for name, image in tiles:
-        width = round(image.shape[1] * height / image.shape[0])
-        tile = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        tile = thumbnail(image, height)
+        width = tile.shape[1]
         tile = np.vstack([np.full((28, width, 3), 255, np.uint8), tile])
         cv2.putText(tile, name, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         row += [tile, np.full((height + 28, 4, 3), 255, np.uint8)]
     return np.hstack(row[:-1])
+
+
+def panel(photo_rgb: np.ndarray, cam: np.ndarray, blended: np.ndarray, caption: str, method: str) -> np.ndarray:
+    """Photo | heat map | overlay (``blended``, from :func:`overlay_rgb`) side by side, for slides."""
+    height = min(480, photo_rgb.shape[0])
+    heat = heatmap_rgb(thumbnail(cam, height))  # colour the small map: no full-size copy
+    tiles = [("photo", photo_rgb), (f"{method} heat map", heat), (caption, blended)]
+    return comparison_sheet(tiles, height=height)

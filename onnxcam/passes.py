@@ -1,6 +1,7 @@
 """CAM methods that need extra model passes, batched through the same ORT session.
 
-Both return channel weights ``[T, C]``; the map is then ``ReLU(sum_k w_k A_k)``.
+Both take ``(engine, image, activations, classes)`` and return channel weights ``[T, C]``;
+the map is then ``ReLU(sum_k w_k A_k)``.
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from onnxcam.cam import softmax
-from onnxcam.engine import Engine
+from onnxcam.engine import Engine, softmax
 
 
-def ablation_weights(engine: Engine, activations: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def ablation_weights(
+    engine: Engine, image: np.ndarray, activations: np.ndarray, classes: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): ``w_k = (y_c - y_c^(k)) / y_c``.
 
-    ``y_c^(k)`` is the class logit when channel k of the target layer is set to zero. Only
-    the head runs (``Engine.run_head``), ``batch_size`` ablated copies per call.
+    ``y_c^(k)`` is the class logit when channel k of the target layer is set to zero, as the
+    paper does (pytorch-grad-cam writes ``min(A) - 1e7`` instead, for layers whose activations
+    can be negative). Only the head runs (``Engine.run_head``), ``batch_size`` ablated copies
+    per call; ``image`` is not needed.
     """
     channels = activations.shape[0]
     base = engine.run_head(activations[None])[0, classes].astype(np.float64)
@@ -48,6 +52,6 @@ def score_weights(
     for start in range(0, len(masks), batch_size):
         chunk = masks[start : start + batch_size]
         masked = np.rint(image[None].astype(np.float32) * chunk[..., None]).astype(np.uint8)
-        logits = engine.run(masked, np.zeros((len(chunk), 1), np.int64)).logits.astype(np.float64)
+        logits = engine.logits(masked).astype(np.float64)
         scores[start : start + len(chunk)] = softmax(logits, axis=1)[:, classes]
     return softmax(scores, axis=0).T

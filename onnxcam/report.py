@@ -2,7 +2,8 @@
 
 A grid of cards (overlay thumbnail, predicted label, probability), a filter by predicted
 class and a sort by confidence; a card opens the full-size panel. ``#class=285`` in the
-address pre-selects a class. Failed images are cards with their error.
+address pre-selects a class. Failed images are cards with their error; warnings about the
+model (e.g. random weights) are a banner on top.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
-from onnxcam.image import atomic_write
+from onnxcam.outputs import REPORT, write_text
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>onnxcam report</title>
@@ -26,18 +28,24 @@ header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 #modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center}
 #modal.open{display:flex}#modal img{max-width:96vw;max-height:80vh;background:#fff}
 #modal p{color:#fff}
+.warning{background:#fde2b3;border:2px solid #e90;padding:.5rem;border-radius:6px;font-weight:600}
 </style></head><body>
 <header><h1>onnxcam report</h1><span id="count"></span>
 <label>predicted class <select id="filter"><option value="">all</option></select></label>
 <label>sort <select id="sort"><option value="desc">most confident first</option>
 <option value="asc">least confident first</option><option value="path">by file</option></select></label>
 </header>
+<div id="warnings"></div>
 <div id="grid"></div>
 <div id="modal"><div><div id="panel"></div><p id="caption"></p></div></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
 "use strict";
-const items = JSON.parse(document.getElementById("data").textContent);
+const data = JSON.parse(document.getElementById("data").textContent), items = data.items;
+for (const text of data.warnings) {
+  const p = document.createElement("p"); p.className = "warning"; p.textContent = text;
+  document.getElementById("warnings").append(p);
+}
 const grid = document.getElementById("grid"), filter = document.getElementById("filter");
 const sort = document.getElementById("sort"), modal = document.getElementById("modal");
 const classes = new Map();
@@ -97,7 +105,7 @@ render();
 def _items(records: list[dict], out: Path) -> list[dict]:
     """One entry per image: its top prediction, the first map's overlay, and the full-size views."""
     items: dict[str, dict] = {}
-    rel = lambda p: os.path.relpath(p, out).replace(os.sep, "/")  # noqa: E731
+    rel = lambda p: quote(os.path.relpath(p, out).replace(os.sep, "/"))  # noqa: E731  (URL: # ? % escaped)
     for r in records:
         if r["path"] in items:
             continue
@@ -110,10 +118,15 @@ def _items(records: list[dict], out: Path) -> list[dict]:
     return list(items.values())
 
 
-def write_report(records: list[dict], out: Path) -> Path:
-    """Write ``out/index.html`` for ``records`` (as in ``results.jsonl``)."""
-    data = json.dumps(_items(records, out)).replace("</", "<\\/")  # safe inside <script>
-    page = PAGE.replace("__DATA__", data)
-    path = out / "index.html"
-    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+def script_json(value: object) -> str:
+    """JSON that is inert inside an HTML ``<script>`` block: ``<``, ``>`` and ``&`` as ``\\uXXXX`` escapes."""
+    text = json.dumps(value)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def write_report(records: list[dict], out: Path, warnings: list[str] | None = None) -> Path:
+    """Write ``out/index.html`` for ``records`` (as in ``results.jsonl``), with ``warnings`` on top."""
+    data = {"items": _items(records, out), "warnings": list(warnings or [])}
+    path = out / REPORT
+    write_text(path, PAGE.replace("__DATA__", script_json(data)))
     return path

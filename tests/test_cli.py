@@ -55,7 +55,9 @@ def test_explain_writes_overlay_and_map_per_target(lite0_model: Path, tmp_path: 
         np.testing.assert_allclose(raw, reference.cam, atol=1e-6)
         np.testing.assert_array_equal(read_rgb(target["overlay"]), overlay_rgb(read_rgb(CAT), reference.cam))
         assert Path(target["overlay"]).parent == out and target["empty_map"] is False
-    assert sorted(p.suffix for p in out.iterdir()) == [".html", ".jsonl"] + [".npy"] * 3 + [".png"] * 3
+    assert (
+        sorted(p.suffix for p in out.iterdir()) == [".html", ".json", ".jsonl", ".lock"] + [".npy"] * 3 + [".png"] * 3
+    )
 
 
 def test_explain_table_names_the_prediction_and_files(lite0_model: Path, tmp_path: Path) -> None:
@@ -164,7 +166,15 @@ def test_a_bad_image_among_good_ones_is_reported_and_the_run_goes_on(
     assert "explained 1 of 2 images (0 skipped, 1 failed)" in result.stdout
     assert len(list(out.glob("chelsea_*.png"))) == 1 and not list(out.glob("cut*"))
     kept = run(
-        "explain", CAT, str(bad_files["cut.png"]), "--model", str(lite0_model), "--out", str(out), "--keep-going"
+        "explain",
+        CAT,
+        str(bad_files["cut.png"]),
+        "--model",
+        str(lite0_model),
+        "--out",
+        str(out),
+        "--keep-going",
+        "--overwrite",
     )
     assert kept.returncode == 0
 
@@ -172,8 +182,8 @@ def test_a_bad_image_among_good_ones_is_reported_and_the_run_goes_on(
 @pytest.mark.parametrize(
     ("model", "phrases"),
     [
-        ("models/missing.onnx", ["not found", "onnxcam export --arch vgg16 --out models/missing.onnx"]),
-        ("{garbage.onnx}", ["could not load model", "garbage.onnx"]),
+        ("models/missing.onnx", ["not found", "onnxcam export --arch efficientnet_lite0 --out models/missing.onnx"]),
+        ("{garbage.onnx}", ["garbage.onnx is not an ONNX model", "onnxcam export"]),
         ("{plain.onnx}", ["not an onnxcam model", "onnxcam export"]),
     ],
 )
@@ -277,13 +287,13 @@ def test_torchvision_architectures_say_what_to_install(tmp_path: Path) -> None:
 
 
 def test_method_all_writes_every_map_and_a_sheet(lite0_model: Path, tmp_path: Path) -> None:
-    from onnxcam.api import ALL_METHODS
+    from onnxcam.methods import METHODS
 
     result = run("explain", CAT, "--model", str(lite0_model), "--method", "all", "--out", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
     (image,) = json.loads(result.stdout)["images"]
-    assert [t["method"] for t in image["targets"]] == list(ALL_METHODS)
-    assert len({t["overlay"] for t in image["targets"]}) == len(ALL_METHODS)
+    assert [t["method"] for t in image["targets"]] == list(METHODS)
+    assert len({t["overlay"] for t in image["targets"]}) == len(METHODS)
     (sheet,) = image["sheets"]
     assert read_rgb(sheet).shape[1] > 5 * read_rgb(image["targets"][0]["overlay"]).shape[1] // 3
 

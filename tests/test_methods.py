@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from onnxcam import Explainer
-from onnxcam.methods import METHODS, cam
+from onnxcam.errors import OnnxcamError
+from onnxcam.methods import METHODS, cam, resolve
 from tests.conftest import EXAMPLES
 
 T, C, H, W = 2, 5, 4, 3
@@ -35,7 +36,8 @@ def loop_weighted(method: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
                 alpha = 0.0
                 for i, j in cells:
                     gr = g[t, k, i, j]
-                    aij = gr**2 / (2 * gr**2 + total_a * gr**3 + 1e-7) if gr != 0 else 0.0
+                    denominator = 2 * gr**2 + total_a * gr**3
+                    aij = gr**2 / denominator if denominator != 0 else 0.0
                     alpha += aij * relu(gr)
             elif method == "xgradcam":
                 alpha = sum(g[t, k, i, j] * a[k, i, j] for i, j in cells) / (sum(a[k, i, j] for i, j in cells) + 1e-7)
@@ -65,7 +67,10 @@ def pca_projection(weighted: np.ndarray) -> np.ndarray:
     return (x @ (v if v.sum() >= 0 else -v)).reshape(h, w)
 
 
-@pytest.mark.parametrize("method", METHODS)
+ONE_CALL = [name for name, m in METHODS.items() if m.passes is None]  # no extra model passes
+
+
+@pytest.mark.parametrize("method", ONE_CALL)
 @pytest.mark.parametrize("eigen_smooth", [False, True])
 def test_method_equals_its_formula_computed_with_loops(method: str, eigen_smooth: bool) -> None:
     weighted = loop_weighted(method, A, G)
@@ -74,6 +79,28 @@ def test_method_equals_its_formula_computed_with_loops(method: str, eigen_smooth
     else:
         expected = np.maximum(weighted.sum(axis=1), 0)
     np.testing.assert_allclose(cam(method, A, G, eigen_smooth=eigen_smooth), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gradcam_plus_plus_does_not_depend_on_the_gradients_scale() -> None:
+    """a_ij = 1 / (2 + sum(A) G) is unchanged when G is scaled by s and A by 1/s, so the map must be too.
+
+    An absolute guard in the denominator (pytorch-grad-cam: + 1e-6) breaks this for small gradients.
+    """
+    reference = cam("gradcam++", A, G)
+    for scale in (1e-6, 1e-3, 1e3):
+        np.testing.assert_allclose(cam("gradcam++", A / scale, G * scale), reference, rtol=1e-9)
+    g = G.copy()
+    g[0, 0, 0, 0] = -2 / A[0].sum()  # 2 G^2 + sum(A) G^3 = 0 with G != 0: zero weight, not inf
+    assert np.isfinite(cam("gradcam++", A, g)).all()
+
+
+def test_method_names_are_resolved_in_any_case() -> None:
+    assert resolve("GradCAM") == ["gradcam"]
+    names = ["Grad-CAM++", "layerCAM", "gradcam_elementwise"]
+    assert resolve(names) == ["gradcam++", "layercam", "gradcam-elementwise"]
+    assert resolve("ALL") == list(METHODS)
+    with pytest.raises(OnnxcamError, match=r"unknown method 'gradcam\+'; did you mean gradcam\+\+"):
+        resolve("gradcam+")
 
 
 def test_gradcam_from_the_graph_weights_equals_gradcam_from_gradients() -> None:
@@ -121,6 +148,6 @@ def test_all_methods_come_from_one_call(lite0_model: Path, monkeypatch: pytest.M
     calls = []
     run = explainer.engine.run
     monkeypatch.setattr(explainer.engine, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
-    result = explainer.explain(EXAMPLES / "chelsea.png", top_k=5, method=list(METHODS))
-    assert len(calls) == 1 and len(result.maps) == 5 * len(METHODS)
-    assert [m.method for m in result.maps[::5]] == list(METHODS)
+    result = explainer.explain(EXAMPLES / "chelsea.png", top_k=5, method=ONE_CALL)
+    assert len(calls) == 1 and len(result.maps) == 5 * len(ONE_CALL)
+    assert [m.method for m in result.maps[::5]] == ONE_CALL

@@ -99,9 +99,9 @@ def test_ablation_weights_batched_equal_one_channel_at_a_time(reshape: bool, tmp
         expected[:, k] = (base - score) / base
     if reshape:
         with pytest.warns(UserWarning, match="cannot run an empty image batch"):
-            got = ablation_weights(engine, a, np.array(classes), batch_size=3)
+            got = ablation_weights(engine, image, a, np.array(classes), batch_size=3)
     else:
-        got = ablation_weights(engine, a, np.array(classes), batch_size=3)
+        got = ablation_weights(engine, image, a, np.array(classes), batch_size=3)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 

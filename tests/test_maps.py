@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcam.cam import normalize, upsample
+from onnxcam.maps import normalize, upsample
 from onnxcam.overlay import heatmap_rgb, overlay_rgb
 
 

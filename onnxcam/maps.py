@@ -1,0 +1,64 @@
+"""Facts about one saliency map: upsampling, min-max scaling, its peak, its mass in a box, its summary.
+
+The maps themselves come from :mod:`onnxcam.methods` (Grad-CAM: ``L = ReLU(sum_k alpha_k A_k)``).
+Full-resolution maps of large photos are hundreds of MB: the work here is float32 and in place.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive
+
+
+def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an ``[h, w]`` map to ``(height, width)`` (pixel centres aligned), float32."""
+    height, width = size
+    return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize(cam: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Min-max scale a float32 map to [0, 1], in place. Returns ``(map, empty)``.
+
+    An all-zero map (no channel votes for the class after the ReLU) stays all zero instead
+    of becoming NaN. A constant positive map has no peak either: it becomes zeros and is
+    flagged empty too.
+    """
+    cam = cam if cam.dtype == np.float32 else cam.astype(np.float32)
+    low, high = float(cam.min()), float(cam.max())
+    if high <= low:
+        cam[...] = 0
+        return cam, True
+    cam -= low
+    cam *= 1 / (high - low)
+    np.clip(cam, 0, 1, out=cam)  # 1 / (high - low) may round a hair above 1
+    return cam, False
+
+
+def peak(cam: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the map's maximum, in pixels."""
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return int(x), int(y)
+
+
+def box_share(cam: np.ndarray, box: Box) -> float:
+    """The share of the map's mass inside ``box`` (0 for an all-zero map)."""
+    x0, y0, x1, y1 = box
+    total = float(cam.sum(dtype=np.float64))
+    return float(cam[y0 : y1 + 1, x0 : x1 + 1].sum(dtype=np.float64)) / total if total > 0 else 0.0
+
+
+def top_mass(cam: np.ndarray, share: float = 0.2) -> float:
+    """The share of the map's mass in its brightest ``share`` of pixels (1 for a point, ``share`` if flat)."""
+    total = float(cam.sum(dtype=np.float64))
+    if total <= 0:
+        return 0.0
+    count = max(1, int(np.ceil(share * cam.size)))
+    brightest = np.partition(cam.ravel(), cam.size - count)[cam.size - count :]
+    return float(brightest.sum(dtype=np.float64)) / total
+
+
+def stats(cam: np.ndarray) -> dict[str, object]:
+    """What results.jsonl says about a map: its peak (x, y) and ``top20_mass``."""
+    return {"peak_xy": list(peak(cam)), "top20_mass": round(top_mass(cam), 6)}

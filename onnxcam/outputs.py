@@ -1,0 +1,335 @@
+"""Everything a run writes: output names, atomic file writes, the output folder's lock and settings.
+
+A run owns its ``--out`` folder while it works: an advisory lock keeps a second run out, a
+``run.json`` says what the run was asked (so ``--resume`` can refuse a run with other
+settings), and every file is written to an exclusively created temporary name and then
+renamed, so an interrupted run leaves no half-written file and a planted symlink is never
+followed. A fresh run never replaces a file it did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from onnxcam import overlay
+from onnxcam.errors import OnnxcamError
+
+if TYPE_CHECKING:
+    from onnxcam.api import Explanation
+
+RESULTS = "results.jsonl"
+SETTINGS = "run.json"
+REPORT = "index.html"
+LOCK = ".onnxcam.lock"
+PARTIAL = ".partial"  # temporary names: .<name>.<random>.partial<suffix>
+MAX_STEM_BYTES = 100  # output names stay far below the 255-byte limit of file systems
+MAX_LABEL_BYTES = 60
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# -- atomic writes --------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True) -> None:
+    """Write ``path`` through an exclusively created temporary file in its folder, then rename.
+
+    ``replace=False`` refuses to replace an existing file (a file the run did not write).
+    """
+    if not replace and os.path.lexists(path):
+        raise OnnxcamError(f"{path} already exists and this run did not write it; choose another --out")
+    prefix = "." + path.name.encode()[:120].decode(errors="ignore") + "."
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=PARTIAL + path.suffix)
+    tmp = Path(name)
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0600; outputs get the usual permissions
+            os.fchmod(fd, 0o666 & ~_UMASK)
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_png_rgb(path: Path, rgb: np.ndarray, replace: bool = True) -> None:
+    """PNG from uint8 RGB (converted to OpenCV's BGR here, on a copy)."""
+
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OnnxcamError(f"could not write {path} as PNG")
+
+    atomic_write(path, write, replace)
+
+
+def write_npy(path: Path, array: np.ndarray, replace: bool = True) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write, replace)
+
+
+def write_text(path: Path, text: str, replace: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), replace)
+
+
+def remove_partials(folder: Path) -> None:
+    """Delete temporary files left by a killed run (only while holding the folder's lock)."""
+    for path in folder.glob(f".*{PARTIAL}*"):
+        path.unlink(missing_ok=True)
+
+
+# -- names ----------------------------------------------------------------------------------
+def _clip_bytes(text: str, limit: int) -> str:
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def slug(text: str) -> str:
+    """A label as a file-name part: lower case, ``[a-z0-9-]`` only, at most MAX_LABEL_BYTES."""
+    return _clip_bytes(re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-"), MAX_LABEL_BYTES).strip("-") or "class"
+
+
+def safe_stem(path: Path) -> str:
+    """The file stem with control characters replaced, at most MAX_STEM_BYTES."""
+    return _clip_bytes(re.sub(r"[\x00-\x1f\x7f]", "_", path.stem), MAX_STEM_BYTES) or "image"
+
+
+def unique_stems(paths: list[Path], fixed: dict[str, str] | None = None) -> dict[Path, str]:
+    """Output stems, unique (ignoring case) over the whole run.
+
+    ``fixed`` maps paths of an earlier run (``--resume``) to the stems they already have.
+    Other repeats get ``-2``, ``-3``, ... never a stem that another input has naturally,
+    so ``a/cat.png``, ``b/cat.png``, ``c/cat-2.png`` become ``cat``, ``cat-3``, ``cat-2``.
+    """
+    fixed = fixed or {}
+    natural = {safe_stem(p).casefold() for p in paths} | {s.casefold() for s in fixed.values()}
+    used = {s.casefold() for s in fixed.values()}
+    stems: dict[Path, str] = {}
+    for path in paths:
+        if str(path) in fixed:
+            stems[path] = fixed[str(path)]
+            continue
+        base = candidate = safe_stem(path)
+        k = 1
+        while candidate.casefold() in used or (k > 1 and candidate.casefold() in natural):
+            k += 1
+            candidate = f"{base}-{k}"
+        used.add(candidate.casefold())
+        stems[path] = candidate
+    return stems
+
+
+def map_name(stem: str, index: int, label: str, method: str, kind: str = "") -> str:
+    """``<stem>_<class>_<label>[.<method>][.<kind>]``; the extension is the caller's."""
+    name = f"{stem}_{index}_{slug(label)}"
+    name += "" if method == "gradcam" else f".{method.replace('+', 'p')}"
+    return name + (f".{kind}" if kind else "")
+
+
+# -- the run's folder -----------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in chunks (a model can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _lock(fd: int) -> bool:
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def _prepare(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OnnxcamError(f"--out {out} is a file, not a folder; choose a folder name")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write to the output folder {out} ({exc.strerror}); choose another --out") from None
+
+
+@contextlib.contextmanager
+def owned(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: refuse a second concurrent run, clean a killed run's temporaries."""
+    _prepare(out)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _lock(fd):
+            raise OnnxcamError(
+                f"another onnxcam run is writing to {out}; wait for it to finish or choose another --out"
+            )
+        remove_partials(out)
+        yield
+    finally:
+        os.close(fd)
+
+
+def earlier_settings(out: Path, records: str = RESULTS) -> dict | None:
+    """The settings of the run that wrote ``out`` before, None if there was none.
+
+    An ``out`` holding results without ``run.json`` (or a corrupt one) is refused: its
+    settings cannot be known.
+    """
+    path = out / SETTINGS
+    if not path.is_file():
+        if (out / records).exists() or (out / REPORT).exists():
+            raise OnnxcamError(
+                f"{out} holds results that are not from this version of onnxcam ({SETTINGS} is missing); "
+                "choose another --out, or --overwrite to replace them"
+            )
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise OnnxcamError(f"{path} is not an onnxcam run's settings; choose another --out, or --overwrite")
+    return settings
+
+
+def differences(before: dict, now: dict) -> list[str]:
+    """The settings that differ, as ``--name (now X, before Y)``."""
+    keys = sorted(set(before) | set(now))
+    return [f"--{k.replace('_', '-')} (now {now.get(k)!r}, before {before.get(k)!r})"
+            for k in keys if before.get(k) != now.get(k)]  # fmt: skip
+
+
+def read_records(path: Path, strict: bool = True) -> list[dict]:
+    """The records of a ``.jsonl`` file. A cut-off last line (an interrupted write) is ignored;
+    anything else that is not a JSON object with a ``path`` is an error naming the line
+    (skipped when not ``strict``)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            if not strict:
+                continue
+            raise OnnxcamError(
+                f"{path} line {number} is not an onnxcam record ({line[:40]!r}); "
+                "choose another --out, or --overwrite to replace that run"
+            )
+        records.append(record)
+    return records
+
+
+FILE_KEYS = ("overlay", "map", "panel")
+
+
+def record_files(record: dict) -> list[str]:
+    """The files a record names (its maps, panel and method sheets)."""
+    return [record[k] for k in FILE_KEYS if record.get(k)] + list(record.get("sheets") or [])
+
+
+def forget_run(out: Path, records: str = RESULTS) -> None:
+    """Delete an earlier run's files in ``out`` (``--overwrite``): only files its records name inside ``out``."""
+    root = out.resolve()
+    for record in read_records(out / records, strict=False):
+        for name in record_files(record):
+            path = Path(name)
+            if path.resolve().parent == root:
+                path.unlink(missing_ok=True)
+    for name in (records, REPORT, SETTINGS):
+        (out / name).unlink(missing_ok=True)
+
+
+def start_run(out: Path, settings: dict, resume: bool, overwrite: bool, records: str = RESULTS) -> list[dict]:
+    """Check ``out`` against an earlier run and record this run's settings; return the records to keep.
+
+    Without ``resume`` or ``overwrite``, a folder holding an earlier run is refused; with
+    ``resume`` the earlier run's settings must equal these; with ``overwrite`` its files go
+    first (not with ``resume``). Call it while holding :func:`owned`.
+    """
+    if overwrite:
+        forget_run(out, records)
+    before = earlier_settings(out, records)
+    if before is not None and not resume:
+        raise OnnxcamError(
+            f"{out} holds an earlier run; add --resume to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if before is not None and before.get("settings") != settings:
+        changed = ", ".join(differences(before.get("settings") or {}, settings))
+        raise OnnxcamError(
+            f"--resume: this run differs from the earlier run in {out}: {changed}; use the same settings, "
+            "or --overwrite to start again"
+        )
+    kept = read_records(out / records) if resume else []
+    write_text(out / SETTINGS, json.dumps({"onnxcam": _version(), "settings": settings}, indent=1) + "\n")
+    return kept
+
+
+def _version() -> str:
+    from onnxcam import __version__
+
+    return __version__
+
+
+def save_explanation(
+    result: Explanation,
+    out: Path,
+    stem: str,
+    alpha: float,
+    panel: bool = False,
+    sheets: bool = False,
+    replace: bool = True,
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Write every map of one image: overlay PNG and raw ``.npy`` (float32 in [0, 1]), with ``panel``
+    photo | heat map | overlay, with ``sheets`` one PNG per class with every method's overlay.
+
+    Returns the files of each map (``overlay``, ``map``, ``panel``) and the sheets.
+    """  # fmt: skip
+    files, tiles = [], {}
+    for m in result.maps:
+        name = map_name(stem, m.index, m.label, m.method)
+        entry = {"overlay": str(out / f"{name}.png"), "map": str(out / f"{name}.npy")}
+        blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha)
+        write_png_rgb(Path(entry["overlay"]), blended, replace)
+        write_npy(Path(entry["map"]), m.cam, replace)
+        if panel:
+            entry["panel"] = str(out / f"{name}.panel.png")
+            caption = f"{m.label} {m.probability:.1%}"
+            write_png_rgb(Path(entry["panel"]), overlay.panel(result.image_rgb, m.cam, blended, caption, m.method),
+                          replace)  # fmt: skip
+        if sheets:
+            tiles.setdefault((m.index, m.label), []).append((m.method, overlay.thumbnail(blended)))
+        files.append(entry)
+    written = []
+    for (index, label), row in tiles.items():
+        path = out / f"{map_name(stem, index, label, 'gradcam', 'methods')}.png"
+        write_png_rgb(path, overlay.comparison_sheet(row), replace)
+        written.append(str(path))
+    return files, written
