@@ -197,3 +197,170 @@ def test_globs_and_list_files_expand_to_each_file_once(tmp_path: Path) -> None:
         expand([str(tmp_path / "*.gif")])
     with pytest.raises(OnnxcamError, match="cannot read the list file"):
         expand([f"@{tmp_path / 'missing.txt'}"])
+
+
+def _photo(path: Path, crop: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.imread(str(EXAMPLES / "chelsea.png"))[crop:, crop:])
+    return path
+
+
+def test_same_stems_in_different_folders_get_different_outputs(lite0_model: Path, tmp_path: Path) -> None:
+    for i, name in enumerate(["a/cat.png", "b/cat.png", "c/cat-2.png"]):
+        _photo(tmp_path / "in" / name, crop=10 * i)
+    out = tmp_path / "out"
+    result = run("explain", str(tmp_path / "in"), "--model", str(lite0_model), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    records = _records(out)
+    assert len({r["overlay"] for r in records}) == 3 and len({r["map"] for r in records}) == 3
+    for r in records:  # each map is its own image's: the three crops differ
+        np.testing.assert_equal(np.load(r["map"]).shape, cv2.imread(r["path"]).shape[:2])
+
+
+def test_long_names_and_labels_are_shortened_not_fatal(tmp_path: Path) -> None:
+    """A 234-character file name and a 300-character class label: File name too long, before."""
+    from tests.test_passes import build_tiny
+
+    model = build_tiny(tmp_path)
+    labelled = tmp_path / "labelled.cam.onnx"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{'very long label ' * 19}{i}\n" for i in range(5)))
+    from onnxcam_export.from_onnx import graft_file
+
+    graft_file(tmp_path / "tiny.onnx", labelled, labels=labels)
+    photo = _photo(tmp_path / "in" / ("x" * 230 + ".png"))
+    out = tmp_path / "out"
+    for m in (model, labelled):
+        result = run("explain", str(photo), "--model", str(m), "--out", str(out), "--quiet", "--overwrite")
+        assert result.returncode == 0, result.stderr
+        (record,) = _records(out)
+        assert Path(record["overlay"]).is_file() and len(Path(record["overlay"]).name.encode()) < 255
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_pipes_and_devices_are_not_regular_files(lite0_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    _photo(folder / "cat.png")
+    os.mkfifo(folder / "pipe.jpg")
+    os.mkfifo(tmp_path / "list.txt")
+    out = tmp_path / "out"
+    result = run("explain", str(folder), "--model", str(lite0_model), "--out", str(out), "--quiet")
+    assert result.returncode == 2 and "pipe.jpg is not a regular file" in result.stderr
+    assert len(_records(out)) == 2
+    for listing in ("/dev/zero", str(tmp_path / "list.txt")):  # MemoryError and a hang, before
+        result = run("explain", f"@{listing}", "--model", str(lite0_model), "--out", str(tmp_path / "o2"))
+        assert result.returncode == 2 and "is not a regular file" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_with_other_settings_is_refused_naming_the_setting(lite0_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for i in range(2):
+        _photo(folder / f"{i}.png", crop=5 * i)
+    out = tmp_path / "out"
+    base = ["explain", str(folder), "--model", str(lite0_model), "--out", str(out), "--quiet"]
+    assert run(*base).returncode == 0
+    for extra, setting in [(["--method", "layercam"], "--method"), (["--top-k", "3"], "--top-k"),
+                           (["--target", "tabby"], "--target"), (["--alpha", "0.5"], "--alpha"),
+                           (["--panel"], "--panel")]:  # fmt: skip
+        result = run(*base, "--resume", *extra)
+        assert result.returncode == 2 and f"{setting} (now" in result.stderr, result.stderr
+    copy = tmp_path / "other.onnx"
+    copy.write_bytes(lite0_model.read_bytes())  # the same model under another name resumes
+    result = run(*base[:2], "--model", str(copy), *base[4:], "--resume")
+    assert result.returncode == 0 and "(2 skipped, 0 failed)" in result.stdout
+    again = run(*base)
+    assert again.returncode == 2 and "holds an earlier run" in again.stderr
+    assert run(*base, "--overwrite", "--method", "layercam").returncode == 0
+    assert {r["target"]["method"] for r in _records(out)} == {"layercam"}
+    assert all(".layercam." in p.name for p in out.glob("*.png")), "the earlier run's overlays are gone"
+
+
+def test_a_second_concurrent_run_into_the_same_folder_is_refused(lite0_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cat = cv2.imread(str(EXAMPLES / "chelsea.png"))
+    for i in range(80):  # long enough that the second run starts while the first works (it checks below)
+        cv2.imwrite(str(folder / f"{i:02d}.jpg"), cat[i:])
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "onnxcam", "explain", str(folder), "--model", str(lite0_model), "--out", str(out),
+            "--batch-size", "1", "--quiet"]  # fmt: skip
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "results.jsonl").is_file() and (out / "results.jsonl").read_text()):
+        time.sleep(0.02)
+    second = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert first.poll() is None, "the first run ended before the second started: the test proved nothing"
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 2 and "another onnxcam run is writing to" in second.stderr, second.stderr
+    assert len({r["path"] for r in _records(out)}) == 80, "no record of the first run lost"
+
+
+def test_a_killed_runs_temporaries_are_cleaned_on_resume(lite0_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    photo = _photo(tmp_path / "in" / "cat.png")
+    assert run("explain", str(photo), "--model", str(lite0_model), "--out", str(out)).returncode == 0
+    stale = out / ".cat_285_egyptian-cat.png.x1y2z3.partial.png"  # what kill -9 leaves mid-write
+    stale.write_bytes(b"")
+    assert run("explain", str(photo), "--model", str(lite0_model), "--out", str(out), "--resume").returncode == 0
+    assert not stale.exists()
+
+
+def test_eval_goes_on_past_a_bad_image(lite0_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    _photo(folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    _photo(folder / "c.png", crop=20)
+    result = run("eval", str(folder), "--model", str(lite0_model), "--steps", "4", "--json")
+    assert result.returncode == 2 and "b.png is not a readable image" in result.stderr
+    doc = json.loads(result.stdout)
+    assert [Path(r["path"]).name for r in doc["images"]] == ["a.png", "b.png", "c.png"]
+    assert doc["mean"]["images"] == 2 and "error" in doc["images"][1]
+
+
+def test_report_survives_hostile_names(lite0_model: Path, tmp_path: Path) -> None:
+    """`<!--<script>` in a name once emptied the page; `#`, `?` and `%` broke thumbnails."""
+    from urllib.parse import unquote
+
+    name = "a#b?c%d <!--<script>x.png"
+    _photo(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    result = run("explain", str(tmp_path / "in"), "--model", str(lite0_model), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    page = (out / "index.html").read_text()
+    script = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+    assert "<" not in script and "#" not in script.split('"thumb"')[1].split(",")[0]
+    data = json.loads(script)
+    (item,) = data["items"]
+    assert item["path"].endswith(name) and (out / unquote(item["thumb"])).is_file()
+    assert (out / unquote(item["full"][0])).resolve() == (tmp_path / "in" / name).resolve()
+
+
+def test_names_are_printed_escaped(lite0_model: Path, tmp_path: Path) -> None:
+    """A newline in a file name could fake the summary line; an escape sequence could recolour the terminal."""
+    photo = _photo(tmp_path / "in" / "x\nexplained 99 of 99 images\x1b[31m.png")
+    result = run("explain", str(photo), "--model", str(lite0_model), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\\x1b[31m" in result.stdout
+    assert sum(line.startswith("explained") for line in result.stdout.splitlines()) == 1
+
+
+def test_audit_checks_its_boxes(lite0_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    good, outside, missing = (_photo(folder / "tabby" / f"{n}.png") for n in ("good", "outside", "missing"))
+    boxes = tmp_path / "boxes.json"
+    bad_boxes = ("[-1, 0, 5, 5]", "[10, 10, 5, 5]", '["a", 0, 5, 5]', "[1, 2, 3]", "[0, 0, 1e400, 1]")
+    bad_boxes += ("[true, 0, 1, 1]",)
+    for bad in bad_boxes:
+        boxes.write_text(f"{{{json.dumps(str(good))}: {bad}}}")
+        result = run("audit", str(folder), "--boxes", str(boxes), "--model", str(lite0_model),
+                     "--out", str(tmp_path / "x"))  # fmt: skip
+        assert result.returncode == 2 and "a box is [x0, y0, x1, y1]" in result.stderr, (bad, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    boxes.write_text(json.dumps({str(good): [100, 50, 300, 250], str(outside): [0, 0, 451, 10]}))
+    out = tmp_path / "out"
+    result = run("audit", str(folder), "--boxes", str(boxes), "--model", str(lite0_model), "--out", str(out), "--json")
+    assert result.returncode == 2
+    assert "reaches outside the image (451x300 pixels)" in result.stderr and f"no box for {missing}" in result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["classes"]["tabby"]["images"] == 1 and len(doc["failed"]) == 2
