@@ -8,7 +8,6 @@ command-line mistakes alike. Text that comes from file names or labels is printe
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import sys
@@ -20,6 +19,7 @@ import typer
 
 from onnxcam import __version__, audit, evaluate, methods
 from onnxcam.api import Explainer
+from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
 from onnxcam.folder import Options, run
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
@@ -102,12 +102,16 @@ def export(
     labels: Annotated[Path | None, typer.Option(help="With --from: class names, one per line.")] = None,
     size: Annotated[int | None, typer.Option(help="With --from: input size when the model's is dynamic.")] = None,
     mean: Annotated[
-        tuple[float, float, float] | None,
-        typer.Option(help="With --from: per-channel mean on the 0..1 scale, RGB: three numbers (or R,G,B)."),
+        tuple[str, str, str] | None,
+        typer.Option(
+            help="With --from: per-channel mean on the 0..1 scale, RGB: three numbers (or R,G,B).", metavar="R G B"
+        ),
     ] = None,
     std: Annotated[
-        tuple[float, float, float] | None,
-        typer.Option(help="With --from: per-channel std on the 0..1 scale, RGB: three numbers (or R,G,B)."),
+        tuple[str, str, str] | None,
+        typer.Option(
+            help="With --from: per-channel std on the 0..1 scale, RGB: three numbers (or R,G,B).", metavar="R G B"
+        ),
     ] = None,
     bgr: Annotated[bool, typer.Option("--bgr", help="With --from: the model takes BGR channels.")] = False,
     preprocess: Annotated[
@@ -122,13 +126,14 @@ def export(
              (needs only the onnx package)
     """
     if source is not None:
-        _export_from(source, out, layer, labels, size, mean, std, bgr, preprocess)
+        _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
+                     preprocess)  # fmt: skip
         return
-    missing = [name for name in ("torch", "onnx") if importlib.util.find_spec(name) is None]
-    if missing or importlib.util.find_spec("onnxcam_export") is None:
+    missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
+    if missing:
         raise OnnxcamError(
-            f"onnxcam export --arch needs PyTorch and onnx ({', '.join(missing) or 'onnxcam_export'} not installed "
-            "here); install: pip install torch==2.13.0 'onnxcam[export]' (see the README)"
+            f"onnxcam export --arch needs PyTorch and onnx ({', '.join(missing)} not installed here); install the "
+            "export side as the README says, or graft an existing ONNX classifier with --from (needs onnx only)"
         )
     from onnxcam_export.torch_export import export_arch
 
@@ -140,8 +145,8 @@ def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
     mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None,
 ) -> None:  # fmt: skip
-    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxcam_export") is None:
-        raise OnnxcamError("onnxcam export --from needs the onnx package; install: pip install 'onnx>=1.21'")
+    if not (installed("onnx") and installed("onnxcam_export")):
+        raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
     from onnxcam_export.from_onnx import Preprocessing, graft_file
 
     if not source.is_file():
@@ -155,6 +160,20 @@ def _export_from(
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
     card, notes = graft_file(source, target, layer, labels, prep)
     _report_export(target, card, notes)
+
+
+def _numbers(option: str, values: tuple[str, ...] | None) -> tuple[float, ...] | None:
+    """Three numbers from the command line; a bad one is named."""
+    if values is None:
+        return None
+    numbers = []
+    for value in values:
+        try:
+            numbers.append(float(value))
+        except ValueError:
+            raise OnnxcamError(f"{option}: {value!r} is not a number; give three numbers on the 0..1 scale, "
+                               f"e.g. {option} 0.485 0.456 0.406") from None  # fmt: skip
+    return tuple(numbers)
 
 
 def _report_export(target: Path, card: dict, notes: list[str]) -> None:
@@ -470,8 +489,10 @@ def main(args: list[str] | None = None) -> None:
         _echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except typer.TyperException as exc:  # the command line itself is wrong (typer's click errors)
-        ctx = getattr(exc, "ctx", None)
-        where = f"onnxcam {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "onnxcam --help"
+        if not argv:  # a bare `onnxcam`: its "error" is the help
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        where = f"onnxcam {argv[0]} --help" if argv[0] in command.commands else "onnxcam --help"
         _echo(f"error: {' '.join(exc.format_message().split())} (see {where})", err=True)
         sys.exit(2)
     except typer.Abort:

@@ -44,11 +44,19 @@ def _providers(provider: str | None) -> list[str]:
     return [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def how_to_make_a_model(path: Path) -> str:
     """What to run on this host to get an onnxcam model at ``path``."""
-    if importlib.util.find_spec("torch") and importlib.util.find_spec("onnxcam_export"):
+    if installed("torch") and installed("onnx") and installed("onnxcam_export"):
         return f"create it with: onnxcam export --arch efficientnet_lite0 --out {path}"
-    if importlib.util.find_spec("onnx"):
+    if installed("onnx") and installed("onnxcam_export"):
         return f"graft an ONNX classifier with: onnxcam export --from MODEL.onnx --out {path}"
     return (
         "this host has the runtime only: copy here a model made by `onnxcam export` on a machine with "
