@@ -12,10 +12,8 @@ the whole command, model loading included) and the process's peak RSS. Last, Lit
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -23,19 +21,10 @@ import numpy as np
 
 from onnxcam_export.torch_export import export_arch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from process import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-# VmHWM, the peak resident set of this process image: unlike ru_maxrss it does not inherit the
-# parent's peak across fork + exec (the parent has just exported models with torch).
-WRAPPER = """
-import runpy, sys
-sys.argv = ["onnxcam", *sys.argv[1:]]
-try:
-    runpy.run_module("onnxcam", run_name="__main__")
-except SystemExit:
-    pass
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print("peak_rss_kb", hwm.split()[1], file=sys.stderr)
-"""
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -49,13 +38,8 @@ def make_photos(folder: Path, count: int) -> None:
 
 
 def explain(model: Path, folder: Path, batch: int, out: Path) -> tuple[float, int]:
-    args = [sys.executable, "-c", WRAPPER, "explain", str(folder), "--model", str(model), "--batch-size", str(batch),
-            "--out", str(out), "--quiet"]  # fmt: skip
-    start = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - start
-    rss = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("peak_rss_kb")))
-    return seconds, rss
+    return run_cli("explain", str(folder), "--model", str(model), "--batch-size", str(batch), "--out", str(out),
+                   "--quiet", "--overwrite")  # fmt: skip
 
 
 def main() -> None:
@@ -73,11 +57,11 @@ def main() -> None:
             for batch in (1, 8, 32):
                 seconds, rss = explain(model, work / "few", batch, work / f"out-{arch}-{batch}")
                 print(f"| {arch} | {batch} | {args.images} | {seconds:.1f} | {args.images / seconds:.1f} | "
-                      f"{rss / 1024:.0f} |", flush=True)  # fmt: skip
+                      f"{rss / 2**20:.0f} |", flush=True)  # fmt: skip
         make_photos(work / "many", args.many)
         seconds, rss = explain(work / "efficientnet_lite0.onnx", work / "many", 32, work / "out-many")
         print(f"| efficientnet_lite0 | 32 | {args.many} | {seconds:.1f} | {args.many / seconds:.1f} | "
-              f"{rss / 1024:.0f} |")  # fmt: skip
+              f"{rss / 2**20:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Run the onnxcam CLI in a fresh process and read its wall time and peak RSS (shared by the benchmarks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+# VmHWM, the peak resident set of this process image: unlike ru_maxrss it does not inherit the
+# parent's peak across fork + exec (the parent may have just exported models with torch).
+WRAPPER = """
+import runpy, sys
+sys.argv = ["onnxcam", *sys.argv[1:]]
+try:
+    runpy.run_module("onnxcam", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("peak_rss_kb", hwm.split()[1], file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_cli(*args: str) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of ``onnxcam ARGS...``; raises if the command fails."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"onnxcam {' '.join(args)} failed: {result.stderr[-2000:]}")
+    rss = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("peak_rss_kb")))
+    return seconds, rss * 1024
