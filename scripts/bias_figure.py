@@ -1,6 +1,6 @@
 """Regenerate docs/bias.png: swapped-background test images, the biased and the fair model's maps.
 
-.venv/bin/python -m onnxcam_export.bias_demo /tmp/bias && .venv/bin/python scripts/bias_figure.py /tmp/bias
+.venv/bin/python scripts/bias_demo.py bias-demo && .venv/bin/python scripts/bias_figure.py bias-demo
 """
 
 import sys
@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 
 from onnxcam import Explainer
-from onnxcam.image import read_rgb, write_png_rgb
+from onnxcam.image import read_rgb
+from onnxcam.outputs import write_png_rgb
 from onnxcam.overlay import comparison_sheet, overlay_rgb
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from onnxcam import Explainer
-from onnxcam.image import write_png_rgb
+from onnxcam.outputs import write_png_rgb
 from onnxcam.overlay import overlay_rgb
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -244,21 +243,6 @@ def test_explain_runs_where_torch_and_onnx_cannot_be_imported(lite0_model: Path,
 def test_each_host_is_told_what_it_can_do(blocked: tuple[str, ...], args: list[str], phrases: list[str]) -> None:
     """On a runtime-only host no hint may suggest an export it cannot run."""
     assert_clean_failure(run_without(blocked, *args), *phrases)
-
-
-def test_readme_from_example_runs_as_written(tmp_path: Path) -> None:
-    pytest.importorskip("torch")  # the example's first line makes the stand-in model with torch
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- example: from -->")[1].split("<!-- /example -->")[0]
-    commands = block.split("```bash")[1].split("```")[0]
-    for name in ("examples", "scripts"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "Egyptian cat" in result.stdout
-    assert len(list((tmp_path / "onnxcam-out").glob("chelsea_*.png"))) == 2
 
 
 def test_export_from_bad_input_fails_in_one_line(bad_files: dict[str, Path], tmp_path: Path) -> None:

@@ -1,0 +1,81 @@
+"""The README is true: every code block runs as written after `bash scripts/demo.sh`, or says why not."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+BLOCK = re.compile(
+    r"<!-- (?:example: (?P<name>[\w-]+)|not run: (?P<why>[^>]+?)) -->\n```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S
+)
+NOT_RUN = {  # the only reasons a block may give for not being run here
+    "this is what CI runs",
+    "scripts/setup.sh runs these steps (CI runs it)",
+    "needs the internet once (torchvision's checkpoint)",
+}
+EXAMPLES = {m["name"]: (m["lang"], m["code"]) for m in BLOCK.finditer(README) if m["name"]}
+EXPECTED = {  # what each example's output must say
+    "tour": ["281  tabby", "gradcam map for tabby (281)", "all methods side by side"],
+    "from": ["Egyptian cat", "yours/chelsea_285_egyptian-cat.png"],
+    "folder": ["explained 2 of 2 images", "explained 0 of 2 images (2 skipped, 0 failed)"],
+    "eval": ["deletion_auc", "insertion_auc", "road_morf"],
+    "api": ["tabby"],
+}
+SLOW = {"from", "bias", "eval"}  # torch export, training, ROAD
+
+
+def test_every_code_block_is_run_or_says_why() -> None:
+    fences = re.findall(r"^```(\w+)", README, re.M)
+    blocks = list(BLOCK.finditer(README))
+    assert len(blocks) == len(fences), "a ```bash or ```python block without <!-- example: NAME --> or <!-- not run -->"
+    assert {m["why"] for m in blocks if m["why"]} <= NOT_RUN
+    assert set(EXPECTED) | {"bias"} == set(EXAMPLES), "each example has its checks here or in its own test"
+
+
+def test_the_install_block_is_what_setup_runs() -> None:
+    install = next(m["code"] for m in BLOCK.finditer(README) if m["why"] and "setup.sh" in m["why"])
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for spec in re.findall(r'pip install --quiet "([^"]+)"', setup):
+        assert f'pip install "{spec}"' in install, spec
+
+
+def test_the_methods_table_lists_the_registered_methods() -> None:
+    from onnxcam.methods import METHODS
+
+    table = README.split("## CAM methods")[1].split("\n\n")[2]
+    assert re.findall(r"^\| `([\w+-]+)`", table, re.M) == list(METHODS)
+
+
+def run_example(name: str, folder: Path, model: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run README example ``name`` in ``folder``, laid out as the repository after `bash scripts/demo.sh`
+    (``model``: the Lite0 model that the demo exports)."""
+    for entry in ("examples", "scripts"):
+        (folder / entry).symlink_to(ROOT / entry)
+    (folder / ".venv").symlink_to(Path(sys.prefix))
+    (folder / "models").mkdir()
+    if model is not None:
+        (folder / "models" / "efficientnet_lite0.onnx").symlink_to(model)
+    lang, code = EXAMPLES[name]
+    command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env, timeout=900)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in EXPECTED]
+)  # fmt: skip
+def test_readme_example_runs_as_written(name: str, lite0_model: Path, tmp_path: Path) -> None:
+    if name == "from":
+        pytest.importorskip("torch")  # its first line makes the stand-in model with torch
+    result = run_example(name, tmp_path, lite0_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for phrase in EXPECTED[name]:
+        assert phrase in result.stdout, (phrase, result.stdout[-3000:])
