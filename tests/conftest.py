@@ -58,3 +58,10 @@ def torch_reference(
 
 def random_images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the VGG16 export (tens of seconds, 1.6 GB) are slow: `-m "not slow"` skips them."""
+    for item in items:
+        if "vgg16_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -110,6 +110,7 @@ def test_batched_results_equal_one_at_a_time(lite0_model: Path, tmp_path: Path) 
         assert a["predictions"][0]["class"] == b["predictions"][0]["class"]
 
 
+@pytest.mark.slow  # real processes, interrupted or racing
 def test_interrupted_run_resumes_to_the_same_outputs(lite0_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -149,12 +150,14 @@ def test_interrupted_run_resumes_to_the_same_outputs(lite0_model: Path, tmp_path
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_html_report_in_a_headless_browser(lite0_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, name in enumerate(["chelsea.png", "coffee.png", "chelsea.png"]):
         cv2.imwrite(str(folder / f"{i}.png"), cv2.imread(str(EXAMPLES / name))[i * 3 :])
+    cv2.imwrite(str(folder / "z#?% <!--<script>.png"), cv2.imread(str(EXAMPLES / "coffee.png")))  # once: no cards
     (folder / "broken.png").write_text("not an image")
     out = tmp_path / "report"
     result = run("explain", str(folder), "--model", str(lite0_model), "--out", str(out), "--quiet", "--keep-going")
@@ -173,12 +176,12 @@ def test_html_report_in_a_headless_browser(lite0_model: Path, tmp_path: Path) ->
         return page.stdout, page.stderr
 
     dom, log = load("")
-    assert dom.count('class="card"') == 3 and dom.count('class="card error"') == 1
-    assert "4 of 4 images" in dom
+    assert dom.count('class="card"') == 4 and dom.count('class="card error"') == 1
+    assert "5 of 5 images" in dom
     assert ":CONSOLE" not in log, "the page logged to the console (an error?): " + log[-2000:]
     filtered, _ = load(f"#class={cat}")
-    assert filtered.count(' hidden=""') == 2, "the coffee card and the failed card are hidden"
-    assert "2 of 4 images" in filtered
+    assert filtered.count(' hidden=""') == 3, "the coffee cards and the failed card are hidden"
+    assert "2 of 5 images" in filtered
 
 
 def test_globs_and_list_files_expand_to_each_file_once(tmp_path: Path) -> None:
@@ -276,6 +279,7 @@ def test_resume_with_other_settings_is_refused_naming_the_setting(lite0_model: P
     assert all(".layercam." in p.name for p in out.glob("*.png")), "the earlier run's overlays are gone"
 
 
+@pytest.mark.slow  # real processes, interrupted or racing
 def test_a_second_concurrent_run_into_the_same_folder_is_refused(lite0_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

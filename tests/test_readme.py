@@ -23,7 +23,7 @@ NOT_RUN = {  # the only reasons a block may give for not being run here
 }
 EXAMPLES = {m["name"]: (m["lang"], m["code"]) for m in BLOCK.finditer(README) if m["name"]}
 EXPECTED = {  # what each example's output must say
-    "tour": ["281  tabby", "gradcam map for tabby (281)", "all methods side by side"],
+    "tour": ["Egyptian cat", "gradcam map for tabby (281)", "layercam map for espresso", "all methods side by side"],
     "from": ["Egyptian cat", "yours/chelsea_285_egyptian-cat.png"],
     "folder": ["explained 2 of 2 images", "explained 0 of 2 images (2 skipped, 0 failed)"],
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
