@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -110,13 +111,13 @@ class Explainer:
         image: np.ndarray | str | Path,
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
-        predictions: int = 5,
-        method: str | Sequence[str] = "gradcam",
-        eigen_smooth: bool = False,
-        aug_smooth: bool = False,
+        **options: Any,
     ) -> Explanation:
-        """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size)."""
-        return self.explain_batch([image], targets, top_k, predictions, method, eigen_smooth, aug_smooth)[0]
+        """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size).
+
+        ``options``: ``predictions``, ``method``, ``eigen_smooth``, ``aug_smooth`` as in :meth:`explain_batch`.
+        """
+        return self.explain_batch([image], targets, top_k, **options)[0]
 
     def explain_batch(
         self,

@@ -48,6 +48,24 @@ METHOD_HELP = (
 )
 
 
+# Options that several commands share: one declaration each.
+ModelOption = Annotated[Path, typer.Option("--model", help="An onnxcam model from onnxcam export.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+KeepGoingOption = Annotated[
+    bool, typer.Option("--keep-going", help="Exit 0 even when some images failed (they are reported).")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier run in --out (its files are deleted first).")
+]
+ImagesArgument = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders (recursive), glob patterns or @list.txt.", show_default=False, metavar="IMAGE..."
+    ),
+]
+
+
 def _echo(text: str, err: bool = False) -> None:
     typer.echo(printable(text), err=err)
 
@@ -199,13 +217,8 @@ def _check_limits(max_pixels: int, max_bytes: int) -> None:
 
 @app.command()
 def explain(
-    images: Annotated[
-        list[str],
-        typer.Argument(
-            help="Image files, folders (recursive), glob patterns or @list.txt.", show_default=False, metavar="IMAGE..."
-        ),
-    ],
-    model: Annotated[Path, typer.Option(help="An onnxcam model from onnxcam export.")] = DEFAULT_MODEL,
+    images: ImagesArgument,
+    model: ModelOption = DEFAULT_MODEL,
     target: Annotated[
         list[str] | None,
         typer.Option(help="Class to explain: an index or a class name. Repeatable.", metavar="CLASS"),
@@ -216,7 +229,7 @@ def explain(
     out: Annotated[Path, typer.Option(help="Output folder: maps, results.jsonl, index.html.")] = Path("onnxcam-out"),
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    json_output: JsonOption = False,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "gradcam",
     eigen_smooth: Annotated[
         bool, typer.Option("--eigen-smooth", help="Replace the channel sum by its first principal component.")
@@ -229,13 +242,9 @@ def explain(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run in --out (same settings): skip done images.")
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier run in --out (its files are deleted first).")
-    ] = False,
-    keep_going: Annotated[
-        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be explained.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    overwrite: OverwriteOption = False,
+    keep_going: KeepGoingOption = False,
+    quiet: QuietOption = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
     max_bytes: Annotated[int, typer.Option(help="Refuse image files larger than this many bytes.")] = MAX_BYTES,
 ) -> None:
@@ -333,17 +342,13 @@ def _print_table(report: list[dict]) -> None:
 def audit_command(
     folder: Annotated[Path, typer.Argument(help="One subfolder per class, named as the model's labels.")],
     boxes: Annotated[Path, typer.Option(help='JSON {"image path": [x0, y0, x1, y1], ...} of the objects.')],
-    model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Output folder: overlays, audit.jsonl, index.html.")] = Path(
         "onnxcam-audit"
     ),
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier audit in --out (its files are deleted first).")
-    ] = False,
-    keep_going: Annotated[
-        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be audited.")
-    ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    overwrite: OverwriteOption = False,
+    keep_going: KeepGoingOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Bias audit: per class, how much of each map lies on the object and how much on the background.
 
@@ -383,25 +388,20 @@ def audit_command(
 
 @app.command(name="eval")
 def eval_command(
-    images: Annotated[
-        list[str],
-        typer.Argument(help="Image files, folders, globs or @list.txt.", show_default=False, metavar="IMAGE..."),
-    ],
-    model: Annotated[Path, typer.Option(help="An onnxcam model.")] = DEFAULT_MODEL,
+    images: ImagesArgument,
+    model: ModelOption = DEFAULT_MODEL,
     target: Annotated[str | None, typer.Option(help="Class to explain [default: each image's top prediction].")] = None,
     method: Annotated[str, typer.Option(help=f"CAM method, any case: {', '.join(methods.METHODS)}.")] = "gradcam",
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps (equal shares of the pixels).")] = 32,
     boxes: Annotated[
         Path | None, typer.Option(help='JSON {"image path": [x0, y0, x1, y1]} for the pointing games.')
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    json_output: JsonOption = False,
     road: Annotated[
         bool, typer.Option("--road", help="Also ROAD MoRF/LeRF at 10..90% (18 imputations: seconds per image).")
     ] = False,
-    keep_going: Annotated[
-        bool, typer.Option("--keep-going", help="Exit 0 even when some images could not be evaluated.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    keep_going: KeepGoingOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
     and with --boxes the pointing game and its energy-based form.
