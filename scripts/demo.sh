@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/onnxcam export --arch efficientnet_lite0
-.venv/bin/onnxcam explain examples/chelsea.png examples/coffee.png --model models/efficientnet_lite0.onnx --top-k 2
+.venv/bin/onnxcam explain examples/chelsea.png examples/coffee.png --model models/efficientnet_lite0.onnx --top-k 2 --overwrite
 echo "overlays and raw maps are in onnxcam-out/"
