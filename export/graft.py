@@ -148,7 +148,7 @@ def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
 def _preserves_mass(node: onnx.NodeProto) -> bool:
     a = attrs(node)
     if node.op_type == "AveragePool":
-        padded = any(a.get("pads", [])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+        padded = any(a.get("pads", [])) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
         return not int(a.get("ceil_mode", 0)) and (not padded or not int(a.get("count_include_pad", 0)))
     return node.op_type in MASS_PRESERVING
 

@@ -25,7 +25,9 @@ class UnsupportedOp(ValueError):
 
 
 def attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """The node's attributes by name; string attributes (bytes in the protobuf) as str."""
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {name: v.decode() if isinstance(v, bytes) else v for name, v in values.items()}
 
 
 def _unsupported(node: onnx.NodeProto, why: str) -> UnsupportedOp:
@@ -157,7 +159,7 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     nd = len(kernel)
     strides = list(a.get("strides", [1] * nd))
     pads = list(a.get("pads", [0] * 2 * nd))
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(d != 1 for d in a.get("dilations", [1])):
+    if a.get("auto_pad", "NOTSET") != "NOTSET" or any(d != 1 for d in a.get("dilations", [1])):
         raise _unsupported(node, "auto_pad and dilations are not supported; export with explicit pads")
     if kernel == [1] * nd and strides == [1] * nd and not any(pads):
         return [dy[0]]
@@ -192,8 +194,7 @@ def _explicit_pads(
 ) -> list[int]:
     """Begin/end pads of a Conv/pool node, with auto_pad SAME_* / VALID made explicit."""
     nd = len(kernel)
-    mode = a.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("auto_pad", "NOTSET")
     if mode in ("NOTSET", ""):
         return list(a.get("pads", [0] * 2 * nd))
     if mode == "VALID":
@@ -376,7 +377,7 @@ Squeeze = Unsqueeze = _reshape_back
 # exact: dX = dY * (Phi(x) + x * phi(x));  tanh: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
 def Gelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x, one, half = _x(b, node), _one(b, node), _one(b, node, 0.5)
-    if attrs(node).get("approximate", b"none") in (b"tanh", "tanh"):
+    if attrs(node).get("approximate", "none") == "tanh":
         k = np.sqrt(2 / np.pi)
         x2 = b.op("Mul", x, x)
         inner = b.op(
@@ -524,10 +525,10 @@ def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 # constant-mode Pad: dX = the unpadded window of dY
 def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
-    mode = attrs(node).get("mode", b"constant")
+    mode = attrs(node).get("mode", "constant")
     pads = _constant_ints(b, node, 1, "pads")
     rank = b.rank(x)
-    if mode not in (b"constant", "constant") or pads is None or any(p < 0 for p in pads):
+    if mode != "constant" or pads is None or any(p < 0 for p in pads):
         raise _unsupported(node, "only constant-mode padding with non-negative constant pads is supported")
     if len(node.input) > 3 and node.input[3]:
         axes = [a % rank for a in _constant_ints(b, node, 3, "axes")]
