@@ -158,12 +158,12 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
     strides = list(a.get("strides", [1] * nd))
-    pads = list(a.get("pads", [0] * 2 * nd))
-    if a.get("auto_pad", "NOTSET") != "NOTSET" or any(d != 1 for d in a.get("dilations", [1])):
-        raise _unsupported(node, "auto_pad and dilations are not supported; export with explicit pads")
+    if any(d != 1 for d in a.get("dilations", [1])):
+        raise _unsupported(node, "dilations are not supported")
+    spatial = shape[2:]
+    pads = _explicit_pads(a, spatial, kernel, strides, [1] * nd)
     if kernel == [1] * nd and strides == [1] * nd and not any(pads):
         return [dy[0]]
-    spatial = shape[2:]
     out = b.shape(node.output[0])[2:]
     # count[o] = how many input (or padded, when count_include_pad) cells window o averaged
     counts = np.ones(out, dtype=np.float64)

@@ -52,6 +52,13 @@ def _c(*values: float) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _same_avg_pool(x: torch.Tensor, pads: tuple[int, ...], count_include_pad: bool) -> torch.Tensor:
+    """3x3 / stride 2 average over ``x`` zero-padded by ``pads`` (F.pad order), dividing by the
+    window size, or by the number of real cells in it."""
+    total = F.avg_pool2d(F.pad(x, pads), 3, 2)
+    return total if count_include_pad else total / F.avg_pool2d(F.pad(torch.ones_like(x), pads), 3, 2)
+
+
 RNG = np.random.default_rng(1234)
 W85, W58, BIAS5 = RNG.standard_normal((8, 5)), RNG.standard_normal((5, 8)), RNG.standard_normal(5)
 BN = [RNG.standard_normal(3), RNG.standard_normal(3), RNG.standard_normal(3), RNG.uniform(0.5, 2, 3)]
@@ -150,6 +157,11 @@ CASES = [
     Case("AveragePool", [2, 3, 7, 7], lambda x: F.avg_pool2d(x, 2, 2), {"kernel_shape": [2, 2], "strides": [2, 2]},
          dtype=np.float32, tol=1e-5),  # last row/column is never pooled
     Case("AveragePool", [2, 3, 7, 7], lambda x: x, {"kernel_shape": [1, 1]}, dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 8, 8], lambda x: _same_avg_pool(x, (0, 1, 0, 1), count_include_pad=False),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 8, 8], lambda x: _same_avg_pool(x, (1, 0, 1, 0), count_include_pad=True),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1},
+         dtype=np.float32, tol=1e-5),
     Case("Conv", [2, 4, 7, 7], lambda x: F.conv2d(x, CONV_W), constants={"W": CONV_W.numpy()},
          dtype=np.float32, tol=1e-5),
     Case("Conv", [2, 4, 9, 8], lambda x: F.conv2d(x, CONV_W, CONV_B, stride=2, padding=1),
