@@ -7,6 +7,9 @@ with that axis inserted (``[N, 1, d1, ...]``) so that it broadcasts against grad
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -40,6 +43,20 @@ class Builder:
         self._count += 1
         return f"{self.prefix}{hint}_{self._count}"
 
+    @contextmanager
+    def subgraph(self) -> Iterator[list[onnx.NodeProto]]:
+        """Emit into a new node list (an ``If`` branch) inside the ``with`` block.
+
+        Initializers stay in the main graph, which a branch can read. Forward tensors
+        prepared inside (:meth:`fwd`) are forgotten on the way out: the outer graph cannot see them.
+        """
+        outer_nodes, outer_fwd = self.nodes, dict(self._fwd)
+        self.nodes = []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._fwd = outer_nodes, outer_fwd
+
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> str:
         """Append one node and return its (first) output name."""
         return self.op_multi(op_type, *inputs, outputs=outputs, **attrs)[0]
@@ -58,6 +75,10 @@ class Builder:
 
     def ints(self, values: list[int] | tuple[int, ...]) -> str:
         return self.const(np.asarray(values, dtype=np.int64), "ints")
+
+    def zeros(self, shape: str, like: str) -> str:
+        """Zeros of shape ``shape`` (a 1-D int64 tensor) and the element type of tensor ``like``."""
+        return self.op("ConstantOfShape", shape, value=helper.make_tensor("zero", self.elem_type(like), [1], [0]))
 
     # -- what is known about forward tensors -----------------------------------------
     def constant_value(self, name: str) -> np.ndarray | None:

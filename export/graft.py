@@ -255,13 +255,12 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
         weights_raw = b.reduce("ReduceSum", gradients, spatial, keepdims=0)
         branch_nodes.append(helper.make_node("Identity", [gradients], [gradients + "/full"]))
         gradients += "/full"
-    plane = b.op("Cast", b.op("ReduceProd", b.dims(activations, 2), keepdims=1), to=elem)
+    plane = b.op("Cast", b.product(activations, 2), to=elem)
     b.nodes.append(helper.make_node("Div", [weights_raw, plane], [contract.WEIGHTS], name="weights"))
 
-    b.nodes = else_nodes = []
-    empty_shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
-    empty = b.op("ConstantOfShape", empty_shape, value=helper.make_tensor("zero", elem, [1], [0]))
-    b.nodes = main_nodes
+    with b.subgraph() as else_nodes:
+        empty_shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
+        empty = b.zeros(empty_shape, like=logits)
     branch = {
         "then_branch": helper.make_graph(
             branch_nodes, "full", [], [helper.make_tensor_value_info(gradients, elem, None)]

@@ -127,18 +127,14 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if int(attrs(node).get("storage_order", 0)):
         raise _unsupported(node, "storage_order=1 (column-major indices) is not supported")
     x = node.input[0]
-    plane = b.op("ReduceProd", b.dims(x, 2), keepdims=1)  # H*W of the input
+    plane = b.product(x, 2)  # H*W of the input
     out = node.output[0]
     flat = b.op("Reshape", node.output[1], b.op("Concat", b.dims(x, 0, 2), b.product(out, 2), axis=0))
     idx = b.op("Mod", flat, plane)  # [N, C, hw], now within each H*W plane
     head = b.dims(dy[0], 0, 3)  # [N, T, C]
     updates = b.op("Reshape", dy[0], b.op("Concat", head, b.product(out, 2), axis=0))  # [N, T, C, hw]
     idx = b.op("Expand", b.fwd(idx), b.op("Shape", updates))
-    zeros = b.op(
-        "ConstantOfShape",
-        b.op("Concat", head, plane, axis=0),
-        value=helper.make_tensor("zero", b.elem_type(x), [1], [0]),
-    )
+    zeros = b.zeros(b.op("Concat", head, plane, axis=0), like=x)
     dx = b.op("ScatterElements", zeros, idx, updates, axis=3, reduction="add")
     return [b.op("Reshape", dx, b.grad_shape(dy[0], x))]
 
@@ -234,7 +230,7 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 # dX = expand(dY) / (H * W)
 def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
-    plane = b.op("Cast", b.op("ReduceProd", b.dims(x, 2), keepdims=1), to=b.elem_type(x))
+    plane = b.op("Cast", b.product(x, 2), to=b.elem_type(x))
     return [b.op("Div", b.op("Expand", dy[0], b.grad_shape(dy[0], x)), plane)]
 
 
@@ -475,7 +471,7 @@ def Split(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         if g is None:
             ref = next(d for d in dy if d is not None)
             shape = b.op("Concat", b.dims(ref, 0, 2), b.dims(out, 1), axis=0)
-            g = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", b.elem_type(x), [1], [0]))
+            g = b.zeros(shape, like=x)
         parts.append(g)
     return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))] + [None] * (len(node.input) - 1)
 
