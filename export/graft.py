@@ -28,10 +28,35 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcam import contract
 from onnxcam.image import atomic_write
 from onnxcam_export.builder import Builder
-from onnxcam_export.vjp import RULES, UnsupportedOp, attrs
+from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
 MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
+
+
+def rule_for(node: onnx.NodeProto) -> Rule:
+    """The gradient rule for ``node``; UnsupportedOp naming the op, the node and the supported ops."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+        supported = ", ".join(sorted(RULES))
+        raise UnsupportedOp(
+            f"no gradient rule for op {node.op_type!r} (node {node.name or node.output[0]!r}) between the "
+            f"target layer and the logits; supported ops: {supported}. Pick a later layer with --layer."
+        )
+    return RULES[node.op_type]
+
+
+def input_gradients(b: Builder, node: onnx.NodeProto, dys: list[Grad]) -> list[Grad]:
+    """One gradient per input of ``node`` from its rule, given one per output (None: no gradient).
+
+    A rule may stop after its last differentiable input; the trailing inputs get None.
+    """
+    dxs = list(rule_for(node).vjp(b, node, dys))
+    if len(dxs) > len(node.input):
+        raise RuntimeError(
+            f"the {node.op_type} rule returned {len(dxs)} gradients {dxs} for node "
+            f"{node.name or node.output[0]!r}, which has {len(node.input)} inputs"
+        )
+    return dxs + [None] * (len(node.input) - len(dxs))
 
 
 def head_nodes(graph: onnx.GraphProto, activations: str, logits: str) -> list[onnx.NodeProto]:
@@ -65,7 +90,8 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
 def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
     """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
 
-    None when the head also reads tensors computed before the target layer (not a cut).
+    The copies leave out the outputs only a gradient rule reads. None when the head also reads
+    tensors computed before the target layer (not a cut).
     """
     renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
     renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
@@ -75,11 +101,12 @@ def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.
     for node in head:
         if any(i not in renamed and i not in static for i in node.input):
             return None
+        extra = range(1, 1 + len(rule_for(node).extra_outputs))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"head/{node.name or node.output[0]}"
         copy.input[:] = [renamed.get(i, i) for i in node.input]
-        copy.output[:] = [renamed[o] if o else "" for o in node.output][: 1 if node.op_type == "MaxPool" else None]
+        copy.output[:] = [renamed[o] if o else "" for i, o in enumerate(node.output) if i not in extra]
         copies.append(copy)
     return copies
 
@@ -128,13 +155,18 @@ def annotate_shapes(
 
 
 def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
+    """Fail before anything is built when a head node has no rule."""
     for node in head:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
-            supported = ", ".join(sorted(RULES))
-            raise UnsupportedOp(
-                f"no gradient rule for op {node.op_type!r} (node {node.name or node.output[0]!r}) between the "
-                f"target layer and the logits; supported ops: {supported}. Pick a later layer with --layer."
-            )
+        rule_for(node)
+
+
+def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
+    """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
+    for node in head:
+        for index, label in enumerate(rule_for(node).extra_outputs, start=1):
+            node.output.extend([""] * (index + 1 - len(node.output)))
+            if not node.output[index]:
+                node.output[index] = f"{node.output[0]}/{label}"
 
 
 def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
@@ -220,10 +252,7 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     head = head_nodes(graph, activations, logits)
     _check_rules(head)
     head_only = _head_copy(graph, head)
-    for node in head:
-        if node.op_type == "MaxPool" and (len(node.output) < 2 or not node.output[1]):
-            del node.output[1:]
-            node.output.append(f"{node.output[0]}/indices")
+    _expose_extra_outputs(head)
     b = Builder(out)
     elem = b.elem_type(logits)
     b.wanted = {activations} | {o for n in head for o in n.output}
@@ -243,7 +272,7 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
             # sum_hw(dA) = dZ @ W_sum: everything below the first FC moves to the If branch
             weights_raw = b.op("MatMul", dys[0], b.const(cheap[1], "fc_weight_presummed"))
             b.nodes = branch_nodes
-        for name, dx in zip(node.input, RULES[node.op_type](b, node, dys), strict=False):
+        for name, dx in zip(node.input, input_gradients(b, node, dys), strict=True):
             if dx is not None and b.needs(name):
                 grads.setdefault(name, []).append(dx)
     gradients = _sum(b, grads.get(activations))

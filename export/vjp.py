@@ -2,13 +2,16 @@
 
 Each rule gets the builder, the forward node and the gradient of each node output
 (``None`` where no gradient flows) and returns one gradient per node input (``None``
-where none is needed). Gradients carry a target axis at position 1 (see ``builder``).
-The math of each rule is the comment above it.
+where none is needed). A rule may stop after its last differentiable input: the walker
+(:func:`onnxcam_export.graft.input_gradients`) pads the list with ``None`` for the trailing
+inputs (weights, shapes, axes) and refuses a list longer than the inputs. Gradients carry a
+target axis at position 1 (see ``builder``). The math of each rule is the comment above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -17,7 +20,20 @@ from onnx import helper
 from onnxcam_export.builder import Builder
 
 Grad = str | None
-Rule = Callable[[Builder, onnx.NodeProto, list[Grad]], list[Grad]]
+VJP = Callable[[Builder, onnx.NodeProto, list[Grad]], list[Grad]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One op's VJP and the optional forward outputs it reads.
+
+    ``extra_outputs`` names the optional outputs after the first that only the backward
+    pass reads (MaxPool: its ``Indices``): the grafter adds those a node lacks, and the
+    head-only copy of the graph leaves them out.
+    """
+
+    vjp: VJP
+    extra_outputs: tuple[str, ...] = ()
 
 
 class UnsupportedOp(ValueError):
@@ -41,7 +57,7 @@ def _mask(b: Builder, dy: str, keep: str, like: str) -> str:
 
 # dX = dY
 def Identity(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return [dy[0]] + [None] * (len(node.input) - 1)
+    return [dy[0]]
 
 
 # dX = dY  (inference: dropout is the identity; the optional mask output has no gradient)
@@ -74,12 +90,11 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         if bound is not None:
             inside = b.op(cmp, b.fwd(x), bound)
             keep = inside if keep is None else b.op("And", keep, inside)
-    grads: list[Grad] = [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
-    return grads + [None] * (len(node.input) - 1)
+    return [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
 
 
 def _reshape_back(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))] + [None] * (len(node.input) - 1)
+    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))]
 
 
 # dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
@@ -109,14 +124,14 @@ def Gemm(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     alpha = float(a.get("alpha", 1.0))
     if alpha != 1.0:
         da = b.op("Mul", da, b.scalar(alpha, node.input[0]))
-    return [da] + [None] * (len(node.input) - 1)
+    return [da]
 
 
 # Y = A @ B with constant B  =>  dA = dY @ B^T
 def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     rank = b.rank(node.input[1])
     perm = [*list(range(rank - 2)), rank - 1, rank - 2]
-    return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm)), None]
+    return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm))]
 
 
 # Each input element receives the gradient of the outputs whose window picked it
@@ -224,7 +239,7 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         "ConvTranspose", folded, weight, group=int(a.get("group", 1)), strides=strides, pads=pads,
         dilations=dilations, kernel_shape=kernel, output_padding=extra,
     )  # fmt: skip
-    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))] + [None] * (len(node.input) - 1)
+    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))]
 
 
 # dX = expand(dY) / (H * W)
@@ -247,7 +262,7 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     else:
         axes = list(a.get("axes", []))
     if not axes and int(a.get("noop_with_empty_axes", 0)):
-        return [dy[0]] + [None] * (len(node.input) - 1)
+        return [dy[0]]
     axes = sorted(ax % rank for ax in axes) if axes else list(range(rank))
     if 0 in axes:
         raise _unsupported(node, "it reduces over the batch axis")
@@ -255,7 +270,7 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     shape = b.op("Shape", x)
     count = b.op("ReduceProd", b.op("Gather", shape, b.ints(axes)), keepdims=1)
     expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
-    return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))] + [None] * (len(node.input) - 1)
+    return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))]
 
 
 # Inference batch norm is per-channel affine: dX = dY * scale / sqrt(var + eps)
@@ -266,7 +281,7 @@ def BatchNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
         raise _unsupported(node, "training_mode=1 is not an inference graph")
     factor = b.op("Div", node.input[1], b.op("Sqrt", b.op("Add", node.input[4], b.scalar(eps, x))))
     factor = b.op("Reshape", factor, b.ints([-1] + [1] * (b.rank(x) - 2)))
-    return [b.op("Mul", dy[0], factor)] + [None] * (len(node.input) - 1)
+    return [b.op("Mul", dy[0], factor)]
 
 
 # -- elementwise ops ---------------------------------------------------------------------
@@ -296,11 +311,11 @@ def _unbroadcast(b: Builder, g: str, x: str, out: str) -> str:
     return summed if len(xs) == len(ys) and not axes else b.op("Reshape", summed, b.grad_shape(g, x))
 
 
-def _elementwise(local: Callable[[Builder, onnx.NodeProto, str], str]) -> Rule:
+def _elementwise(local: Callable[[Builder, onnx.NodeProto, str], str]) -> VJP:
     """A rule for ``y = f(x)``, given ``local(b, node, dy) = dy * f'(x)``."""
 
     def rule(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-        return [local(b, node, dy[0])] + [None] * (len(node.input) - 1)
+        return [local(b, node, dy[0])]
 
     return rule
 
@@ -403,7 +418,7 @@ def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         raise _unsupported(node, "only a constant scalar exponent is supported")
     p = float(p.ravel()[0])
     slope = b.op("Mul", b.op("Pow", _x(b, node), _one(b, node, p - 1)), _one(b, node, p))
-    return [b.op("Mul", dy[0], slope), None]
+    return [b.op("Mul", dy[0], slope)]
 
 
 # -- binary ops with broadcasting: each input's gradient is summed back to its shape -------
@@ -473,7 +488,7 @@ def Split(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
             shape = b.op("Concat", b.dims(ref, 0, 2), b.dims(out, 1), axis=0)
             g = b.zeros(shape, like=x)
         parts.append(g)
-    return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))] + [None] * (len(node.input) - 1)
+    return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))]
 
 
 # dX = Transpose(dY, inverse permutation), the batch and target axes staying in front
@@ -515,7 +530,7 @@ def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         pads[_gaxis(b, node, x, axis)] = begin
         pads[_gaxis(b, node, x, axis) + len(shape) + 1] = size - max(stop, begin)
     padded = b.op("Pad", dy[0], b.ints(pads)) if b.opset >= 11 else b.op("Pad", dy[0], pads=pads)
-    return [padded] + [None] * (len(node.input) - 1)
+    return [padded]
 
 
 # constant-mode Pad: dX = the unpadded window of dY
@@ -537,7 +552,7 @@ def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     starts = [pads[a] for a in range(1, rank)]
     ends = [pads[a] + b.shape(x)[a] for a in range(1, rank)]
     axes = list(range(2, rank + 1))
-    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))] + [None] * (len(node.input) - 1)
+    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))]
 
 
 # -- normalisations and softmax -----------------------------------------------------------------
@@ -577,7 +592,7 @@ def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
     mean_g = b.reduce("ReduceMean", g, axes, keepdims=1)
     mean_gx = b.reduce("ReduceMean", b.op("Mul", g, xhat), axes, keepdims=1)
     dx = b.op("Div", b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx)), sigma)
-    return [dx] + [None] * (len(node.input) - 1)
+    return [dx]
 
 
 # y = Gather(x, I, axis) with constant I  =>  dX = dY contracted with one_hot(I) along the axis
@@ -602,17 +617,19 @@ def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     flat = b.op("Reshape", g, b.op("Concat", keep, b.product(g, g_rank - len(moved)), axis=0))
     scattered = b.op("MatMul", flat, b.const(onehot, "gather_onehot"))  # [..., size]
     back = [*list(range(gaxis)), rank, *list(range(gaxis, rank))]
-    return [b.op("Transpose", scattered, perm=back), None]
+    return [b.op("Transpose", scattered, perm=back)]
 
 
-RULES: dict[str, Rule] = {
+RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
     "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
     "Gelu": Gelu, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum, "Sub": Sub, "Mul": Mul, "Div": Div,
     "Flatten": Flatten, "Reshape": Reshape, "Squeeze": Squeeze, "Unsqueeze": Unsqueeze,
     "Transpose": Transpose, "Concat": Concat, "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather,
-    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "MaxPool": MaxPool, "AveragePool": AveragePool,
+    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "AveragePool": AveragePool,
     "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
+}.items()} | {
+    "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
 }  # fmt: skip
