@@ -1,23 +1,23 @@
 """Graft Grad-CAM gradients into a forward ONNX graph (needs ``onnx`` only, never torch).
 
 Given a classifier graph, the name of the target-layer tensor ``A`` and of the logits, the
-reverse-mode walker below applies one rule from :mod:`onnxcam_export.vjp` per node of the
-head (the nodes on a path from ``A`` to the logits), newest first, summing gradients that
-reach a tensor along several paths. The result obeys :mod:`onnxcam.contract`.
+reverse-mode walker :func:`backward` applies one rule from :mod:`onnxcam_export.vjp` per node
+of the head (the nodes on a path from ``A`` to the logits), newest first, summing gradients
+that reach a tensor along several paths. The result obeys :mod:`onnxcam.contract`.
 
 The per-channel weights ``alpha = mean_hw(dy/dA)`` take a cheap exact path when the head
 starts with channel-wise, mass-preserving ops (MaxPool, average pools, Identity, Dropout)
 followed by Flatten and a constant Gemm/MatMul: those ops only move gradient within a
 channel, so ``sum_hw(dA) = dZ @ W_sum`` with ``W_sum`` the FC weight pre-summed over the
-spatial positions (VGG16: 512x4096 instead of 25088x4096). The full gradient tensor is then
-built inside an ``If`` on ``full_gradients``, so the FC weight is read a second time only
-when a caller asks for it.
+spatial positions (VGG16: 512x4096 instead of 25088x4096). The rest of the walk, from the
+first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If`` on
+``full_gradients``, so the FC weight is read a second time only when a caller asks for it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,14 @@ from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
 MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
+HEAD_RUN_LOGITS = f"{contract.HEAD_LOGITS}/run"  # the logits of the head-only copy, inside its If
+
+Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
+Presummed = tuple[onnx.NodeProto, np.ndarray]  # the first FC node, its weight summed over positions [F, C]
+Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output
 
 
+# -- the reverse-mode walk: it knows the rules table, no op ---------------------------------------
 def rule_for(node: onnx.NodeProto) -> Rule:
     """The gradient rule for ``node``; UnsupportedOp naming the op, the node and the supported ops."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
@@ -59,6 +65,42 @@ def input_gradients(b: Builder, node: onnx.NodeProto, dys: list[Grad]) -> list[G
     return dxs + [None] * (len(node.input) - len(dxs))
 
 
+def gradient_of(b: Builder, grads: Grads, name: str) -> Grad:
+    """The gradient of tensor ``name``: the sum of those that reached it, one Sum emitted at the first read."""
+    parts = grads.get(name)
+    if not parts:
+        return None
+    if len(parts) > 1:
+        grads[name] = parts = [b.op("Sum", *parts)]
+    return parts[0]
+
+
+def backward(b: Builder, nodes: Sequence[onnx.NodeProto], grads: Grads) -> Grads:
+    """Reverse mode over ``nodes`` (in graph order), newest first, starting from ``grads``.
+
+    A node whose outputs have a gradient passes it to its inputs through its rule; only the
+    inputs the builder ``needs`` keep theirs. Returns the gradients after the walk (a new map).
+    """
+    grads = {name: list(parts) for name, parts in grads.items()}
+    for node in reversed(nodes):
+        dys = [gradient_of(b, grads, name) for name in node.output]
+        if all(dy is None for dy in dys):
+            continue
+        for name, dx in zip(node.input, input_gradients(b, node, dys), strict=True):
+            if dx is not None and b.needs(name):
+                grads.setdefault(name, []).append(dx)
+    return grads
+
+
+def _reached(b: Builder, grads: Grads, name: str) -> str:
+    """The gradient of ``name``, which the walk must have reached."""
+    dx = gradient_of(b, grads, name)
+    if dx is None:
+        raise UnsupportedOp(f"no gradient reaches {name!r} from {contract.LOGITS!r}")
+    return dx
+
+
+# -- the head: the nodes between the target layer and the logits ----------------------------------
 def head_nodes(graph: onnx.GraphProto, activations: str, logits: str) -> list[onnx.NodeProto]:
     """The nodes on some path from ``activations`` to ``logits``, in graph (topological) order."""
     reached = {activations}
@@ -87,6 +129,21 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
+def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
+    """Fail before anything is built when a head node has no rule."""
+    for node in head:
+        rule_for(node)
+
+
+def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
+    """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
+    for node in head:
+        for index, label in enumerate(rule_for(node).extra_outputs, start=1):
+            node.output.extend([""] * (index + 1 - len(node.output)))
+            if not node.output[index]:
+                node.output[index] = f"{node.output[0]}/{label}"
+
+
 def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
     """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
 
@@ -95,7 +152,7 @@ def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.
     """
     renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
     renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
-    renamed[contract.LOGITS] = f"{contract.HEAD_LOGITS}/run"
+    renamed[contract.LOGITS] = HEAD_RUN_LOGITS
     static = static_tensors(graph)
     copies = []
     for node in head:
@@ -154,21 +211,6 @@ def annotate_shapes(
         model.graph.value_info.append(info)
 
 
-def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
-    """Fail before anything is built when a head node has no rule."""
-    for node in head:
-        rule_for(node)
-
-
-def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
-    """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
-    for node in head:
-        for index, label in enumerate(rule_for(node).extra_outputs, start=1):
-            node.output.extend([""] * (index + 1 - len(node.output)))
-            if not node.output[index]:
-                node.output[index] = f"{node.output[0]}/{label}"
-
-
 def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in head:
@@ -185,9 +227,7 @@ def _preserves_mass(node: onnx.NodeProto) -> bool:
     return node.op_type in MASS_PRESERVING
 
 
-def presummed_weight(
-    b: Builder, head: list[onnx.NodeProto], activations: str
-) -> tuple[onnx.NodeProto, np.ndarray] | None:
+def presummed_weight(b: Builder, head: list[onnx.NodeProto], activations: str) -> Presummed | None:
     """The first FC node and its weight summed over spatial positions ([F, C]), if the head allows."""
     users = _consumers(head)
     current = activations
@@ -219,12 +259,6 @@ def presummed_weight(
     return fc, summed.astype(weight.dtype)
 
 
-def _sum(b: Builder, grads: list[str] | None) -> str | None:
-    if not grads:
-        return None
-    return grads[0] if len(grads) == 1 else b.op("Sum", *grads)
-
-
 def _resolve_targets(b: Builder, logits: str) -> str:
     """target_classes = targets where targets >= 0, else the (-targets)-th ranked class."""
     classes = b.dims(logits, 1, 2)
@@ -241,6 +275,94 @@ def _resolve_targets(b: Builder, logits: str) -> str:
     return contract.TARGET_CLASSES
 
 
+# -- the graph's new parts, each emitted by one function -------------------------------------------
+def _seed(b: Builder, logits: str) -> str:
+    """The gradient of the explained scores w.r.t. the logits: OneHot(target_classes), [N, T, K]."""
+    target_classes = _resolve_targets(b, logits)
+    classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
+    return b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
+
+
+def _walk(
+    b: Builder, head: list[onnx.NodeProto], seed: str, cheap: Presummed | None, spatial: list[int]
+) -> tuple[str, Branch]:
+    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA."""
+    seeds = {contract.LOGITS: [seed]}
+    if cheap is None:  # the sum of the full gradient, computed outside the If
+        gradients = _reached(b, backward(b, head, seeds), contract.ACTIVATIONS)
+        full = helper.make_node("Identity", [gradients], [gradients + "/full"])
+        return b.reduce("ReduceSum", gradients, spatial, keepdims=0), ("full", [full], full.output[0])
+    fc, weight = cheap
+    cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
+    grads = backward(b, head[cut:], seeds)
+    summed = b.op("MatMul", _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
+    with b.subgraph() as nodes:
+        gradients = _reached(b, backward(b, head[:cut], grads), contract.ACTIVATIONS)
+    return summed, ("full", nodes, gradients)
+
+
+def _if(name: str, condition: str, output: str, elem: int, then: Branch, otherwise: Branch) -> onnx.NodeProto:
+    """An ``If`` node whose branches each compute one tensor of element type ``elem``."""
+    graphs = {
+        key: helper.make_graph(nodes, graph_name, [], [helper.make_tensor_value_info(result, elem, None)])
+        for key, (graph_name, nodes, result) in (("then_branch", then), ("else_branch", otherwise))
+    }
+    return helper.make_node("If", [condition], [output], name=name, **graphs)
+
+
+def _emit_weights(b: Builder, summed: str) -> None:
+    """weights = sum_hw(dy/dA) / (h * w), [N, T, C]."""
+    plane = b.op("Cast", b.product(contract.ACTIVATIONS, 2), to=b.elem_type(contract.LOGITS))
+    b.nodes.append(helper.make_node("Div", [summed, plane], [contract.WEIGHTS], name="weights"))
+
+
+def _emit_gradients(b: Builder, full: Branch, spatial: list[int]) -> None:
+    """gradients = the output of branch ``full`` when ``full_gradients``, else [N, T, C, 0, 0] zeros."""
+    with b.subgraph() as nodes:
+        shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
+        empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
+    elem = b.elem_type(contract.LOGITS)
+    b.nodes.append(_if("gradients", contract.FULL_GRADIENTS, contract.GRADIENTS, elem, full, empty))
+
+
+def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto]) -> None:
+    """head_logits = the head run on head_activations, behind an If on run_head (false by default), so
+    that ordinary calls never run it, whatever its reshapes need."""
+    elem, classes = b.elem_type(contract.LOGITS), b.shape(contract.LOGITS)[1]
+    skipped = helper.make_node("Identity", ["head/none"], ["head/skipped"])
+    head = ("head", copies, HEAD_RUN_LOGITS)
+    no_head = ("no_head", [skipped], "head/skipped")
+    graph.node.append(_if("head", contract.RUN_HEAD, contract.HEAD_LOGITS, elem, head, no_head))
+    empty = np.zeros([0, *b.shape(contract.ACTIVATIONS)[1:]], dtype=b.np_dtype(contract.ACTIVATIONS))
+    graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
+    graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
+    graph.input.append(helper.make_tensor_value_info(contract.RUN_HEAD, TensorProto.BOOL, []))
+    no_logits = numpy_helper.from_array(np.zeros([0, classes], dtype=b.np_dtype(contract.LOGITS)), "head/none")
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
+
+
+def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], head_only: bool) -> None:
+    """The contract's inputs targets and full_gradients, and its outputs in contract order."""
+    elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
+    batch = b.shape(contract.LOGITS)[0] or "N"
+    channels, classes = b.shape(contract.ACTIVATIONS)[1], b.shape(contract.LOGITS)[1]
+    graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
+    graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
+    graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
+    del graph.output[:]
+    graph.output.extend(
+        [
+            info(contract.LOGITS, elem, [batch, classes]),
+            info(contract.ACTIVATIONS, elem, [batch, channels, *b.shape(contract.ACTIVATIONS)[2:]]),
+            info(contract.WEIGHTS, elem, [batch, "T", channels]),
+            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(spatial))]]),
+            info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
+        ]
+    )
+    if head_only:
+        graph.output.append(info(contract.HEAD_LOGITS, elem, ["M", classes]))
+
+
 def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed."""
     out = onnx.ModelProto()
@@ -248,96 +370,23 @@ def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.M
     graph = out.graph
     for tensor, name in ((activations, contract.ACTIVATIONS), (logits, contract.LOGITS)):
         rename_tensor(graph, tensor, name)
-    activations, logits = contract.ACTIVATIONS, contract.LOGITS
-    head = head_nodes(graph, activations, logits)
+    head = head_nodes(graph, contract.ACTIVATIONS, contract.LOGITS)
     _check_rules(head)
     head_only = _head_copy(graph, head)
     _expose_extra_outputs(head)
     b = Builder(out)
-    elem = b.elem_type(logits)
-    b.wanted = {activations} | {o for n in head for o in n.output}
-    target_classes = _resolve_targets(b, logits)
-    classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
-    seed = b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
-
-    cheap = presummed_weight(b, head, activations)
-    grads: dict[str, list[str]] = {logits: [seed]}
-    main_nodes, branch_nodes = b.nodes, []
-    weights_raw = None
-    for node in reversed(head):
-        dys = [_sum(b, grads.get(o)) for o in node.output]
-        if all(dy is None for dy in dys):
-            continue
-        if cheap is not None and node is cheap[0]:
-            # sum_hw(dA) = dZ @ W_sum: everything below the first FC moves to the If branch
-            weights_raw = b.op("MatMul", dys[0], b.const(cheap[1], "fc_weight_presummed"))
-            b.nodes = branch_nodes
-        for name, dx in zip(node.input, input_gradients(b, node, dys), strict=True):
-            if dx is not None and b.needs(name):
-                grads.setdefault(name, []).append(dx)
-    gradients = _sum(b, grads.get(activations))
-    if gradients is None:
-        raise UnsupportedOp(f"no gradient reaches {activations!r} from {logits!r}")
-    b.nodes = main_nodes
-    spatial = list(range(3, b.rank(activations) + 1))
-    if weights_raw is None:  # no cheap path: the mean of the full gradient, computed outside the If
-        weights_raw = b.reduce("ReduceSum", gradients, spatial, keepdims=0)
-        branch_nodes.append(helper.make_node("Identity", [gradients], [gradients + "/full"]))
-        gradients += "/full"
-    plane = b.op("Cast", b.product(activations, 2), to=elem)
-    b.nodes.append(helper.make_node("Div", [weights_raw, plane], [contract.WEIGHTS], name="weights"))
-
-    with b.subgraph() as else_nodes:
-        empty_shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
-        empty = b.zeros(empty_shape, like=logits)
-    branch = {
-        "then_branch": helper.make_graph(
-            branch_nodes, "full", [], [helper.make_tensor_value_info(gradients, elem, None)]
-        ),
-        "else_branch": helper.make_graph(else_nodes, "empty", [], [helper.make_tensor_value_info(empty, elem, None)]),
-    }
-    b.nodes.append(helper.make_node("If", [contract.FULL_GRADIENTS], [contract.GRADIENTS], name="gradients", **branch))
-
+    b.wanted = {contract.ACTIVATIONS} | {o for n in head for o in n.output}
+    spatial = list(range(3, b.rank(contract.ACTIVATIONS) + 1))  # the h, w axes of [N, T, C, h, w]
+    seed = _seed(b, contract.LOGITS)
+    cheap = presummed_weight(b, head, contract.ACTIVATIONS)
+    summed, full = _walk(b, head, seed, cheap, spatial)
+    _emit_weights(b, summed)
+    _emit_gradients(b, full, spatial)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
-    batch = b.shape(logits)[0] or "N"
-    channels = b.shape(activations)[1]
-    if head_only is not None:  # behind an If: ordinary calls never run it, whatever its reshapes need
-        classes = b.shape(logits)[1]
-        no_logits = numpy_helper.from_array(np.zeros([0, classes], dtype=b.np_dtype(logits)), "head/none")
-        branches = {
-            "then_branch": helper.make_graph(
-                head_only, "head", [], [helper.make_tensor_value_info(contract.HEAD_LOGITS + "/run", elem, None)]
-            ),
-            "else_branch": helper.make_graph(
-                [helper.make_node("Identity", ["head/none"], ["head/skipped"])],
-                "no_head",
-                [],
-                [helper.make_tensor_value_info("head/skipped", elem, None)],
-            ),
-        }
-        graph.node.append(helper.make_node("If", [contract.RUN_HEAD], [contract.HEAD_LOGITS], name="head", **branches))
-        empty = np.zeros([0, *b.shape(activations)[1:]], dtype=b.np_dtype(activations))
-        graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
-        graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
-        graph.input.append(helper.make_tensor_value_info(contract.RUN_HEAD, TensorProto.BOOL, []))
-        graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
-    graph.input.append(helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
-    graph.input.append(helper.make_tensor_value_info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
-    graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
-    spatial_dims = [f"h{i}" for i in range(len(spatial))]
-    del graph.output[:]
-    graph.output.extend(
-        [
-            helper.make_tensor_value_info(contract.LOGITS, elem, [batch, b.shape(logits)[1]]),
-            helper.make_tensor_value_info(contract.ACTIVATIONS, elem, [batch, channels, *b.shape(activations)[2:]]),
-            helper.make_tensor_value_info(contract.WEIGHTS, elem, [batch, "T", channels]),
-            helper.make_tensor_value_info(contract.GRADIENTS, elem, [batch, "T", channels, *spatial_dims]),
-            helper.make_tensor_value_info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
-        ]
-    )
     if head_only is not None:
-        graph.output.append(helper.make_tensor_value_info(contract.HEAD_LOGITS, elem, ["M", b.shape(logits)[1]]))
+        _add_head_only(graph, b, head_only)
+    _add_contract_io(graph, b, spatial, head_only is not None)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 
