@@ -298,15 +298,15 @@ def _bcast(b: Builder, x: str, out: str) -> str:
     return b.fwd(x) if b.rank(x) == b.rank(out) else x
 
 
-def _unbroadcast(b: Builder, g: str, x: str, out: str) -> str:
-    """Sum the gradient of a broadcast output back to the shape of input ``x``."""
-    xs, ys = b.shape(x), b.shape(out)
+def _unbroadcast(b: Builder, node: onnx.NodeProto, g: str, x: str) -> str:
+    """Sum the gradient ``g`` of the node's broadcast output back to the shape of its input ``x``."""
+    xs, ys = b.shape(x), b.shape(node.output[0])
     if xs is None or ys is None:
-        raise ValueError(f"broadcasting of {x!r} needs known ranks")
+        raise _unsupported(node, f"broadcasting of {x!r} needs known ranks")
     padded = [1] * (len(ys) - len(xs)) + xs
     axes = [i + (i > 0) for i, (dx, dy) in enumerate(zip(padded, ys, strict=True)) if dx == 1 and dy != 1]
     if 0 in axes or (len(xs) < len(ys) and padded[0] == 1 and ys[0] != 1):
-        raise ValueError(f"{x!r} is broadcast along the batch axis")
+        raise _unsupported(node, f"{x!r} is broadcast along the batch axis")
     summed = b.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
     return summed if len(xs) == len(ys) and not axes else b.op("Reshape", summed, b.grad_shape(g, x))
 
@@ -423,8 +423,7 @@ def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
 # -- binary ops with broadcasting: each input's gradient is summed back to its shape -------
 def _binary(b: Builder, node: onnx.NodeProto, grads: list[str]) -> list[Grad]:
-    out = node.output[0]
-    return [_unbroadcast(b, g, x, out) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
+    return [_unbroadcast(b, node, g, x) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
 
 
 # dA = dY, dB = dY
