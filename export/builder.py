@@ -14,11 +14,28 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+Types = dict[str, onnx.TypeProto.Tensor]  # tensor name -> element type and (partly) known shape
+
+
+def infer_types(model: onnx.ModelProto) -> Types:
+    """The type of every tensor of ``model`` that ONNX shape inference (with data propagation) can type.
+
+    It copies the whole model, weights included: run it once per model state and pass the result on.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    types = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type"):  # copied out, so that the inferred copy can be freed
+            types[info.name] = onnx.TypeProto.Tensor()
+            types[info.name].CopyFrom(info.type.tensor_type)
+    return types
+
 
 class Builder:
     """Emits default-domain ONNX nodes with fresh names into ``self.nodes``."""
 
-    def __init__(self, model: onnx.ModelProto, prefix: str = "onnxcam/") -> None:
+    def __init__(self, model: onnx.ModelProto, types: Types | None = None, prefix: str = "onnxcam/") -> None:
+        """``types``: :func:`infer_types` of ``model`` where the caller has it; inferred here otherwise."""
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
@@ -27,9 +44,7 @@ class Builder:
         for node in model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = node.attribute[0].t
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-        self.types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
+        self.types = infer_types(model) if types is None else types
         self._count = 0
         self._fwd: dict[str, str] = {}
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all

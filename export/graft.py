@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
 from onnxcam.image import atomic_write
-from onnxcam_export.builder import Builder
+from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
@@ -170,25 +170,23 @@ def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.
 
 def annotate_shapes(
     model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: onnx.TensorShapeProto.Dimension
-) -> None:
+) -> Types:
     """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by one ORT run.
 
     Every such tensor's shape at the fed input size is recorded in ``value_info``, with the
-    batch axis set to ``batch``, so the rules see static channel and spatial sizes.
+    batch axis set to ``batch``, so the rules see static channel and spatial sizes. Returns
+    the types of the model as it leaves (:func:`infer_types`, run again only if the model changed).
     Raises RuntimeError when ONNX Runtime cannot run the model.
     """
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    types = infer_types(model)
     known = {
-        v.name
-        for v in [*inferred.graph.value_info, *inferred.graph.output]
-        if v.type.tensor_type.HasField("shape")
-        and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+        n for n, t in types.items() if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim[1:])
     }
     static = static_tensors(model.graph)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
     if not missing:
-        return
+        return types
     import onnxruntime as ort  # a runtime dependency of onnxcam anyway
 
     probe = onnx.ModelProto()
@@ -200,15 +198,17 @@ def annotate_shapes(
         values = session.run(missing, feed)
     except Exception as exc:  # ORT's own exception types
         raise RuntimeError(str(exc)) from exc
+    recorded = [(n, v) for n, v in zip(missing, values, strict=True) if isinstance(v, np.ndarray) and v.ndim]
+    if not recorded:
+        return types
     by_name = {v.name: v for v in model.graph.value_info}
-    for name, value in zip(missing, values, strict=True):
-        if not isinstance(value, np.ndarray) or value.ndim == 0:
-            continue
+    for name, value in recorded:
         info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
         info.type.tensor_type.shape.dim[0].CopyFrom(batch)
         if name in by_name:
             model.graph.value_info.remove(by_name[name])
         model.graph.value_info.append(info)
+    return infer_types(model)
 
 
 def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
@@ -363,18 +363,24 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], hea
         graph.output.append(info(contract.HEAD_LOGITS, elem, ["M", classes]))
 
 
-def graft(model: onnx.ModelProto, activations: str, logits: str) -> tuple[onnx.ModelProto, str]:
-    """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed."""
+def graft(
+    model: onnx.ModelProto, activations: str, logits: str, types: Types | None = None
+) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
+
+    ``types``: :func:`infer_types` of ``model`` where the caller has it (else inferred after the rule checks).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     for tensor, name in ((activations, contract.ACTIVATIONS), (logits, contract.LOGITS)):
-        rename_tensor(graph, tensor, name)
+        renamed = rename_tensor(graph, tensor, name)
+        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
     head = head_nodes(graph, contract.ACTIVATIONS, contract.LOGITS)
     _check_rules(head)
     head_only = _head_copy(graph, head)
     _expose_extra_outputs(head)
-    b = Builder(out)
+    b = Builder(out, types)
     b.wanted = {contract.ACTIVATIONS} | {o for n in head for o in n.output}
     spatial = list(range(3, b.rank(contract.ACTIVATIONS) + 1))  # the h, w axes of [N, T, C, h, w]
     seed = _seed(b, contract.LOGITS)
@@ -413,13 +419,18 @@ def _replace(graph: onnx.GraphProto, old: str, new: str) -> None:
             info.name = new
 
 
-def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Give tensor ``old`` the name ``new`` everywhere; a tensor already called ``new`` moves aside."""
+def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> dict[str, str]:
+    """Give tensor ``old`` the name ``new`` everywhere; a tensor already called ``new`` moves aside.
+
+    Returns the renames made, old name -> new name.
+    """
     if old == new:
-        return
-    if new in _tensor_names(graph):
-        _replace(graph, new, f"{new}/original")
-    _replace(graph, old, new)
+        return {}
+    renames = {new: f"{new}/original"} if new in _tensor_names(graph) else {}
+    renames[old] = new
+    for before, after in renames.items():  # the tensor in the way first
+        _replace(graph, before, after)
+    return renames
 
 
 def head_model(model: onnx.ModelProto) -> onnx.ModelProto:
