@@ -159,6 +159,11 @@ def _fold_targets(b: Builder, dy: str) -> tuple[str, str]:
     return b.op("Reshape", dy, b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)), b.dims(dy, 0, 2)
 
 
+def _unfold_targets(b: Builder, dx: str, head: str, x: str) -> str:
+    """[N*T, C, H, W] -> [N, T, C, H, W], the gradient of forward tensor ``x``, with ``head`` = [N, T]."""
+    return b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))
+
+
 # Transpose of the averaging: dX = ConvTranspose(dY / count, ones), one filter per channel.
 def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     a = attrs(node)
@@ -197,7 +202,7 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         "ConvTranspose", scaled, ones, group=channels, strides=strides, pads=pads, output_padding=extra,
         kernel_shape=kernel,
     )  # fmt: skip
-    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))]
+    return [_unfold_targets(b, dx, head, x)]
 
 
 def _explicit_pads(
@@ -239,7 +244,7 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         "ConvTranspose", folded, weight, group=int(a.get("group", 1)), strides=strides, pads=pads,
         dilations=dilations, kernel_shape=kernel, output_padding=extra,
     )  # fmt: skip
-    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))]
+    return [_unfold_targets(b, dx, head, x)]
 
 
 # dX = expand(dY) / (H * W)
