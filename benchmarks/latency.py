@@ -45,7 +45,7 @@ def forward_only(arch_name: str, out: Path) -> None:
         model.load_state_dict(arch.imagenet()[0], strict=False)
     _, path = resolve_layer(arch, model, None)
     wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).eval()
-    graph = export_forward(wrapper, arch.input_size)
+    graph, _ = export_forward(wrapper, arch.input_size)
     del graph.graph.output[1:]  # logits only
     onnx.save(graph, out)
 

@@ -90,7 +90,7 @@ def timings(arch_name: str, folder: Path, batch: int, rounds: int) -> dict[str, 
     cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.fwd.onnx"
     if not cam_path.exists():
         export_arch(arch_name, WEIGHTS[arch_name], None, cam_path)
-        forward = export_forward(
+        forward, _ = export_forward(
             Explainable(model, layer, ARCHS[arch_name].mean, ARCHS[arch_name].std).eval(), (224, 224)
         )
         del forward.graph.output[1:]

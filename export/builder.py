@@ -7,15 +7,35 @@ with that axis inserted (``[N, 1, d1, ...]``) so that it broadcasts against grad
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+Types = dict[str, onnx.TypeProto.Tensor]  # tensor name -> element type and (partly) known shape
+
+
+def infer_types(model: onnx.ModelProto) -> Types:
+    """The type of every tensor of ``model`` that ONNX shape inference (with data propagation) can type.
+
+    It copies the whole model, weights included: run it once per model state and pass the result on.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    types = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type"):  # copied out, so that the inferred copy can be freed
+            types[info.name] = onnx.TypeProto.Tensor()
+            types[info.name].CopyFrom(info.type.tensor_type)
+    return types
 
 
 class Builder:
     """Emits default-domain ONNX nodes with fresh names into ``self.nodes``."""
 
-    def __init__(self, model: onnx.ModelProto, prefix: str = "onnxcam/") -> None:
+    def __init__(self, model: onnx.ModelProto, types: Types | None = None, prefix: str = "onnxcam/") -> None:
+        """``types``: :func:`infer_types` of ``model`` where the caller has it; inferred here otherwise."""
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
@@ -24,9 +44,7 @@ class Builder:
         for node in model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = node.attribute[0].t
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-        self.types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
+        self.types = infer_types(model) if types is None else types
         self._count = 0
         self._fwd: dict[str, str] = {}
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
@@ -39,6 +57,20 @@ class Builder:
     def fresh(self, hint: str) -> str:
         self._count += 1
         return f"{self.prefix}{hint}_{self._count}"
+
+    @contextmanager
+    def subgraph(self) -> Iterator[list[onnx.NodeProto]]:
+        """Emit into a new node list (an ``If`` branch) inside the ``with`` block.
+
+        Initializers stay in the main graph, which a branch can read. Forward tensors
+        prepared inside (:meth:`fwd`) are forgotten on the way out: the outer graph cannot see them.
+        """
+        outer_nodes, outer_fwd = self.nodes, dict(self._fwd)
+        self.nodes = []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._fwd = outer_nodes, outer_fwd
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> str:
         """Append one node and return its (first) output name."""
@@ -58,6 +90,10 @@ class Builder:
 
     def ints(self, values: list[int] | tuple[int, ...]) -> str:
         return self.const(np.asarray(values, dtype=np.int64), "ints")
+
+    def zeros(self, shape: str, like: str) -> str:
+        """Zeros of shape ``shape`` (a 1-D int64 tensor) and the element type of tensor ``like``."""
+        return self.op("ConstantOfShape", shape, value=helper.make_tensor("zero", self.elem_type(like), [1], [0]))
 
     # -- what is known about forward tensors -----------------------------------------
     def constant_value(self, name: str) -> np.ndarray | None:

@@ -21,6 +21,7 @@ from onnxcam import contract
 from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import file_digest
+from onnxcam_export.builder import Types, infer_types
 from onnxcam_export.graft import annotate_shapes, graft, head_nodes, static_tensors
 from onnxcam_export.save import save_explainer
 from onnxcam_export.vjp import UnsupportedOp
@@ -69,21 +70,19 @@ class Preprocessing:
         return cls(size, values["mean"], values["std"], bgr, frozenset(given))
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+Shapes = dict[str, list[int | str | None]]  # tensor name -> dims: size, symbolic name or None
+
+
+def _shapes(types: Types) -> Shapes:
     return {
-        v.name: [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim
-        ]
-        for v in infos
-        if v.type.tensor_type.HasField("shape")
+        name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        for name, t in types.items()
+        if t.HasField("shape")
     }
 
 
-def candidate_layers(model: onnx.ModelProto, logits: str) -> list[str]:
+def candidate_layers(graph: onnx.GraphProto, logits: str, shapes: Shapes) -> list[str]:
     """4-D tensors with static spatial size > 1 that every path to the logits crosses, in graph order."""
-    graph, shapes = model.graph, _shapes(model)
     static = static_tensors(graph)
     out = []
     for node in graph.node:
@@ -128,9 +127,9 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
     return name
 
 
-def _flatten_logits(model: onnx.ModelProto, logits: str) -> str:
+def _flatten_logits(model: onnx.ModelProto, logits: str, shapes: Shapes) -> str:
     """``[N, K, 1, 1]`` scores (a 1x1-conv classifier) become ``[N, K]``."""
-    shape = _shapes(model).get(logits)
+    shape = shapes.get(logits)
     if shape is None or len(shape) == 2:
         return logits
     if any(d != 1 for d in shape[2:]):
@@ -207,11 +206,11 @@ def _layout(graph: onnx.GraphProto, prep: Preprocessing) -> Layout:
     return Layout(original.name, channels_first, height, width, elem, original.type.tensor_type.shape.dim[0])
 
 
-def _annotate_shapes(model: onnx.ModelProto, layout: Layout) -> None:
+def _annotate_shapes(model: onnx.ModelProto, layout: Layout) -> Types:
     shape = [1, 3, layout.height, layout.width] if layout.channels_first else [1, layout.height, layout.width, 3]
     feed = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(layout.elem_type))
     try:
-        annotate_shapes(model, {layout.name: feed}, layout.batch)
+        return annotate_shapes(model, {layout.name: feed}, layout.batch)
     except RuntimeError as exc:
         raise OnnxcamError(f"ONNX Runtime cannot run the model to learn its shapes: {exc}") from exc
 
@@ -277,9 +276,9 @@ def graft_file(
     model = _modern_ir(model)
     graph = model.graph
     layout = _layout(graph, prep)
-    _annotate_shapes(model, layout)
-    logits = _flatten_logits(model, _logits(graph, notes))
-    candidates = candidate_layers(model, logits)
+    shapes = _shapes(_annotate_shapes(model, layout))
+    logits = _flatten_logits(model, _logits(graph, notes), shapes)
+    candidates = candidate_layers(graph, logits, shapes)  # (a Flatten added above is no candidate)
     if not candidates:
         raise OnnxcamError(f"{source} has no 4-D layer with spatial size > 1 that all paths to the logits cross")
     if layer is None:
@@ -294,9 +293,10 @@ def graft_file(
         model = upgraded
         _annotate_shapes(model, layout)
     _prepend_preprocessing(model, layout, prep, notes)
-    shapes = _shapes(model)
+    types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
+    shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits)
+        grafted, weights_path = graft(model, layer, logits, types)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = shapes[layer][1:]

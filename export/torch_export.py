@@ -16,6 +16,7 @@ from torch import nn
 from onnxcam import contract
 from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
+from onnxcam_export.builder import Types
 from onnxcam_export.graft import annotate_shapes, graft
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
 from onnxcam_export.save import save_explainer
@@ -214,12 +215,12 @@ def export_module(
             module.inplace = False  # an in-place ReLU would overwrite a captured conv output
     layer_name, module_path = resolve_layer(arch, model, layer)
     wrapper = Explainable(model.eval(), dict(model.named_modules())[module_path], arch.mean, arch.std).eval()
-    forward = export_forward(wrapper, arch.input_size)
+    forward, types = export_forward(wrapper, arch.input_size)
     rank = len(forward.graph.output[1].type.tensor_type.shape.dim)
     if rank != 4:
         raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
     try:
-        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS)
+        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
     card = ModelCard(
@@ -237,8 +238,8 @@ def export_module(
     return card.summary()
 
 
-def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) -> onnx.ModelProto:
-    """torch.onnx (TorchScript exporter: it keeps Gemm/Flatten/MaxPool as single nodes)."""
+def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) -> tuple[onnx.ModelProto, Types]:
+    """torch.onnx (TorchScript exporter: it keeps Gemm/Flatten/MaxPool as single nodes), and its tensor types."""
     example = torch.zeros(batch, *size, 3, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -255,5 +256,5 @@ def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) ->
         )
     model = onnx.load_from_string(buffer.getvalue())
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    annotate_shapes(model, {contract.IMAGE: example.numpy()}, batch_dim)  # SAME pads computed from Shape ops
-    return model
+    types = annotate_shapes(model, {contract.IMAGE: example.numpy()}, batch_dim)  # SAME pads from Shape ops
+    return model, types

@@ -2,13 +2,16 @@
 
 Each rule gets the builder, the forward node and the gradient of each node output
 (``None`` where no gradient flows) and returns one gradient per node input (``None``
-where none is needed). Gradients carry a target axis at position 1 (see ``builder``).
-The math of each rule is the comment above it.
+where none is needed). A rule may stop after its last differentiable input: the walker
+(:func:`onnxcam_export.graft.input_gradients`) pads the list with ``None`` for the trailing
+inputs (weights, shapes, axes) and refuses a list longer than the inputs. Gradients carry a
+target axis at position 1 (see ``builder``). The math of each rule is the comment above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -17,7 +20,20 @@ from onnx import helper
 from onnxcam_export.builder import Builder
 
 Grad = str | None
-Rule = Callable[[Builder, onnx.NodeProto, list[Grad]], list[Grad]]
+VJP = Callable[[Builder, onnx.NodeProto, list[Grad]], list[Grad]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One op's VJP and the optional forward outputs it reads.
+
+    ``extra_outputs`` names the optional outputs after the first that only the backward
+    pass reads (MaxPool: its ``Indices``): the grafter adds those a node lacks, and the
+    head-only copy of the graph leaves them out.
+    """
+
+    vjp: VJP
+    extra_outputs: tuple[str, ...] = ()
 
 
 class UnsupportedOp(ValueError):
@@ -25,7 +41,9 @@ class UnsupportedOp(ValueError):
 
 
 def attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """The node's attributes by name; string attributes (bytes in the protobuf) as str."""
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {name: v.decode() if isinstance(v, bytes) else v for name, v in values.items()}
 
 
 def _unsupported(node: onnx.NodeProto, why: str) -> UnsupportedOp:
@@ -39,7 +57,7 @@ def _mask(b: Builder, dy: str, keep: str, like: str) -> str:
 
 # dX = dY
 def Identity(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return [dy[0]] + [None] * (len(node.input) - 1)
+    return [dy[0]]
 
 
 # dX = dY  (inference: dropout is the identity; the optional mask output has no gradient)
@@ -72,12 +90,11 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         if bound is not None:
             inside = b.op(cmp, b.fwd(x), bound)
             keep = inside if keep is None else b.op("And", keep, inside)
-    grads: list[Grad] = [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
-    return grads + [None] * (len(node.input) - 1)
+    return [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
 
 
 def _reshape_back(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))] + [None] * (len(node.input) - 1)
+    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))]
 
 
 # dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
@@ -107,14 +124,14 @@ def Gemm(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     alpha = float(a.get("alpha", 1.0))
     if alpha != 1.0:
         da = b.op("Mul", da, b.scalar(alpha, node.input[0]))
-    return [da] + [None] * (len(node.input) - 1)
+    return [da]
 
 
 # Y = A @ B with constant B  =>  dA = dY @ B^T
 def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     rank = b.rank(node.input[1])
     perm = [*list(range(rank - 2)), rank - 1, rank - 2]
-    return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm)), None]
+    return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm))]
 
 
 # Each input element receives the gradient of the outputs whose window picked it
@@ -125,18 +142,14 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if int(attrs(node).get("storage_order", 0)):
         raise _unsupported(node, "storage_order=1 (column-major indices) is not supported")
     x = node.input[0]
-    plane = b.op("ReduceProd", b.dims(x, 2), keepdims=1)  # H*W of the input
+    plane = b.product(x, 2)  # H*W of the input
     out = node.output[0]
     flat = b.op("Reshape", node.output[1], b.op("Concat", b.dims(x, 0, 2), b.product(out, 2), axis=0))
     idx = b.op("Mod", flat, plane)  # [N, C, hw], now within each H*W plane
     head = b.dims(dy[0], 0, 3)  # [N, T, C]
     updates = b.op("Reshape", dy[0], b.op("Concat", head, b.product(out, 2), axis=0))  # [N, T, C, hw]
     idx = b.op("Expand", b.fwd(idx), b.op("Shape", updates))
-    zeros = b.op(
-        "ConstantOfShape",
-        b.op("Concat", head, plane, axis=0),
-        value=helper.make_tensor("zero", b.elem_type(x), [1], [0]),
-    )
+    zeros = b.zeros(b.op("Concat", head, plane, axis=0), like=x)
     dx = b.op("ScatterElements", zeros, idx, updates, axis=3, reduction="add")
     return [b.op("Reshape", dx, b.grad_shape(dy[0], x))]
 
@@ -144,6 +157,11 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 def _fold_targets(b: Builder, dy: str) -> tuple[str, str]:
     """[N, T, C, h, w] -> [N*T, C, h, w], and the [N, T] head to unfold with."""
     return b.op("Reshape", dy, b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)), b.dims(dy, 0, 2)
+
+
+def _unfold_targets(b: Builder, dx: str, head: str, x: str) -> str:
+    """[N*T, C, H, W] -> [N, T, C, H, W], the gradient of forward tensor ``x``, with ``head`` = [N, T]."""
+    return b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))
 
 
 # Transpose of the averaging: dX = ConvTranspose(dY / count, ones), one filter per channel.
@@ -156,12 +174,12 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
     strides = list(a.get("strides", [1] * nd))
-    pads = list(a.get("pads", [0] * 2 * nd))
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(d != 1 for d in a.get("dilations", [1])):
-        raise _unsupported(node, "auto_pad and dilations are not supported; export with explicit pads")
+    if any(d != 1 for d in a.get("dilations", [1])):
+        raise _unsupported(node, "dilations are not supported")
+    spatial = shape[2:]
+    pads = _explicit_pads(a, spatial, kernel, strides, [1] * nd)
     if kernel == [1] * nd and strides == [1] * nd and not any(pads):
         return [dy[0]]
-    spatial = shape[2:]
     out = b.shape(node.output[0])[2:]
     # count[o] = how many input (or padded, when count_include_pad) cells window o averaged
     counts = np.ones(out, dtype=np.float64)
@@ -184,7 +202,7 @@ def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         "ConvTranspose", scaled, ones, group=channels, strides=strides, pads=pads, output_padding=extra,
         kernel_shape=kernel,
     )  # fmt: skip
-    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))]
+    return [_unfold_targets(b, dx, head, x)]
 
 
 def _explicit_pads(
@@ -192,8 +210,7 @@ def _explicit_pads(
 ) -> list[int]:
     """Begin/end pads of a Conv/pool node, with auto_pad SAME_* / VALID made explicit."""
     nd = len(kernel)
-    mode = a.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("auto_pad", "NOTSET")
     if mode in ("NOTSET", ""):
         return list(a.get("pads", [0] * 2 * nd))
     if mode == "VALID":
@@ -227,13 +244,13 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         "ConvTranspose", folded, weight, group=int(a.get("group", 1)), strides=strides, pads=pads,
         dilations=dilations, kernel_shape=kernel, output_padding=extra,
     )  # fmt: skip
-    return [b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))] + [None] * (len(node.input) - 1)
+    return [_unfold_targets(b, dx, head, x)]
 
 
 # dX = expand(dY) / (H * W)
 def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
-    plane = b.op("Cast", b.op("ReduceProd", b.dims(x, 2), keepdims=1), to=b.elem_type(x))
+    plane = b.op("Cast", b.product(x, 2), to=b.elem_type(x))
     return [b.op("Div", b.op("Expand", dy[0], b.grad_shape(dy[0], x)), plane)]
 
 
@@ -250,7 +267,7 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     else:
         axes = list(a.get("axes", []))
     if not axes and int(a.get("noop_with_empty_axes", 0)):
-        return [dy[0]] + [None] * (len(node.input) - 1)
+        return [dy[0]]
     axes = sorted(ax % rank for ax in axes) if axes else list(range(rank))
     if 0 in axes:
         raise _unsupported(node, "it reduces over the batch axis")
@@ -258,7 +275,7 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     shape = b.op("Shape", x)
     count = b.op("ReduceProd", b.op("Gather", shape, b.ints(axes)), keepdims=1)
     expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
-    return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))] + [None] * (len(node.input) - 1)
+    return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))]
 
 
 # Inference batch norm is per-channel affine: dX = dY * scale / sqrt(var + eps)
@@ -269,7 +286,7 @@ def BatchNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
         raise _unsupported(node, "training_mode=1 is not an inference graph")
     factor = b.op("Div", node.input[1], b.op("Sqrt", b.op("Add", node.input[4], b.scalar(eps, x))))
     factor = b.op("Reshape", factor, b.ints([-1] + [1] * (b.rank(x) - 2)))
-    return [b.op("Mul", dy[0], factor)] + [None] * (len(node.input) - 1)
+    return [b.op("Mul", dy[0], factor)]
 
 
 # -- elementwise ops ---------------------------------------------------------------------
@@ -286,24 +303,24 @@ def _bcast(b: Builder, x: str, out: str) -> str:
     return b.fwd(x) if b.rank(x) == b.rank(out) else x
 
 
-def _unbroadcast(b: Builder, g: str, x: str, out: str) -> str:
-    """Sum the gradient of a broadcast output back to the shape of input ``x``."""
-    xs, ys = b.shape(x), b.shape(out)
+def _unbroadcast(b: Builder, node: onnx.NodeProto, g: str, x: str) -> str:
+    """Sum the gradient ``g`` of the node's broadcast output back to the shape of its input ``x``."""
+    xs, ys = b.shape(x), b.shape(node.output[0])
     if xs is None or ys is None:
-        raise ValueError(f"broadcasting of {x!r} needs known ranks")
+        raise _unsupported(node, f"broadcasting of {x!r} needs known ranks")
     padded = [1] * (len(ys) - len(xs)) + xs
     axes = [i + (i > 0) for i, (dx, dy) in enumerate(zip(padded, ys, strict=True)) if dx == 1 and dy != 1]
     if 0 in axes or (len(xs) < len(ys) and padded[0] == 1 and ys[0] != 1):
-        raise ValueError(f"{x!r} is broadcast along the batch axis")
+        raise _unsupported(node, f"{x!r} is broadcast along the batch axis")
     summed = b.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
     return summed if len(xs) == len(ys) and not axes else b.op("Reshape", summed, b.grad_shape(g, x))
 
 
-def _elementwise(local: Callable[[Builder, onnx.NodeProto, str], str]) -> Rule:
+def _elementwise(local: Callable[[Builder, onnx.NodeProto, str], str]) -> VJP:
     """A rule for ``y = f(x)``, given ``local(b, node, dy) = dy * f'(x)``."""
 
     def rule(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-        return [local(b, node, dy[0])] + [None] * (len(node.input) - 1)
+        return [local(b, node, dy[0])]
 
     return rule
 
@@ -376,7 +393,7 @@ Squeeze = Unsqueeze = _reshape_back
 # exact: dX = dY * (Phi(x) + x * phi(x));  tanh: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
 def Gelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x, one, half = _x(b, node), _one(b, node), _one(b, node, 0.5)
-    if attrs(node).get("approximate", b"none") in (b"tanh", "tanh"):
+    if attrs(node).get("approximate", "none") == "tanh":
         k = np.sqrt(2 / np.pi)
         x2 = b.op("Mul", x, x)
         inner = b.op(
@@ -406,13 +423,12 @@ def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         raise _unsupported(node, "only a constant scalar exponent is supported")
     p = float(p.ravel()[0])
     slope = b.op("Mul", b.op("Pow", _x(b, node), _one(b, node, p - 1)), _one(b, node, p))
-    return [b.op("Mul", dy[0], slope), None]
+    return [b.op("Mul", dy[0], slope)]
 
 
 # -- binary ops with broadcasting: each input's gradient is summed back to its shape -------
 def _binary(b: Builder, node: onnx.NodeProto, grads: list[str]) -> list[Grad]:
-    out = node.output[0]
-    return [_unbroadcast(b, g, x, out) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
+    return [_unbroadcast(b, node, g, x) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
 
 
 # dA = dY, dB = dY
@@ -474,9 +490,9 @@ def Split(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         if g is None:
             ref = next(d for d in dy if d is not None)
             shape = b.op("Concat", b.dims(ref, 0, 2), b.dims(out, 1), axis=0)
-            g = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", b.elem_type(x), [1], [0]))
+            g = b.zeros(shape, like=x)
         parts.append(g)
-    return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))] + [None] * (len(node.input) - 1)
+    return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))]
 
 
 # dX = Transpose(dY, inverse permutation), the batch and target axes staying in front
@@ -518,16 +534,16 @@ def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         pads[_gaxis(b, node, x, axis)] = begin
         pads[_gaxis(b, node, x, axis) + len(shape) + 1] = size - max(stop, begin)
     padded = b.op("Pad", dy[0], b.ints(pads)) if b.opset >= 11 else b.op("Pad", dy[0], pads=pads)
-    return [padded] + [None] * (len(node.input) - 1)
+    return [padded]
 
 
 # constant-mode Pad: dX = the unpadded window of dY
 def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
-    mode = attrs(node).get("mode", b"constant")
+    mode = attrs(node).get("mode", "constant")
     pads = _constant_ints(b, node, 1, "pads")
     rank = b.rank(x)
-    if mode not in (b"constant", "constant") or pads is None or any(p < 0 for p in pads):
+    if mode != "constant" or pads is None or any(p < 0 for p in pads):
         raise _unsupported(node, "only constant-mode padding with non-negative constant pads is supported")
     if len(node.input) > 3 and node.input[3]:
         axes = [a % rank for a in _constant_ints(b, node, 3, "axes")]
@@ -540,7 +556,7 @@ def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     starts = [pads[a] for a in range(1, rank)]
     ends = [pads[a] + b.shape(x)[a] for a in range(1, rank)]
     axes = list(range(2, rank + 1))
-    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))] + [None] * (len(node.input) - 1)
+    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))]
 
 
 # -- normalisations and softmax -----------------------------------------------------------------
@@ -580,7 +596,7 @@ def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
     mean_g = b.reduce("ReduceMean", g, axes, keepdims=1)
     mean_gx = b.reduce("ReduceMean", b.op("Mul", g, xhat), axes, keepdims=1)
     dx = b.op("Div", b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx)), sigma)
-    return [dx] + [None] * (len(node.input) - 1)
+    return [dx]
 
 
 # y = Gather(x, I, axis) with constant I  =>  dX = dY contracted with one_hot(I) along the axis
@@ -605,17 +621,19 @@ def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     flat = b.op("Reshape", g, b.op("Concat", keep, b.product(g, g_rank - len(moved)), axis=0))
     scattered = b.op("MatMul", flat, b.const(onehot, "gather_onehot"))  # [..., size]
     back = [*list(range(gaxis)), rank, *list(range(gaxis, rank))]
-    return [b.op("Transpose", scattered, perm=back), None]
+    return [b.op("Transpose", scattered, perm=back)]
 
 
-RULES: dict[str, Rule] = {
+RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
     "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
     "Gelu": Gelu, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum, "Sub": Sub, "Mul": Mul, "Div": Div,
     "Flatten": Flatten, "Reshape": Reshape, "Squeeze": Squeeze, "Unsqueeze": Unsqueeze,
     "Transpose": Transpose, "Concat": Concat, "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather,
-    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "MaxPool": MaxPool, "AveragePool": AveragePool,
+    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "AveragePool": AveragePool,
     "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
+}.items()} | {
+    "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
 }  # fmt: skip

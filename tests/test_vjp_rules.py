@@ -4,12 +4,18 @@ A row builds a one-node ONNX graph, lets the rule emit its backward nodes, runs 
 ONNX Runtime and compares the input gradient with ``torch.autograd.grad`` for every one of
 T = 3 upstream gradients. Rows run in float64 (tolerance 1e-10) except where ONNX
 Runtime's CPU kernels exist for float32 only (AveragePool/ConvTranspose: 1e-5).
+
+A second table holds the node forms the rules refuse, one row per refusal in ``vjp.py``
+with a phrase of its message; the walker's own messages close the file.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,8 +26,10 @@ from onnx import helper, numpy_helper
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from onnxcam_export import vjp  # noqa: E402
 from onnxcam_export.builder import Builder  # noqa: E402
-from onnxcam_export.vjp import RULES  # noqa: E402
+from onnxcam_export.graft import graft, input_gradients  # noqa: E402
+from onnxcam_export.vjp import RULES, Rule, UnsupportedOp  # noqa: E402
 
 TARGETS = 3
 
@@ -50,6 +58,13 @@ class Case:
 
 def _c(*values: float) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
+
+
+def _same_avg_pool(x: torch.Tensor, pads: tuple[int, ...], count_include_pad: bool) -> torch.Tensor:
+    """3x3 / stride 2 average over ``x`` zero-padded by ``pads`` (F.pad order), dividing by the
+    window size, or by the number of real cells in it."""
+    total = F.avg_pool2d(F.pad(x, pads), 3, 2)
+    return total if count_include_pad else total / F.avg_pool2d(F.pad(torch.ones_like(x), pads), 3, 2)
 
 
 RNG = np.random.default_rng(1234)
@@ -150,6 +165,11 @@ CASES = [
     Case("AveragePool", [2, 3, 7, 7], lambda x: F.avg_pool2d(x, 2, 2), {"kernel_shape": [2, 2], "strides": [2, 2]},
          dtype=np.float32, tol=1e-5),  # last row/column is never pooled
     Case("AveragePool", [2, 3, 7, 7], lambda x: x, {"kernel_shape": [1, 1]}, dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 8, 8], lambda x: _same_avg_pool(x, (0, 1, 0, 1), count_include_pad=False),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 8, 8], lambda x: _same_avg_pool(x, (1, 0, 1, 0), count_include_pad=True),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1},
+         dtype=np.float32, tol=1e-5),
     Case("Conv", [2, 4, 7, 7], lambda x: F.conv2d(x, CONV_W), constants={"W": CONV_W.numpy()},
          dtype=np.float32, tol=1e-5),
     Case("Conv", [2, 4, 9, 8], lambda x: F.conv2d(x, CONV_W, CONV_B, stride=2, padding=1),
@@ -174,33 +194,53 @@ CASES = [
 # fmt: on
 
 
+def _one_node_model(
+    op: str,
+    shapes: list[list[int | str] | None],
+    attrs: dict,
+    constants: dict[str, np.ndarray | None],
+    outputs: list[str],
+    dtype: type = np.float64,
+    opset: int = 18,
+    fed: tuple[str, ...] = (),
+) -> tuple[onnx.ModelProto, onnx.NodeProto]:
+    """One ``op`` node named "node" reading graph inputs x0, x1, ... of ``shapes`` (a str dim or a None
+    shape is unknown), then ``constants`` in order: initializers, or graph inputs where named in ``fed``
+    (a None value leaves the optional input out). Float constants take ``dtype``, int ones int64."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inputs = [f"x{i}" for i in range(len(shapes))]
+    graph_inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in zip(inputs, shapes, strict=True)]
+    initializers = []
+    for name, value in constants.items():
+        if value is None:
+            inputs.append("")
+            continue
+        value = value.astype({"i": np.int64, "f": dtype}.get(value.dtype.kind, value.dtype))
+        if name in fed:
+            value_elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, value_elem, value.shape))
+        else:
+            initializers.append(numpy_helper.from_array(value, name))
+        inputs.append(name)
+    node = helper.make_node(op, inputs, outputs, name="node", **attrs)
+    graph = helper.make_graph([node], "rule", graph_inputs, [], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), node
+
+
 def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list[str]]:
     """Forward node + the rule's backward nodes: (model, input gradients, upstream gradient names)."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(case.dtype))
     names = [f"x{i}" for i in range(1 + len(case.extra))]
-    graph_inputs = [
-        helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, [case.shape, *case.extra], strict=True)
-    ]
-    inputs, initializers = list(names), []
-    for name, value in case.constants.items():
-        if value is None:
-            inputs.append("")
-            continue
-        dtype = np.int64 if value.dtype.kind == "i" else case.dtype
-        initializers.append(numpy_helper.from_array(value.astype(dtype), name))
-        inputs.append(name)
     outputs = [f"y{i}" for i in range(case.outputs)]
-    extra_out = ["indices"] if case.op == "MaxPool" else []  # the grafter adds Indices to every MaxPool
-    node = helper.make_node(case.op, inputs, outputs + extra_out, name="node", **case.attrs)
-    model = helper.make_model(
-        helper.make_graph([node], "rule", graph_inputs, [], initializer=initializers),
-        opset_imports=[helper.make_opsetid("", case.opset)],
+    extra_out = list(RULES[case.op].extra_outputs)  # as the grafter adds them (MaxPool: Indices)
+    shapes = [case.shape, *case.extra]
+    model, node = _one_node_model(
+        case.op, shapes, case.attrs, case.constants, outputs + extra_out, case.dtype, case.opset
     )
     b = Builder(model)
     b.wanted = set(names)
     upstream = [None if i in case.no_grad else f"d{y}" for i, y in enumerate(outputs)]
-    grads = RULES[case.op](b, node, upstream + [None] * len(extra_out))
-    assert len(grads) == len(node.input), f"{case.op}: one gradient per input"
+    grads = input_gradients(b, node, upstream + [None] * len(extra_out))
     model.graph.input.extend(helper.make_tensor_value_info(d, b.elem_type(y), None)
                              for d, y in zip(upstream, outputs, strict=True) if d)  # fmt: skip
     model.graph.node.extend(b.nodes)
@@ -250,3 +290,122 @@ def test_rule_matches_torch_autograd(case: Case) -> None:
 
 def test_every_rule_has_a_row() -> None:
     assert set(RULES) == {c.op for c in CASES}
+
+
+@dataclass
+class Refusal:
+    """A node form that a rule refuses, and a phrase of the refusal's message."""
+
+    op: str
+    shapes: list[list[int | str] | None]  # graph inputs x0, x1, ...; a str dim or a None shape is unknown
+    phrase: str
+    attrs: dict = field(default_factory=dict)
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    fed: tuple[str, ...] = ()  # constants fed as graph inputs instead, so the rule cannot read them
+    extra_outputs: bool = True  # give the node the outputs its rule reads, as the grafter does
+    opset: int = 18
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}:" + re.sub(r"\W+", "-", self.phrase).strip("-")
+
+
+def _i(*values: int) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+# fmt: off
+REFUSALS = [
+    Refusal("Dropout", [[2, 3]], "training_mode must be a constant false",
+            constants={"ratio": np.asarray(0.5), "training_mode": np.asarray(True)}),
+    Refusal("Flatten", [[2, 3, 4, 5]], "only axis=1 is supported", {"axis": 2}),
+    Refusal("Reshape", [[2, 3, 4]], "it changes the batch axis", constants={"shape": _i(6, 4)}),
+    Refusal("Gemm", [[8, 2]], "only transA=0 is supported", {"transA": 1}, constants={"B": W85}),
+    Refusal("MaxPool", [[2, 3, 8, 8]], "the grafter must add the Indices output", {"kernel_shape": [2, 2]},
+            extra_outputs=False),
+    Refusal("MaxPool", [[2, 3, 8, 8]], "storage_order=1", {"kernel_shape": [2, 2], "storage_order": 1}),
+    Refusal("AveragePool", [[2, 3, "H", "W"]], "needs static channel and spatial sizes", {"kernel_shape": [2, 2]}),
+    Refusal("AveragePool", [[2, 3, 8, 8]], "dilations are not supported",
+            {"kernel_shape": [2, 2], "dilations": [2, 2]}, opset=19),
+    Refusal("AveragePool", [[2, 3, 7, 7]], "ceil_mode windows past the padded input",
+            {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+    Refusal("Conv", [[2, 4, "H", "W"]], "needs static input and weight shapes", constants={"W": CONV_W.numpy()}),
+    Refusal("ReduceMean", [[2, 3, 4, 5]], "axes must be a constant", constants={"axes": _i(2, 3)}, fed=("axes",)),
+    Refusal("ReduceMean", [[2, 3, 4, 5]], "it reduces over the batch axis", constants={"axes": _i(0)}),
+    Refusal("BatchNormalization", [[2, 3, 4, 5]], "training_mode=1 is not an inference graph",
+            {"training_mode": 1}, constants=dict(zip(["scale", "B", "mean", "var"], BN, strict=True))),
+    Refusal("Concat", [[2, 3], [2, 3]], "it works along the batch axis", {"axis": 0}),
+    Refusal("Add", [[2, 3], None], "needs known ranks"),
+    Refusal("Add", [[2, 3], [1, 3]], "is broadcast along the batch axis"),
+    Refusal("Pow", [[2, 3]], "only a constant scalar exponent", constants={"p": _c(2.0)}, fed=("p",)),
+    Refusal("Concat", [[2, "C"], [2, 3]], "needs static sizes along axis", {"axis": 1}),
+    Refusal("Transpose", [[2, 3, 4]], "moves the batch axis", {"perm": [1, 0, 2]}),
+    Refusal("Slice", [[2, 6, 5]], ") must be a constant",  # input 1 (starts) ...
+            constants={"starts": _i(1), "ends": _i(3), "axes": _i(2)}, fed=("starts",)),
+    Refusal("Slice", [[2, 6, 5]], "needs a static size and step 1",
+            constants={"starts": _i(0), "ends": _i(4), "axes": _i(2), "steps": _i(2)}),
+    Refusal("Pad", [[2, 3, 4]], "only constant-mode padding", {"mode": "reflect"},
+            constants={"pads": _i(0, 1, 1, 0, 1, 1)}),
+    Refusal("Pad", [[2, 3, 4]], "it pads the batch axis", constants={"pads": _i(1, 0, 0, 0, 0, 0)}),
+    Refusal("Gather", [[2, 5, 3]], "needs constant indices", {"axis": 1}, constants={"i": _i(1, 2)}, fed=("i",)),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=lambda r: r.id)
+def test_rule_refuses_a_node_form_it_cannot_differentiate(refusal: Refusal) -> None:
+    outputs = ["y"] + (list(RULES[refusal.op].extra_outputs) if refusal.extra_outputs else [])
+    model, node = _one_node_model(
+        refusal.op, refusal.shapes, refusal.attrs, refusal.constants, outputs, opset=refusal.opset, fed=refusal.fed
+    )
+    b = Builder(model)
+    b.wanted = {f"x{i}" for i in range(len(refusal.shapes))}
+    with pytest.raises(UnsupportedOp, match=re.escape(refusal.phrase)) as refused:
+        input_gradients(b, node, ["dy"] + [None] * (len(outputs) - 1))
+    assert str(refused.value).startswith(f"{refusal.op} node 'node': "), "the message names the op and the node"
+
+
+def test_every_refusal_has_a_row() -> None:
+    """Every raise in vjp.py is a ``_unsupported(node, why)`` whose literal ``why`` one row's phrase matches."""
+    raises = [n for n in ast.walk(ast.parse(Path(vjp.__file__).read_text())) if isinstance(n, ast.Raise)]
+    assert all(isinstance(r.exc, ast.Call) and getattr(r.exc.func, "id", "") == "_unsupported" for r in raises)
+    messages = [ast.unparse(r.exc.args[1]) for r in raises]
+    rows = {m: [r.phrase for r in REFUSALS if r.phrase in m] for m in messages}
+    assert all(len(phrases) == 1 for phrases in rows.values()), rows
+    assert len(REFUSALS) == len(messages), "one row per refusal"
+
+
+def _model(nodes: list[onnx.NodeProto], x_shape: list[int], **weights: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)], [],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize(("domain", "op"), [("", "Round"), ("com.microsoft", "Gelu")])
+def test_op_without_a_rule_is_named_with_its_node_and_the_supported_ops(domain: str, op: str) -> None:
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node(op, ["a"], ["r"], name="mystery", domain=domain),
+        helper.make_node("Flatten", ["r"], ["scores"]),
+    ]
+    with pytest.raises(UnsupportedOp) as refused:
+        graft(_model(nodes, [2, 3, 4, 4]), "a", "scores")
+    assert f"no gradient rule for op '{op}' (node 'mystery')" in str(refused.value)
+    assert f"supported ops: {', '.join(sorted(RULES))}." in str(refused.value)
+
+
+def test_rule_returning_more_gradients_than_inputs_fails_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(RULES, "Relu", Rule(lambda b, node, dy: [dy[0], None]))
+    model, node = _one_node_model("Relu", [[2, 3]], {}, {}, ["y"])
+    expected = "the Relu rule returned 2 gradients ['dy', None] for node 'node', which has 1 inputs"
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        input_gradients(Builder(model), node, ["dy"])
+
+
+def test_target_layer_the_rules_give_no_gradient_is_refused() -> None:
+    """MatMul differentiates its first input only: a layer read as the second one gets no gradient."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("MatMul", ["w", "a"], ["scores"])]
+    with pytest.raises(UnsupportedOp, match="no gradient reaches 'activations' from 'logits'"):
+        graft(_model(nodes, [2, 5], w=RNG.standard_normal((3, 2))), "a", "scores")
