@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import EXAMPLES, ROOT
 from tests.test_meaning import CAT_FACE, CUP
 
@@ -14,6 +16,7 @@ BOXES = {str(EXAMPLES / "chelsea.png"): list(CAT_FACE), str(EXAMPLES / "coffee.p
 SIZES = {"chelsea.png": (451, 300), "coffee.png": (600, 400)}
 
 
+@pytest.mark.slow  # ROAD: 18 imputations per photo
 def test_eval_metrics_on_real_photos(lite0_model: Path, tmp_path: Path) -> None:
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(BOXES))
