@@ -37,8 +37,8 @@ def main() -> None:
         large = cv2.add(large, np.random.default_rng(0).integers(0, 12, large.shape, dtype=np.uint8))
         cv2.imwrite(str(photo), large, [cv2.IMWRITE_JPEG_QUALITY, 90])
         del cat, large
-        seconds, peak = run_cli("explain", str(photo), "--model", str(args.model), "--out", str(Path(tmp) / "out"),
-                                "--quiet")  # fmt: skip
+        run = run_cli("explain", str(photo), "--model", str(args.model), "--out", str(Path(tmp) / "out"), "--quiet")
+        seconds, peak = run.seconds, run.peak_rss
         pixels = args.side**2
         print("| photo | file MB | decoded RGB MB | float32 map MB | peak RSS MB | seconds | peak / 1.5 GB |")
         print("|---|---|---|---|---|---|---|")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 # VmHWM, the peak resident set of this process image: unlike ru_maxrss it does not inherit the
 # parent's peak across fork + exec (the parent may have just exported models with torch).
@@ -23,12 +25,24 @@ sys.exit(code)
 """
 
 
-def run_cli(*args: str) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of ``onnxcam ARGS...``; raises if the command fails."""
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # the whole command, start-up and model loading included
+    peak_rss: int  # bytes
+    stdout: str
+
+    @property
+    def loop_seconds(self) -> float:
+        """The time ``onnxcam explain`` reports for its images ("in X s"), start-up excluded."""
+        return float(re.search(r" in ([\d.]+) s;", self.stdout).group(1))
+
+
+def run_cli(*args: str) -> Run:
+    """Run ``onnxcam ARGS...`` in a fresh process; raises if the command fails."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"onnxcam {' '.join(args)} failed: {result.stderr[-2000:]}")
     rss = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("peak_rss_kb")))
-    return seconds, rss * 1024
+    return Run(seconds, rss * 1024, result.stdout)

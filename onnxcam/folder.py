@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class Options:
     batch_size: int = 8
     panel: bool = False
     sheets: bool = False
+    picture: str = "png"  # format of overlays, panels and sheets: png, jpg or webp
     resume: bool = False
     overwrite: bool = False
     max_pixels: int = MAX_PIXELS
@@ -58,6 +60,7 @@ class Options:
             "aug_smooth": self.aug_smooth,
             "alpha": self.alpha,
             "panel": self.panel,
+            "overlay_format": self.picture,
         }
 
 
@@ -82,24 +85,23 @@ def complete_records(records: list[dict]) -> dict[str, list[dict]]:
     return {p: v for p, v in by_path.items() if p not in broken}
 
 
-def _decode(paths: list[Path], options: Options) -> list[tuple[Path, np.ndarray | str]]:
-    decoded: list[tuple[Path, np.ndarray | str]] = []
-    for path in paths:
-        try:
-            decoded.append((path, read_rgb(path, options.max_pixels, options.max_bytes)))
-        except Exception as exc:  # one unreadable file is that file's error record
-            decoded.append((path, describe(exc, path)))
-    return decoded
+Item = tuple[str, str]  # (image path or URI, output stem)
+Decoded = tuple[str, np.ndarray | str]  # an image, or the message of why it could not be read
+Reader = Callable[[str, Options], np.ndarray]
 
 
-def _records(path: Path, stem: str, result: Explanation, files: list[dict], sheets: list[str]) -> list[dict]:
+def read_local(path: str, options: Options) -> np.ndarray:
+    return read_rgb(path, options.max_pixels, options.max_bytes)
+
+
+def _records(path: str, stem: str, result: Explanation, files: list[dict], sheets: list[str]) -> list[dict]:
     height, width = result.image_rgb.shape[:2]
     predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
                    for p in result.predictions]  # fmt: skip
     extra = {"sheets": sheets} if sheets else {}
     return [
         {
-            "path": str(path),
+            "path": path,
             "stem": stem,
             "size": [width, height],
             "predictions": predictions,
@@ -120,16 +122,31 @@ def _records(path: Path, stem: str, result: Explanation, files: list[dict], shee
     ]
 
 
-class _Batch:
-    """Explains one decoded batch and writes its files; every failure stays with its image."""
+class Worker:
+    """Decodes, explains and writes batches of images into ``options.out``; every failure stays with its image.
 
-    def __init__(self, explainer: Explainer, options: Options, stems: dict[Path, str], inputs: set[str],
-                 replace: bool) -> None:  # fmt: skip
-        self.explainer, self.options, self.stems, self.inputs, self.replace = (
-            explainer, options, stems, inputs, replace
-        )  # fmt: skip
+    The local pipeline runs its three steps in overlapping threads; a Ray actor calls it whole.
+    ``inputs`` (real paths of the run's images) guards against an output overwriting an input;
+    ``replace`` allows replacing files of the same run (``--resume``, a retried Ray task).
+    """
 
-    def explain(self, images: list[np.ndarray]) -> list[Explanation | str]:
+    def __init__(self, explainer: Explainer, options: Options, read: Reader = read_local,
+                 inputs: frozenset[str] = frozenset(), replace: bool = False) -> None:  # fmt: skip
+        self.explainer, self.options, self.read, self.inputs, self.replace = explainer, options, read, inputs, replace
+
+    def __call__(self, items: list[Item]) -> list[dict]:
+        return self.save_all(self.explain_decoded(self.decode(items)), dict(items))
+
+    def decode(self, items: list[Item]) -> list[Decoded]:
+        decoded: list[Decoded] = []
+        for path, _ in items:
+            try:
+                decoded.append((path, self.read(path, self.options)))
+            except Exception as exc:  # one unreadable file is that file's error record
+                decoded.append((path, describe(exc, path)))
+        return decoded
+
+    def _explain(self, images: list[np.ndarray]) -> list[Explanation | str]:
         o = self.options
         call = lambda batch: self.explainer.explain_batch(  # noqa: E731
             batch, o.targets, o.top_k, method=o.methods, eigen_smooth=o.eigen_smooth, aug_smooth=o.aug_smooth
@@ -147,33 +164,86 @@ class _Batch:
                 results.append(describe(exc))
         return results
 
-    def save(self, path: Path, result: Explanation) -> list[dict]:
-        o, stem = self.options, self.stems[path]
-        names = [f"{outputs.map_name(stem, m.index, m.label, m.method)}.png" for m in result.maps]
-        clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
-        if clash:
-            raise OnnxcamError(f"writing {o.out / clash[0]} would overwrite an input image; choose another --out")
-        files, sheets = outputs.save_explanation(result, o.out, stem, o.alpha, o.panel, o.sheets, self.replace)
-        return _records(path, stem, result, files, sheets)
-
-    def records(self, decoded: list[tuple[Path, np.ndarray | str]]) -> list[dict]:
+    def explain_decoded(self, decoded: list[Decoded]) -> list[tuple[str, Explanation | str]]:
+        """ORT's part: each decoded image's explanation, or its error message (one call per batch)."""
         good = [(p, image) for p, image in decoded if isinstance(image, np.ndarray)]
         try:
-            explained = self.explain([image for _, image in good]) if good else []
+            explained = self._explain([image for _, image in good]) if good else []
         except Exception as exc:
             explained = [describe(exc)] * len(good)
         results = dict(zip([p for p, _ in good], explained, strict=True))
+        return [(path, results.get(path, image)) for path, image in decoded]
+
+    def save_all(self, explained: list[tuple[str, Explanation | str]], stems: dict[str, str]) -> list[dict]:
+        """The writer's part: files and records of a batch (errors become records)."""
         lines: list[dict] = []
-        for path, image in decoded:
-            found = results.get(path, image)
-            if isinstance(found, str):
-                lines.append({"path": str(path), "error": found})
-                continue
+        for path, found in explained:
             try:
-                lines += self.save(path, found)
+                if isinstance(found, str):
+                    raise OnnxcamError(found)
+                lines += self._save(path, stems[path], found)
             except Exception as exc:  # a file that cannot be written fails this image only
-                lines.append({"path": str(path), "error": describe(exc, path)})
+                lines.append({"path": path, "error": describe(exc, path)})
         return lines
+
+    def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
+        o = self.options
+        names = [f"{outputs.map_name(stem, m.index, m.label, m.method)}.{o.picture}" for m in result.maps]
+        clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
+        if clash:
+            raise OnnxcamError(f"writing {o.out / clash[0]} would overwrite an input image; choose another --out")
+        files, sheets = outputs.save_explanation(
+            result, o.out, stem, alpha=o.alpha, panel=o.panel, sheets=o.sheets, picture=o.picture, replace=self.replace
+        )
+        return _records(path, stem, result, files, sheets)
+
+
+def _pipeline(worker: Worker, todo: list[Item], size: int) -> Iterator[tuple[list[Item], list[dict]]]:
+    """(items, records) per batch, in order, with three stages overlapping: decoding batch i+1,
+    ONNX Runtime on batch i (here), writing the files of batch i-1 (OpenCV and ORT release the GIL)."""
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        decoding: Future | None = reader.submit(worker.decode, chunks[0]) if chunks else None
+        writing: Future | None = None
+        for i in range(len(chunks) + 1):
+            explained = None
+            if i < len(chunks):
+                decoded = decoding.result()
+                decoding = reader.submit(worker.decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+                explained = worker.explain_decoded(decoded)
+            if writing is not None:
+                yield chunks[i - 1], writing.result()
+            writing = writer.submit(worker.save_all, explained, dict(chunks[i])) if explained is not None else None
+
+
+@dataclass
+class Plan:
+    """What is left to do in an output folder, after checking it against an earlier run."""
+
+    todo: list[Item]
+    summary: Summary
+
+
+def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
+    """Check ``out`` (hold :func:`outputs.owned`), keep an earlier run's complete records, name the rest."""
+    out = options.out
+    kept = outputs.start_run(out, options.settings(explainer.engine.path), options.resume, options.overwrite)
+    done = complete_records(kept)
+    outputs.write_text(out / outputs.RESULTS, "".join(json.dumps(r) + "\n" for rs in done.values() for r in rs))
+    fixed = {p: rs[0]["stem"] for p, rs in done.items() if isinstance(rs[0].get("stem"), str)}
+    stems = outputs.unique_stems(paths, fixed)
+    todo = [(p, stems[p]) for p in paths if p not in done]
+    return Plan(todo, Summary(images=len(paths), skipped=len(paths) - len(todo)))
+
+
+def finish(log: TextIO, summary: Summary, lines: list[dict]) -> list[dict]:
+    """Append one batch's records to ``results.jsonl`` (one write: whole records) and count its images."""
+    failed = {r["path"] for r in lines if r.get("error")}
+    summary.failed += len(failed)
+    summary.explained += len({r["path"] for r in lines}) - len(failed)
+    log.write("".join(json.dumps(r) + "\n" for r in lines))
+    log.flush()
+    return lines
 
 
 def run(
@@ -189,37 +259,19 @@ def run(
     out = options.out
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any work
     with outputs.owned(out):
-        kept = outputs.start_run(out, options.settings(explainer.engine.path), options.resume, options.overwrite)
-        done = complete_records(kept)
-        kept_lines = [json.dumps(r) + "\n" for records in done.values() for r in records]
-        outputs.write_text(out / outputs.RESULTS, "".join(kept_lines))
-        stems = outputs.unique_stems(paths, {p: records[0]["stem"] for p, records in done.items()
-                                             if isinstance(records[0].get("stem"), str)})  # fmt: skip
-        todo = [p for p in paths if str(p) not in done]
-        batch = _Batch(explainer, options, stems, {os.path.realpath(p) for p in paths}, replace=options.resume)
-        summary = Summary(images=len(paths), skipped=len(paths) - len(todo))
+        work = plan(explainer, [str(p) for p in paths], options)
+        inputs = frozenset(os.path.realpath(p) for p in paths)
+        worker = Worker(explainer, options, inputs=inputs, replace=options.resume)
         start = time.perf_counter()
-        bar = progress_bar(len(todo)) if progress else nullcontext(None)
-        log = (out / outputs.RESULTS).open("a", encoding="utf-8")
-        with bar as advance, ThreadPoolExecutor(max_workers=1) as pool, log:
-            size = options.batch_size
-            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-            pending: Future | None = pool.submit(_decode, chunks[0], options) if chunks else None
-            for i, chunk in enumerate(chunks):
-                decoded = pending.result()
-                pending = pool.submit(_decode, chunks[i + 1], options) if i + 1 < len(chunks) else None
-                lines = batch.records(decoded)
-                failed = {r["path"] for r in lines if r.get("error")}
-                summary.failed += len(failed)
-                summary.explained += len(chunk) - len(failed)
-                log.write("".join(json.dumps(r) + "\n" for r in lines))  # one write per batch: whole records
-                log.flush()
-                yield from lines
+        bar = progress_bar(len(work.todo)) if progress else nullcontext(None)
+        with bar as advance, (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
+            for items, lines in _pipeline(worker, work.todo, options.batch_size):
+                yield from finish(log, work.summary, lines)
                 if advance:
-                    advance(len(chunk))
-        summary.seconds = time.perf_counter() - start
+                    advance(len(items))
+        work.summary.seconds = time.perf_counter() - start
         report = write_report(read_records(out), out, list(warnings))
-        yield {"summary": {**vars(summary), "report": str(report)}}
+        yield {"summary": {**vars(work.summary), "report": str(report)}}
 
 
 def read_records(out: Path) -> list[dict]:

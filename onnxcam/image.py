@@ -169,8 +169,11 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MA
     Grayscale, alpha, palette, 16-bit and CMYK are converted and the EXIF orientation is
     applied (OpenCV's ``IMREAD_COLOR``).
     """
-    path = Path(path)
-    data = _read_bytes(path, max_bytes)
+    return decode_rgb(_read_bytes(Path(path), max_bytes), path, max_pixels)
+
+
+def decode_rgb(data: bytes, path: object, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image's bytes (named ``path`` in messages) after the header checks; see :func:`read_rgb`."""
     found = header(data)
     if found is None:
         raise OnnxcamError(f"{path} is not a readable image (not a JPEG, PNG, BMP, TIFF, WebP or PNM file)")

@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxcam import Explainer
 from onnxcam.image import read_rgb
-from onnxcam.outputs import write_png_rgb
+from onnxcam.outputs import write_picture_rgb
 from onnxcam.overlay import comparison_sheet, overlay_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def main() -> None:
             tiles.append((f"{name}: {top.label} {top.probability:.0%}", overlay_rgb(photo, top.cam)))
         rows.append(comparison_sheet(tiles, height=192))
     width = max(r.shape[1] for r in rows)
-    write_png_rgb(ROOT / "docs" / "bias.png", np.vstack([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)),
+    write_picture_rgb(ROOT / "docs" / "bias.png", np.vstack([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)),
                                                                  constant_values=255) for r in rows]))  # fmt: skip
 
 

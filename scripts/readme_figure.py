@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from onnxcam import Explainer
-from onnxcam.outputs import write_png_rgb
+from onnxcam.outputs import write_picture_rgb
 from onnxcam.overlay import overlay_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def main() -> None:
     rows = [panel(explainer, ROOT / "examples" / name) for name in ("chelsea.png", "coffee.png")]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    write_png_rgb(ROOT / "docs" / "overlays.png", np.vstack(rows))
+    write_picture_rgb(ROOT / "docs" / "overlays.png", np.vstack(rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""The same explain run on a Ray cluster (``pip install 'onnxcam[ray]'``), with Ray Data doing the work.
+
+The driver plans the run exactly as :func:`onnxcam.folder.run` does (lock, ``run.json``,
+``--resume``, unique output stems), then Ray Data streams ``(path, stem)`` rows through a
+pool of actors. Each actor holds one ONNX Runtime session, loaded once, and runs the local
+:class:`onnxcam.folder.Worker` on its batches: same decoding, same files, same records,
+every failure a record. The driver appends the records to ``results.jsonl`` as they arrive,
+then writes ``results.parquet`` and the same ``index.html``. An actor that dies is restarted
+and its batch retried (its files are rewritten atomically), so a lost worker costs a retry,
+not an image.
+
+Images and the model may be local paths or URIs of any filesystem pyarrow knows (``s3://``,
+``gs://``, ``file://``, ...): each actor reads the model itself (a path it cannot see is an
+error; give a URI on a cluster). ``--out`` is a folder every worker can write (a local
+folder for a local Ray, a shared mount on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxcam import outputs
+from onnxcam.api import Explainer
+from onnxcam.errors import OnnxcamError
+from onnxcam.folder import Options, Worker, finish, plan, read_local, read_records
+from onnxcam.image import decode_rgb
+from onnxcam.inputs import IMAGE_EXTENSIONS
+from onnxcam.report import write_report
+
+PARQUET = "results.parquet"
+ADDRESS = re.compile(r"^(local|auto|ray://[^\s/]+|[\w.-]+:\d+)$")
+
+
+def _ray() -> ModuleType:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise OnnxcamError("--ray needs Ray: pip install 'onnxcam[ray]'") from None
+    return ray
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def read_any(path: str, options: Options) -> np.ndarray:
+    """An image from a local path, or from a URI through pyarrow's filesystems, with the same checks."""
+    if not is_uri(path):
+        return read_local(path, options)
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(path)
+    info = filesystem.get_file_info(where)
+    if info.type != fs.FileType.File:
+        raise OnnxcamError(f"image {path} {'not found' if info.type == fs.FileType.NotFound else 'is not a file'}")
+    if info.size > options.max_bytes:
+        raise OnnxcamError(f"image {path} is {info.size:,} bytes, over the limit of {options.max_bytes:,}")
+    with filesystem.open_input_file(where) as f:
+        return decode_rgb(f.read(), path, options.max_pixels)
+
+
+def expand_uris(items: list[str]) -> list[str]:
+    """Image files below each URI (a folder is listed recursively), in sorted order."""
+    from pyarrow import fs
+
+    found: list[str] = []
+    for item in items:
+        filesystem, where = fs.FileSystem.from_uri(item)
+        info = filesystem.get_file_info(where)
+        if info.type == fs.FileType.Directory:
+            listed = filesystem.get_file_info(fs.FileSelector(where, recursive=True))
+            scheme = item.split("://")[0]
+            images = [i.path for i in listed if i.type == fs.FileType.File]
+            found += sorted(f"{scheme}://{p}" for p in images if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            found.append(item)
+    return found
+
+
+def _model_bytes(model: str) -> bytes:
+    if not is_uri(model):
+        return Path(model).read_bytes()
+    from pyarrow import fs
+
+    filesystem, where = fs.FileSystem.from_uri(model)
+    with filesystem.open_input_file(where) as f:
+        return f.read()
+
+
+def fetch_model(model: str, folder: Path) -> Path:
+    """A model given as a URI, copied into ``folder`` (the driver reads its card there); a path as it is."""
+    if not is_uri(model):
+        return Path(model)
+    local = folder / Path(model.split("://", 1)[1]).name
+    try:
+        local.write_bytes(_model_bytes(model))
+    except OSError as exc:
+        raise OnnxcamError(f"cannot read the model {model}: {exc}") from None
+    return local
+
+
+class ExplainActor:
+    """One Ray actor: one ONNX Runtime session (loaded once) running the local Worker on its batches."""
+
+    def __init__(self, model: str, options: Options, threads: int, base: str) -> None:
+        local = Path(model if is_uri(model) or os.path.isabs(model) else os.path.join(base, model))
+        if is_uri(model) or not local.is_file():  # a URI, or a path this worker cannot see: fetch it once
+            local = fetch_model(model, Path(tempfile.mkdtemp(prefix="onnxcam-actor-")))
+        session = ort.SessionOptions()
+        session.intra_op_num_threads = threads
+        explainer = Explainer(local, options=session)
+
+        def read(path: str, o: Options) -> np.ndarray:  # relative paths are the driver's
+            return read_any(path if is_uri(path) or os.path.isabs(path) else os.path.join(base, path), o)
+
+        self.worker = Worker(explainer, options, read=read, replace=True)  # a retried batch rewrites its files
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lines = self.worker([(str(p), str(s)) for p, s in zip(batch["path"], batch["stem"], strict=True)])
+        return {"record": np.array([json.dumps(r) for r in lines], dtype=object)}
+
+
+def connect(address: str, cpus: int | None = None, quiet: bool = False) -> None:
+    """Join the cluster at ``address`` (``local``: a Ray on this machine), unless already connected."""
+    if not ADDRESS.match(address):
+        raise OnnxcamError(f"--ray-address takes 'local', 'auto', host:port or ray://host:port; got {address!r}")
+    ray = _ray()
+    logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.WARNING)
+    if not ray.is_initialized():
+        local = address == "local"
+        ray.init(address=None if local else address, num_cpus=cpus if local else None, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
+
+
+def explain_rows(dataset: object, model: str, options: Options, actors: int, threads: int = 1) -> object:
+    """A Ray Dataset of ``(path, stem)`` rows -> a Dataset of ``record`` rows (JSON, one per image and target).
+
+    For teams with a Ray pipeline: the files are written into ``options.out`` as a local run
+    writes them; the records say where.
+    """
+    ray = _ray()
+    kwargs = {"model": model, "options": options, "threads": threads, "base": os.getcwd()}
+    # Ray Data restarts a dead actor and retries its batch (max_restarts and max_task_retries default to -1)
+    return dataset.map_batches(
+        ExplainActor, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy",
+    )  # fmt: skip
+
+
+def _check_empty(out: Path) -> None:
+    """A Ray run rewrites the files of retried batches: ``out`` may hold nothing but this run's own files."""
+    ours = {outputs.LOCK, outputs.SETTINGS, outputs.RESULTS, outputs.REPORT, PARQUET}
+    if any(p.name not in ours for p in out.iterdir()):
+        raise OnnxcamError(
+            f"--ray writes into a new or empty folder (retried batches rewrite their files); {out} holds other "
+            "files: choose another --out, or --resume / --overwrite an earlier run there"
+        )
+
+
+def run(
+    explainer: Explainer, paths: list[str], options: Options, address: str = "local", actors: int | None = None,
+    progress: bool = True, warnings: list[str] = (),
+) -> Iterator[dict]:  # fmt: skip
+    """:func:`onnxcam.folder.run` on Ray: yields every record as it arrives, then the summary."""
+    ray = _ray()
+    out = options.out
+    explainer.target_codes(options.targets, options.top_k)
+    connect(address, quiet=not progress)
+    actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    with outputs.owned(out):
+        if not options.resume and not options.overwrite:
+            _check_empty(out)
+        work = plan(explainer, paths, options)
+        if options.overwrite:
+            _check_empty(out)
+        start = time.perf_counter()
+        if work.todo:
+            rows = ray.data.from_items([{"path": p, "stem": s} for p, s in work.todo])
+            resolved = replace(options, out=out.resolve())  # actors may run elsewhere: they write to the full path
+            results = explain_rows(rows, str(explainer.engine.path), resolved, actors)
+            with (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
+                for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                    lines = [_as_given(json.loads(r), resolved.out, out) for r in batch["record"]]
+                    yield from finish(log, work.summary, lines)
+        work.summary.seconds = time.perf_counter() - start
+        records = read_records(out)
+        write_parquet(records, out / PARQUET)
+        report = write_report(records, out, list(warnings))
+        yield {"summary": {**vars(work.summary), "report": str(report)}}
+
+
+def _as_given(record: dict, resolved: Path, given: Path) -> dict:
+    """A record's file names under ``--out`` as the user gave it (so they equal a local run's)."""
+    for key in outputs.FILE_KEYS:
+        if record.get(key):
+            record[key] = str(given / Path(record[key]).relative_to(resolved))
+    if record.get("sheets"):
+        record["sheets"] = [str(given / Path(s).relative_to(resolved)) for s in record["sheets"]]
+    return record
+
+
+def write_parquet(records: list[dict], path: Path) -> None:
+    """The records as a flat table for data tools (one row per image and target; errors keep their row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"path": r["path"], "stem": r.get("stem"), "error": r.get("error"),
+             **{k: r.get("target", {}).get(k) for k in ("class", "label", "probability", "logit", "method")},
+             "peak_x": (r.get("stats") or {}).get("peak_xy", [None])[0],
+             "peak_y": (r.get("stats") or {}).get("peak_xy", [None, None])[1],
+             "top20_mass": (r.get("stats") or {}).get("top20_mass"), "empty_map": r.get("empty_map"),
+             "overlay": r.get("overlay"), "map": r.get("map"), "panel": r.get("panel")} for r in records]  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    outputs.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
