@@ -134,3 +134,19 @@ def test_a_ray_run_refuses_a_folder_with_other_files(lite0_model: Path, local_ra
     with pytest.raises(distributed.OnnxcamError, match="new or empty folder"):
         next(distributed.run(Explainer(lite0_model), [str(EXAMPLES / "chelsea.png")], Options(out=tmp_path)))
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == [".onnxcam.lock", "notes.txt"]
+
+
+def test_images_and_model_from_uris(lite0_model: Path, photos: list[str], local_ray: None, tmp_path: Path) -> None:
+    """Any filesystem pyarrow knows (here file://, as s3:// would be): a folder URI is listed, the model fetched."""
+    from tests.test_cli import run as cli
+
+    folder = Path(photos[0]).parent
+    out = tmp_path / "out"
+    result = cli("explain", folder.as_uri(), "--model", lite0_model.as_uri(), "--out", str(out), "--ray", "--quiet",
+                 "--keep-going")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = outputs.read_records(out / outputs.RESULTS)
+    assert {r["path"] for r in records} == {Path(p).as_uri() for p in photos}
+    assert sum(bool(r["error"]) for r in records) == 1 and "explained 200 of 201 images" in result.stdout
+    uri = cli("explain", folder.as_uri(), "--model", str(lite0_model), "--out", str(tmp_path / "o2"))
+    assert uri.returncode == 2 and "needs --ray" in uri.stderr

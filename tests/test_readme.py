@@ -28,8 +28,10 @@ EXPECTED = {  # what each example's output must say
     "folder": ["explained 2 of 2 images", "explained 0 of 2 images (2 skipped, 0 failed)"],
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
     "api": ["tabby"],
+    "ray": ["explained 2 of 2 images"],
 }
-SLOW = {"from", "bias", "eval"}  # torch export, training, ROAD
+SLOW = {"from", "bias", "eval", "ray"}  # torch export, training, ROAD, starting Ray
+NEEDS = {"from": "torch", "ray": "ray"}  # its first line makes a model with torch; the Ray extra
 
 
 def test_every_code_block_is_run_or_says_why() -> None:
@@ -73,8 +75,8 @@ def run_example(name: str, folder: Path, model: Path | None = None) -> subproces
     "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in EXPECTED]
 )  # fmt: skip
 def test_readme_example_runs_as_written(name: str, lite0_model: Path, tmp_path: Path) -> None:
-    if name == "from":
-        pytest.importorskip("torch")  # its first line makes the stand-in model with torch
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     result = run_example(name, tmp_path, lite0_model)
     assert result.returncode == 0, result.stderr[-3000:]
     for phrase in EXPECTED[name]:
