@@ -16,7 +16,7 @@ first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -25,15 +25,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
 from onnxcam_export.builder import Builder, Types, infer_types
+from onnxcam_export.layouts import ADAPTERS, Layout
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
 MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
+FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 HEAD_RUN_LOGITS = f"{contract.HEAD_LOGITS}/run"  # the logits of the head-only copy, inside its If
 
 Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
 Presummed = tuple[onnx.NodeProto, np.ndarray]  # the first FC node, its weight summed over positions [F, C]
 Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output
+Adapt = Callable[[str], str]  # a tensor of the target layer (or its gradient) -> the contract's layout
+SPATIAL = [3, 4]  # the h, w axes of gradients [N, T, C, h, w]
 
 
 # -- the reverse-mode walk: it knows the rules table, no op ---------------------------------------
@@ -98,16 +102,16 @@ def _reached(b: Builder, grads: Grads, name: str) -> str:
 
 
 # -- the head: the nodes between the target layer and the logits ----------------------------------
-def head_nodes(graph: onnx.GraphProto, activations: str, logits: str) -> list[onnx.NodeProto]:
-    """The nodes on some path from ``activations`` to ``logits``, in graph (topological) order."""
-    reached = {activations}
+def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> list[onnx.NodeProto]:
+    """The nodes on some path from ``sources`` (a tensor or several) to ``logits``, in graph (topological) order."""
+    reached = {sources} if isinstance(sources, str) else set(sources)
     downstream = []
     for node in graph.node:
         if reached.intersection(node.input):
             downstream.append(node)
             reached.update(o for o in node.output if o)
     if logits not in reached:
-        raise UnsupportedOp(f"tensor {logits!r} does not depend on the target layer {activations!r}")
+        raise UnsupportedOp(f"tensor {logits!r} does not depend on the target layer {sources!r}")
     needed = {logits}
     head = []
     for node in reversed(downstream):
@@ -126,36 +130,61 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
-def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
-    """Fail before anything is built when a head node has no rule."""
+def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
+    """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
+
+    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient;
+    a tensor of unknown type counts as float.
+    """
+    types = types or {}
+    reached = set(sources)
     for node in head:
-        rule_for(node)
+        if reached.intersection(node.input):
+            reached.update(o for o in node.output if o and (o not in types or types[o].elem_type in FLOATS))
+    return reached
+
+
+def _check_rules(head: Iterable[onnx.NodeProto], wanted: set[str]) -> None:
+    """Fail before anything is built when a head node that passes a gradient has no rule."""
+    for node in head:
+        if wanted.intersection(node.output):
+            rule_for(node)
+
+
+def _extra_outputs(node: onnx.NodeProto) -> tuple[str, ...]:
+    rule = RULES.get(node.op_type)
+    return rule.extra_outputs if rule is not None and node.domain in ("", "ai.onnx") else ()
 
 
 def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
     """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
     for node in head:
-        for index, label in enumerate(rule_for(node).extra_outputs, start=1):
+        for index, label in enumerate(_extra_outputs(node), start=1):
             node.output.extend([""] * (index + 1 - len(node.output)))
             if not node.output[index]:
                 node.output[index] = f"{node.output[0]}/{label}"
 
 
-def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+def _head_copy(
+    graph: onnx.GraphProto, b: Builder, head: list[onnx.NodeProto], layer: str, layout: Layout | None
+) -> list[onnx.NodeProto] | None:
     """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
 
     The copies leave out the outputs only a gradient rule reads. None when the head also reads
-    tensors computed before the target layer (not a cut).
+    tensors computed before the target layer (not a cut), or tokens the contract's activations lack.
     """
-    renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
-    renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
+    with b.subgraph() as copies:
+        start = contract.HEAD_ACTIVATIONS if layout is None else ADAPTERS[layout.kind].from_contract(
+            b, contract.HEAD_ACTIVATIONS, layout)  # fmt: skip
+    if start is None:
+        return None
+    renamed = {layer: start} | {o: f"head/{o}" for n in head for o in n.output if o}
     renamed[contract.LOGITS] = HEAD_RUN_LOGITS
     static = static_tensors(graph)
-    copies = []
     for node in head:
         if any(i not in renamed and i not in static for i in node.input):
             return None
-        extra = range(1, 1 + len(rule_for(node).extra_outputs))
+        extra = range(1, 1 + len(_extra_outputs(node)))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"head/{node.name or node.output[0]}"
@@ -273,28 +302,39 @@ def _resolve_targets(b: Builder, logits: str) -> str:
 
 
 # -- the graph's new parts, each emitted by one function -------------------------------------------
-def _seed(b: Builder, logits: str) -> str:
-    """The gradient of the explained scores w.r.t. the logits: OneHot(target_classes), [N, T, K]."""
+def _seed(b: Builder, logits: str, score: str) -> str:
+    """The gradient of the explained scores w.r.t. the logits, [N, T, K], for target classes c:
+
+    logit: ``OneHot(c)``; probability ``p_c = softmax(logits)_c``: ``dp_c/dz = p_c (OneHot(c) - p)``.
+    """
     target_classes = _resolve_targets(b, logits)
     classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
-    return b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
+    onehot = b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
+    if score == "logit":
+        return onehot
+    p = b.unsqueeze(b.op("Softmax", logits, axis=1 if b.opset >= 13 else -1), [1])  # [N, 1, K]
+    p_c = b.reduce("ReduceSum", b.op("Mul", onehot, p), [2], keepdims=1)  # [N, T, 1]
+    return b.op("Mul", p_c, b.op("Sub", onehot, p))
 
 
 def _walk(
-    b: Builder, head: list[onnx.NodeProto], seed: str, cheap: Presummed | None, spatial: list[int]
+    b: Builder, head: list[onnx.NodeProto], layer: str, seed: str, cheap: Presummed | None, adapt: Adapt
 ) -> tuple[str, Branch]:
-    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA."""
+    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA.
+
+    ``adapt`` turns the gradient of ``layer`` into the gradient of the contract's activations.
+    """
     seeds = {contract.LOGITS: [seed]}
     if cheap is None:  # the sum of the full gradient, computed outside the If
-        gradients = _reached(b, backward(b, head, seeds), contract.ACTIVATIONS)
+        gradients = adapt(_reached(b, backward(b, head, seeds), layer))
         full = helper.make_node("Identity", [gradients], [gradients + "/full"])
-        return b.reduce("ReduceSum", gradients, spatial, keepdims=0), ("full", [full], full.output[0])
+        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), ("full", [full], full.output[0])
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
     summed = b.op("MatMul", _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
-        gradients = _reached(b, backward(b, head[:cut], grads), contract.ACTIVATIONS)
+        gradients = adapt(_reached(b, backward(b, head[:cut], grads), layer))
     return summed, ("full", nodes, gradients)
 
 
@@ -307,22 +347,27 @@ def _if(name: str, condition: str, output: str, elem: int, then: Branch, otherwi
     return helper.make_node("If", [condition], [output], name=name, **graphs)
 
 
+def _emit_activations(b: Builder, layer: str, adapt: Adapt) -> None:
+    """activations = the target layer in the contract's [N, C, h, w] layout."""
+    b.nodes.append(helper.make_node("Identity", [adapt(layer)], [contract.ACTIVATIONS], name="activations"))
+
+
 def _emit_weights(b: Builder, summed: str) -> None:
     """weights = sum_hw(dy/dA) / (h * w), [N, T, C]."""
     plane = b.op("Cast", b.product(contract.ACTIVATIONS, 2), to=b.elem_type(contract.LOGITS))
     b.nodes.append(helper.make_node("Div", [summed, plane], [contract.WEIGHTS], name="weights"))
 
 
-def _emit_gradients(b: Builder, full: Branch, spatial: list[int]) -> None:
+def _emit_gradients(b: Builder, full: Branch) -> None:
     """gradients = the output of branch ``full`` when ``full_gradients``, else [N, T, C, 0, 0] zeros."""
     with b.subgraph() as nodes:
-        shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
+        shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(SPATIAL)), axis=0)
         empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
     elem = b.elem_type(contract.LOGITS)
     b.nodes.append(_if("gradients", contract.FULL_GRADIENTS, contract.GRADIENTS, elem, full, empty))
 
 
-def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto]) -> None:
+def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto], dims: list[int]) -> None:
     """head_logits = the head run on head_activations, behind an If on run_head (false by default), so
     that ordinary calls never run it, whatever its reshapes need."""
     elem, classes = b.elem_type(contract.LOGITS), b.shape(contract.LOGITS)[1]
@@ -330,19 +375,19 @@ def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodePro
     head = ("head", copies, HEAD_RUN_LOGITS)
     no_head = ("no_head", [skipped], "head/skipped")
     graph.node.append(_if("head", contract.RUN_HEAD, contract.HEAD_LOGITS, elem, head, no_head))
-    empty = np.zeros([0, *b.shape(contract.ACTIVATIONS)[1:]], dtype=b.np_dtype(contract.ACTIVATIONS))
-    graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
+    empty = np.zeros([0, *dims], dtype=b.np_dtype(contract.LOGITS))
+    graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *dims]))
     graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
     graph.input.append(helper.make_tensor_value_info(contract.RUN_HEAD, TensorProto.BOOL, []))
     no_logits = numpy_helper.from_array(np.zeros([0, classes], dtype=b.np_dtype(contract.LOGITS)), "head/none")
     graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
 
 
-def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], head_only: bool) -> None:
+def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool) -> None:
     """The contract's inputs targets and full_gradients, and its outputs in contract order."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
-    channels, classes = b.shape(contract.ACTIVATIONS)[1], b.shape(contract.LOGITS)[1]
+    channels, classes = dims[0], b.shape(contract.LOGITS)[1]
     graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
@@ -350,9 +395,9 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], hea
     graph.output.extend(
         [
             info(contract.LOGITS, elem, [batch, classes]),
-            info(contract.ACTIVATIONS, elem, [batch, channels, *b.shape(contract.ACTIVATIONS)[2:]]),
+            info(contract.ACTIVATIONS, elem, [batch, *dims]),
             info(contract.WEIGHTS, elem, [batch, "T", channels]),
-            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(spatial))]]),
+            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(SPATIAL))]]),
             info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
         ]
     )
@@ -361,35 +406,50 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], hea
 
 
 def graft(
-    model: onnx.ModelProto, activations: str, logits: str, types: Types | None = None
+    model: onnx.ModelProto,
+    activations: str,
+    logits: str,
+    types: Types | None = None,
+    layout: Layout | None = None,
+    score: str = "logit",
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
 
-    ``types``: :func:`infer_types` of ``model`` where the caller has it (else inferred after the rule checks).
+    ``activations`` is the target layer: ``[N, C, h, w]``, or any :mod:`layouts` entry given as
+    ``layout``. ``score``: the explained score, ``logit`` or ``probability`` (softmax of the logits).
+    ``types``: :func:`infer_types` of ``model`` where the caller has it.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    for tensor, name in ((activations, contract.ACTIVATIONS), (logits, contract.LOGITS)):
+    layout = None if layout is None or layout.kind == "nchw" else layout
+    layer = contract.ACTIVATIONS if layout is None else activations
+    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
         renamed = rename_tensor(graph, tensor, name)
         types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
-    head = head_nodes(graph, contract.ACTIVATIONS, contract.LOGITS)
-    _check_rules(head)
-    head_only = _head_copy(graph, head)
-    _expose_extra_outputs(head)
+    head = head_nodes(graph, layer, contract.LOGITS)
+    _check_rules(head, differentiable(head, {layer}, types))  # before shape inference, which may fail on them
     b = Builder(out, types)
-    b.wanted = {contract.ACTIVATIONS} | {o for n in head for o in n.output}
-    spatial = list(range(3, b.rank(contract.ACTIVATIONS) + 1))  # the h, w axes of [N, T, C, h, w]
-    seed = _seed(b, contract.LOGITS)
-    cheap = presummed_weight(b, head, contract.ACTIVATIONS)
-    summed, full = _walk(b, head, seed, cheap, spatial)
+    b.wanted = differentiable(head, {layer}, b.types)
+    head_only = _head_copy(graph, b, head, layer, layout)
+    _expose_extra_outputs(head)
+    shape = b.shape(layer)
+    if layout is None:
+        dims, adapt = shape[1:], (lambda x: x)
+    else:
+        dims = layout.contract_dims(shape)
+        _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
+        adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
+    seed = _seed(b, contract.LOGITS, score)
+    cheap = presummed_weight(b, head, layer) if layout is None else None
+    summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
-    _emit_gradients(b, full, spatial)
+    _emit_gradients(b, full)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
     if head_only is not None:
-        _add_head_only(graph, b, head_only)
-    _add_contract_io(graph, b, spatial, head_only is not None)
+        _add_head_only(graph, b, head_only, dims)
+    _add_contract_io(graph, b, dims, head_only is not None)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 
