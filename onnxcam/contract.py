@@ -54,6 +54,7 @@ OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
 
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
+SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,7 +72,8 @@ class ModelCard:
     """What the ``.onnx`` file says about itself (``onnxcam info`` prints it).
 
     ``mean``/``std`` are on the 0..1 scale in RGB order and are applied inside the graph;
-    ``trained`` is False for seeded random weights (their maps mean nothing).
+    ``trained`` is False for seeded random weights (their maps mean nothing); ``score`` is what
+    the gradients differentiate: the class logit (the Grad-CAM paper) or its softmax probability.
     """
 
     arch: str
@@ -83,6 +85,7 @@ class ModelCard:
     labels: tuple[str, ...]
     weights_path: str
     trained: bool = True
+    score: str = "logit"
     channel_order: str = "RGB"
     notes: str = ""
     contract: str = CONTRACT_VERSION
@@ -142,6 +145,7 @@ class ModelCard:
             ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
             ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
             ("channel weights", self.weights_path),
+            ("explained score", self.score),
         ] + ([("notes", self.notes)] if self.notes else [])
 
     def summary(self) -> dict[str, object]:
@@ -196,5 +200,6 @@ _CHECKS: dict[str, Check] = {
     "labels": _labels,
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
 }
