@@ -465,7 +465,7 @@ def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodePro
     graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
 
 
-def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool) -> None:
+def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool, attention: bool) -> None:
     """The contract's inputs targets and full_gradients, and its outputs in contract order."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
@@ -485,6 +485,56 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_o
     )
     if head_only:
         graph.output.append(info(contract.HEAD_LOGITS, elem, ["M", classes]))
+    if attention:
+        axes = ["L", "heads", "tokens", "tokens"]
+        graph.output.append(info(contract.ATTENTIONS, elem, [batch, *axes]))
+        graph.output.append(info(contract.ATTENTION_GRADIENTS, elem, [batch, "T", *axes]))
+
+
+def attention_probabilities(graph: onnx.GraphProto, b: Builder, layer: str) -> list[str]:
+    """The outputs of the Softmax nodes that mix the tokens of ``layer`` ([N, heads, T, T], T its tokens),
+    in graph order: each block's attention probabilities."""
+    tokens = (b.shape(layer) or [None, None])[1]
+    found = []
+    for node in graph.node:
+        shape = b.shape(node.output[0]) if node.op_type == "Softmax" else None
+        if shape and len(shape) == 4 and shape[2] == shape[3] == tokens and b.same_dim(node.output[0], layer, 0):
+            found.append(node.output[0])
+    return found
+
+
+def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], seed: str) -> bool:
+    """attentions [N, L, H, T, T] behind an If on with_attentions, and their gradients [N, T, L, H, T, T]
+    (a walk from the logits down to the first block) behind an If on with_attention_gradients.
+
+    False (and nothing emitted) when an op on the way has no rule.
+    """
+    head = head_nodes(graph, set(attentions), contract.LOGITS)
+    wanted = differentiable(head, set(attentions), b.types)
+    try:
+        _check_rules(head, wanted)
+    except UnsupportedOp:
+        return False
+    elem, outer = b.elem_type(contract.LOGITS), b.wanted
+    with b.subgraph() as forward:
+        stacked = b.op("Concat", *[b.unsqueeze(a, [1]) for a in attentions], axis=1)
+    with b.subgraph() as backward_nodes:
+        b.wanted = wanted
+        grads = backward(b, head, {contract.LOGITS: [seed]})
+        stacked_grads = b.op("Concat", *[b.unsqueeze(_reached(b, grads, a), [2]) for a in attentions], axis=2)
+    b.wanted = outer
+    for flag, output, branch, lead in (
+        (contract.WITH_ATTENTIONS, contract.ATTENTIONS, ("attentions", forward, stacked), contract.LOGITS),
+        (contract.WITH_ATTENTION_GRADIENTS, contract.ATTENTION_GRADIENTS,
+         ("attention_gradients", backward_nodes, stacked_grads), contract.TARGET_CLASSES),
+    ):  # fmt: skip
+        with b.subgraph() as nodes:
+            shape = b.op("Concat", b.dims(lead, 0, 1 if lead == contract.LOGITS else 2), b.ints([0] * 4), axis=0)
+            empty = (f"no_{branch[0]}", nodes, b.zeros(shape, like=contract.LOGITS))
+        b.nodes.append(_if(output, flag, output, elem, branch, empty))
+        graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(False), flag))
+    return True
 
 
 def graft(
@@ -527,11 +577,13 @@ def graft(
     summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
     _emit_gradients(b, full)
+    attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
+    attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
     if head_only is not None:
         _add_head_only(graph, b, head_only, dims)
-    _add_contract_io(graph, b, dims, head_only is not None)
+    _add_contract_io(graph, b, dims, head_only is not None, attention)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 

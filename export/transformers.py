@@ -21,6 +21,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Identity()  # timm's dropout on the probabilities; a hook here sees them
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,7 +31,7 @@ class Attention(nn.Module):
         attn = (q @ k.transpose(-2, -1)) * self.scale
         if bias is not None:
             attn = attn + bias
-        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn.softmax(dim=-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(n, t, d))
 
 

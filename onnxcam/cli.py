@@ -211,8 +211,9 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
             _echo(f"  {key}: {value}")
 
 
-def _method_names(method: str) -> list[str]:
-    return methods.resolve([m.strip() for m in method.split(",")])
+def _method_names(method: str, explainer: Explainer | None = None) -> list[str]:
+    """The methods asked for; with the model loaded, ``all`` is those it can run."""
+    return methods.resolve([m.strip() for m in method.split(",")], explainer and explainer.engine.outputs)
 
 
 def _check_limits(max_pixels: int, max_bytes: int) -> None:
@@ -268,8 +269,9 @@ def explain(
     if resume and overwrite:
         raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
     _check_limits(max_pixels, max_bytes)
-    names = _method_names(method)
+    _method_names(method)  # a bad name fails before the model loads
     explainer, warnings = _load(model, provider)
+    names = _method_names(method, explainer)
     targets = target or []
     explainer.target_codes(targets, top_k)  # bad classes fail before any image is read
     paths = expand(images)
@@ -420,6 +422,7 @@ def eval_command(
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
     explainer, warnings = _load(model)
+    names = _method_names(method, explainer)
     if target is not None:
         explainer.class_index(target)
     paths = expand(images)

@@ -14,6 +14,8 @@ inputs
                         the head alone (target layer -> logits), e.g. with channels ablated.
                         The head runs only when ``run_head`` (bool, default ``False``) is
                         set; with an empty ``image`` batch the backbone costs nothing.
+    ``with_attentions`` / ``with_attention_gradients``  bool scalars, default ``False``, on
+                        vision transformers only (see ``attentions``).
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -22,6 +24,12 @@ outputs
                         an empty ``[N, T, C, 0, 0]``
     ``target_classes``  int64 ``[N, T]``: the class each target row explains
     ``head_logits``     float ``[M, K]``: the head's logits for ``head_activations``
+    ``attentions``      float ``[N, L, H, T, T]``: the attention probabilities of the L blocks
+                        (H heads, T = P prefix + h*w grid tokens, the target layer's tokens) when
+                        ``with_attentions``, else ``[N, 0, 0, 0, 0]``; only in files grafted at a
+                        token layer whose blocks' Softmax mixes those tokens (ViT, DeiT)
+    ``attention_gradients``  float ``[N, T, L, H, T, T]``: d score / d attentions for each target
+                        row when ``with_attention_gradients``, else ``[N, T, 0, 0, 0, 0]``
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
@@ -51,6 +59,10 @@ GRADIENTS = "gradients"
 TARGET_CLASSES = "target_classes"
 HEAD_LOGITS = "head_logits"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
+WITH_ATTENTIONS = "with_attentions"
+WITH_ATTENTION_GRADIENTS = "with_attention_gradients"
+ATTENTIONS = "attentions"
+ATTENTION_GRADIENTS = "attention_gradients"
 
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed

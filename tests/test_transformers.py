@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from onnxcam import Explainer
+from onnxcam import Explainer, contract
 from onnxcam.engine import Engine
 from onnxcam_export.from_onnx import Preprocessing, graft_file
 
@@ -140,6 +140,30 @@ def test_dynamo_export_grafts_and_matches_autograd(name: str, tmp_path: Path) ->
     pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
     model, path, _ = grafted(name, tmp_path, dynamo=True)
     check_against_autograd(name, model, path)
+
+
+def test_attention_outputs_match_autograd(tmp_path: Path) -> None:
+    """Each block's attention probabilities and d logit / d probabilities (all blocks, not only after the layer)."""
+    model, path, _ = grafted("deit", tmp_path)
+    engine = Engine(path)
+    images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = engine.run(
+        images, np.repeat(TARGETS, 2, axis=0), attention=(contract.ATTENTIONS, contract.ATTENTION_GRADIENTS)
+    )
+    model = model.double()
+    store: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: store.append(out))
+    logits = model(torch.from_numpy(images.astype(np.float64) / 255).permute(0, 3, 1, 2))
+    grads = [
+        torch.stack(torch.autograd.grad(logits.gather(1, torch.from_numpy(out.target_classes[:, [t]])).sum(), store,
+                                        retain_graph=True), 1).numpy()
+        for t in range(TARGETS.shape[1])
+    ]  # fmt: skip
+    attentions, gradients = torch.stack(store, 1).detach().numpy(), np.stack(grads, 1)
+    assert out.attentions.shape == (2, 2, 2, 18, 18)  # N, blocks, heads, 2 prefix + 16 grid tokens
+    np.testing.assert_allclose(out.attentions, attentions, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.attention_gradients, gradients, rtol=1e-4, atol=1e-4 * np.abs(gradients).max())
 
 
 def test_probability_score_differentiates_the_softmax(tmp_path: Path) -> None:
