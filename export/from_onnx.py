@@ -373,7 +373,7 @@ def graft_file(
         notes.append(f"{layer!r} is not crossed by every path to the logits: its gradient is the partial derivative")
     layout = layouts[layer]
     if layout.kind != "nchw":
-        notes.append(f"{layer!r} is a {layout.kind} layer: {layout.describe(shapes[layer])}")
+        notes.append(f"{layer!r} is a {layout.describe(shapes[layer])}")
     upgraded = _upgrade(model, layer, logits, notes)
     if upgraded is not model:
         model = upgraded

@@ -53,13 +53,15 @@ class Layout:
         return [channels, *self.grid]
 
     def describe(self, shape: list[int]) -> str:
+        """What the layer is, for the user: ``token layer: 1 + 196 tokens of 384, 14x14 grid, class token dropped``."""
         h, w = self.grid
         if self.kind == "tokens":
-            prefix = {0: "no prefix token", 1: "class token dropped"}.get(
+            dropped = {0: "no prefix token", 1: "class token dropped"}.get(
                 self.prefix, f"{self.prefix} prefix tokens dropped"
             )
-            return f"{self.prefix} + {h * w} tokens of {shape[-1]}, {h}x{w} grid, {prefix}"
-        return f"{self.kind.upper()} {h}x{w} grid of {self.contract_dims(shape)[0]} channels"
+            return f"token layer: {self.prefix} + {h * w} tokens of {shape[-1]}, {h}x{w} grid, {dropped}"
+        order = "channels-last" if self.kind == "nhwc" else "channels-first"
+        return f"{order} layer: {h}x{w} grid of {self.contract_dims(shape)[0]} channels"
 
 
 # -- adapters: lead = the leading axes kept in front (1: [N, ...] forward, 2: [N, T, ...] gradients) --------

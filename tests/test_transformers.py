@@ -174,7 +174,8 @@ def test_probability_score_differentiates_the_softmax(tmp_path: Path) -> None:
 
 def test_token_layer_is_described_and_the_class_token_dropped(tmp_path: Path) -> None:
     _, _, card = grafted("deit", tmp_path)
-    assert card["layer"].endswith("(32x4x4) [2 + 16 tokens of 32, 4x4 grid, 2 prefix tokens dropped]"), card["layer"]
+    expected = "(32x4x4) [token layer: 2 + 16 tokens of 32, 4x4 grid, 2 prefix tokens dropped]"
+    assert card["layer"].endswith(expected), card["layer"]
     _, _, card = grafted("convnext", tmp_path)
     assert card["layer"].endswith("(64x4x4)"), "the last stage, not the head's [N, 1, 1, C] LayerNorm"
 
