@@ -1,4 +1,5 @@
-"""timm's own ViT, DeiT and Swin (random weights) through ``--from``, against torch autograd and pytorch-grad-cam.
+"""timm's own ViT, DeiT and Swin (random weights) through ``--from``, against torch autograd and pytorch-grad-cam;
+torchvision's ConvNeXt through ``--from`` against ``--arch convnext_tiny``.
 
 timm needs torchvision, which imports only beside a matching torch (e.g. torch 2.14.1 with
 torchvision 0.29.1): the tests skip with the reason where it does not (CI has a CPU torch alone;
@@ -23,7 +24,7 @@ try:
 except Exception as exc:  # ImportError, or torchvision's RuntimeError beside a mismatched torch
     pytest.skip(f"timm does not import here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
-from onnxcam_export.from_onnx import graft_file  # noqa: E402
+from onnxcam_export.from_onnx import Preprocessing, graft_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +74,33 @@ def test_vit_map_equals_pytorch_grad_cam(tmp_path: Path) -> None:
     norm1 = "/blocks/blocks.11/norm1/LayerNormalization_output_0"
     model, path = _export("vit_small_patch16_224", tmp_path, layer=norm1)
     image = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    ours = Explainer(path).explain(image, top_k=1).maps[0]
     cam = grad_cam.GradCAM(model=model.float(), target_layers=[model.blocks[-1].norm1],
                            reshape_transform=lambda t: tokens_to_grid(t, 1, 14, 14))  # fmt: skip
     x = torch.from_numpy(image[None].astype(np.float32) / 255).permute(0, 3, 1, 2)
-    theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(ours.index)])[0]
-    assert np.corrcoef(ours.cam.ravel(), theirs.ravel())[0, 1] >= 0.999
+    for ours in Explainer(path).explain(image, top_k=5).maps:  # random weights: some classes have empty maps
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(ours.index)])[0]
+        assert ours.empty == (theirs.max() == 0), ours.index
+        if not ours.empty:
+            assert np.corrcoef(ours.cam.ravel(), theirs.ravel())[0, 1] >= 0.999, ours.index
+
+
+def test_torchvision_convnext_through_from_agrees_with_arch(tmp_path: Path) -> None:
+    """The plain export picks the last stage's 7 x 7 grid by itself and gives the native export's maps."""
+    from onnxcam_export.torch_export import ARCHS, export_arch
+    from tests.conftest import EXAMPLES
+    from tests.test_from_onnx import plain_torch_export
+
+    export_arch("convnext_tiny", "none", None, tmp_path / "native.onnx")
+    plain_torch_export("convnext_tiny", "none", tmp_path / "plain.onnx", opset=17)
+    arch = ARCHS["convnext_tiny"]
+    card, _ = graft_file(tmp_path / "plain.onnx", tmp_path / "from.onnx",
+                         prep=Preprocessing.create(None, arch.mean, arch.std, False))  # fmt: skip
+    assert card["layer"].endswith("(768x7x7)"), card["layer"]
+    native = Explainer(tmp_path / "native.onnx").explain(EXAMPLES / "chelsea.png", top_k=3)
+    grafted = Explainer(tmp_path / "from.onnx").explain(EXAMPLES / "chelsea.png", top_k=3)
+    assert [m.index for m in grafted.maps] == [m.index for m in native.maps]
+    for ours, reference in zip(grafted.maps, native.maps, strict=True):
+        np.testing.assert_allclose(
+            ours.weights, reference.weights, rtol=1e-4, atol=1e-5 * np.abs(reference.weights).max()
+        )
+        np.testing.assert_allclose(ours.cam, reference.cam, atol=1e-4)

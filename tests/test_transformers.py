@@ -98,6 +98,20 @@ def grafted(name: str, folder: Path, dynamo: bool = False, **options: object) ->
     return model, folder / f"{name}.cam.onnx", card
 
 
+@pytest.fixture(scope="module")
+def torchscript(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, dict]]:
+    """Each net exported by the TorchScript exporter and grafted with the defaults, once per module:
+    (grafted file, card). ``build(name)`` gives its weights again."""
+    done: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in done:
+            done[name] = grafted(name, tmp_path_factory.mktemp(name))[1:]
+        return done[name]
+
+    return get
+
+
 def reference(name: str, model: torch.nn.Module, images: np.ndarray, classes: np.ndarray, score: str = "logit"):
     """(A [N, C, h, w], dy_c/dA [N, T, C, h, w]) by torch autograd in float64 on the same weights;
     y is the logit, or with ``score="probability"`` its softmax."""
@@ -129,9 +143,8 @@ def check_against_autograd(name: str, model: torch.nn.Module, path: Path) -> Non
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_torchscript_export_grafts_and_matches_autograd(name: str, tmp_path: Path) -> None:
-    model, path, _ = grafted(name, tmp_path)
-    check_against_autograd(name, model, path)
+def test_torchscript_export_grafts_and_matches_autograd(name: str, torchscript: Callable) -> None:
+    check_against_autograd(name, build(name), torchscript(name)[0])
 
 
 @pytest.mark.slow
@@ -142,10 +155,9 @@ def test_dynamo_export_grafts_and_matches_autograd(name: str, tmp_path: Path) ->
     check_against_autograd(name, model, path)
 
 
-def test_attention_outputs_match_autograd(tmp_path: Path) -> None:
+def test_attention_outputs_match_autograd(torchscript: Callable) -> None:
     """Each block's attention probabilities and d logit / d probabilities (all blocks, not only after the layer)."""
-    model, path, _ = grafted("deit", tmp_path)
-    engine = Engine(path)
+    model, engine = build("deit"), Engine(torchscript("deit")[0])
     images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out = engine.run(
         images, np.repeat(TARGETS, 2, axis=0), attention=(contract.ATTENTIONS, contract.ATTENTION_GRADIENTS)
@@ -172,11 +184,23 @@ def test_probability_score_differentiates_the_softmax(tmp_path: Path) -> None:
     check_against_autograd("vit", model, path)
 
 
-def test_token_layer_is_described_and_the_class_token_dropped(tmp_path: Path) -> None:
-    _, _, card = grafted("deit", tmp_path)
+def test_head_only_graph_reads_the_contract_layout(torchscript: Callable) -> None:
+    """Swin's head reads channels-last tokens: the head-only copy turns [M, C, h, w] back (Ablation-CAM);
+    a class-token head also reads the class token, which the activations lack: no head-only copy."""
+    engine = Engine(torchscript("swin")[0])
+    images = np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    out = engine.run(images, np.zeros((2, 1), np.int64))
+    with pytest.warns(UserWarning, match="cannot run an empty image batch"):  # Swin's window reshapes: [-1, ...]
+        head_logits = engine.run_head(out.activations)
+    np.testing.assert_allclose(head_logits, out.logits, rtol=1e-5, atol=1e-5)
+    assert contract.HEAD_LOGITS not in Engine(torchscript("vit")[0]).outputs
+
+
+def test_token_layer_is_described_and_the_class_token_dropped(torchscript: Callable) -> None:
+    card = torchscript("deit")[1]
     expected = "(32x4x4) [token layer: 2 + 16 tokens of 32, 4x4 grid, 2 prefix tokens dropped]"
     assert card["layer"].endswith(expected), card["layer"]
-    _, _, card = grafted("convnext", tmp_path)
+    card = torchscript("convnext")[1]
     assert card["layer"].endswith("(64x4x4)"), "the last stage, not the head's [N, 1, 1, C] LayerNorm"
 
 
