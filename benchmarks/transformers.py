@@ -6,9 +6,9 @@ A ViT with the shape of ViT-S/16 (384 wide, 12 blocks of 6 heads, 16 x 16 patche
 1000 classes; seeded random weights, which do not change the cost) is exported plainly by
 torch.onnx and grafted by ``onnxcam export --from`` with the automatic layer. In one process,
 with identical session options, each round runs in a shuffled order: the plain forward of the
-exported file (its float input prepared outside, as a caller would), and ``explain`` (the whole
-API path: resizing, softmax, upsampling) with Grad-CAM, attention rollout and attention
-relevance for the top-1 class. The ratios are the medians of the per-round ratios
+exported file (with the caller's numpy normalisation of the uint8 photo, which onnxcam does in
+the graph), and ``explain`` (the whole API path: resizing, softmax, upsampling) with Grad-CAM,
+attention rollout and attention relevance for the top-1 class. The ratios are the medians of the per-round ratios
 (``latency.py``'s method).
 """
 
@@ -52,9 +52,14 @@ def measure(pairs: int, folder: Path) -> dict[str, list[float]]:
     explainer = Explainer(grafted, options=quiet_options())
     session = ort.InferenceSession(str(plain), quiet_options(), providers=["CPUExecutionProvider"])
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    x = ((image / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None].astype(np.float32)
+    mean, std = (np.asarray(v, np.float32) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+    def forward() -> object:
+        x = ((image.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None]
+        return session.run(["scores"], {"x": np.ascontiguousarray(x)})
+
     contenders = {
-        "forward": lambda: session.run(["scores"], {"x": x}),
+        "forward": forward,
         "gradcam_1": lambda: explainer.explain(image, top_k=1),
         "rollout_1": lambda: explainer.explain(image, top_k=1, method="rollout"),
         "attention_relevance_1": lambda: explainer.explain(image, top_k=1, method="attention-relevance"),

@@ -103,34 +103,38 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     return (projection if loadings.sum() >= 0 else -projection).reshape(h, w)
 
 
-def _query(relevance: np.ndarray, prefix: int) -> np.ndarray:
-    """The class token's row of a token-to-token relevance ``[..., T, T]`` (the mean row without one)."""
-    return relevance[..., 0, :] if prefix else relevance.mean(axis=-2)
+def _query(tokens: int, prefix: int) -> np.ndarray:
+    """The row that reads a relevance matrix: the class token's (one-hot), or the mean row without one."""
+    return np.eye(tokens)[0] if prefix else np.full(tokens, 1 / tokens)
 
 
 def attention_rollout(attentions: np.ndarray, gradients: np.ndarray | None, prefix: int) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema, ACL 2020): ``R = Â_L ... Â_1`` with ``Â_l = (mean_h A_l + I) / 2``;
-    the relevance of each token is the class token's row of R ``[1, T]`` (class-agnostic)."""
-    tokens = attentions.shape[-1]
-    rollout = np.eye(tokens)
-    for layer in attentions:
-        rollout = (0.5 * layer.mean(axis=0) + 0.5 * np.eye(tokens)) @ rollout
-    return _query(rollout, prefix)[None]
+    the relevance of each token is the class token's row of R, ``[1, T]`` (class-agnostic).
+
+    Only that row is needed: ``e_0 Â_L ... Â_1``, vector times matrix from the last block down.
+    """
+    row = _query(attentions.shape[-1], prefix)
+    for layer in attentions[::-1]:
+        row = 0.5 * (row @ layer.mean(axis=0, dtype=np.float64)) + 0.5 * row
+    return row[None]
 
 
 def attention_relevance(attentions: np.ndarray, gradients: np.ndarray | None, prefix: int) -> np.ndarray:
     """Gradient-weighted attention relevance (Chefer, Gur & Wolf, "Generic Attention-model Explainability
     for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021), for self-attention:
     ``R = I``, then block by block ``R = R + mean_h(ReLU(dA_l (.) A_l)) @ R``; per target, the
-    class token's row of R ``[T', T]``."""
-    tokens = attentions.shape[-1]
-    maps = []
+    class token's row of R ``[T', T]``.
+
+    That row is ``e_0 (I + Ā_L) ... (I + Ā_1)``, vector times matrix from the last block down.
+    """
+    rows = []
     for target in gradients:
-        relevance = np.eye(tokens)
-        for layer, grad in zip(attentions, target, strict=True):
-            relevance = relevance + np.maximum(grad * layer, 0).mean(axis=0) @ relevance
-        maps.append(_query(relevance, prefix))
-    return np.stack(maps)
+        row = _query(attentions.shape[-1], prefix)
+        for layer, grad in zip(attentions[::-1], target[::-1], strict=True):
+            row = row + row @ np.maximum(grad * layer, 0).mean(axis=0, dtype=np.float64)
+        rows.append(row)
+    return np.stack(rows)
 
 
 Contributions = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (A [C, h, w], G [T, C, h, w]) -> W
@@ -262,6 +266,5 @@ def _attention_maps(
     if attentions is None or (m.requires == contract.ATTENTION_GRADIENTS and gradients is None):
         raise ValueError(f"{m.name} needs the attention outputs (run with attention={attention_outputs([m.name])})")
     prefix = attentions.shape[-1] - int(np.prod(grid))
-    grads = None if gradients is None else gradients.astype(np.float64)
-    rows = m.attention(attentions.astype(np.float64), grads, prefix)[:, prefix:]
+    rows = m.attention(attentions, gradients, prefix)[:, prefix:]  # float64 sums, layer by layer
     return np.maximum(np.broadcast_to(rows.reshape(-1, *grid), (targets, *grid)), 0)
