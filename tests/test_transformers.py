@@ -196,6 +196,17 @@ def test_head_only_graph_reads_the_contract_layout(torchscript: Callable) -> Non
     assert contract.HEAD_LOGITS not in Engine(torchscript("vit")[0]).outputs
 
 
+def test_grafted_transformer_is_default_domain_with_the_optional_outputs(torchscript: Callable) -> None:
+    import onnx
+
+    from tests.test_contract import _all_nodes
+
+    model = onnx.load(torchscript("deit")[0])
+    assert {n.domain for n in _all_nodes(model.graph)} <= {"", "ai.onnx"}
+    names = [o.name for o in model.graph.output]
+    assert names == [*contract.OUTPUTS, contract.ATTENTIONS, contract.ATTENTION_GRADIENTS]
+
+
 def test_token_layer_is_described_and_the_class_token_dropped(torchscript: Callable) -> None:
     card = torchscript("deit")[1]
     expected = "(32x4x4) [token layer: 2 + 16 tokens of 32, 4x4 grid, 2 prefix tokens dropped]"
