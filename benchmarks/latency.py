@@ -20,6 +20,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,11 @@ def measure(arch_name: str, pairs: int, folder: Path) -> dict[str, list[float]]:
         "full_gradient_1": lambda: explainer.engine.run(image[None], np.array([[-1]]), full_gradients=True),
         "all_AG_methods_top5": lambda: explainer.explain(image, top_k=5, method=ONE_CALL),
     }
+    return time_rounds(contenders, pairs)
+
+
+def time_rounds(contenders: dict[str, Callable[[], object]], pairs: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender, ``pairs`` rounds, each running every contender once in a shuffled order."""
     for run in contenders.values():  # warm-up: allocations, thread pools
         run()
         run()

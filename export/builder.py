@@ -108,6 +108,20 @@ class Builder:
             return None if value is None else list(value.shape)
         return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
 
+    def same_dim(self, x: str, y: str, axis: int) -> bool:
+        """Whether tensors ``x`` and ``y`` have provably the same size along ``axis`` (equal sizes, or the
+        same named dimension such as the batch)."""
+        dims = []
+        for name in (x, y):
+            t = self.types.get(name)
+            if t is None or not t.HasField("shape") or len(t.shape.dim) <= axis:
+                return False
+            dims.append(t.shape.dim[axis])
+        (a, c) = dims
+        if a.HasField("dim_value") and c.HasField("dim_value"):
+            return a.dim_value == c.dim_value
+        return bool(a.dim_param) and a.dim_param == c.dim_param and not a.dim_param.startswith("unk__")
+
     def rank(self, name: str) -> int:
         shape = self.shape(name)
         if shape is None:

@@ -16,7 +16,7 @@ first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -25,15 +25,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
 from onnxcam_export.builder import Builder, Types, infer_types
+from onnxcam_export.layouts import ADAPTERS, Layout
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
 MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
+FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+# Ops whose outputs are never float, whatever their inputs (for graphs whose types are not inferred yet)
+INTEGER_OPS = {"Shape", "Size", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or",
+               "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"}  # fmt: skip
 HEAD_RUN_LOGITS = f"{contract.HEAD_LOGITS}/run"  # the logits of the head-only copy, inside its If
 
 Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
 Presummed = tuple[onnx.NodeProto, np.ndarray]  # the first FC node, its weight summed over positions [F, C]
 Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output
+Adapt = Callable[[str], str]  # a tensor of the target layer (or its gradient) -> the contract's layout
+SPATIAL = [3, 4]  # the h, w axes of gradients [N, T, C, h, w]
 
 
 # -- the reverse-mode walk: it knows the rules table, no op ---------------------------------------
@@ -98,16 +105,16 @@ def _reached(b: Builder, grads: Grads, name: str) -> str:
 
 
 # -- the head: the nodes between the target layer and the logits ----------------------------------
-def head_nodes(graph: onnx.GraphProto, activations: str, logits: str) -> list[onnx.NodeProto]:
-    """The nodes on some path from ``activations`` to ``logits``, in graph (topological) order."""
-    reached = {activations}
+def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> list[onnx.NodeProto]:
+    """The nodes on some path from ``sources`` (a tensor or several) to ``logits``, in graph (topological) order."""
+    reached = {sources} if isinstance(sources, str) else set(sources)
     downstream = []
     for node in graph.node:
         if reached.intersection(node.input):
             downstream.append(node)
             reached.update(o for o in node.output if o)
     if logits not in reached:
-        raise UnsupportedOp(f"tensor {logits!r} does not depend on the target layer {activations!r}")
+        raise UnsupportedOp(f"tensor {logits!r} does not depend on the target layer {sources!r}")
     needed = {logits}
     head = []
     for node in reversed(downstream):
@@ -126,36 +133,65 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
-def _check_rules(head: Iterable[onnx.NodeProto]) -> None:
-    """Fail before anything is built when a head node has no rule."""
+def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
+    """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
+
+    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient;
+    a tensor of unknown type counts as float unless :data:`INTEGER_OPS` computes it.
+    """
+    types = types or {}
+
+    def floating(node: onnx.NodeProto, name: str) -> bool:
+        return types[name].elem_type in FLOATS if name in types else node.op_type not in INTEGER_OPS
+
+    reached = set(sources)
     for node in head:
-        rule_for(node)
+        if reached.intersection(node.input):
+            reached.update(o for o in node.output if o and floating(node, o))
+    return reached
+
+
+def _check_rules(head: Iterable[onnx.NodeProto], wanted: set[str]) -> None:
+    """Fail before anything is built when a head node that passes a gradient has no rule."""
+    for node in head:
+        if wanted.intersection(node.output):
+            rule_for(node)
+
+
+def _extra_outputs(node: onnx.NodeProto) -> tuple[str, ...]:
+    rule = RULES.get(node.op_type)
+    return rule.extra_outputs if rule is not None and node.domain in ("", "ai.onnx") else ()
 
 
 def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
     """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
     for node in head:
-        for index, label in enumerate(rule_for(node).extra_outputs, start=1):
+        for index, label in enumerate(_extra_outputs(node), start=1):
             node.output.extend([""] * (index + 1 - len(node.output)))
             if not node.output[index]:
                 node.output[index] = f"{node.output[0]}/{label}"
 
 
-def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+def _head_copy(
+    graph: onnx.GraphProto, b: Builder, head: list[onnx.NodeProto], layer: str, layout: Layout | None
+) -> list[onnx.NodeProto] | None:
     """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
 
     The copies leave out the outputs only a gradient rule reads. None when the head also reads
-    tensors computed before the target layer (not a cut).
+    tensors computed before the target layer (not a cut), or tokens the contract's activations lack.
     """
-    renamed = {contract.ACTIVATIONS: contract.HEAD_ACTIVATIONS}
-    renamed |= {o: f"head/{o}" for n in head for o in n.output if o}
+    with b.subgraph() as copies:
+        start = contract.HEAD_ACTIVATIONS if layout is None else ADAPTERS[layout.kind].from_contract(
+            b, contract.HEAD_ACTIVATIONS, layout)  # fmt: skip
+    if start is None:
+        return None
+    renamed = {layer: start} | {o: f"head/{o}" for n in head for o in n.output if o}
     renamed[contract.LOGITS] = HEAD_RUN_LOGITS
     static = static_tensors(graph)
-    copies = []
     for node in head:
         if any(i not in renamed and i not in static for i in node.input):
             return None
-        extra = range(1, 1 + len(rule_for(node).extra_outputs))
+        extra = range(1, 1 + len(_extra_outputs(node)))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"head/{node.name or node.output[0]}"
@@ -166,46 +202,121 @@ def _head_copy(graph: onnx.GraphProto, head: list[onnx.NodeProto]) -> list[onnx.
 
 
 def annotate_shapes(
-    model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: onnx.TensorShapeProto.Dimension
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], batch: onnx.TensorShapeProto.Dimension
 ) -> Types:
-    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by one ORT run.
+    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by ORT runs.
 
-    Every such tensor's shape at the fed input size is recorded in ``value_info``, with the
-    batch axis set to ``batch``, so the rules see static channel and spatial sizes. Returns
+    ``feeds``: the model's input at its size, at two batch sizes (one for a fixed batch). Every such
+    float tensor's shape is recorded in ``value_info``: the axes whose size is the batch size get
+    ``batch``, those that otherwise change with it no size, the others their size, so the rules
+    see static channel and spatial sizes. Returns
     the types of the model as it leaves (:func:`infer_types`, run again only if the model changed).
     Raises RuntimeError when ONNX Runtime cannot run the model.
     """
     types = infer_types(model)
-    known = {
-        n for n, t in types.items() if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim[1:])
-    }
+
+    def settled(d: onnx.TensorShapeProto.Dimension) -> bool:  # a size, or the batch (also where it is not axis 0)
+        return d.HasField("dim_value") or bool(batch.dim_param and d.dim_param == batch.dim_param)
+
+    known = {n for n, t in types.items() if t.HasField("shape") and all(settled(d) for d in t.shape.dim)}
     static = static_tensors(model.graph)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
     if not missing:
         return types
+    runs = zip(*[_probe(model, missing, feed) for feed in feeds], strict=True)
+    recorded = [
+        (name, values)
+        for name, values in zip(missing, runs, strict=True)
+        if all(isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == values[0].ndim > 0 for v in values)
+    ]
+    if not recorded:
+        return types
+    by_name = {v.name: v for v in model.graph.value_info}
+    batches = [next(iter(feed.values())).shape[0] for feed in feeds]
+    for name, values in recorded:
+        first = values[0]
+        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), list(first.shape))
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            sizes = [v.shape[axis] for v in values]
+            if sizes == batches and len(set(sizes)) > 1:
+                dim.CopyFrom(batch)
+            elif len(set(sizes)) > 1:  # follows the batch, but is not it (Swin's windows: N * windows)
+                dim.Clear()
+        if name in by_name:
+            model.graph.value_info.remove(by_name[name])
+        model.graph.value_info.append(info)
+    return infer_types(model)
+
+
+def _probe(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The values of tensors ``names`` of ``model`` for ``feed``, by one ONNX Runtime run."""
     import onnxruntime as ort  # a runtime dependency of onnxcam anyway
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # its notes about unused initializers are noise here
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = session.run(missing, feed)
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(names, feed)
     except Exception as exc:  # ORT's own exception types
         raise RuntimeError(str(exc)) from exc
-    recorded = [(n, v) for n, v in zip(missing, values, strict=True) if isinstance(v, np.ndarray) and v.ndim]
-    if not recorded:
-        return types
-    by_name = {v.name: v for v in model.graph.value_info}
-    for name, value in recorded:
-        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-        info.type.tensor_type.shape.dim[0].CopyFrom(batch)
-        if name in by_name:
-            model.graph.value_info.remove(by_name[name])
-        model.graph.value_info.append(info)
-    return infer_types(model)
+
+
+def fold_shape_computations(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> int:
+    """Replace what is computed from tensor shapes alone by constants where it is static (in place).
+
+    ``feeds``: the model's input at its size, at two batch sizes. A tensor computed from ``Shape``
+    or ``Size`` and constants alone that takes the same value for every feed is static at the
+    model's input size: its nodes become initializers (patch counts, head sizes, attention scales),
+    so that the rules see constants. What depends on the batch size stays computed. Returns the
+    number of tensors folded. Raises RuntimeError when ONNX Runtime cannot run the model.
+    """
+    graph = model.graph
+    static = static_tensors(graph)
+    derived: list[str] = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        from_shapes = any(i in derived for i in inputs) and all(i in derived or i in static for i in inputs)
+        if node.op_type in ("Shape", "Size") or from_shapes:
+            derived.extend(o for o in node.output if o)
+    if not derived:
+        return 0
+    runs = [_probe(model, derived, feed) for feed in feeds]
+    values = {
+        name: first
+        for name, first, *others in zip(derived, *runs, strict=True)
+        if all(np.shape(v) == np.shape(first) and np.array_equal(v, first) for v in others)
+    }
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        outputs = [o for o in node.output if o]
+        if outputs and all(o in values for o in outputs):
+            graph.initializer.extend(numpy_helper.from_array(np.asarray(values[o]), o) for o in outputs if o in used)
+        else:
+            kept.append(node)
+    _remove_unused(graph, kept, set(derived))
+    return sum(1 for name in derived if name in values)
+
+
+def _remove_unused(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], removable: set[str]) -> None:
+    """Set the graph's nodes to ``nodes`` less those whose outputs are all ``removable`` and read by nobody."""
+    while True:
+        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in nodes if all(o in removable and o not in used for o in n.output if o)]
+        if not dead:
+            break
+        nodes = [n for n in nodes if n not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    names = {i for n in nodes for i in n.input}
+    unused = [i for i in graph.initializer if i.name in removable and i.name not in names]
+    for init in unused:
+        graph.initializer.remove(init)
 
 
 def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
@@ -273,28 +384,39 @@ def _resolve_targets(b: Builder, logits: str) -> str:
 
 
 # -- the graph's new parts, each emitted by one function -------------------------------------------
-def _seed(b: Builder, logits: str) -> str:
-    """The gradient of the explained scores w.r.t. the logits: OneHot(target_classes), [N, T, K]."""
+def _seed(b: Builder, logits: str, score: str) -> str:
+    """The gradient of the explained scores w.r.t. the logits, [N, T, K], for target classes c:
+
+    logit: ``OneHot(c)``; probability ``p_c = softmax(logits)_c``: ``dp_c/dz = p_c (OneHot(c) - p)``.
+    """
     target_classes = _resolve_targets(b, logits)
     classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
-    return b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
+    onehot = b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
+    if score == "logit":
+        return onehot
+    p = b.unsqueeze(b.op("Softmax", logits, axis=1 if b.opset >= 13 else -1), [1])  # [N, 1, K]
+    p_c = b.reduce("ReduceSum", b.op("Mul", onehot, p), [2], keepdims=1)  # [N, T, 1]
+    return b.op("Mul", p_c, b.op("Sub", onehot, p))
 
 
 def _walk(
-    b: Builder, head: list[onnx.NodeProto], seed: str, cheap: Presummed | None, spatial: list[int]
+    b: Builder, head: list[onnx.NodeProto], layer: str, seed: str, cheap: Presummed | None, adapt: Adapt
 ) -> tuple[str, Branch]:
-    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA."""
+    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA.
+
+    ``adapt`` turns the gradient of ``layer`` into the gradient of the contract's activations.
+    """
     seeds = {contract.LOGITS: [seed]}
     if cheap is None:  # the sum of the full gradient, computed outside the If
-        gradients = _reached(b, backward(b, head, seeds), contract.ACTIVATIONS)
+        gradients = adapt(_reached(b, backward(b, head, seeds), layer))
         full = helper.make_node("Identity", [gradients], [gradients + "/full"])
-        return b.reduce("ReduceSum", gradients, spatial, keepdims=0), ("full", [full], full.output[0])
+        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), ("full", [full], full.output[0])
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
     summed = b.op("MatMul", _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
-        gradients = _reached(b, backward(b, head[:cut], grads), contract.ACTIVATIONS)
+        gradients = adapt(_reached(b, backward(b, head[:cut], grads), layer))
     return summed, ("full", nodes, gradients)
 
 
@@ -307,22 +429,27 @@ def _if(name: str, condition: str, output: str, elem: int, then: Branch, otherwi
     return helper.make_node("If", [condition], [output], name=name, **graphs)
 
 
+def _emit_activations(b: Builder, layer: str, adapt: Adapt) -> None:
+    """activations = the target layer in the contract's [N, C, h, w] layout."""
+    b.nodes.append(helper.make_node("Identity", [adapt(layer)], [contract.ACTIVATIONS], name="activations"))
+
+
 def _emit_weights(b: Builder, summed: str) -> None:
     """weights = sum_hw(dy/dA) / (h * w), [N, T, C]."""
     plane = b.op("Cast", b.product(contract.ACTIVATIONS, 2), to=b.elem_type(contract.LOGITS))
     b.nodes.append(helper.make_node("Div", [summed, plane], [contract.WEIGHTS], name="weights"))
 
 
-def _emit_gradients(b: Builder, full: Branch, spatial: list[int]) -> None:
+def _emit_gradients(b: Builder, full: Branch) -> None:
     """gradients = the output of branch ``full`` when ``full_gradients``, else [N, T, C, 0, 0] zeros."""
     with b.subgraph() as nodes:
-        shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(spatial)), axis=0)
+        shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(SPATIAL)), axis=0)
         empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
     elem = b.elem_type(contract.LOGITS)
     b.nodes.append(_if("gradients", contract.FULL_GRADIENTS, contract.GRADIENTS, elem, full, empty))
 
 
-def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto]) -> None:
+def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto], dims: list[int]) -> None:
     """head_logits = the head run on head_activations, behind an If on run_head (false by default), so
     that ordinary calls never run it, whatever its reshapes need."""
     elem, classes = b.elem_type(contract.LOGITS), b.shape(contract.LOGITS)[1]
@@ -330,19 +457,19 @@ def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodePro
     head = ("head", copies, HEAD_RUN_LOGITS)
     no_head = ("no_head", [skipped], "head/skipped")
     graph.node.append(_if("head", contract.RUN_HEAD, contract.HEAD_LOGITS, elem, head, no_head))
-    empty = np.zeros([0, *b.shape(contract.ACTIVATIONS)[1:]], dtype=b.np_dtype(contract.ACTIVATIONS))
-    graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *empty.shape[1:]]))
+    empty = np.zeros([0, *dims], dtype=b.np_dtype(contract.LOGITS))
+    graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *dims]))
     graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
     graph.input.append(helper.make_tensor_value_info(contract.RUN_HEAD, TensorProto.BOOL, []))
     no_logits = numpy_helper.from_array(np.zeros([0, classes], dtype=b.np_dtype(contract.LOGITS)), "head/none")
     graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
 
 
-def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], head_only: bool) -> None:
+def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool, attention: bool) -> None:
     """The contract's inputs targets and full_gradients, and its outputs in contract order."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
-    channels, classes = b.shape(contract.ACTIVATIONS)[1], b.shape(contract.LOGITS)[1]
+    channels, classes = dims[0], b.shape(contract.LOGITS)[1]
     graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
@@ -350,46 +477,113 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, spatial: list[int], hea
     graph.output.extend(
         [
             info(contract.LOGITS, elem, [batch, classes]),
-            info(contract.ACTIVATIONS, elem, [batch, channels, *b.shape(contract.ACTIVATIONS)[2:]]),
+            info(contract.ACTIVATIONS, elem, [batch, *dims]),
             info(contract.WEIGHTS, elem, [batch, "T", channels]),
-            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(spatial))]]),
+            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(SPATIAL))]]),
             info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
         ]
     )
     if head_only:
         graph.output.append(info(contract.HEAD_LOGITS, elem, ["M", classes]))
+    if attention:
+        axes = ["L", "heads", "tokens", "tokens"]
+        graph.output.append(info(contract.ATTENTIONS, elem, [batch, *axes]))
+        graph.output.append(info(contract.ATTENTION_GRADIENTS, elem, [batch, "T", *axes]))
+
+
+def attention_probabilities(graph: onnx.GraphProto, b: Builder, layer: str) -> list[str]:
+    """The outputs of the Softmax nodes that mix the tokens of ``layer`` ([N, heads, T, T], T its tokens),
+    in graph order: each block's attention probabilities."""
+    tokens = (b.shape(layer) or [None, None])[1]
+    found = []
+    for node in graph.node:
+        shape = b.shape(node.output[0]) if node.op_type == "Softmax" else None
+        if shape and len(shape) == 4 and shape[2] == shape[3] == tokens and b.same_dim(node.output[0], layer, 0):
+            found.append(node.output[0])
+    return found
+
+
+def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], seed: str) -> bool:
+    """attentions [N, L, H, T, T] behind an If on with_attentions, and their gradients [N, T, L, H, T, T]
+    (a walk from the logits down to the first block) behind an If on with_attention_gradients.
+
+    False (and nothing emitted) when an op on the way has no rule.
+    """
+    head = head_nodes(graph, set(attentions), contract.LOGITS)
+    wanted = differentiable(head, set(attentions), b.types)
+    try:
+        _check_rules(head, wanted)
+    except UnsupportedOp:
+        return False
+    elem, outer = b.elem_type(contract.LOGITS), b.wanted
+    with b.subgraph() as forward:
+        stacked = b.op("Concat", *[b.unsqueeze(a, [1]) for a in attentions], axis=1)
+    with b.subgraph() as backward_nodes:
+        b.wanted = wanted
+        grads = backward(b, head, {contract.LOGITS: [seed]})
+        stacked_grads = b.op("Concat", *[b.unsqueeze(_reached(b, grads, a), [2]) for a in attentions], axis=2)
+    b.wanted = outer
+    for flag, output, branch, lead in (
+        (contract.WITH_ATTENTIONS, contract.ATTENTIONS, ("attentions", forward, stacked), contract.LOGITS),
+        (contract.WITH_ATTENTION_GRADIENTS, contract.ATTENTION_GRADIENTS,
+         ("attention_gradients", backward_nodes, stacked_grads), contract.TARGET_CLASSES),
+    ):  # fmt: skip
+        with b.subgraph() as nodes:
+            shape = b.op("Concat", b.dims(lead, 0, 1 if lead == contract.LOGITS else 2), b.ints([0] * 4), axis=0)
+            empty = (f"no_{branch[0]}", nodes, b.zeros(shape, like=contract.LOGITS))
+        b.nodes.append(_if(output, flag, output, elem, branch, empty))
+        graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(False), flag))
+    return True
 
 
 def graft(
-    model: onnx.ModelProto, activations: str, logits: str, types: Types | None = None
+    model: onnx.ModelProto,
+    activations: str,
+    logits: str,
+    types: Types | None = None,
+    layout: Layout | None = None,
+    score: str = "logit",
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
 
-    ``types``: :func:`infer_types` of ``model`` where the caller has it (else inferred after the rule checks).
+    ``activations`` is the target layer: ``[N, C, h, w]``, or any :mod:`layouts` entry given as
+    ``layout``. ``score``: the explained score, ``logit`` or ``probability`` (softmax of the logits).
+    ``types``: :func:`infer_types` of ``model`` where the caller has it.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    for tensor, name in ((activations, contract.ACTIVATIONS), (logits, contract.LOGITS)):
+    layout = None if layout is None or layout.kind == "nchw" else layout
+    layer = contract.ACTIVATIONS if layout is None else activations
+    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
         renamed = rename_tensor(graph, tensor, name)
         types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
-    head = head_nodes(graph, contract.ACTIVATIONS, contract.LOGITS)
-    _check_rules(head)
-    head_only = _head_copy(graph, head)
-    _expose_extra_outputs(head)
+    head = head_nodes(graph, layer, contract.LOGITS)
+    _check_rules(head, differentiable(head, {layer}, types))  # before shape inference, which may fail on them
     b = Builder(out, types)
-    b.wanted = {contract.ACTIVATIONS} | {o for n in head for o in n.output}
-    spatial = list(range(3, b.rank(contract.ACTIVATIONS) + 1))  # the h, w axes of [N, T, C, h, w]
-    seed = _seed(b, contract.LOGITS)
-    cheap = presummed_weight(b, head, contract.ACTIVATIONS)
-    summed, full = _walk(b, head, seed, cheap, spatial)
+    b.wanted = differentiable(head, {layer}, b.types)
+    head_only = _head_copy(graph, b, head, layer, layout)
+    _expose_extra_outputs(head)
+    shape = b.shape(layer)
+    if layout is None:
+        dims, adapt = shape[1:], (lambda x: x)
+    else:
+        dims = layout.contract_dims(shape)
+        _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
+        adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
+    seed = _seed(b, contract.LOGITS, score)
+    cheap = presummed_weight(b, head, layer) if layout is None else None
+    summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
-    _emit_gradients(b, full, spatial)
+    _emit_gradients(b, full)
+    attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
+    attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
     if head_only is not None:
-        _add_head_only(graph, b, head_only)
-    _add_contract_io(graph, b, spatial, head_only is not None)
+        _add_head_only(graph, b, head_only, dims)
+    _add_contract_io(graph, b, dims, head_only is not None, attention)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -194,7 +195,7 @@ def resolve_layer(arch: Arch, model: nn.Module, layer: str | None) -> tuple[str,
     return name, path
 
 
-def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> dict[str, object]:
+def export_arch(arch_name: str, weights: str, layer: str | None, out: Path, score: str = "logit") -> dict[str, object]:
     """Build, export and graft ``arch_name``; write ``out``; return the model card without its labels."""
     if arch_name not in ARCHS:
         raise OnnxcamError(f"unknown architecture {arch_name!r}; choose one of: {', '.join(ARCHS)}")
@@ -202,13 +203,22 @@ def export_arch(arch_name: str, weights: str, layer: str | None, out: Path) -> d
     torch.manual_seed(RANDOM_SEED)
     model = arch.build().eval()
     source = load_weights(arch, model, weights)
-    return export_module(model, arch_name, source, layer, out, trained=weights != "none")
+    return export_module(model, arch_name, source, layer, out, trained=weights != "none", score=score)
 
 
 def export_module(
-    model: nn.Module, arch_name: str, source: str, layer: str | None, out: Path, trained: bool = True
+    model: nn.Module,
+    arch_name: str,
+    source: str,
+    layer: str | None,
+    out: Path,
+    trained: bool = True,
+    score: str = "logit",
 ) -> dict[str, object]:
-    """Export and graft an already built (and loaded) ``model`` of architecture ``arch_name``."""
+    """Export and graft an already built (and loaded) ``model`` of architecture ``arch_name``.
+
+    ``score``: the explained score, ``logit`` or ``probability``.
+    """
     arch = ARCHS[arch_name]
     for module in model.modules():
         if isinstance(module, nn.ReLU):
@@ -220,7 +230,7 @@ def export_module(
     if rank != 4:
         raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
     try:
-        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types)
+        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types, score=score)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
     card = ModelCard(
@@ -233,6 +243,7 @@ def export_module(
         std=arch.std,
         labels=tuple(imagenet_labels()),
         weights_path=weights_path,
+        score=score,
     )
     save_explainer(grafted, card, out)
     return card.summary()
@@ -256,5 +267,6 @@ def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) ->
         )
     model = onnx.load_from_string(buffer.getvalue())
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    types = annotate_shapes(model, {contract.IMAGE: example.numpy()}, batch_dim)  # SAME pads from Shape ops
+    feeds = [{contract.IMAGE: np.zeros((n, *size, 3), np.uint8)} for n in (1, 2)]
+    types = annotate_shapes(model, feeds, batch_dim)  # SAME pads from Shape ops
     return model, types

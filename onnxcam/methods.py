@@ -6,7 +6,9 @@ contributions ``W [T, C, h, w]`` whose channel sum, after a ReLU, is the map
 (``L = ReLU(sum_k W_k)``), as in pytorch-grad-cam's ``BaseCAM``. With ``eigen_smooth``
 the channel sum is replaced by the first principal component of ``W``, and the
 Eigen-CAM variants always use it. Score-CAM and Ablation-CAM get their channel weights
-from extra model passes (:mod:`onnxcam.passes`).
+from extra model passes (:mod:`onnxcam.passes`). Attention rollout and attention relevance
+read a vision transformer's attention probabilities ``A [L, H, T, T]`` (and their gradients
+``dA [T', L, H, T, T]``) from the same call instead, and give the relevance of the grid tokens.
 
 Adding a method: its function here, one :class:`Method` record in :data:`METHODS`, one row
 in the tests' formula table (``tests/test_methods.py``) and in the README's methods table.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcam import passes
+from onnxcam import contract, passes
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 
@@ -101,7 +103,42 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     return (projection if loadings.sum() >= 0 else -projection).reshape(h, w)
 
 
+def _query(tokens: int, prefix: int) -> np.ndarray:
+    """The row that reads a relevance matrix: the class token's (one-hot), or the mean row without one."""
+    return np.eye(tokens)[0] if prefix else np.full(tokens, 1 / tokens)
+
+
+def attention_rollout(attentions: np.ndarray, gradients: np.ndarray | None, prefix: int) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, ACL 2020): ``R = Â_L ... Â_1`` with ``Â_l = (mean_h A_l + I) / 2``;
+    the relevance of each token is the class token's row of R, ``[1, T]`` (class-agnostic).
+
+    Only that row is needed: ``e_0 Â_L ... Â_1``, vector times matrix from the last block down.
+    """
+    row = _query(attentions.shape[-1], prefix)
+    for layer in attentions[::-1]:
+        row = 0.5 * (row @ layer.mean(axis=0, dtype=np.float64)) + 0.5 * row
+    return row[None]
+
+
+def attention_relevance(attentions: np.ndarray, gradients: np.ndarray | None, prefix: int) -> np.ndarray:
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, "Generic Attention-model Explainability
+    for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021), for self-attention:
+    ``R = I``, then block by block ``R = R + mean_h(ReLU(dA_l (.) A_l)) @ R``; per target, the
+    class token's row of R ``[T', T]``.
+
+    That row is ``e_0 (I + Ā_L) ... (I + Ā_1)``, vector times matrix from the last block down.
+    """
+    rows = []
+    for target in gradients:
+        row = _query(attentions.shape[-1], prefix)
+        for layer, grad in zip(attentions[::-1], target[::-1], strict=True):
+            row = row + row @ np.maximum(grad * layer, 0).mean(axis=0, dtype=np.float64)
+        rows.append(row)
+    return np.stack(rows)
+
+
 Contributions = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (A [C, h, w], G [T, C, h, w]) -> W
+AttentionMap = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]  # (A, dA, prefix) -> [T' or 1, T]
 PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
 
 
@@ -111,14 +148,18 @@ class Method:
 
     ``uses`` is ``"weights"`` when the graph's cheap Grad-CAM channel weights are enough,
     ``"gradients"`` when it needs the full gradient tensor (one flag on the same ORT call),
-    ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes.
+    ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes,
+    ``"attentions"`` when ``attention`` makes the map from the graph's optional attention outputs
+    (``requires``: the graph output the method cannot do without; a model lacking it cannot run it).
     """
 
     name: str
-    contributions: Contributions
+    contributions: Contributions | None = None
     uses: str = "gradients"
     eigen: bool = False  # the map is the first principal component of the contributions
     passes: PassWeights | None = None
+    attention: AttentionMap | None = None
+    requires: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -133,20 +174,27 @@ METHODS: dict[str, Method] = {
         Method("eigencam", eigencam, uses="weights", eigen=True),
         Method("eigengradcam", eigengradcam, eigen=True),
         Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
-        Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights),
+        Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights, requires=contract.HEAD_LOGITS),
+        Method("rollout", uses="attentions", attention=attention_rollout, requires=contract.ATTENTIONS),
+        Method("attention-relevance", uses="attentions", attention=attention_relevance,
+               requires=contract.ATTENTION_GRADIENTS),
     )
-}
+}  # fmt: skip
 
 
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9+]", "", name.lower())
 
 
-def resolve(names: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Canonical method names from user text: any case, with or without dashes; ``all`` is every method."""
+def resolve(names: str | list[str] | tuple[str, ...], outputs: frozenset[str] | None = None) -> list[str]:
+    """Canonical method names from user text: any case, with or without dashes; ``all`` is every method.
+
+    ``outputs``: the model's graph outputs, where known: ``all`` is then every method the model can
+    run, and a method it cannot run is an OnnxcamError.
+    """
     given = [names] if isinstance(names, str) else list(names)
     if [_key(n) for n in given] == ["all"]:
-        return list(METHODS)
+        return [n for n, m in METHODS.items() if outputs is None or m.requires in {None, *outputs}]
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
     if unknown or not given:
@@ -154,7 +202,27 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[str]:
         hint = f"; did you mean {' or '.join(by_key[c] for c in close)}?" if close else ""
         raise OnnxcamError(f"unknown method {unknown[0] if unknown else given!r}{hint} "
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
-    return [by_key[_key(n)] for n in given]
+    chosen = [by_key[_key(n)] for n in given]
+    for name in chosen:
+        if outputs is not None and METHODS[name].requires not in {None, *outputs}:
+            raise OnnxcamError(f"{name} needs the model output {METHODS[name].requires!r}, which this model lacks "
+                               f"({REQUIREMENTS[METHODS[name].requires]}); choose another --method")  # fmt: skip
+    return chosen
+
+
+REQUIREMENTS = {  # why a model lacks an optional output
+    contract.HEAD_LOGITS: "its head is not a cut of the graph, or needs tokens the activations lack",
+    contract.ATTENTIONS: "only vision transformers grafted at a token layer have attention maps",
+    contract.ATTENTION_GRADIENTS: "only vision transformers grafted at a token layer have attention maps",
+}
+
+
+def attention_outputs(names: list[str]) -> tuple[str, ...]:
+    """The optional attention outputs these methods read from the graph."""
+    needed = {METHODS[n].requires for n in names if METHODS[n].uses == "attentions"}
+    if contract.ATTENTION_GRADIENTS in needed:
+        return contract.ATTENTIONS, contract.ATTENTION_GRADIENTS
+    return (contract.ATTENTIONS,) if needed else ()
 
 
 def needs_gradients(names: list[str]) -> bool:
@@ -168,13 +236,18 @@ def cam(
     gradients: np.ndarray | None = None,
     weights: np.ndarray | None = None,
     eigen_smooth: bool = False,
+    attentions: np.ndarray | None = None,
+    attention_gradients: np.ndarray | None = None,
 ) -> np.ndarray:
     """Low-resolution maps ``[T, h, w]`` (>= 0, unnormalised) from the graph's outputs for one image.
 
     ``activations`` is ``[C, h, w]``; ``gradients`` ``[T, C, h, w]``; ``weights`` ``[T, C]``: the
-    graph's Grad-CAM channel weights, or the channel weights of a method's extra passes.
+    graph's Grad-CAM channel weights, or the channel weights of a method's extra passes;
+    ``attentions`` ``[L, H, P + h*w, P + h*w]`` and ``attention_gradients`` ``[T, L, H, ...]``.
     """
     m = METHODS[method]
+    if m.attention is not None:
+        return _attention_maps(m, activations.shape[1:], len(weights), attentions, attention_gradients)
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
     if m.uses != "gradients" and weights is not None:
         weighted = m.contributions(activations, weights[:, :, None, None].astype(np.float64))
@@ -184,3 +257,14 @@ def cam(
         raise ValueError(f"{method} needs the full gradients (run with full_gradients=True)")
     maps = np.stack([first_component(w) for w in weighted]) if eigen_smooth or m.eigen else weighted.sum(axis=1)
     return np.maximum(maps, 0)
+
+
+def _attention_maps(
+    m: Method, grid: tuple[int, ...], targets: int, attentions: np.ndarray | None, gradients: np.ndarray | None
+) -> np.ndarray:
+    """The grid tokens' relevance ``[T, h, w]``, the P prefix tokens dropped (P = tokens - h*w)."""
+    if attentions is None or (m.requires == contract.ATTENTION_GRADIENTS and gradients is None):
+        raise ValueError(f"{m.name} needs the attention outputs (run with attention={attention_outputs([m.name])})")
+    prefix = attentions.shape[-1] - int(np.prod(grid))
+    rows = m.attention(attentions, gradients, prefix)[:, prefix:]  # float64 sums, layer by layer
+    return np.maximum(np.broadcast_to(rows.reshape(-1, *grid), (targets, *grid)), 0)

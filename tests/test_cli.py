@@ -279,6 +279,7 @@ def test_torchvision_architectures_say_what_to_install(tmp_path: Path) -> None:
 
 
 def test_method_all_writes_every_map_and_a_sheet(tmp_path: Path) -> None:
+    """Every method a CNN can run: all but those that read a vision transformer's attention maps."""
     from onnxcam.methods import METHODS
     from tests.test_passes import build_tiny
 
@@ -286,10 +287,16 @@ def test_method_all_writes_every_map_and_a_sheet(tmp_path: Path) -> None:
     result = run("explain", CAT, "--model", str(model), "--method", "all", "--out", str(tmp_path / "o"), "--json")
     assert result.returncode == 0, result.stderr
     (image,) = json.loads(result.stdout)["images"]
-    assert [t["method"] for t in image["targets"]] == list(METHODS)
-    assert len({t["overlay"] for t in image["targets"]}) == len(METHODS)
+    cnn_methods = [name for name, m in METHODS.items() if m.uses != "attentions"]
+    assert [t["method"] for t in image["targets"]] == cnn_methods
+    assert len({t["overlay"] for t in image["targets"]}) == len(cnn_methods)
     (sheet,) = image["sheets"]
     assert read_rgb(sheet).shape[1] > 5 * read_rgb(image["targets"][0]["overlay"]).shape[1] // 3
+
+
+def test_attention_method_on_a_cnn_fails_in_one_line(lite0_model: Path, tmp_path: Path) -> None:
+    result = run("explain", CAT, "--model", str(lite0_model), "--method", "rollout", "--out", str(tmp_path / "o"))
+    assert_clean_failure(result, "rollout needs the model output 'attentions'", "only vision transformers")
 
 
 def test_unknown_method_fails_in_one_line(lite0_model: Path, tmp_path: Path) -> None:

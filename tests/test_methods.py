@@ -67,7 +67,8 @@ def pca_projection(weighted: np.ndarray) -> np.ndarray:
     return (x @ (v if v.sum() >= 0 else -v)).reshape(h, w)
 
 
-ONE_CALL = [name for name, m in METHODS.items() if m.passes is None]  # no extra model passes
+ONE_CALL = [name for name, m in METHODS.items() if m.contributions is not None and m.passes is None]  # A and G only
+ATTENTION = [name for name, m in METHODS.items() if m.uses == "attentions"]
 
 
 @pytest.mark.parametrize("method", ONE_CALL)
@@ -92,6 +93,46 @@ def test_gradcam_plus_plus_does_not_depend_on_the_gradients_scale() -> None:
     g = G.copy()
     g[0, 0, 0, 0] = -2 / A[0].sum()  # 2 G^2 + sum(A) G^3 = 0 with G != 0: zero weight, not inf
     assert np.isfinite(cam("gradcam++", A, g)).all()
+
+
+L, HEADS, PREFIX, GH, GW = 3, 2, 1, 2, 3
+TOKENS = PREFIX + GH * GW
+ATT = RNG.dirichlet(np.ones(TOKENS), size=(L, HEADS, TOKENS))  # rows sum to 1, as softmax outputs
+DATT = RNG.standard_normal((T, L, HEADS, TOKENS, TOKENS))
+
+
+def loop_attention(method: str) -> np.ndarray:
+    """Rollout and Chefer relevance one scalar at a time: R as nested sums, the class token's row, the grid."""
+    maps = np.zeros((T, GH, GW))
+    for t in range(T):
+        r = [[float(i == j) for j in range(TOKENS)] for i in range(TOKENS)]
+        for layer in range(L):
+            mixed = [[0.0] * TOKENS for _ in range(TOKENS)]
+            for i in range(TOKENS):
+                for j in range(TOKENS):
+                    if method == "rollout":  # (mean_h A + I) / 2
+                        mixed[i][j] = 0.5 * sum(ATT[layer, h, i, j] for h in range(HEADS)) / HEADS + 0.5 * (i == j)
+                    else:  # mean_h ReLU(dA * A)
+                        mixed[i][j] = sum(relu(DATT[t, layer, h, i, j] * ATT[layer, h, i, j]) for h in range(HEADS))
+                        mixed[i][j] /= HEADS
+            product = [
+                [sum(mixed[i][k] * r[k][j] for k in range(TOKENS)) for j in range(TOKENS)] for i in range(TOKENS)
+            ]
+            r = (
+                product
+                if method == "rollout"
+                else [[r[i][j] + product[i][j] for j in range(TOKENS)] for i in range(TOKENS)]
+            )
+        for k in range(GH * GW):
+            maps[t, k // GW, k % GW] = r[0][PREFIX + k]
+    return maps
+
+
+@pytest.mark.parametrize("method", ATTENTION)
+def test_attention_method_equals_its_formula_computed_with_loops(method: str) -> None:
+    activations = np.zeros((C, GH, GW))
+    maps = cam(method, activations, weights=np.zeros((T, C)), attentions=ATT, attention_gradients=DATT)
+    np.testing.assert_allclose(maps, np.maximum(loop_attention(method), 0), rtol=1e-12, atol=1e-15)
 
 
 def test_method_names_are_resolved_in_any_case() -> None:

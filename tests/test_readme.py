@@ -30,8 +30,9 @@ EXPECTED = {  # what each example's output must say
     "api": ["tabby"],
     "ray": ["explained 2 of 2 images"],
 }
-SLOW = {"from", "bias", "eval", "ray"}  # torch export, training, ROAD, starting Ray
+SLOW = {"from", "eval", "ray"}  # torch export, ROAD, starting Ray
 NEEDS = {"from": "torch", "ray": "ray"}  # its first line makes a model with torch; the Ray extra
+OWN_TESTS = {"bias", "vit"}  # run by tests/test_bias_demo.py and tests/test_vit_demo.py, which check their meaning
 
 
 def test_every_code_block_is_run_or_says_why() -> None:
@@ -39,7 +40,7 @@ def test_every_code_block_is_run_or_says_why() -> None:
     blocks = list(BLOCK.finditer(README))
     assert len(blocks) == len(fences), "a ```bash or ```python block without <!-- example: NAME --> or <!-- not run -->"
     assert {m["why"] for m in blocks if m["why"]} <= NOT_RUN
-    assert set(EXPECTED) | {"bias"} == set(EXAMPLES), "each example has its checks here or in its own test"
+    assert set(EXPECTED) | OWN_TESTS == set(EXAMPLES), "each example has its checks here or in its own test"
 
 
 def test_the_install_block_is_what_setup_runs() -> None:

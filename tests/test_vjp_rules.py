@@ -49,6 +49,8 @@ class Case:
     no_grad: tuple[int, ...] = ()  # outputs that receive no upstream gradient
     opset: int = 18
     positive: bool = False  # inputs drawn from [0.5, 2.5) instead of a standard normal
+    fed: tuple[str, ...] = ()  # constants fed at run time instead (indices computed by the graph)
+    leading: dict[str, np.ndarray] = field(default_factory=dict)  # constant inputs before x (Where's condition)
 
     @property
     def id(self) -> str:
@@ -72,6 +74,8 @@ W85, W58, BIAS5 = RNG.standard_normal((8, 5)), RNG.standard_normal((5, 8)), RNG.
 BN = [RNG.standard_normal(3), RNG.standard_normal(3), RNG.standard_normal(3), RNG.uniform(0.5, 2, 3)]
 W85_T, W58_T, BIAS5_T = (torch.from_numpy(v) for v in (W85, W58, BIAS5))
 LN, LN4 = RNG.standard_normal((2, 8)), RNG.standard_normal((4, 3, 3))
+COND = RNG.random((2, 3, 4)) > 0.5
+FLAT_INDICES = np.asarray([[3, 0, 3], [11, -1, 5]])
 CONV_W, CONV_B, CONV_WG, CONV_DW, CONV_W4 = (
     torch.from_numpy(RNG.standard_normal(shape))
     for shape in [(6, 4, 3, 3), (6,), (6, 2, 3, 3), (4, 1, 3, 3), (5, 4, 4, 4)]
@@ -187,6 +191,38 @@ CASES = [
     Case("GlobalAveragePool", [2, 3, 4, 5], lambda x: x.mean((2, 3), keepdim=True), dtype=np.float32, tol=1e-5),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean((2, 3)), {"keepdims": 0}, constants={"axes": np.asarray([2, 3])}),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean(-1, keepdim=True), constants={"axes": np.asarray([-1])}),
+    Case("Tanh", [2, 3, 4], torch.tanh),
+    Case("Exp", [2, 3, 4], torch.exp),
+    Case("Neg", [2, 3, 4], torch.neg),
+    Case("Expand", [2, 1, 4], lambda x: x.expand(2, 3, 4), constants={"shape": np.asarray([2, 3, 4])}),
+    Case("Expand", [2, 3, 1], lambda x: x.expand(2, 3, 5), constants={"shape": np.asarray([1, 1, 5])}),
+    Case("Where", [2, 3, 4], lambda x, z: torch.where(torch.from_numpy(COND), x, z), extra=[[2, 3, 4]],
+         leading={"c": COND}),
+    Case("Where", [2, 3, 4], lambda x, z: torch.where(torch.from_numpy(COND), x, z), extra=[[2, 1, 4]],
+         leading={"c": COND}),
+    Case("ReduceSum", [2, 3, 4, 5], lambda x: x.sum((2, 3)), {"keepdims": 0}, constants={"axes": np.asarray([2, 3])}),
+    Case("ReduceSum", [2, 3, 4], lambda x: x.sum(1, keepdim=True), {"axes": [1]}, opset=11),
+    # attention: q @ k^T and attn @ v, both inputs variable; and a broadcast batch axis
+    Case("MatMul", [2, 3, 4, 5], lambda x, z: x @ z, extra=[[2, 3, 5, 6]]),
+    Case("MatMul", [2, 3, 4, 5], lambda x, z: x @ z, extra=[[2, 1, 5, 6]]),
+    # timm's qkv: the batch moves from axis 0 (to 1), and back via unbind (Split or Gather, then Squeeze)
+    Case("Transpose", [2, 4, 3, 2, 5], lambda x: x.permute(2, 0, 3, 1, 4), {"perm": [2, 0, 3, 1, 4]}),
+    Case("Gather", [3, 2, 4], lambda x: x[1], {"axis": 0}, constants={"i": np.asarray(1)}),
+    Case("Gather", [3, 2, 4], lambda x: x[torch.tensor([[0, 2]])], {"axis": 0}, constants={"i": np.asarray([[0, 2]])}),
+    Case("Split", [4, 2, 3], lambda x: torch.split(x, [1, 3], 0), {"axis": 0}, outputs=2,
+         constants={"split": np.asarray([1, 3])}),
+    Case("Split", [4, 2, 3], lambda x: torch.split(x, [1, 3], 0), {"axis": 0}, outputs=2, no_grad=(1,),
+         constants={"split": np.asarray([1, 3])}),
+    Case("Squeeze", [1, 2, 3], lambda x: x[0], constants={"axes": np.asarray([0])}),
+    Case("Unsqueeze", [2, 3], lambda x: x[None], constants={"axes": np.asarray([0])}),
+    Case("Slice", [3, 2, 4], lambda x: x[1:2], constants={"starts": np.asarray([1]), "ends": np.asarray([2]),
+         "axes": np.asarray([0])}),
+    Case("Concat", [2, 3], lambda x, z: torch.cat([x, z], 0), {"axis": 0}, extra=[[1, 3]]),
+    Case("Reshape", [2, 3, 4], lambda x: x.reshape(3, 8), constants={"shape": np.asarray([3, 8])}),
+    Case("Flatten", [2, 3, 4, 5], lambda x: x.flatten(0, 1).flatten(1), {"axis": 2}),
+    Case("Softmax", [2, 2, 5, 5], lambda x: torch.softmax(x, -1), {"axis": -1}),
+    # torch's as_strided (dynamo): a flat tensor gathered with indices the graph computes at run time
+    Case("Gather", [12], lambda x: x[torch.from_numpy(FLAT_INDICES)], constants={"i": FLAT_INDICES}, fed=("i",)),
     Case("BatchNormalization", [2, 3, 4, 5],
          lambda x: F.batch_norm(x, *[torch.from_numpy(v) for v in (BN[2], BN[3], BN[0], BN[1])], eps=1e-3),
          {"epsilon": 1e-3}, constants=dict(zip(["scale", "B", "mean", "var"], BN, strict=True))),
@@ -203,14 +239,17 @@ def _one_node_model(
     dtype: type = np.float64,
     opset: int = 18,
     fed: tuple[str, ...] = (),
+    leading: dict[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, onnx.NodeProto]:
-    """One ``op`` node named "node" reading graph inputs x0, x1, ... of ``shapes`` (a str dim or a None
-    shape is unknown), then ``constants`` in order: initializers, or graph inputs where named in ``fed``
-    (a None value leaves the optional input out). Float constants take ``dtype``, int ones int64."""
+    """One ``op`` node named "node" reading the ``leading`` constants, graph inputs x0, x1, ... of ``shapes``
+    (a str dim or a None shape is unknown), then ``constants`` in order: initializers, or graph inputs
+    where named in ``fed`` (a None value leaves the optional input out). Float constants take ``dtype``,
+    int ones int64."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inputs = [f"x{i}" for i in range(len(shapes))]
-    graph_inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in zip(inputs, shapes, strict=True)]
-    initializers = []
+    leading = leading or {}
+    inputs = [*leading, *[f"x{i}" for i in range(len(shapes))]]
+    graph_inputs = [helper.make_tensor_value_info(f"x{i}", elem, s) for i, s in enumerate(shapes)]
+    initializers = [numpy_helper.from_array(v, k) for k, v in leading.items()]
     for name, value in constants.items():
         if value is None:
             inputs.append("")
@@ -235,7 +274,7 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list
     extra_out = list(RULES[case.op].extra_outputs)  # as the grafter adds them (MaxPool: Indices)
     shapes = [case.shape, *case.extra]
     model, node = _one_node_model(
-        case.op, shapes, case.attrs, case.constants, outputs + extra_out, case.dtype, case.opset
+        case.op, shapes, case.attrs, case.constants, outputs + extra_out, case.dtype, case.opset, case.fed, case.leading
     )
     b = Builder(model)
     b.wanted = set(names)
@@ -253,6 +292,7 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_rule_matches_torch_autograd(case: Case) -> None:
     model, grads, upstream = _backward_graph(case)
+    grads = grads[len(case.leading) :]
     differentiable = len(case.extra) + 1
     assert all(g is None for g in grads[differentiable:]), "constant inputs need no gradient"
     rng = np.random.default_rng(case.seed)
@@ -263,12 +303,12 @@ def test_rule_matches_torch_autograd(case: Case) -> None:
     xts = [torch.from_numpy(x.astype(np.float64)).requires_grad_() for x in xs]
     yts = case.torch_fn(*xts)
     yts = list(yts) if isinstance(yts, tuple | list) else [yts]
-    feeds = {f"x{i}": x for i, x in enumerate(xs)}
+    feeds = {f"x{i}": x for i, x in enumerate(xs)} | {k: case.constants[k].astype(np.int64) for k in case.fed}
     dys = {}
     for d, yt in zip(upstream, yts, strict=True):
         if d:
             out_dtype = case.dtype if yt.dtype == torch.float64 else np.float32
-            dys[d] = rng.standard_normal([xs[0].shape[0], TARGETS, *yt.shape[1:]]).astype(out_dtype)
+            dys[d] = rng.standard_normal([yt.shape[0], TARGETS, *yt.shape[1:]]).astype(out_dtype)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     wanted = [f"y{i}" for i in range(case.outputs)] + [g for g in grads if g]
     values = dict(zip(wanted, session.run(wanted, feeds | dys), strict=True))
@@ -318,8 +358,6 @@ def _i(*values: int) -> np.ndarray:
 REFUSALS = [
     Refusal("Dropout", [[2, 3]], "training_mode must be a constant false",
             constants={"ratio": np.asarray(0.5), "training_mode": np.asarray(True)}),
-    Refusal("Flatten", [[2, 3, 4, 5]], "only axis=1 is supported", {"axis": 2}),
-    Refusal("Reshape", [[2, 3, 4]], "it changes the batch axis", constants={"shape": _i(6, 4)}),
     Refusal("Gemm", [[8, 2]], "only transA=0 is supported", {"transA": 1}, constants={"B": W85}),
     Refusal("MaxPool", [[2, 3, 8, 8]], "the grafter must add the Indices output", {"kernel_shape": [2, 2]},
             extra_outputs=False),
@@ -334,12 +372,10 @@ REFUSALS = [
     Refusal("ReduceMean", [[2, 3, 4, 5]], "it reduces over the batch axis", constants={"axes": _i(0)}),
     Refusal("BatchNormalization", [[2, 3, 4, 5]], "training_mode=1 is not an inference graph",
             {"training_mode": 1}, constants=dict(zip(["scale", "B", "mean", "var"], BN, strict=True))),
-    Refusal("Concat", [[2, 3], [2, 3]], "it works along the batch axis", {"axis": 0}),
     Refusal("Add", [[2, 3], None], "needs known ranks"),
     Refusal("Add", [[2, 3], [1, 3]], "is broadcast along the batch axis"),
     Refusal("Pow", [[2, 3]], "only a constant scalar exponent", constants={"p": _c(2.0)}, fed=("p",)),
     Refusal("Concat", [[2, "C"], [2, 3]], "needs static sizes along axis", {"axis": 1}),
-    Refusal("Transpose", [[2, 3, 4]], "moves the batch axis", {"perm": [1, 0, 2]}),
     Refusal("Slice", [[2, 6, 5]], ") must be a constant",  # input 1 (starts) ...
             constants={"starts": _i(1), "ends": _i(3), "axes": _i(2)}, fed=("starts",)),
     Refusal("Slice", [[2, 6, 5]], "needs a static size and step 1",
@@ -348,6 +384,9 @@ REFUSALS = [
             constants={"pads": _i(0, 1, 1, 0, 1, 1)}),
     Refusal("Pad", [[2, 3, 4]], "it pads the batch axis", constants={"pads": _i(1, 0, 0, 0, 0, 0)}),
     Refusal("Gather", [[2, 5, 3]], "needs constant indices", {"axis": 1}, constants={"i": _i(1, 2)}, fed=("i",)),
+    Refusal("Gather", [[5]], "indices computed at run time need opset 16", constants={"i": _i(1, 2)}, fed=("i",),
+            opset=13),
+    Refusal("MatMul", [[2, 3], [3]], "1-D operands are not supported"),
 ]
 # fmt: on
 
@@ -405,7 +444,12 @@ def test_rule_returning_more_gradients_than_inputs_fails_naming_it(monkeypatch: 
 
 
 def test_target_layer_the_rules_give_no_gradient_is_refused() -> None:
-    """MatMul differentiates its first input only: a layer read as the second one gets no gradient."""
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("MatMul", ["w", "a"], ["scores"])]
+    """A layer that reaches the logits only through a comparison (a boolean) gets no gradient."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Greater", ["a", "zero"], ["positive"]),
+        helper.make_node("Where", ["positive", "w", "zero"], ["scores"]),
+    ]
+    model = _model(nodes, [2, 5], w=RNG.standard_normal((2, 5)), zero=np.zeros(1))
     with pytest.raises(UnsupportedOp, match="no gradient reaches 'activations' from 'logits'"):
-        graft(_model(nodes, [2, 5], w=RNG.standard_normal((3, 2))), "a", "scores")
+        graft(model, "a", "scores")

@@ -1,0 +1,184 @@
+"""Target-layer layouts: which axes of a tensor are the channels and the spatial grid, and the adapters
+that turn it into the contract's ``[N, C, h, w]`` inside the graph.
+
+A layout is data (:class:`Layout`): its kind names one entry of :data:`ADAPTERS`, and the grid
+``(h, w)`` and prefix token count P come from the graph, never from a square root alone:
+
+========  ===================  ===============================================================
+kind      tensor               to the contract
+========  ===================  ===============================================================
+nchw      ``[N, C, h, w]``     as it is (CNNs)
+nhwc      ``[N, h, w, C]``     Transpose (Keras, Swin stages, ConvNeXt blocks)
+tokens    ``[N, P + h*w, D]``  drop the P prefix tokens (class, distillation, registers),
+                               Reshape to ``[N, h, w, D]``, Transpose (ViT, DeiT)
+========  ===================  ===============================================================
+
+The adapters are linear selections and permutations, so the same adapter turns the gradient of
+the layer (``[N, T, ...]``, one more leading axis) into the gradient of the contract's
+activations: the gradient of the prefix tokens is dropped, as pytorch-grad-cam's
+``reshape_transform`` does. :func:`infer_layouts` finds each tensor's layout from the graph: grids
+are the spatial sizes of tensors that convolutions and pools produce (a ViT's patch embedding
+gives ``H/p x W/p``), and halvings of them (Swin's patch merging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcam_export.builder import Builder
+from onnxcam_export.vjp import attrs
+
+MAX_PREFIX = 8  # class + distillation tokens + registers (DINOv2 and DeiT-III use up to 4 registers)
+GRID_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization", "GlobalAveragePool"}  # NCHW out
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+Shapes = dict[str, list[int | str | None]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the channels and the ``h x w`` grid of a target layer are; ``prefix``: tokens before the grid."""
+
+    kind: str
+    grid: tuple[int, int]
+    prefix: int = 0
+
+    def contract_dims(self, shape: list[int]) -> list[int]:
+        """``[C, h, w]`` of the contract's activations for a layer of static shape ``shape``."""
+        channels = shape[1] if self.kind == "nchw" else shape[-1]
+        return [channels, *self.grid]
+
+    def describe(self, shape: list[int]) -> str:
+        """What the layer is, for the user: ``token layer: 1 + 196 tokens of 384, 14x14 grid, class token dropped``."""
+        h, w = self.grid
+        if self.kind == "tokens":
+            dropped = {0: "no prefix token", 1: "class token dropped"}.get(
+                self.prefix, f"{self.prefix} prefix tokens dropped"
+            )
+            return f"token layer: {self.prefix} + {h * w} tokens of {shape[-1]}, {h}x{w} grid, {dropped}"
+        order = "channels-last" if self.kind == "nhwc" else "channels-first"
+        return f"{order} layer: {h}x{w} grid of {self.contract_dims(shape)[0]} channels"
+
+
+# -- adapters: lead = the leading axes kept in front (1: [N, ...] forward, 2: [N, T, ...] gradients) --------
+def _nchw(b: Builder, x: str, layout: Layout, lead: int) -> str:
+    return x
+
+
+def _nhwc(b: Builder, x: str, layout: Layout, lead: int) -> str:
+    return b.op("Transpose", x, perm=[*range(lead), lead + 2, lead, lead + 1])
+
+
+def _tokens(b: Builder, x: str, layout: Layout, lead: int) -> str:
+    if layout.prefix:
+        x = b.op("Slice", x, b.ints([layout.prefix]), b.ints([np.iinfo(np.int64).max]), b.ints([lead]))
+    grid = b.op("Concat", b.dims(x, 0, lead), b.ints(list(layout.grid)), b.dims(x, lead + 1), axis=0)
+    return b.op("Transpose", b.op("Reshape", x, grid), perm=[*range(lead), lead + 2, lead, lead + 1])
+
+
+Adapter = Callable[[Builder, str, Layout, int], str]
+
+
+@dataclass(frozen=True)
+class LayoutKind:
+    """``to_contract(b, x, layout, lead)``, and ``from_contract`` for the head-only copy (None: it needs
+    tokens that the contract's activations do not hold)."""
+
+    to_contract: Adapter
+    from_contract: Callable[[Builder, str, Layout], str | None]
+
+
+def _tokens_back(b: Builder, x: str, layout: Layout) -> str | None:
+    if layout.prefix:
+        return None
+    h, w = layout.grid
+    channels_last = b.op("Transpose", x, perm=TO_NHWC)
+    return b.op("Reshape", channels_last, b.op("Concat", b.dims(x, 0, 1), b.ints([h * w]), b.dims(x, 1, 2), axis=0))
+
+
+ADAPTERS: dict[str, LayoutKind] = {
+    "nchw": LayoutKind(_nchw, lambda b, x, layout: x),
+    "nhwc": LayoutKind(_nhwc, lambda b, x, layout: b.op("Transpose", x, perm=TO_NHWC)),
+    "tokens": LayoutKind(_tokens, _tokens_back),
+}
+
+
+# -- inference: which tensors are grids, in which layout ------------------------------------------------------
+def _transposed(tag: str, node: onnx.NodeProto) -> str | None:
+    perm = list(attrs(node).get("perm", []))
+    return {("nchw", tuple(TO_NHWC)): "nhwc", ("nhwc", tuple(TO_NCHW)): "nchw"}.get((tag, tuple(perm)))
+
+
+def _spatial(shape: list, tag: str) -> tuple:
+    return tuple(shape[2:4]) if tag == "nchw" else tuple(shape[1:3])
+
+
+def _grid_tags(graph: onnx.GraphProto, shapes: Shapes, image: str, image_tag: str) -> dict[str, str]:
+    """``nchw``/``nhwc`` for every 4-D tensor whose layout follows from the graph: the image input, the
+    outputs of convolutions and pools, their layout transposes, and outputs with the same rank and
+    spatial sizes as a tagged input (elementwise ops, norms, matmuls over the channels)."""
+    tags = {image: image_tag}
+    for node in graph.node:
+        tagged = [(i, tags[i]) for i in node.input if i in tags]
+        for out in node.output:
+            shape = shapes.get(out)
+            if not out or not shape or len(shape) != 4:
+                continue
+            if node.op_type in GRID_OPS:
+                tags[out] = "nchw"
+            elif node.op_type == "Transpose" and tagged:
+                tag = _transposed(tagged[0][1], node)
+                if tag:
+                    tags[out] = tag
+            else:
+                same = [t for i, t in tagged if _spatial(shapes.get(i) or [], t) == _spatial(shape, t)]
+                if same:
+                    tags[out] = same[0]
+    return tags
+
+
+def _grids(tags: dict[str, str], shapes: Shapes) -> list[tuple[int, int]]:
+    """Spatial grids seen in the graph (h, w >= 2), and their exact halvings (patch merging), largest first."""
+    seen = {_spatial(shapes[t], tag) for t, tag in tags.items()}
+    grids = {(h, w) for h, w in seen if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
+    for h, w in list(grids):
+        while h % 2 == 0 and w % 2 == 0 and h > 2 and w > 2:
+            h, w = h // 2, w // 2
+            grids.add((h, w))
+    return sorted(grids, key=lambda g: (-g[0] * g[1], g))
+
+
+def _token_layout(tokens: int, grids: list[tuple[int, int]]) -> Layout | None:
+    for h, w in grids:
+        if 0 <= tokens - h * w <= MAX_PREFIX:
+            return Layout("tokens", (h, w), tokens - h * w)
+    return None
+
+
+def infer_layouts(
+    graph: onnx.GraphProto, shapes: Shapes, image: str, channels_first: bool, batch: int | str | None
+) -> dict[str, Layout]:
+    """The layout of every tensor with a spatial grid of at least 2 x 2 and the batch on axis 0.
+
+    ``image``: the model's float image input, ``channels_first`` its layout; ``batch``: its batch dim.
+    """
+    tags = _grid_tags(graph, shapes, image, "nchw" if channels_first else "nhwc")
+    grids = _grids(tags, shapes)
+    layouts = {}
+    for name, shape in shapes.items():
+        batched = shape and (shape[0] == batch or not isinstance(shape[0], int))  # symbolic: a reshape's -1
+        if not batched or not all(isinstance(d, int) for d in shape[1:]):
+            continue
+        layout = None
+        if len(shape) == 4:
+            tag = tags.get(name) or next((t for t in ("nchw", "nhwc") if _spatial(shape, t) in grids), None)
+            layout = Layout(tag, _spatial(shape, tag)) if tag else None
+        elif len(shape) == 3:
+            layout = _token_layout(shape[1], grids)
+        if layout is not None and min(layout.grid) >= 2:
+            layouts[name] = layout
+    return layouts

@@ -1,0 +1,62 @@
+"""A Keras model converted by tf2onnx (the way a Keras user gets an ``.onnx``), against Keras's own Grad-CAM.
+
+Needs ``tensorflow-cpu`` and ``tf2onnx`` (PyPI), which are no dependency of onnxcam: the tests skip
+where they do not import (CI). The reference is the Grad-CAM of the Keras documentation's example
+("Grad-CAM class activation visualization"), done with ``tf.GradientTape`` on the same model: the
+gradient of the predicted class's softmax output w.r.t. ``block5_conv3``, averaged over the grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxcam import Explainer
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+
+tf = pytest.importorskip("tensorflow", reason="tensorflow-cpu is an optional test dependency (not in CI)")
+tf2onnx = pytest.importorskip("tf2onnx", reason="tf2onnx is an optional test dependency (not in CI)")
+keras = tf.keras
+
+PIXELS = Preprocessing.create(None, (0, 0, 0), (1 / 255,) * 3, False)  # the Keras model takes 0..255 pixels
+
+
+def keras_vgg16(classes: int = 10) -> keras.Model:
+    """Keras's VGG16 with seeded random weights and a narrow top (Flatten, Dense 64, Dense softmax), so that
+    tf2onnx converts it in bounded memory; the convolutional part is the application's own."""
+    keras.utils.set_random_seed(0)
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
+    x = keras.layers.Flatten(name="flatten")(base.output)
+    x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
+    return keras.Model(base.input, keras.layers.Dense(classes, activation="softmax", name="predictions")(x))
+
+
+def keras_grad_cam(model: keras.Model, image: np.ndarray, layer: str = "block5_conv3") -> tuple[np.ndarray, int]:
+    """The Keras documentation's ``make_gradcam_heatmap``: d softmax_c / d A by GradientTape, alpha = its mean."""
+    grad_model = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    with tf.GradientTape() as tape:
+        conv, predictions = grad_model(image[None].astype(np.float32))
+        index = int(tf.argmax(predictions[0]))
+        score = predictions[:, index]
+    grads = tape.gradient(score, conv)
+    pooled = tf.reduce_mean(grads, axis=(0, 1, 2))
+    heatmap = tf.squeeze(conv[0] @ pooled[..., tf.newaxis])
+    return tf.maximum(heatmap, 0).numpy() / float(tf.reduce_max(heatmap)), index
+
+
+@pytest.mark.slow
+def test_keras_vgg16_through_tf2onnx_gives_the_keras_grad_cam(tmp_path: Path) -> None:
+    model = keras_vgg16()
+    spec = (tf.TensorSpec((None, 224, 224, 3), tf.float32, name="input"),)
+    converted, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    source = tmp_path / "vgg16_keras.onnx"
+    source.write_bytes(converted.SerializeToString())
+    card, _ = graft_file(source, tmp_path / "vgg16_keras.cam.onnx", prep=PIXELS, score="probability")
+    assert "block5_conv3" in card["layer"] and card["layer"].endswith("(512x14x14)"), card["layer"]
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    theirs, index = keras_grad_cam(model, image)
+    ours = Explainer(tmp_path / "vgg16_keras.cam.onnx").explain(image, top_k=1).maps[0]
+    assert ours.index == index
+    assert np.corrcoef(ours.cam_lowres.ravel(), theirs.ravel())[0, 1] >= 0.999
