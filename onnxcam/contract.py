@@ -14,6 +14,10 @@ inputs
                         the head alone (target layer -> logits), e.g. with channels ablated.
                         The head runs only when ``run_head`` (bool, default ``False``) is
                         set; with an empty ``image`` batch the backbone costs nothing.
+    ``return_saliency`` bool scalar, default ``False``: compute the ``saliency`` output.
+    ``saliency_method`` int64 scalar, default 0: which map ``saliency`` holds, an index into
+                        the card's ``saliency_methods`` (0 = ``gradcam``). Methods that need the
+                        full gradient build it for this call whatever ``full_gradients`` says.
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -22,6 +26,10 @@ outputs
                         an empty ``[N, T, C, 0, 0]``
     ``target_classes``  int64 ``[N, T]``: the class each target row explains
     ``head_logits``     float ``[M, K]``: the head's logits for ``head_activations``
+    ``saliency``        float32 ``[N, T, H, W]`` in [0, 1] when ``return_saliency``, else an
+                        empty ``[N, T, 0, 0]``: the finished map at the model's input size
+                        (the method's channel sum, ReLU, bilinear resize with half-pixel
+                        centres, min-max per map; an all-zero map stays zero, never NaN)
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
@@ -43,6 +51,8 @@ TARGETS = "targets"
 FULL_GRADIENTS = "full_gradients"
 HEAD_ACTIVATIONS = "head_activations"
 RUN_HEAD = "run_head"
+RETURN_SALIENCY = "return_saliency"
+SALIENCY_METHOD = "saliency_method"
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"
@@ -50,6 +60,7 @@ WEIGHTS = "weights"
 GRADIENTS = "gradients"
 TARGET_CLASSES = "target_classes"
 HEAD_LOGITS = "head_logits"
+SALIENCY = "saliency"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
 
 META_PREFIX = "onnxcam."
@@ -86,6 +97,7 @@ class ModelCard:
     channel_order: str = "RGB"
     notes: str = ""
     contract: str = CONTRACT_VERSION
+    saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -132,17 +144,31 @@ class ModelCard:
         """(field, value) pairs for display."""
         height, width = self.input_size
         fmt = ", ".join
-        return [
-            ("contract", self.contract),
-            ("arch", self.arch),
-            ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
-            ("target layer", self.layer),
-            ("input", f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph"),
-            ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
-            ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
-            ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
-            ("channel weights", self.weights_path),
-        ] + ([("notes", self.notes)] if self.notes else [])
+        return (
+            [
+                ("contract", self.contract),
+                ("arch", self.arch),
+                ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
+                ("target layer", self.layer),
+                (
+                    "input",
+                    f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph",
+                ),
+                ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
+                ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
+                ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
+                ("channel weights", self.weights_path),
+            ]
+            + self._saliency_rows()
+            + ([("notes", self.notes)] if self.notes else [])
+        )
+
+    def _saliency_rows(self) -> list[tuple[str, str]]:
+        if not self.saliency_methods:
+            return []
+        height, width = self.input_size
+        methods = ", ".join(f"{i} {name}" for i, name in enumerate(self.saliency_methods))
+        return [("saliency", f"float32 [N, T, {height}, {width}] in the graph; saliency_method: {methods}")]
 
     def summary(self) -> dict[str, object]:
         """The card without its labels (what the exporter prints)."""
@@ -197,4 +223,9 @@ _CHECKS: dict[str, Check] = {
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
+    "saliency_methods": lambda v: (
+        None
+        if isinstance(v, tuple) and all(isinstance(n, str) for n in v)
+        else f"must be a list of method names, got {v!r}"
+    ),
 }

@@ -31,6 +31,7 @@ class Outputs:
     weights: np.ndarray
     gradients: np.ndarray
     target_classes: np.ndarray
+    saliency: np.ndarray | None = None  # [N, T, H, W] float32 in [0, 1] when asked for
 
 
 def _providers(provider: str | None) -> list[str]:
@@ -124,8 +125,14 @@ class Engine:
                 f"{list(size)}; re-create the model with onnxcam export"
             )
 
-    def run(self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False) -> Outputs:
-        """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``."""
+    def run(
+        self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False, saliency: str | None = None
+    ) -> Outputs:
+        """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
+
+        ``saliency``: also return the graph's finished map of that method (one of the card's
+        ``saliency_methods``) at the model's input size.
+        """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
             raise ValueError(f"images must be uint8 [N, {height}, {width}, 3], got {images.dtype} {images.shape}")
@@ -136,8 +143,24 @@ class Engine:
             contract.TARGETS: targets.astype(np.int64),
             contract.FULL_GRADIENTS: np.asarray(full_gradients),
         }
-        values = self.session.run(list(contract.OUTPUTS), feeds)
-        return Outputs(**dict(zip(contract.OUTPUTS, values, strict=True)))
+        names = list(contract.OUTPUTS)
+        if saliency is not None:
+            feeds |= self._saliency_feeds(saliency)
+            names.append(contract.SALIENCY)
+        values = self.session.run(names, feeds)
+        return Outputs(**dict(zip(names, values, strict=True)))
+
+    def _saliency_feeds(self, method: str) -> dict[str, np.ndarray]:
+        """The inputs that ask the graph for its ``saliency`` map of ``method``."""
+        available = self.card.saliency_methods
+        if method not in available:
+            have = f"it computes {', '.join(available)}" if available else "it has no saliency output"
+            raise OnnxcamError(f"{self.path} cannot compute the {method} map in the graph ({have}); "
+                               "re-export it with this onnxcam, or use the Python path")  # fmt: skip
+        return {
+            contract.RETURN_SALIENCY: np.asarray(True),
+            contract.SALIENCY_METHOD: np.asarray(available.index(method), dtype=np.int64),
+        }
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``[N, K]`` alone, for a batch of model-size uint8 RGB images (extra passes of a method)."""

@@ -112,6 +112,8 @@ class Method:
     ``uses`` is ``"weights"`` when the graph's cheap Grad-CAM channel weights are enough,
     ``"gradients"`` when it needs the full gradient tensor (one flag on the same ORT call),
     ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes.
+    ``in_graph``: the exporter also builds the finished map into the graph (the ``saliency``
+    output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
     """
 
     name: str
@@ -119,17 +121,18 @@ class Method:
     uses: str = "gradients"
     eigen: bool = False  # the map is the first principal component of the contributions
     passes: PassWeights | None = None
+    in_graph: bool = False
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("gradcam", gradcam, uses="weights"),
-        Method("gradcam++", gradcam_plus_plus),
-        Method("xgradcam", xgradcam),
-        Method("hirescam", hirescam),
-        Method("gradcam-elementwise", gradcam_elementwise),
-        Method("layercam", layercam),
+        Method("gradcam", gradcam, uses="weights", in_graph=True),
+        Method("gradcam++", gradcam_plus_plus, in_graph=True),
+        Method("xgradcam", xgradcam, in_graph=True),
+        Method("hirescam", hirescam, in_graph=True),
+        Method("gradcam-elementwise", gradcam_elementwise, in_graph=True),
+        Method("layercam", layercam, in_graph=True),
         Method("eigencam", eigencam, uses="weights", eigen=True),
         Method("eigengradcam", eigengradcam, eigen=True),
         Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
@@ -155,6 +158,11 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[str]:
         raise OnnxcamError(f"unknown method {unknown[0] if unknown else given!r}{hint} "
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
     return [by_key[_key(n)] for n in given]
+
+
+def in_graph() -> list[str]:
+    """The methods whose finished map the exporter builds into the graph, in ``saliency_method`` order."""
+    return [name for name, m in METHODS.items() if m.in_graph]
 
 
 def needs_gradients(names: list[str]) -> bool:

@@ -23,6 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxcam.engine import Engine
 from onnxcam_export.from_onnx import Preprocessing, _model_input, graft_file
 from onnxcam_export.graft import head_model
+from tests.test_saliency import assert_saliency_matches_python
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = {p.stem.removeprefix("light_"): p for p in sorted(LIGHT.glob("light_*.onnx"))}
@@ -133,6 +134,7 @@ def test_model_zoo_layouts_graft_and_match_finite_differences(name: str, tmp_pat
     assert tuple(int(d) for d in card["layer"].split("(")[1].rstrip(")").split("x")) == AUTO_LAYER_SHAPES[name]
     assert any("target layer (auto)" in n for n in notes)
     finite_difference_check(tmp_path / f"{name}.cam.onnx")
+    assert_saliency_matches_python(tmp_path / f"{name}.cam.onnx")
 
 
 def test_softmax_is_stripped_and_the_opset_raised_only_as_needed(tmp_path: Path) -> None:
