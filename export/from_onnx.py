@@ -311,5 +311,5 @@ def graft_file(
         weights_path=weights_path,
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )
-    save_explainer(grafted, card, out)
+    card = save_explainer(grafted, card, out)
     return card.summary(), notes

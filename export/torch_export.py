@@ -234,7 +234,7 @@ def export_module(
         labels=tuple(imagenet_labels()),
         weights_path=weights_path,
     )
-    save_explainer(grafted, card, out)
+    card = save_explainer(grafted, card, out)
     return card.summary()
 
 

@@ -465,6 +465,40 @@ def info(
             _echo(f"  {i:>5}  {name}")
 
 
+class QuantFormat(str, Enum):
+    qoperator = "qoperator"
+    qdq = "qdq"
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="An onnxcam model (float) from onnxcam export.")],
+    calibrate: Annotated[Path, typer.Option(help="A folder of typical photos (8 or more) to set the INT8 ranges.")],
+    out: Annotated[Path | None, typer.Option(help="Output file [default: <model>.int8.onnx].")] = None,
+    quant_format: Annotated[
+        QuantFormat,
+        typer.Option("--format", help="qoperator (QLinearConv: fastest on CPU) or qdq (Quantize/Dequantize pairs)."),
+    ] = QuantFormat.qoperator,
+) -> None:
+    """Build an INT8 explainer: the backbone statically quantized by ONNX Runtime, head and gradients in float.
+
+    A build step (needs the onnx package); the INT8 file runs on the plain runtime install.
+
+    \b
+    Example: onnxcam quantize models/efficientnet_lite0.onnx --calibrate photos/
+    """
+    if not (installed("onnx") and installed("onnxcam_export")):
+        raise OnnxcamError(
+            "onnxcam quantize is a build step and needs the onnx package (not installed here): "
+            "pip install 'onnxcam[export]', or quantize on the machine that exported the model"
+        )
+    from onnxcam_export.quantize import quantize_file
+
+    target = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    card, notes = quantize_file(model, calibrate, target, quant_format.value)
+    _report_export(target, card, notes)
+
+
 _TRIPLES = ("--mean", "--std")
 
 
