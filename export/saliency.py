@@ -165,7 +165,7 @@ def gradients_condition(b: Builder) -> str:
 
 
 def add_saliency(graph: onnx.GraphProto, b: Builder, size: tuple[int, int]) -> None:
-    """Emit the ``saliency`` output behind an ``If`` on ``return_saliency``, and its two inputs.
+    """Emit the ``saliency`` output behind an ``If`` on ``return_saliency``, and its two (required) inputs.
 
     It reads ``gradients``: the caller builds them under :func:`gradients_condition`.
     """
@@ -177,7 +177,6 @@ def add_saliency(graph: onnx.GraphProto, b: Builder, size: tuple[int, int]) -> N
         skipped = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0]))
     b.nodes.append(_if("saliency", contract.RETURN_SALIENCY, (then_nodes, finished), (else_nodes, skipped),
                        contract.SALIENCY, TensorProto.FLOAT))  # fmt: skip
+    # required inputs, not initializers with a default: JavaScript's ONNX Runtime cannot override those
     graph.input.append(helper.make_tensor_value_info(contract.RETURN_SALIENCY, TensorProto.BOOL, []))
     graph.input.append(helper.make_tensor_value_info(contract.SALIENCY_METHOD, TensorProto.INT64, []))
-    b.initializers.append(onnx.numpy_helper.from_array(np.asarray(False), contract.RETURN_SALIENCY))
-    b.initializers.append(onnx.numpy_helper.from_array(np.asarray(0, dtype=np.int64), contract.SALIENCY_METHOD))

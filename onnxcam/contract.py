@@ -14,10 +14,12 @@ inputs
                         the head alone (target layer -> logits), e.g. with channels ablated.
                         The head runs only when ``run_head`` (bool, default ``False``) is
                         set; with an empty ``image`` batch the backbone costs nothing.
-    ``return_saliency`` bool scalar, default ``False``: compute the ``saliency`` output.
-    ``saliency_method`` int64 scalar, default 0: which map ``saliency`` holds, an index into
+    ``return_saliency`` bool scalar, required: compute the ``saliency`` output.
+    ``saliency_method`` int64 scalar, required: which map ``saliency`` holds, an index into
                         the card's ``saliency_methods`` (0 = ``gradcam``). Methods that need the
                         full gradient build it for this call whatever ``full_gradients`` says.
+                        (Required, not defaulted: ONNX Runtime's JavaScript bindings cannot
+                        override an input that has a default, so these two have none.)
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)

@@ -147,6 +147,8 @@ class Engine:
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)
+        elif self.card.saliency_methods:
+            feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
         values = self.session.run(names, feeds)
         return Outputs(**dict(zip(names, values, strict=True)))
 
@@ -183,6 +185,8 @@ class Engine:
             contract.HEAD_ACTIVATIONS: np.ascontiguousarray(activations, dtype=np.float32),
             contract.RUN_HEAD: np.asarray(True),
         }
+        if self.card.saliency_methods:
+            feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
         try:
             return self.session.run([contract.HEAD_LOGITS], feeds)[0]
         except Exception as exc:  # ORT's Fail: e.g. a Reshape to [-1, ...] cannot take an empty batch

@@ -158,7 +158,8 @@ def test_preprocessing_in_the_graph_matches_numpy(tmp_path: Path) -> None:
     data = _model_input(model.graph).name
     grafted.graph.output.append(onnx.helper.make_tensor_value_info(data, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(grafted.SerializeToString(), providers=["CPUExecutionProvider"])
-    fed = session.run([data], {"image": image, "targets": np.array([[0]])})[0]
+    fed = session.run([data], {"image": image, "targets": np.array([[0]]), "return_saliency": np.asarray(False),
+                               "saliency_method": np.asarray(0)})[0]  # fmt: skip
     np.testing.assert_allclose(fed, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -44,7 +44,9 @@ def test_saliency_equals_the_python_map(fixture: str, request: pytest.FixtureReq
 def test_saliency_is_empty_and_gradients_unbuilt_unless_asked(lite0_model: Path) -> None:
     explainer = Explainer(lite0_model)
     image = resize_rgb(read_rgb(EXAMPLES / "coffee.png"), explainer.card.input_size)[None]
-    plain = explainer.engine.session.run(None, {"image": image, "targets": np.asarray([[-1, -2]])})
+    feeds = {"image": image, "targets": np.asarray([[-1, -2]]), "return_saliency": np.asarray(False),
+             "saliency_method": np.asarray(0)}  # fmt: skip
+    plain = explainer.engine.session.run(None, feeds)
     by_name = dict(zip([o.name for o in explainer.engine.session.get_outputs()], plain, strict=True))
     assert by_name[contract.SALIENCY].shape == (1, 2, 0, 0)
     assert by_name[contract.GRADIENTS].shape[3:] == (0, 0)
