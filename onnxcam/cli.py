@@ -27,6 +27,7 @@ from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.progress import progress_bar
 from onnxcam.report import write_report
+from onnxcam.web import DEFAULT_ORT, write_site
 
 app = typer.Typer(
     add_completion=False,
@@ -497,6 +498,26 @@ def quantize(
     target = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
     card, notes = quantize_file(model, calibrate, target, quant_format.value)
     _report_export(target, card, notes)
+
+
+@app.command()
+def web(
+    model: Annotated[Path, typer.Argument(help="An onnxcam model (float or INT8).")],
+    out: Annotated[Path, typer.Option(help="Folder for the static site.")] = Path("site"),
+    ort: Annotated[
+        Path, typer.Option(help="onnxruntime-web's dist folder, from `npm ci --prefix web` (the pinned version).")
+    ] = DEFAULT_ORT,
+) -> None:
+    """Write a static page that explains photos in the browser with onnxruntime-web (WASM, WebGPU where available).
+
+    Serve the folder with any static file server; nothing runs on the server.
+
+    \b
+    Example: onnxcam web models/efficientnet_lite0.onnx --out site/ && python -m http.server -d site
+    """
+    written = write_site(model, out, ort)
+    size = sum(p.stat().st_size for p in written) / 1e6
+    _echo(f"wrote {len(written)} files to {out}/ ({size:.0f} MB); serve it, e.g.: python -m http.server -d {out}")
 
 
 _TRIPLES = ("--mean", "--std")
