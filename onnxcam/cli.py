@@ -199,7 +199,9 @@ def _numbers(option: str, values: tuple[str, ...] | None) -> tuple[float, ...] |
 
 
 def _report_export(target: Path, card: dict, notes: list[str]) -> None:
-    _echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    data = target.with_name(target.name + ".data")  # the weights of a large model (onnxcam_export.save)
+    size = target.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    _echo(f"wrote {target}{f' and {data.name}' if data.exists() else ''} ({size / 1e6:.1f} MB)")
     for note in notes:
         _echo(f"  note: {note}")
     for key, value in card.items():

@@ -80,6 +80,25 @@ def _check_model_path(path: Path) -> None:
         raise OnnxcamError(f"model {path} is not a regular file; give the path of an onnxcam .onnx file")
 
 
+NO_PREPACKING = "session.disable_prepacking"
+
+
+def lean(options: ort.SessionOptions) -> ort.SessionOptions:
+    """``options`` with weight pre-packing off, unless the caller set it.
+
+    ONNX Runtime pre-packs a constant weight once per node that reads it: VGG16's 411 MB FC1 weight is
+    read by the forward Gemm, the full-gradient branch and the head-only copy, and a session peaked at
+    1.66 GB for 562 MB of weights. Without pre-packing it peaks at 1.00 GB (0.69 GB with the weights in an
+    external data file, which ONNX Runtime maps instead of copying) at the same speed (ratios 0.99 on VGG16
+    and Lite0, batch 1 and 8: benchmarks/startup.py).
+    """
+    try:
+        options.get_session_config_entry(NO_PREPACKING)
+    except RuntimeError:  # not set by the caller
+        options.add_session_config_entry(NO_PREPACKING, "1")
+    return options
+
+
 class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
@@ -89,7 +108,7 @@ class Engine:
         path = Path(path)
         _check_model_path(path)
         providers = _providers(provider)
-        options = options or ort.SessionOptions()
+        options = lean(options or ort.SessionOptions())
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
