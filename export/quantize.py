@@ -31,6 +31,7 @@ from onnxcam.image import read_rgb, resize_rgb
 from onnxcam.inputs import expand
 from onnxcam_export.graft import graft, head_nodes
 from onnxcam_export.save import save_explainer
+from onnxcam_export.simplify import static_pads
 
 FORMATS = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
 
@@ -46,43 +47,10 @@ class _Photos(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def _extract(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.utils.Extractor(model).extract_model([contract.IMAGE], [contract.LOGITS, contract.ACTIVATIONS])
-
-
-def static_pads(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
-    """The model with each Pad whose pads are computed from shapes (TF-style SAME padding) given constant pads.
-
-    Such pads depend on the image size only, which is fixed: one ONNX Runtime run at batch 1 and
-    one at batch 2 read them (they must agree). A constant Pad before a Conv is folded into the
-    Conv by ONNX Runtime, and quantizes; a computed one keeps a float round trip per block.
-    """
-    import onnxruntime as ort
-
-    constants = {i.name for i in model.graph.initializer}
-    computed = [n.input[1] for n in model.graph.node if n.op_type == "Pad" and n.input[1] not in constants]
-    if not computed:
-        return model
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in computed)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = [session.run(computed, {contract.IMAGE: np.zeros((n, *size, 3), np.uint8)}) for n in (1, 2)]
-    fixed = {name: a for name, a, b in zip(computed, *values, strict=True) if np.array_equal(a, b)}
-    model.graph.initializer.extend(
-        onnx.numpy_helper.from_array(value, f"{name}/static") for name, value in fixed.items()
-    )
-    for node in model.graph.node:
-        if node.op_type == "Pad" and node.input[1] in fixed:
-            node.input[1] = f"{node.input[1]}/static"
-    return _extract(model)  # without the shape arithmetic that no longer feeds anything
-
-
 def forward_graph(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
     """image -> (logits, activations) of an onnxcam model, pads static, every node named (the quantizer excludes
     by name)."""
-    forward = static_pads(_extract(model), size)
+    forward = static_pads(model, size)
     for i, node in enumerate(forward.graph.node):
         node.name = node.name or f"node_{i}_{node.op_type}"
     return forward
