@@ -26,13 +26,13 @@ def normalize(cam: np.ndarray) -> tuple[np.ndarray, bool]:
     flagged empty too.
     """
     cam = cam if cam.dtype == np.float32 else cam.astype(np.float32)
-    low, high = float(cam.min()), float(cam.max())
+    low, high = cv2.minMaxLoc(cam)[:2] if cam.ndim == 2 else (float(cam.min()), float(cam.max()))  # (one pass)
     if high <= low:
         cam[...] = 0
         return cam, True
-    cam -= low
+    cam -= low  # >= 0 exactly
     cam *= 1 / (high - low)
-    np.clip(cam, 0, 1, out=cam)  # 1 / (high - low) may round a hair above 1
+    np.minimum(cam, 1, out=cam)  # 1 / (high - low) may round a hair above 1
     return cam, False
 
 

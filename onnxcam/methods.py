@@ -184,6 +184,10 @@ def cam(
     """
     m = METHODS[method]
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
+    if m.contributions is gradcam and weights is not None and not (eigen_smooth or m.eigen):
+        # sum_k alpha_k A_k as one matrix product: gradcam's sum without its [T, C, h, w] intermediate
+        flat = weights.astype(np.float64) @ activations.reshape(len(activations), -1)
+        return np.maximum(flat.reshape(len(weights), *activations.shape[1:]), 0)
     if m.uses != "gradients" and weights is not None:
         weighted = m.contributions(activations, weights[:, :, None, None].astype(np.float64))
     elif gradients is not None and gradients.size:
