@@ -47,10 +47,23 @@ class _Photos(CalibrationDataReader):
         return next(self._feeds, None)
 
 
+def _constant_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Identity nodes of a weight replaced by a copy of it: torch.onnx shares equal weights that way (VGG16's
+    zero-initialised biases), and ONNX Runtime's quantizer wants a Conv's bias to be an initializer."""
+    weights = {i.name: i for i in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in weights]:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(weights[node.input[0]])
+        copy.name = node.output[0]
+        model.graph.initializer.append(copy)
+        model.graph.node.remove(node)
+    return model
+
+
 def forward_graph(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
     """image -> (logits, activations) of an onnxcam model, pads static, every node named (the quantizer excludes
     by name)."""
-    forward = static_pads(model, size)
+    forward = _constant_identities(static_pads(model, size))
     for i, node in enumerate(forward.graph.node):
         node.name = node.name or f"node_{i}_{node.op_type}"
     return forward
