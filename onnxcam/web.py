@@ -46,6 +46,9 @@ def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Pat
     card = Engine(model).card
     if not card.saliency_methods:
         raise OnnxcamError(f"{model} has no saliency output (made by an older onnxcam); re-export it")
+    if model.with_name(model.name + ".data").exists():  # weights over 100 MB (onnxcam_export.save)
+        raise OnnxcamError(f"{model} keeps its weights in {model.name}.data: the page takes models in one file "
+                           "(a browser tab holds a few hundred MB at most); use a smaller model")  # fmt: skip
     _check_ort(ort_dist)
     if out.exists() and not out.is_dir():
         raise OnnxcamError(f"--out {out} is a file, not a folder")

@@ -60,6 +60,15 @@ def test_web_without_onnxruntime_web_is_one_line_and_writes_nothing(lite0_model:
     assert not out.exists()
 
 
+def test_web_refuses_a_model_with_external_weights(lite0_model: Path, tmp_path: Path) -> None:
+    model = tmp_path / "big.onnx"
+    model.symlink_to(lite0_model)
+    (tmp_path / "big.onnx.data").write_bytes(b"")  # as onnxcam export writes the weights of a model over 100 MB
+    result = run("web", str(model), "--out", str(tmp_path / "site"), "--ort", str(ROOT / DEFAULT_ORT))
+    assert_clean_failure(result, "big.onnx.data", "models in one file")
+    assert not (tmp_path / "site").exists()
+
+
 @pytest.fixture(scope="module")
 def site(lite0_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not NODE_MODULES.is_dir():
