@@ -33,7 +33,10 @@ from onnxcam_export.graft import graft, head_nodes
 from onnxcam_export.save import save_explainer
 from onnxcam_export.simplify import static_pads
 
-FORMATS = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
+# QDQ (default): QuantizeLinear/DequantizeLinear pairs around float ops, default-domain ONNX that any runtime
+# reads, which ONNX Runtime fuses into int8 kernels; QOperator: ONNX Runtime's QLinear* ops, some of them in
+# its com.microsoft domain. Both ran at the same speed here (benchmarks/int8.py).
+FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 
 
 class _Photos(CalibrationDataReader):
@@ -98,9 +101,7 @@ def calibration_images(folder: Path) -> list[Path]:
     return paths
 
 
-def quantize_file(
-    source: Path, calibrate: Path, out: Path, fmt: str = "qoperator"
-) -> tuple[dict[str, object], list[str]]:
+def quantize_file(source: Path, calibrate: Path, out: Path, fmt: str = "qdq") -> tuple[dict[str, object], list[str]]:
     """Write ``out``, the INT8 explainer of onnxcam model ``source``; return its card and notes for the user."""
     from onnxcam.engine import Engine  # validates the file and reads its card, as any command does
 

@@ -469,8 +469,8 @@ def info(
 
 
 class QuantFormat(str, Enum):
-    qoperator = "qoperator"
     qdq = "qdq"
+    qoperator = "qoperator"
 
 
 @app.command()
@@ -480,8 +480,11 @@ def quantize(
     out: Annotated[Path | None, typer.Option(help="Output file [default: <model>.int8.onnx].")] = None,
     quant_format: Annotated[
         QuantFormat,
-        typer.Option("--format", help="qoperator (QLinearConv: fastest on CPU) or qdq (Quantize/Dequantize pairs)."),
-    ] = QuantFormat.qoperator,
+        typer.Option(
+            "--format",
+            help="qdq (Quantize/DequantizeLinear pairs: plain ONNX) or qoperator (ONNX Runtime's QLinear ops).",
+        ),
+    ] = QuantFormat.qdq,
 ) -> None:
     """Build an INT8 explainer: the backbone statically quantized by ONNX Runtime, head and gradients in float.
 

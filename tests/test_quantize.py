@@ -92,9 +92,10 @@ def test_int8_lite0_runs_on_the_plain_runtime_and_keeps_the_maps(lite0_model: Pa
     int8 = tmp_path / "lite0.int8.onnx"
     result = run("quantize", str(lite0_model), "--calibrate", str(tmp_path / "calibration"), "--out", str(int8))
     assert result.returncode == 0, result.stderr
-    assert "INT8 (qoperator" in result.stdout
+    assert "INT8 (qdq" in result.stdout
     model = onnx.load(int8)
-    assert {"QLinearConv", "QuantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "QDQ: default-domain ONNX only"
     explained = run_without(RUNTIME_ONLY, "explain", str(EXAMPLES / "chelsea.png"), "--model", str(int8),
                             "--out", str(tmp_path / "maps"), "--json")  # fmt: skip
     assert explained.returncode == 0, explained.stderr
