@@ -3,7 +3,7 @@
     python benchmarks/int8.py [--rounds 15] [--scenes 50] [--arch efficientnet_lite0 --arch vgg16]
 
 For each architecture: export the float explainer (Lite0 with its ImageNet weights; VGG16 with
-random weights, which do not change its cost, so its drift numbers mean nothing), write 16
+random weights, which do not change its cost: its drift is not measured), write 16
 calibration scenes (scripts/scenes.py, seed 1) and `onnxcam quantize` with them, then
 
 - time `Explainer.explain_batch` (Grad-CAM, top-1) of both at batch 1 and 8, each round both
@@ -105,17 +105,18 @@ def report(arch: str, folder: Path, rounds: int, scenes: int) -> list[str]:
                      f"({min(ratios):.2f}-{max(ratios):.2f}) | {statistics.median(cpu_ratios):.2f} | "
                      f"<= {TARGETS[arch]} |")  # fmt: skip
         print(lines[-1], flush=True)
+    if WEIGHTS[arch] == "none":
+        return [*lines, "", "(random weights: the maps and classes mean nothing, so their drift is not measured)", ""]
     photos = [ROOT / "examples" / "chelsea.png", ROOT / "examples" / "coffee.png"]
     photos += write_scenes(folder / "scenes", scenes, seed=0)
     agreement = drift(models, photos)
     lines += ["", "| images | median map r | worst map r | top-1 agreement |", "|---|---|---|---|",
               f"| {agreement['images']} | {agreement['median r']:.4f} | {agreement['worst r']:.4f} | "
               f"{agreement['top-1 agreement']:.1%} |"]  # fmt: skip
-    if WEIGHTS[arch] != "none":
-        lines += ["", "| model | deletion AUC (lower is better) | insertion AUC (higher is better) |", "|---|---|---|"]
-        for name, path in models.items():
-            scores = faithfulness(path, photos)
-            lines.append(f"| {name} | {scores['deletion_auc']:.4f} | {scores['insertion_auc']:.4f} |")
+    lines += ["", "| model | deletion AUC (lower is better) | insertion AUC (higher is better) |", "|---|---|---|"]
+    for name, path in models.items():
+        scores = faithfulness(path, photos)
+        lines.append(f"| {name} | {scores['deletion_auc']:.4f} | {scores['insertion_auc']:.4f} |")
     print("\n".join(lines[-9:]), flush=True)
     return [*lines, ""]
 
@@ -130,7 +131,7 @@ def main() -> None:
     command = "python benchmarks/int8.py" + "".join(f" --arch {a}" for a in args.arch or [])
     lines = ["## INT8 explainers (`onnxcam quantize`)", "",
              f"`{command} --rounds {args.rounds} --scenes {args.scenes}`, {time.strftime('%Y-%m-%d')}, "
-             f"{platform.machine()}, onnxruntime {ort.__version__}; QOperator, per-channel, 16 calibration scenes.",
+             f"{platform.machine()}, onnxruntime {ort.__version__}; QDQ, per-channel, 16 calibration scenes.",
              ""]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
