@@ -1,6 +1,6 @@
 """Grad-CAM latency vs a plain ONNX Runtime forward of the same weights, side by side.
 
-    python benchmarks/latency.py [--pairs 15] [--arch vgg16 --arch efficientnet_lite0]
+    python benchmarks/latency.py [--pairs 15] [--batch 1] [--arch vgg16 --arch efficientnet_lite0]
 
 For each architecture it exports (random weights for VGG16, which do not change the
 cost; real ones for Lite0) the onnxcam model and the plain forward graph, then alternates
@@ -9,7 +9,9 @@ Grad-CAM with 1 target and the full gradient tensor, and all eight CAM methods t
 only activations and gradients for the top-5 classes (one call plus numpy). Each round runs
 every contender once in a shuffled order, with a short pause before each (so that one
 contender's idle worker threads do not slow the next); each ratio is taken within its
-round, and the median of the per-round ratios is reported.
+round, and the median of the per-round ratios is reported. Each contender also gets a CPU-time
+row (the process's, all threads: ORT's threads do not spin here), which neighbours on a shared
+machine disturb far less than the wall time.
 """
 
 from __future__ import annotations
@@ -59,19 +61,20 @@ def quiet_options() -> ort.SessionOptions:
     return options
 
 
-def measure(arch_name: str, pairs: int, folder: Path) -> dict[str, list[float]]:
+def measure(arch_name: str, pairs: int, folder: Path, batch: int = 1) -> dict[str, list[float]]:
     cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.forward.onnx"
     export_arch(arch_name, WEIGHTS[arch_name], None, cam_path)
     forward_only(arch_name, fwd_path)
     explainer = Explainer(cam_path, options=quiet_options())
     session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
-    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    photos = list(images)
     contenders = {
-        "forward": lambda: session.run(["logits"], {"image": image[None]}),
-        "gradcam_1": lambda: explainer.explain(image, top_k=1),
-        "gradcam_top5": lambda: explainer.explain(image, top_k=5),
-        "full_gradient_1": lambda: explainer.engine.run(image[None], np.array([[-1]]), full_gradients=True),
-        "all_AG_methods_top5": lambda: explainer.explain(image, top_k=5, method=ONE_CALL),
+        "forward": lambda: session.run(["logits"], {"image": images}),
+        "gradcam_1": lambda: explainer.explain_batch(photos, top_k=1),
+        "gradcam_top5": lambda: explainer.explain_batch(photos, top_k=5),
+        "full_gradient_1": lambda: explainer.engine.run(images, np.full((batch, 1), -1), full_gradients=True),
+        "all_AG_methods_top5": lambda: explainer.explain_batch(photos, top_k=5, method=ONE_CALL),
     }
     return time_rounds(contenders, pairs)
 
@@ -82,23 +85,25 @@ def time_rounds(contenders: dict[str, Callable[[], object]], pairs: int) -> dict
         run()
         run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {f"{name} (CPU)": [] for name in contenders}
     order = random.Random(0)
     for _ in range(pairs):
         names = list(contenders)
         order.shuffle(names)  # no contender always runs right after another one
         for name in names:
             time.sleep(0.05)  # let the previous contender's idle worker threads (ORT, BLAS) go to sleep
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             contenders[name]()
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu[f"{name} (CPU)"].append(time.process_time() - start_cpu)  # all threads; ORT's do not spin
+    return times | cpu
 
 
-def report(arch_name: str, times: dict[str, list[float]]) -> str:
+def report(arch_name: str, times: dict[str, list[float]], batch: int = 1) -> str:
     header = "| contender | median ms | ratio to forward (median of rounds) | min-max ratio |"
-    lines = [f"### {arch_name}, batch 1, 224x224", "", header, "|---|---|---|---|"]
-    base = times["forward"]
+    lines = [f"### {arch_name}, batch {batch}, 224x224", "", header, "|---|---|---|---|"]
     for name, values in times.items():
+        base = times["forward (CPU)" if name.endswith("(CPU)") else "forward"]
         ratios = [v / b for v, b in zip(values, base, strict=True)]
         lines.append(
             f"| {name} | {statistics.median(values) * 1e3:.1f} | {statistics.median(ratios):.3f} | "
@@ -111,12 +116,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=15, help="rounds (each runs every contender once)")
     parser.add_argument("--arch", action="append", choices=sorted(WEIGHTS))
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {ort.get_device()}, onnxruntime {ort.__version__}, "
           f"{time.strftime('%Y-%m-%d')}, {args.pairs} rounds")  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         for arch_name in args.arch or ["vgg16", "efficientnet_lite0"]:
-            print(report(arch_name, measure(arch_name, args.pairs, Path(folder))), "\n", flush=True)
+            times = measure(arch_name, args.pairs, Path(folder), args.batch)
+            print(report(arch_name, times, args.batch), "\n", flush=True)
 
 
 if __name__ == "__main__":

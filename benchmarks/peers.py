@@ -40,6 +40,9 @@ import onnxcam
 from onnxcam import Explainer
 from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, load_weights
 
+sys.path.insert(0, str(Path(__file__).parent))
+from process import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
 LAYERS = {"vgg16": "features.29", "efficientnet_lite0": "_relu1"}
@@ -192,6 +195,21 @@ def cold_start(folder: Path, runs: int = 3) -> dict[str, tuple[float, float]]:
     return results
 
 
+def cold_start_section(runs: int) -> None:
+    """The whole-process comparison alone, as its own section of results.md ("cold")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export_arch("vgg16", "none", None, Path(tmp) / "vgg16.onnx")
+        cold = cold_start(Path(tmp), runs)
+    base = cold["pytorch-grad-cam script"][0]
+    lines = ["## One image, whole process (VGG16)", "",
+             f"`python benchmarks/peers.py --cold-start-only --runs {runs}`, {time.strftime('%Y-%m-%d')}, "
+             f"onnxruntime {ort.__version__}, torch {torch.__version__}; median of {runs} fresh processes.", "",
+             "| command | median s | ratio to pytorch-grad-cam | peak RSS MB |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {s:.2f} | {s / base:.2f} | {rss:.0f} |" for name, (s, rss) in cold.items()]
+    write_section("cold", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def install_sizes(folder: Path) -> dict[str, float]:
     """MB of site-packages in a fresh venv for each stack."""
     stacks = {
@@ -211,8 +229,13 @@ def install_sizes(folder: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per command for --cold-start-only")
     parser.add_argument("--install-size", action="store_true")
+    parser.add_argument("--cold-start-only", action="store_true", help="only the whole-process table (VGG16)")
     args = parser.parse_args()
+    if args.cold_start_only:
+        cold_start_section(args.runs)
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lines = [
         "# onnxcam against pytorch-grad-cam and Captum",
@@ -247,7 +270,7 @@ def main() -> None:
             sizes = install_sizes(folder)
             lines += ["## Installed size (fresh venv, site-packages)", "", "| stack | MB |", "|---|---|"]
             lines += [f"| {name} | {mb:.0f} |" for name, mb in sizes.items()] + [""]
-    (ROOT / "benchmarks" / "results.md").write_text("\n".join(lines))
+    write_section("peers", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 # VmHWM, the peak resident set of this process image: unlike ru_maxrss it does not inherit the
 # parent's peak across fork + exec (the parent may have just exported models with torch).
@@ -46,3 +47,19 @@ def run_cli(*args: str) -> Run:
         raise RuntimeError(f"onnxcam {' '.join(args)} failed: {result.stderr[-2000:]}")
     rss = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("peak_rss_kb")))
     return Run(seconds, rss * 1024, result.stdout)
+
+
+RESULTS = Path(__file__).parent / "results.md"
+
+
+def write_section(name: str, text: str) -> None:
+    """Put ``text`` into benchmarks/results.md between its ``<!-- NAME -->`` markers (appended the first time)."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        current = before + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS.write_text(current)

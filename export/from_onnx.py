@@ -405,5 +405,5 @@ def graft_file(
         score=score,
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )
-    save_explainer(grafted, card, out)
+    card = save_explainer(grafted, card, out)
     return card.summary(), notes

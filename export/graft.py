@@ -24,6 +24,7 @@ import onnx.utils
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
+from onnxcam_export import saliency
 from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.layouts import ADAPTERS, Layout
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
@@ -440,13 +441,13 @@ def _emit_weights(b: Builder, summed: str) -> None:
     b.nodes.append(helper.make_node("Div", [summed, plane], [contract.WEIGHTS], name="weights"))
 
 
-def _emit_gradients(b: Builder, full: Branch) -> None:
-    """gradients = the output of branch ``full`` when ``full_gradients``, else [N, T, C, 0, 0] zeros."""
+def _emit_gradients(b: Builder, full: Branch, condition: str = contract.FULL_GRADIENTS) -> None:
+    """gradients = the output of branch ``full`` when ``condition`` (``full_gradients``), else [N, T, C, 0, 0] zeros."""
     with b.subgraph() as nodes:
         shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(SPATIAL)), axis=0)
         empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
     elem = b.elem_type(contract.LOGITS)
-    b.nodes.append(_if("gradients", contract.FULL_GRADIENTS, contract.GRADIENTS, elem, full, empty))
+    b.nodes.append(_if("gradients", condition, contract.GRADIENTS, elem, full, empty))
 
 
 def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto], dims: list[int]) -> None:
@@ -576,7 +577,8 @@ def graft(
     cheap = presummed_weight(b, head, layer) if layout is None else None
     summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
-    _emit_gradients(b, full)
+    _emit_gradients(b, full, saliency.gradients_condition(b))
+    saliency.add_saliency(graph, b, _input_size(b))
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
@@ -584,7 +586,23 @@ def graft(
     if head_only is not None:
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
+    _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
+
+
+def _input_size(b: Builder) -> tuple[int, int]:
+    """(H, W) of the ``image`` input [N, H, W, 3], which the saliency map takes."""
+    shape = b.shape(contract.IMAGE)
+    if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:3]):
+        raise UnsupportedOp(f"the {contract.IMAGE!r} input needs a static [N, H, W, 3] shape, got {shape}")
+    return shape[1], shape[2]
+
+
+def _add_saliency_output(graph: onnx.GraphProto, b: Builder) -> None:
+    """The ``saliency`` output, last: [N, T, H, W] when asked for, else [N, T, 0, 0]."""
+    batch = b.shape(contract.LOGITS)[0] or "N"
+    dims = [batch, "T", "saliency_h", "saliency_w"]
+    graph.output.append(helper.make_tensor_value_info(contract.SALIENCY, TensorProto.FLOAT, dims))
 
 
 def _tensor_names(graph: onnx.GraphProto) -> set[str]:

@@ -21,6 +21,7 @@ from onnxcam_export.builder import Types
 from onnxcam_export.graft import annotate_shapes, graft
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
 from onnxcam_export.save import save_explainer
+from onnxcam_export.simplify import static_pads
 from onnxcam_export.vjp import UnsupportedOp
 
 OPSET = 18
@@ -245,7 +246,7 @@ def export_module(
         weights_path=weights_path,
         score=score,
     )
-    save_explainer(grafted, card, out)
+    card = save_explainer(grafted, card, out)
     return card.summary()
 
 
@@ -265,7 +266,7 @@ def export_forward(wrapper: nn.Module, size: tuple[int, int], batch: int = 1) ->
             output_names=[contract.LOGITS, contract.ACTIVATIONS],
             dynamic_axes={name: {0: "N"} for name in (contract.IMAGE, contract.LOGITS, contract.ACTIVATIONS)},
         )
-    model = onnx.load_from_string(buffer.getvalue())
+    model = static_pads(onnx.load_from_string(buffer.getvalue()), size)
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     feeds = [{contract.IMAGE: np.zeros((n, *size, 3), np.uint8)} for n in (1, 2)]
     types = annotate_shapes(model, feeds, batch_dim)  # SAME pads from Shape ops

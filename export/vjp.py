@@ -677,6 +677,56 @@ def Where(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [None, *_binary(b, node, picked, node.input[1:])]
 
 
+# -- quantization: straight-through, so that DequantizeLinear(QuantizeLinear(x)) passes dY where x was in range ----
+QUANT_RANGES = {
+    onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
+    onnx.TensorProto.UINT4: (0, 15), onnx.TensorProto.INT4: (-8, 7),
+}  # fmt: skip
+
+
+def _quant_param(b: Builder, node: onnx.NodeProto, index: int, x: str) -> str | None:
+    """Input ``index`` of a Q/DQ node (scale or zero point) shaped to broadcast against the gradient of ``x``."""
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    a = attrs(node)
+    if int(a.get("block_size", 0)):
+        raise _unsupported(node, "blocked quantization (block_size) is not supported")
+    param = node.input[index]
+    if b.rank(param) == 0 or (b.shape(param) or [0])[0] == 1:
+        return param
+    axis = int(a.get("axis", 1)) % b.rank(x)
+    if axis == 0:
+        raise _unsupported(node, "a per-axis scale along the batch axis is not supported")
+    return b.op("Reshape", param, b.ints([-1] + [1] * (b.rank(x) - 1 - axis)))
+
+
+def _as_float(b: Builder, x: str, like: str) -> str:
+    return b.op("Cast", x, to=b.elem_type(like))
+
+
+# Y = saturate(round(X / s) + z)  =>  dX = dY / s where qmin <= round(X / s) + z <= qmax, else 0 (straight-through)
+def QuantizeLinear(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, y = node.input[0], node.output[0]
+    bounds = QUANT_RANGES.get(b.elem_type(y))
+    if bounds is None:
+        raise _unsupported(node, "only integer outputs (int4 to int16) are supported")
+    scale = _quant_param(b, node, 1, x)
+    level = b.op("Round", b.op("Div", b.fwd(x), scale))
+    zero = _quant_param(b, node, 2, x)
+    level = level if zero is None else b.op("Add", level, _as_float(b, zero, x))
+    low, high = (b.scalar(float(v), x) for v in bounds)
+    outside = b.op("Or", b.op("Less", level, low), b.op("Greater", level, high))  # (no GreaterOrEqual before opset 12)
+    inside = b.op("Not", outside)
+    return [_mask(b, b.op("Div", dy[0], scale), inside, x)]
+
+
+# Y = (X - z) * s  =>  dX = dY * s   (X: integer levels, their gradient a float tensor)
+def DequantizeLinear(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    return [b.op("Mul", dy[0], _quant_param(b, node, 1, x))] if b.needs(x) else []
+
+
 RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
     "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
@@ -688,6 +738,7 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "ReduceSum": ReduceSum,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
+    "QuantizeLinear": QuantizeLinear, "DequantizeLinear": DequantizeLinear,
 }.items()} | {
     "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
 }  # fmt: skip

@@ -156,7 +156,7 @@ class Explainer:
                 else:
                     lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t, index in enumerate(out.target_classes[n]):
-                    cam, empty = maps.normalize(maps.upsample(lowres[t], photo.shape[:2]))
+                    cam, empty = maps.finish(lowres[t], photo.shape[:2])
                     pred = self._prediction(int(index), probs[n], out.logits[n])
                     found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam,
                                            empty=empty, method=name))  # fmt: skip

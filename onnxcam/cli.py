@@ -30,6 +30,7 @@ from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.progress import progress_bar
 from onnxcam.report import write_report
+from onnxcam.web import DEFAULT_ORT, write_site
 
 app = typer.Typer(
     add_completion=False,
@@ -207,7 +208,9 @@ def _numbers(option: str, values: tuple[str, ...] | None) -> tuple[float, ...] |
 
 
 def _report_export(target: Path, card: dict, notes: list[str]) -> None:
-    _echo(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    data = target.with_name(target.name + ".data")  # the weights of a large model (onnxcam_export.save)
+    size = target.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    _echo(f"wrote {target}{f' and {data.name}' if data.exists() else ''} ({size / 1e6:.1f} MB)")
     for note in notes:
         _echo(f"  note: {note}")
     for key, value in card.items():
@@ -518,6 +521,63 @@ def info(
     if labels:
         for i, name in enumerate(explainer.labels):
             _echo(f"  {i:>5}  {name}")
+
+
+class QuantFormat(str, Enum):
+    qdq = "qdq"
+    qoperator = "qoperator"
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="An onnxcam model (float) from onnxcam export.")],
+    calibrate: Annotated[Path, typer.Option(help="A folder of typical photos (8 or more) to set the INT8 ranges.")],
+    out: Annotated[Path | None, typer.Option(help="Output file [default: <model>.int8.onnx].")] = None,
+    quant_format: Annotated[
+        QuantFormat,
+        typer.Option(
+            "--format",
+            help="qdq (Quantize/DequantizeLinear pairs: plain ONNX) or qoperator (ONNX Runtime's QLinear ops).",
+        ),
+    ] = QuantFormat.qdq,
+) -> None:
+    """Build an INT8 explainer: the backbone statically quantized by ONNX Runtime, head and gradients in float.
+
+    A build step (needs the onnx package); the INT8 file runs on the plain runtime install.
+
+    \b
+    Example: onnxcam quantize models/efficientnet_lite0.onnx --calibrate photos/
+    """
+    if not (installed("onnx") and installed("onnxcam_export")):
+        raise OnnxcamError(
+            "onnxcam quantize is a build step and needs the onnx package (not installed here): "
+            "pip install 'onnxcam[export]', or quantize on the machine that exported the model"
+        )
+    from onnxcam_export.quantize import quantize_file
+
+    target = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    card, notes = quantize_file(model, calibrate, target, quant_format.value)
+    _report_export(target, card, notes)
+
+
+@app.command()
+def web(
+    model: Annotated[Path, typer.Argument(help="An onnxcam model (float or INT8).")],
+    out: Annotated[Path, typer.Option(help="Folder for the static site.")] = Path("site"),
+    ort: Annotated[
+        Path, typer.Option(help="onnxruntime-web's dist folder, from `npm ci --prefix web` (the pinned version).")
+    ] = DEFAULT_ORT,
+) -> None:
+    """Write a static page that explains photos in the browser with onnxruntime-web (WASM, WebGPU where available).
+
+    Serve the folder with any static file server; nothing runs on the server.
+
+    \b
+    Example: onnxcam web models/efficientnet_lite0.onnx --out site/ && python -m http.server -d site
+    """
+    written = write_site(model, out, ort)
+    size = sum(p.stat().st_size for p in written) / 1e6
+    _echo(f"wrote {len(written)} files to {out}/ ({size:.0f} MB); serve it, e.g.: python -m http.server -d {out}")
 
 
 _TRIPLES = ("--mean", "--std")

@@ -16,6 +16,12 @@ inputs
                         set; with an empty ``image`` batch the backbone costs nothing.
     ``with_attentions`` / ``with_attention_gradients``  bool scalars, default ``False``, on
                         vision transformers only (see ``attentions``).
+    ``return_saliency`` bool scalar, required: compute the ``saliency`` output.
+    ``saliency_method`` int64 scalar, required: which map ``saliency`` holds, an index into
+                        the card's ``saliency_methods`` (0 = ``gradcam``). Methods that need the
+                        full gradient build it for this call whatever ``full_gradients`` says.
+                        (Required, not defaulted: ONNX Runtime's JavaScript bindings cannot
+                        override an input that has a default, so these two have none.)
 outputs
     ``logits``          float ``[N, K]``
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -30,6 +36,10 @@ outputs
                         token layer whose blocks' Softmax mixes those tokens (ViT, DeiT)
     ``attention_gradients``  float ``[N, T, L, H, T, T]``: d score / d attentions for each target
                         row when ``with_attention_gradients``, else ``[N, T, 0, 0, 0, 0]``
+    ``saliency``        float32 ``[N, T, H, W]`` in [0, 1] when ``return_saliency``, else an
+                        empty ``[N, T, 0, 0]``: the finished map at the model's input size
+                        (the method's channel sum, ReLU, bilinear resize with half-pixel
+                        centres, min-max per map; an all-zero map stays zero, never NaN)
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
@@ -51,6 +61,8 @@ TARGETS = "targets"
 FULL_GRADIENTS = "full_gradients"
 HEAD_ACTIVATIONS = "head_activations"
 RUN_HEAD = "run_head"
+RETURN_SALIENCY = "return_saliency"
+SALIENCY_METHOD = "saliency_method"
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"
@@ -58,6 +70,7 @@ WEIGHTS = "weights"
 GRADIENTS = "gradients"
 TARGET_CLASSES = "target_classes"
 HEAD_LOGITS = "head_logits"
+SALIENCY = "saliency"
 OUTPUTS = (LOGITS, ACTIVATIONS, WEIGHTS, GRADIENTS, TARGET_CLASSES)
 WITH_ATTENTIONS = "with_attentions"
 WITH_ATTENTION_GRADIENTS = "with_attention_gradients"
@@ -101,6 +114,7 @@ class ModelCard:
     channel_order: str = "RGB"
     notes: str = ""
     contract: str = CONTRACT_VERSION
+    saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -147,18 +161,32 @@ class ModelCard:
         """(field, value) pairs for display."""
         height, width = self.input_size
         fmt = ", ".join
-        return [
-            ("contract", self.contract),
-            ("arch", self.arch),
-            ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
-            ("target layer", self.layer),
-            ("input", f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph"),
-            ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
-            ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
-            ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
-            ("channel weights", self.weights_path),
-            ("explained score", self.score),
-        ] + ([("notes", self.notes)] if self.notes else [])
+        return (
+            [
+                ("contract", self.contract),
+                ("arch", self.arch),
+                ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
+                ("target layer", self.layer),
+                (
+                    "input",
+                    f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph",
+                ),
+                ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
+                ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
+                ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
+                ("channel weights", self.weights_path),
+                ("explained score", self.score),
+            ]
+            + self._saliency_rows()
+            + ([("notes", self.notes)] if self.notes else [])
+        )
+
+    def _saliency_rows(self) -> list[tuple[str, str]]:
+        if not self.saliency_methods:
+            return []
+        height, width = self.input_size
+        methods = ", ".join(f"{i} {name}" for i, name in enumerate(self.saliency_methods))
+        return [("saliency", f"float32 [N, T, {height}, {width}] in the graph; saliency_method: {methods}")]
 
     def summary(self) -> dict[str, object]:
         """The card without its labels (what the exporter prints)."""
@@ -214,4 +242,9 @@ _CHECKS: dict[str, Check] = {
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
+    "saliency_methods": lambda v: (
+        None
+        if isinstance(v, tuple) and all(isinstance(n, str) for n in v)
+        else f"must be a list of method names, got {v!r}"
+    ),
 }

@@ -38,6 +38,7 @@ class Outputs:
     target_classes: np.ndarray
     attentions: np.ndarray | None = None  # [N, L, H, T, T] when asked for (vision transformers)
     attention_gradients: np.ndarray | None = None  # [N, T, L, H, T, T] when asked for
+    saliency: np.ndarray | None = None  # [N, T, H, W] float32 in [0, 1] when asked for
 
 
 def _providers(provider: str | None) -> list[str]:
@@ -86,6 +87,25 @@ def _check_model_path(path: Path) -> None:
         raise OnnxcamError(f"model {path} is not a regular file; give the path of an onnxcam .onnx file")
 
 
+NO_PREPACKING = "session.disable_prepacking"
+
+
+def lean(options: ort.SessionOptions) -> ort.SessionOptions:
+    """``options`` with weight pre-packing off, unless the caller set it.
+
+    ONNX Runtime pre-packs a constant weight once per node that reads it: VGG16's 411 MB FC1 weight is
+    read by the forward Gemm, the full-gradient branch and the head-only copy, and a session peaked at
+    1.66 GB for 562 MB of weights. Without pre-packing it peaks at 1.00 GB (0.69 GB with the weights in an
+    external data file, which ONNX Runtime maps instead of copying) at the same speed (ratios 0.99 on VGG16
+    and Lite0, batch 1 and 8: benchmarks/startup.py).
+    """
+    try:
+        options.get_session_config_entry(NO_PREPACKING)
+    except RuntimeError:  # not set by the caller
+        options.add_session_config_entry(NO_PREPACKING, "1")
+    return options
+
+
 class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
@@ -95,7 +115,7 @@ class Engine:
         path = Path(path)
         _check_model_path(path)
         providers = _providers(provider)
-        options = options or ort.SessionOptions()
+        options = lean(options or ort.SessionOptions())
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -133,11 +153,18 @@ class Engine:
             )
 
     def run(
-        self, images: np.ndarray, targets: np.ndarray, full_gradients: bool = False, attention: tuple[str, ...] = ()
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        full_gradients: bool = False,
+        attention: tuple[str, ...] = (),
+        saliency: str | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
         ``attention``: the optional outputs wanted too (``attentions``, ``attention_gradients``).
+        ``saliency``: also return the graph's finished map of that method (one of the card's
+        ``saliency_methods``) at the model's input size.
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -157,8 +184,25 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention]
+        if saliency is not None:
+            feeds |= self._saliency_feeds(saliency)
+            names.append(contract.SALIENCY)
+        elif self.card.saliency_methods:
+            feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
         values = self.session.run(names, feeds)
         return Outputs(**dict(zip(names, values, strict=True)))
+
+    def _saliency_feeds(self, method: str) -> dict[str, np.ndarray]:
+        """The inputs that ask the graph for its ``saliency`` map of ``method``."""
+        available = self.card.saliency_methods
+        if method not in available:
+            have = f"it computes {', '.join(available)}" if available else "it has no saliency output"
+            raise OnnxcamError(f"{self.path} cannot compute the {method} map in the graph ({have}); "
+                               "re-export it with this onnxcam, or use the Python path")  # fmt: skip
+        return {
+            contract.RETURN_SALIENCY: np.asarray(True),
+            contract.SALIENCY_METHOD: np.asarray(available.index(method), dtype=np.int64),
+        }
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``[N, K]`` alone, for a batch of model-size uint8 RGB images (extra passes of a method)."""
@@ -181,6 +225,8 @@ class Engine:
             contract.HEAD_ACTIVATIONS: np.ascontiguousarray(activations, dtype=np.float32),
             contract.RUN_HEAD: np.asarray(True),
         }
+        if self.card.saliency_methods:
+            feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
         try:
             return self.session.run([contract.HEAD_LOGITS], feeds)[0]
         except Exception as exc:  # ORT's Fail: e.g. a Reshape to [-1, ...] cannot take an empty batch

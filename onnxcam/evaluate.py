@@ -59,7 +59,7 @@ def evaluate_image(
         row |= metrics.road(score, image, top.cam)
     if box is not None:
         # the box is in photo pixels: the same low-resolution map, upsampled to the photo instead
-        full, _ = maps.normalize(maps.upsample(top.cam_lowres, photo.shape[:2]))
+        full, _ = maps.finish(top.cam_lowres, photo.shape[:2])
         hit, energy = metrics.pointing_game(full, box)
         row |= {"pointing_game": hit, "energy_pointing_game": round(energy, 6)}
     return row

@@ -202,5 +202,7 @@ def decode_rgb(data: bytes, path: object, max_pixels: int = MAX_PIXELS) -> np.nd
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize the whole image to ``(height, width)`` (no crop, so the map covers every pixel)."""
     height, width = size
+    if rgb.shape[:2] == (height, width):
+        return rgb
     shrinking = rgb.shape[0] > height or rgb.shape[1] > width
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

@@ -151,6 +151,9 @@ class Method:
     ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes,
     ``"attentions"`` when ``attention`` makes the map from the graph's optional attention outputs
     (``requires``: the graph output the method cannot do without; a model lacking it cannot run it).
+    ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes.
+    ``in_graph``: the exporter also builds the finished map into the graph (the ``saliency``
+    output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
     """
 
     name: str
@@ -160,17 +163,18 @@ class Method:
     passes: PassWeights | None = None
     attention: AttentionMap | None = None
     requires: str | None = None
+    in_graph: bool = False
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("gradcam", gradcam, uses="weights"),
-        Method("gradcam++", gradcam_plus_plus),
-        Method("xgradcam", xgradcam),
-        Method("hirescam", hirescam),
-        Method("gradcam-elementwise", gradcam_elementwise),
-        Method("layercam", layercam),
+        Method("gradcam", gradcam, uses="weights", in_graph=True),
+        Method("gradcam++", gradcam_plus_plus, in_graph=True),
+        Method("xgradcam", xgradcam, in_graph=True),
+        Method("hirescam", hirescam, in_graph=True),
+        Method("gradcam-elementwise", gradcam_elementwise, in_graph=True),
+        Method("layercam", layercam, in_graph=True),
         Method("eigencam", eigencam, uses="weights", eigen=True),
         Method("eigengradcam", eigengradcam, eigen=True),
         Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
@@ -225,6 +229,11 @@ def attention_outputs(names: list[str]) -> tuple[str, ...]:
     return (contract.ATTENTIONS,) if needed else ()
 
 
+def in_graph() -> list[str]:
+    """The methods whose finished map the exporter builds into the graph, in ``saliency_method`` order."""
+    return [name for name, m in METHODS.items() if m.in_graph]
+
+
 def needs_gradients(names: list[str]) -> bool:
     """Whether any of these methods needs the full gradient tensor from the graph."""
     return any(METHODS[n].uses == "gradients" for n in names)
@@ -249,6 +258,10 @@ def cam(
     if m.attention is not None:
         return _attention_maps(m, activations.shape[1:], len(weights), attentions, attention_gradients)
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
+    if m.contributions is gradcam and weights is not None and not (eigen_smooth or m.eigen):
+        # sum_k alpha_k A_k as one matrix product: gradcam's sum without its [T, C, h, w] intermediate
+        flat = weights.astype(np.float64) @ activations.reshape(len(activations), -1)
+        return np.maximum(flat.reshape(len(weights), *activations.shape[1:]), 0)
     if m.uses != "gradients" and weights is not None:
         weighted = m.contributions(activations, weights[:, :, None, None].astype(np.float64))
     elif gradients is not None and gradients.size:

@@ -29,9 +29,10 @@ def test_graph_is_valid_and_uses_only_the_default_domain(fixture: str, request: 
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert {n.domain for n in _all_nodes(model.graph)} <= {"", "ai.onnx"}
-    assert [o.name for o in model.graph.output] == [*contract.OUTPUTS, contract.HEAD_LOGITS]
+    assert [o.name for o in model.graph.output] == [*contract.OUTPUTS, contract.HEAD_LOGITS, contract.SALIENCY]
     assert {i.name for i in model.graph.input} == {
-        contract.IMAGE, contract.TARGETS, contract.FULL_GRADIENTS, contract.HEAD_ACTIVATIONS, contract.RUN_HEAD
+        contract.IMAGE, contract.TARGETS, contract.FULL_GRADIENTS, contract.HEAD_ACTIVATIONS, contract.RUN_HEAD,
+        contract.RETURN_SALIENCY, contract.SALIENCY_METHOD,
     }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxcam.engine import Engine
 from onnxcam_export.from_onnx import Preprocessing, _model_input, graft_file
 from onnxcam_export.graft import head_model
+from tests.test_saliency import assert_saliency_matches_python
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = {p.stem.removeprefix("light_"): p for p in sorted(LIGHT.glob("light_*.onnx"))}
@@ -133,6 +134,7 @@ def test_model_zoo_layouts_graft_and_match_finite_differences(name: str, tmp_pat
     assert tuple(int(d) for d in card["layer"].split("(")[1].rstrip(")").split("x")) == AUTO_LAYER_SHAPES[name]
     assert any("target layer (auto)" in n for n in notes)
     finite_difference_check(tmp_path / f"{name}.cam.onnx")
+    assert_saliency_matches_python(tmp_path / f"{name}.cam.onnx")
 
 
 def test_softmax_is_stripped_and_the_opset_raised_only_as_needed(tmp_path: Path) -> None:
@@ -156,7 +158,8 @@ def test_preprocessing_in_the_graph_matches_numpy(tmp_path: Path) -> None:
     data = _model_input(model.graph).name
     grafted.graph.output.append(onnx.helper.make_tensor_value_info(data, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(grafted.SerializeToString(), providers=["CPUExecutionProvider"])
-    fed = session.run([data], {"image": image, "targets": np.array([[0]])})[0]
+    fed = session.run([data], {"image": image, "targets": np.array([[0]]), "return_saliency": np.asarray(False),
+                               "saliency_method": np.asarray(0)})[0]  # fmt: skip
     np.testing.assert_allclose(fed, expected, rtol=1e-5, atol=1e-5)
 
 

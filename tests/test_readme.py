@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ NOT_RUN = {  # the only reasons a block may give for not being run here
     "this is what CI runs",
     "scripts/setup.sh runs these steps (CI runs it)",
     "needs the internet once (torchvision's checkpoint)",
+    "needs the npm registry (CI's .ci/run runs it)",
 }
 EXAMPLES = {m["name"]: (m["lang"], m["code"]) for m in BLOCK.finditer(README) if m["name"]}
 EXPECTED = {  # what each example's output must say
@@ -29,9 +31,11 @@ EXPECTED = {  # what each example's output must say
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
     "api": ["tabby"],
     "ray": ["explained 2 of 2 images"],
+    "web": ["wrote 8 files to site/", "class 285: wrote cat-overlay.png"],
+    "int8": ["wrote 16 scenes", "wrote models/efficientnet_lite0.int8.onnx", "Egyptian cat"],
 }
-SLOW = {"from", "eval", "ray"}  # torch export, ROAD, starting Ray
-NEEDS = {"from": "torch", "ray": "ray"}  # its first line makes a model with torch; the Ray extra
+SLOW = {"from", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization
+NEEDS = {"from": "torch", "ray": "ray", "int8": "onnx"}  # torch makes the stand-in model; the Ray extra; quantize
 OWN_TESTS = {"bias", "vit"}  # run by tests/test_bias_demo.py and tests/test_vit_demo.py, which check their meaning
 
 
@@ -60,7 +64,7 @@ def test_the_methods_table_lists_the_registered_methods() -> None:
 def run_example(name: str, folder: Path, model: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run README example ``name`` in ``folder``, laid out as the repository after `bash scripts/demo.sh`
     (``model``: the Lite0 model that the demo exports)."""
-    for entry in ("examples", "scripts"):
+    for entry in ("examples", "scripts", "web"):
         (folder / entry).symlink_to(ROOT / entry)
     (folder / ".venv").symlink_to(Path(sys.prefix))
     (folder / "models").mkdir()
@@ -78,6 +82,8 @@ def run_example(name: str, folder: Path, model: Path | None = None) -> subproces
 def test_readme_example_runs_as_written(name: str, lite0_model: Path, tmp_path: Path) -> None:
     if name in NEEDS:
         pytest.importorskip(NEEDS[name])
+    if name == "web" and not (shutil.which("node") and (ROOT / "web" / "node_modules").is_dir()):
+        pytest.skip("needs node and web/node_modules (npm ci --prefix web; .ci/run does it)")
     result = run_example(name, tmp_path, lite0_model)
     assert result.returncode == 0, result.stderr[-3000:]
     for phrase in EXPECTED[name]:

@@ -51,6 +51,8 @@ class Case:
     positive: bool = False  # inputs drawn from [0.5, 2.5) instead of a standard normal
     fed: tuple[str, ...] = ()  # constants fed at run time instead (indices computed by the graph)
     leading: dict[str, np.ndarray] = field(default_factory=dict)  # constant inputs before x (Where's condition)
+    x_dtype: type | None = None  # the differentiable inputs' type where it is not ``dtype`` (integer levels)
+    spread: float = 1.0  # the inputs' standard deviation
 
     @property
     def id(self) -> str:
@@ -174,6 +176,24 @@ CASES = [
     Case("AveragePool", [2, 3, 8, 8], lambda x: _same_avg_pool(x, (1, 0, 1, 0), count_include_pad=True),
          {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1},
          dtype=np.float32, tol=1e-5),
+    # straight-through quantization (torch's fake-quantize backward: zero where the level saturates)
+    Case("QuantizeLinear", [2, 3, 4, 5], lambda x: torch.fake_quantize_per_tensor_affine(x, 0.02, 100, 0, 255) / 0.02
+         + 100, constants={"s": np.asarray(0.02, np.float32), "z": np.asarray(100, np.uint8)}, dtype=np.float32,
+         tol=1e-4, spread=2.0),
+    Case("QuantizeLinear", [2, 3, 4], lambda x: torch.fake_quantize_per_channel_affine(
+         x, torch.tensor([0.01, 0.02, 0.05]), torch.tensor([0, 5, -3], dtype=torch.int32), 1, -128, 127)
+         / torch.tensor([0.01, 0.02, 0.05])[:, None] + torch.tensor([0.0, 5, -3])[:, None],
+         constants={"s": np.asarray([0.01, 0.02, 0.05], np.float32), "z": np.asarray([0, 5, -3], np.int8)},
+         dtype=np.float32, tol=1e-4, spread=2.0),
+    Case("QuantizeLinear", [2, 6], lambda x: torch.fake_quantize_per_tensor_affine(x, 0.01, 0, 0, 255) / 0.01,
+         constants={"s": np.asarray(0.01, np.float32)}, dtype=np.float32, tol=1e-4),  # no zero point: uint8, 0
+    Case("DequantizeLinear", [2, 3, 4, 5], lambda x: (x - 100) * 0.02,
+         constants={"s": np.asarray(0.02, np.float32), "z": np.asarray(100, np.uint8)}, x_dtype=np.uint8,
+         dtype=np.float32, tol=1e-6, spread=100.0),
+    Case("DequantizeLinear", [2, 3, 4], lambda x: (x - torch.tensor([0.0, 5, -3])[:, None])
+         * torch.tensor([0.01, 0.02, 0.05])[:, None], {"axis": 1},
+         constants={"s": np.asarray([0.01, 0.02, 0.05], np.float32), "z": np.asarray([0, 5, -3], np.int8)},
+         x_dtype=np.int8, dtype=np.float32, tol=1e-6, spread=50.0),
     Case("Conv", [2, 4, 7, 7], lambda x: F.conv2d(x, CONV_W), constants={"W": CONV_W.numpy()},
          dtype=np.float32, tol=1e-5),
     Case("Conv", [2, 4, 9, 8], lambda x: F.conv2d(x, CONV_W, CONV_B, stride=2, padding=1),
@@ -240,12 +260,13 @@ def _one_node_model(
     opset: int = 18,
     fed: tuple[str, ...] = (),
     leading: dict[str, np.ndarray] | None = None,
+    x_dtype: type | None = None,
 ) -> tuple[onnx.ModelProto, onnx.NodeProto]:
     """One ``op`` node named "node" reading the ``leading`` constants, graph inputs x0, x1, ... of ``shapes``
     (a str dim or a None shape is unknown), then ``constants`` in order: initializers, or graph inputs
     where named in ``fed`` (a None value leaves the optional input out). Float constants take ``dtype``,
-    int ones int64."""
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    int ones int64; the graph inputs take ``x_dtype`` where given."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype or dtype))
     leading = leading or {}
     inputs = [*leading, *[f"x{i}" for i in range(len(shapes))]]
     graph_inputs = [helper.make_tensor_value_info(f"x{i}", elem, s) for i, s in enumerate(shapes)]
@@ -254,7 +275,8 @@ def _one_node_model(
         if value is None:
             inputs.append("")
             continue
-        value = value.astype({"i": np.int64, "f": dtype}.get(value.dtype.kind, value.dtype))
+        if value.dtype.itemsize > 1:  # (int8 and uint8 zero points keep their type)
+            value = value.astype({"i": np.int64, "f": dtype}.get(value.dtype.kind, value.dtype))
         if name in fed:
             value_elem = helper.np_dtype_to_tensor_dtype(value.dtype)
             graph_inputs.append(helper.make_tensor_value_info(name, value_elem, value.shape))
@@ -274,13 +296,24 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list
     extra_out = list(RULES[case.op].extra_outputs)  # as the grafter adds them (MaxPool: Indices)
     shapes = [case.shape, *case.extra]
     model, node = _one_node_model(
-        case.op, shapes, case.attrs, case.constants, outputs + extra_out, case.dtype, case.opset, case.fed, case.leading
+        case.op,
+        shapes,
+        case.attrs,
+        case.constants,
+        outputs + extra_out,
+        case.dtype,
+        case.opset,
+        case.fed,
+        case.leading,
+        case.x_dtype,
     )
     b = Builder(model)
     b.wanted = set(names)
     upstream = [None if i in case.no_grad else f"d{y}" for i, y in enumerate(outputs)]
     grads = input_gradients(b, node, upstream + [None] * len(extra_out))
-    model.graph.input.extend(helper.make_tensor_value_info(d, b.elem_type(y), None)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)  # an integer output's gradient is a float tensor
+    grad_elem = {y: b.elem_type(y) if b.elem_type(y) in floats else elem for y in outputs}
+    model.graph.input.extend(helper.make_tensor_value_info(d, grad_elem[y], None)
                              for d, y in zip(upstream, outputs, strict=True) if d)  # fmt: skip
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.initializers)
@@ -297,7 +330,9 @@ def test_rule_matches_torch_autograd(case: Case) -> None:
     assert all(g is None for g in grads[differentiable:]), "constant inputs need no gradient"
     rng = np.random.default_rng(case.seed)
     xs = [
-        (rng.uniform(0.5, 2.5, s) if case.positive else rng.standard_normal(s)).astype(case.dtype)
+        (rng.uniform(0.5, 2.5, s) if case.positive else rng.standard_normal(s) * case.spread).astype(
+            case.x_dtype or case.dtype
+        )
         for s in [case.shape, *case.extra]
     ]
     xts = [torch.from_numpy(x.astype(np.float64)).requires_grad_() for x in xs]
@@ -387,6 +422,12 @@ REFUSALS = [
     Refusal("Gather", [[5]], "indices computed at run time need opset 16", constants={"i": _i(1, 2)}, fed=("i",),
             opset=13),
     Refusal("MatMul", [[2, 3], [3]], "1-D operands are not supported"),
+    Refusal("DequantizeLinear", [[2, 8]], "blocked quantization (block_size)", {"axis": 1, "block_size": 4},
+            constants={"s": np.ones((2, 2), np.float32)}, opset=21),
+    Refusal("QuantizeLinear", [[2, 3]], "a per-axis scale along the batch axis", {"axis": 0},
+            constants={"s": np.ones(2, np.float32), "z": np.zeros(2, np.uint8)}),
+    Refusal("QuantizeLinear", [[2, 3]], "only integer outputs", constants={"s": np.ones(1, np.float32),
+            "z": np.zeros(1, np.float32)}, opset=19),
 ]
 # fmt: on
 

@@ -1,0 +1,121 @@
+// onnxcam in JavaScript: the steps around one ONNX Runtime call, shared by the web page (onnxruntime-web)
+// and the Node.js script (onnxruntime-node). Pixels are RGB, row-major; maps are Float32Array in [0, 1].
+// The graph does the Grad-CAM work itself (its `saliency` output); this file only resizes the photo,
+// feeds the contract's inputs and paints the overlay as the Python path does (onnxcam/overlay.py).
+
+export const HEAT_WEIGHT = 0.4; // 0.4 heat map + 0.6 photo, as the CLI
+export const GRADCAM = 0; // saliency_method 0 is Grad-CAM in every onnxcam model (the card lists the others)
+
+// OpenCV's COLORMAP_JET as RGB triples for levels 0..255 (tests/test_web.py checks it against cv2).
+export const JET = new Uint8Array([
+  0, 0, 128, 0, 0, 132, 0, 0, 136, 0, 0, 140, 0, 0, 144, 0, 0, 148, 0, 0, 152, 0, 0, 156, 0, 0, 160, 0, 0, 164, 0, 0, 168, 0, 0, 172, 0, 0, 176, 0, 0, 180, 0, 0, 184, 0, 0, 188,
+  0, 0, 192, 0, 0, 196, 0, 0, 200, 0, 0, 204, 0, 0, 208, 0, 0, 212, 0, 0, 216, 0, 0, 220, 0, 0, 224, 0, 0, 228, 0, 0, 232, 0, 0, 236, 0, 0, 240, 0, 0, 244, 0, 0, 248, 0, 0, 252,
+  0, 0, 255, 0, 4, 255, 0, 8, 255, 0, 12, 255, 0, 16, 255, 0, 20, 255, 0, 24, 255, 0, 28, 255, 0, 32, 255, 0, 36, 255, 0, 40, 255, 0, 44, 255, 0, 48, 255, 0, 52, 255, 0, 56, 255, 0, 60, 255,
+  0, 64, 255, 0, 68, 255, 0, 72, 255, 0, 76, 255, 0, 80, 255, 0, 84, 255, 0, 88, 255, 0, 92, 255, 0, 96, 255, 0, 100, 255, 0, 104, 255, 0, 108, 255, 0, 112, 255, 0, 116, 255, 0, 120, 255, 0, 124, 255,
+  0, 128, 255, 0, 132, 255, 0, 136, 255, 0, 140, 255, 0, 144, 255, 0, 148, 255, 0, 152, 255, 0, 156, 255, 0, 160, 255, 0, 164, 255, 0, 168, 255, 0, 172, 255, 0, 176, 255, 0, 180, 255, 0, 184, 255, 0, 188, 255,
+  0, 192, 255, 0, 196, 255, 0, 200, 255, 0, 204, 255, 0, 208, 255, 0, 212, 255, 0, 216, 255, 0, 220, 255, 0, 224, 255, 0, 228, 255, 0, 232, 255, 0, 236, 255, 0, 240, 255, 0, 244, 255, 0, 248, 255, 0, 252, 255,
+  2, 255, 254, 6, 255, 250, 10, 255, 246, 14, 255, 242, 18, 255, 238, 22, 255, 234, 26, 255, 230, 30, 255, 226, 34, 255, 222, 38, 255, 218, 42, 255, 214, 46, 255, 210, 50, 255, 206, 54, 255, 202, 58, 255, 198, 62, 255, 194,
+  66, 255, 190, 70, 255, 186, 74, 255, 182, 78, 255, 178, 82, 255, 174, 86, 255, 170, 90, 255, 166, 94, 255, 162, 98, 255, 158, 102, 255, 154, 106, 255, 150, 110, 255, 146, 114, 255, 142, 118, 255, 138, 122, 255, 134, 126, 255, 130,
+  130, 255, 126, 134, 255, 122, 138, 255, 118, 142, 255, 114, 146, 255, 110, 150, 255, 106, 154, 255, 102, 158, 255, 98, 162, 255, 94, 166, 255, 90, 170, 255, 86, 174, 255, 82, 178, 255, 78, 182, 255, 74, 186, 255, 70, 190, 255, 66,
+  194, 255, 62, 198, 255, 58, 202, 255, 54, 206, 255, 50, 210, 255, 46, 214, 255, 42, 218, 255, 38, 222, 255, 34, 226, 255, 30, 230, 255, 26, 234, 255, 22, 238, 255, 18, 242, 255, 14, 246, 255, 10, 250, 255, 6, 254, 255, 1,
+  255, 252, 0, 255, 248, 0, 255, 244, 0, 255, 240, 0, 255, 236, 0, 255, 232, 0, 255, 228, 0, 255, 224, 0, 255, 220, 0, 255, 216, 0, 255, 212, 0, 255, 208, 0, 255, 204, 0, 255, 200, 0, 255, 196, 0, 255, 192, 0,
+  255, 188, 0, 255, 184, 0, 255, 180, 0, 255, 176, 0, 255, 172, 0, 255, 168, 0, 255, 164, 0, 255, 160, 0, 255, 156, 0, 255, 152, 0, 255, 148, 0, 255, 144, 0, 255, 140, 0, 255, 136, 0, 255, 132, 0, 255, 128, 0,
+  255, 124, 0, 255, 120, 0, 255, 116, 0, 255, 112, 0, 255, 108, 0, 255, 104, 0, 255, 100, 0, 255, 96, 0, 255, 92, 0, 255, 88, 0, 255, 84, 0, 255, 80, 0, 255, 76, 0, 255, 72, 0, 255, 68, 0, 255, 64, 0,
+  255, 60, 0, 255, 56, 0, 255, 52, 0, 255, 48, 0, 255, 44, 0, 255, 40, 0, 255, 36, 0, 255, 32, 0, 255, 28, 0, 255, 24, 0, 255, 20, 0, 255, 16, 0, 255, 12, 0, 255, 8, 0, 255, 4, 0, 255, 0, 0,
+  252, 0, 0, 248, 0, 0, 244, 0, 0, 240, 0, 0, 236, 0, 0, 232, 0, 0, 228, 0, 0, 224, 0, 0, 220, 0, 0, 216, 0, 0, 212, 0, 0, 208, 0, 0, 204, 0, 0, 200, 0, 0, 196, 0, 0, 192, 0, 0,
+  188, 0, 0, 184, 0, 0, 180, 0, 0, 176, 0, 0, 172, 0, 0, 168, 0, 0, 164, 0, 0, 160, 0, 0, 156, 0, 0, 152, 0, 0, 148, 0, 0, 144, 0, 0, 140, 0, 0, 136, 0, 0, 132, 0, 0, 128, 0, 0,
+]);
+
+// Resampling weights along one axis: for each output index, [source index, weight] pairs.
+// Shrinking averages the covered source cells by their covered fraction (OpenCV's INTER_AREA);
+// enlarging interpolates linearly between pixel centres, clamped at the edges (INTER_LINEAR).
+function taps(from, to) {
+  const scale = from / to;
+  const out = [];
+  for (let i = 0; i < to; i++) {
+    const row = [];
+    if (scale > 1) {
+      const start = i * scale;
+      const end = start + scale;
+      for (let s = Math.floor(start); s < Math.min(Math.ceil(end), from); s++) {
+        const w = Math.min(end, s + 1) - Math.max(start, s);
+        if (w > 1e-9) row.push([s, w / scale]);
+      }
+    } else {
+      const x = Math.min(Math.max((i + 0.5) * scale - 0.5, 0), from - 1);
+      const s = Math.floor(x);
+      const f = x - s;
+      row.push([s, 1 - f]);
+      if (f > 0) row.push([s + 1, f]);
+    }
+    out.push(row);
+  }
+  return out;
+}
+
+// Separable resize of `channels`-interleaved values (height x width) to (outHeight x outWidth), Float32Array.
+export function resize(values, height, width, channels, outHeight, outWidth) {
+  const across = taps(width, outWidth);
+  const down = taps(height, outHeight);
+  const rows = new Float32Array(height * outWidth * channels);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < outWidth; x++) {
+      for (const [s, w] of across[x]) {
+        for (let c = 0; c < channels; c++) rows[(y * outWidth + x) * channels + c] += w * values[(y * width + s) * channels + c];
+      }
+    }
+  }
+  const out = new Float32Array(outHeight * outWidth * channels);
+  for (let y = 0; y < outHeight; y++) {
+    for (const [s, w] of down[y]) {
+      const from = s * outWidth * channels;
+      const to = y * outWidth * channels;
+      for (let i = 0; i < outWidth * channels; i++) out[to + i] += w * rows[from + i];
+    }
+  }
+  return out;
+}
+
+// RGB photo (Uint8 array, height x width x 3) -> the model's uint8 input at (size[0] x size[1]).
+export function modelInput(rgb, height, width, size) {
+  const resized = resize(rgb, height, width, 3, size[0], size[1]);
+  return Uint8Array.from(resized, (v) => Math.min(255, Math.max(0, Math.round(v))));
+}
+
+// One ONNX Runtime call: logits, the classes of `targets` (-k: the k-th best) and their finished maps.
+export async function explain(ort, session, pixels, size, targets, method = GRADCAM) {
+  const feeds = {
+    image: new ort.Tensor("uint8", pixels, [1, size[0], size[1], 3]),
+    targets: new ort.Tensor("int64", BigInt64Array.from(targets, BigInt), [1, targets.length]),
+    return_saliency: new ort.Tensor("bool", Uint8Array.from([1]), []),
+    saliency_method: new ort.Tensor("int64", BigInt64Array.from([BigInt(method)]), []),
+  };
+  const out = await session.run(feeds, ["logits", "target_classes", "saliency"]);
+  const plane = size[0] * size[1];
+  const saliency = out.saliency.data;
+  return {
+    logits: out.logits.data,
+    classes: Array.from(out.target_classes.data, Number),
+    maps: Array.from(targets, (_, t) => saliency.subarray(t * plane, (t + 1) * plane)),
+  };
+}
+
+// Softmax probabilities of `logits`, and the `k` best as [index, probability].
+export function ranked(logits, k) {
+  const top = Math.max(...logits);
+  const exp = Array.from(logits, (v) => Math.exp(v - top));
+  const total = exp.reduce((a, b) => a + b, 0);
+  return exp.map((v, i) => [i, v / total]).sort((a, b) => b[1] - a[1]).slice(0, k);
+}
+
+// The overlay (RGBA, for a canvas or a PNG): JET of the map upsampled to the photo, blended over it.
+export function overlay(rgb, height, width, map, size, alpha = HEAT_WEIGHT) {
+  const cam = resize(map, size[0], size[1], 1, height, width);
+  const out = new Uint8ClampedArray(height * width * 4);
+  for (let i = 0; i < height * width; i++) {
+    const level = Math.min(255, Math.round(Math.abs(cam[i]) * 255));
+    for (let c = 0; c < 3; c++) out[i * 4 + c] = Math.round(alpha * JET[level * 3 + c] + (1 - alpha) * rgb[i * 3 + c]);
+    out[i * 4 + 3] = 255;
+  }
+  return out;
+}

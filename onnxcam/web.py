@@ -1,0 +1,70 @@
+"""``onnxcam web``: a static page that explains photos in the browser with onnxruntime-web (no server code).
+
+The site is the page (``onnxcam/site/``: ``index.html``, ``app.mjs`` and ``onnxcam.mjs``, the steps
+around the ONNX Runtime call that the Node.js script shares), the model as ``model.onnx``, its card
+as ``card.json`` (labels, input size, in-graph methods) and onnxruntime-web's files in ``ort/``,
+copied from an npm install of the pinned version (``web/package.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+from onnxcam.outputs import atomic_write
+
+ORT_WEB_VERSION = "1.30.0"  # the version web/package.json pins (tests/test_web.py checks that they agree)
+ORT_WEB_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
+PAGE_FILES = ("index.html", "app.mjs", "onnxcam.mjs")
+DEFAULT_ORT = Path("web/node_modules/onnxruntime-web/dist")
+
+
+def _check_ort(dist: Path) -> None:
+    """``dist`` is onnxruntime-web's ``dist`` folder of the pinned version, with the files the page loads."""
+    install = f"install it with `npm ci --prefix web` in the onnxcam repository (onnxruntime-web@{ORT_WEB_VERSION})"
+    try:
+        version = json.loads((dist.parent / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        raise OnnxcamError(f"onnxruntime-web not found in {dist}; {install}, or pass --ort DIR/dist") from None
+    if version != ORT_WEB_VERSION:
+        raise OnnxcamError(f"{dist} is onnxruntime-web {version}, the page is tested with {ORT_WEB_VERSION}; {install}")
+    missing = [name for name in ORT_WEB_FILES if not (dist / name).is_file()]
+    if missing:
+        raise OnnxcamError(f"{dist} lacks {', '.join(missing)}; {install}")
+
+
+def _copy(source: Path, target: Path) -> None:
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Path]:
+    """Write the page for ``model`` into ``out``; return the files written. Checks come before any write."""
+    card = Engine(model).card
+    if not card.saliency_methods:
+        raise OnnxcamError(f"{model} has no saliency output (made by an older onnxcam); re-export it")
+    if model.with_name(model.name + ".data").exists():  # weights over 100 MB (onnxcam_export.save)
+        raise OnnxcamError(f"{model} keeps its weights in {model.name}.data: the page takes models in one file "
+                           "(a browser tab holds a few hundred MB at most); use a smaller model")  # fmt: skip
+    _check_ort(ort_dist)
+    if out.exists() and not out.is_dir():
+        raise OnnxcamError(f"--out {out} is a file, not a folder")
+    (out / "ort").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in PAGE_FILES:
+        written.append(out / name)
+        page = resources.files("onnxcam").joinpath("site", name).read_bytes()
+        atomic_write(written[-1], lambda tmp, page=page: tmp.write_bytes(page))
+    for name in ORT_WEB_FILES:
+        written.append(out / "ort" / name)
+        _copy(ort_dist / name, written[-1])
+    written.append(out / "model.onnx")
+    _copy(model, written[-1])
+    fields = ("arch", "weights", "trained", "layer", "input_size", "labels", "saliency_methods")
+    document = json.dumps({key: getattr(card, key) for key in fields}, indent=1)
+    written.append(out / "card.json")
+    atomic_write(written[-1], lambda tmp: tmp.write_text(document, encoding="utf-8"))
+    return written

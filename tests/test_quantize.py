@@ -1,0 +1,109 @@
+"""INT8: ``onnxcam quantize`` (a build step) and user QDQ models grafted with ``export --from``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+from onnxcam import Explainer
+from onnxcam.engine import Engine
+from tests.conftest import EXAMPLES, ROOT
+from tests.test_cli import RUNTIME_ONLY, assert_clean_failure, run, run_without
+from tests.test_saliency import _tiny_classifier
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(ROOT / "scripts"))
+from scenes import write_scenes  # noqa: E402
+
+
+class _Random(CalibrationDataReader):
+    def __init__(self, count: int) -> None:
+        rng = np.random.default_rng(0)
+        self._feeds = iter([{"x": rng.normal(0, 1, (1, 3, 20, 30)).astype(np.float32)} for _ in range(count)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def test_a_users_qdq_model_grafts_with_the_straight_through_gradient(tmp_path: Path) -> None:
+    """ONNX Runtime's QDQ quantization puts Quantize/DequantizeLinear pairs all through the head; the grafted
+    gradient equals torch autograd through the same fake-quantized head (same scales, zero points, weights)."""
+    from onnxcam_export.from_onnx import graft_file
+
+    _tiny_classifier(tmp_path / "tiny.onnx")
+    quantize_static(tmp_path / "tiny.onnx", tmp_path / "tiny.qdq.onnx", _Random(4), quant_format=QuantFormat.QDQ,
+                    per_channel=True)  # fmt: skip
+    qdq = onnx.load(tmp_path / "tiny.qdq.onnx")
+    ops = [n.op_type for n in qdq.graph.node]
+    head = ops[ops.index("GlobalAveragePool") :]
+    assert head.count("QuantizeLinear") == 3 and head.count("DequantizeLinear") == 3
+    card, _ = graft_file(tmp_path / "tiny.qdq.onnx", tmp_path / "tiny.qdq.cam.onnx")
+    assert card["layer"].startswith("r_DequantizeLinear_Output")
+    engine = Engine(tmp_path / "tiny.qdq.cam.onnx")
+    image = np.random.default_rng(2).integers(0, 256, (1, 20, 30, 3), dtype=np.uint8)
+    out = engine.run(image, np.asarray([[0, 1]]), full_gradients=True)
+
+    values = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+
+    def fake_quant(x: torch.Tensor, name: str) -> torch.Tensor:
+        zero = values[f"{name}_zero_point"]
+        levels = np.iinfo(zero.dtype)
+        return torch.fake_quantize_per_tensor_affine(
+            x, float(values[f"{name}_scale"]), int(zero), levels.min, levels.max
+        )
+
+    fc = (values["fc_quantized"].astype(np.float64) - values["fc_zero_point"][:, None]) * values["fc_scale"][:, None]
+    a = torch.from_numpy(out.activations.astype(np.float64)).requires_grad_()
+    pooled = fake_quant(a.mean(dim=(2, 3)), "p")  # GlobalAveragePool; Flatten keeps [N, C]
+    scores = fake_quant(fake_quant(pooled, "p") @ torch.from_numpy(fc).T, "scores")
+    for t in range(2):
+        (expected,) = torch.autograd.grad(scores[0, t], a, retain_graph=True)
+        np.testing.assert_allclose(out.gradients[0, t], expected[0].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.logits[0], scores[0].detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_is_a_build_step_on_a_runtime_only_host(lite0_model: Path, tmp_path: Path) -> None:
+    result = run_without(RUNTIME_ONLY, "quantize", str(lite0_model), "--calibrate", str(EXAMPLES))
+    assert_clean_failure(result, "build step", "onnx package")
+
+
+def test_quantize_refuses_a_calibration_folder_without_images(lite0_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    assert_clean_failure(run("quantize", str(lite0_model), "--calibrate", str(tmp_path), "--out", str(out)),
+                         "holds no images")  # fmt: skip
+    assert_clean_failure(run("quantize", str(lite0_model), "--calibrate", str(tmp_path / "none"), "--out", str(out)),
+                         "is not a folder")  # fmt: skip
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_int8_lite0_runs_on_the_plain_runtime_and_keeps_the_maps(lite0_model: Path, tmp_path: Path) -> None:
+    """Calibrated on 8 scenes, checked on 2 photos and 8 other scenes (benchmarks/int8.py measures 52)."""
+    write_scenes(tmp_path / "calibration", 8, seed=1)
+    scenes = write_scenes(tmp_path / "scenes", 8, seed=0)
+    int8 = tmp_path / "lite0.int8.onnx"
+    result = run("quantize", str(lite0_model), "--calibrate", str(tmp_path / "calibration"), "--out", str(int8))
+    assert result.returncode == 0, result.stderr
+    assert "INT8 (qdq" in result.stdout
+    model = onnx.load(int8)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "QDQ: default-domain ONNX only"
+    explained = run_without(RUNTIME_ONLY, "explain", str(EXAMPLES / "chelsea.png"), "--model", str(int8),
+                            "--out", str(tmp_path / "maps"), "--json")  # fmt: skip
+    assert explained.returncode == 0, explained.stderr
+    assert json.loads(explained.stdout)["images"][0]["targets"][0]["label"] == "Egyptian cat"
+    floats, quantized = Explainer(lite0_model), Explainer(int8)
+    correlations = []
+    for photo in [EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png", *scenes]:
+        reference = floats.explain(photo).maps[0]
+        ours = quantized.explain(photo, targets=[reference.index]).maps[0]
+        correlations.append(float(np.corrcoef(reference.cam.ravel(), ours.cam.ravel())[0, 1]))
+    assert statistics.median(correlations) >= 0.95 and min(correlations) >= 0.85, correlations

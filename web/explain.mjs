@@ -1,0 +1,31 @@
+// Grad-CAM from Node.js with onnxruntime-node: the .onnx file computes the map, this script paints it.
+//
+//   npm ci --prefix web
+//   node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]
+//
+// Prints the top-5 classes (index, probability) and writes the overlay of CLASS (default: the
+// top-1) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam explain`.
+import { readFileSync, writeFileSync } from "node:fs";
+import ort from "onnxruntime-node";
+import { PNG } from "pngjs";
+import { explain, modelInput, overlay, ranked } from "../onnxcam/site/onnxcam.mjs";
+
+const [model, photo, out, target] = process.argv.slice(2);
+if (!out) {
+  console.error("usage: node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]");
+  process.exit(2);
+}
+const png = PNG.sync.read(readFileSync(photo), { colorType: 2, inputHasAlpha: false }); // -> RGBA, 8 bits
+const { width, height } = png;
+const rgb = new Uint8Array(width * height * 3);
+for (let i = 0; i < width * height; i++) for (let c = 0; c < 3; c++) rgb[i * 3 + c] = png.data[i * 4 + c];
+
+const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 });
+const size = session.inputMetadata.find((i) => i.name === "image").shape.slice(1, 3);
+const targets = target === undefined ? [-1] : [Number(target)];
+const result = await explain(ort, session, modelInput(rgb, height, width, size), size, targets);
+for (const [index, probability] of ranked(result.logits, 5)) console.log(`${index}\t${probability.toFixed(4)}`);
+const picture = new PNG({ width, height });
+picture.data = Buffer.from(overlay(rgb, height, width, result.maps[0], size));
+writeFileSync(out, PNG.sync.write(picture));
+console.log(`class ${result.classes[0]}: wrote ${out}`);
