@@ -137,12 +137,15 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
 def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
     """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
 
-    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient;
-    a tensor of unknown type counts as float unless :data:`INTEGER_OPS` computes it.
+    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient,
+    except quantized levels (a rule's ``levels``); a tensor of unknown type counts as float unless
+    :data:`INTEGER_OPS` computes it.
     """
     types = types or {}
 
     def floating(node: onnx.NodeProto, name: str) -> bool:
+        if node.op_type in RULES and RULES[node.op_type].levels:
+            return True
         return types[name].elem_type in FLOATS if name in types else node.op_type not in INTEGER_OPS
 
     reached = set(sources)
@@ -577,8 +580,10 @@ def graft(
     cheap = presummed_weight(b, head, layer) if layout is None else None
     summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
-    _emit_gradients(b, full, saliency.gradients_condition(b))
-    saliency.add_saliency(graph, b, _input_size(b))
+    size = _input_size(b)
+    _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
+    if size is not None:
+        saliency.add_saliency(graph, b, size)
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
@@ -586,15 +591,17 @@ def graft(
     if head_only is not None:
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
-    _add_saliency_output(graph, b)
+    if size is not None:
+        _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 
-def _input_size(b: Builder) -> tuple[int, int]:
-    """(H, W) of the ``image`` input [N, H, W, 3], which the saliency map takes."""
+def _input_size(b: Builder) -> tuple[int, int] | None:
+    """(H, W) of the ``image`` input [N, H, W, 3], which the saliency map takes; None without one (a
+    graph grafted only to measure a candidate layer, before its uint8 input is put in front)."""
     shape = b.shape(contract.IMAGE)
     if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:3]):
-        raise UnsupportedOp(f"the {contract.IMAGE!r} input needs a static [N, H, W, 3] shape, got {shape}")
+        return None
     return shape[1], shape[2]
 
 
