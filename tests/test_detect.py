@@ -1,0 +1,295 @@
+"""Segmenters and detectors grafted by ``export --from``: gradients against torch autograd (float64 reference,
+float32 graph, as for classifiers), the in-graph non-maximum suppression against a numpy reference of
+ultralytics' ``non_max_suppression``, and the refusal of an output layout onnxcam does not know."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+from tests.test_cli import assert_clean_failure, run
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+UNIT = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)  # the models take pixel / 255
+SIZE = 32
+TOL = 1e-4  # relative to the largest magnitude, float32 graph vs float64 autograd
+
+
+class TinySegmenter(nn.Module):
+    """Features at stride 2, a 1x1 classifier, the masks upsampled to the input (as DeepLab/FCN heads)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.classifier(self.features(x)), size=x.shape[2:], mode="bilinear")
+
+
+class TinyDetector(nn.Module):
+    """An ultralytics-style anchor-free detector with two scales (strides 4 and 8): raw output
+    ``[N, 4 + K, A]``, cx, cy, w, h in input pixels and sigmoid class scores, A = anchors of both scales."""
+
+    def __init__(self, classes: int = 3, size: int = SIZE) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.box = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+                                 for _ in range(2))  # fmt: skip
+        self.cls = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, classes, 1))
+                                 for _ in range(2))  # fmt: skip
+        for i, stride in enumerate((4, 8)):
+            cells = torch.arange(size // stride, dtype=torch.float32) + 0.5
+            grid = torch.stack(torch.meshgrid(cells, cells, indexing="xy")).reshape(1, 2, -1)
+            self.register_buffer(f"grid{i}", grid * stride)
+        self.strides = (4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.stem(x)
+        outs = []
+        for i, feature in enumerate((p3, self.down(p3))):
+            box = self.box[i](feature).flatten(2)
+            stride, grid = self.strides[i], getattr(self, f"grid{i}")
+            xywh = torch.cat([grid + torch.tanh(box[:, :2]) * stride, torch.exp(box[:, 2:]) * 4 * stride], 1)
+            outs.append(torch.cat([xywh, torch.sigmoid(self.cls[i](feature).flatten(2))], 1))
+        return torch.cat(outs, 2)
+
+
+def export_plain(model: nn.Module, path: Path, dynamo: bool = False) -> Path:
+    """The model as a user has it: exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
+    names = {"input_names": ["x"], "output_names": ["out"]}
+    if dynamo:
+        names["dynamic_shapes"] = {"x": {0: torch.export.Dim("N")}}
+    else:
+        names["dynamic_axes"] = {"x": {0: "N"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),), path, dynamo=dynamo, opset_version=18,
+                          **names)  # fmt: skip
+    return path
+
+
+def grafted(model: nn.Module, folder: Path, dynamo: bool = False, **options: object) -> tuple[Path, dict]:
+    source = export_plain(model, folder / "plain.onnx", dynamo)
+    card, _ = graft_file(source, folder / "plain.cam.onnx", prep=UNIT, **options)
+    return folder / "plain.cam.onnx", card
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _as_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float64) / 255).permute(0, 3, 1, 2)
+
+
+def forward_with(model: nn.Module, layer: nn.Module, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output of ``layer``, the model's output) in float64, for torch autograd."""
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    out = model(_as_input(images))
+    hook.remove()
+    return store[0], out
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# -- semantic segmentation ----------------------------------------------------------------------------
+def segment_scores(masks: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+    """[N, T]: sum of class c's logits over the pixels predicted as c (SemanticSegmentationTarget)."""
+    predicted = masks.argmax(1)
+    rows = []
+    for t in range(classes.shape[1]):
+        c = torch.from_numpy(classes[:, t])
+        chosen = masks.gather(1, c[:, None, None, None].expand(-1, 1, *masks.shape[2:]))[:, 0]
+        rows.append((chosen * (predicted == c[:, None, None])).sum((1, 2)))
+    return torch.stack(rows, 1)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+    torch.manual_seed(0)
+    model = TinySegmenter()
+    path, card = grafted(model, tmp_path_factory.mktemp("seg"))
+    return model, path, card
+
+
+def test_segmenter_is_recognised_and_explained_at_its_last_feature_layer(segmenter: tuple) -> None:
+    _, _, card = segmenter
+    assert card["task"] == "segmentation"
+    assert "(16x16x16)" in card["layer"], "the features before the 1x1 classifier, not the masks"
+
+
+def test_segmenter_gradients_match_torch_autograd(segmenter: tuple) -> None:
+    model, path, _ = segmenter
+    engine = Engine(path)
+    images = _images(2, seed=3)
+    targets = np.array([[2, -1, 0], [-2, 1, 3]], dtype=np.int64)
+    out = engine.run(images, targets, full_gradients=True)
+    activations, masks = forward_with(model, model.features, images)
+    scores = segment_scores(masks, out.target_classes)
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    all_scores = segment_scores(masks, np.tile(np.arange(4), (2, 1))).detach().numpy()
+    assert _rel(out.logits, all_scores) < TOL, "logits are the masked sums of every class"
+    assert out.target_classes[0, 1] == np.argsort(-all_scores[0])[0], "-1: the class with the largest masked sum"
+    assert out.target_classes[1, 0] == np.argsort(-all_scores[1])[1], "-2: the second"
+    assert _rel(out.activations, activations.detach().numpy()) < TOL
+    assert _rel(out.gradients, grads) < TOL
+    assert _rel(out.weights, grads.mean(axis=(3, 4))) < TOL
+    assert np.abs(grads).max() > 0, "the reference must not be trivially zero"
+
+
+# -- ultralytics-style detectors ----------------------------------------------------------------------
+ANCHORS, CLASSES = 80, 3  # TinyDetector at 32x32: 8x8 + 4x4 anchors
+
+
+def ultralytics_nms(raw: np.ndarray, conf: float, iou: float) -> list[tuple[int, int, float, np.ndarray]]:
+    """Kept detections of one image's raw output ``[4 + K, A]`` as ultralytics' ``non_max_suppression``
+    (default, not agnostic): each anchor takes its best class, those above ``conf`` are suppressed per
+    class greedily by score at IoU > ``iou``. (anchor, class, score, x1y1x2y2), best first."""
+    scores = raw[4:]
+    cx, cy, w, h = raw[:4].astype(np.float64)
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    best, score = scores.argmax(0), scores.max(0)
+    kept: list[int] = []
+    for a in sorted(np.flatnonzero(score > conf), key=lambda a: -score[a]):
+        others = [k for k in kept if best[k] == best[a]]
+        if not others:
+            kept.append(a)
+            continue
+        low, high = np.maximum(boxes[others, :2], boxes[a, :2]), np.minimum(boxes[others, 2:], boxes[a, 2:])
+        inter = np.prod(np.clip(high - low, 0, None), axis=1)
+        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+        if np.all(inter / (area(boxes[others]) + area(boxes[a]) - inter) <= iou):
+            kept.append(a)
+    return [(int(a), int(best[a]), float(score[a]), boxes[a]) for a in kept]
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+    torch.manual_seed(0)
+    model = TinyDetector(CLASSES)
+    path, card = grafted(model, tmp_path_factory.mktemp("det"))
+    return model, path, card
+
+
+def test_detector_is_recognised_with_its_shared_features_as_target_layer(detector: tuple) -> None:
+    _, path, card = detector
+    assert card["task"] == "detection" and len(Engine(path).card.labels) == CLASSES
+    assert "(16x8x8)" in card["layer"], "the stride-4 features both scales' heads read"
+
+
+def test_detector_gradients_of_box_scores_match_torch_autograd(detector: tuple) -> None:
+    model, path, _ = detector
+    engine = Engine(path)
+    images = _images(2, seed=5)
+    anchors, classes = np.array([[3, 70, 41], [79, 0, 12]]), np.array([[0, 2, 1], [1, 1, 0]])
+    targets = np.concatenate([classes * ANCHORS + anchors, [[-1], [-2]]], axis=1)
+    out = engine.run(images, targets, full_gradients=True, thresholds={"conf_threshold": 0.0})
+    assert np.array_equal(out.box_anchors[:, :3], anchors) and np.array_equal(out.target_classes[:, :3], classes)
+    activations, raw = forward_with(model, model.stem, images)
+    n = torch.arange(2)[:, None]
+    scores = raw[n, 4 + torch.from_numpy(out.target_classes), torch.from_numpy(out.box_anchors)]  # [N, T]
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    assert _rel(out.logits, raw[:, 4:].detach().numpy()) < TOL
+    assert _rel(out.box_scores, scores.detach().numpy()) < TOL
+    assert _rel(out.activations, activations.detach().numpy()) < TOL
+    assert _rel(out.gradients, grads) < TOL
+    assert _rel(out.weights, grads.mean(axis=(3, 4))) < TOL
+
+
+def test_in_graph_nms_keeps_the_boxes_of_ultralytics_nms(detector: tuple) -> None:
+    model, path, _ = detector
+    engine = Engine(path)
+    images, rows = _images(3, seed=11), 12
+    conf, iou = 0.52, 0.3
+    out = engine.run(images, -np.tile(np.arange(1, rows + 1), (3, 1)), thresholds={"conf_threshold": conf,
+                     "iou_threshold": iou})  # fmt: skip
+    with torch.no_grad():
+        raw = model.float()(_as_input(images).float()).numpy()
+    suppressed = 0
+    for n in range(3):
+        expected = ultralytics_nms(raw[n], conf, iou)[:rows]
+        suppressed += int((raw[n, 4:].max(0) > conf).sum()) - len(ultralytics_nms(raw[n], conf, iou))
+        found = out.box_anchors[n] >= 0
+        assert found.sum() == len(expected) > 0
+        pairs = zip(out.box_anchors[n][found], out.target_classes[n][found], strict=True)
+        assert [(a, c) for a, c, _, _ in expected] == list(pairs)
+        np.testing.assert_allclose(out.box_scores[n][found], [s for _, _, s, _ in expected], rtol=1e-6)
+        np.testing.assert_allclose(out.boxes[n][found], [b for *_, b in expected], rtol=1e-5, atol=1e-4)
+        assert not out.boxes[n][~found].any() and (out.target_classes[n][~found] == -1).all()
+    assert suppressed > 0, "the NMS must have suppressed boxes for the comparison to mean something"
+
+
+def test_missing_detection_rows_have_zero_gradients(detector: tuple) -> None:
+    _, path, _ = detector
+    out = Engine(path).run(_images(1), np.array([[-1, -2]]), full_gradients=True,
+                           thresholds={"conf_threshold": 0.999})  # fmt: skip
+    assert (out.box_anchors == -1).all() and not out.gradients.any() and not out.weights.any()
+
+
+def test_unknown_output_layout_is_refused_naming_the_outputs(tmp_path: Path) -> None:
+    class Pairs(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x).flatten(2).transpose(1, 2)  # [N, H*W, 3]: no layout onnxcam knows
+
+    source = export_plain(Pairs(), tmp_path / "pairs.onnx")
+    with pytest.raises(OnnxcamError, match=r"the model's outputs \('out' \[.*, 1024, 3\]\) are not a layout") as e:
+        graft_file(source, tmp_path / "pairs.cam.onnx", prep=UNIT)
+    assert "--task" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path: Path) -> None:
+    model, path, _ = detector
+    photo = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # resized to 32x32 by onnxcam
+    cv2.imwrite(str(tmp_path / "street.png"), photo[:, :, ::-1])
+    out = tmp_path / "out"
+    result = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.52", "--iou", "0.3",
+                 "--top-k", "5", "--out", str(out), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)["images"][0]["targets"]
+    with torch.no_grad():
+        raw = model.float()(_as_input(cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA)[None]).float())
+    expected = ultralytics_nms(raw[0].numpy(), 0.52, 0.3)[:5]
+    assert [t["rank"] for t in targets] == list(range(1, len(expected) + 1)) and len(expected) >= 2
+    assert [t["class"] for t in targets] == [c for _, c, _, _ in expected]
+    np.testing.assert_allclose([t["probability"] for t in targets], [s for _, _, s, _ in expected], atol=1e-5)
+    scale = np.array([64 / SIZE, 48 / SIZE] * 2)
+    np.testing.assert_allclose([t["box"] for t in targets], [b * scale for *_, b in expected], atol=0.02)
+    assert len({t["overlay"] for t in targets}) == len(targets), "one overlay per detection, even of one class"
+    assert all(Path(t["overlay"]).is_file() and len(t["peak_xy"]) == 2 for t in targets)
+    assert (out / "street_boxes.png").is_file()
+
+
+def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sky\nroad\ncar\nperson\n")
+    source = export_plain(TinySegmenter(), tmp_path / "seg.onnx")
+    made = run("export", "--from", str(source), "--labels", str(labels), "--mean", "0", "0", "0", "--std", "1", "1",
+               "1")  # fmt: skip
+    assert made.returncode == 0 and "semantic segmentation" in made.stdout, made.stderr
+    photo = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "road.png"), photo)
+    result = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--target",
+                 "road", "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (target,) = json.loads(result.stdout)["images"][0]["targets"]
+    assert (target["class"], target["label"]) == (1, "road") and Path(target["overlay"]).is_file()
+    assert_clean_failure(run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"),
+                             "--conf", "0.3"), "--conf and --iou apply to detectors")  # fmt: skip
