@@ -163,7 +163,7 @@ class Explainer:
         detection (with its box), and ``conf``, ``iou`` are its suppression thresholds.
         """
         names = methods.resolve(method, self.engine.outputs)
-        self._check_task(names, aug_smooth, conf, iou)
+        self.check_task(names, aug_smooth, conf, iou)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
@@ -190,7 +190,7 @@ class Explainer:
             results.append(Explanation(photo, preds, found))
         return results
 
-    def _check_task(self, names: list[str], aug_smooth: bool, conf: float | None, iou: float | None) -> None:
+    def check_task(self, names: list[str], aug_smooth: bool, conf: float | None, iou: float | None) -> None:
         """Refuse what a segmenter's or detector's model cannot do, naming it."""
         task = self.card.task
         if task != "detection" and (conf is not None or iou is not None):

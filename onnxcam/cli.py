@@ -373,6 +373,7 @@ def _explain_records(
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
+    explainer.check_task(names, options.aug_smooth, options.conf, options.iou)  # and what the task cannot do
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
     if not paths:

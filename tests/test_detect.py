@@ -119,11 +119,14 @@ def segment_scores(masks: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
     return torch.stack(rows, 1)
 
 
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+EXPORTERS = ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)]  # torch.onnx's two exporters
+
+
+@pytest.fixture(scope="module", params=EXPORTERS)
+def segmenter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
     torch.manual_seed(0)
     model = TinySegmenter()
-    path, card = grafted(model, tmp_path_factory.mktemp("seg"))
+    path, card = grafted(model, tmp_path_factory.mktemp("seg"), dynamo=request.param == "dynamo")
     return model, path, card
 
 
@@ -179,11 +182,11 @@ def ultralytics_nms(raw: np.ndarray, conf: float, iou: float) -> list[tuple[int,
     return [(int(a), int(best[a]), float(score[a]), boxes[a]) for a in kept]
 
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+@pytest.fixture(scope="module", params=EXPORTERS)
+def detector(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
     torch.manual_seed(0)
     model = TinyDetector(CLASSES)
-    path, card = grafted(model, tmp_path_factory.mktemp("det"))
+    path, card = grafted(model, tmp_path_factory.mktemp("det"), dynamo=request.param == "dynamo")
     return model, path, card
 
 
@@ -291,5 +294,7 @@ def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (target,) = json.loads(result.stdout)["images"][0]["targets"]
     assert (target["class"], target["label"]) == (1, "road") and Path(target["overlay"]).is_file()
-    assert_clean_failure(run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"),
-                             "--conf", "0.3"), "--conf and --iou apply to detectors")  # fmt: skip
+    refused = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--conf", "0.3",
+                  "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert_clean_failure(refused, "--conf and --iou apply to detectors")
+    assert not (tmp_path / "refused").exists(), "refused before anything is written"
