@@ -7,6 +7,7 @@ seconds and exported plainly with torch.onnx, as a user has it; ``onnxcam export
 it and ``onnxcam explain`` gives one map per kept detection, all from one ORT call per batch.
 
     python scripts/detect_demo.py OUT_DIR   # OUT_DIR/shapes_detector.plain.onnx, labels.txt, scenes/, truth.json
+    python scripts/detect_demo.py --figure EXPLAIN_OUT docs/detect.png   # the README's picture, from explain's output
 """
 
 from __future__ import annotations
@@ -150,5 +151,37 @@ def build(folder: Path, test_count: int = 50, seed: int = 0) -> dict[str, object
     return {"model": str(model), "scenes": str(folder / "scenes"), "truth": str(folder / "truth.json")}
 
 
+def figure(explained: Path, out: Path, scenes: int = 3, method: str = "hirescam", zoom: int = 4) -> None:
+    """Rows of (all boxes, the map of box 1, the map of box 2) for the first ``scenes`` scenes of an explain
+    run, redrawn ``zoom`` times larger from its records and maps."""
+    from onnxcam.overlay import comparison_sheet, draw_box, overlay_rgb
+
+    by_stem: dict[str, list[dict]] = {}
+    for line in (explained / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["target"]["method"] == method:
+            by_stem.setdefault(record["stem"], []).append(record)
+    side, rows = SIZE * zoom, []
+    for records in list(by_stem.values())[:scenes]:
+        records.sort(key=lambda r: r["target"]["rank"])
+        photo = cv2.resize(cv2.imread(records[0]["path"])[:, :, ::-1], (side, side), interpolation=cv2.INTER_NEAREST)
+        labelled = [(r, f"{r['target']['label']} {r['target']['probability']:.2f}") for r in records]
+        boxes = photo.copy()
+        for r, label in labelled:
+            draw_box(boxes, [v * zoom for v in r["target"]["box"]], label)
+        tiles = [("all boxes", boxes)]
+        for r, label in labelled[:2]:
+            cam = cv2.resize(np.load(explained.parent / r["map"]), (side, side), interpolation=cv2.INTER_LINEAR)
+            box = [v * zoom for v in r["target"]["box"]]
+            tiles.append((f"{method}: {label}", draw_box(overlay_rgb(photo, cam), box, label)))
+        rows.append(comparison_sheet(tiles, height=side))
+    width = max(r.shape[1] for r in rows)
+    sheet = np.vstack([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
 if __name__ == "__main__":
-    print(json.dumps(build(Path(sys.argv[1])), indent=1))
+    if sys.argv[1] == "--figure":
+        figure(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        print(json.dumps(build(Path(sys.argv[1])), indent=1))
