@@ -200,6 +200,9 @@ class Worker:
 
     def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
         o = self.options
+        if not result.maps:  # (only a detector's image can have no target)
+            raise OnnxcamError(f"{path}: the detector kept no box above the confidence threshold, nothing to explain; "
+                               "lower --conf")  # fmt: skip
         names = [f"{outputs.map_name(stem, m.key, m.label, m.method)}.{o.picture}" for m in result.maps]
         clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
         if clash:

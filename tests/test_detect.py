@@ -278,6 +278,9 @@ def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path
     assert len({t["overlay"] for t in targets}) == len(targets), "one overlay per detection, even of one class"
     assert all(Path(t["overlay"]).is_file() and len(t["peak_xy"]) == 2 for t in targets)
     assert (out / "street_boxes.png").is_file()
+    nothing = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.999", "--out",
+                  str(tmp_path / "none"))  # fmt: skip
+    assert_clean_failure(nothing, "street.png", "the detector kept no box above the confidence threshold")
 
 
 def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
