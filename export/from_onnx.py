@@ -32,7 +32,14 @@ from onnxcam_export.graft import (
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
-from onnxcam_export.tasks import CLASS_SCORES, Task, add_detector_split, add_segment_scores
+from onnxcam_export.tasks import (
+    CLASS_SCORES,
+    DETECTOR_LAYOUTS,
+    Task,
+    add_detector_split,
+    add_segment_scores,
+    detector_layout,
+)
 from onnxcam_export.vjp import UnsupportedOp
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
@@ -170,7 +177,8 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
 
 
 OUTPUT_LAYOUTS = (
-    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]"
+    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A] "
+    "or YOLOv5 detector [N, A, 5 + K]"
 )
 
 
@@ -180,7 +188,7 @@ def _task_of(shape: list[int | None] | None, forced: str | None) -> str | None:
     fits = {
         "classification": rank == 2 or (rank == 4 and shape[2:] == [1, 1]),
         "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
-        "detection": rank == 3 and all(isinstance(d, int) for d in shape[1:]) and 4 < shape[1] < shape[2],
+        "detection": detector_layout(shape) is not None,
     }
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
@@ -208,9 +216,11 @@ def _task_logits(
                      "its logits over the pixels predicted as c")  # fmt: skip
         return add_segment_scores(model, raw, types), Task(task), shape[1]
     if task == "detection":
-        notes.append(f"{raw!r} {shape} is an ultralytics detector's output (cx, cy, w, h and {shape[1] - 4} class "
-                     f"scores for {shape[2]} anchors): each target is one box's class score")  # fmt: skip
-        return CLASS_SCORES, add_detector_split(model, raw, types), shape[1] - 4
+        layout = DETECTOR_LAYOUTS[detector_layout(shape)]
+        notes.append(f"{raw!r} {shape} is {layout.described}, K = {layout.classes(shape)}: each target is one box's "
+                     "class score")  # fmt: skip
+        found = add_detector_split(model, raw, types, detector_layout(shape))
+        return CLASS_SCORES, found, layout.classes(shape)
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 

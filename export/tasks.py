@@ -9,6 +9,7 @@ graph, with default-domain ops only (see :mod:`onnxcam.contract`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +54,60 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types) -> str:
     return SEGMENT_SCORES
 
 
-def add_detector_split(model: onnx.ModelProto, raw: str, types: Types) -> Task:
-    """Cut the ultralytics output ``[N, 4 + K, A]`` into class scores ``[N, K, A]`` (returned as the
-    logits' name is :data:`CLASS_SCORES`) and boxes ``[N, 4, A]``. Appended in place."""
+def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) -> str:
+    """``x[:, start:end]``, named ``name`` where given."""
+    if name is None:
+        return b.op("Slice", x, b.ints([start]), b.ints([end]), b.ints([1]))
+    b.nodes.append(helper.make_node("Slice", [x, b.ints([start]), b.ints([end]), b.ints([1])], [name], name=name))
+    return name
+
+
+def _ultralytics(b: Builder, raw: str) -> None:
+    """``[N, 4 + K, A]``: cx, cy, w, h, then the class scores (YOLOv8/v11/YOLOv5u)."""
+    _slice(b, raw, 0, 4, BOXES_XYWH)
+    _slice(b, raw, 4, b.shape(raw)[1], CLASS_SCORES)
+
+
+def _yolov5(b: Builder, raw: str) -> None:
+    """``[N, A, 5 + K]``: cx, cy, w, h, objectness, then class probabilities; a box's class score is
+    objectness x class probability, as YOLOv5's ``non_max_suppression`` ranks and thresholds it."""
+    channels = b.op("Transpose", raw, perm=[0, 2, 1])  # [N, 5 + K, A]
+    _slice(b, channels, 0, 4, BOXES_XYWH)
+    objectness, classes = _slice(b, channels, 4, 5), _slice(b, channels, 5, b.shape(raw)[2])
+    b.nodes.append(helper.make_node("Mul", [classes, objectness], [CLASS_SCORES], name=CLASS_SCORES))
+
+
+@dataclass(frozen=True)
+class DetectorLayout:
+    """A detector's raw output layout: which shapes have it, its class count, how to split it, how to say it."""
+
+    fits: Callable[[list[int]], bool]  # [N, d1, d2], d1 and d2 known
+    classes: Callable[[list[int]], int]
+    split: Callable[[Builder, str], None]  # emits BOXES_XYWH [N, 4, A] and CLASS_SCORES [N, K, A]
+    described: str
+
+
+DETECTOR_LAYOUTS = {
+    "ultralytics": DetectorLayout(lambda s: 4 < s[1] < s[2], lambda s: s[1] - 4, _ultralytics,
+                                  "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)"),
+    "yolov5": DetectorLayout(lambda s: 5 < s[2] < s[1], lambda s: s[2] - 5, _yolov5,
+                             "a YOLOv5 detector's output (cx, cy, w, h, objectness and K class probabilities per "
+                             "anchor; a box's class score is objectness x class probability)"),
+}  # fmt: skip
+
+
+def detector_layout(shape: list[int | None] | None) -> str | None:
+    """The :data:`DETECTOR_LAYOUTS` entry a raw output of ``shape`` has, if any."""
+    if not shape or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return next((name for name, layout in DETECTOR_LAYOUTS.items() if layout.fits(shape)), None)
+
+
+def add_detector_split(model: onnx.ModelProto, raw: str, types: Types, layout: str) -> Task:
+    """Cut the raw output into class scores ``[N, K, A]`` (named :data:`CLASS_SCORES`, the logits) and
+    boxes ``[N, 4, A]`` cx, cy, w, h, per its ``layout``. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/detect/")
-    for name, start, end in ((BOXES_XYWH, 0, 4), (CLASS_SCORES, 4, b.shape(raw)[1])):
-        b.nodes.append(helper.make_node("Slice", [raw, b.ints([start]), b.ints([end]), b.ints([1])], [name], name=name))
+    DETECTOR_LAYOUTS[layout].split(b, raw)
     _emit(model, b)
     return Task("detection", BOXES_XYWH)
 

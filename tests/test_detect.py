@@ -65,6 +65,16 @@ class TinyDetector(nn.Module):
         return torch.cat(outs, 2)
 
 
+class TinyYolov5(TinyDetector):
+    """The classic YOLOv5 layout ``[N, A, 5 + K]``: cx, cy, w, h, sigmoid objectness and class probabilities."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__(classes + 1)  # the first "class" channel is the objectness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).transpose(1, 2)
+
+
 def export_plain(model: nn.Module, path: Path, dynamo: bool = False) -> Path:
     """The model as a user has it: exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
     names = {"input_names": ["x"], "output_names": ["out"]}
@@ -301,3 +311,38 @@ def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
                   "--out", str(tmp_path / "refused"))  # fmt: skip
     assert_clean_failure(refused, "--conf and --iou apply to detectors")
     assert not (tmp_path / "refused").exists(), "refused before anything is written"
+
+
+# -- the classic YOLOv5 layout ----------------------------------------------------------------------------
+def yolov5_scores(raw: torch.Tensor) -> torch.Tensor:
+    """``[N, 4 + K, A]``: the boxes and objectness x class probability, as YOLOv5's NMS scores them."""
+    channels = raw.transpose(1, 2)
+    return torch.cat([channels[:, :4], channels[:, 5:] * channels[:, 4:5]], 1)
+
+
+def test_yolov5_layout_explains_objectness_times_class_probability(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TinyYolov5(CLASSES)
+    path, card = grafted(model, tmp_path)
+    assert card["task"] == "detection" and "YOLOv5" in card["notes"]
+    engine = Engine(path)
+    images, conf, iou = _images(2, seed=9), 0.27, 0.3
+    targets = np.concatenate([[[2 * ANCHORS + 5], [1 * ANCHORS + 60]], -np.tile(np.arange(1, 9), (2, 1))], axis=1)
+    out = engine.run(images, targets, full_gradients=True, thresholds={"conf_threshold": conf, "iou_threshold": iou})
+    activations, raw = forward_with(model, model.stem, images)
+    scored = yolov5_scores(raw)
+    for n in range(2):
+        expected = ultralytics_nms(scored[n].detach().numpy(), conf, iou)[:8]
+        found = out.box_anchors[n, 1:] >= 0
+        assert found.sum() == len(expected) >= 2
+        assert [(a, c) for a, c, _, _ in expected] == list(
+            zip(out.box_anchors[n, 1:][found], out.target_classes[n, 1:][found], strict=True)
+        )
+    rows = torch.arange(2)[:, None]
+    valid = torch.from_numpy(out.box_anchors.clip(0))
+    scores = scored[rows, 4 + torch.from_numpy(out.target_classes.clip(0)), valid]  # [N, T]
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    grads[out.box_anchors < 0] = 0  # a row without a k-th detection explains nothing
+    assert _rel(out.box_scores[out.box_anchors >= 0], scores.detach().numpy()[out.box_anchors >= 0]) < TOL
+    assert _rel(out.gradients, grads) < TOL
