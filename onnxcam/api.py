@@ -162,8 +162,8 @@ class Explainer:
         for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
         detection (with its box), and ``conf``, ``iou`` are its suppression thresholds.
         """
-        names = methods.resolve(method, self.engine.outputs)
-        self.check_task(names, aug_smooth, conf, iou)
+        names = methods.resolve(method, self.engine.outputs, self.card.task)
+        self.check_task(aug_smooth, conf, iou)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
@@ -190,19 +190,19 @@ class Explainer:
             results.append(Explanation(photo, preds, found))
         return results
 
-    def check_task(self, names: list[str], aug_smooth: bool, conf: float | None, iou: float | None) -> None:
-        """Refuse what a segmenter's or detector's model cannot do, naming it."""
+    def check_task(self, aug_smooth: bool, conf: float | None, iou: float | None) -> None:
+        """Refuse the options this model's task has no use for, naming them."""
         task = self.card.task
         if task != "detection" and (conf is not None or iou is not None):
             raise OnnxcamError(f"--conf and --iou apply to detectors; this is a {task} model")
-        if task == "classification":
-            return
-        extra = [n for n in names if methods.METHODS[n].passes is not None]
-        if extra:
-            raise OnnxcamError(f"{', '.join(extra)} needs extra passes through a classifier's head; this is a {task} "
-                               "model: use a gradient method (gradcam, gradcam++, ...) or eigencam")  # fmt: skip
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+
+    def require_classifier(self, command: str) -> None:
+        """Refuse a command that reads class probabilities on a segmenter's or detector's model."""
+        if self.card.task != "classification":
+            raise OnnxcamError(f"onnxcam {command} measures a classifier's maps by its class probabilities; this is a "
+                               f"{self.card.task} model: use onnxcam explain")  # fmt: skip
 
     def _explain_detections(
         self, photos: list[np.ndarray], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool,

@@ -231,7 +231,10 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
 
 def _method_names(method: str, explainer: Explainer | None = None) -> list[str]:
     """The methods asked for; with the model loaded, ``all`` is those it can run."""
-    return methods.resolve([m.strip() for m in method.split(",")], explainer and explainer.engine.outputs)
+    given = [m.strip() for m in method.split(",")]
+    if explainer is None:
+        return methods.resolve(given)
+    return methods.resolve(given, explainer.engine.outputs, explainer.card.task)
 
 
 def _check_limits(max_pixels: int, max_bytes: int) -> None:
@@ -373,7 +376,7 @@ def _explain_records(
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
-    explainer.check_task(names, options.aug_smooth, options.conf, options.iou)  # and what the task cannot do
+    explainer.check_task(options.aug_smooth, options.conf, options.iou)  # and what the task has no use for
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
     if not paths:
@@ -442,6 +445,7 @@ def audit_command(
     Example: onnxcam audit data/val/ --boxes boxes.json --model models/efficientnet_lite0.onnx
     """
     explainer, warnings = _load(model)
+    explainer.require_classifier("audit")
     box_map = audit.load_boxes(boxes)
     records = []
     for record in audit.run(explainer, folder, box_map, out, overwrite):
@@ -498,6 +502,7 @@ def eval_command(
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
     explainer, warnings = _load(model)
+    explainer.require_classifier("eval")
     names = _method_names(method, explainer)
     if target is not None:
         explainer.class_index(target)

@@ -346,3 +346,19 @@ def test_yolov5_layout_explains_objectness_times_class_probability(tmp_path: Pat
     grads[out.box_anchors < 0] = 0  # a row without a k-th detection explains nothing
     assert _rel(out.box_scores[out.box_anchors >= 0], scores.detach().numpy()[out.box_anchors >= 0]) < TOL
     assert _rel(out.gradients, grads) < TOL
+
+
+def test_what_a_detector_cannot_do_is_refused_in_one_line(detector: tuple, tmp_path: Path) -> None:
+    _, path, _ = detector
+    cv2.imwrite(str(tmp_path / "street.png"), _images(1)[0])
+    model = ("--model", str(path))
+    assert_clean_failure(run("eval", str(tmp_path / "street.png"), *model), "onnxcam eval measures a classifier's")
+    assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--method", "scorecam", "--out",
+                             str(tmp_path / "a")), "scorecam needs extra passes", "detection model")  # fmt: skip
+    assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--target", "1", "--out",
+                             str(tmp_path / "b")), "a detector explains its kept detections")  # fmt: skip
+    every = run("explain", str(tmp_path / "street.png"), *model, "--method", "all", "--conf", "0.5", "--top-k", "1",
+                "--out", str(tmp_path / "c"), "--json")  # fmt: skip
+    assert every.returncode == 0, every.stderr
+    ran = {t["method"] for t in json.loads(every.stdout)["images"][0]["targets"]}
+    assert "scorecam" not in ran and {"gradcam", "hirescam", "eigencam"} <= ran
