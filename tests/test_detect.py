@@ -353,6 +353,7 @@ def test_what_a_detector_cannot_do_is_refused_in_one_line(detector: tuple, tmp_p
     cv2.imwrite(str(tmp_path / "street.png"), _images(1)[0])
     model = ("--model", str(path))
     assert_clean_failure(run("eval", str(tmp_path / "street.png"), *model), "onnxcam eval measures a classifier's")
+    assert_clean_failure(run("web", str(path), "--out", str(tmp_path / "site")), "is a detection model; the page")
     assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--method", "scorecam", "--out",
                              str(tmp_path / "a")), "scorecam needs extra passes", "detection model")  # fmt: skip
     assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--target", "1", "--out",
