@@ -401,7 +401,7 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         record["path"],
         {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
     )
-    extra = {k: record[k] for k in ("overlay", "map", "panel") if k in record}
+    extra = {k: record[k] for k in outputs.FILE_KEYS if k in record}
     item["targets"].append({**record["target"], "empty_map": record["empty_map"], **record["stats"], **extra})
     if "sheets" in record:
         item["sheets"] = record["sheets"]
@@ -420,6 +420,8 @@ def _print_table(report: list[dict]) -> None:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
             _echo(f"  {t['method']} map for {t['label']} ({t['class']}){box}: {t['overlay']}  {t['map']}{note}")
+        for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):
+            _echo(f"  every box: {boxes}")
         for sheet in item.get("sheets", []):
             _echo(f"  all methods side by side: {sheet}")
 

@@ -257,7 +257,7 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
     return records
 
 
-FILE_KEYS = ("overlay", "map", "panel")
+FILE_KEYS = ("overlay", "map", "panel", "boxes")  # boxes: a detection's picture of every box of its image
 
 
 def record_files(record: dict) -> list[str]:
@@ -331,14 +331,18 @@ def save_explanation(
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Write every map of one image: the overlay (a ``picture``: png, jpg or webp) and the raw ``.npy``
     (float32 in [0, 1]); with ``panel`` photo | heat map | overlay, with ``sheets`` one picture per
-    class with every method's overlay. ``replace=False`` never replaces an existing file.
+    class with every method's overlay; for a detector's maps, their boxes drawn and one picture of
+    every box. ``replace=False`` never replaces an existing file.
 
-    Returns the files of each map (``overlay``, ``map``, ``panel``) and the sheets.
+    Returns the files of each map (``overlay``, ``map``, ``panel``, ``boxes``) and the sheets.
     """  # fmt: skip
     files, tiles = [], {}
+    detections = bool(result.maps) and result.maps[0].box is not None
+    boxes = _write_boxes(result, out / f"{stem}_boxes.{picture}", replace) if detections else None
     for m in result.maps:
         name = map_name(stem, m.key, m.label, m.method)
         entry = {"overlay": str(out / f"{name}.{picture}"), "map": str(out / f"{name}.npy")}
+        entry |= {"boxes": boxes} if boxes else {}
         blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha)
         if m.box is not None:
             overlay.draw_box(blended, m.box, f"{m.label} {m.probability:.2f}")
@@ -352,9 +356,7 @@ def save_explanation(
         if sheets:
             tiles.setdefault((m.key, m.label), []).append((m.method, overlay.thumbnail(blended)))
         files.append(entry)
-    written = (
-        [_write_boxes(result, out / f"{stem}_boxes.{picture}", replace)] if result.maps and result.maps[0].box else []
-    )
+    written = []
     for (index, label), row in tiles.items():
         path = out / f"{map_name(stem, index, label, 'gradcam', 'methods')}.{picture}"
         write_picture_rgb(path, overlay.comparison_sheet(row), replace)

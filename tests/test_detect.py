@@ -287,7 +287,7 @@ def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path
     np.testing.assert_allclose([t["box"] for t in targets], [b * scale for *_, b in expected], atol=0.02)
     assert len({t["overlay"] for t in targets}) == len(targets), "one overlay per detection, even of one class"
     assert all(Path(t["overlay"]).is_file() and len(t["peak_xy"]) == 2 for t in targets)
-    assert (out / "street_boxes.png").is_file()
+    assert {t["boxes"] for t in targets} == {str(out / "street_boxes.png")} and (out / "street_boxes.png").is_file()
     nothing = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.999", "--out",
                   str(tmp_path / "none"))  # fmt: skip
     assert_clean_failure(nothing, "street.png", "the detector kept no box above the confidence threshold")
