@@ -491,9 +491,12 @@ def eval_command(
     ] = False,
     keep_going: KeepGoingOption = False,
     quiet: QuietOption = False,
+    conf: Annotated[float | None, typer.Option(help="Detectors: keep boxes above this score [default: 0.25].")] = None,
+    iou: Annotated[float | None, typer.Option(help="Detectors: suppression IoU threshold [default: 0.45].")] = None,
 ) -> None:
     """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
-    and with --boxes the pointing game and its energy-based form.
+    and with --boxes the pointing game and its energy-based form. On a detector: the pointing game
+    of each kept box (its map's peak inside the box it explains) and its energy-based form.
 
     \b
     Example: onnxcam eval photos/ --model models/efficientnet_lite0.onnx --boxes boxes.json
@@ -504,7 +507,12 @@ def eval_command(
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
     explainer, warnings = _load(model)
-    explainer.require_classifier("eval")
+    if explainer.card.task != "detection":
+        explainer.require_classifier("eval")
+    elif target is not None or boxes is not None or road:
+        raise OnnxcamError("on a detector, eval measures each kept box's map against its own box: --target, "
+                           "--boxes and --road do not apply")  # fmt: skip
+    explainer.check_task(False, conf, iou)
     names = _method_names(method, explainer)
     if target is not None:
         explainer.class_index(target)
@@ -514,7 +522,7 @@ def eval_command(
     box_map = audit.load_boxes(boxes) if boxes is not None else None
     rows = []
     with progress_bar(len(paths)) if sys.stderr.isatty() and not quiet else contextlib.nullcontext() as advance:
-        for row in evaluate.evaluate(explainer, paths, target, names[0], steps, box_map, road):
+        for row in evaluate.evaluate(explainer, paths, target, names[0], steps, box_map, road, conf, iou):
             if row.get("error"):
                 _echo(f"error: {row['error']}", err=True)
             rows.append(row)

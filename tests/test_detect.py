@@ -363,3 +363,22 @@ def test_what_a_detector_cannot_do_is_refused_in_one_line(detector: tuple, tmp_p
     assert every.returncode == 0, every.stderr
     ran = {t["method"] for t in json.loads(every.stdout)["images"][0]["targets"]}
     assert "scorecam" not in ran and {"gradcam", "hirescam", "eigencam"} <= ran
+
+
+def test_eval_scores_each_kept_box_against_its_own_box(detector: tuple, tmp_path: Path) -> None:
+    _, path, _ = detector
+    for n, image in enumerate(_images(3, seed=21)):
+        cv2.imwrite(str(tmp_path / f"street{n}.png"), image)
+    options = ("--model", str(path), "--method", "hirescam", "--conf", "0.52", "--json")
+    evaluated = run("eval", *[str(tmp_path / f"street{n}.png") for n in range(3)], *options)
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = json.loads(evaluated.stdout)["images"]
+    for row in rows:  # against explain's boxes and map peaks for the same image
+        explained = run("explain", row["path"], *options, "--out", str(tmp_path / Path(row["path"]).stem))
+        targets = json.loads(explained.stdout)["images"][0]["targets"]
+        boxes = [[round(v) for v in t["box"]] for t in targets]  # the pixels a box covers, its ends included
+        inside = [b[0] <= t["peak_xy"][0] <= b[2] and b[1] <= t["peak_xy"][1] <= b[3]
+                  for b, t in zip(boxes, targets, strict=True)]  # fmt: skip
+        assert row["detections"] == len(targets) > 0 and row["box_pointing_game"] == pytest.approx(np.mean(inside))
+        assert 0 < row["box_energy_pointing_game"] <= 1
+    assert_clean_failure(run("eval", rows[0]["path"], *options[:2], "--road"), "--road do not apply")
