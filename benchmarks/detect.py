@@ -5,11 +5,12 @@
 YOLOv8n (``yolov8n.yaml``, random weights with batch norms calibrated on random images so that
 boxes are kept, 640x640, exported by ultralytics with ``nms=False``) and torchvision's DeepLabV3
 MobileNetV3-Large (random weights, 21 classes, 512x512, exported by torch.onnx) are grafted with
-``export --from`` at their automatic layer. Each round runs every contender once on the bundled
-cat photo, in a shuffled order: the plain forward of the original file, and ``Engine.run`` of the
-grafted one (all kept detections, or 1 / 10 detections, or one class; the Grad-CAM weights alone,
-or the full gradients that HiResCAM needs). Ratios are taken within a round; the table gives the
-median (min-max) over the rounds. The tables go into ``benchmarks/results.md`` (section ``detect``).
+``export --from`` at their automatic layer (YOLOv8n also at the three inputs of its Detect head,
+``--layer A,B,C``). Each round runs every contender once on the bundled cat photo, in a shuffled
+order: the plain forward of the original file, and ``Engine.run`` of the grafted one (1 or 10
+detections, or one class; the Grad-CAM weights alone, or the full gradients that HiResCAM needs).
+Ratios are taken within a round; the table gives the median (min-max) over the rounds. The tables
+go into ``benchmarks/results.md`` (section ``detect``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from process import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)
+HEAD_INPUTS = ",".join(f"/model.{i}/cv2/act/Mul_output_0" for i in (15, 18, 21))  # YOLOv8n's P3, P4, P5
 
 
 def yolo(folder: Path) -> Path:
@@ -84,7 +85,15 @@ def deeplab(folder: Path) -> Path:
     return path
 
 
-def contenders(plain: Path, grafted: Path, task: str) -> dict[str, Callable[[], object]]:
+def contenders(plain: Path, grafted: dict[str, Path], task: str) -> dict[str, Callable[[], object]]:
+    """The plain forward, then each grafted file's explanations (``grafted``: its name in the table -> file)."""
+    runs = {}
+    for layer, path in grafted.items():
+        runs |= {name: run for name, run in _explanations(plain, path, task, layer).items() if name not in runs}
+    return runs
+
+
+def _explanations(plain: Path, grafted: Path, task: str, layer: str) -> dict[str, Callable[[], object]]:
     engine = Engine(grafted)
     image = resize_rgb(read_rgb(ROOT / "examples" / "chelsea.png"), engine.card.input_size)[None]
     session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
@@ -97,14 +106,14 @@ def contenders(plain: Path, grafted: Path, task: str) -> dict[str, Callable[[], 
         if not (engine.run(image, codes[10], thresholds=low).box_anchors >= 0).all():
             raise RuntimeError("fewer than 10 kept detections: the 10-detection rows would measure less work")
         return forward | {
-            f"onnxcam, {k} detection{'s' * (k > 1)}, {what}": (
+            f"onnxcam, {layer}, {k} detection{'s' * (k > 1)}, {what}": (
                 lambda k=k, full=full: engine.run(image, codes[k], full_gradients=full, thresholds=low)
             )
             for k in (1, 10)
             for what, full in (("Grad-CAM weights", False), ("full gradients", True))
         }
     return forward | {
-        f"onnxcam, top class, {what}": lambda full=full: engine.run(image, codes[1], full_gradients=full)
+        f"onnxcam, {layer}, top class, {what}": lambda full=full: engine.run(image, codes[1], full_gradients=full)
         for what, full in (("Grad-CAM weights", False), ("full gradients", True))
     }
 
@@ -149,9 +158,13 @@ def main() -> None:
                   ("DeepLabV3 MobileNetV3-Large (torchvision), 512x512", deeplab, "segmentation")]  # fmt: skip
         for title, make, task in models:
             plain = make(folder)
-            grafted = plain.with_name(plain.stem + ".cam.onnx")
             size = (640, 640) if task == "detection" else (512, 512)
-            graft_file(plain, grafted, prep=Preprocessing.create(size, (0, 0, 0), (1, 1, 1), False))
+            prep = Preprocessing.create(size, (0, 0, 0), (1, 1, 1), False)
+            layers = {"auto layer": None} | ({"Detect head inputs": HEAD_INPUTS} if task == "detection" else {})
+            grafted = {}
+            for name, layer in layers.items():
+                grafted[name] = plain.with_name(f"{plain.stem}.{len(grafted)}.cam.onnx")
+                graft_file(plain, grafted[name], layer, prep=prep)
             parts.append(table(title, measure(contenders(plain, grafted, task), args.rounds)))
     write_section("detect", "\n\n".join(parts))
     print("\n\n".join(parts))

@@ -133,6 +133,21 @@ def _reaches_the_grid(
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
 
+def _extra_layers(
+    graph: onnx.GraphProto, layers: str | None, logits: str, candidates: list[str], layouts: dict[str, Layout]
+) -> tuple[str | None, list[str]]:
+    """``--layer A,B,...``: the first target layer, and the others, each a usable [N, C, h, w] layer."""
+    names = [] if layers is None else [name.strip() for name in layers.split(",")]
+    if len(set(names)) != len(names):
+        raise OnnxcamError(f"--layer names a layer twice: {', '.join(names)}")
+    for name in names[1:]:
+        _check_layer(graph, name, logits, candidates, layouts)
+        if layouts[name].kind != "nchw":
+            raise OnnxcamError(f"layer {name!r} is a {layouts[name].kind} layout; the layers after the first in "
+                               "--layer must be [N, C, h, w] grids")  # fmt: skip
+    return (names[0] if names else None), names[1:]
+
+
 def _before_masks(candidates: list[str], layouts: dict[str, Layout], shapes: Shapes, classes: int) -> list[str]:
     """A segmenter's candidates less the trailing ones with one channel per class (its masks, upsampled or not),
     as pytorch-grad-cam explains a segmenter at its last feature layer; all of them if nothing is left."""
@@ -444,6 +459,7 @@ def graft_file(
     candidates = candidate_layers(graph, logits, layouts, types)  # (a Flatten added above is no candidate)
     if not candidates:
         raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
+    layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
     if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
         candidates = [c for c in candidates if layouts[c].kind != "tokens"] or candidates
     if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
@@ -465,7 +481,7 @@ def graft_file(
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits, types, layout, score, found)
+        grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])
@@ -481,6 +497,7 @@ def graft_file(
         weights_path=weights_path,
         score=score,
         task=found.kind,
+        extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )
     card = save_explainer(grafted, card, out)

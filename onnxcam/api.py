@@ -164,6 +164,7 @@ class Explainer:
         """
         names = methods.resolve(method, self.engine.outputs, self.card.task)
         self.check_task(aug_smooth, conf, iou)
+        self._check_scales(names)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
@@ -197,6 +198,13 @@ class Explainer:
             raise OnnxcamError(f"--conf and --iou apply to detectors; this is a {task} model")
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+
+    def _check_scales(self, names: list[str]) -> None:
+        """A model with several target layers runs the methods that read activations and gradients only."""
+        other = [n for n in names if methods.METHODS[n].passes or methods.METHODS[n].attention]
+        if self.card.extra_layers and other:
+            raise OnnxcamError(f"{', '.join(other)} cannot combine several target layers; this model has "
+                               f"{1 + len(self.card.extra_layers)}: use a gradient method or eigencam")  # fmt: skip
 
     def require_classifier(self, command: str) -> None:
         """Refuse a command that reads class probabilities on a segmenter's or detector's model."""
@@ -241,7 +249,11 @@ class Explainer:
         if extra is not None:
             weights = extra(self.engine, image, activations, classes)
         attentions = [None if a is None else a[n] for a in (out.attentions, out.attention_gradients)]
-        return methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
+        first = methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
+        if not out.scales:
+            return first
+        more = [methods.cam(name, a[n], g[n], w[n], eigen_smooth) for a, w, g in out.scales]
+        return maps.aggregate([first, *more])
 
     def _augmented_maps(
         self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool, attention: tuple

@@ -58,6 +58,12 @@ detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w,
                     float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
                     detection has anchor and class -1, a zero box and score, and zero gradients.
 
+Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
+``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
+``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
+``full_gradients``), for the same targets. The maps of the layers are combined as
+pytorch-grad-cam's multi-layer aggregation does; such a file has no ``saliency`` output.
+
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
 
@@ -100,6 +106,13 @@ BOX_SCORES = "box_scores"
 BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
+SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
+
+
+def scale_output(name: str, scale: int) -> str:
+    """The output ``name`` (activations, weights, gradients) of extra target layer ``scale`` (1, 2, ...)."""
+    return f"{name}/{scale}"
+
 
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
@@ -141,6 +154,7 @@ class ModelCard:
     contract: str = CONTRACT_VERSION
     saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
     task: str = "classification"  # one of TASKS
+    extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -192,7 +206,7 @@ class ModelCard:
                 ("contract", self.contract),
                 ("arch", self.arch),
                 ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
-                ("target layer", self.layer),
+                ("target layer", ", ".join([self.layer, *self.extra_layers])),
                 (
                     "input",
                     f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph",
@@ -269,6 +283,9 @@ _CHECKS: dict[str, Check] = {
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "task": lambda v: None if v in TASKS else f"must be one of {TASKS}, got {v!r}",
+    "extra_layers": lambda v: (
+        None if isinstance(v, tuple) and all(isinstance(n, str) for n in v) else f"must be a list of layers, got {v!r}"
+    ),
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
     "saliency_methods": lambda v: (
         None

@@ -42,6 +42,8 @@ class Outputs:
     boxes: np.ndarray | None = None  # detectors: [N, T, 4] x1, y1, x2, y2 in input pixels
     box_scores: np.ndarray | None = None  # detectors: [N, T]
     box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
+    scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
+    # each extra target layer
 
 
 def _providers(provider: str | None) -> list[str]:
@@ -210,8 +212,12 @@ class Engine:
             names.append(contract.SALIENCY)
         elif self.card.saliency_methods:
             feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
-        values = self.session.run(names, feeds)
-        return Outputs(**dict(zip(names, values, strict=True)))
+        scales = [contract.scale_output(n, i) for i in range(1, len(self.card.extra_layers) + 1)
+                  for n in contract.SCALE_OUTPUTS]  # fmt: skip
+        values = dict(zip(names + scales, self.session.run(names + scales, feeds), strict=True))
+        per_scale = [values.pop(name) for name in scales]
+        grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
+        return Outputs(**values, scales=grouped)
 
     def _saliency_feeds(self, method: str) -> dict[str, np.ndarray]:
         """The inputs that ask the graph for its ``saliency`` map of ``method``."""

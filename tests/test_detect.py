@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from onnxcam.api import Explainer
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.from_onnx import Preprocessing, graft_file
@@ -310,6 +311,8 @@ def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
     refused = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--conf", "0.3",
                   "--out", str(tmp_path / "refused"))  # fmt: skip
     assert_clean_failure(refused, "--conf and --iou apply to detectors")
+    assert_clean_failure(run("eval", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx")),
+                         "onnxcam eval measures a classifier's maps", "segmentation model")  # fmt: skip
     assert not (tmp_path / "refused").exists(), "refused before anything is written"
 
 
@@ -352,7 +355,8 @@ def test_what_a_detector_cannot_do_is_refused_in_one_line(detector: tuple, tmp_p
     _, path, _ = detector
     cv2.imwrite(str(tmp_path / "street.png"), _images(1)[0])
     model = ("--model", str(path))
-    assert_clean_failure(run("eval", str(tmp_path / "street.png"), *model), "onnxcam eval measures a classifier's")
+    assert_clean_failure(run("audit", str(tmp_path), *model, "--boxes", str(tmp_path / "b.json")),
+                         "onnxcam audit measures a classifier's")  # fmt: skip
     assert_clean_failure(run("web", str(path), "--out", str(tmp_path / "site")), "is a detection model; the page")
     assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--method", "scorecam", "--out",
                              str(tmp_path / "a")), "scorecam needs extra passes", "detection model")  # fmt: skip
@@ -382,3 +386,48 @@ def test_eval_scores_each_kept_box_against_its_own_box(detector: tuple, tmp_path
         assert row["detections"] == len(targets) > 0 and row["box_pointing_game"] == pytest.approx(np.mean(inside))
         assert 0 < row["box_energy_pointing_game"] <= 1
     assert_clean_failure(run("eval", rows[0]["path"], *options[:2], "--road"), "--road do not apply")
+
+
+# -- several target layers: a detector's scales ---------------------------------------------------------
+SCALES = "/stem/stem.3/Relu_output_0,/down/down.1/Relu_output_0"  # TinyDetector's two scales (stride 4, 8)
+
+
+def scale_cam_image(cam: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """pytorch-grad-cam's ``scale_cam_image`` for one map: min-max, then an OpenCV resize to (w, h). Its
+    ``1e-7`` guard on the max is left out: these random-weight maps peak near 1e-5, where it would shift
+    values by 1%; onnxcam guards an all-zero map instead."""
+    cam = cam - cam.min()
+    cam = cam / cam.max()
+    return cv2.resize(cam.astype(np.float32), size) if size is not None else cam
+
+
+def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyDetector(CLASSES)
+    path, _ = grafted(model, tmp_path, layer=SCALES)
+    engine = Engine(path)
+    assert len(engine.card.extra_layers) == 1 and not engine.card.saliency_methods
+    images = _images(1, seed=4)
+    targets = np.array([[1 * ANCHORS + 10, 0 * ANCHORS + 70, 2 * ANCHORS + 40]])
+    out = engine.run(images, targets, full_gradients=True)
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _, i, o: store.append(o)) for m in (model.stem, model.down)]
+    raw = model(_as_input(images))
+    for hook in hooks:
+        hook.remove()
+    scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
+    layers = [(out.activations, out.weights, out.gradients), *out.scales]
+    for (activations, weights, gradients), reference in zip(layers, store, strict=True):
+        grads = np.stack([torch.autograd.grad(s, reference, retain_graph=True)[0][0].numpy() for s in scores])
+        assert _rel(activations[0], reference[0].detach().numpy()) < TOL
+        assert _rel(gradients[0], grads) < TOL and _rel(weights[0], grads.mean(axis=(2, 3))) < TOL
+
+    explained = Explainer(path).explain(images[0], method="gradcam", conf=0.0, top_k=3)
+    kept = engine.run(images, np.array([[-1, -2, -3]]), thresholds={"conf_threshold": 0.0})  # the same rows
+    layers = [(kept.activations, kept.weights), *[scale[:2] for scale in kept.scales]]
+    for t, found in enumerate(explained.maps):  # pytorch-grad-cam's aggregate_multi_layers on the graph's outputs
+        cams = [np.maximum(np.einsum("c,chw->hw", w[0, t], a[0]), 0) for a, w in layers]
+        size = cams[0].shape[::-1]  # the finest grid, (w, h) for OpenCV
+        expected = np.maximum(np.mean([scale_cam_image(c, size) for c in cams], axis=0), 0)
+        np.testing.assert_allclose(scale_cam_image(found.cam_lowres), scale_cam_image(expected), atol=1e-5)
