@@ -20,15 +20,43 @@ Types = dict[str, onnx.TypeProto.Tensor]  # tensor name -> element type and (par
 def infer_types(model: onnx.ModelProto) -> Types:
     """The type of every tensor of ``model`` that ONNX shape inference (with data propagation) can type.
 
-    It copies the whole model, weights included: run it once per model state and pass the result on.
+    It runs on a copy without the large weights (:func:`_weightless`): run it once per model state
+    and pass the result on.
     """
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_weightless(model), data_prop=True)
     types = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if info.type.HasField("tensor_type"):  # copied out, so that the inferred copy can be freed
             types[info.name] = onnx.TypeProto.Tensor()
             types[info.name].CopyFrom(info.type.tensor_type)
     return types
+
+
+WEIGHT_ELEMENTS = 4096  # initializers above this many elements: only their type and shape matter to inference
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its large initializers turned into typed graph inputs.
+
+    Shape inference serialises the whole model (VGG19: 548 MB, seconds per call); a weight's values
+    never decide a shape, only the small integer constants that data propagation reads, kept here.
+    """
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, target = model.graph, light.graph
+    target.name = graph.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(target, name).extend(getattr(graph, name))
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if np.prod(tensor.dims, dtype=np.int64) <= WEIGHT_ELEMENTS:
+            target.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            target.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
 
 
 class Builder:

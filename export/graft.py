@@ -138,12 +138,15 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
 def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
     """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
 
-    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient;
-    a tensor of unknown type counts as float unless :data:`INTEGER_OPS` computes it.
+    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient,
+    except quantized levels (a rule's ``levels``); a tensor of unknown type counts as float unless
+    :data:`INTEGER_OPS` computes it.
     """
     types = types or {}
 
     def floating(node: onnx.NodeProto, name: str) -> bool:
+        if node.op_type in RULES and RULES[node.op_type].levels:
+            return True
         return types[name].elem_type in FLOATS if name in types else node.op_type not in INTEGER_OPS
 
     reached = set(sources)
@@ -596,12 +599,14 @@ def graft(
     cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
     summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
     _emit_weights(b, summed)
+    size = _input_size(b)
     if extra_layers:  # the in-graph map would show one scale: the Python path aggregates them all
         _emit_gradients(b, full)
         _emit_scales(b, extra_layers, extra_gradients)
     else:
-        _emit_gradients(b, full, saliency.gradients_condition(b))
-        saliency.add_saliency(graph, b, _input_size(b))
+        _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
+        if size is not None:
+            saliency.add_saliency(graph, b, size)
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
@@ -612,7 +617,7 @@ def graft(
     if detector:
         add_detection_io(graph, b)
     _add_scale_io(graph, b, extra_layers)
-    if not extra_layers:
+    if size is not None and not extra_layers:
         _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
@@ -647,11 +652,12 @@ def _add_scale_io(graph: onnx.GraphProto, b: Builder, layers: Sequence[str]) -> 
         ])  # fmt: skip
 
 
-def _input_size(b: Builder) -> tuple[int, int]:
-    """(H, W) of the ``image`` input [N, H, W, 3], which the saliency map takes."""
+def _input_size(b: Builder) -> tuple[int, int] | None:
+    """(H, W) of the ``image`` input [N, H, W, 3], which the saliency map takes; None without one (a
+    graph grafted only to measure a candidate layer, before its uint8 input is put in front)."""
     shape = b.shape(contract.IMAGE)
     if not shape or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:3]):
-        raise UnsupportedOp(f"the {contract.IMAGE!r} input needs a static [N, H, W, 3] shape, got {shape}")
+        return None
     return shape[1], shape[2]
 
 

@@ -29,11 +29,14 @@ class Rule:
 
     ``extra_outputs`` names the optional outputs after the first that only the backward
     pass reads (MaxPool: its ``Indices``): the grafter adds those a node lacks, and the
-    head-only copy of the graph leaves them out.
+    head-only copy of the graph leaves them out. ``levels``: the op's integer output stands for
+    real values (QuantizeLinear's quantized levels), so the gradient passes through it, where
+    other integer tensors (shapes, indices) carry none.
     """
 
     vjp: VJP
     extra_outputs: tuple[str, ...] = ()
+    levels: bool = False
 
 
 class UnsupportedOp(ValueError):
@@ -794,7 +797,8 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "ReduceSum": ReduceSum,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
-    "QuantizeLinear": QuantizeLinear, "DequantizeLinear": DequantizeLinear,
+    "DequantizeLinear": DequantizeLinear,
 }.items()} | {
     "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
+    "QuantizeLinear": Rule(QuantizeLinear, levels=True),
 }  # fmt: skip

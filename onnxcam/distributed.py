@@ -196,6 +196,7 @@ def run(
                 for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                     lines = [_as_given(json.loads(r), resolved.out, out) for r in batch["record"]]
                     yield from finish(log, work.summary, lines)
+            outputs.remove_partials(out)  # an actor killed while writing left its temporary; its batch was redone
         work.summary.seconds = time.perf_counter() - start
         records = read_records(out)
         write_parquet(records, out / PARQUET)

@@ -23,13 +23,16 @@ def ablation_weights(
     per call; ``image`` is not needed.
     """
     channels = activations.shape[0]
-    base = engine.run_head(activations[None])[0, classes].astype(np.float64)
-    ablated = np.empty((channels, len(classes)))
-    for start in range(0, channels, batch_size):
-        ks = np.arange(start, min(channels, start + batch_size))
-        batch = np.repeat(activations[None], len(ks), axis=0)
-        batch[np.arange(len(ks)), ks] = 0
-        ablated[ks] = engine.run_head(batch)[:, classes]
+    # row 0: the intact activations, in the same call as the ablated copies, so that a channel whose
+    # ablation changes nothing (all zero) gets exactly 0, whatever rounding the batch size brings
+    scores = np.empty((channels + 1, len(classes)))
+    for start in range(0, channels + 1, batch_size):
+        rows = np.arange(start, min(channels + 1, start + batch_size))
+        batch = np.repeat(activations[None], len(rows), axis=0)
+        ablate = rows > 0
+        batch[np.flatnonzero(ablate), rows[ablate] - 1] = 0
+        scores[rows] = engine.run_head(batch)[:, classes]
+    base, ablated = scores[0], scores[1:]
     return ((base[None] - ablated) / base[None]).T
 
 

@@ -61,7 +61,11 @@ def random_images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that need the VGG16 export (tens of seconds, 1.6 GB) are slow: `-m "not slow"` skips them."""
+    """Tests that need VGG16 (its export: tens of seconds, 1.6 GB) are slow: `-m "not slow"` skips them.
+
+    That is a test using the ``vgg16_model`` fixture, or one parametrised with VGG16 (``[vgg16...]``
+    in its id, as tests that take the fixture's name as a parameter are).
+    """
     for item in items:
-        if "vgg16_model" in getattr(item, "fixturenames", ()):
+        if "vgg16_model" in getattr(item, "fixturenames", ()) or "[vgg16" in item.nodeid:
             item.add_marker(pytest.mark.slow)

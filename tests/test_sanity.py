@@ -28,6 +28,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+@pytest.mark.slow  # re-initialises and re-exports Lite0 layer by layer
 def test_maps_lose_their_shape_as_the_weights_are_randomised(lite0_model: Path, tmp_path: Path) -> None:
     from onnxcam_export.torch_export import ARCHS, export_module, load_weights
 

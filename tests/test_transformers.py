@@ -204,7 +204,17 @@ def test_grafted_transformer_is_default_domain_with_the_optional_outputs(torchsc
     model = onnx.load(torchscript("deit")[0])
     assert {n.domain for n in _all_nodes(model.graph)} <= {"", "ai.onnx"}
     names = [o.name for o in model.graph.output]
-    assert names == [*contract.OUTPUTS, contract.ATTENTIONS, contract.ATTENTION_GRADIENTS]
+    assert names == [*contract.OUTPUTS, contract.ATTENTIONS, contract.ATTENTION_GRADIENTS, contract.SALIENCY]
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_the_in_graph_map_of_a_token_or_channels_last_layer_equals_the_python_map(
+    name: str, torchscript: Callable
+) -> None:
+    """The graph finishes the map from the contract's [N, C, h, w] view, whatever the layer's layout."""
+    from tests.test_saliency import assert_saliency_matches_python
+
+    assert_saliency_matches_python(torchscript(name)[0])
 
 
 def test_token_layer_is_described_and_the_class_token_dropped(torchscript: Callable) -> None:
