@@ -128,7 +128,7 @@ def detection_seed(b: Builder, scores: str, boxes: str) -> str:
     is_best = b.op("Equal", best, b.const(np.arange(classes, dtype=np.int64).reshape(1, classes, 1)))
     candidates = b.op("Where", is_best, scores, lowest)  # [N, K, A]: only each anchor's best class
     xywh = b.op("Transpose", boxes, perm=[0, 2, 1])  # [N, A, 4]
-    rows = b.dims(contract.TARGETS, 1, 2)  # no class needs more than T kept boxes for the first T overall
+    rows = _deepest_rank(b)  # no class needs more than k kept boxes for the k-th overall
     as_float = [b.op("Cast", x, to=TensorProto.FLOAT) for x in (xywh, candidates)]  # NMS takes float32 only
     thresholds = [b.unsqueeze(name, [0]) for name in (contract.IOU_THRESHOLD, contract.CONF_THRESHOLD)]
     selected = b.op("NonMaxSuppression", *as_float, rows, *thresholds, center_point_box=1)  # [M, 3] n, class, anchor
@@ -150,6 +150,15 @@ def detection_seed(b: Builder, scores: str, boxes: str) -> str:
                   b.const(np.asarray([0, 1], dtype=b.np_dtype(scores))), axis=-1)  # fmt: skip
     seed = b.op("Mul", onehot, b.unsqueeze(b.op("Cast", valid, to=b.elem_type(scores)), [2]))
     return b.op("Reshape", seed, b.op("Concat", b.dims(contract.TARGETS, 0, 2), b.ints([classes, anchors]), axis=0))
+
+
+def _deepest_rank(b: Builder) -> str:
+    """max(T, the largest k of the -k targets), int64 [1]: how many kept detections the rows need."""
+    flat = b.op("Reshape", contract.TARGETS, b.ints([-1]))
+    wanted = b.op("Concat", b.op("Neg", flat), b.ints([0]), axis=0)  # (never empty, even for an empty batch)
+    deepest = b.op_multi("TopK", wanted, b.ints([1]), outputs=2, axis=0)[0]
+    rows = b.dims(contract.TARGETS, 1, 2)
+    return b.op("Where", b.op("Greater", deepest, rows), deepest, rows)
 
 
 def _clamp(b: Builder, x: str, limit: int, inclusive: bool = True) -> str:

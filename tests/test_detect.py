@@ -431,3 +431,17 @@ def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_p
         size = cams[0].shape[::-1]  # the finest grid, (w, h) for OpenCV
         expected = np.maximum(np.mean([scale_cam_image(c, size) for c in cams], axis=0), 0)
         np.testing.assert_allclose(scale_cam_image(found.cam_lowres), scale_cam_image(expected), atol=1e-5)
+
+
+def test_a_kth_detection_row_needs_no_rows_before_it(detector: tuple) -> None:
+    _, path, _ = detector
+    engine, images, low = Engine(path), _images(2, seed=13), {"conf_threshold": 0.5}
+    every = engine.run(images, np.array([[-1, -2, -3, -4], [-1, -2, -3, -4]]), full_gradients=True, thresholds=low)
+    alone = engine.run(images, np.array([[-4, -2], [-3, 7]]), full_gradients=True, thresholds=low)
+    assert (every.box_anchors >= 0).all(), "four kept boxes per image, for the comparison to mean something"
+    for (n, t), (m, s) in {(0, 3): (0, 0), (0, 1): (0, 1), (1, 2): (1, 0)}.items():
+        assert (
+            every.box_anchors[n, t] == alone.box_anchors[m, s]
+            and every.target_classes[n, t] == alone.target_classes[m, s]
+        )
+        np.testing.assert_allclose(alone.gradients[m, s], every.gradients[n, t], rtol=1e-5, atol=1e-9)
