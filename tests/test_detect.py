@@ -445,3 +445,13 @@ def test_a_kth_detection_row_needs_no_rows_before_it(detector: tuple) -> None:
             and every.target_classes[n, t] == alone.target_classes[m, s]
         )
         np.testing.assert_allclose(alone.gradients[m, s], every.gradients[n, t], rtol=1e-5, atol=1e-9)
+
+
+def test_a_forced_task_that_the_output_does_not_have_is_refused(tmp_path: Path) -> None:
+    source = export_plain(TinyDetector(CLASSES), tmp_path / "det.onnx")
+    with pytest.raises(
+        OnnxcamError, match=r"the model's outputs \('out' \[.*, 7, 80\]\) are not a segmentation output"
+    ):
+        graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="segmentation")
+    card, _ = graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="detection")
+    assert card["task"] == "detection"
