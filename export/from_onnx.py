@@ -157,6 +157,45 @@ def _before_masks(candidates: list[str], layouts: dict[str, Layout], shapes: Sha
     return kept
 
 
+def _anchor_inputs(graph: onnx.GraphProto, scores: str, anchor_axis: int, shapes: Shapes) -> list[str]:
+    """The per-scale tensors that a multi-scale detector concatenates along its anchors (a 3-D Concat over
+    ``anchor_axis`` whose result holds all of them), found walking back from its class ``scores`` [N, K, A];
+    none for a single scale."""
+    anchors = shapes[scores][2]
+    producers = {o: n for n in graph.node for o in n.output}
+    todo, seen = [scores], set()
+    while todo:
+        name = todo.pop(0)
+        node = producers.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        shape = shapes.get(node.output[0]) or []
+        axis = int(next((a.i for a in node.attribute if a.name == "axis"), 0))
+        over_anchors = len(shape) == 3 and axis % 3 == anchor_axis and shape[anchor_axis] == anchors
+        if node.op_type == "Concat" and len(node.input) >= 2 and over_anchors:
+            return list(node.input)
+        todo.extend(node.input)
+    return []
+
+
+def _detector_heads(
+    graph: onnx.GraphProto, scores: str, anchor_axis: int, layouts: dict[str, Layout], types: Types
+) -> list[str]:
+    """A multi-scale detector's head inputs, finest scale first: per scale, the last grid tensor that every
+    path to that scale's class scores crosses and that two or more convolutions read (where the box and
+    class branches of YOLOv8's Detect start). Empty when a scale has none."""
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    heads = []
+    for branch in _anchor_inputs(graph, scores, anchor_axis, _shapes(types)):
+        cuts = [c for c in candidate_layers(graph, branch, layouts, types) if layouts[c].kind == "nchw"]
+        forks = [c for c in cuts if sum(n.input[0] == c for n in convs) >= 2]
+        if not forks:
+            return []
+        heads.append(forks[-1])
+    return heads
+
+
 def _auto_layer(
     model: onnx.ModelProto, logits: str, candidates: list[str], layouts: dict[str, Layout], types: Types, feed: dict
 ) -> str:
@@ -464,6 +503,10 @@ def graft_file(
         candidates = [c for c in candidates if layouts[c].kind != "tokens"] or candidates
     if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
         candidates = _before_masks(candidates, layouts, shapes, classes)
+    heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
+    if len(heads) > 1:
+        layer, extras = heads[0], heads[1:]
+        notes.append(f"target layers (auto): the detector's head inputs, one per scale: {', '.join(heads)}")
     if layer is None:
         layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
         notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "

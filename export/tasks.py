@@ -32,6 +32,7 @@ class Task:
 
     kind: str = "classification"
     boxes: str | None = None
+    anchor_axis: int = 2  # a detector's: the axis of its raw output that runs over the anchors
 
 
 def _emit(model: onnx.ModelProto, b: Builder) -> None:
@@ -85,14 +86,15 @@ class DetectorLayout:
     classes: Callable[[list[int]], int]
     split: Callable[[Builder, str], None]  # emits BOXES_XYWH [N, 4, A] and CLASS_SCORES [N, K, A]
     described: str
+    anchor_axis: int  # which axis of the raw output runs over the anchors
 
 
 DETECTOR_LAYOUTS = {
     "ultralytics": DetectorLayout(lambda s: 4 < s[1] < s[2], lambda s: s[1] - 4, _ultralytics,
-                                  "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)"),
+                                  "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)", 2),
     "yolov5": DetectorLayout(lambda s: 5 < s[2] < s[1], lambda s: s[2] - 5, _yolov5,
                              "a YOLOv5 detector's output (cx, cy, w, h, objectness and K class probabilities per "
-                             "anchor; a box's class score is objectness x class probability)"),
+                             "anchor; a box's class score is objectness x class probability)", 1),
 }  # fmt: skip
 
 
@@ -109,7 +111,7 @@ def add_detector_split(model: onnx.ModelProto, raw: str, types: Types, layout: s
     b = Builder(model, types, prefix="onnxcam/detect/")
     DETECTOR_LAYOUTS[layout].split(b, raw)
     _emit(model, b)
-    return Task("detection", BOXES_XYWH)
+    return Task("detection", BOXES_XYWH, DETECTOR_LAYOUTS[layout].anchor_axis)
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------

@@ -201,10 +201,12 @@ def detector(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return model, path, card
 
 
-def test_detector_is_recognised_with_its_shared_features_as_target_layer(detector: tuple) -> None:
+def test_detector_is_recognised_with_its_head_inputs_as_target_layers(detector: tuple) -> None:
     _, path, card = detector
     assert card["task"] == "detection" and len(Engine(path).card.labels) == CLASSES
-    assert "(16x8x8)" in card["layer"], "the stride-4 features both scales' heads read"
+    assert "(16x8x8)" in card["layer"], "the stride-4 features: the first scale's head input"
+    (second,) = card["extra_layers"]
+    assert second.endswith("(16x4x4)"), "the stride-8 features: the second scale's head input"
 
 
 def test_detector_gradients_of_box_scores_match_torch_autograd(detector: tuple) -> None:

@@ -4,8 +4,9 @@ Runs where ultralytics imports (it needs torch and torchvision of matching relea
 skipped elsewhere, with the reason. Random weights are made to give spread-out scores: the batch
 norms take the statistics of random images (else the activations fade layer by layer) and the class
 biases are zero (ultralytics initialises them for near-zero scores).
-Checks: the in-graph non-maximum suppression keeps what ultralytics' own ``non_max_suppression``
-keeps, and the gradients of box scores match torch autograd (float64) on the same weights.
+Checks: the automatic target layers are the Detect head's three inputs, the in-graph non-maximum
+suppression keeps what ultralytics' own ``non_max_suppression`` keeps, and the gradients of box
+scores at each of the three scales match torch autograd (float64) on the same weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ except Exception as exc:  # ImportError, or torchvision's operator errors when r
 
 pytestmark = pytest.mark.slow
 SIZE = 320  # 2100 anchors: the layout of 640, a quarter of the work
+HEAD_INPUTS = [f"/model.{i}/cv2/act/Mul_output_0" for i in (15, 18, 21)]  # P3, P4, P5: what Detect reads
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def yolo(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Pat
     out = folder / "yolov8n.cam.onnx"
     card, _ = graft_file(plain, out, prep=Preprocessing.create((SIZE, SIZE), (0, 0, 0), (1, 1, 1), False))
     assert card["task"] == "detection"
+    assert [layer.split()[0] for layer in [card["layer"], *card["extra_layers"]]] == HEAD_INPUTS
     return model.model.eval(), out
 
 
@@ -88,14 +91,15 @@ def test_box_score_gradients_match_torch_autograd(yolo: tuple) -> None:
     out = engine.run(images, np.array([[-1, -2, 5 * 2100 + 17, 79 * 2100 + 2099]]), full_gradients=True)
     model = model.double()
     store: list[torch.Tensor] = []
-    layer = model.model[4]  # what export --from picks: the stride-8 features all three scales read
-    hook = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    hooks = [model.model[i].register_forward_hook(lambda m, i, o: store.append(o)) for i in (15, 18, 21)]
     raw = model(_input(images, torch.float64))[0]
-    hook.remove()
-    activations = store[0]
+    for hook in hooks:
+        hook.remove()
     scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
-    grads = np.stack([torch.autograd.grad(s, activations, retain_graph=True)[0][0].numpy() for s in scores])
-    assert out.activations.shape[1:] == activations.shape[1:]
-    scale = np.abs(grads).max()
-    np.testing.assert_allclose(out.gradients[0], grads, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(out.weights[0], grads.mean(axis=(2, 3)), rtol=1e-4, atol=1e-4 * scale)
+    for activations, (_, weights, gradients) in zip(store, [(None, out.weights, out.gradients), *out.scales],
+                                                    strict=True):  # fmt: skip
+        grads = np.stack([torch.autograd.grad(s, activations, retain_graph=True)[0][0].numpy() for s in scores])
+        assert gradients.shape[2:] == activations.shape[1:]
+        scale = np.abs(grads).max()
+        np.testing.assert_allclose(gradients[0], grads, rtol=1e-4, atol=1e-4 * scale)
+        np.testing.assert_allclose(weights[0], grads.mean(axis=(2, 3)), rtol=1e-4, atol=1e-4 * scale)
