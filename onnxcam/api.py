@@ -225,12 +225,13 @@ class Explainer:
         for n, photo in enumerate(photos):
             kept = np.flatnonzero(out.box_anchors[n] >= 0)
             scale = np.array([photo.shape[1] / width, photo.shape[0] / height] * 2)
+            edges = np.array([photo.shape[1], photo.shape[0]] * 2)  # boxes clipped to the photo, as ultralytics
             found = []
             for name in names:
                 lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t in kept:
                     cam, empty = maps.finish(lowres[t], photo.shape[:2])
-                    box = tuple(float(v) for v in np.round(out.boxes[n, t] * scale, 2))
+                    box = tuple(float(v) for v in np.round(np.clip(out.boxes[n, t] * scale, 0, edges), 2))
                     found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
                                            cam_lowres=lowres[t], cam=cam, empty=empty, method=name, box=box,
                                            rank=int(t) + 1))  # fmt: skip

@@ -54,7 +54,8 @@ detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w,
                     ``c % A``; ``-k`` for the k-th highest-scoring detection kept by the non-maximum
                     suppression in the graph (each anchor scored by its best class, NMS per class as
                     ultralytics' ``non_max_suppression``). Extra outputs, per target row:
-                    ``boxes`` float ``[N, T, 4]`` (x1, y1, x2, y2 in input pixels), ``box_scores``
+                    ``boxes`` float ``[N, T, 4]`` (x1, y1, x2, y2 in input pixels, as the model outputs
+                    them: not clipped to the image; ``explain`` clips), ``box_scores``
                     float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
                     detection has anchor and class -1, a zero box and score, and zero gradients.
 
