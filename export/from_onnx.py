@@ -18,7 +18,7 @@ import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
-from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, SCORES, ModelCard, imagenet_labels
+from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, SCORES, TASKS, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import file_digest
 from onnxcam_export.builder import Types, infer_types
@@ -32,6 +32,14 @@ from onnxcam_export.graft import (
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
+from onnxcam_export.tasks import (
+    CLASS_SCORES,
+    DETECTOR_LAYOUTS,
+    Task,
+    add_detector_split,
+    add_segment_scores,
+    detector_layout,
+)
 from onnxcam_export.vjp import UnsupportedOp
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
@@ -125,6 +133,69 @@ def _reaches_the_grid(
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
 
+def _extra_layers(
+    graph: onnx.GraphProto, layers: str | None, logits: str, candidates: list[str], layouts: dict[str, Layout]
+) -> tuple[str | None, list[str]]:
+    """``--layer A,B,...``: the first target layer, and the others, each a usable [N, C, h, w] layer."""
+    names = [] if layers is None else [name.strip() for name in layers.split(",")]
+    if len(set(names)) != len(names):
+        raise OnnxcamError(f"--layer names a layer twice: {', '.join(names)}")
+    for name in names[1:]:
+        _check_layer(graph, name, logits, candidates, layouts)
+        if layouts[name].kind != "nchw":
+            raise OnnxcamError(f"layer {name!r} is a {layouts[name].kind} layout; the layers after the first in "
+                               "--layer must be [N, C, h, w] grids")  # fmt: skip
+    return (names[0] if names else None), names[1:]
+
+
+def _before_masks(candidates: list[str], layouts: dict[str, Layout], shapes: Shapes, classes: int) -> list[str]:
+    """A segmenter's candidates less the trailing ones with one channel per class (its masks, upsampled or not),
+    as pytorch-grad-cam explains a segmenter at its last feature layer; all of them if nothing is left."""
+    kept = list(candidates)
+    while len(kept) > 1 and layouts[kept[-1]].contract_dims(shapes[kept[-1]])[0] == classes:
+        kept.pop()
+    return kept
+
+
+def _anchor_inputs(graph: onnx.GraphProto, scores: str, anchor_axis: int, shapes: Shapes) -> list[str]:
+    """The per-scale tensors that a multi-scale detector concatenates along its anchors (a 3-D Concat over
+    ``anchor_axis`` whose result holds all of them), found walking back from its class ``scores`` [N, K, A];
+    none for a single scale."""
+    anchors = shapes[scores][2]
+    producers = {o: n for n in graph.node for o in n.output}
+    todo, seen = [scores], set()
+    while todo:
+        name = todo.pop(0)
+        node = producers.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        shape = shapes.get(node.output[0]) or []
+        axis = int(next((a.i for a in node.attribute if a.name == "axis"), 0))
+        over_anchors = len(shape) == 3 and axis % 3 == anchor_axis and shape[anchor_axis] == anchors
+        if node.op_type == "Concat" and len(node.input) >= 2 and over_anchors:
+            return list(node.input)
+        todo.extend(node.input)
+    return []
+
+
+def _detector_heads(
+    graph: onnx.GraphProto, scores: str, anchor_axis: int, layouts: dict[str, Layout], types: Types
+) -> list[str]:
+    """A multi-scale detector's head inputs, finest scale first: per scale, the last grid tensor that every
+    path to that scale's class scores crosses and that two or more convolutions read (where the box and
+    class branches of YOLOv8's Detect start). Empty when a scale has none."""
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    heads = []
+    for branch in _anchor_inputs(graph, scores, anchor_axis, _shapes(types)):
+        cuts = [c for c in candidate_layers(graph, branch, layouts, types) if layouts[c].kind == "nchw"]
+        forks = [c for c in cuts if sum(n.input[0] == c for n in convs) >= 2]
+        if not forks:
+            return []
+        heads.append(forks[-1])
+    return heads
+
+
 def _auto_layer(
     model: onnx.ModelProto, logits: str, candidates: list[str], layouts: dict[str, Layout], types: Types, feed: dict
 ) -> str:
@@ -157,6 +228,54 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
         notes.append(f"the model ends in {node.op_type}; explaining the pre-softmax logits {node.input[0]!r}")
         return node.input[0]
     return name
+
+
+OUTPUT_LAYOUTS = (
+    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A] "
+    "or YOLOv5 detector [N, A, 5 + K]"
+)
+
+
+def _task_of(shape: list[int | None] | None, forced: str | None) -> str | None:
+    """The task whose output layout ``shape`` has (``forced``: only that one is tried); None for none."""
+    rank = len(shape or [])
+    fits = {
+        "classification": rank == 2 or (rank == 4 and shape[2:] == [1, 1]),
+        "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
+        "detection": detector_layout(shape) is not None,
+    }
+    return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
+
+
+def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
+    return ", ".join(f"{o.name!r} {shapes.get(o.name)}" for o in graph.output)
+
+
+def _task_logits(
+    model: onnx.ModelProto, raw: str, types: Types, forced: str | None, notes: list[str]
+) -> tuple[str, Task, int]:
+    """The logits the graft explains, the task and its class count, from the model's output ``raw``."""
+    shapes = _shapes(types)
+    shape = shapes.get(raw)
+    task = _task_of(shape, forced)
+    if task is None:
+        asked = f"a {forced} output" if forced else "a layout onnxcam knows"
+        raise OnnxcamError(
+            f"the model's outputs ({_outputs_found(model.graph, shapes)}) are not {asked}: onnxcam explains a "
+            f"{OUTPUT_LAYOUTS}; export the model with such an output first (ultralytics: nms=False), or "
+            "force the task with --task"
+        )
+    if task == "segmentation":
+        notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
+                     "its logits over the pixels predicted as c")  # fmt: skip
+        return add_segment_scores(model, raw, types), Task(task), shape[1]
+    if task == "detection":
+        layout = DETECTOR_LAYOUTS[detector_layout(shape)]
+        notes.append(f"{raw!r} {shape} is {layout.described}, K = {layout.classes(shape)}: each target is one box's "
+                     "class score")  # fmt: skip
+        found = add_detector_split(model, raw, types, detector_layout(shape))
+        return CLASS_SCORES, found, layout.classes(shape)
+    return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
 def _flatten_logits(model: onnx.ModelProto, logits: str, shapes: Shapes) -> str:
@@ -344,13 +463,18 @@ def graft_file(
     labels: Path | None = None,
     prep: Preprocessing | None = None,
     score: str = "logit",
+    task: str | None = None,
 ) -> tuple[dict[str, object], list[str]]:
-    """Write ``out``, the onnxcam version of classifier ``source``; return its card and notes for the user.
+    """Write ``out``, the onnxcam version of classifier, segmenter or detector ``source``; return its card and
+    notes for the user.
 
     ``score``: the explained score, ``logit`` (as the Grad-CAM paper) or ``probability`` (its softmax).
+    ``task``: one of :data:`onnxcam.contract.TASKS`, or None to tell it from the output's layout.
     """
     if score not in SCORES:
         raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
+    if task is not None and task not in TASKS:
+        raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     prep = prep or Preprocessing()
     notes: list[str] = []
     try:
@@ -364,13 +488,25 @@ def graft_file(
     inputs = _input_layout(graph, prep)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
+    logits, found, classes = _task_logits(model, _logits(graph, notes), types, task, notes)
+    if found.kind != "classification" and score != "logit":
+        raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
+    types = infer_types(model) if found.kind != "classification" else types
     shapes = _shapes(types)
-    logits = _flatten_logits(model, _logits(graph, notes), shapes)
     batch = shapes[inputs.name][0]
     layouts = infer_layouts(graph, shapes, inputs.name, inputs.channels_first, batch)
     candidates = candidate_layers(graph, logits, layouts, types)  # (a Flatten added above is no candidate)
     if not candidates:
         raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
+    layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
+    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
+        candidates = [c for c in candidates if layouts[c].kind != "tokens"] or candidates
+    if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
+        candidates = _before_masks(candidates, layouts, shapes, classes)
+    heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
+    if len(heads) > 1:
+        layer, extras = heads[0], heads[1:]
+        notes.append(f"target layers (auto): the detector's head inputs, one per scale: {', '.join(heads)}")
     if layer is None:
         layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
         notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "
@@ -388,7 +524,7 @@ def graft_file(
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits, types, layout, score)
+        grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])
@@ -400,9 +536,11 @@ def graft_file(
         input_size=(inputs.height, inputs.width),
         mean=prep.mean,
         std=prep.std,
-        labels=tuple(_labels(labels, shapes[logits][1], notes)),
+        labels=tuple(_labels(labels, classes, notes)),
         weights_path=weights_path,
         score=score,
+        task=found.kind,
+        extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )
     card = save_explainer(grafted, card, out)

@@ -27,6 +27,7 @@ from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.layouts import ADAPTERS, Layout
+from onnxcam_export.tasks import Task, add_detection_io, detection_seed
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
@@ -404,24 +405,33 @@ def _seed(b: Builder, logits: str, score: str) -> str:
 
 
 def _walk(
-    b: Builder, head: list[onnx.NodeProto], layer: str, seed: str, cheap: Presummed | None, adapt: Adapt
-) -> tuple[str, Branch]:
-    """sum_hw(dy/dA) [N, T, C], and the If branch that builds the full gradient dy/dA.
+    b: Builder,
+    head: list[onnx.NodeProto],
+    layer: str,
+    seed: str,
+    cheap: Presummed | None,
+    adapt: Adapt,
+    extra_layers: Sequence[str] = (),
+) -> tuple[str, Branch, list[str]]:
+    """sum_hw(dy/dA) [N, T, C], the If branch that builds the full gradient dy/dA, and the full gradients of
+    ``extra_layers`` (computed outside any If; none without them).
 
     ``adapt`` turns the gradient of ``layer`` into the gradient of the contract's activations.
-    """
+    """  # fmt: skip
     seeds = {contract.LOGITS: [seed]}
     if cheap is None:  # the sum of the full gradient, computed outside the If
-        gradients = adapt(_reached(b, backward(b, head, seeds), layer))
+        grads = backward(b, head, seeds)
+        gradients = adapt(_reached(b, grads, layer))
         full = helper.make_node("Identity", [gradients], [gradients + "/full"])
-        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), ("full", [full], full.output[0])
+        extra = [_reached(b, grads, name) for name in extra_layers]
+        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), ("full", [full], full.output[0]), extra
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
     summed = b.op("MatMul", _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
         gradients = adapt(_reached(b, backward(b, head[:cut], grads), layer))
-    return summed, ("full", nodes, gradients)
+    return summed, ("full", nodes, gradients), []
 
 
 def _if(name: str, condition: str, output: str, elem: int, then: Branch, otherwise: Branch) -> onnx.NodeProto:
@@ -473,14 +483,14 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_o
     """The contract's inputs targets and full_gradients, and its outputs in contract order."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
-    channels, classes = dims[0], b.shape(contract.LOGITS)[1]
+    channels, classes, anchors = dims[0], b.shape(contract.LOGITS)[1], b.shape(contract.LOGITS)[2:]
     graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
     del graph.output[:]
     graph.output.extend(
         [
-            info(contract.LOGITS, elem, [batch, classes]),
+            info(contract.LOGITS, elem, [batch, classes, *anchors]),  # a detector's: [N, K, A]
             info(contract.ACTIVATIONS, elem, [batch, *dims]),
             info(contract.WEIGHTS, elem, [batch, "T", channels]),
             info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(SPATIAL))]]),
@@ -548,13 +558,20 @@ def graft(
     types: Types | None = None,
     layout: Layout | None = None,
     score: str = "logit",
+    task: Task | None = None,
+    extra_layers: Sequence[str] = (),
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
 
     ``activations`` is the target layer: ``[N, C, h, w]``, or any :mod:`layouts` entry given as
     ``layout``. ``score``: the explained score, ``logit`` or ``probability`` (softmax of the logits).
-    ``types``: :func:`infer_types` of ``model`` where the caller has it.
+    ``types``: :func:`infer_types` of ``model`` where the caller has it. ``task``: a detector's
+    (:mod:`onnxcam_export.tasks`) has class scores ``[N, K, A]`` as ``logits`` and boxes.
+    ``extra_layers``: more ``[N, C, h, w]`` target layers (a detector's scales), each with its own
+    activations, weights and gradients outputs (:func:`contract.scale_output`); such a file has no
+    in-graph saliency and no head-only graph.
     """
+    detector = task is not None and task.kind == "detection"
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -563,11 +580,13 @@ def graft(
     for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
         renamed = rename_tensor(graph, tensor, name)
         types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
-    head = head_nodes(graph, layer, contract.LOGITS)
-    _check_rules(head, differentiable(head, {layer}, types))  # before shape inference, which may fail on them
+    sources = {layer, *extra_layers}
+    head = head_nodes(graph, sources, contract.LOGITS)
+    _check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
     b = Builder(out, types)
-    b.wanted = differentiable(head, {layer}, b.types)
-    head_only = _head_copy(graph, b, head, layer, layout)
+    b.wanted = differentiable(head, sources, b.types)
+    classifier = task is None or task.kind == "classification"  # (head-only passes are for classifiers)
+    head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     _expose_extra_outputs(head)
     shape = b.shape(layer)
     if layout is None:
@@ -576,14 +595,18 @@ def graft(
         dims = layout.contract_dims(shape)
         _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
-    seed = _seed(b, contract.LOGITS, score)
-    cheap = presummed_weight(b, head, layer) if layout is None else None
-    summed, full = _walk(b, head, layer, seed, cheap, adapt)
+    seed = detection_seed(b, contract.LOGITS, task.boxes) if detector else _seed(b, contract.LOGITS, score)
+    cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
+    summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
     _emit_weights(b, summed)
     size = _input_size(b)
-    _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
-    if size is not None:
-        saliency.add_saliency(graph, b, size)
+    if extra_layers:  # the in-graph map would show one scale: the Python path aggregates them all
+        _emit_gradients(b, full)
+        _emit_scales(b, extra_layers, extra_gradients)
+    else:
+        _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
+        if size is not None:
+            saliency.add_saliency(graph, b, size)
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
@@ -591,9 +614,42 @@ def graft(
     if head_only is not None:
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
-    if size is not None:
+    if detector:
+        add_detection_io(graph, b)
+    _add_scale_io(graph, b, extra_layers)
+    if size is not None and not extra_layers:
         _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
+
+
+def _emit_scales(b: Builder, layers: Sequence[str], gradients: list[str]) -> None:
+    """activations/i, weights/i = mean_hw(dy/dA_i) and gradients/i (behind full_gradients) of each extra layer."""
+    for i, (layer, grad) in enumerate(zip(layers, gradients, strict=True), start=1):
+        names = {key: contract.scale_output(key, i) for key in (contract.ACTIVATIONS, contract.WEIGHTS)}
+        b.nodes.append(helper.make_node("Identity", [layer], [names[contract.ACTIVATIONS]], name=f"activations/{i}"))
+        plane = b.op("Cast", b.product(layer, 2), to=b.elem_type(contract.LOGITS))
+        summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)
+        b.nodes.append(helper.make_node("Div", [summed, plane], [names[contract.WEIGHTS]], name=f"weights/{i}"))
+        full = helper.make_node("Identity", [grad], [grad + "/full"])
+        with b.subgraph() as nodes:
+            shape = b.op("Concat", b.op("Shape", names[contract.WEIGHTS]), b.ints([0] * len(SPATIAL)), axis=0)
+            empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
+        output = contract.scale_output(contract.GRADIENTS, i)
+        b.nodes.append(_if(output, contract.FULL_GRADIENTS, output, b.elem_type(contract.LOGITS),
+                           ("full", [full], full.output[0]), empty))  # fmt: skip
+
+
+def _add_scale_io(graph: onnx.GraphProto, b: Builder, layers: Sequence[str]) -> None:
+    """The outputs of :func:`_emit_scales`."""
+    elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
+    batch = b.shape(contract.LOGITS)[0] or "N"
+    for i, layer in enumerate(layers, start=1):
+        channels, *grid = b.shape(layer)[1:]
+        graph.output.extend([
+            info(contract.scale_output(contract.ACTIVATIONS, i), elem, [batch, channels, *grid]),
+            info(contract.scale_output(contract.WEIGHTS, i), elem, [batch, "T", channels]),
+            info(contract.scale_output(contract.GRADIENTS, i), elem, [batch, "T", channels, f"h{i}_", f"w{i}_"]),
+        ])  # fmt: skip
 
 
 def _input_size(b: Builder) -> tuple[int, int] | None:

@@ -667,6 +667,62 @@ def Gather(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [dx if axis else _swap_front(b, dx, x)]
 
 
+RESIZE_COORDINATES = {  # x_resized -> x_original, given the scale and both lengths (ONNX Resize)
+    "half_pixel": lambda o, scale, n_in, n_out: (o + 0.5) / scale - 0.5,
+    "pytorch_half_pixel": lambda o, scale, n_in, n_out: (o + 0.5) / scale - 0.5 if n_out > 1 else 0 * o,
+    "align_corners": lambda o, scale, n_in, n_out: o * (n_in - 1) / max(n_out - 1, 1),
+    "asymmetric": lambda o, scale, n_in, n_out: o / scale,
+}
+NEAREST = {
+    "round_prefer_floor": lambda x: np.where(x - np.floor(x) == 0.5, np.floor(x), np.round(x)),
+    "round_prefer_ceil": lambda x: np.where(x - np.floor(x) == 0.5, np.ceil(x), np.round(x)),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+
+def _resize_matrix(a: dict, scale: float, n_in: int, n_out: int) -> np.ndarray:
+    """R [n_out, n_in] with y = R x along one axis, for Resize's linear or nearest mode."""
+    x = RESIZE_COORDINATES[a.get("coordinate_transformation_mode", "half_pixel")](
+        np.arange(n_out, dtype=np.float64), scale, n_in, n_out
+    )
+    matrix = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    if a.get("mode", "nearest") == "nearest":
+        picked = NEAREST[a.get("nearest_mode", "round_prefer_floor")](x)
+        matrix[rows, np.clip(picked, 0, n_in - 1).astype(int)] = 1
+        return matrix
+    x = np.clip(x, 0, n_in - 1)
+    low = np.floor(x).astype(int)
+    high, frac = np.minimum(low + 1, n_in - 1), x - low
+    np.add.at(matrix, (rows, low), 1 - frac)
+    np.add.at(matrix, (rows, high), frac)
+    return matrix
+
+
+# y = R_h X R_w^T over (h, w) for a separable linear or nearest Resize  =>  dX = R_h^T dY R_w
+def Resize(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, a = node.input[0], attrs(node)
+    shape_in, shape_out = b.shape(x), b.shape(node.output[0])
+    scales = b.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    supported = (
+        b.opset >= 11 and shape_in is not None and shape_out is not None and len(shape_in) == len(shape_out) == 4
+        and all(isinstance(d, int) for d in [*shape_in[1:], *shape_out[1:]]) and shape_in[1] == shape_out[1]
+        and a.get("mode", "nearest") in ("nearest", "linear") and not a.get("antialias", 0) and "axes" not in a
+        and a.get("coordinate_transformation_mode", "half_pixel") in RESIZE_COORDINATES
+        and a.get("nearest_mode", "round_prefer_floor") in NEAREST
+    )  # fmt: skip
+    if not supported:
+        raise _unsupported(node, "only 4-D nearest or linear resizing of static h, w (half_pixel, pytorch_half_pixel, "
+                                 "align_corners or asymmetric coordinates, no antialias) is supported")  # fmt: skip
+    factors = [float(v) for v in scales[2:]] if scales is not None and scales.size == 4 else [
+        o / i for i, o in zip(shape_in[2:], shape_out[2:], strict=True)]  # fmt: skip
+    r_h, r_w = (_resize_matrix(a, f, i, o) for f, i, o in zip(factors, shape_in[2:], shape_out[2:], strict=True))
+    dtype = b.np_dtype(x)
+    rows = b.op("MatMul", dy[0], b.const(r_w.astype(dtype), "resize_w"))  # [N, T, C, H_out, w_in]
+    return [b.op("MatMul", b.const(r_h.T.astype(dtype), "resize_h_t"), rows)]
+
+
 # y = broadcast(X, shape)  =>  dX = dY summed over the broadcast axes
 def Expand(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [_unbroadcast(b, node, dy[0], node.input[0])]
@@ -737,7 +793,7 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "Sub": Sub, "Mul": Mul, "Div": Div, "Where": Where, "Flatten": Flatten, "Reshape": Reshape,
     "Squeeze": Squeeze, "Unsqueeze": Unsqueeze, "Expand": Expand, "Transpose": Transpose, "Concat": Concat,
     "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather, "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv,
-    "AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
+    "Resize": Resize, "AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
     "ReduceSum": ReduceSum,
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,

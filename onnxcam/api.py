@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from onnxcam import maps, methods
+from onnxcam import contract, maps, methods
 from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb, resize_rgb
@@ -44,11 +44,18 @@ class TargetMap:
     cam: np.ndarray  # [H, W] float32 in [0, 1], the image's size
     empty: bool  # True when no location supports the class (the map is all zero)
     method: str = "gradcam"
+    box: tuple[float, float, float, float] | None = None  # a detection's x1, y1, x2, y2 in image pixels
+    rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
 
     @property
     def peak(self) -> tuple[int, int]:
         """(x, y) of the map's maximum in image pixels."""
         return maps.peak(self.cam)
+
+    @property
+    def key(self) -> str:
+        """What names its files: the class index, and a detection's rank (two boxes may share a class)."""
+        return str(self.index) if self.rank is None else f"box{self.rank}-{self.index}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class Explanation:
 
 
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
+DETECTIONS = 10  # kept detections explained by default
+MAX_DETECTIONS = 300  # ultralytics' max_det
 
 
 class Explainer:
@@ -95,8 +104,11 @@ class Explainer:
     def target_codes(self, targets: Sequence[int | str] = (), top_k: int | None = None) -> list[int]:
         """Contract codes: explicit class indices, then ``-1 .. -top_k`` for the top predictions.
 
-        With neither given, the top-1 prediction is explained.
+        With neither given, the top-1 prediction is explained; on a detector, ``-1 .. -top_k`` are its
+        kept detections, the first 10 by default.
         """
+        if self.card.task == "detection":
+            return self._detection_codes(targets, top_k)
         codes = [self.class_index(t) for t in targets]
         k = top_k if top_k is not None else (0 if codes else 1)
         if not 0 <= k <= len(self.labels):
@@ -105,6 +117,15 @@ class Explainer:
         if not codes:
             raise OnnxcamError("nothing to explain: give a --target or a --top-k of at least 1")
         return codes
+
+    def _detection_codes(self, targets: Sequence[int | str], top_k: int | None) -> list[int]:
+        if targets:
+            raise OnnxcamError("a detector explains its kept detections: give --top-k (how many), --conf and --iou, "
+                               "not --target")  # fmt: skip
+        k = DETECTIONS if top_k is None else top_k
+        if not 1 <= k <= MAX_DETECTIONS:
+            raise OnnxcamError(f"top-k (detections to explain) must be between 1 and {MAX_DETECTIONS}, got {k}")
+        return [-(i + 1) for i in range(k)]
 
     def explain(
         self,
@@ -128,6 +149,8 @@ class Explainer:
         method: str | Sequence[str] = "gradcam",
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
+        conf: float | None = None,
+        iou: float | None = None,
     ) -> list[Explanation]:
         """Explain several images in one ORT call; each gets the same target list.
 
@@ -136,13 +159,18 @@ class Explainer:
         add batched passes through the same session. ``maps`` holds, per method in the given
         order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
         (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
-        for the classes resolved on the original view.
+        for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
+        detection (with its box), and ``conf``, ``iou`` are its suppression thresholds.
         """
-        names = methods.resolve(method, self.engine.outputs)
+        names = methods.resolve(method, self.engine.outputs, self.card.task)
+        self.check_task(aug_smooth, conf, iou)
+        self._check_scales(names)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
         batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
+        if self.card.task == "detection":
+            return self._explain_detections(photos, batch, codes, names, eigen_smooth, _thresholds(conf, iou))
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full, attention)
         probs = softmax(out.logits.astype(np.float64))
         results = []
@@ -163,6 +191,58 @@ class Explainer:
             results.append(Explanation(photo, preds, found))
         return results
 
+    def check_task(self, aug_smooth: bool, conf: float | None, iou: float | None) -> None:
+        """Refuse the options this model's task has no use for, naming them."""
+        task = self.card.task
+        if task != "detection" and (conf is not None or iou is not None):
+            raise OnnxcamError(f"--conf and --iou apply to detectors; this is a {task} model")
+        if task == "detection" and aug_smooth:
+            raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+
+    def _check_scales(self, names: list[str]) -> None:
+        """A model with several target layers runs the methods that read activations and gradients only."""
+        other = [n for n in names if methods.METHODS[n].passes or methods.METHODS[n].attention]
+        if self.card.extra_layers and other:
+            raise OnnxcamError(f"{', '.join(other)} cannot combine several target layers; this model has "
+                               f"{1 + len(self.card.extra_layers)}: use a gradient method or eigencam")  # fmt: skip
+
+    def require_classifier(self, command: str) -> None:
+        """Refuse a command that reads class probabilities on a segmenter's or detector's model."""
+        if self.card.task != "classification":
+            raise OnnxcamError(f"onnxcam {command} measures a classifier's maps by its class probabilities; this is a "
+                               f"{self.card.task} model: use onnxcam explain")  # fmt: skip
+
+    def _explain_detections(
+        self, photos: list[np.ndarray], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool,
+        thresholds: dict[str, float],
+    ) -> list[Explanation]:  # fmt: skip
+        """One map per kept detection of each photo, from one ORT call; boxes scaled to the photo."""
+        full = methods.needs_gradients(names)
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full,
+                              thresholds=thresholds)  # fmt: skip
+        height, width = self.card.input_size
+        results = []
+        for n, photo in enumerate(photos):
+            kept = np.flatnonzero(out.box_anchors[n] >= 0)
+            scale = np.array([photo.shape[1] / width, photo.shape[0] / height] * 2)
+            edges = np.array([photo.shape[1], photo.shape[0]] * 2)  # boxes clipped to the photo, as ultralytics
+            found = []
+            for name in names:
+                lowres = self._maps(name, batch[n], out, n, eigen_smooth)
+                for t in kept:
+                    cam, empty = maps.finish(lowres[t], photo.shape[:2])
+                    box = tuple(float(v) for v in np.round(np.clip(out.boxes[n, t] * scale, 0, edges), 2))
+                    found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
+                                           cam_lowres=lowres[t], cam=cam, empty=empty, method=name, box=box,
+                                           rank=int(t) + 1))  # fmt: skip
+            results.append(Explanation(photo, [self._detection(out, n, t) for t in kept], found))
+        return results
+
+    def _detection(self, out: Outputs, n: int, t: int) -> Prediction:
+        """Row ``t`` of image ``n`` as a prediction: its class and its box's score (as probability and logit)."""
+        index, score = int(out.target_classes[n, t]), float(out.box_scores[n, t])
+        return Prediction(index, self.labels[index], score, score)
+
     def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool) -> np.ndarray:
         """Low-resolution maps ``[T, h, w]`` of method ``name`` for image ``n`` of a run."""
         activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
@@ -170,7 +250,11 @@ class Explainer:
         if extra is not None:
             weights = extra(self.engine, image, activations, classes)
         attentions = [None if a is None else a[n] for a in (out.attentions, out.attention_gradients)]
-        return methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
+        first = methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
+        if not out.scales:
+            return first
+        more = [methods.cam(name, a[n], g[n], w[n], eigen_smooth) for a, w, g in out.scales]
+        return maps.aggregate([first, *more])
 
     def _augmented_maps(
         self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool, attention: tuple
@@ -188,6 +272,11 @@ class Explainer:
 
     def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
         return Prediction(index, self.labels[index], float(probs[index]), float(logits[index]))
+
+
+def _thresholds(conf: float | None, iou: float | None) -> dict[str, float]:
+    given = {contract.CONF_THRESHOLD: conf, contract.IOU_THRESHOLD: iou}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:

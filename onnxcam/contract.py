@@ -22,8 +22,10 @@ inputs
                         full gradient build it for this call whatever ``full_gradients`` says.
                         (Required, not defaulted: ONNX Runtime's JavaScript bindings cannot
                         override an input that has a default, so these two have none.)
+    ``conf_threshold`` / ``iou_threshold``  float scalars, detectors only (defaults 0.25 / 0.45):
+                        the non-maximum suppression that resolves ``-k`` targets (see below).
 outputs
-    ``logits``          float ``[N, K]``
+    ``logits``          float ``[N, K]``; a detector's are its class scores ``[N, K, A]`` (A anchors)
     ``activations``     float ``[N, C, h, w]``  (the target layer)
     ``weights``         float ``[N, T, C]``: spatial mean of d logit / d activations
     ``gradients``       float ``[N, T, C, h, w]`` when ``full_gradients`` is true, else
@@ -40,6 +42,28 @@ outputs
                         empty ``[N, T, 0, 0]``: the finished map at the model's input size
                         (the method's channel sum, ReLU, bilinear resize with half-pixel
                         centres, min-max per map; an all-zero map stays zero, never NaN)
+
+Tasks (the card's ``task``) differ only in the explained scalar of a target row:
+
+classification      the logit (or probability) of class ``c``.
+segmentation        the model outputs ``[N, K, H, W]``; ``logits[n, c]`` is the sum of class c's
+                    logits over the pixels predicted as c (pytorch-grad-cam's
+                    SemanticSegmentationTarget), computed in the graph, and is explained as above.
+detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w, h and K class
+                    scores per anchor). ``c >= 0`` asks for the score of class ``c // A`` at anchor
+                    ``c % A``; ``-k`` for the k-th highest-scoring detection kept by the non-maximum
+                    suppression in the graph (each anchor scored by its best class, NMS per class as
+                    ultralytics' ``non_max_suppression``). Extra outputs, per target row:
+                    ``boxes`` float ``[N, T, 4]`` (x1, y1, x2, y2 in input pixels, as the model outputs
+                    them: not clipped to the image; ``explain`` clips), ``box_scores``
+                    float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
+                    detection has anchor and class -1, a zero box and score, and zero gradients.
+
+Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
+``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
+``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
+``full_gradients``), for the same targets. The maps of the layers are combined as
+pytorch-grad-cam's multi-layer aggregation does; such a file has no ``saliency`` output.
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
@@ -76,10 +100,25 @@ WITH_ATTENTIONS = "with_attentions"
 WITH_ATTENTION_GRADIENTS = "with_attention_gradients"
 ATTENTIONS = "attentions"
 ATTENTION_GRADIENTS = "attention_gradients"
+CONF_THRESHOLD = "conf_threshold"
+IOU_THRESHOLD = "iou_threshold"
+BOXES = "boxes"
+BOX_SCORES = "box_scores"
+BOX_ANCHORS = "box_anchors"
+DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
+DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
+SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
+
+
+def scale_output(name: str, scale: int) -> str:
+    """The output ``name`` (activations, weights, gradients) of extra target layer ``scale`` (1, 2, ...)."""
+    return f"{name}/{scale}"
+
 
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
 SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
+TASKS = ("classification", "segmentation", "detection")  # what a target row explains (see above)
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,6 +154,8 @@ class ModelCard:
     notes: str = ""
     contract: str = CONTRACT_VERSION
     saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
+    task: str = "classification"  # one of TASKS
+    extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -166,7 +207,7 @@ class ModelCard:
                 ("contract", self.contract),
                 ("arch", self.arch),
                 ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
-                ("target layer", self.layer),
+                ("target layer", ", ".join([self.layer, *self.extra_layers])),
                 (
                     "input",
                     f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph",
@@ -175,6 +216,7 @@ class ModelCard:
                 ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
                 ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
                 ("channel weights", self.weights_path),
+                ("task", self.task),
                 ("explained score", self.score),
             ]
             + self._saliency_rows()
@@ -241,6 +283,10 @@ _CHECKS: dict[str, Check] = {
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
+    "task": lambda v: None if v in TASKS else f"must be one of {TASKS}, got {v!r}",
+    "extra_layers": lambda v: (
+        None if isinstance(v, tuple) and all(isinstance(n, str) for n in v) else f"must be a list of layers, got {v!r}"
+    ),
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
     "saliency_methods": lambda v: (
         None

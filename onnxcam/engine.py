@@ -39,6 +39,11 @@ class Outputs:
     attentions: np.ndarray | None = None  # [N, L, H, T, T] when asked for (vision transformers)
     attention_gradients: np.ndarray | None = None  # [N, T, L, H, T, T] when asked for
     saliency: np.ndarray | None = None  # [N, T, H, W] float32 in [0, 1] when asked for
+    boxes: np.ndarray | None = None  # detectors: [N, T, 4] x1, y1, x2, y2 in input pixels
+    box_scores: np.ndarray | None = None  # detectors: [N, T]
+    box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
+    scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
+    # each extra target layer
 
 
 def _providers(provider: str | None) -> list[str]:
@@ -106,6 +111,17 @@ def lean(options: ort.SessionOptions) -> ort.SessionOptions:
     return options
 
 
+def _threshold_feeds(thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    """A detector's threshold inputs; each must be a number in [0, 1]."""
+    feeds = {}
+    for name, value in thresholds.items():
+        if name not in contract.DEFAULT_THRESHOLDS or not 0.0 <= value <= 1.0:
+            raise OnnxcamError(f"{name} must be one of {', '.join(contract.DEFAULT_THRESHOLDS)}, a number from 0 to 1; "
+                               f"got {value}")  # fmt: skip
+        feeds[name] = np.asarray(value, np.float32)
+    return feeds
+
+
 class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
@@ -139,7 +155,7 @@ class Engine:
         inputs = {i.name: i for i in self.session.get_inputs()}
         if not set(contract.OUTPUTS) <= set(outputs) or not {contract.IMAGE, contract.TARGETS} <= set(inputs):
             raise OnnxcamError(f"{self.path} lacks the onnxcam inputs/outputs; re-create it with onnxcam export")
-        classes = outputs[contract.LOGITS].shape[-1]
+        classes = outputs[contract.LOGITS].shape[1]  # [N, K], or a detector's [N, K, A]
         if isinstance(classes, int) and classes != len(self.card.labels):
             raise OnnxcamError(
                 f"{self.path}: its model card names {len(self.card.labels)} classes but the model scores {classes}; "
@@ -159,12 +175,14 @@ class Engine:
         full_gradients: bool = False,
         attention: tuple[str, ...] = (),
         saliency: str | None = None,
+        thresholds: dict[str, float] | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
         ``attention``: the optional outputs wanted too (``attentions``, ``attention_gradients``).
         ``saliency``: also return the graph's finished map of that method (one of the card's
-        ``saliency_methods``) at the model's input size.
+        ``saliency_methods``) at the model's input size. ``thresholds``: a detector's
+        ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too.
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -184,13 +202,22 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention]
+        if self.card.task == "detection":
+            feeds |= _threshold_feeds(thresholds or {})
+            names += contract.DETECTION_OUTPUTS
+        elif thresholds:
+            raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)
         elif self.card.saliency_methods:
             feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
-        values = self.session.run(names, feeds)
-        return Outputs(**dict(zip(names, values, strict=True)))
+        scales = [contract.scale_output(n, i) for i in range(1, len(self.card.extra_layers) + 1)
+                  for n in contract.SCALE_OUTPUTS]  # fmt: skip
+        values = dict(zip(names + scales, self.session.run(names + scales, feeds), strict=True))
+        per_scale = [values.pop(name) for name in scales]
+        grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
+        return Outputs(**values, scales=grouped)
 
     def _saliency_feeds(self, method: str) -> dict[str, np.ndarray]:
         """The inputs that ask the graph for its ``saliency`` map of ``method``."""

@@ -48,6 +48,8 @@ class Options:
     overwrite: bool = False
     max_pixels: int = MAX_PIXELS
     max_bytes: int = MAX_BYTES
+    conf: float | None = None  # a detector's suppression thresholds (None: the graph's defaults)
+    iou: float | None = None
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -61,6 +63,8 @@ class Options:
             "alpha": self.alpha,
             "panel": self.panel,
             "overlay_format": self.picture,
+            "conf": self.conf,
+            "iou": self.iou,
         }
 
 
@@ -111,6 +115,7 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
                 "probability": round(m.probability, 6),
                 "logit": round(m.logit, 6),
                 "method": m.method,
+                **({} if m.box is None else {"box": list(m.box), "rank": m.rank}),
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,
@@ -149,7 +154,14 @@ class Worker:
     def _explain(self, images: list[np.ndarray]) -> list[Explanation | str]:
         o = self.options
         call = lambda batch: self.explainer.explain_batch(  # noqa: E731
-            batch, o.targets, o.top_k, method=o.methods, eigen_smooth=o.eigen_smooth, aug_smooth=o.aug_smooth
+            batch,
+            o.targets,
+            o.top_k,
+            method=o.methods,
+            eigen_smooth=o.eigen_smooth,
+            aug_smooth=o.aug_smooth,
+            conf=o.conf,
+            iou=o.iou,
         )
         try:
             return list(call(images))
@@ -188,7 +200,10 @@ class Worker:
 
     def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
         o = self.options
-        names = [f"{outputs.map_name(stem, m.index, m.label, m.method)}.{o.picture}" for m in result.maps]
+        if not result.maps:  # (only a detector's image can have no target)
+            raise OnnxcamError(f"{path}: the detector kept no box above the confidence threshold, nothing to explain; "
+                               "lower --conf")  # fmt: skip
+        names = [f"{outputs.map_name(stem, m.key, m.label, m.method)}.{o.picture}" for m in result.maps]
         clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
         if clash:
             raise OnnxcamError(f"writing {o.out / clash[0]} would overwrite an input image; choose another --out")

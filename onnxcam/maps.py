@@ -36,6 +36,14 @@ def normalize(cam: np.ndarray) -> tuple[np.ndarray, bool]:
     return cam, False
 
 
+def aggregate(layers: list[np.ndarray]) -> np.ndarray:
+    """Maps ``[T, h_i, w_i]`` of several target layers as one ``[T, h, w]`` at the finest grid: each map min-max
+    scaled, upsampled bilinearly and averaged over the layers (pytorch-grad-cam's multi-layer aggregation)."""
+    size = max((m.shape[1:] for m in layers), key=lambda s: s[0] * s[1])
+    scaled = [[upsample(normalize(cam.astype(np.float32))[0], size) for cam in maps] for maps in layers]
+    return np.mean(np.asarray(scaled, dtype=np.float64), axis=0)
+
+
 def finish(lowres: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """A method's low-resolution map as the ``[0, 1]`` map of ``size``: upsampled, min-max scaled.
 

@@ -190,15 +190,19 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9+]", "", name.lower())
 
 
-def resolve(names: str | list[str] | tuple[str, ...], outputs: frozenset[str] | None = None) -> list[str]:
+def resolve(
+    names: str | list[str] | tuple[str, ...], outputs: frozenset[str] | None = None, task: str = "classification"
+) -> list[str]:
     """Canonical method names from user text: any case, with or without dashes; ``all`` is every method.
 
-    ``outputs``: the model's graph outputs, where known: ``all`` is then every method the model can
-    run, and a method it cannot run is an OnnxcamError.
+    ``outputs``: the model's graph outputs, where known, and its card's ``task``: ``all`` is then every
+    method the model can run, and a method it cannot run is an OnnxcamError (the methods with extra
+    passes need a classifier's logits).
     """
     given = [names] if isinstance(names, str) else list(names)
     if [_key(n) for n in given] == ["all"]:
-        return [n for n, m in METHODS.items() if outputs is None or m.requires in {None, *outputs}]
+        return [n for n, m in METHODS.items() if (outputs is None or m.requires in {None, *outputs})
+                and (task == "classification" or m.passes is None)]  # fmt: skip
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
     if unknown or not given:
@@ -208,6 +212,9 @@ def resolve(names: str | list[str] | tuple[str, ...], outputs: frozenset[str] | 
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
     chosen = [by_key[_key(n)] for n in given]
     for name in chosen:
+        if task != "classification" and METHODS[name].passes is not None:
+            raise OnnxcamError(f"{name} needs extra passes through a classifier's head; this is a {task} model: "
+                               "choose a gradient method (gradcam, hirescam, ...) or eigencam")  # fmt: skip
         if outputs is not None and METHODS[name].requires not in {None, *outputs}:
             raise OnnxcamError(f"{name} needs the model output {METHODS[name].requires!r}, which this model lacks "
                                f"({REQUIREMENTS[METHODS[name].requires]}); choose another --method")  # fmt: skip

@@ -139,8 +139,9 @@ def unique_stems(paths: list[str], fixed: dict[str, str] | None = None) -> dict[
     return stems
 
 
-def map_name(stem: str, index: int, label: str, method: str, kind: str = "") -> str:
-    """``<stem>_<class>_<label>[.<method>][.<kind>]``; the extension is the caller's."""
+def map_name(stem: str, index: int | str, label: str, method: str, kind: str = "") -> str:
+    """``<stem>_<class>_<label>[.<method>][.<kind>]`` (a detection's class is ``box<rank>-<class>``); the
+    extension is the caller's."""
     name = f"{stem}_{index}_{slug(label)}"
     name += "" if method == "gradcam" else f".{method.replace('+', 'p')}"
     return name + (f".{kind}" if kind else "")
@@ -256,7 +257,7 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
     return records
 
 
-FILE_KEYS = ("overlay", "map", "panel")
+FILE_KEYS = ("overlay", "map", "panel", "boxes")  # boxes: a detection's picture of every box of its image
 
 
 def record_files(record: dict) -> list[str]:
@@ -308,6 +309,15 @@ def _version() -> str:
     return __version__
 
 
+def _write_boxes(result: Explanation, path: Path, replace: bool) -> str:
+    """The photo with every detection's box and label, once per image."""
+    picture = result.image_rgb.copy()
+    for m in {m.rank: m for m in result.maps}.values():
+        overlay.draw_box(picture, m.box, f"{m.label} {m.probability:.2f}")
+    write_picture_rgb(path, picture, replace)
+    return str(path)
+
+
 def save_explanation(
     result: Explanation,
     out: Path,
@@ -321,15 +331,21 @@ def save_explanation(
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Write every map of one image: the overlay (a ``picture``: png, jpg or webp) and the raw ``.npy``
     (float32 in [0, 1]); with ``panel`` photo | heat map | overlay, with ``sheets`` one picture per
-    class with every method's overlay. ``replace=False`` never replaces an existing file.
+    class with every method's overlay; for a detector's maps, their boxes drawn and one picture of
+    every box. ``replace=False`` never replaces an existing file.
 
-    Returns the files of each map (``overlay``, ``map``, ``panel``) and the sheets.
+    Returns the files of each map (``overlay``, ``map``, ``panel``, ``boxes``) and the sheets.
     """  # fmt: skip
     files, tiles = [], {}
+    detections = bool(result.maps) and result.maps[0].box is not None
+    boxes = _write_boxes(result, out / f"{stem}_boxes.{picture}", replace) if detections else None
     for m in result.maps:
-        name = map_name(stem, m.index, m.label, m.method)
+        name = map_name(stem, m.key, m.label, m.method)
         entry = {"overlay": str(out / f"{name}.{picture}"), "map": str(out / f"{name}.npy")}
+        entry |= {"boxes": boxes} if boxes else {}
         blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha)
+        if m.box is not None:
+            overlay.draw_box(blended, m.box, f"{m.label} {m.probability:.2f}")
         write_picture_rgb(Path(entry["overlay"]), blended, replace)
         write_npy(Path(entry["map"]), m.cam, replace)
         if panel:
@@ -338,7 +354,7 @@ def save_explanation(
             write_picture_rgb(Path(entry["panel"]), overlay.panel(result.image_rgb, m.cam, blended, caption, m.method),
                           replace)  # fmt: skip
         if sheets:
-            tiles.setdefault((m.index, m.label), []).append((m.method, overlay.thumbnail(blended)))
+            tiles.setdefault((m.key, m.label), []).append((m.method, overlay.thumbnail(blended)))
         files.append(entry)
     written = []
     for (index, label), row in tiles.items():

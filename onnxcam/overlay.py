@@ -31,6 +31,21 @@ def overlay_rgb(photo_rgb: np.ndarray, cam: np.ndarray, alpha: float = HEAT_WEIG
     return cv2.addWeighted(heat, alpha, photo_rgb, 1 - alpha, 0, dst=heat)
 
 
+BOX_RGB = (255, 255, 255)  # white with a black outline reads on any heat map
+
+
+def draw_box(image_rgb: np.ndarray, box: tuple[float, float, float, float], label: str) -> np.ndarray:
+    """Draw a detection's box (x1, y1, x2, y2 in pixels) and its label on ``image_rgb``, in place."""
+    x1, y1, x2, y2 = (round(v) for v in box)
+    side = max(image_rgb.shape[:2])
+    thick, scale = max(1, round(side / 400)), min(1.0, max(0.3, side / 800))
+    for colour, width in (((0, 0, 0), thick + 1), (BOX_RGB, thick)):
+        cv2.rectangle(image_rgb, (x1, y1), (x2, y2), colour, width, cv2.LINE_AA)
+        cv2.putText(image_rgb, label, (x1 + 1, max(y1 - 3, round(12 * scale))), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    colour, width, cv2.LINE_AA)  # fmt: skip
+    return image_rgb
+
+
 SHEET_HEIGHT = 240
 
 

@@ -44,6 +44,8 @@ def _copy(source: Path, target: Path) -> None:
 def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Path]:
     """Write the page for ``model`` into ``out``; return the files written. Checks come before any write."""
     card = Engine(model).card
+    if card.task != "classification":
+        raise OnnxcamError(f"{model} is a {card.task} model; the page shows a classifier's classes: use explain")
     if not card.saliency_methods:
         raise OnnxcamError(f"{model} has no saliency output (made by an older onnxcam); re-export it")
     if model.with_name(model.name + ".data").exists():  # weights over 100 MB (onnxcam_export.save)

@@ -36,7 +36,7 @@ EXPECTED = {  # what each example's output must say
 }
 SLOW = {"from", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization
 NEEDS = {"from": "torch", "ray": "ray", "int8": "onnx"}  # torch makes the stand-in model; the Ray extra; quantize
-OWN_TESTS = {"bias", "vit"}  # run by tests/test_bias_demo.py and tests/test_vit_demo.py, which check their meaning
+OWN_TESTS = {"bias", "vit", "detect"}  # run by tests/test_{bias,vit,detect}_demo.py, which check their meaning
 
 
 def test_every_code_block_is_run_or_says_why() -> None:

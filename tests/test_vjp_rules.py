@@ -246,6 +246,17 @@ CASES = [
     Case("BatchNormalization", [2, 3, 4, 5],
          lambda x: F.batch_norm(x, *[torch.from_numpy(v) for v in (BN[2], BN[3], BN[0], BN[1])], eps=1e-3),
          {"epsilon": 1e-3}, constants=dict(zip(["scale", "B", "mean", "var"], BN, strict=True))),
+    # a segmenter's upsampling to the input size, as torch.onnx writes F.interpolate (float32: ONNX Runtime's
+    # Resize has no float64 kernel; sizes, since the harness would make float scales float64)
+    Case("Resize", [2, 3, 4, 5], lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), {"mode": "linear"},
+         constants={"roi": None, "scales": None, "sizes": np.asarray([2, 3, 8, 10])}, dtype=np.float32, tol=1e-5),
+    Case("Resize", [2, 3, 4, 5], lambda x: F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True),
+         {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+         constants={"roi": None, "scales": None, "sizes": np.asarray([2, 3, 7, 9])}, dtype=np.float32, tol=1e-5),
+    Case("Resize", [2, 3, 4, 5], lambda x: F.interpolate(x, scale_factor=3, mode="nearest"),
+         {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+         constants={"roi": None, "scales": None, "sizes": np.asarray([2, 3, 12, 15])}, dtype=np.float32,
+         tol=1e-5),
 ]
 # fmt: on
 
@@ -415,6 +426,8 @@ REFUSALS = [
             constants={"starts": _i(1), "ends": _i(3), "axes": _i(2)}, fed=("starts",)),
     Refusal("Slice", [[2, 6, 5]], "needs a static size and step 1",
             constants={"starts": _i(0), "ends": _i(4), "axes": _i(2), "steps": _i(2)}),
+    Refusal("Resize", [[2, 3, 4, 5]], "only 4-D nearest or linear resizing", {"mode": "cubic"},
+            constants={"roi": None, "scales": None, "sizes": _i(2, 3, 8, 10)}),
     Refusal("Pad", [[2, 3, 4]], "only constant-mode padding", {"mode": "reflect"},
             constants={"pads": _i(0, 1, 1, 0, 1, 1)}),
     Refusal("Pad", [[2, 3, 4]], "it pads the batch axis", constants={"pads": _i(1, 0, 0, 0, 0, 0)}),

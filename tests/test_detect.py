@@ -1,0 +1,460 @@
+"""Segmenters and detectors grafted by ``export --from``: gradients against torch autograd (float64 reference,
+float32 graph, as for classifiers), the in-graph non-maximum suppression against a numpy reference of
+ultralytics' ``non_max_suppression``, and the refusal of an output layout onnxcam does not know."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from onnxcam.api import Explainer
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+from tests.test_cli import assert_clean_failure, run
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+UNIT = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)  # the models take pixel / 255
+SIZE = 32
+TOL = 1e-4  # relative to the largest magnitude, float32 graph vs float64 autograd
+
+
+class TinySegmenter(nn.Module):
+    """Features at stride 2, a 1x1 classifier, the masks upsampled to the input (as DeepLab/FCN heads)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.classifier(self.features(x)), size=x.shape[2:], mode="bilinear")
+
+
+class TinyDetector(nn.Module):
+    """An ultralytics-style anchor-free detector with two scales (strides 4 and 8): raw output
+    ``[N, 4 + K, A]``, cx, cy, w, h in input pixels and sigmoid class scores, A = anchors of both scales."""
+
+    def __init__(self, classes: int = 3, size: int = SIZE) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.box = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+                                 for _ in range(2))  # fmt: skip
+        self.cls = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, classes, 1))
+                                 for _ in range(2))  # fmt: skip
+        for i, stride in enumerate((4, 8)):
+            cells = torch.arange(size // stride, dtype=torch.float32) + 0.5
+            grid = torch.stack(torch.meshgrid(cells, cells, indexing="xy")).reshape(1, 2, -1)
+            self.register_buffer(f"grid{i}", grid * stride)
+        self.strides = (4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.stem(x)
+        outs = []
+        for i, feature in enumerate((p3, self.down(p3))):
+            box = self.box[i](feature).flatten(2)
+            stride, grid = self.strides[i], getattr(self, f"grid{i}")
+            xywh = torch.cat([grid + torch.tanh(box[:, :2]) * stride, torch.exp(box[:, 2:]) * 4 * stride], 1)
+            outs.append(torch.cat([xywh, torch.sigmoid(self.cls[i](feature).flatten(2))], 1))
+        return torch.cat(outs, 2)
+
+
+class TinyYolov5(TinyDetector):
+    """The classic YOLOv5 layout ``[N, A, 5 + K]``: cx, cy, w, h, sigmoid objectness and class probabilities."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__(classes + 1)  # the first "class" channel is the objectness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).transpose(1, 2)
+
+
+def export_plain(model: nn.Module, path: Path, dynamo: bool = False) -> Path:
+    """The model as a user has it: exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
+    names = {"input_names": ["x"], "output_names": ["out"]}
+    if dynamo:
+        names["dynamic_shapes"] = {"x": {0: torch.export.Dim("N")}}
+    else:
+        names["dynamic_axes"] = {"x": {0: "N"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),), path, dynamo=dynamo, opset_version=18,
+                          **names)  # fmt: skip
+    return path
+
+
+def grafted(model: nn.Module, folder: Path, dynamo: bool = False, **options: object) -> tuple[Path, dict]:
+    source = export_plain(model, folder / "plain.onnx", dynamo)
+    card, _ = graft_file(source, folder / "plain.cam.onnx", prep=UNIT, **options)
+    return folder / "plain.cam.onnx", card
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _as_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float64) / 255).permute(0, 3, 1, 2)
+
+
+def forward_with(model: nn.Module, layer: nn.Module, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output of ``layer``, the model's output) in float64, for torch autograd."""
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    out = model(_as_input(images))
+    hook.remove()
+    return store[0], out
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# -- semantic segmentation ----------------------------------------------------------------------------
+def segment_scores(masks: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+    """[N, T]: sum of class c's logits over the pixels predicted as c (SemanticSegmentationTarget)."""
+    predicted = masks.argmax(1)
+    rows = []
+    for t in range(classes.shape[1]):
+        c = torch.from_numpy(classes[:, t])
+        chosen = masks.gather(1, c[:, None, None, None].expand(-1, 1, *masks.shape[2:]))[:, 0]
+        rows.append((chosen * (predicted == c[:, None, None])).sum((1, 2)))
+    return torch.stack(rows, 1)
+
+
+EXPORTERS = ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)]  # torch.onnx's two exporters
+
+
+@pytest.fixture(scope="module", params=EXPORTERS)
+def segmenter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+    torch.manual_seed(0)
+    model = TinySegmenter()
+    path, card = grafted(model, tmp_path_factory.mktemp("seg"), dynamo=request.param == "dynamo")
+    return model, path, card
+
+
+def test_segmenter_is_recognised_and_explained_at_its_last_feature_layer(segmenter: tuple) -> None:
+    _, _, card = segmenter
+    assert card["task"] == "segmentation"
+    assert "(16x16x16)" in card["layer"], "the features before the 1x1 classifier, not the masks"
+
+
+def test_segmenter_gradients_match_torch_autograd(segmenter: tuple) -> None:
+    model, path, _ = segmenter
+    engine = Engine(path)
+    images = _images(2, seed=3)
+    targets = np.array([[2, -1, 0], [-2, 1, 3]], dtype=np.int64)
+    out = engine.run(images, targets, full_gradients=True)
+    activations, masks = forward_with(model, model.features, images)
+    scores = segment_scores(masks, out.target_classes)
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    all_scores = segment_scores(masks, np.tile(np.arange(4), (2, 1))).detach().numpy()
+    assert _rel(out.logits, all_scores) < TOL, "logits are the masked sums of every class"
+    assert out.target_classes[0, 1] == np.argsort(-all_scores[0])[0], "-1: the class with the largest masked sum"
+    assert out.target_classes[1, 0] == np.argsort(-all_scores[1])[1], "-2: the second"
+    assert _rel(out.activations, activations.detach().numpy()) < TOL
+    assert _rel(out.gradients, grads) < TOL
+    assert _rel(out.weights, grads.mean(axis=(3, 4))) < TOL
+    assert np.abs(grads).max() > 0, "the reference must not be trivially zero"
+
+
+# -- ultralytics-style detectors ----------------------------------------------------------------------
+ANCHORS, CLASSES = 80, 3  # TinyDetector at 32x32: 8x8 + 4x4 anchors
+
+
+def ultralytics_nms(raw: np.ndarray, conf: float, iou: float) -> list[tuple[int, int, float, np.ndarray]]:
+    """Kept detections of one image's raw output ``[4 + K, A]`` as ultralytics' ``non_max_suppression``
+    (default, not agnostic): each anchor takes its best class, those above ``conf`` are suppressed per
+    class greedily by score at IoU > ``iou``. (anchor, class, score, x1y1x2y2), best first."""
+    scores = raw[4:]
+    cx, cy, w, h = raw[:4].astype(np.float64)
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    best, score = scores.argmax(0), scores.max(0)
+    kept: list[int] = []
+    for a in sorted(np.flatnonzero(score > conf), key=lambda a: -score[a]):
+        others = [k for k in kept if best[k] == best[a]]
+        if not others:
+            kept.append(a)
+            continue
+        low, high = np.maximum(boxes[others, :2], boxes[a, :2]), np.minimum(boxes[others, 2:], boxes[a, 2:])
+        inter = np.prod(np.clip(high - low, 0, None), axis=1)
+        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+        if np.all(inter / (area(boxes[others]) + area(boxes[a]) - inter) <= iou):
+            kept.append(a)
+    return [(int(a), int(best[a]), float(score[a]), boxes[a]) for a in kept]
+
+
+@pytest.fixture(scope="module", params=EXPORTERS)
+def detector(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
+    torch.manual_seed(0)
+    model = TinyDetector(CLASSES)
+    path, card = grafted(model, tmp_path_factory.mktemp("det"), dynamo=request.param == "dynamo")
+    return model, path, card
+
+
+def test_detector_is_recognised_with_its_head_inputs_as_target_layers(detector: tuple) -> None:
+    _, path, card = detector
+    assert card["task"] == "detection" and len(Engine(path).card.labels) == CLASSES
+    assert "(16x8x8)" in card["layer"], "the stride-4 features: the first scale's head input"
+    (second,) = card["extra_layers"]
+    assert second.endswith("(16x4x4)"), "the stride-8 features: the second scale's head input"
+
+
+def test_detector_gradients_of_box_scores_match_torch_autograd(detector: tuple) -> None:
+    model, path, _ = detector
+    engine = Engine(path)
+    images = _images(2, seed=5)
+    anchors, classes = np.array([[3, 70, 41], [79, 0, 12]]), np.array([[0, 2, 1], [1, 1, 0]])
+    targets = np.concatenate([classes * ANCHORS + anchors, [[-1], [-2]]], axis=1)
+    out = engine.run(images, targets, full_gradients=True, thresholds={"conf_threshold": 0.0})
+    assert np.array_equal(out.box_anchors[:, :3], anchors) and np.array_equal(out.target_classes[:, :3], classes)
+    activations, raw = forward_with(model, model.stem, images)
+    n = torch.arange(2)[:, None]
+    scores = raw[n, 4 + torch.from_numpy(out.target_classes), torch.from_numpy(out.box_anchors)]  # [N, T]
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    assert _rel(out.logits, raw[:, 4:].detach().numpy()) < TOL
+    assert _rel(out.box_scores, scores.detach().numpy()) < TOL
+    assert _rel(out.activations, activations.detach().numpy()) < TOL
+    assert _rel(out.gradients, grads) < TOL
+    assert _rel(out.weights, grads.mean(axis=(3, 4))) < TOL
+
+
+def test_in_graph_nms_keeps_the_boxes_of_ultralytics_nms(detector: tuple) -> None:
+    model, path, _ = detector
+    engine = Engine(path)
+    images, rows = _images(3, seed=11), 12
+    conf, iou = 0.52, 0.3
+    out = engine.run(images, -np.tile(np.arange(1, rows + 1), (3, 1)), thresholds={"conf_threshold": conf,
+                     "iou_threshold": iou})  # fmt: skip
+    with torch.no_grad():
+        raw = model.float()(_as_input(images).float()).numpy()
+    suppressed = 0
+    for n in range(3):
+        expected = ultralytics_nms(raw[n], conf, iou)[:rows]
+        suppressed += int((raw[n, 4:].max(0) > conf).sum()) - len(ultralytics_nms(raw[n], conf, iou))
+        found = out.box_anchors[n] >= 0
+        assert found.sum() == len(expected) > 0
+        pairs = zip(out.box_anchors[n][found], out.target_classes[n][found], strict=True)
+        assert [(a, c) for a, c, _, _ in expected] == list(pairs)
+        np.testing.assert_allclose(out.box_scores[n][found], [s for _, _, s, _ in expected], rtol=1e-6)
+        np.testing.assert_allclose(out.boxes[n][found], [b for *_, b in expected], rtol=1e-5, atol=1e-4)
+        assert not out.boxes[n][~found].any() and (out.target_classes[n][~found] == -1).all()
+    assert suppressed > 0, "the NMS must have suppressed boxes for the comparison to mean something"
+
+
+def test_missing_detection_rows_have_zero_gradients(detector: tuple) -> None:
+    _, path, _ = detector
+    out = Engine(path).run(_images(1), np.array([[-1, -2]]), full_gradients=True,
+                           thresholds={"conf_threshold": 0.999})  # fmt: skip
+    assert (out.box_anchors == -1).all() and not out.gradients.any() and not out.weights.any()
+
+
+def test_unknown_output_layout_is_refused_naming_the_outputs(tmp_path: Path) -> None:
+    class Pairs(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x).flatten(2).transpose(1, 2)  # [N, H*W, 3]: no layout onnxcam knows
+
+    source = export_plain(Pairs(), tmp_path / "pairs.onnx")
+    with pytest.raises(OnnxcamError, match=r"the model's outputs \('out' \[.*, 1024, 3\]\) are not a layout") as e:
+        graft_file(source, tmp_path / "pairs.cam.onnx", prep=UNIT)
+    assert "--task" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path: Path) -> None:
+    model, path, _ = detector
+    photo = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # resized to 32x32 by onnxcam
+    cv2.imwrite(str(tmp_path / "street.png"), photo[:, :, ::-1])
+    out = tmp_path / "out"
+    result = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.52", "--iou", "0.3",
+                 "--top-k", "5", "--out", str(out), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)["images"][0]["targets"]
+    with torch.no_grad():
+        raw = model.float()(_as_input(cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA)[None]).float())
+    expected = ultralytics_nms(raw[0].numpy(), 0.52, 0.3)[:5]
+    assert [t["rank"] for t in targets] == list(range(1, len(expected) + 1)) and len(expected) >= 2
+    assert [t["class"] for t in targets] == [c for _, c, _, _ in expected]
+    np.testing.assert_allclose([t["probability"] for t in targets], [s for _, _, s, _ in expected], atol=1e-5)
+    scale = np.array([64 / SIZE, 48 / SIZE] * 2)
+    clipped = [np.clip(b * scale, 0, [64, 48, 64, 48]) for *_, b in expected]  # to the photo, as ultralytics
+    np.testing.assert_allclose([t["box"] for t in targets], clipped, atol=0.02)
+    assert len({t["overlay"] for t in targets}) == len(targets), "one overlay per detection, even of one class"
+    assert all(Path(t["overlay"]).is_file() and len(t["peak_xy"]) == 2 for t in targets)
+    assert {t["boxes"] for t in targets} == {str(out / "street_boxes.png")} and (out / "street_boxes.png").is_file()
+    nothing = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.999", "--out",
+                  str(tmp_path / "none"))  # fmt: skip
+    assert_clean_failure(nothing, "street.png", "the detector kept no box above the confidence threshold")
+
+
+def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sky\nroad\ncar\nperson\n")
+    source = export_plain(TinySegmenter(), tmp_path / "seg.onnx")
+    made = run("export", "--from", str(source), "--labels", str(labels), "--mean", "0", "0", "0", "--std", "1", "1",
+               "1")  # fmt: skip
+    assert made.returncode == 0 and "semantic segmentation" in made.stdout, made.stderr
+    photo = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "road.png"), photo)
+    result = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--target",
+                 "road", "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (target,) = json.loads(result.stdout)["images"][0]["targets"]
+    assert (target["class"], target["label"]) == (1, "road") and Path(target["overlay"]).is_file()
+    refused = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--conf", "0.3",
+                  "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert_clean_failure(refused, "--conf and --iou apply to detectors")
+    assert_clean_failure(run("eval", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx")),
+                         "onnxcam eval measures a classifier's maps", "segmentation model")  # fmt: skip
+    assert not (tmp_path / "refused").exists(), "refused before anything is written"
+
+
+# -- the classic YOLOv5 layout ----------------------------------------------------------------------------
+def yolov5_scores(raw: torch.Tensor) -> torch.Tensor:
+    """``[N, 4 + K, A]``: the boxes and objectness x class probability, as YOLOv5's NMS scores them."""
+    channels = raw.transpose(1, 2)
+    return torch.cat([channels[:, :4], channels[:, 5:] * channels[:, 4:5]], 1)
+
+
+def test_yolov5_layout_explains_objectness_times_class_probability(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TinyYolov5(CLASSES)
+    path, card = grafted(model, tmp_path)
+    assert card["task"] == "detection" and "YOLOv5" in card["notes"]
+    engine = Engine(path)
+    images, conf, iou = _images(2, seed=9), 0.27, 0.3
+    targets = np.concatenate([[[2 * ANCHORS + 5], [1 * ANCHORS + 60]], -np.tile(np.arange(1, 9), (2, 1))], axis=1)
+    out = engine.run(images, targets, full_gradients=True, thresholds={"conf_threshold": conf, "iou_threshold": iou})
+    activations, raw = forward_with(model, model.stem, images)
+    scored = yolov5_scores(raw)
+    for n in range(2):
+        expected = ultralytics_nms(scored[n].detach().numpy(), conf, iou)[:8]
+        found = out.box_anchors[n, 1:] >= 0
+        assert found.sum() == len(expected) >= 2
+        assert [(a, c) for a, c, _, _ in expected] == list(
+            zip(out.box_anchors[n, 1:][found], out.target_classes[n, 1:][found], strict=True)
+        )
+    rows = torch.arange(2)[:, None]
+    valid = torch.from_numpy(out.box_anchors.clip(0))
+    scores = scored[rows, 4 + torch.from_numpy(out.target_classes.clip(0)), valid]  # [N, T]
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(targets.shape[1])], axis=1)  # fmt: skip
+    grads[out.box_anchors < 0] = 0  # a row without a k-th detection explains nothing
+    assert _rel(out.box_scores[out.box_anchors >= 0], scores.detach().numpy()[out.box_anchors >= 0]) < TOL
+    assert _rel(out.gradients, grads) < TOL
+
+
+def test_what_a_detector_cannot_do_is_refused_in_one_line(detector: tuple, tmp_path: Path) -> None:
+    _, path, _ = detector
+    cv2.imwrite(str(tmp_path / "street.png"), _images(1)[0])
+    model = ("--model", str(path))
+    assert_clean_failure(run("audit", str(tmp_path), *model, "--boxes", str(tmp_path / "b.json")),
+                         "onnxcam audit measures a classifier's")  # fmt: skip
+    assert_clean_failure(run("web", str(path), "--out", str(tmp_path / "site")), "is a detection model; the page")
+    assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--method", "scorecam", "--out",
+                             str(tmp_path / "a")), "scorecam needs extra passes", "detection model")  # fmt: skip
+    assert_clean_failure(run("explain", str(tmp_path / "street.png"), *model, "--target", "1", "--out",
+                             str(tmp_path / "b")), "a detector explains its kept detections")  # fmt: skip
+    every = run("explain", str(tmp_path / "street.png"), *model, "--method", "all", "--conf", "0.5", "--top-k", "1",
+                "--out", str(tmp_path / "c"), "--json")  # fmt: skip
+    assert every.returncode == 0, every.stderr
+    ran = {t["method"] for t in json.loads(every.stdout)["images"][0]["targets"]}
+    assert "scorecam" not in ran and {"gradcam", "hirescam", "eigencam"} <= ran
+
+
+def test_eval_scores_each_kept_box_against_its_own_box(detector: tuple, tmp_path: Path) -> None:
+    _, path, _ = detector
+    for n, image in enumerate(_images(3, seed=21)):
+        cv2.imwrite(str(tmp_path / f"street{n}.png"), image)
+    options = ("--model", str(path), "--method", "hirescam", "--conf", "0.52", "--json")
+    evaluated = run("eval", *[str(tmp_path / f"street{n}.png") for n in range(3)], *options)
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = json.loads(evaluated.stdout)["images"]
+    for row in rows:  # against explain's boxes and map peaks for the same image
+        explained = run("explain", row["path"], *options, "--out", str(tmp_path / Path(row["path"]).stem))
+        targets = json.loads(explained.stdout)["images"][0]["targets"]
+        boxes = [[round(v) for v in t["box"]] for t in targets]  # the pixels a box covers, its ends included
+        inside = [b[0] <= t["peak_xy"][0] <= b[2] and b[1] <= t["peak_xy"][1] <= b[3]
+                  for b, t in zip(boxes, targets, strict=True)]  # fmt: skip
+        assert row["detections"] == len(targets) > 0 and row["box_pointing_game"] == pytest.approx(np.mean(inside))
+        assert 0 < row["box_energy_pointing_game"] <= 1
+    assert_clean_failure(run("eval", rows[0]["path"], *options[:2], "--road"), "--road do not apply")
+
+
+# -- several target layers: a detector's scales ---------------------------------------------------------
+SCALES = "/stem/stem.3/Relu_output_0,/down/down.1/Relu_output_0"  # TinyDetector's two scales (stride 4, 8)
+
+
+def scale_cam_image(cam: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """pytorch-grad-cam's ``scale_cam_image`` for one map: min-max, then an OpenCV resize to (w, h). Its
+    ``1e-7`` guard on the max is left out: these random-weight maps peak near 1e-5, where it would shift
+    values by 1%; onnxcam guards an all-zero map instead."""
+    cam = cam - cam.min()
+    cam = cam / cam.max()
+    return cv2.resize(cam.astype(np.float32), size) if size is not None else cam
+
+
+def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyDetector(CLASSES)
+    path, _ = grafted(model, tmp_path, layer=SCALES)
+    engine = Engine(path)
+    assert len(engine.card.extra_layers) == 1 and not engine.card.saliency_methods
+    images = _images(1, seed=4)
+    targets = np.array([[1 * ANCHORS + 10, 0 * ANCHORS + 70, 2 * ANCHORS + 40]])
+    out = engine.run(images, targets, full_gradients=True)
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _, i, o: store.append(o)) for m in (model.stem, model.down)]
+    raw = model(_as_input(images))
+    for hook in hooks:
+        hook.remove()
+    scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
+    layers = [(out.activations, out.weights, out.gradients), *out.scales]
+    for (activations, weights, gradients), reference in zip(layers, store, strict=True):
+        grads = np.stack([torch.autograd.grad(s, reference, retain_graph=True)[0][0].numpy() for s in scores])
+        assert _rel(activations[0], reference[0].detach().numpy()) < TOL
+        assert _rel(gradients[0], grads) < TOL and _rel(weights[0], grads.mean(axis=(2, 3))) < TOL
+
+    explained = Explainer(path).explain(images[0], method="gradcam", conf=0.0, top_k=3)
+    kept = engine.run(images, np.array([[-1, -2, -3]]), thresholds={"conf_threshold": 0.0})  # the same rows
+    layers = [(kept.activations, kept.weights), *[scale[:2] for scale in kept.scales]]
+    for t, found in enumerate(explained.maps):  # pytorch-grad-cam's aggregate_multi_layers on the graph's outputs
+        cams = [np.maximum(np.einsum("c,chw->hw", w[0, t], a[0]), 0) for a, w in layers]
+        size = cams[0].shape[::-1]  # the finest grid, (w, h) for OpenCV
+        expected = np.maximum(np.mean([scale_cam_image(c, size) for c in cams], axis=0), 0)
+        np.testing.assert_allclose(scale_cam_image(found.cam_lowres), scale_cam_image(expected), atol=1e-5)
+
+
+def test_a_kth_detection_row_needs_no_rows_before_it(detector: tuple) -> None:
+    _, path, _ = detector
+    engine, images, low = Engine(path), _images(2, seed=13), {"conf_threshold": 0.5}
+    every = engine.run(images, np.array([[-1, -2, -3, -4], [-1, -2, -3, -4]]), full_gradients=True, thresholds=low)
+    alone = engine.run(images, np.array([[-4, -2], [-3, 7]]), full_gradients=True, thresholds=low)
+    assert (every.box_anchors >= 0).all(), "four kept boxes per image, for the comparison to mean something"
+    for (n, t), (m, s) in {(0, 3): (0, 0), (0, 1): (0, 1), (1, 2): (1, 0)}.items():
+        assert (
+            every.box_anchors[n, t] == alone.box_anchors[m, s]
+            and every.target_classes[n, t] == alone.target_classes[m, s]
+        )
+        np.testing.assert_allclose(alone.gradients[m, s], every.gradients[n, t], rtol=1e-5, atol=1e-9)
+
+
+def test_a_forced_task_that_the_output_does_not_have_is_refused(tmp_path: Path) -> None:
+    source = export_plain(TinyDetector(CLASSES), tmp_path / "det.onnx")
+    with pytest.raises(
+        OnnxcamError, match=r"the model's outputs \('out' \[.*, 7, 80\]\) are not a segmentation output"
+    ):
+        graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="segmentation")
+    card, _ = graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="detection")
+    assert card["task"] == "detection"

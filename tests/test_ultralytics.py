@@ -1,0 +1,105 @@
+"""A real YOLOv8n (ultralytics, ``yolov8n.yaml`` with random weights) exported by ultralytics and grafted.
+
+Runs where ultralytics imports (it needs torch and torchvision of matching releases: see the README);
+skipped elsewhere, with the reason. Random weights are made to give spread-out scores: the batch
+norms take the statistics of random images (else the activations fade layer by layer) and the class
+biases are zero (ultralytics initialises them for near-zero scores).
+Checks: the automatic target layers are the Detect head's three inputs, the in-graph non-maximum
+suppression keeps what ultralytics' own ``non_max_suppression`` keeps, and the gradients of box
+scores at each of the three scales match torch autograd (float64) on the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxcam.engine import Engine
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks, no downloads
+try:
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.utils.nms import non_max_suppression
+except Exception as exc:  # ImportError, or torchvision's operator errors when releases do not match
+    pytest.skip(f"ultralytics does not import here ({type(exc).__name__}: {exc})"[:300], allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+SIZE = 320  # 2100 anchors: the layout of 640, a quarter of the work
+HEAD_INPUTS = [f"/model.{i}/cv2/act/Mul_output_0" for i in (15, 18, 21)]  # P3, P4, P5: what Detect reads
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    folder = tmp_path_factory.mktemp("yolo")
+    torch.manual_seed(0)
+    model = YOLO("yolov8n.yaml")
+    for branch in model.model.model[-1].cv3:
+        branch[-1].bias.data.zero_()
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # the running statistics become those of one batch of random images
+            module.reset_running_stats()
+    with torch.no_grad():
+        model.model.train()(_input(_images(4, seed=1), torch.float32))
+    with warnings.catch_warnings(), contextlib.chdir(folder):  # it writes yolov8n.onnx into the working folder
+        warnings.simplefilter("ignore")
+        plain = folder / model.export(format="onnx", imgsz=SIZE, dynamic=True, simplify=False, nms=False, opset=17)
+    out = folder / "yolov8n.cam.onnx"
+    card, _ = graft_file(plain, out, prep=Preprocessing.create((SIZE, SIZE), (0, 0, 0), (1, 1, 1), False))
+    assert card["task"] == "detection"
+    assert [layer.split()[0] for layer in [card["layer"], *card["extra_layers"]]] == HEAD_INPUTS
+    return model.model.eval(), out
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _input(images: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).to(dtype) / 255
+
+
+def test_in_graph_nms_keeps_what_ultralytics_keeps(yolo: tuple) -> None:
+    model, path = yolo
+    images, conf, iou = _images(2), 0.8, 0.45
+    out = Engine(path).run(images, -np.tile(np.arange(1, 31), (2, 1)), thresholds={"conf_threshold": conf,
+                           "iou_threshold": iou})  # fmt: skip
+    with torch.no_grad():
+        raw = model.float()(_input(images, torch.float32))[0]
+    kept, indices = non_max_suppression(raw, conf, iou, return_idxs=True)
+    for n in range(2):
+        found = out.box_anchors[n] >= 0
+        expected = kept[n][:30].numpy()
+        assert found.sum() == len(expected) > 5
+        assert np.array_equal(out.box_anchors[n][found], indices[n][:30].numpy())
+        assert np.array_equal(out.target_classes[n][found], expected[:, 5].astype(int))
+        np.testing.assert_allclose(out.box_scores[n][found], expected[:, 4], rtol=1e-4)
+        np.testing.assert_allclose(out.boxes[n][found], expected[:, :4], atol=0.05)
+
+
+def test_box_score_gradients_match_torch_autograd(yolo: tuple) -> None:
+    model, path = yolo
+    engine = Engine(path)
+    images = _images(1)
+    out = engine.run(images, np.array([[-1, -2, 5 * 2100 + 17, 79 * 2100 + 2099]]), full_gradients=True)
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hooks = [model.model[i].register_forward_hook(lambda m, i, o: store.append(o)) for i in (15, 18, 21)]
+    raw = model(_input(images, torch.float64))[0]
+    for hook in hooks:
+        hook.remove()
+    scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
+    for activations, (_, weights, gradients) in zip(store, [(None, out.weights, out.gradients), *out.scales],
+                                                    strict=True):  # fmt: skip
+        grads = np.stack([torch.autograd.grad(s, activations, retain_graph=True)[0][0].numpy() for s in scores])
+        assert gradients.shape[2:] == activations.shape[1:]
+        scale = np.abs(grads).max()
+        np.testing.assert_allclose(gradients[0], grads, rtol=1e-4, atol=1e-4 * scale)
+        np.testing.assert_allclose(weights[0], grads.mean(axis=(2, 3)), rtol=1e-4, atol=1e-4 * scale)
