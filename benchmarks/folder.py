@@ -1,6 +1,6 @@
 """Folder throughput and memory: `onnxcam explain FOLDER` as a user runs it.
 
-    python benchmarks/folder.py [--images 200] [--many 2000] [--rounds 3]
+    python benchmarks/folder.py [--images 200] [--many 2000] [--rounds 3] [--arch ARCH...] [--ratio-only]
 
 Writes a folder of 500x375 JPEG photos (crops of the bundled examples) and exports VGG16
 (random weights: same cost) and EfficientNet-Lite0. First, side by side at batch 8, the
@@ -9,7 +9,7 @@ resized batches, nothing written), in rounds of shuffled order: the median ratio
 folder's throughput (its loop, start-up excluded) to the graph's, with PNG and with JPEG
 overlays. Then for each model and batch size 1, 8, 32 the whole command in a fresh process
 (images per second with model loading, and the peak RSS), and Lite0 on ``--many`` images to
-show that the peak RSS does not grow with the number of images.
+show that the peak RSS does not grow with the number of images (``--ratio-only``: the first table alone).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from process import Run, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = {"efficientnet_lite0": "imagenet", "vgg16": "none"}  # VGG16's random weights cost the same
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -86,21 +87,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--many", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arch", nargs="+", default=list(WEIGHTS), choices=list(WEIGHTS))
+    parser.add_argument("--ratio-only", action="store_true", help="only the folder-vs-graph table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_photos(work / "few", args.images)
         models = {}
-        for arch, weights in (("efficientnet_lite0", "imagenet"), ("vgg16", "none")):
+        for arch in args.arch:
             models[arch] = work / f"{arch}.onnx"
-            export_arch(arch, weights, None, models[arch])
+            export_arch(arch, WEIGHTS[arch], None, models[arch])
         against_graph(models, work / "few", args.images, args.rounds, work)
+        if args.ratio_only:
+            return
         print("\n| model | batch | images | seconds | images/s | peak RSS MB |\n|---|---|---|---|---|---|", flush=True)
         for arch, model in models.items():
             for batch in (1, 8, 32):
                 run = explain(model, work / "few", batch, work / f"out-{arch}-{batch}")
                 print(f"| {arch} | {batch} | {args.images} | {run.seconds:.1f} | {args.images / run.seconds:.1f} | "
                       f"{run.peak_rss / 2**20:.0f} |", flush=True)  # fmt: skip
+        if "efficientnet_lite0" not in models:
+            return
         make_photos(work / "many", args.many)
         run = explain(models["efficientnet_lite0"], work / "many", 32, work / "out-many")
         print(f"| efficientnet_lite0 | 32 | {args.many} | {run.seconds:.1f} | {args.many / run.seconds:.1f} | "

@@ -231,8 +231,8 @@ class ModelCard:
         return [("saliency", f"float32 [N, T, {height}, {width}] in the graph; saliency_method: {methods}")]
 
     def summary(self) -> dict[str, object]:
-        """The card without its labels (what the exporter prints)."""
-        return {k: v for k, v in asdict(self).items() if k != "labels"}
+        """The card without its labels and empty lists (what the exporter prints)."""
+        return {k: v for k, v in asdict(self).items() if k != "labels" and v != ()}
 
 
 def _tuples(value: object) -> object:
