@@ -29,6 +29,17 @@ CLASSES = ["circle", "square", "triangle"]
 BACKGROUNDS = [(40, 150, 60), (50, 70, 170), (170, 60, 50)]  # RGB: green, blue, red
 
 
+def draw_shape(mask: np.ndarray, shape: int, cx: int, cy: int, radius: int) -> None:
+    """Fill class ``shape`` (0 circle, 1 square, 2 triangle) of ``radius`` around (cx, cy) with 1 in ``mask``."""
+    if shape == 0:
+        cv2.circle(mask, (cx, cy), radius, 1, -1)
+    elif shape == 1:
+        cv2.rectangle(mask, (cx - radius, cy - radius), (cx + radius, cy + radius), 1, -1)
+    else:
+        corners = np.array([[cx, cy - radius], [cx - radius, cy + radius], [cx + radius, cy + radius]], np.int32)
+        cv2.fillPoly(mask, [corners], 1)
+
+
 def draw(shape: int, background: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One RGB image and its object mask: a grey circle, square or triangle on a noisy background."""
     image = np.empty((SIZE, SIZE, 3), np.float32)
@@ -37,13 +48,7 @@ def draw(shape: int, background: int, rng: np.random.Generator) -> tuple[np.ndar
     mask = np.zeros((SIZE, SIZE), np.uint8)
     radius = int(rng.integers(9, 13))
     cx, cy = (int(v) for v in rng.integers(radius + 2, SIZE - radius - 2, 2))
-    if shape == 0:
-        cv2.circle(mask, (cx, cy), radius, 1, -1)
-    elif shape == 1:
-        cv2.rectangle(mask, (cx - radius, cy - radius), (cx + radius, cy + radius), 1, -1)
-    else:
-        corners = np.array([[cx, cy - radius], [cx - radius, cy + radius], [cx + radius, cy + radius]], np.int32)
-        cv2.fillPoly(mask, [corners], 1)
+    draw_shape(mask, shape, cx, cy, radius)
     image[mask == 1] = 200 + rng.normal(0, 10, (int(mask.sum()), 3))
     return np.clip(image, 0, 255).astype(np.uint8), mask
 

@@ -23,22 +23,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from bias_demo import draw_shape  # the same shapes as the bias demo (scripts/ is on a script's path)
 from torch import nn
 
 SIZE, STRIDE = 64, 4
 CLASSES = ["circle", "square", "triangle"]
 GRID = SIZE // STRIDE
 BOX_SIDE = 16.0  # the box head's unit: w, h = BOX_SIDE * exp(output)
-
-
-def _draw(mask: np.ndarray, shape: int, cx: int, cy: int, radius: int) -> None:
-    if shape == 0:
-        cv2.circle(mask, (cx, cy), radius, 1, -1)
-    elif shape == 1:
-        cv2.rectangle(mask, (cx - radius, cy - radius), (cx + radius, cy + radius), 1, -1)
-    else:
-        corners = np.array([[cx, cy - radius], [cx - radius, cy + radius], [cx + radius, cy + radius]], np.int32)
-        cv2.fillPoly(mask, [corners], 1)
 
 
 def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -57,7 +48,7 @@ def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         if boxes and (np.minimum(box[2:], boxes[0][2:]) >= np.maximum(box[:2], boxes[0][:2]) - 2).all():
             continue  # the two objects must not touch
         mask = np.zeros((SIZE, SIZE), np.uint8)
-        _draw(mask, int(classes[len(boxes)]), cx, cy, radius)
+        draw_shape(mask, int(classes[len(boxes)]), cx, cy, radius)
         image[mask == 1] = 200 + rng.normal(0, 10, (int(mask.sum()), 3))
         segmentation[mask == 1] = 1 + classes[len(boxes)]
         ys, xs = np.nonzero(mask)
