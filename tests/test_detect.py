@@ -5,7 +5,6 @@ ultralytics' ``non_max_suppression``, and the refusal of an output layout onnxca
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import cv2
@@ -17,6 +16,7 @@ from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.from_onnx import Preprocessing, graft_file
 from tests.test_cli import assert_clean_failure, run
+from tests.test_transformers import export_plain as export_torch
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -77,16 +77,8 @@ class TinyYolov5(TinyDetector):
 
 
 def export_plain(model: nn.Module, path: Path, dynamo: bool = False) -> Path:
-    """The model as a user has it: exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
-    names = {"input_names": ["x"], "output_names": ["out"]}
-    if dynamo:
-        names["dynamic_shapes"] = {"x": {0: torch.export.Dim("N")}}
-    else:
-        names["dynamic_axes"] = {"x": {0: "N"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),), path, dynamo=dynamo, opset_version=18,
-                          **names)  # fmt: skip
+    """The model as a user has it (:func:`tests.test_transformers.export_plain`), at the scenes' size."""
+    export_torch(model.eval(), (SIZE, SIZE), path, dynamo, output="out")
     return path
 
 

@@ -76,9 +76,11 @@ def build(name: str) -> torch.nn.Module:
     return NETS[name].build().eval()
 
 
-def export_plain(model: torch.nn.Module, size: tuple[int, int], path: Path, dynamo: bool) -> None:
-    """What a user has: the classifier exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
-    names = {"input_names": ["x"], "output_names": ["scores"]}
+def export_plain(
+    model: torch.nn.Module, size: tuple[int, int], path: Path, dynamo: bool, output: str = "scores"
+) -> None:
+    """What a user has: the model exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
+    names = {"input_names": ["x"], "output_names": [output]}
     if dynamo:
         names["dynamic_shapes"] = {"x": {0: torch.export.Dim("N")}}
     else:
