@@ -6,7 +6,8 @@ YOLOv8n (``yolov8n.yaml``, random weights with batch norms calibrated on random 
 boxes are kept, 640x640, exported by ultralytics with ``nms=False``) and torchvision's DeepLabV3
 MobileNetV3-Large (random weights, 21 classes, 512x512, exported by torch.onnx) are grafted with
 ``export --from`` at their automatic layers (YOLOv8n's: the three inputs of its Detect head; also
-at ``model.4``, the last layer all three scales share, with ``--layer``). Each round runs every
+at ``model.4``, the last layer all three scales share, with ``--layer``, and at the automatic layers
+with the backward over whole feature maps instead of each box's windows). Each round runs every
 contender once on the bundled cat photo, in a shuffled order: the plain forward of the original
 file, and ``Engine.run`` of the grafted one (1 or 10 detections, or one class; the Grad-CAM
 weights alone, or the full gradients that HiResCAM needs).
@@ -161,12 +162,14 @@ def main() -> None:
             plain = make(folder)
             size = (640, 640) if task == "detection" else (512, 512)
             prep = Preprocessing.create(size, (0, 0, 0), (1, 1, 1), False)
-            layers = {"model.4 (shared)": SHARED} if task == "detection" else {}
-            layers |= {"Detect head inputs (auto)" if task == "detection" else "auto layer": None}
+            layers = {"model.4 (shared)": (SHARED, True)} if task == "detection" else {}
+            layers |= {"Detect head inputs (auto)" if task == "detection" else "auto layer": (None, True)}
+            layers |= {"Detect head inputs, whole maps": (None, False)} if task == "detection" else {}
             grafted = {}
-            for name, layer in layers.items():
+            for name, (layer, windowed) in layers.items():
                 grafted[name] = plain.with_name(f"{plain.stem}.{len(grafted)}.cam.onnx")
-                graft_file(plain, grafted[name], layer, prep=prep)
+                notes = graft_file(plain, grafted[name], layer, prep=prep, windowed=windowed)[1]
+                print(name, "|", next((n for n in notes if "backward walks" in n), "(no window walk)"))
             parts.append(table(title, measure(contenders(plain, grafted, task), args.rounds)))
     parts.append("YOLOv8n has random weights (batch norms calibrated on random images so that at least ten boxes\n"
                  "are kept at conf 0.25): weights do not change the cost.")  # fmt: skip

@@ -518,12 +518,15 @@ def graft_file(
     prep: Preprocessing | None = None,
     score: str = "logit",
     task: str | None = None,
+    windowed: bool = True,
 ) -> tuple[dict[str, object], list[str]]:
     """Write ``out``, the onnxcam version of classifier, segmenter or detector ``source``; return its card and
     notes for the user.
 
     ``score``: the explained score, ``logit`` (as the Grad-CAM paper) or ``probability`` (its softmax).
     ``task``: one of :data:`onnxcam.contract.TASKS`, or None to tell it from the output's layout.
+    ``windowed``: a detector's backward over the windows each box reads where that reproduces the walk over
+    whole feature maps (:mod:`onnxcam_export.windowed`); False: over whole maps.
     """
     if score not in SCORES:
         raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
@@ -578,7 +581,7 @@ def graft_file(
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras)
+        grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras, windowed)
         if _windowed(grafted):
             grafted = _checked_windows(grafted, graft(model, layer, logits, types, layout, score, found, extras,
                                                       windowed=False)[0], inputs, notes)  # fmt: skip

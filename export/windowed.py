@@ -183,15 +183,16 @@ def _input_windows(node: onnx.NodeProto, out: Window, b: Builder) -> dict[str, W
 
 # -- in the grafted graph ----------------------------------------------------------------------------
 class _Targets:
-    """Per scale, each target's pixel as ``[N * T]`` int64 rows y, x and whether the target lies there."""
+    """Per scale, the target rows whose anchor lies there (``keep``: indices into the ``N * T`` rows) and their
+    image, pixel row and column, ``[M]`` int64 each; and every target's pixel over all scales (``key``)."""
 
     def __init__(self, b: Builder, p: Plan, flat: str) -> None:
         anchors = b.shape(contract.LOGITS)[2]
         anchor = b.op("Mod", flat, b.const(np.asarray(anchors, np.int64)))  # [N, T]
         self.rows = b.product(flat, 0)  # N * T, [1]
-        self.image = self._flat(b, _image_index(b, flat))
+        image = b.op("Reshape", _image_index(b, flat), self.rows)
         key = b.const(np.asarray(-1, np.int64))
-        self.y, self.x, self.on, start, first_pixel = [], [], [], 0, 0
+        self.keep, self.image, self.y, self.x, start, first_pixel = [], [], [], [], 0, 0
         for scale in p.scales:
             h, w = scale.grid
             count = p.per_pixel * h * w
@@ -200,15 +201,15 @@ class _Targets:
                       b.op("Less", local, b.const(np.asarray(count, np.int64))))  # fmt: skip
             pixel = b.op("Mod", local, b.const(np.asarray(h * w, np.int64)))  # (>= 0: Mod takes the divisor's sign)
             key = b.op("Where", on, b.op("Add", pixel, b.const(np.asarray(first_pixel, np.int64))), key)
+            keep = b.op("Reshape", b.op("NonZero", b.op("Reshape", on, self.rows)), b.ints([-1]))
+            pixel = b.op("Gather", b.op("Reshape", pixel, self.rows), keep)
             width = b.const(np.asarray(w, np.int64))
-            self.y.append(self._flat(b, b.op("Div", pixel, width)))
-            self.x.append(self._flat(b, b.op("Mod", pixel, width)))
-            self.on.append(on)
+            self.keep.append(keep)
+            self.image.append(b.op("Gather", image, keep))
+            self.y.append(b.op("Div", pixel, width))
+            self.x.append(b.op("Mod", pixel, width))
             start, first_pixel = start + count, first_pixel + h * w
-        self.key = key  # [N, T]: the target's pixel over all scales
-
-    def _flat(self, b: Builder, x: str) -> str:
-        return b.op("Reshape", x, self.rows)
+        self.key = key  # [N, T]
 
 
 def _image_index(b: Builder, flat: str) -> str:
@@ -276,6 +277,11 @@ class _Windows:
         self._flat: dict[str, str] = {}
         self._masks: dict[tuple, str] = {}
 
+    def forget(self) -> None:
+        """Drop the tensors built so far: a new If branch cannot read another's."""
+        self._flat.clear()
+        self._masks.clear()
+
     def _start(self, scale: int, axis: int, window: Window, pad: int) -> str:
         """The first row (axis 0) or column of each target's window in the padded tensor, ``[N * T]``."""
         s, c, _ = window[axis]
@@ -295,18 +301,30 @@ class _Windows:
         return b.op("Add", b.unsqueeze(first, [1, 2]), b.const(grid))
 
     def gather(self, scale: int, name: str, window: Window) -> str:
-        """Tensor ``name`` ``[N, C, H, W]`` cut to each target's ``window``: ``[N * T, C, ny, nx]`` (zeros outside)."""
+        """Tensor ``name`` ``[N, C, H, W]`` cut to each target's ``window``: ``[M, C, ny, nx]``. Cells outside the
+        map repeat its edge: :meth:`mask` zeroes them where a convolution reads them, as its padding did, and
+        nothing else reaches the window's centre from them."""
         b = self.b
-        top, bottom, left, right = self.pads[name]
         channels, h, w = b.shape(name)[1:]
         if name not in self._flat:
-            padded = b.op("Pad", name, b.ints([0, 0, top, left, 0, 0, bottom, right])) if any(self.pads[name]) else name
-            self._flat[name] = b.op("Reshape", b.op("Transpose", padded, perm=[0, 2, 3, 1]), b.ints([-1, channels]))
-        plane = (h + top + bottom) * (w + left + right)
-        first_cell = b.op("Mul", self.targets.image, b.const(np.asarray(plane, np.int64)))  # of the target's image
-        index = b.op("Add", self._index(scale, name, window), b.unsqueeze(first_cell, [1, 2]))
-        cut = b.op("Transpose", b.op("Gather", self._flat[name], index, axis=0), perm=[0, 3, 1, 2])
-        return _typed(b, cut, name, [channels, window[0][2], window[1][2]])
+            self._flat[name] = b.op("Reshape", name, b.ints([-1]))
+        cells = []
+        for axis, size in enumerate((h, w)):
+            start = self._start(scale, axis, window, 0)
+            cell = b.op("Add", b.unsqueeze(start, [1]), b.const(np.arange(window[axis][2], dtype=np.int64)))
+            cell = b.op(
+                "Max", b.op("Min", cell, b.const(np.asarray(size - 1, np.int64))), b.const(np.asarray(0, np.int64))
+            )
+            cells.append(cell)  # [M, ny] rows, [M, nx] columns
+        image = b.op("Mul", self.targets.image[scale], b.const(np.asarray(channels * h * w, np.int64)))
+        index = b.op(
+            "Add",
+            b.unsqueeze(image, [1, 2, 3]),
+            b.const(np.arange(channels, dtype=np.int64).reshape(1, -1, 1, 1) * h * w),
+        )
+        index = b.op("Add", index, b.unsqueeze(b.op("Mul", cells[0], b.const(np.asarray(w, np.int64))), [1, 3]))
+        index = b.op("Add", index, b.unsqueeze(cells[1], [1, 2]))  # [M, C, ny, nx] into the flat tensor
+        return _typed(b, b.op("Gather", self._flat[name], index, axis=0), name, [channels, window[0][2], window[1][2]])
 
     def mask(self, scale: int, name: str, window: Window) -> str | None:
         """1 where each target's ``window`` of ``name`` lies inside the map, else 0: ``[N * T, 1, ny, nx]``; None
@@ -332,18 +350,19 @@ class _Windows:
         return self._masks[key]
 
     def scatter(self, scale: int, name: str, window: Window, grad: str) -> str:
-        """Window gradients ``[N * T, 1, C, ny, nx]`` of ``name`` placed in zeros ``[N * T, C, H, W]``."""
+        """Window gradients ``[M, 1, C, ny, nx]`` of ``name`` placed in zeros ``[M, C, H, W]``."""
         b = self.b
         top, bottom, left, right = self.pads[name]
         channels, h, w = b.shape(name)[1:]
         (_, _, ny), (_, _, nx) = window
         height, width = h + top + bottom, w + left + right
-        updates = b.op("Reshape", grad, b.ints([-1, channels, ny * nx]))
-        index = b.op("Reshape", self._index(scale, name, window), b.ints([-1, 1, ny * nx]))
+        rows = b.dims(grad, 0, 1)
+        updates = b.op("Reshape", grad, b.op("Concat", rows, b.ints([channels, ny * nx]), axis=0))
+        index = b.op("Reshape", self._index(scale, name, window), b.op("Concat", rows, b.ints([1, ny * nx]), axis=0))
         index = b.op("Expand", index, b.op("Shape", updates))
-        canvas = b.zeros(b.op("Concat", self.targets.rows, b.ints([channels, height * width]), axis=0), like=name)
+        canvas = b.zeros(b.op("Concat", rows, b.ints([channels, height * width]), axis=0), like=name)
         placed = b.op("ScatterElements", canvas, index, updates, axis=2)
-        placed = b.op("Reshape", placed, b.ints([-1, channels, height, width]))
+        placed = b.op("Reshape", placed, b.op("Concat", rows, b.ints([channels, height, width]), axis=0))
         return b.op("Slice", placed, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([2, 3]))
 
 
@@ -397,55 +416,113 @@ def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> t
     its full gradient ``[N, T, C, h, w]``."""
     targets = _Targets(b, p, flat)
     rounds, count = _rounds(b, targets.key)
-    wanted = b.wanted
     tail = backward(b, p.tail, {contract.LOGITS: [_round_seed(b, flat, valid, rounds, count)]})
+    rounds = b.op("Reshape", rounds, targets.rows)
     windows = _Windows(b, p, targets)
-    reshape_back = b.op("Concat", b.dims(flat, 0, 2), b.ints([-1]), axis=0)
     parts: dict[str, list[str]] = {layer: [] for layer in layers}
     placed: dict[str, list[tuple[int, Window, str]]] = {layer: [] for layer in layers}
     for index, scale in enumerate(p.scales):
-        copies, names = _recompute(b, index, scale, windows)
-        on = b.unsqueeze(b.op("Cast", targets.on[index], to=b.elem_type(contract.LOGITS)), [2])  # [N, T, 1]
-        where = b.op("Concat", *(b.unsqueeze(x, [2]) for x in (rounds, *_grid(b, targets, index, flat))), axis=2)
-        seeds = {}
-        for name in scale.boundaries:
-            dy = gradient_of(b, tail, name)
-            if dy is None:
-                continue
-            pixel = b.op("GatherND", b.op("Transpose", dy, perm=[0, 1, 3, 4, 2]), where, batch_dims=1)  # [N, T, C]
-            pixel = b.op("Reshape", b.op("Mul", pixel, on), b.ints([-1, 1, b.shape(name)[1], 1, 1]))
-            seeds[names[name]] = [pixel]
         reached = [layer for layer in layers if layer in scale.window]  # (gathered, or computed from one that is)
-        if not seeds or not reached:
+        if not reached:
             continue
-        b.wanted = differentiable(copies, {names[layer] for layer in reached}, b.types)
-        grads = backward(b, copies, seeds)
-        b.wanted = wanted
-        for layer in reached:
-            grad = gradient_of(b, grads, names[layer])
-            if grad is None:
-                continue
-            window = scale.window[layer]
-            mask = windows.mask(index, layer, window)
-            if mask is not None:
-                grad = b.op("Mul", grad, b.unsqueeze(mask, [1]))
-            summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)  # [N * T, 1, C]
-            parts[layer].append(b.op("Reshape", summed, reshape_back))
-            placed[layer].append((index, window, grad))
+        with b.subgraph() as nodes:  # run only when a target lies on this scale
+            found = _scale_walk(b, index, scale, windows, targets, rounds, tail, reached)
+        with b.subgraph() as nothing:
+            empty = [_zeros_like_rows(b, layer, targets.rows, scale.window[layer]) for layer in reached]
+        outputs = [b.fresh(f"scale{index}_{what}") for _ in reached for what in ("summed", "gradient")]
+        elem = b.elem_type(contract.LOGITS)
+        branches = {
+            key: helper.make_graph(body, f"scale{index}_{key}", [], [
+                helper.make_tensor_value_info(name, elem, None) for pair in results for name in pair])
+            for key, body, results in (("then_branch", nodes, found), ("else_branch", nothing, empty))
+        }  # fmt: skip
+        present = b.op("Greater", b.op("Squeeze", b.op("Shape", targets.keep[index]), b.ints([0])),
+                       b.const(np.asarray(0, np.int64)))  # fmt: skip
+        b.nodes.append(helper.make_node("If", [present], outputs, name=f"onnxcam/scale{index}{WINDOW_TAG}", **branches))
+        for i, layer in enumerate(reached):
+            parts[layer].append(outputs[2 * i])
+            placed[layer].append((index, scale.window[layer], outputs[2 * i + 1]))
     sums, branches = [], []
     for layer in layers:
         if not parts[layer]:
             raise ValueError(f"no target window reaches {layer!r}")
-        sums.append(parts[layer][0] if len(parts[layer]) == 1 else b.op("Sum", *parts[layer]))
+        summed = parts[layer][0] if len(parts[layer]) == 1 else b.op("Sum", *parts[layer])
+        sums.append(b.op("Reshape", summed, b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1, 2), axis=0)))
         with b.subgraph() as nodes:
-            full = [windows.scatter(index, layer, window, grad) for index, window, grad in placed[layer]]
+            full = [
+                _to_rows(b, windows.scatter(i, layer, window, grad), targets.keep[i], targets.rows, layer)
+                for i, window, grad in placed[layer]
+            ]
             total = full[0] if len(full) == 1 else b.op("Sum", *full)
             shape = b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1), axis=0)
             branches.append(("full", nodes, b.op("Reshape", total, shape)))
     return sums, branches
 
 
-def _grid(b: Builder, targets: _Targets, index: int, flat: str) -> tuple[str, str]:
-    """Each target's pixel row and column on scale ``index``, ``[N, T]``."""
-    shape = b.op("Shape", flat)
-    return b.op("Reshape", targets.y[index], shape), b.op("Reshape", targets.x[index], shape)
+def _scale_walk(
+    b: Builder, index: int, scale: Scale, windows: _Windows, targets: _Targets, rounds: str, tail: dict,
+    layers: list[str],
+) -> list[tuple[str, str]]:  # fmt: skip
+    """The window walk of the targets on scale ``index``: per layer of ``layers``, ``sum_hw(dy/dA)`` placed in
+    the ``[N * T, 1, C]`` rows and the window gradients ``[M, 1, C, ny, nx]``."""
+    keep = targets.keep[index]
+    windows.forget()
+    copies, names = _recompute(b, index, scale, windows)
+    where = (targets.image[index], b.op("Gather", rounds, keep), targets.y[index], targets.x[index])
+    seeds = {}
+    for name in scale.boundaries:
+        dy = gradient_of(b, tail, name)  # [N, R, C, h, w]
+        if dy is not None:
+            seeds[names[name]] = [_pixel_gradient(b, dy, where, name)]
+    wanted = b.wanted
+    b.wanted = differentiable(copies, {names[layer] for layer in layers}, b.types)
+    grads = backward(b, copies, seeds)
+    b.wanted = wanted
+    found = []
+    for layer in layers:
+        window = scale.window[layer]
+        grad = gradient_of(b, grads, names[layer])  # [M, 1, C, ny, nx]
+        if grad is None:
+            grad = _window_zeros(b, layer, b.op("Shape", keep), window)
+        mask = windows.mask(index, layer, window)
+        if mask is not None:  # (cells outside the map are the zeros of the padding, not the layer's)
+            grad = b.op("Mul", grad, b.unsqueeze(mask, [1]))
+        summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)  # [M, 1, C]
+        found.append((_to_rows(b, summed, keep, targets.rows, layer), b.op("Identity", grad)))
+    return found
+
+
+def _zeros_like_rows(b: Builder, layer: str, rows: str, window: Window) -> tuple[str, str]:
+    """Zeros ``[rows, 1, C]`` and ``[0, 1, C, ny, nx]``: what a scale without targets gives ``layer``."""
+    channels = b.shape(layer)[1]
+    summed = b.zeros(b.op("Concat", rows, b.ints([1, channels]), axis=0), like=layer)
+    return summed, _window_zeros(b, layer, b.ints([0]), window)
+
+
+def _window_zeros(b: Builder, layer: str, rows: str, window: Window) -> str:
+    """Zero window gradients ``[rows, 1, C, ny, nx]`` of ``layer``."""
+    dims = b.ints([1, b.shape(layer)[1], window[0][2], window[1][2]])
+    return b.zeros(b.op("Concat", rows, dims, axis=0), like=layer)
+
+
+def _pixel_gradient(b: Builder, dy: str, where: tuple[str, str, str, str], boundary: str) -> str:
+    """``dy[image, round, :, y, x]`` of the tail's gradient ``[N, R, C, h, w]`` at ``where`` (``[M]`` each) as the
+    seed ``[M, 1, C, 1, 1]`` of the windowed ``boundary``."""
+    channels, h, w = b.shape(boundary)[1:]
+    image, round_, y, x = where
+    rounds = b.op("Squeeze", b.dims(dy, 1, 2), b.ints([0]))
+    first = b.op(
+        "Mul", b.op("Add", b.op("Mul", image, rounds), round_), b.const(np.asarray(channels * h * w, np.int64))
+    )
+    first = b.op("Add", first, b.op("Add", b.op("Mul", y, b.const(np.asarray(w, np.int64))), x))
+    index = b.op("Add", b.unsqueeze(first, [1]), b.const(np.arange(channels, dtype=np.int64)[None] * h * w))
+    pixel = b.op("Gather", b.op("Reshape", dy, b.ints([-1])), index, axis=0)  # [M, C]
+    return b.op("Reshape", pixel, b.op("Concat", b.dims(pixel, 0, 1), b.ints([1, channels, 1, 1]), axis=0))
+
+
+def _to_rows(b: Builder, x: str, keep: str, rows: str, like: str) -> str:
+    """``x`` ``[M, ...]``, the target rows ``keep``, placed among zeros ``[N * T, ...]`` (``like``'s type)."""
+    tail = b.op("Shape", x)
+    tail = b.op("Slice", tail, b.ints([1]), b.ints([np.iinfo(np.int64).max]))
+    canvas = b.zeros(b.op("Concat", rows, tail, axis=0), like=like)
+    return b.op("ScatterND", canvas, b.unsqueeze(keep, [1]), x)
