@@ -595,7 +595,7 @@ def graft(
         dims = layout.contract_dims(shape)
         _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
-    seed = detection_seed(b, contract.LOGITS, task.boxes) if detector else _seed(b, contract.LOGITS, score)
+    seed = detection_seed(b, task.ranked, task.boxes) if detector else _seed(b, contract.LOGITS, score)
     cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
     summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
     _emit_weights(b, summed)
@@ -615,7 +615,7 @@ def graft(
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
     if detector:
-        add_detection_io(graph, b)
+        add_detection_io(graph, b, task.nms)
     _add_scale_io(graph, b, extra_layers)
     if size is not None and not extra_layers:
         _add_saliency_output(graph, b)

@@ -196,6 +196,9 @@ class Explainer:
         task = self.card.task
         if task != "detection" and (conf is not None or iou is not None):
             raise OnnxcamError(f"--conf and --iou apply to detectors; this is a {task} model")
+        if task == "detection" and iou is not None and contract.IOU_THRESHOLD not in self.engine.inputs:
+            raise OnnxcamError("--iou applies to detectors that suppress overlapping boxes; this one predicts a set "
+                               "(DETR): its k-th detection is its k-th query by score")  # fmt: skip
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
 

@@ -156,12 +156,15 @@ class ModelCard:
     saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
     task: str = "classification"  # one of TASKS
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
+    background: int | None = None  # a detector's background class (never a detection), an index into ``labels``
 
     def __post_init__(self) -> None:
         for f in fields(self):
             problem = _CHECKS[f.name](getattr(self, f.name))
             if problem:
                 raise ValueError(f"model card field {f.name!r} {problem}")
+        if self.background is not None and self.background >= len(self.labels):
+            raise ValueError(f"model card field 'background' must be a class index, got {self.background}")
 
     def to_metadata(self) -> dict[str, str]:
         """``onnxcam.<field>`` -> string (JSON for everything that is not a string)."""
@@ -217,11 +220,17 @@ class ModelCard:
                 ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
                 ("channel weights", self.weights_path),
                 ("task", self.task),
+                *self._background_rows(),
                 ("explained score", self.score),
             ]
             + self._saliency_rows()
             + ([("notes", self.notes)] if self.notes else [])
         )
+
+    def _background_rows(self) -> list[tuple[str, str]]:
+        if self.background is None:
+            return []
+        return [("background class", f"{self.background} ({self.labels[self.background]}): never a detection")]
 
     def _saliency_rows(self) -> list[tuple[str, str]]:
         if not self.saliency_methods:
@@ -232,7 +241,7 @@ class ModelCard:
 
     def summary(self) -> dict[str, object]:
         """The card without its labels and empty lists (what the exporter prints)."""
-        return {k: v for k, v in asdict(self).items() if k != "labels" and v != ()}
+        return {k: v for k, v in asdict(self).items() if k != "labels" and v not in ((), None)}
 
 
 def _tuples(value: object) -> object:
@@ -287,6 +296,7 @@ _CHECKS: dict[str, Check] = {
     "extra_layers": lambda v: (
         None if isinstance(v, tuple) and all(isinstance(n, str) for n in v) else f"must be a list of layers, got {v!r}"
     ),
+    "background": lambda v: None if v is None or (type(v) is int and v >= 0) else f"must be a class index, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
     "saliency_methods": lambda v: (
         None

@@ -146,6 +146,8 @@ class Engine:
         self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         self.path = path
         self.outputs = frozenset(o.name for o in self.session.get_outputs())  # the contract's optional ones too
+        given = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.inputs = frozenset(i.name for i in given)  # those with a default too
         self._check_graph()
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
 
@@ -204,6 +206,9 @@ class Engine:
         names = [*contract.OUTPUTS, *attention]
         if self.card.task == "detection":
             feeds |= _threshold_feeds(thresholds or {})
+            if contract.IOU_THRESHOLD in feeds and contract.IOU_THRESHOLD not in self.inputs:
+                raise OnnxcamError(f"{self.path} is a set-prediction detector (DETR): it suppresses no box, so an "
+                                   "IoU threshold does not apply")  # fmt: skip
             names += contract.DETECTION_OUTPUTS
         elif thresholds:
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
