@@ -28,6 +28,7 @@ from onnxcam_export.graft import (
     fold_shape_computations,
     graft,
     head_nodes,
+    rename_tensor,
     static_tensors,
 )
 from onnxcam_export.layouts import Layout, infer_layouts
@@ -306,6 +307,11 @@ def _detector_split(
         notes.append(f"boxes read as {decoding.box_format or layout.box_formats[0]} in input pixels (--box-format)")
     if decoding.background is not None:
         notes.append(f"class {decoding.background} is the background: never a detection")
+    taken = set(reads) & set(contract.DETECTION_OUTPUTS)  # an output called boxes moves aside for the contract's
+    for tensor in taken:
+        rename_tensor(model.graph, tensor, f"{tensor}/original")
+    reads = [f"{r}/original" if r in taken else r for r in reads]
+    types = {f"{t}/original" if t in taken else t: value for t, value in types.items()}
     return CLASS_SCORES, add_detector_split(model, reads, types, name, decoding), classes
 
 
@@ -511,9 +517,10 @@ def graft_file(
         raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
     if task is not None and task not in TASKS:
         raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    if layout is not None and (layout not in DETECTOR_LAYOUTS or task not in (None, "detection")):
-        raise OnnxcamError(f"unknown detector layout {layout!r} (or --task is not detection); choose one of: "
-                           f"{', '.join(DETECTOR_LAYOUTS)}")  # fmt: skip
+    if layout is not None and layout not in DETECTOR_LAYOUTS:
+        raise OnnxcamError(f"unknown detector layout {layout!r}; choose one of: {', '.join(DETECTOR_LAYOUTS)}")
+    if layout is not None and task not in (None, "detection"):
+        raise OnnxcamError(f"--detector-layout forces a detector: drop --task {task}")
     if box_format is not None and box_format not in BOX_FORMATS:
         raise OnnxcamError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
     prep = prep or Preprocessing()

@@ -152,8 +152,26 @@ def export(
     task: Annotated[
         Task | None,
         typer.Option(
-            help="With --from: what the model predicts [default: told from its output's layout: classifier "
-            "[N, K], segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]]."
+            help="With --from: what the model predicts [default: told from its outputs' layout: classifier "
+            "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
+            "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1])]."
+        ),
+    ] = None,
+    detector_layout: Annotated[
+        str | None,
+        typer.Option(
+            help="With --from: force a detector's layout, one of the names the error of an unrecognised model "
+            "lists (ultralytics, yolov5, detr, ssd) [default: told from its outputs' shapes and names]."
+        ),
+    ] = None,
+    box_format: Annotated[
+        str | None,
+        typer.Option(help="With --from, an SSD-style pair: its boxes in pixels as xyxy or cxcywh [default: xyxy]."),
+    ] = None,
+    background: Annotated[
+        int | None,
+        typer.Option(
+            help="With --from, a detector: its background class index, never a detection (SSD: 0) [default: none]."
         ),
     ] = None,
 ) -> None:
@@ -164,13 +182,16 @@ def export(
     Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
              (needs only the onnx package)
     Example: onnxcam export --from yolov8n.onnx --mean 0 0 0 --std 1 1 1 --labels coco.txt   (a detector)
+    Example: onnxcam export --from ssd.onnx --background 0 --labels coco91.txt   (SSD: scores and boxes)
     """
     if source is not None:
+        detector = {"layout": detector_layout, "box_format": box_format, "background": background}
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess, score.value, task and task.value)  # fmt: skip
+                     preprocess, score.value, task and task.value, detector)  # fmt: skip
         return
-    if task is not None:
-        raise OnnxcamError("--task applies with --from only: the --arch networks are classifiers")
+    if task is not None or detector_layout or box_format or background is not None:
+        raise OnnxcamError("--task, --detector-layout, --box-format and --background apply with --from only: the "
+                           "--arch networks are classifiers")  # fmt: skip
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
         raise OnnxcamError(
@@ -186,6 +207,7 @@ def export(
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
     mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str, task: str | None,
+    detector: dict[str, object],
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -200,7 +222,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep, score, task)
+    card, notes = graft_file(source, target, layer, labels, prep, score, task, **detector)
     _report_export(target, card, notes)
 
 
