@@ -282,7 +282,7 @@ def _task_logits(
     if task == "segmentation":
         notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
                      "its logits over the pixels predicted as c, or over the region a mask gives")  # fmt: skip
-        return add_segment_scores(model, raw, types), Task(task), shape[1]
+        return add_segment_scores(model, raw, types, decoding.size), Task(task), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
@@ -350,7 +350,7 @@ def _upgrade(model: onnx.ModelProto, layer: str, logits: str, notes: list[str]) 
 def _modern_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     """IR >= 4 (weights need not be graph inputs) and new enough for the opset; weights stop being inputs."""
     model.ir_version = max(model.ir_version, 4, helper.find_min_ir_version_for(list(model.opset_import)))
-    weights = {i.name for i in model.graph.initializer}
+    weights = {i.name for i in model.graph.initializer} - {contract.REGION}  # (an input with a default)
     kept = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(kept)

@@ -57,18 +57,28 @@ def _emit(model: onnx.ModelProto, b: Builder) -> None:
     model.graph.initializer.extend(b.initializers)
 
 
-def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types) -> str:
-    """``[N, K]`` = sum over the pixels predicted as class c (argmax over K) of class c's logits, for
-    the ``[N, K, H, W]`` tensor ``masks`` (pytorch-grad-cam's SemanticSegmentationTarget). The
-    prediction is an integer mask: the gradient flows through the logits only. Appended in place."""
+def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: tuple[int, int]) -> str:
+    """``[N, K]`` = sum of class c's logits over a region of the ``[N, K, H, W]`` tensor ``masks``, per class c
+    (pytorch-grad-cam's SemanticSegmentationTarget): the pixels predicted as c (argmax over K), or the weights
+    of the :data:`contract.REGION` input (``[N, H, W]`` at the input ``size``, resized to the masks' where they
+    differ) where it is not negative, as its default ``[1, 1, 1]`` of -1 is. The region is data: the gradient
+    flows through the logits only. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/segment/")
-    classes = b.shape(masks)[1]
+    classes, dtype = b.shape(masks)[1], b.np_dtype(masks)
     predicted = b.op("ArgMax", masks, axis=1, keepdims=0)  # [N, H, W]
-    off_on = b.const(np.asarray([0, 1], dtype=b.np_dtype(masks)))
-    mask = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)  # [N, K, H, W]
+    off_on = b.const(np.asarray([0, 1], dtype=dtype))
+    onehot = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)  # [N, K, H, W]
+    region = b.unsqueeze(b.op("Cast", contract.REGION, to=b.elem_type(masks)), [1])  # [N, 1, H, W]
+    if list(b.shape(masks)[2:]) != list(size):
+        nothing = b.const(np.zeros(0, np.float32))  # (no roi, no scales: the sizes say it)
+        sizes = b.op("Concat", b.dims(region, 0, 2), b.dims(masks, 2, 4), axis=0)
+        region = b.op("Resize", region, nothing, nothing, sizes, mode="linear")
+    mask = b.op("Where", b.op("Less", region, b.const(np.asarray(0, dtype))), onehot, region)
     summed = b.reduce("ReduceSum", b.op("Mul", masks, mask), [2, 3], keepdims=0)
     b.nodes.append(helper.make_node("Identity", [summed], [SEGMENT_SCORES], name=SEGMENT_SCORES))
     _emit(model, b)
+    model.graph.input.append(helper.make_tensor_value_info(contract.REGION, TensorProto.FLOAT, ["N", "H", "W"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.full([1, 1, 1], -1, np.float32), contract.REGION))
     return SEGMENT_SCORES
 
 

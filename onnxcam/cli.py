@@ -25,7 +25,7 @@ from onnxcam.api import Explainer
 from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
 from onnxcam.folder import Options, run
-from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
+from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_mask, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.progress import progress_bar
@@ -310,6 +310,13 @@ def explain(
             "than this IoU [default: 0.45, in the graph]."
         ),
     ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Segmenters: explain each class over this region, a grayscale or binary PNG the size of the image "
+            "(non-zero inside) [default: the pixels predicted as the class]."
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -332,6 +339,7 @@ def explain(
     \b
     Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
     Example: onnxcam explain street.jpg --model yolov8n.cam.onnx --conf 0.25 --iou 0.45
+    Example: onnxcam explain street.jpg --model deeplab.cam.onnx --target road --mask left_lane.png
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
@@ -345,7 +353,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
-        conf=conf, iou=iou,
+        conf=conf, iou=iou, mask=mask,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -398,7 +406,9 @@ def _explain_records(
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
-    explainer.check_task(options.aug_smooth, options.conf, options.iou)  # and what the task has no use for
+    explainer.check_task(options.aug_smooth, options.conf, options.iou, bool(options.mask))  # and the task's misuses
+    if options.mask is not None:  # and a bad mask file
+        read_mask(options.mask, options.max_pixels, options.max_bytes)
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
     if not paths:

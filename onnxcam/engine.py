@@ -178,13 +178,16 @@ class Engine:
         attention: tuple[str, ...] = (),
         saliency: str | None = None,
         thresholds: dict[str, float] | None = None,
+        region: np.ndarray | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
         ``attention``: the optional outputs wanted too (``attentions``, ``attention_gradients``).
         ``saliency``: also return the graph's finished map of that method (one of the card's
         ``saliency_methods``) at the model's input size. ``thresholds``: a detector's
-        ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too.
+        ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too. ``region``:
+        a segmenter's float ``[N, H, W]`` pixel weights that each class's score sums its logits over, where not
+        the pixels predicted as the class.
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -212,6 +215,12 @@ class Engine:
             names += contract.DETECTION_OUTPUTS
         elif thresholds:
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
+        if region is not None:
+            if contract.REGION not in self.inputs:
+                raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
+            if region.shape != (len(images), height, width):
+                raise ValueError(f"region must be [N, {height}, {width}] with N = {len(images)}, got {region.shape}")
+            feeds[contract.REGION] = np.asarray(region, np.float32)
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)

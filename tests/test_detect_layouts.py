@@ -1,7 +1,8 @@
 """Detectors with a pair of outputs, grafted by ``export --from``: SSD/RetinaNet-style class scores and decoded
-boxes, and DETR's logits and normalised boxes. Gradients against torch autograd (float64 reference, float32 graph,
-as in :mod:`tests.test_detect`), the kept detections against numpy references (per-class NMS as torchvision's
-``batched_nms`` for SSD, the queries by score for DETR), the layout told from the outputs' names and shapes."""
+boxes, and DETR's logits and normalised boxes; and a segmenter's class explained over a user's mask. Gradients
+against torch autograd (float64 reference, float32 graph, as in :mod:`tests.test_detect`), the kept detections
+against numpy references (per-class NMS as torchvision's ``batched_nms`` for SSD, the queries by score for DETR),
+the layout told from the outputs' names and shapes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import cv2
 import numpy as np
 import pytest
 
+from onnxcam.api import Explainer
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.from_onnx import graft_file
 from tests.test_cli import assert_clean_failure, run
-from tests.test_detect import EXPORTERS, SIZE, TOL, UNIT, _as_input, _images, _rel
+from tests.test_detect import EXPORTERS, SIZE, TOL, UNIT, TinySegmenter, _as_input, _images, _rel
+from tests.test_detect import grafted as grafted_segmenter
 from tests.test_transformers import export_plain
 
 torch = pytest.importorskip("torch")
@@ -322,6 +325,9 @@ def test_cli_explains_each_detr_query_with_its_box_in_photo_pixels(detr: tuple, 
     refused = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--iou", "0.5", "--out",
                   str(tmp_path / "refused"))  # fmt: skip
     assert_clean_failure(refused, "--iou applies to detectors that suppress", "DETR")
+    masked = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--mask", str(tmp_path / "street.png"),
+                 "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert_clean_failure(masked, "--mask gives a segmenter the region to explain; this is a detection model")
     assert not (tmp_path / "refused").exists()
 
 
@@ -337,3 +343,64 @@ def test_cli_export_takes_the_layout_box_format_and_background(tmp_path: Path) -
                             (("--detector-layout", "yolo"), "unknown detector layout 'yolo'"),
                             (("--box-format", "corners"), "unknown box format 'corners'")):  # fmt: skip
         assert_clean_failure(run("export", "--from", str(tmp_path / "ssd.onnx"), *option), message)
+
+
+# -- a segmenter's class over a user's mask -------------------------------------------------------------------
+@pytest.fixture(scope="module", params=EXPORTERS)
+def segmenter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    torch.manual_seed(2)  # (its random weights predict two classes on the test images)
+    model = TinySegmenter()
+    path, _ = grafted_segmenter(model, tmp_path_factory.mktemp("seg"), dynamo=request.param == "dynamo")
+    return model, path
+
+
+def test_a_mask_explains_the_sum_of_a_class_logits_over_it(segmenter: tuple) -> None:
+    model, path = segmenter
+    images, targets = _images(2, seed=3), np.array([[2, 0], [1, 3]])
+    region = (np.random.default_rng(1).random((2, SIZE, SIZE)) < 0.3).astype(np.float32)
+    out = Engine(path).run(images, targets, full_gradients=True, region=region)
+    (activations,), masks = autograd(model, [model.features], images)
+    weights = torch.from_numpy(region.astype(np.float64))[:, None]
+    summed = (masks * weights).sum((2, 3))  # [N, K]: each class's SemanticSegmentationTarget(c, region)
+    expected = gradients(summed[torch.arange(2)[:, None], torch.from_numpy(targets)], activations)
+    assert _rel(out.logits, summed.detach().numpy()) < TOL and np.abs(expected).max() > 0
+    assert _rel(out.gradients, expected) < TOL and _rel(out.weights, expected.mean(axis=(3, 4))) < TOL
+
+
+def test_without_a_mask_a_class_is_explained_over_its_predicted_pixels(segmenter: tuple) -> None:
+    model, path = segmenter
+    engine, images = Engine(path), _images(2, seed=8)
+    with torch.no_grad():
+        predicted = model.float()(_as_input(images).float()).argmax(1).numpy()
+    for c in range(4):
+        default = engine.run(images, np.full((2, 1), c), full_gradients=True)
+        given = engine.run(images, np.full((2, 1), c), full_gradients=True, region=(predicted == c).astype(np.float32))
+        np.testing.assert_allclose(default.logits[:, c], given.logits[:, c], rtol=1e-6)
+        np.testing.assert_allclose(default.gradients, given.gradients, rtol=1e-5, atol=1e-9)
+    assert len(np.unique(predicted)) > 1, "several classes predicted, for the regions to differ"
+
+
+def test_cli_explains_a_segmenter_class_over_a_mask_png(segmenter: tuple, tmp_path: Path) -> None:
+    _, path = segmenter
+    photo = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 5:40] = 255
+    cv2.imwrite(str(tmp_path / "road.png"), photo[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    model = ("--model", str(path), "--target", "1")
+    result = run("explain", str(tmp_path / "road.png"), *model, "--mask", str(tmp_path / "mask.png"), "--out",
+                 str(tmp_path / "out"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (target,) = json.loads(result.stdout)["images"][0]["targets"]
+    expected = Explainer(path).explain(photo, [1], mask=mask > 0).maps[0].cam
+    np.testing.assert_allclose(np.load(target["map"]), expected, atol=1e-6)
+    assert not np.allclose(expected, Explainer(path).explain(photo, [1]).maps[0].cam, atol=1e-3), "the mask matters"
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((48, 64), np.uint8))
+    cv2.imwrite(str(tmp_path / "small.png"), mask[10:20, 5:15])
+    for name, message in (("garbage.png", "--mask: "), ("missing.png", "--mask: image"),
+                          ("black.png", "has no non-zero pixel"), ("small.png", "the mask is 10x10 pixels but "
+                                                                                 "the image is 64x48")):  # fmt: skip
+        failed = run("explain", str(tmp_path / "road.png"), *model, "--mask", str(tmp_path / name), "--out",
+                     str(tmp_path / name.replace(".", "-")))  # fmt: skip
+        assert_clean_failure(failed, message)
