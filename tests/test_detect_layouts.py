@@ -404,3 +404,12 @@ def test_cli_explains_a_segmenter_class_over_a_mask_png(segmenter: tuple, tmp_pa
         failed = run("explain", str(tmp_path / "road.png"), *model, "--mask", str(tmp_path / name), "--out",
                      str(tmp_path / name.replace(".", "-")))  # fmt: skip
         assert_clean_failure(failed, message)
+
+
+def test_export_help_names_every_registered_layout_and_box_format() -> None:
+    """The CLI does not import the exporter's registries (onnx costs every command a third of a second): its help
+    names them, and this pins it to them."""
+    from onnxcam_export.tasks import BOX_FORMATS, DETECTOR_LAYOUTS
+
+    shown = " ".join(run("export", "--help").stdout.split())
+    assert f"({', '.join(DETECTOR_LAYOUTS)})" in shown and f"as {' or '.join(BOX_FORMATS)}" in shown
