@@ -181,7 +181,8 @@ def detector_layout(
     """The :data:`DETECTOR_LAYOUTS` entry (``forced``: only that one is tried) that the model has, and the
     tensors it reads; None for none. A single-output layout reads ``first``; a pair, two of the graph's
     ``outputs`` over the same anchors, the boxes' last axis 4. Of the layouts that fit, one that knows an
-    output's name (DETR's ``pred_logits``) wins, then the first in :data:`DETECTOR_LAYOUTS`."""
+    output's name (DETR's ``pred_logits``) wins, then a pair (stronger evidence than one output's shape: DETR's
+    ``[N, 100, 92]`` logits alone would fit YOLOv5's), then the first in :data:`DETECTOR_LAYOUTS`."""
     known = [o for o in outputs if _known(shapes.get(o))]
     found = []
     for name, layout in DETECTOR_LAYOUTS.items():
@@ -192,8 +193,8 @@ def detector_layout(
         else:
             reads = [[s, x] for s in known for x in known if s != x]
         found += [(name, read) for read in reads if layout.fits([shapes[t] for t in read])]
-    named = [(name, read) for name, read in found if DETECTOR_LAYOUTS[name].names.intersection(read)]
-    return next(iter(named or found), None)
+    found.sort(key=lambda f: (not DETECTOR_LAYOUTS[f[0]].names.intersection(f[1]), len(f[1]) == 1))  # (stable)
+    return found[0] if found else None
 
 
 def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, layout: str, decoding: Decoding) -> Task:

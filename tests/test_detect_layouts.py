@@ -278,8 +278,8 @@ def test_a_pair_of_unnamed_outputs_is_told_by_its_anchor_count_or_forced(tmp_pat
     for folder in ("detr", "ssd", "forced"):
         (tmp_path / folder).mkdir()
     torch.manual_seed(3)
-    _, card, _ = grafted(TinyDetr(), tmp_path / "detr", ("out0", "out1"))
-    assert "DETR" in card["notes"], f"{QUERIES} queries: a set predictor"
+    _, card, _ = grafted(TinyDetr(classes=8, queries=10), tmp_path / "detr", ("out0", "out1"))
+    assert "DETR" in card["notes"], "10 queries: a set predictor, although [N, 10, 9] alone would be YOLOv5's"
     _, card, _ = grafted(TinySsd(), tmp_path / "ssd", ("out0", "out1"))
     assert "SSD" in card["notes"] and "background" not in card, f"{SSD_ANCHORS} anchors; no background by default"
     _, card, _ = grafted(TinyDetr(), tmp_path / "forced", ("out0", "out1"), layout="ssd")
