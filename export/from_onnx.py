@@ -587,7 +587,7 @@ def graft_file(
         std=prep.std,
         labels=tuple(_labels(labels, classes, notes, background)),
         weights_path=weights_path,
-        score=score,
+        score=found.explained or score,
         task=found.kind,
         background=background,
         extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),

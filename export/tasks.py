@@ -40,6 +40,7 @@ class Task:
     anchor_axis: int = 2  # a detector's: the axis of its raw output that runs over the anchors
     ranked: str = contract.LOGITS  # the class scores its NMS ranks (:data:`RANKED_SCORES` with a background class)
     nms: bool = True  # False for a set predictor (DETR): none suppressed, the k-th detection is the k-th query
+    explained: str | None = None  # the card's ``score`` where the layout fixes it (DETR's: a softmax probability)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class DetectorLayout:
     names: frozenset[str] = frozenset()  # output names that tell it from another layout of the same shapes
     nms: bool = True  # False: a set predictor, whose detections need no suppression
     box_formats: tuple[str, ...] = ()  # the box formats --box-format may give, the first by default
+    explained: str | None = None  # what its class scores are where the layout fixes it (one of contract.SCORES)
 
 
 def _pair(s: list[list[int]]) -> bool:
@@ -163,7 +165,7 @@ DETECTOR_LAYOUTS = {
                            _detr, "a DETR detector's logits and boxes (per query K + 1 class logits, the last "
                            "no-object, and cx, cy, w, h normalised to the input; a box's class score is its softmax "
                            "probability, no suppression)", 1, 2, frozenset({"pred_logits", "pred_boxes", "logits"}),
-                           nms=False),
+                           nms=False, explained="probability"),
     "ssd": DetectorLayout(_pair, lambda s: s[0][2], _ssd,
                           "an SSD/RetinaNet detector's class scores and decoded boxes (per anchor K class scores "
                           "and a box in input pixels)", 1, 2, frozenset({"scores", "boxes", "bboxes"}),
@@ -212,7 +214,7 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
         ranked = RANKED_SCORES
         b.nodes.append(helper.make_node("Where", [column, lowest, CLASS_SCORES], [ranked], name=ranked))
     _emit(model, b)
-    return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms)
+    return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained)
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------

@@ -232,6 +232,7 @@ def test_detr_is_recognised_and_suppresses_nothing(detr: tuple) -> None:
     _, path, card = detr
     engine = Engine(path)
     assert card["task"] == "detection" and "DETR" in card["notes"] and len(engine.card.labels) == 4
+    assert card["score"] == "probability", "DETR's PostProcess score, a softmax probability"
     assert "iou_threshold" not in engine.inputs and "conf_threshold" in engine.inputs
     with pytest.raises(OnnxcamError, match="set-prediction detector"):
         engine.run(_images(1), np.array([[-1]]), thresholds={"iou_threshold": 0.5})
