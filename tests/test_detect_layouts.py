@@ -414,3 +414,24 @@ def test_export_help_names_every_registered_layout_and_box_format() -> None:
 
     shown = " ".join(run("export", "--help").stdout.split())
     assert f"({', '.join(DETECTOR_LAYOUTS)})" in shown and f"as {' or '.join(BOX_FORMATS)}" in shown
+
+
+def test_a_mask_reaches_masks_coarser_than_the_input_resized_in_the_graph(tmp_path: Path) -> None:
+    class Coarse(TinySegmenter):
+        """Masks at stride 2 (16x16 for a 32x32 input), not upsampled."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x))
+
+    torch.manual_seed(2)
+    model = Coarse()
+    path, _ = grafted_segmenter(model, tmp_path)
+    images, targets = _images(2, seed=3), np.array([[0, 3], [1, 2]])
+    region = (np.random.default_rng(5).random((2, SIZE, SIZE)) < 0.5).astype(np.float32)
+    out = Engine(path).run(images, targets, full_gradients=True, region=region)
+    (activations,), masks = autograd(model, [model.features], images)
+    coarse = torch.nn.functional.avg_pool2d(torch.from_numpy(region.astype(np.float64))[:, None], 2)  # linear, 2:1
+    summed = (masks * coarse).sum((2, 3))
+    expected = gradients(summed[torch.arange(2)[:, None], torch.from_numpy(targets)], activations)
+    assert _rel(out.logits, summed.detach().numpy()) < TOL
+    assert _rel(out.gradients, expected) < TOL and np.abs(expected).max() > 0
