@@ -114,6 +114,7 @@ class Builder:
         array = np.asarray(value, dtype=dtype)
         name = self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(array, name))
+        self.constants[name] = self.initializers[-1]  # (so that rules can read the constants they are given)
         return name
 
     def ints(self, values: list[int] | tuple[int, ...]) -> str:

@@ -44,6 +44,7 @@ from onnxcam_export.tasks import (
     detector_layout,
 )
 from onnxcam_export.vjp import UnsupportedOp
+from onnxcam_export.windowed import WINDOW_TAG
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
@@ -377,6 +378,59 @@ class InputLayout:
     batch: onnx.TensorShapeProto.Dimension
 
 
+def _windowed(model: onnx.ModelProto) -> bool:
+    """Whether the graft walks a detector's targets over windows (:mod:`onnxcam_export.windowed`)."""
+    return any(WINDOW_TAG in node.name for node in model.graph.node)
+
+
+PROBE_TOLERANCE = 1e-4  # float32 sums over a few thousand products, relative to the largest value
+
+
+def _checked_windows(
+    windowed: onnx.ModelProto, dense: onnx.ModelProto, inputs: InputLayout, notes: list[str]
+) -> onnx.ModelProto:
+    """``windowed`` where its weights and gradients equal those of ``dense`` on a probe (random pixels; the
+    top detections, the first and last anchors of each class, two classes at one anchor), else ``dense``.
+
+    The window walk assumes YOLO's anchor order and a tail that maps each anchor's pixel alone; this
+    catches a model that differs."""
+    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
+
+    if windowed.ByteSize() > 1 << 30:  # (too large to pass by bytes: keep the dense walk, which needs no probe)
+        notes.append("the backward walks whole feature maps (the model is too large to probe the window walk)")
+        return dense
+    classes, anchors = (d.dim_value for d in _output(windowed, contract.LOGITS).type.tensor_type.shape.dim[1:])
+    codes = [-1, -2, -3, 0, anchors - 1, (classes - 1) * anchors + anchors - 1, anchors // 2,
+             (classes - 1) * anchors + anchors // 2, anchors // 2]  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = inputs.batch.dim_value if inputs.batch.HasField("dim_value") else 2
+    feed = {
+        contract.IMAGE: rng.integers(0, 256, (batch, inputs.height, inputs.width, 3), dtype=np.uint8),
+        contract.TARGETS: np.tile(np.asarray(codes, np.int64), (batch, 1)),
+        contract.FULL_GRADIENTS: np.asarray(True),
+        contract.CONF_THRESHOLD: np.asarray(0.0, np.float32),
+        contract.RETURN_SALIENCY: np.asarray(False),
+        contract.SALIENCY_METHOD: np.asarray(0, np.int64),
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    results = []
+    for model in (windowed, dense):
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs() if o.name.startswith((contract.WEIGHTS, contract.GRADIENTS))]
+        known = {i.name for i in model.graph.input}
+        results.append(session.run(names, {k: v for k, v in feed.items() if k in known}))
+    if all(np.abs(w - d).max() <= PROBE_TOLERANCE * max(np.abs(d).max(), 1e-30) for w, d in zip(*results, strict=True)):
+        notes.append("the backward walks each box over the windows of the feature maps that its score reads")
+        return windowed
+    notes.append("the backward walks whole feature maps: the window walk did not reproduce it on this model")
+    return dense
+
+
+def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+    return next(o for o in model.graph.output if o.name == name)
+
+
 def _input_layout(graph: onnx.GraphProto, prep: Preprocessing) -> InputLayout:
     original = _model_input(graph)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in original.type.tensor_type.shape.dim]
@@ -574,6 +628,9 @@ def graft_file(
     shapes = _shapes(types)
     try:
         grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras)
+        if _windowed(grafted):
+            grafted = _checked_windows(grafted, graft(model, layer, logits, types, layout, score, found, extras,
+                                                      windowed=False)[0], inputs, notes)  # fmt: skip
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])

@@ -17,6 +17,7 @@ first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.layouts import ADAPTERS, Layout
-from onnxcam_export.tasks import Task, add_detection_io, detection_seed
+from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
@@ -560,6 +561,7 @@ def graft(
     score: str = "logit",
     task: Task | None = None,
     extra_layers: Sequence[str] = (),
+    windowed: bool = True,
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
 
@@ -569,7 +571,8 @@ def graft(
     (:mod:`onnxcam_export.tasks`) has class scores ``[N, K, A]`` as ``logits`` and boxes.
     ``extra_layers``: more ``[N, C, h, w]`` target layers (a detector's scales), each with its own
     activations, weights and gradients outputs (:func:`contract.scale_output`); such a file has no
-    in-graph saliency and no head-only graph.
+    in-graph saliency and no head-only graph. ``windowed``: a detector's backward box by box over the
+    windows its scores read (:mod:`onnxcam_export.windowed`) where its head allows, else over whole maps.
     """
     detector = task is not None and task.kind == "detection"
     out = onnx.ModelProto()
@@ -595,14 +598,22 @@ def graft(
         dims = layout.contract_dims(shape)
         _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
-    seed = detection_seed(b, task.ranked, task.boxes) if detector else _seed(b, contract.LOGITS, score)
-    cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
-    summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
+    seed, cheap = None, None
+    targets = detection_targets(b, task.ranked, task.boxes) if detector else None
+    cut = _window_plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
+    if cut is not None:
+        sums, branches = _windowed().walk(b, cut, *targets, [layer, *extra_layers])
+        summed, full, extras = sums[0], branches[0], list(zip(sums[1:], branches[1:], strict=True))
+    else:
+        seed = detection_seed(b, contract.LOGITS, *targets) if targets else _seed(b, contract.LOGITS, score)
+        cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
+        summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
+        extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(g)) for g in extra_gradients]
     _emit_weights(b, summed)
     size = _input_size(b)
     if extra_layers:  # the in-graph map would show one scale: the Python path aggregates them all
         _emit_gradients(b, full)
-        _emit_scales(b, extra_layers, extra_gradients)
+        _emit_scales(b, extra_layers, extras)
     else:
         _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
         if size is not None:
@@ -622,21 +633,36 @@ def graft(
     return out, "presummed" if cheap is not None else "gradient-mean"
 
 
-def _emit_scales(b: Builder, layers: Sequence[str], gradients: list[str]) -> None:
-    """activations/i, weights/i = mean_hw(dy/dA_i) and gradients/i (behind full_gradients) of each extra layer."""
-    for i, (layer, grad) in enumerate(zip(layers, gradients, strict=True), start=1):
+def _window_plan(graph: onnx.GraphProto, head: list[onnx.NodeProto], layers: list[str], b: Builder) -> object:
+    """:func:`onnxcam_export.windowed.plan` of a detector's head, None where it has no such cut."""
+    return _windowed().plan(graph, head, layers, b)
+
+
+def _windowed() -> ModuleType:
+    """:mod:`onnxcam_export.windowed`, imported on use: it builds on this module's walker."""
+    from onnxcam_export import windowed
+
+    return windowed
+
+
+def _identity_branch(grad: str) -> Branch:
+    """An If branch that returns ``grad``, computed outside it."""
+    return "full", [helper.make_node("Identity", [grad], [grad + "/full"])], grad + "/full"
+
+
+def _emit_scales(b: Builder, layers: Sequence[str], extras: Sequence[tuple[str, Branch]]) -> None:
+    """activations/i, weights/i = mean_hw(dy/dA_i) and gradients/i (behind full_gradients) of each extra layer,
+    given its ``sum_hw(dy/dA_i)`` and the branch that builds its full gradient."""
+    for i, (layer, (summed, full)) in enumerate(zip(layers, extras, strict=True), start=1):
         names = {key: contract.scale_output(key, i) for key in (contract.ACTIVATIONS, contract.WEIGHTS)}
         b.nodes.append(helper.make_node("Identity", [layer], [names[contract.ACTIVATIONS]], name=f"activations/{i}"))
         plane = b.op("Cast", b.product(layer, 2), to=b.elem_type(contract.LOGITS))
-        summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)
         b.nodes.append(helper.make_node("Div", [summed, plane], [names[contract.WEIGHTS]], name=f"weights/{i}"))
-        full = helper.make_node("Identity", [grad], [grad + "/full"])
         with b.subgraph() as nodes:
             shape = b.op("Concat", b.op("Shape", names[contract.WEIGHTS]), b.ints([0] * len(SPATIAL)), axis=0)
             empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
         output = contract.scale_output(contract.GRADIENTS, i)
-        b.nodes.append(_if(output, contract.FULL_GRADIENTS, output, b.elem_type(contract.LOGITS),
-                           ("full", [full], full.output[0]), empty))  # fmt: skip
+        b.nodes.append(_if(output, contract.FULL_GRADIENTS, output, b.elem_type(contract.LOGITS), full, empty))
 
 
 def _add_scale_io(graph: onnx.GraphProto, b: Builder, layers: Sequence[str]) -> None:

@@ -218,9 +218,10 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------
-def detection_seed(b: Builder, scores: str, boxes: str) -> str:
-    """The seed ``[N, T, K, A]`` of a detector's target rows, and the outputs ``target_classes``,
-    ``boxes``, ``box_scores``, ``box_anchors`` (see :mod:`onnxcam.contract`).
+def detection_targets(b: Builder, scores: str, boxes: str) -> tuple[str, str]:
+    """A detector's target rows as flat indices class * A + anchor ``[N, T]`` into ``scores`` and whether each
+    is a detection (``valid``: false for a k-th kept detection that does not exist); emits the outputs
+    ``target_classes``, ``boxes``, ``box_scores``, ``box_anchors`` (see :mod:`onnxcam.contract`).
 
     ``scores`` ``[N, K, A]`` class scores, ``boxes`` ``[N, 4, A]`` cx, cy, w, h. Kept detections:
     each anchor scored by its best class, NonMaxSuppression per class above ``conf_threshold``
@@ -251,7 +252,13 @@ def detection_seed(b: Builder, scores: str, boxes: str) -> str:
     found = b.op("Greater", b.op("GatherElements", ranked_scores, rank, axis=1), lowest)
     valid = b.op("Or", b.op("Not", negative), found)  # [N, T]
     _emit_detections(b, scores, xywh, flat, valid, anchors)
-    onehot = b.op("OneHot", flat, b.const(np.asarray(total, np.int64)),
+    return flat, valid
+
+
+def detection_seed(b: Builder, scores: str, flat: str, valid: str) -> str:
+    """The seed ``[N, T, K, A]`` of the target rows :func:`detection_targets` resolved: one-hot at each valid one."""
+    _, classes, anchors = b.shape(scores)
+    onehot = b.op("OneHot", flat, b.const(np.asarray(classes * anchors, np.int64)),
                   b.const(np.asarray([0, 1], dtype=b.np_dtype(scores))), axis=-1)  # fmt: skip
     seed = b.op("Mul", onehot, b.unsqueeze(b.op("Cast", valid, to=b.elem_type(scores)), [2]))
     return b.op("Reshape", seed, b.op("Concat", b.dims(contract.TARGETS, 0, 2), b.ints([classes, anchors]), axis=0))

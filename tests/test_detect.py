@@ -56,6 +56,10 @@ class TinyDetector(nn.Module):
         self.strides = (4, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.scales(x), 2)
+
+    def scales(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each scale's ``[N, 4 + K, anchors]``, finest first."""
         p3 = self.stem(x)
         outs = []
         for i, feature in enumerate((p3, self.down(p3))):
@@ -63,7 +67,7 @@ class TinyDetector(nn.Module):
             stride, grid = self.strides[i], getattr(self, f"grid{i}")
             xywh = torch.cat([grid + torch.tanh(box[:, :2]) * stride, torch.exp(box[:, 2:]) * 4 * stride], 1)
             outs.append(torch.cat([xywh, torch.sigmoid(self.cls[i](feature).flatten(2))], 1))
-        return torch.cat(outs, 2)
+        return outs
 
 
 class TinyYolov5(TinyDetector):
@@ -450,3 +454,53 @@ def test_a_forced_task_that_the_output_does_not_have_is_refused(tmp_path: Path) 
         graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="segmentation")
     card, _ = graft_file(source, tmp_path / "det.cam.onnx", prep=UNIT, task="detection")
     assert card["task"] == "detection"
+
+
+def test_window_walk_matches_autograd_at_borders_shared_pixels_and_across_scales(detector: tuple) -> None:
+    """The detector's backward runs box by box over windows (:mod:`onnxcam_export.windowed`): targets at the
+    corner anchors of both scales (windows that hang over the map's edge), two classes of one anchor and a
+    repeated row (one pixel, several targets: more than one round of the tail), and the second scale's boxes,
+    whose gradient reaches the first scale's features through the stride-2 convolution between them."""
+    model, path, _ = detector
+    assert "windows" in Engine(path).card.notes
+    first, last = 0, (SIZE // 4) ** 2  # the anchors of the stride-4 scale, then those of the stride-8 one
+    anchors = np.array([first, last - 1, last, ANCHORS - 1, 70, 70, 70, 37])
+    classes = np.array([0, 1, 2, 1, 0, 1, 1, 2])
+    targets = np.stack([classes * ANCHORS + anchors, (classes * ANCHORS + anchors)[::-1]])
+    images = _images(2, seed=21)
+    out = Engine(path).run(images, targets, full_gradients=True)
+    model = model.double()
+    store: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _, i, o: store.append(o)) for m in (model.stem, model.down)]
+    raw = model(_as_input(images))
+    for hook in hooks:
+        hook.remove()
+    n = torch.arange(2)[:, None]
+    scores = raw[n, 4 + torch.from_numpy(out.target_classes), torch.from_numpy(out.box_anchors)]  # [N, T]
+    for (weights, gradients), reference in zip([(out.weights, out.gradients), *[s[1:] for s in out.scales]], store,
+                                               strict=True):  # fmt: skip
+        grads = np.stack([torch.autograd.grad(scores[:, t].sum(), reference, retain_graph=True)[0].numpy()
+                          for t in range(targets.shape[1])], axis=1)  # fmt: skip
+        assert _rel(gradients, grads) < TOL and _rel(weights, grads.mean(axis=(3, 4))) < TOL
+
+
+class CoarseFirst(TinyDetector):
+    """Its anchors run coarse scale first: not the order the window walk assumes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.scales(x)[::-1], 2)
+
+
+def test_a_detector_the_window_walk_does_not_fit_keeps_the_dense_walk(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CoarseFirst(CLASSES)
+    path, _ = grafted(model, tmp_path)
+    engine = Engine(path)
+    assert "whole feature maps" in engine.card.notes
+    images, targets = _images(1, seed=3), np.array([[5, ANCHORS + 20, -1]])
+    out = engine.run(images, targets, full_gradients=True)
+    activations, raw = forward_with(model, model.down, images)
+    scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
+    grads = np.stack([torch.autograd.grad(s, activations, retain_graph=True)[0][0].numpy() for s in scores])
+    assert out.gradients.shape[3:] == (SIZE // 8, SIZE // 8), "its coarse scale comes first, so its layer is first"
+    assert _rel(out.gradients[0], grads) < TOL

@@ -1,0 +1,451 @@
+"""A detector's backward, box by box, over the small window of each feature map that the box reads.
+
+A box's class score at anchor pixel (y, x) of one scale reads a window of each feature map below
+it (YOLOv8n: 5x5 of its own head input through two 3x3 convolutions; 47x47 of P3 for a P5 box
+through the PAN), and its gradient is exactly zero elsewhere. The dense backward
+(:func:`onnxcam_export.graft.backward` over whole maps, once per target) spends nearly all of its
+work multiplying those zeros. Here the graph is cut in two:
+
+* the *region*: the nodes from the target layers up to each scale's *boundary* tensors (the last
+  ``[N, C, h, w]`` tensors before the spatial grid is flattened into anchors) whose output cell
+  reads a fixed window of each input (:data:`LOCAL`: convolutions, point-wise ops, channel concat
+  and split);
+* the *tail*: the rest up to the class scores, which maps each anchor's pixel to its scores.
+
+The tail is walked once per *round* rather than once per target: a round's seed holds one target
+per anchor pixel, so that each pixel's gradient is that target's (rounds > 1 only where two
+targets share a pixel). Then, per scale, the region is recomputed on windows, ``[N * T, C, n, n]``
+gathered around each target's pixel (convolutions unpadded, their inputs zeroed outside the map
+as the padding did), and walked back from the pixel's gradient. A window's gradient summed is the
+target's ``sum_hw(dy/dA)``; scattered back it is the full gradient.
+
+The anchor -> pixel map assumed (scales finest first, anchors of a scale ``(j, y, x)`` row-major)
+is the YOLO convention; :func:`onnxcam_export.from_onnx.graft_file` checks the result against the
+dense walk on a probe and keeps the dense one where they differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxcam import contract
+from onnxcam_export.builder import Builder
+from onnxcam_export.graft import SPATIAL, Branch, backward, differentiable, gradient_of, static_tensors
+from onnxcam_export.vjp import _explicit_pads, attrs
+
+POINTWISE = {
+    "Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Clip", "Identity", "Elu", "Selu",
+    "Softplus", "Erf", "Neg", "Exp", "Sqrt", "Abs", "Add", "Sub", "Mul", "Div", "BatchNormalization",
+}  # fmt: skip
+LOCAL = POINTWISE | {"Conv", "Concat", "Split"}  # output cell (y, x) reads a window of each input around it
+
+WINDOW_TAG = "@window"  # in the names of the windowed copies of the region's nodes
+Axis = tuple[int, int, int]  # rows [stride * p + offset, ... + size) for the boundary pixel coordinate p
+Window = tuple[Axis, Axis]  # (y, x)
+
+
+def _union(a: Window, b: Window) -> Window:
+    out = []
+    for (s1, c1, n1), (s2, c2, n2) in zip(a, b, strict=True):
+        if s1 != s2:
+            raise ValueError("windows at different strides")
+        start = min(c1, c2)
+        out.append((s1, start, max(c1 + n1, c2 + n2) - start))
+    return out[0], out[1]
+
+
+@dataclass
+class Scale:
+    """One feature scale: its boundary tensors (same ``h, w``), the region nodes they read, every tensor's window."""
+
+    boundaries: list[str]
+    grid: tuple[int, int]
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    window: dict[str, Window] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """The cut of a detector's head: the tail, the scales (finest first) and the anchors per pixel."""
+
+    tail: list[onnx.NodeProto]
+    scales: list[Scale]
+    per_pixel: int
+
+
+def _conv_geometry(node: onnx.NodeProto, b: Builder) -> tuple[list[int], list[int], list[int], list[int]]:
+    """kernel, strides, dilations, begin pads of a 2-D Conv."""
+    a, w_shape = attrs(node), b.shape(node.input[1])
+    kernel = list(a.get("kernel_shape", w_shape[2:]))
+    strides, dilations = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+    pads = _explicit_pads(a, b.shape(node.input[0])[2:], kernel, strides, dilations)
+    return kernel, strides, dilations, pads[:2]
+
+
+def _is_local(node: onnx.NodeProto, b: Builder, static: set[str]) -> bool:
+    """Whether ``node`` is a :data:`LOCAL` op on 4-D tensors whose output cell reads a window around it."""
+    if node.op_type not in LOCAL:
+        return False
+    shapes = [b.shape(o) for o in node.output if o]
+    if not shapes or any(s is None or len(s) != 4 or None in s[1:] for s in shapes):
+        return False
+    grid = shapes[0][2:]
+    if node.op_type in ("Concat", "Split") and attrs(node).get("axis", 0) not in (1, -3):
+        return False
+    if node.op_type == "Conv":
+        w_shape = b.shape(node.input[1])
+        return node.input[1] in static and w_shape is not None and len(w_shape) == 4 and None not in w_shape
+    for name in node.input[: 1 if node.op_type in ("BatchNormalization", "Split", "Clip") else None]:
+        shape = b.shape(name) if name else []
+        if not name:
+            continue
+        if name in static:  # a constant operand must not vary over the grid
+            if shape is None or (len(shape) >= 2 and any(d != 1 for d in shape[-2:])):
+                return False
+        elif shape is None or len(shape) != 4 or shape[2:] != grid:
+            return False
+    return True
+
+
+def plan(graph: onnx.GraphProto, head: Sequence[onnx.NodeProto], sources: Sequence[str], b: Builder) -> Plan | None:
+    """The region/tail cut of ``head`` (from ``sources`` to :data:`contract.LOGITS` ``[N, K, A]``), or None
+    where the region reaches no boundary or the anchors do not tile the boundary pixels."""
+    static = static_tensors(graph)
+    downstream = set(sources)
+    for node in head:
+        if downstream.intersection(node.input):
+            downstream.update(o for o in node.output if o)
+    region, produced = [], set(sources)
+    for node in head:
+        inputs = [i for i in node.input if i and i not in static]
+        if _is_local(node, b, static) and all(i in produced or i not in downstream for i in inputs):
+            region.append(node)
+            produced.update(o for o in node.output if o)
+    inside = {o for n in region for o in n.output if o} | set(sources)
+    tail = [n for n in head if n not in region]
+    boundaries = list(dict.fromkeys(i for n in tail for i in n.input if i in inside))
+    if not boundaries or any(len(b.shape(t) or []) != 4 for t in boundaries):
+        return None
+    scales: dict[tuple[int, int], Scale] = {}
+    for name in boundaries:
+        grid = tuple(b.shape(name)[2:])
+        scales.setdefault(grid, Scale([], grid)).boundaries.append(name)
+    ordered = sorted(scales.values(), key=lambda s: -s.grid[0] * s.grid[1])
+    pixels = sum(s.grid[0] * s.grid[1] for s in ordered)
+    anchors = b.shape(contract.LOGITS)[2]
+    if anchors % pixels:
+        return None
+    for scale in ordered:
+        _windows(scale, region, b)
+    if not all(any(source in scale.window for scale in ordered) for source in sources):
+        return None  # (a target layer whose gradient leaves through the tail)
+    return Plan(tail, ordered, anchors // pixels)
+
+
+def _windows(scale: Scale, region: list[onnx.NodeProto], b: Builder) -> None:
+    """The region nodes ``scale``'s boundaries read and the window of every tensor involved (a union over
+    its readers), walking back from a 1x1 window at the boundary pixel."""
+    for name in scale.boundaries:
+        scale.window[name] = ((1, 0, 1), (1, 0, 1))
+    for node in reversed(region):
+        outs = [scale.window[o] for o in node.output if o in scale.window]
+        if not outs:
+            continue
+        scale.nodes.insert(0, node)
+        out = outs[0]
+        for other in outs[1:]:
+            out = _union(out, other)
+        for name in node.output:
+            if name in scale.window:
+                scale.window[name] = out  # (a Split's outputs are all cut from one input window)
+        for name, need in _input_windows(node, out, b).items():
+            scale.window[name] = need if name not in scale.window else _union(scale.window[name], need)
+
+
+def _input_windows(node: onnx.NodeProto, out: Window, b: Builder) -> dict[str, Window]:
+    """The window each non-constant input of ``node`` must hold for its output to hold ``out``."""
+    if node.op_type == "Conv":
+        kernel, strides, dilations, pads = _conv_geometry(node, b)
+        need = tuple(
+            (s * st, st * c - p, (n - 1) * st + (k - 1) * d + 1)
+            for (s, c, n), k, st, d, p in zip(out, kernel, strides, dilations, pads, strict=True)
+        )
+        return {node.input[0]: need}
+    inputs = node.input[:1] if node.op_type in ("BatchNormalization", "Split", "Clip") else node.input
+    return {name: out for name in inputs if name and b.shape(name) is not None and len(b.shape(name)) == 4
+            and name not in b.constants}  # fmt: skip
+
+
+# -- in the grafted graph ----------------------------------------------------------------------------
+class _Targets:
+    """Per scale, each target's pixel as ``[N * T]`` int64 rows y, x and whether the target lies there."""
+
+    def __init__(self, b: Builder, p: Plan, flat: str) -> None:
+        anchors = b.shape(contract.LOGITS)[2]
+        anchor = b.op("Mod", flat, b.const(np.asarray(anchors, np.int64)))  # [N, T]
+        self.rows = b.product(flat, 0)  # N * T, [1]
+        self.image = self._flat(b, _image_index(b, flat))
+        key = b.const(np.asarray(-1, np.int64))
+        self.y, self.x, self.on, start, first_pixel = [], [], [], 0, 0
+        for scale in p.scales:
+            h, w = scale.grid
+            count = p.per_pixel * h * w
+            local = b.op("Sub", anchor, b.const(np.asarray(start, np.int64)))
+            on = b.op("And", b.op("GreaterOrEqual", local, b.const(np.asarray(0, np.int64))),
+                      b.op("Less", local, b.const(np.asarray(count, np.int64))))  # fmt: skip
+            pixel = b.op("Mod", local, b.const(np.asarray(h * w, np.int64)))  # (>= 0: Mod takes the divisor's sign)
+            key = b.op("Where", on, b.op("Add", pixel, b.const(np.asarray(first_pixel, np.int64))), key)
+            width = b.const(np.asarray(w, np.int64))
+            self.y.append(self._flat(b, b.op("Div", pixel, width)))
+            self.x.append(self._flat(b, b.op("Mod", pixel, width)))
+            self.on.append(on)
+            start, first_pixel = start + count, first_pixel + h * w
+        self.key = key  # [N, T]: the target's pixel over all scales
+
+    def _flat(self, b: Builder, x: str) -> str:
+        return b.op("Reshape", x, self.rows)
+
+
+def _image_index(b: Builder, flat: str) -> str:
+    """The image of each target row, ``[N, T]`` int64."""
+    images = b.op("Squeeze", b.dims(flat, 0, 1), b.ints([0]))
+    index = b.op("Range", b.const(np.asarray(0, np.int64)), images, b.const(np.asarray(1, np.int64)))
+    return b.op("Expand", b.unsqueeze(index, [1]), b.op("Shape", flat))
+
+
+def _rounds(b: Builder, key: str) -> tuple[str, str]:
+    """Each target's round ``[N, T]`` (how many earlier targets of its image share its pixel) and the round
+    count ``[1]``."""
+    count = b.op("Squeeze", b.dims(key, 1, 2), b.ints([0]))
+    index = b.op("Range", b.const(np.asarray(0, np.int64)), count, b.const(np.asarray(1, np.int64)))
+    earlier = b.op("Less", b.unsqueeze(index, [0]), b.unsqueeze(index, [1]))  # [T (this), T (other)]: other < this
+    same = b.op("Equal", b.unsqueeze(key, [2]), b.unsqueeze(key, [1]))  # [N, T, T]
+    shared = b.op("Cast", b.op("And", same, earlier), to=TensorProto.INT64)
+    rounds = b.reduce("ReduceSum", shared, [2], keepdims=0)
+    most = b.reduce("ReduceMax", b.op("Concat", b.op("Reshape", rounds, b.ints([-1])), b.ints([0]), axis=0), [0],
+                    keepdims=1)  # fmt: skip
+    return rounds, b.op("Add", most, b.ints([1]))
+
+
+def _round_seed(b: Builder, flat: str, valid: str, rounds: str, count: str) -> str:
+    """The tail's seed ``[N, R, K, A]``: target t one-hot in round rounds[t]."""
+    _, classes, anchors = b.shape(contract.LOGITS)
+    shape = b.op("Concat", b.dims(flat, 0, 1), count, b.ints([classes * anchors]), axis=0)
+    where = b.op("Concat", *(b.unsqueeze(x, [2]) for x in (_image_index(b, flat), rounds, flat)), axis=2)  # [N, T, 3]
+    seed = b.op(
+        "ScatterND", b.zeros(shape, like=contract.LOGITS), where, b.op("Cast", valid, to=b.elem_type(contract.LOGITS))
+    )
+    return b.op("Reshape", seed, b.op("Concat", b.dims(flat, 0, 1), count, b.ints([classes, anchors]), axis=0))
+
+
+def _typed(b: Builder, name: str, like: str, dims: Sequence[int]) -> str:
+    """Record the type of windowed tensor ``name``: ``like``'s element type, ``[N*T] + dims``."""
+    t = onnx.TypeProto.Tensor()
+    t.elem_type = b.elem_type(like)
+    t.shape.dim.add().dim_param = "NT"
+    for d in dims:
+        t.shape.dim.add().dim_value = int(d)
+    b.types[name] = t
+    return name
+
+
+class _Windows:
+    """Gathers, masks and scatters of windows, each built once."""
+
+    def __init__(self, b: Builder, p: Plan, targets: _Targets) -> None:
+        self.b, self.targets = b, targets
+        self.pads: dict[str, tuple[int, int, int, int]] = {}  # tensor -> (top, bottom, left, right) zeros
+        for scale in p.scales:
+            for name, window in scale.window.items():
+                h, w = b.shape(name)[2:]
+                (sy, cy, ny), (sx, cx, nx) = window
+                hb, wb = scale.grid
+                need = (
+                    max(0, -cy),
+                    max(0, sy * (hb - 1) + cy + ny - h),
+                    max(0, -cx),
+                    max(0, sx * (wb - 1) + cx + nx - w),
+                )
+                old = self.pads.get(name, (0, 0, 0, 0))
+                self.pads[name] = tuple(max(a, c) for a, c in zip(old, need, strict=True))
+        self._flat: dict[str, str] = {}
+        self._masks: dict[tuple, str] = {}
+
+    def _start(self, scale: int, axis: int, window: Window, pad: int) -> str:
+        """The first row (axis 0) or column of each target's window in the padded tensor, ``[N * T]``."""
+        s, c, _ = window[axis]
+        position = (self.targets.y if axis == 0 else self.targets.x)[scale]
+        return self.b.op("Add", self.b.op("Mul", position, self.b.const(np.asarray(s, np.int64))),
+                         self.b.const(np.asarray(c + pad, np.int64)))  # fmt: skip
+
+    def _index(self, scale: int, name: str, window: Window) -> str:
+        """``[N * T, ny, nx]`` row-in-image * Wp + column of each window cell in the padded tensor."""
+        b = self.b
+        top, _, left, right = self.pads[name]
+        width = b.shape(name)[3] + left + right
+        (_, _, ny), (_, _, nx) = window
+        first = b.op("Add", b.op("Mul", self._start(scale, 0, window, top), b.const(np.asarray(width, np.int64))),
+                     self._start(scale, 1, window, left))  # fmt: skip
+        grid = (np.arange(ny)[:, None] * width + np.arange(nx)[None, :]).astype(np.int64)
+        return b.op("Add", b.unsqueeze(first, [1, 2]), b.const(grid))
+
+    def gather(self, scale: int, name: str, window: Window) -> str:
+        """Tensor ``name`` ``[N, C, H, W]`` cut to each target's ``window``: ``[N * T, C, ny, nx]`` (zeros outside)."""
+        b = self.b
+        top, bottom, left, right = self.pads[name]
+        channels, h, w = b.shape(name)[1:]
+        if name not in self._flat:
+            padded = b.op("Pad", name, b.ints([0, 0, top, left, 0, 0, bottom, right])) if any(self.pads[name]) else name
+            self._flat[name] = b.op("Reshape", b.op("Transpose", padded, perm=[0, 2, 3, 1]), b.ints([-1, channels]))
+        plane = (h + top + bottom) * (w + left + right)
+        first_cell = b.op("Mul", self.targets.image, b.const(np.asarray(plane, np.int64)))  # of the target's image
+        index = b.op("Add", self._index(scale, name, window), b.unsqueeze(first_cell, [1, 2]))
+        cut = b.op("Transpose", b.op("Gather", self._flat[name], index, axis=0), perm=[0, 3, 1, 2])
+        return _typed(b, cut, name, [channels, window[0][2], window[1][2]])
+
+    def mask(self, scale: int, name: str, window: Window) -> str | None:
+        """1 where each target's ``window`` of ``name`` lies inside the map, else 0: ``[N * T, 1, ny, nx]``; None
+        where every window lies inside."""
+        b = self.b
+        if not any(self.pads[name]):
+            return None
+        h, w = b.shape(name)[2:]
+        (_, _, ny), (_, _, nx) = window
+        key = (scale, h, w, window)
+        if key in self._masks:
+            return self._masks[key]
+        parts = []
+        for axis, (size, n) in enumerate(((h, ny), (w, nx))):
+            cells = b.op(
+                "Add", b.unsqueeze(self._start(scale, axis, window, 0), [1]), b.const(np.arange(n, dtype=np.int64))
+            )
+            inside = b.op("And", b.op("GreaterOrEqual", cells, b.const(np.asarray(0, np.int64))),
+                          b.op("Less", cells, b.const(np.asarray(size, np.int64))))  # fmt: skip
+            parts.append(b.op("Cast", inside, to=b.elem_type(name)))
+        rows, cols = b.unsqueeze(parts[0], [1, 3]), b.unsqueeze(parts[1], [1, 2])
+        self._masks[key] = _typed(b, b.op("Mul", rows, cols), name, [1, ny, nx])
+        return self._masks[key]
+
+    def scatter(self, scale: int, name: str, window: Window, grad: str) -> str:
+        """Window gradients ``[N * T, 1, C, ny, nx]`` of ``name`` placed in zeros ``[N * T, C, H, W]``."""
+        b = self.b
+        top, bottom, left, right = self.pads[name]
+        channels, h, w = b.shape(name)[1:]
+        (_, _, ny), (_, _, nx) = window
+        height, width = h + top + bottom, w + left + right
+        updates = b.op("Reshape", grad, b.ints([-1, channels, ny * nx]))
+        index = b.op("Reshape", self._index(scale, name, window), b.ints([-1, 1, ny * nx]))
+        index = b.op("Expand", index, b.op("Shape", updates))
+        canvas = b.zeros(b.op("Concat", self.targets.rows, b.ints([channels, height * width]), axis=0), like=name)
+        placed = b.op("ScatterElements", canvas, index, updates, axis=2)
+        placed = b.op("Reshape", placed, b.ints([-1, channels, height, width]))
+        return b.op("Slice", placed, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([2, 3]))
+
+
+def _crop(b: Builder, x: str, have: Window, want: Window, like: str) -> str:
+    """Windowed ``x`` (holding ``have``) cut to ``want`` (inside it)."""
+    if have == want:
+        return x
+    starts = [w[1] - h[1] for h, w in zip(have, want, strict=True)]
+    ends = [s + w[2] for s, w in zip(starts, want, strict=True)]
+    cut = b.op("Slice", x, b.ints(starts), b.ints(ends), b.ints([2, 3]))
+    return _typed(b, cut, like, [b.shape(like)[1], want[0][2], want[1][2]])
+
+
+def _recompute(b: Builder, index: int, scale: Scale, windows: _Windows) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    """The region nodes of ``scale`` on windows: the nodes emitted (copies, crops, masks) and the windowed
+    tensor of each tensor (the inputs gathered, the rest computed)."""
+    names: dict[str, str] = {}
+    produced = {o for n in scale.nodes for o in n.output if o}
+    for name, window in scale.window.items():
+        if name not in produced:  # a target layer, or a tensor from outside the head (a lateral input)
+            names[name] = windows.gather(index, name, window)
+    start = len(b.nodes)
+    for node in scale.nodes:
+        out_window = next(scale.window[o] for o in node.output if o in scale.window)
+        needs = _input_windows(node, out_window, b)
+        inputs = []
+        for name in node.input:
+            if name not in needs:
+                inputs.append(name)
+                continue
+            x = _crop(b, names[name], scale.window[name], needs[name], name)
+            mask = windows.mask(index, name, needs[name]) if node.op_type == "Conv" else None
+            if mask is not None:  # zeros outside the map, as the convolution's padding reads
+                x = _typed(b, b.op("Mul", x, mask), name, [b.shape(name)[1], needs[name][0][2], needs[name][1][2]])
+            inputs.append(x)
+        outputs = [f"{o}{WINDOW_TAG}{index}" if o else "" for o in node.output]
+        kept = [a for a in node.attribute if node.op_type != "Conv" or a.name not in ("pads", "auto_pad")]
+        copy = helper.make_node(node.op_type, inputs, outputs, name=f"{node.name or node.output[0]}{WINDOW_TAG}{index}")
+        copy.attribute.extend(kept)
+        if node.op_type == "Conv":
+            copy.attribute.append(helper.make_attribute("pads", [0, 0, 0, 0]))
+        b.nodes.append(copy)
+        for o, new in zip(node.output, outputs, strict=True):
+            if o:
+                names[o] = _typed(b, new, o, [b.shape(o)[1], out_window[0][2], out_window[1][2]])
+    return b.nodes[start:], names
+
+
+def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> tuple[list[str], list[Branch]]:
+    """Per target layer: ``sum_hw(dy/dA)`` ``[N, T, C]`` of every target row, and the If branch that builds
+    its full gradient ``[N, T, C, h, w]``."""
+    targets = _Targets(b, p, flat)
+    rounds, count = _rounds(b, targets.key)
+    wanted = b.wanted
+    tail = backward(b, p.tail, {contract.LOGITS: [_round_seed(b, flat, valid, rounds, count)]})
+    windows = _Windows(b, p, targets)
+    reshape_back = b.op("Concat", b.dims(flat, 0, 2), b.ints([-1]), axis=0)
+    parts: dict[str, list[str]] = {layer: [] for layer in layers}
+    placed: dict[str, list[tuple[int, Window, str]]] = {layer: [] for layer in layers}
+    for index, scale in enumerate(p.scales):
+        copies, names = _recompute(b, index, scale, windows)
+        on = b.unsqueeze(b.op("Cast", targets.on[index], to=b.elem_type(contract.LOGITS)), [2])  # [N, T, 1]
+        where = b.op("Concat", *(b.unsqueeze(x, [2]) for x in (rounds, *_grid(b, targets, index, flat))), axis=2)
+        seeds = {}
+        for name in scale.boundaries:
+            dy = gradient_of(b, tail, name)
+            if dy is None:
+                continue
+            pixel = b.op("GatherND", b.op("Transpose", dy, perm=[0, 1, 3, 4, 2]), where, batch_dims=1)  # [N, T, C]
+            pixel = b.op("Reshape", b.op("Mul", pixel, on), b.ints([-1, 1, b.shape(name)[1], 1, 1]))
+            seeds[names[name]] = [pixel]
+        reached = [layer for layer in layers if layer in scale.window]  # (gathered, or computed from one that is)
+        if not seeds or not reached:
+            continue
+        b.wanted = differentiable(copies, {names[layer] for layer in reached}, b.types)
+        grads = backward(b, copies, seeds)
+        b.wanted = wanted
+        for layer in reached:
+            grad = gradient_of(b, grads, names[layer])
+            if grad is None:
+                continue
+            window = scale.window[layer]
+            mask = windows.mask(index, layer, window)
+            if mask is not None:
+                grad = b.op("Mul", grad, b.unsqueeze(mask, [1]))
+            summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)  # [N * T, 1, C]
+            parts[layer].append(b.op("Reshape", summed, reshape_back))
+            placed[layer].append((index, window, grad))
+    sums, branches = [], []
+    for layer in layers:
+        if not parts[layer]:
+            raise ValueError(f"no target window reaches {layer!r}")
+        sums.append(parts[layer][0] if len(parts[layer]) == 1 else b.op("Sum", *parts[layer]))
+        with b.subgraph() as nodes:
+            full = [windows.scatter(index, layer, window, grad) for index, window, grad in placed[layer]]
+            total = full[0] if len(full) == 1 else b.op("Sum", *full)
+            shape = b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1), axis=0)
+            branches.append(("full", nodes, b.op("Reshape", total, shape)))
+    return sums, branches
+
+
+def _grid(b: Builder, targets: _Targets, index: int, flat: str) -> tuple[str, str]:
+    """Each target's pixel row and column on scale ``index``, ``[N, T]``."""
+    shape = b.op("Shape", flat)
+    return b.op("Reshape", targets.y[index], shape), b.op("Reshape", targets.x[index], shape)
