@@ -28,13 +28,16 @@ from onnxcam_export.graft import (
     fold_shape_computations,
     graft,
     head_nodes,
+    rename_tensor,
     static_tensors,
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
 from onnxcam_export.tasks import (
+    BOX_FORMATS,
     CLASS_SCORES,
     DETECTOR_LAYOUTS,
+    Decoding,
     Task,
     add_detector_split,
     add_segment_scores,
@@ -232,18 +235,20 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
 
 
 OUTPUT_LAYOUTS = (
-    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A] "
-    "or YOLOv5 detector [N, A, 5 + K]"
+    "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A], "
+    "YOLOv5 detector [N, A, 5 + K], or a pair of class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR's "
+    "[N, Q, K + 1] logits)"
 )
 
 
-def _task_of(shape: list[int | None] | None, forced: str | None) -> str | None:
-    """The task whose output layout ``shape`` has (``forced``: only that one is tried); None for none."""
+def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool) -> str | None:
+    """The task whose output layout ``shape`` has (``forced``: only that one is tried), ``detector`` whether the
+    outputs have a detector's layout; None for none."""
     rank = len(shape or [])
     fits = {
         "classification": rank == 2 or (rank == 4 and shape[2:] == [1, 1]),
         "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
-        "detection": detector_layout(shape) is not None,
+        "detection": detector,
     }
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
@@ -253,30 +258,62 @@ def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
 
 
 def _task_logits(
-    model: onnx.ModelProto, raw: str, types: Types, forced: str | None, notes: list[str]
-) -> tuple[str, Task, int]:
-    """The logits the graft explains, the task and its class count, from the model's output ``raw``."""
+    model: onnx.ModelProto, types: Types, forced: str | None, notes: list[str], decoding: Decoding,
+    layout: str | None = None,
+) -> tuple[str, Task, int]:  # fmt: skip
+    """The logits the graft explains, the task and its class count, from the model's outputs (``layout``: a
+    detector's :data:`DETECTOR_LAYOUTS` entry, forced)."""
     shapes = _shapes(types)
-    shape = shapes.get(raw)
-    task = _task_of(shape, forced)
+    stepped: list[str] = []
+    raw = _logits(model.graph, stepped)
+    detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout)
+    task = _task_of(shapes.get(raw), "detection" if layout else forced, detected is not None)
     if task is None:
-        asked = f"a {forced} output" if forced else "a layout onnxcam knows"
+        asked = f"a {layout} detector's" if layout else f"a {forced}" if forced else "a layout onnxcam knows"
         raise OnnxcamError(
-            f"the model's outputs ({_outputs_found(model.graph, shapes)}) are not {asked}: onnxcam explains a "
-            f"{OUTPUT_LAYOUTS}; export the model with such an output first (ultralytics: nms=False), or "
-            "force the task with --task"
+            f"the model's outputs ({_outputs_found(model.graph, shapes)}) are not {asked} output: onnxcam explains "
+            f"a {OUTPUT_LAYOUTS}; export the model with such an output first (ultralytics: nms=False), or force "
+            f"the task with --task and a detector's layout with --detector-layout ({', '.join(DETECTOR_LAYOUTS)})"
         )
+    if task != "detection" or len(detected[1]) == 1:
+        notes.extend(stepped)
+    shape = shapes.get(raw)
+    if task != "detection" and decoding.background is not None:
+        raise OnnxcamError(f"--background names a detector's background class; this is a {task} model")
     if task == "segmentation":
         notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
-                     "its logits over the pixels predicted as c")  # fmt: skip
-        return add_segment_scores(model, raw, types), Task(task), shape[1]
+                     "its logits over the pixels predicted as c, or over the region a mask gives")  # fmt: skip
+        return add_segment_scores(model, raw, types, decoding.size), Task(task), shape[1]
     if task == "detection":
-        layout = DETECTOR_LAYOUTS[detector_layout(shape)]
-        notes.append(f"{raw!r} {shape} is {layout.described}, K = {layout.classes(shape)}: each target is one box's "
-                     "class score")  # fmt: skip
-        found = add_detector_split(model, raw, types, detector_layout(shape))
-        return CLASS_SCORES, found, layout.classes(shape)
+        return _detector_split(model, types, *detected, decoding, notes)
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
+
+
+def _detector_split(
+    model: onnx.ModelProto, types: Types, name: str, reads: list[str], decoding: Decoding, notes: list[str]
+) -> tuple[str, Task, int]:
+    """A detector's class scores (the logits), its task and class count, per layout ``name`` of outputs ``reads``."""
+    layout, shapes = DETECTOR_LAYOUTS[name], _shapes(types)
+    classes = layout.classes([shapes[r] for r in reads])
+    if decoding.box_format is not None and decoding.box_format not in layout.box_formats:
+        raise OnnxcamError(f"--box-format applies to a pair of scores and boxes in pixels (ssd); {name}'s boxes are "
+                           "fixed by its layout")  # fmt: skip
+    if decoding.background is not None and not 0 <= decoding.background < classes:
+        raise OnnxcamError(f"--background {decoding.background} is not a class: the model scores {classes} classes "
+                           f"(0-{classes - 1})")  # fmt: skip
+    outputs = " and ".join(f"{r!r} {shapes[r]}" for r in reads)
+    notes.append(f"{outputs} {'is' if len(reads) == 1 else 'are'} {layout.described}, K = {classes}: each target is "
+                 "one box's class score")  # fmt: skip
+    if layout.box_formats:
+        notes.append(f"boxes read as {decoding.box_format or layout.box_formats[0]} in input pixels (--box-format)")
+    if decoding.background is not None:
+        notes.append(f"class {decoding.background} is the background: never a detection")
+    taken = set(reads) & set(contract.DETECTION_OUTPUTS)  # an output called boxes moves aside for the contract's
+    for tensor in taken:
+        rename_tensor(model.graph, tensor, f"{tensor}/original")
+    reads = [f"{r}/original" if r in taken else r for r in reads]
+    types = {f"{t}/original" if t in taken else t: value for t, value in types.items()}
+    return CLASS_SCORES, add_detector_split(model, reads, types, name, decoding), classes
 
 
 def _flatten_logits(model: onnx.ModelProto, logits: str, shapes: Shapes) -> str:
@@ -314,7 +351,7 @@ def _upgrade(model: onnx.ModelProto, layer: str, logits: str, notes: list[str]) 
 def _modern_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     """IR >= 4 (weights need not be graph inputs) and new enough for the opset; weights stop being inputs."""
     model.ir_version = max(model.ir_version, 4, helper.find_min_ir_version_for(list(model.opset_import)))
-    weights = {i.name for i in model.graph.initializer}
+    weights = {i.name for i in model.graph.initializer} - {contract.REGION}  # (an input with a default)
     kept = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(kept)
@@ -476,7 +513,7 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Pr
         graph.node.insert(0, node)
 
 
-def _labels(path: Path | None, classes: int, notes: list[str]) -> list[str]:
+def _labels(path: Path | None, classes: int, notes: list[str], background: int | None = None) -> list[str]:
     if path is not None:
         try:
             names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -489,7 +526,7 @@ def _labels(path: Path | None, classes: int, notes: list[str]) -> list[str]:
         notes.append("no --labels: using the ImageNet-1k class names (the model scores 1000 classes)")
         return imagenet_labels()
     notes.append(f"no --labels: classes are named 'class 0' ... 'class {classes - 1}'")
-    return [f"class {i}" for i in range(classes)]
+    return ["background" if i == background else f"class {i}" for i in range(classes)]
 
 
 def _check_layer(graph: onnx.GraphProto, layer: str, logits: str, candidates: list[str], layouts: dict) -> bool:
@@ -518,6 +555,9 @@ def graft_file(
     prep: Preprocessing | None = None,
     score: str = "logit",
     task: str | None = None,
+    layout: str | None = None,
+    box_format: str | None = None,
+    background: int | None = None,
     windowed: bool = True,
 ) -> tuple[dict[str, object], list[str]]:
     """Write ``out``, the onnxcam version of classifier, segmenter or detector ``source``; return its card and
@@ -525,6 +565,8 @@ def graft_file(
 
     ``score``: the explained score, ``logit`` (as the Grad-CAM paper) or ``probability`` (its softmax).
     ``task``: one of :data:`onnxcam.contract.TASKS`, or None to tell it from the output's layout.
+    ``layout``: a detector's :data:`DETECTOR_LAYOUTS` entry, or None to tell it from its outputs;
+    ``box_format``: a pair's boxes (:data:`BOX_FORMATS`); ``background``: a detector's class that is never a detection.
     ``windowed``: a detector's backward over the windows each box reads where that reproduces the walk over
     whole feature maps (:mod:`onnxcam_export.windowed`); False: over whole maps.
     """
@@ -532,6 +574,12 @@ def graft_file(
         raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
     if task is not None and task not in TASKS:
         raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if layout is not None and layout not in DETECTOR_LAYOUTS:
+        raise OnnxcamError(f"unknown detector layout {layout!r}; choose one of: {', '.join(DETECTOR_LAYOUTS)}")
+    if layout is not None and task not in (None, "detection"):
+        raise OnnxcamError(f"--detector-layout forces a detector: drop --task {task}")
+    if box_format is not None and box_format not in BOX_FORMATS:
+        raise OnnxcamError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
     prep = prep or Preprocessing()
     notes: list[str] = []
     try:
@@ -545,7 +593,8 @@ def graft_file(
     inputs = _input_layout(graph, prep)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
-    logits, found, classes = _task_logits(model, _logits(graph, notes), types, task, notes)
+    decoding = Decoding((inputs.height, inputs.width), box_format, background)
+    logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
     if found.kind != "classification" and score != "logit":
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
     types = infer_types(model) if found.kind != "classification" else types
@@ -596,10 +645,11 @@ def graft_file(
         input_size=(inputs.height, inputs.width),
         mean=prep.mean,
         std=prep.std,
-        labels=tuple(_labels(labels, classes, notes)),
+        labels=tuple(_labels(labels, classes, notes, background)),
         weights_path=weights_path,
-        score=score,
+        score=found.explained or score,
         task=found.kind,
+        background=background,
         extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
     )

@@ -599,7 +599,7 @@ def graft(
         _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
     seed, cheap = None, None
-    targets = detection_targets(b, contract.LOGITS, task.boxes) if detector else None
+    targets = detection_targets(b, task.ranked, task.boxes) if detector else None
     cut = _window_plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
     if cut is not None:
         sums, branches = _windowed().walk(b, cut, *targets, [layer, *extra_layers])
@@ -626,7 +626,7 @@ def graft(
         _add_head_only(graph, b, head_only, dims)
     _add_contract_io(graph, b, dims, head_only is not None, attention)
     if detector:
-        add_detection_io(graph, b)
+        add_detection_io(graph, b, task.nms)
     _add_scale_io(graph, b, extra_layers)
     if size is not None and not extra_layers:
         _add_saliency_output(graph, b)

@@ -4,7 +4,8 @@ A task is data for the grafter (:func:`onnxcam_export.graft.graft`): a segmenter
 classifier whose logits are computed in the graph from its masks, so everything downstream is
 the classifier's; a detector keeps its class scores ``[N, K, A]`` as the logits and resolves its
 target rows (``(anchor, class)``, or the k-th detection kept by non-maximum suppression) in the
-graph, with default-domain ops only (see :mod:`onnxcam.contract`).
+graph, with default-domain ops only (see :mod:`onnxcam.contract`). A detector's raw outputs (one tensor,
+or a pair of class scores and boxes) are cut into class scores and boxes per :data:`DETECTOR_LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from onnxcam_export.builder import Builder, Types
 SEGMENT_SCORES = "onnxcam/segment_scores"
 CLASS_SCORES = "onnxcam/class_scores"
 BOXES_XYWH = "onnxcam/boxes_xywh"
+RANKED_SCORES = "onnxcam/ranked_scores"  # the class scores with the background column below any score
 # (cx, cy, w, h) @ XYWH_TO_XYXY = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
 XYWH_TO_XYXY = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]])
+# a pair's boxes [N, A, 4] @ BOX_FORMATS[format] = cx, cy, w, h
+BOX_FORMATS = {"xyxy": np.linalg.inv(XYWH_TO_XYXY), "cxcywh": np.eye(4)}
+MAX_QUERIES = 300  # a set predictor's queries (DETR 100, Deformable DETR and RT-DETR 300); SSD has thousands of anchors
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,19 @@ class Task:
     kind: str = "classification"
     boxes: str | None = None
     anchor_axis: int = 2  # a detector's: the axis of its raw output that runs over the anchors
+    ranked: str = contract.LOGITS  # the class scores its NMS ranks (:data:`RANKED_SCORES` with a background class)
+    nms: bool = True  # False for a set predictor (DETR): none suppressed, the k-th detection is the k-th query
+    explained: str | None = None  # the card's ``score`` where the layout fixes it (DETR's: a softmax probability)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What a detector's outputs mean beyond their shapes: the input size ``(H, W)`` that normalised boxes
+    scale to, a pair's box format (None: the layout's own) and the background class (never a detection)."""
+
+    size: tuple[int, int]
+    box_format: str | None = None
+    background: int | None = None
 
 
 def _emit(model: onnx.ModelProto, b: Builder) -> None:
@@ -40,18 +58,28 @@ def _emit(model: onnx.ModelProto, b: Builder) -> None:
     model.graph.initializer.extend(b.initializers)
 
 
-def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types) -> str:
-    """``[N, K]`` = sum over the pixels predicted as class c (argmax over K) of class c's logits, for
-    the ``[N, K, H, W]`` tensor ``masks`` (pytorch-grad-cam's SemanticSegmentationTarget). The
-    prediction is an integer mask: the gradient flows through the logits only. Appended in place."""
+def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: tuple[int, int]) -> str:
+    """``[N, K]`` = sum of class c's logits over a region of the ``[N, K, H, W]`` tensor ``masks``, per class c
+    (pytorch-grad-cam's SemanticSegmentationTarget): the pixels predicted as c (argmax over K), or the weights
+    of the :data:`contract.REGION` input (``[N, H, W]`` at the input ``size``, resized to the masks' where they
+    differ) where it is not negative, as its default ``[1, 1, 1]`` of -1 is. The region is data: the gradient
+    flows through the logits only. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/segment/")
-    classes = b.shape(masks)[1]
+    classes, dtype = b.shape(masks)[1], b.np_dtype(masks)
     predicted = b.op("ArgMax", masks, axis=1, keepdims=0)  # [N, H, W]
-    off_on = b.const(np.asarray([0, 1], dtype=b.np_dtype(masks)))
-    mask = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)  # [N, K, H, W]
+    off_on = b.const(np.asarray([0, 1], dtype=dtype))
+    onehot = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)  # [N, K, H, W]
+    region = b.unsqueeze(b.op("Cast", contract.REGION, to=b.elem_type(masks)), [1])  # [N, 1, H, W]
+    if list(b.shape(masks)[2:]) != list(size):
+        nothing = b.const(np.zeros(0, np.float32))  # (no roi, no scales: the sizes say it)
+        sizes = b.op("Concat", b.dims(region, 0, 2), b.dims(masks, 2, 4), axis=0)
+        region = b.op("Resize", region, nothing, nothing, sizes, mode="linear")
+    mask = b.op("Where", b.op("Less", region, b.const(np.asarray(0, dtype))), onehot, region)
     summed = b.reduce("ReduceSum", b.op("Mul", masks, mask), [2, 3], keepdims=0)
     b.nodes.append(helper.make_node("Identity", [summed], [SEGMENT_SCORES], name=SEGMENT_SCORES))
     _emit(model, b)
+    model.graph.input.append(helper.make_tensor_value_info(contract.REGION, TensorProto.FLOAT, ["N", "H", "W"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.full([1, 1, 1], -1, np.float32), contract.REGION))
     return SEGMENT_SCORES
 
 
@@ -63,55 +91,130 @@ def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) ->
     return name
 
 
-def _ultralytics(b: Builder, raw: str) -> None:
+def _ultralytics(b: Builder, raws: list[str], decoding: Decoding) -> None:
     """``[N, 4 + K, A]``: cx, cy, w, h, then the class scores (YOLOv8/v11/YOLOv5u)."""
+    (raw,) = raws
     _slice(b, raw, 0, 4, BOXES_XYWH)
     _slice(b, raw, 4, b.shape(raw)[1], CLASS_SCORES)
 
 
-def _yolov5(b: Builder, raw: str) -> None:
+def _yolov5(b: Builder, raws: list[str], decoding: Decoding) -> None:
     """``[N, A, 5 + K]``: cx, cy, w, h, objectness, then class probabilities; a box's class score is
     objectness x class probability, as YOLOv5's ``non_max_suppression`` ranks and thresholds it."""
+    (raw,) = raws
     channels = b.op("Transpose", raw, perm=[0, 2, 1])  # [N, 5 + K, A]
     _slice(b, channels, 0, 4, BOXES_XYWH)
     objectness, classes = _slice(b, channels, 4, 5), _slice(b, channels, 5, b.shape(raw)[2])
     b.nodes.append(helper.make_node("Mul", [classes, objectness], [CLASS_SCORES], name=CLASS_SCORES))
 
 
+def _pair_boxes(b: Builder, boxes: str, to_xywh: np.ndarray) -> None:
+    """BOXES_XYWH ``[N, 4, A]`` from boxes ``[N, A, 4]``: ``boxes @ to_xywh`` is cx, cy, w, h in input pixels."""
+    xywh = b.op("MatMul", boxes, b.const(to_xywh.astype(b.np_dtype(boxes))))
+    b.nodes.append(helper.make_node("Transpose", [xywh], [BOXES_XYWH], name=BOXES_XYWH, perm=[0, 2, 1]))
+
+
+def _ssd(b: Builder, raws: list[str], decoding: Decoding) -> None:
+    """Scores ``[N, A, K]`` as the model outputs them and decoded boxes ``[N, A, 4]`` in input pixels (x1, y1, x2,
+    y2 as torchvision's box coder decodes them, or cx, cy, w, h): SSD, RetinaNet, FCOS before their NMS."""
+    scores, boxes = raws
+    b.nodes.append(helper.make_node("Transpose", [scores], [CLASS_SCORES], name=CLASS_SCORES, perm=[0, 2, 1]))
+    _pair_boxes(b, boxes, BOX_FORMATS[decoding.box_format or "xyxy"])
+
+
+def _detr(b: Builder, raws: list[str], decoding: Decoding) -> None:
+    """Logits ``[N, Q, K + 1]`` and boxes ``[N, Q, 4]`` cx, cy, w, h normalised to the input: a query's class
+    score is its softmax over K + 1 with the last (no-object) column dropped, as DETR's PostProcess scores it."""
+    logits, boxes = raws
+    classes = b.shape(logits)[2] - 1
+    probabilities = b.op("Softmax", logits, axis=2)
+    real = b.op("Slice", probabilities, b.ints([0]), b.ints([classes]), b.ints([2]))
+    b.nodes.append(helper.make_node("Transpose", [real], [CLASS_SCORES], name=CLASS_SCORES, perm=[0, 2, 1]))
+    height, width = decoding.size
+    _pair_boxes(b, boxes, np.diag([width, height, width, height]).astype(float))
+
+
 @dataclass(frozen=True)
 class DetectorLayout:
     """A detector's raw output layout: which shapes have it, its class count, how to split it, how to say it."""
 
-    fits: Callable[[list[int]], bool]  # [N, d1, d2], d1 and d2 known
-    classes: Callable[[list[int]], int]
-    split: Callable[[Builder, str], None]  # emits BOXES_XYWH [N, 4, A] and CLASS_SCORES [N, K, A]
+    fits: Callable[[list[list[int]]], bool]  # the shapes of its outputs, each [N, d1, d2], d1 and d2 known
+    classes: Callable[[list[list[int]]], int]
+    split: Callable[[Builder, list[str], Decoding], None]  # emits BOXES_XYWH [N, 4, A] and CLASS_SCORES [N, K, A]
     described: str
-    anchor_axis: int  # which axis of the raw output runs over the anchors
+    anchor_axis: int  # which axis of the (first) raw output runs over the anchors
+    outputs: int = 1  # a pair reads class scores and boxes [N, A, 4], in this order
+    names: frozenset[str] = frozenset()  # output names that tell it from another layout of the same shapes
+    nms: bool = True  # False: a set predictor, whose detections need no suppression
+    box_formats: tuple[str, ...] = ()  # the box formats --box-format may give, the first by default
+    explained: str | None = None  # what its class scores are where the layout fixes it (one of contract.SCORES)
+
+
+def _pair(s: list[list[int]]) -> bool:
+    """Class scores ``[N, A, k]`` and boxes ``[N, A, 4]``."""
+    return s[0][1] == s[1][1] and s[1][2] == 4
 
 
 DETECTOR_LAYOUTS = {
-    "ultralytics": DetectorLayout(lambda s: 4 < s[1] < s[2], lambda s: s[1] - 4, _ultralytics,
+    "ultralytics": DetectorLayout(lambda s: 4 < s[0][1] < s[0][2], lambda s: s[0][1] - 4, _ultralytics,
                                   "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)", 2),
-    "yolov5": DetectorLayout(lambda s: 5 < s[2] < s[1], lambda s: s[2] - 5, _yolov5,
+    "yolov5": DetectorLayout(lambda s: 5 < s[0][2] < s[0][1], lambda s: s[0][2] - 5, _yolov5,
                              "a YOLOv5 detector's output (cx, cy, w, h, objectness and K class probabilities per "
                              "anchor; a box's class score is objectness x class probability)", 1),
+    "detr": DetectorLayout(lambda s: _pair(s) and s[0][2] >= 2 and s[0][1] <= MAX_QUERIES, lambda s: s[0][2] - 1,
+                           _detr, "a DETR detector's logits and boxes (per query K + 1 class logits, the last "
+                           "no-object, and cx, cy, w, h normalised to the input; a box's class score is its softmax "
+                           "probability, no suppression)", 1, 2, frozenset({"pred_logits", "pred_boxes", "logits"}),
+                           nms=False, explained="probability"),
+    "ssd": DetectorLayout(_pair, lambda s: s[0][2], _ssd,
+                          "an SSD/RetinaNet detector's class scores and decoded boxes (per anchor K class scores "
+                          "and a box in input pixels)", 1, 2, frozenset({"scores", "boxes", "bboxes"}),
+                          box_formats=tuple(BOX_FORMATS)),
 }  # fmt: skip
 
 
-def detector_layout(shape: list[int | None] | None) -> str | None:
-    """The :data:`DETECTOR_LAYOUTS` entry a raw output of ``shape`` has, if any."""
-    if not shape or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
-        return None
-    return next((name for name, layout in DETECTOR_LAYOUTS.items() if layout.fits(shape)), None)
+def _known(shape: list[int | None] | None) -> bool:
+    return bool(shape) and len(shape) == 3 and all(isinstance(d, int) for d in shape[1:])
 
 
-def add_detector_split(model: onnx.ModelProto, raw: str, types: Types, layout: str) -> Task:
-    """Cut the raw output into class scores ``[N, K, A]`` (named :data:`CLASS_SCORES`, the logits) and
-    boxes ``[N, 4, A]`` cx, cy, w, h, per its ``layout``. Appended in place."""
+def detector_layout(
+    shapes: dict[str, list[int | None]], first: str, outputs: list[str], forced: str | None = None
+) -> tuple[str, list[str]] | None:
+    """The :data:`DETECTOR_LAYOUTS` entry (``forced``: only that one is tried) that the model has, and the
+    tensors it reads; None for none. A single-output layout reads ``first``; a pair, two of the graph's
+    ``outputs`` over the same anchors, the boxes' last axis 4. Of the layouts that fit, one that knows an
+    output's name (DETR's ``pred_logits``) wins, then a pair (stronger evidence than one output's shape: DETR's
+    ``[N, 100, 92]`` logits alone would fit YOLOv5's), then the first in :data:`DETECTOR_LAYOUTS`."""
+    known = [o for o in outputs if _known(shapes.get(o))]
+    found = []
+    for name, layout in DETECTOR_LAYOUTS.items():
+        if forced not in (None, name):
+            continue
+        if layout.outputs == 1:
+            reads = [[first]] if _known(shapes.get(first)) else []
+        else:
+            reads = [[s, x] for s in known for x in known if s != x]
+        found += [(name, read) for read in reads if layout.fits([shapes[t] for t in read])]
+    found.sort(key=lambda f: (not DETECTOR_LAYOUTS[f[0]].names.intersection(f[1]), len(f[1]) == 1))  # (stable)
+    return found[0] if found else None
+
+
+def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, layout: str, decoding: Decoding) -> Task:
+    """Cut the raw outputs into class scores ``[N, K, A]`` (named :data:`CLASS_SCORES`, the logits) and
+    boxes ``[N, 4, A]`` cx, cy, w, h in input pixels, per its ``layout``; with a background class, the scores
+    the NMS ranks (:data:`RANKED_SCORES`) hold that column below any score. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/detect/")
-    DETECTOR_LAYOUTS[layout].split(b, raw)
+    found = DETECTOR_LAYOUTS[layout]
+    found.split(b, raws, decoding)
+    ranked = contract.LOGITS  # (the graft's name for CLASS_SCORES)
+    if decoding.background is not None:
+        classes = found.classes([b.shape(r) for r in raws])
+        column = b.const((np.arange(classes) == decoding.background).reshape(1, classes, 1))
+        lowest = b.const(np.asarray(np.finfo(np.float32).min, b.np_dtype(raws[0])))  # finite: 0 x it stays 0
+        ranked = RANKED_SCORES
+        b.nodes.append(helper.make_node("Where", [column, lowest, CLASS_SCORES], [ranked], name=ranked))
     _emit(model, b)
-    return Task("detection", BOXES_XYWH, DETECTOR_LAYOUTS[layout].anchor_axis)
+    return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained)
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------
@@ -195,12 +298,15 @@ def _emit_detections(b: Builder, scores: str, xywh: str, flat: str, valid: str, 
     b.nodes.append(helper.make_node("Mul", [box, b.unsqueeze(on, [2])], [contract.BOXES], name=contract.BOXES))
 
 
-def add_detection_io(graph: onnx.GraphProto, b: Builder) -> None:
-    """The threshold inputs (with ultralytics' defaults) and the detection outputs of :func:`detection_seed`."""
+def add_detection_io(graph: onnx.GraphProto, b: Builder, nms: bool = True) -> None:
+    """The threshold inputs (with ultralytics' defaults) and the detection outputs of :func:`detection_seed`.
+    Without ``nms`` (a set predictor), ``iou_threshold`` is the constant 1: no box is suppressed, and no input."""
     elem, batch = b.elem_type(contract.LOGITS), b.shape(contract.LOGITS)[0] or "N"
     for name, value in contract.DEFAULT_THRESHOLDS.items():  # float32, as NonMaxSuppression takes them
-        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        constant = not nms and name == contract.IOU_THRESHOLD
+        if not constant:
+            graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(1.0 if constant else value, np.float32), name))
     info = helper.make_tensor_value_info
     graph.output.extend([
         info(contract.BOXES, elem, [batch, "T", 4]),

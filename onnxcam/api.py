@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnxcam import contract, maps, methods
 from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import read_rgb, resize_rgb
+from onnxcam.image import read_mask, read_rgb, resize_rgb
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ class Explainer:
         aug_smooth: bool = False,
         conf: float | None = None,
         iou: float | None = None,
+        mask: np.ndarray | str | Path | None = None,
     ) -> list[Explanation]:
         """Explain several images in one ORT call; each gets the same target list.
 
@@ -160,10 +161,12 @@ class Explainer:
         order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
         (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
         for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
-        detection (with its box), and ``conf``, ``iou`` are its suppression thresholds.
+        detection (with its box), and ``conf``, ``iou`` are its suppression thresholds. On a segmenter, ``mask``
+        (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
+        pixels each class's score sums, instead of the pixels predicted as the class.
         """
         names = methods.resolve(method, self.engine.outputs, self.card.task)
-        self.check_task(aug_smooth, conf, iou)
+        self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
         codes = self.target_codes(targets, top_k)
         photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
@@ -171,7 +174,9 @@ class Explainer:
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
         if self.card.task == "detection":
             return self._explain_detections(photos, batch, codes, names, eigen_smooth, _thresholds(conf, iou))
-        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full, attention)
+        region = None if mask is None else self._region(mask, photos)
+        targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
+        out = self.engine.run(batch, targets, full, attention, region=region)
         probs = softmax(out.logits.astype(np.float64))
         results = []
         for n, photo in enumerate(photos):
@@ -191,13 +196,30 @@ class Explainer:
             results.append(Explanation(photo, preds, found))
         return results
 
-    def check_task(self, aug_smooth: bool, conf: float | None, iou: float | None) -> None:
+    def check_task(self, aug_smooth: bool, conf: float | None, iou: float | None, mask: bool = False) -> None:
         """Refuse the options this model's task has no use for, naming them."""
         task = self.card.task
+        if mask and task != "segmentation":
+            raise OnnxcamError(f"--mask gives a segmenter the region to explain; this is a {task} model")
+        if mask and aug_smooth:
+            raise OnnxcamError("--aug-smooth flips the image but not the --mask: give one of them")
         if task != "detection" and (conf is not None or iou is not None):
             raise OnnxcamError(f"--conf and --iou apply to detectors; this is a {task} model")
+        if task == "detection" and iou is not None and contract.IOU_THRESHOLD not in self.engine.inputs:
+            raise OnnxcamError("--iou applies to detectors that suppress overlapping boxes; this one predicts a set "
+                               "(DETR): its k-th detection is its k-th query by score")  # fmt: skip
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+
+    def _region(self, mask: np.ndarray | str | Path, photos: list[np.ndarray]) -> np.ndarray:
+        """``[N, H, W]`` float32 pixel weights at the model's size: ``mask`` (non-zero inside) resized as each photo."""
+        inside = read_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask) != 0
+        inside = inside.any(axis=2) if inside.ndim == 3 else inside  # (a colour picture of the region)
+        for photo in photos:
+            if inside.shape != photo.shape[:2]:
+                raise OnnxcamError(f"the mask is {inside.shape[1]}x{inside.shape[0]} pixels but the image is "
+                                   f"{photo.shape[1]}x{photo.shape[0]}; give a mask the size of the image")  # fmt: skip
+        return np.stack([resize_rgb(inside.astype(np.float32), self.card.input_size)] * len(photos))
 
     def _check_scales(self, names: list[str]) -> None:
         """A model with several target layers runs the methods that read activations and gradients only."""

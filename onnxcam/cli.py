@@ -25,7 +25,7 @@ from onnxcam.api import Explainer
 from onnxcam.engine import installed
 from onnxcam.errors import OnnxcamError, printable
 from onnxcam.folder import Options, run
-from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
+from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_mask, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.progress import progress_bar
@@ -152,8 +152,26 @@ def export(
     task: Annotated[
         Task | None,
         typer.Option(
-            help="With --from: what the model predicts [default: told from its output's layout: classifier "
-            "[N, K], segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A]]."
+            help="With --from: what the model predicts [default: told from its outputs' layout: classifier "
+            "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
+            "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1])]."
+        ),
+    ] = None,
+    detector_layout: Annotated[
+        str | None,
+        typer.Option(
+            help="With --from: force a detector's layout, one of the names the error of an unrecognised model "
+            "lists (ultralytics, yolov5, detr, ssd) [default: told from its outputs' shapes and names]."
+        ),
+    ] = None,
+    box_format: Annotated[
+        str | None,
+        typer.Option(help="With --from, an SSD-style pair: its boxes in pixels as xyxy or cxcywh [default: xyxy]."),
+    ] = None,
+    background: Annotated[
+        int | None,
+        typer.Option(
+            help="With --from, a detector: its background class index, never a detection (SSD: 0) [default: none]."
         ),
     ] = None,
 ) -> None:
@@ -164,13 +182,16 @@ def export(
     Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
              (needs only the onnx package)
     Example: onnxcam export --from yolov8n.onnx --mean 0 0 0 --std 1 1 1 --labels coco.txt   (a detector)
+    Example: onnxcam export --from ssd.onnx --background 0 --labels coco91.txt   (SSD: scores and boxes)
     """
     if source is not None:
+        detector = {"layout": detector_layout, "box_format": box_format, "background": background}
         _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess, score.value, task and task.value)  # fmt: skip
+                     preprocess, score.value, task and task.value, detector)  # fmt: skip
         return
-    if task is not None:
-        raise OnnxcamError("--task applies with --from only: the --arch networks are classifiers")
+    if task is not None or detector_layout or box_format or background is not None:
+        raise OnnxcamError("--task, --detector-layout, --box-format and --background apply with --from only: the "
+                           "--arch networks are classifiers")  # fmt: skip
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
         raise OnnxcamError(
@@ -186,6 +207,7 @@ def export(
 def _export_from(
     source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
     mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str, task: str | None,
+    detector: dict[str, object],
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -200,7 +222,7 @@ def _export_from(
     else:
         prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep, score, task)
+    card, notes = graft_file(source, target, layer, labels, prep, score, task, **detector)
     _report_export(target, card, notes)
 
 
@@ -288,6 +310,13 @@ def explain(
             "than this IoU [default: 0.45, in the graph]."
         ),
     ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Segmenters: explain each class over this region, a grayscale or binary PNG the size of the image "
+            "(non-zero inside) [default: the pixels predicted as the class]."
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -310,6 +339,7 @@ def explain(
     \b
     Example: onnxcam explain photos/ --model models/efficientnet_lite0.onnx --top-k 2 --batch-size 16
     Example: onnxcam explain street.jpg --model yolov8n.cam.onnx --conf 0.25 --iou 0.45
+    Example: onnxcam explain street.jpg --model deeplab.cam.onnx --target road --mask left_lane.png
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
@@ -323,7 +353,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
-        conf=conf, iou=iou,
+        conf=conf, iou=iou, mask=mask,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -376,7 +406,9 @@ def _explain_records(
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
-    explainer.check_task(options.aug_smooth, options.conf, options.iou)  # and what the task has no use for
+    explainer.check_task(options.aug_smooth, options.conf, options.iou, bool(options.mask))  # and the task's misuses
+    if options.mask is not None:  # and a bad mask file
+        read_mask(options.mask, options.max_pixels, options.max_bytes)
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
     if not paths:

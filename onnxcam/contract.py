@@ -23,7 +23,11 @@ inputs
                         (Required, not defaulted: ONNX Runtime's JavaScript bindings cannot
                         override an input that has a default, so these two have none.)
     ``conf_threshold`` / ``iou_threshold``  float scalars, detectors only (defaults 0.25 / 0.45):
-                        the non-maximum suppression that resolves ``-k`` targets (see below).
+                        the non-maximum suppression that resolves ``-k`` targets (see below). A
+                        set predictor (DETR) suppresses nothing and has no ``iou_threshold``.
+    ``region``          float ``[N, H, W]`` (the input size), segmenters only: the weights of the pixels
+                        whose logits a class's score sums (a user's mask: 1 inside, 0 outside);
+                        default ``[1, 1, 1]`` of -1, where negative: the pixels predicted as the class.
 outputs
     ``logits``          float ``[N, K]``; a detector's are its class scores ``[N, K, A]`` (A anchors)
     ``activations``     float ``[N, C, h, w]``  (the target layer)
@@ -47,13 +51,18 @@ Tasks (the card's ``task``) differ only in the explained scalar of a target row:
 
 classification      the logit (or probability) of class ``c``.
 segmentation        the model outputs ``[N, K, H, W]``; ``logits[n, c]`` is the sum of class c's
-                    logits over the pixels predicted as c (pytorch-grad-cam's
-                    SemanticSegmentationTarget), computed in the graph, and is explained as above.
+                    logits over the pixels predicted as c, or weighted by ``region`` where given
+                    (pytorch-grad-cam's SemanticSegmentationTarget with its mask), computed in the
+                    graph, and is explained as above.
 detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w, h and K class
-                    scores per anchor). ``c >= 0`` asks for the score of class ``c // A`` at anchor
-                    ``c % A``; ``-k`` for the k-th highest-scoring detection kept by the non-maximum
-                    suppression in the graph (each anchor scored by its best class, NMS per class as
-                    ultralytics' ``non_max_suppression``). Extra outputs, per target row:
+                    scores per anchor; or another layout of the exporter's registry: YOLOv5, SSD's
+                    scores and boxes, DETR's queries, whose softmax without no-object is the score),
+                    whose class scores are ``logits`` ``[N, K, A]``. ``c >= 0`` asks for the score of
+                    class ``c // A`` at anchor ``c % A``; ``-k`` for the k-th highest-scoring detection
+                    kept by the non-maximum suppression in the graph (each anchor scored by its best
+                    class, NMS per class as ultralytics' ``non_max_suppression``; never the card's
+                    ``background`` class; DETR: no suppression, the k-th query by score). Extra outputs,
+                    per target row:
                     ``boxes`` float ``[N, T, 4]`` (x1, y1, x2, y2 in input pixels, as the model outputs
                     them: not clipped to the image; ``explain`` clips), ``box_scores``
                     float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
@@ -86,6 +95,7 @@ FULL_GRADIENTS = "full_gradients"
 HEAD_ACTIVATIONS = "head_activations"
 RUN_HEAD = "run_head"
 RETURN_SALIENCY = "return_saliency"
+REGION = "region"
 SALIENCY_METHOD = "saliency_method"
 
 LOGITS = "logits"
@@ -156,12 +166,15 @@ class ModelCard:
     saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
     task: str = "classification"  # one of TASKS
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
+    background: int | None = None  # a detector's background class (never a detection), an index into ``labels``
 
     def __post_init__(self) -> None:
         for f in fields(self):
             problem = _CHECKS[f.name](getattr(self, f.name))
             if problem:
                 raise ValueError(f"model card field {f.name!r} {problem}")
+        if self.background is not None and self.background >= len(self.labels):
+            raise ValueError(f"model card field 'background' must be a class index, got {self.background}")
 
     def to_metadata(self) -> dict[str, str]:
         """``onnxcam.<field>`` -> string (JSON for everything that is not a string)."""
@@ -217,11 +230,17 @@ class ModelCard:
                 ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
                 ("channel weights", self.weights_path),
                 ("task", self.task),
+                *self._background_rows(),
                 ("explained score", self.score),
             ]
             + self._saliency_rows()
             + ([("notes", self.notes)] if self.notes else [])
         )
+
+    def _background_rows(self) -> list[tuple[str, str]]:
+        if self.background is None:
+            return []
+        return [("background class", f"{self.background} ({self.labels[self.background]}): never a detection")]
 
     def _saliency_rows(self) -> list[tuple[str, str]]:
         if not self.saliency_methods:
@@ -232,7 +251,7 @@ class ModelCard:
 
     def summary(self) -> dict[str, object]:
         """The card without its labels and empty lists (what the exporter prints)."""
-        return {k: v for k, v in asdict(self).items() if k != "labels" and v != ()}
+        return {k: v for k, v in asdict(self).items() if k != "labels" and v not in ((), None)}
 
 
 def _tuples(value: object) -> object:
@@ -287,6 +306,7 @@ _CHECKS: dict[str, Check] = {
     "extra_layers": lambda v: (
         None if isinstance(v, tuple) and all(isinstance(n, str) for n in v) else f"must be a list of layers, got {v!r}"
     ),
+    "background": lambda v: None if v is None or (type(v) is int and v >= 0) else f"must be a class index, got {v!r}",
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
     "saliency_methods": lambda v: (
         None

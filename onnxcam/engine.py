@@ -146,6 +146,8 @@ class Engine:
         self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         self.path = path
         self.outputs = frozenset(o.name for o in self.session.get_outputs())  # the contract's optional ones too
+        given = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.inputs = frozenset(i.name for i in given)  # those with a default too
         self._check_graph()
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
 
@@ -176,13 +178,16 @@ class Engine:
         attention: tuple[str, ...] = (),
         saliency: str | None = None,
         thresholds: dict[str, float] | None = None,
+        region: np.ndarray | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
         ``attention``: the optional outputs wanted too (``attentions``, ``attention_gradients``).
         ``saliency``: also return the graph's finished map of that method (one of the card's
         ``saliency_methods``) at the model's input size. ``thresholds``: a detector's
-        ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too.
+        ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too. ``region``:
+        a segmenter's float ``[N, H, W]`` pixel weights that each class's score sums its logits over, where not
+        the pixels predicted as the class.
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -204,9 +209,18 @@ class Engine:
         names = [*contract.OUTPUTS, *attention]
         if self.card.task == "detection":
             feeds |= _threshold_feeds(thresholds or {})
+            if contract.IOU_THRESHOLD in feeds and contract.IOU_THRESHOLD not in self.inputs:
+                raise OnnxcamError(f"{self.path} is a set-prediction detector (DETR): it suppresses no box, so an "
+                                   "IoU threshold does not apply")  # fmt: skip
             names += contract.DETECTION_OUTPUTS
         elif thresholds:
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
+        if region is not None:
+            if contract.REGION not in self.inputs:
+                raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
+            if region.shape != (len(images), height, width):
+                raise ValueError(f"region must be [N, {height}, {width}] with N = {len(images)}, got {region.shape}")
+            feeds[contract.REGION] = np.asarray(region, np.float32)
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)

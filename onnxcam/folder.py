@@ -50,6 +50,7 @@ class Options:
     max_bytes: int = MAX_BYTES
     conf: float | None = None  # a detector's suppression thresholds (None: the graph's defaults)
     iou: float | None = None
+    mask: Path | None = None  # a segmenter's region, an image file the size of every image
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -65,6 +66,7 @@ class Options:
             "overlay_format": self.picture,
             "conf": self.conf,
             "iou": self.iou,
+            **({} if self.mask is None else {"mask": "sha256:" + outputs.file_digest(self.mask)[:16]}),
         }
 
 
@@ -162,6 +164,7 @@ class Worker:
             aug_smooth=o.aug_smooth,
             conf=o.conf,
             iou=o.iou,
+            mask=o.mask,
         )
         try:
             return list(call(images))

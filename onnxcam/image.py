@@ -206,3 +206,15 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return rgb
     shrinking = rgb.shape[0] > height or rgb.shape[1] > width
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def read_mask(path: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """A region from an image file (grayscale or binary, any format :func:`read_rgb` reads): bool ``[H, W]``,
+    True where a pixel is not black. An unreadable file or one without such a pixel raises OnnxcamError."""
+    try:
+        inside = read_rgb(path, max_pixels, max_bytes).any(axis=2)
+    except OnnxcamError as exc:
+        raise OnnxcamError(f"--mask: {exc}") from None
+    if not inside.any():
+        raise OnnxcamError(f"--mask {path} has no non-zero pixel: the region it gives is empty")
+    return inside

@@ -77,10 +77,11 @@ def build(name: str) -> torch.nn.Module:
 
 
 def export_plain(
-    model: torch.nn.Module, size: tuple[int, int], path: Path, dynamo: bool, output: str = "scores"
+    model: torch.nn.Module, size: tuple[int, int], path: Path, dynamo: bool, output: str | tuple[str, ...] = "scores"
 ) -> None:
-    """What a user has: the model exported by torch.onnx, float NCHW input in [0, 1], dynamic batch."""
-    names = {"input_names": ["x"], "output_names": [output]}
+    """What a user has: the model exported by torch.onnx, float NCHW input in [0, 1], dynamic batch; ``output``
+    names its output (or each of its outputs)."""
+    names = {"input_names": ["x"], "output_names": [output] if isinstance(output, str) else list(output)}
     if dynamo:
         names["dynamic_shapes"] = {"x": {0: torch.export.Dim("N")}}
     else:
