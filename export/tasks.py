@@ -78,7 +78,9 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
     summed = b.reduce("ReduceSum", b.op("Mul", masks, mask), [2, 3], keepdims=0)
     b.nodes.append(helper.make_node("Identity", [summed], [SEGMENT_SCORES], name=SEGMENT_SCORES))
     _emit(model, b)
-    model.graph.input.append(helper.make_tensor_value_info(contract.REGION, TensorProto.FLOAT, ["N", "H", "W"]))
+    region_info = helper.make_tensor_value_info(contract.REGION, TensorProto.FLOAT, ["N", "H", "W"])
+    region_info.type.tensor_type.shape.dim[0].CopyFrom(types[masks].shape.dim[0])  # the model's batch: 1, or named
+    model.graph.input.append(region_info)
     model.graph.initializer.append(numpy_helper.from_array(np.full([1, 1, 1], -1, np.float32), contract.REGION))
     return SEGMENT_SCORES
 

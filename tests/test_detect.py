@@ -163,6 +163,21 @@ def test_segmenter_gradients_match_torch_autograd(segmenter: tuple) -> None:
     assert np.abs(grads).max() > 0, "the reference must not be trivially zero"
 
 
+@pytest.mark.parametrize("batch", [{}, {"x": {0: "batch_size"}}], ids=["batch 1", "batch named batch_size"])
+def test_a_segmenter_of_any_batch_declaration_grafts(batch: dict, tmp_path: Path) -> None:
+    """torchvision's DeepLabV3 exported as is has a batch of 1; other exports name the batch as they like."""
+    torch.manual_seed(0)
+    model = TinySegmenter().eval()
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), tmp_path / "seg.onnx", dynamo=False,
+                          input_names=["x"], output_names=["out"], dynamic_axes=batch, opset_version=17)  # fmt: skip
+    graft_file(tmp_path / "seg.onnx", tmp_path / "seg.cam.onnx", prep=UNIT)
+    images = _images(1, seed=6)
+    out = Engine(tmp_path / "seg.cam.onnx").run(images, np.array([[0, 1, 2, 3]]))
+    _, masks = forward_with(model, model.features, images)
+    assert _rel(out.logits, segment_scores(masks, np.arange(4)[None]).detach().numpy()) < TOL
+
+
 # -- ultralytics-style detectors ----------------------------------------------------------------------
 ANCHORS, CLASSES = 80, 3  # TinyDetector at 32x32: 8x8 + 4x4 anchors
 
