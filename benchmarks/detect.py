@@ -107,13 +107,24 @@ def _explanations(plain: Path, grafted: Path, task: str, layer: str) -> dict[str
         low = {"conf_threshold": 0.25}
         if not (engine.run(image, codes[10], thresholds=low).box_anchors >= 0).all():
             raise RuntimeError("fewer than 10 kept detections: the 10-detection rows would measure less work")
-        return forward | {
-            f"onnxcam, {layer}, {k} detection{'s' * (k > 1)}, {what}": (
-                lambda k=k, full=full: engine.run(image, codes[k], full_gradients=full, thresholds=low)
-            )
-            for k in (1, 10)
-            for what, full in (("Grad-CAM weights", False), ("full gradients", True))
-        }
+        anchors = 80**2 + 40**2 + 20**2  # YOLOv8n at 640x640: strides 8, 16, 32
+        coarse = (np.arange(10) * anchors + anchors - 20**2 + np.arange(10) * 37)[None]  # class k at a P5 anchor
+        return (
+            forward
+            | {
+                f"onnxcam, {layer}, {k} detection{'s' * (k > 1)}, {what}": (
+                    lambda k=k, full=full: engine.run(image, codes[k], full_gradients=full, thresholds=low)
+                )
+                for k in (1, 10)
+                for what, full in (("Grad-CAM weights", False), ("full gradients", True))
+            }
+            | {
+                f"onnxcam, {layer}, 10 boxes at P5 anchors (stride 32), {what}": (
+                    lambda full=full: engine.run(image, coarse, full_gradients=full)
+                )
+                for what, full in (("Grad-CAM weights", False), ("full gradients", True))
+            }
+        )
     return forward | {
         f"onnxcam, {layer}, top class, {what}": lambda full=full: engine.run(image, codes[1], full_gradients=full)
         for what, full in (("Grad-CAM weights", False), ("full gradients", True))

@@ -14,10 +14,12 @@ work multiplying those zeros. Here the graph is cut in two:
 
 The tail is walked once per *round* rather than once per target: a round's seed holds one target
 per anchor pixel, so that each pixel's gradient is that target's (rounds > 1 only where two
-targets share a pixel). Then, per scale, the region is recomputed on windows, ``[N * T, C, n, n]``
-gathered around each target's pixel (convolutions unpadded, their inputs zeroed outside the map
-as the padding did), and walked back from the pixel's gradient. A window's gradient summed is the
-target's ``sum_hw(dy/dA)``; scattered back it is the full gradient.
+targets share a pixel). Then, per scale, and only for the ``M`` targets on it, the region's nodes are
+copied onto windows ``[M, C, n, n]`` around each target's pixel (convolutions unpadded, their
+inputs zeroed outside the map as the padding did) and walked back from the pixel's gradient. The
+copies are for the walker to read, not to run: the forward values its rules need are gathered from
+the forward's own tensors (point-wise ones recomputed from them), so no convolution runs twice. A
+window's gradient summed is the target's ``sum_hw(dy/dA)``; scattered back it is the full gradient.
 
 The anchor -> pixel map assumed (scales finest first, anchors of a scale ``(j, y, x)`` row-major)
 is the YOLO convention; :func:`onnxcam_export.from_onnx.graft_file` checks the result against the
@@ -276,11 +278,13 @@ class _Windows:
                 self.pads[name] = tuple(max(a, c) for a, c in zip(old, need, strict=True))
         self._flat: dict[str, str] = {}
         self._masks: dict[tuple, str] = {}
+        self._gathers: dict[tuple, str] = {}  # (scale, window, C, H, W) -> gather index
 
     def forget(self) -> None:
         """Drop the tensors built so far: a new If branch cannot read another's."""
         self._flat.clear()
         self._masks.clear()
+        self._gathers.clear()
 
     def _start(self, scale: int, axis: int, window: Window, pad: int) -> str:
         """The first row (axis 0) or column of each target's window in the padded tensor, ``[N * T]``."""
@@ -300,7 +304,7 @@ class _Windows:
         grid = (np.arange(ny)[:, None] * width + np.arange(nx)[None, :]).astype(np.int64)
         return b.op("Add", b.unsqueeze(first, [1, 2]), b.const(grid))
 
-    def gather(self, scale: int, name: str, window: Window) -> str:
+    def gather(self, scale: int, name: str, window: Window, output: str | None = None) -> str:
         """Tensor ``name`` ``[N, C, H, W]`` cut to each target's ``window``: ``[M, C, ny, nx]``. Cells outside the
         map repeat its edge: :meth:`mask` zeroes them where a convolution reads them, as its padding did, and
         nothing else reaches the window's centre from them."""
@@ -308,23 +312,29 @@ class _Windows:
         channels, h, w = b.shape(name)[1:]
         if name not in self._flat:
             self._flat[name] = b.op("Reshape", name, b.ints([-1]))
-        cells = []
-        for axis, size in enumerate((h, w)):
-            start = self._start(scale, axis, window, 0)
-            cell = b.op("Add", b.unsqueeze(start, [1]), b.const(np.arange(window[axis][2], dtype=np.int64)))
-            cell = b.op(
-                "Max", b.op("Min", cell, b.const(np.asarray(size - 1, np.int64))), b.const(np.asarray(0, np.int64))
-            )
-            cells.append(cell)  # [M, ny] rows, [M, nx] columns
-        image = b.op("Mul", self.targets.image[scale], b.const(np.asarray(channels * h * w, np.int64)))
-        index = b.op(
-            "Add",
-            b.unsqueeze(image, [1, 2, 3]),
-            b.const(np.arange(channels, dtype=np.int64).reshape(1, -1, 1, 1) * h * w),
+        key = (scale, window, channels, h, w)  # (tensors of one shape share their windows' cells)
+        if key not in self._gathers:
+            self._gathers[key] = self._cells(scale, window, channels, h, w)
+        output = output or b.fresh("window")
+        b.nodes.append(
+            helper.make_node("Gather", [self._flat[name], self._gathers[key]], [output], name=output, axis=0)
         )
+        return _typed(b, output, name, [channels, window[0][2], window[1][2]])
+
+    def _cells(self, scale: int, window: Window, channels: int, h: int, w: int) -> str:
+        """``[M, C, ny, nx]`` indices of each target's window cells in a flattened ``[N, C, H, W]`` tensor, rows and
+        columns clamped to the map."""
+        b, cells = self.b, []
+        for axis, size in enumerate((h, w)):
+            cell = b.op("Add", b.unsqueeze(self._start(scale, axis, window, 0), [1]),
+                        b.const(np.arange(window[axis][2], dtype=np.int64)))  # fmt: skip
+            low, high = b.const(np.asarray(0, np.int64)), b.const(np.asarray(size - 1, np.int64))
+            cells.append(b.op("Max", b.op("Min", cell, high), low))  # [M, ny] rows, [M, nx] columns
+        image = b.op("Mul", self.targets.image[scale], b.const(np.asarray(channels * h * w, np.int64)))
+        planes = b.const(np.arange(channels, dtype=np.int64).reshape(1, -1, 1, 1) * h * w)
+        index = b.op("Add", b.unsqueeze(image, [1, 2, 3]), planes)
         index = b.op("Add", index, b.unsqueeze(b.op("Mul", cells[0], b.const(np.asarray(w, np.int64))), [1, 3]))
-        index = b.op("Add", index, b.unsqueeze(cells[1], [1, 2]))  # [M, C, ny, nx] into the flat tensor
-        return _typed(b, b.op("Gather", self._flat[name], index, axis=0), name, [channels, window[0][2], window[1][2]])
+        return b.op("Add", index, b.unsqueeze(cells[1], [1, 2]))
 
     def mask(self, scale: int, name: str, window: Window) -> str | None:
         """1 where each target's ``window`` of ``name`` lies inside the map, else 0: ``[N * T, 1, ny, nx]``; None
@@ -349,21 +359,28 @@ class _Windows:
         self._masks[key] = _typed(b, b.op("Mul", rows, cols), name, [1, ny, nx])
         return self._masks[key]
 
-    def scatter(self, scale: int, name: str, window: Window, grad: str) -> str:
-        """Window gradients ``[M, 1, C, ny, nx]`` of ``name`` placed in zeros ``[M, C, H, W]``."""
+    def place(self, layer: str, placed: list[tuple[int, Window, str]]) -> str:
+        """The window gradients ``[M, 1, C, ny, nx]`` of each scale in ``placed`` put in zeros ``[N * T, C, H, W]``,
+        at their target rows: one scatter into the padded map, then the map cut out."""
         b = self.b
-        top, bottom, left, right = self.pads[name]
-        channels, h, w = b.shape(name)[1:]
-        (_, _, ny), (_, _, nx) = window
-        height, width = h + top + bottom, w + left + right
-        rows = b.dims(grad, 0, 1)
-        updates = b.op("Reshape", grad, b.op("Concat", rows, b.ints([channels, ny * nx]), axis=0))
-        index = b.op("Reshape", self._index(scale, name, window), b.op("Concat", rows, b.ints([1, ny * nx]), axis=0))
-        index = b.op("Expand", index, b.op("Shape", updates))
-        canvas = b.zeros(b.op("Concat", rows, b.ints([channels, height * width]), axis=0), like=name)
-        placed = b.op("ScatterElements", canvas, index, updates, axis=2)
-        placed = b.op("Reshape", placed, b.op("Concat", rows, b.ints([channels, height, width]), axis=0))
-        return b.op("Slice", placed, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([2, 3]))
+        top, bottom, left, right = self.pads[layer]
+        channels, h, w = b.shape(layer)[1:]
+        plane = (h + top + bottom) * (w + left + right)
+        indices, updates = [], []
+        for scale, window, grad in placed:
+            cells = (window[0][2] * window[1][2],)
+            row = b.op("Mul", self.targets.keep[scale], b.const(np.asarray(channels * plane, np.int64)))  # [M]
+            first = b.op("Add", b.unsqueeze(row, [1]), b.const(np.arange(channels, dtype=np.int64) * plane))  # [M, C]
+            local = b.op("Reshape", self._index(scale, layer, window), b.op("Concat", b.dims(grad, 0, 1),
+                         b.ints([1, *cells]), axis=0))  # fmt: skip
+            indices.append(b.op("Reshape", b.op("Add", b.unsqueeze(first, [2]), local), b.ints([-1])))
+            updates.append(b.op("Reshape", grad, b.ints([-1])))
+        size = b.op("Mul", self.targets.rows, b.const(np.asarray([channels * plane], np.int64)))
+        join = (lambda xs: xs[0]) if len(placed) == 1 else (lambda xs: b.op("Concat", *xs, axis=0))
+        flat = b.op("ScatterElements", b.zeros(size, like=layer), join(indices), join(updates), axis=0)
+        padded = b.op("Reshape", flat, b.op("Concat", self.targets.rows, b.ints([channels, h + top + bottom,
+                      w + left + right]), axis=0))  # fmt: skip
+        return b.op("Slice", padded, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([2, 3]))
 
 
 def _crop(b: Builder, x: str, have: Window, want: Window, like: str) -> str:
@@ -376,39 +393,75 @@ def _crop(b: Builder, x: str, have: Window, want: Window, like: str) -> str:
     return _typed(b, cut, like, [b.shape(like)[1], want[0][2], want[1][2]])
 
 
-def _recompute(b: Builder, index: int, scale: Scale, windows: _Windows) -> tuple[list[onnx.NodeProto], dict[str, str]]:
-    """The region nodes of ``scale`` on windows: the nodes emitted (copies, crops, masks) and the windowed
-    tensor of each tensor (the inputs gathered, the rest computed)."""
+def _virtual_copy(
+    b: Builder, index: int, scale: Scale, windows: _Windows
+) -> tuple[list[onnx.NodeProto], int, dict, dict]:
+    """The region nodes of ``scale`` on windows, for the walker to read, not to run: the nodes (gathers of the
+    inputs, then crops, masks and the copies), where the gathers end, the windowed name of each tensor, and the
+    (tensor, window) that each copy's output holds, which :func:`_materialise` gathers from the forward's own
+    tensor instead."""
     names: dict[str, str] = {}
+    holds: dict[str, tuple[str, Window]] = {}
     produced = {o for n in scale.nodes for o in n.output if o}
-    for name, window in scale.window.items():
-        if name not in produced:  # a target layer, or a tensor from outside the head (a lateral input)
-            names[name] = windows.gather(index, name, window)
-    start = len(b.nodes)
-    for node in scale.nodes:
-        out_window = next(scale.window[o] for o in node.output if o in scale.window)
-        needs = _input_windows(node, out_window, b)
-        inputs = []
-        for name in node.input:
-            if name not in needs:
-                inputs.append(name)
-                continue
-            x = _crop(b, names[name], scale.window[name], needs[name], name)
-            mask = windows.mask(index, name, needs[name]) if node.op_type == "Conv" else None
-            if mask is not None:  # zeros outside the map, as the convolution's padding reads
-                x = _typed(b, b.op("Mul", x, mask), name, [b.shape(name)[1], needs[name][0][2], needs[name][1][2]])
-            inputs.append(x)
-        outputs = [f"{o}{WINDOW_TAG}{index}" if o else "" for o in node.output]
-        kept = [a for a in node.attribute if node.op_type != "Conv" or a.name not in ("pads", "auto_pad")]
-        copy = helper.make_node(node.op_type, inputs, outputs, name=f"{node.name or node.output[0]}{WINDOW_TAG}{index}")
-        copy.attribute.extend(kept)
-        if node.op_type == "Conv":
-            copy.attribute.append(helper.make_attribute("pads", [0, 0, 0, 0]))
-        b.nodes.append(copy)
-        for o, new in zip(node.output, outputs, strict=True):
-            if o:
-                names[o] = _typed(b, new, o, [b.shape(o)[1], out_window[0][2], out_window[1][2]])
-    return b.nodes[start:], names
+    with b.subgraph() as nodes:
+        for name, window in scale.window.items():
+            if name not in produced:  # a target layer, or a tensor from outside the head (a lateral input)
+                names[name] = windows.gather(index, name, window)
+        inputs_end = len(nodes)  # (the walk stops at the gathered inputs)
+        for node in scale.nodes:
+            out_window = next(scale.window[o] for o in node.output if o in scale.window)
+            needs = _input_windows(node, out_window, b)
+            inputs = []
+            for name in node.input:
+                if name not in needs:
+                    inputs.append(name)
+                    continue
+                x = _crop(b, names[name], scale.window[name], needs[name], name)
+                mask = windows.mask(index, name, needs[name]) if node.op_type == "Conv" else None
+                if mask is not None:  # zeros outside the map, as the convolution's padding reads
+                    dims = [b.shape(name)[1], needs[name][0][2], needs[name][1][2]]
+                    x = _typed(b, b.op("Mul", x, mask), name, dims)
+                inputs.append(x)
+            outputs = [f"{o}{WINDOW_TAG}{index}" if o else "" for o in node.output]
+            kept = [a for a in node.attribute if node.op_type != "Conv" or a.name not in ("pads", "auto_pad")]
+            copy = helper.make_node(
+                node.op_type, inputs, outputs, name=f"{node.name or node.output[0]}{WINDOW_TAG}{index}"
+            )
+            copy.attribute.extend(kept)
+            if node.op_type == "Conv":
+                copy.attribute.append(helper.make_attribute("pads", [0, 0, 0, 0]))
+            b.nodes.append(copy)
+            for o, new in zip(node.output, outputs, strict=True):
+                if o:
+                    names[o] = _typed(b, new, o, [b.shape(o)[1], out_window[0][2], out_window[1][2]])
+                    holds[new] = (o, out_window)
+    return nodes, inputs_end, names, holds
+
+
+def _materialise(
+    b: Builder, index: int, windows: _Windows, virtual: list[onnx.NodeProto], holds: dict, start: int
+) -> None:
+    """Put before ``b.nodes[start:]`` (the walk) what it reads of the ``virtual`` nodes: a copy's output gathered
+    from the forward's tensor (the same values: the forward computed them), the rest (masks, crops) as built."""
+    needed = {i for node in b.nodes[start:] for i in node.input}
+    kept: list[onnx.NodeProto] = []
+    gathered: list[str] = []
+    for node in reversed(virtual):
+        wanted = [o for o in node.output if o in needed]
+        if not wanted:
+            continue
+        if node.output[0] in holds and node.op_type not in POINTWISE:  # (point-wise ops: cheaper to recompute)
+            gathered += wanted
+            continue
+        kept.append(node)
+        needed.update(node.input)
+    at = len(b.nodes)
+    windows.forget()  # (what the virtual nodes cached is not run: the gathers build their own)
+    for name in gathered:
+        windows.gather(index, *holds[name], output=name)
+    made = b.nodes[at:]
+    del b.nodes[at:]
+    b.nodes[start:start] = made + kept[::-1]
 
 
 def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> tuple[list[str], list[Branch]]:
@@ -449,13 +502,8 @@ def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> t
         summed = parts[layer][0] if len(parts[layer]) == 1 else b.op("Sum", *parts[layer])
         sums.append(b.op("Reshape", summed, b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1, 2), axis=0)))
         with b.subgraph() as nodes:
-            full = [
-                _to_rows(b, windows.scatter(i, layer, window, grad), targets.keep[i], targets.rows, layer)
-                for i, window, grad in placed[layer]
-            ]
-            total = full[0] if len(full) == 1 else b.op("Sum", *full)
             shape = b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1), axis=0)
-            branches.append(("full", nodes, b.op("Reshape", total, shape)))
+            branches.append(("full", nodes, b.op("Reshape", windows.place(layer, placed[layer]), shape)))
     return sums, branches
 
 
@@ -467,7 +515,9 @@ def _scale_walk(
     the ``[N * T, 1, C]`` rows and the window gradients ``[M, 1, C, ny, nx]``."""
     keep = targets.keep[index]
     windows.forget()
-    copies, names = _recompute(b, index, scale, windows)
+    virtual, inputs_end, names, holds = _virtual_copy(b, index, scale, windows)
+    copies = virtual[inputs_end:]
+    start = len(b.nodes)
     where = (targets.image[index], b.op("Gather", rounds, keep), targets.y[index], targets.x[index])
     seeds = {}
     for name in scale.boundaries:
@@ -489,6 +539,7 @@ def _scale_walk(
             grad = b.op("Mul", grad, b.unsqueeze(mask, [1]))
         summed = b.reduce("ReduceSum", grad, SPATIAL, keepdims=0)  # [M, 1, C]
         found.append((_to_rows(b, summed, keep, targets.rows, layer), b.op("Identity", grad)))
+    _materialise(b, index, windows, virtual, holds, start)
     return found
 
 
