@@ -442,7 +442,19 @@ def _materialise(
     b: Builder, index: int, windows: _Windows, virtual: list[onnx.NodeProto], holds: dict, start: int
 ) -> None:
     """Put before ``b.nodes[start:]`` (the walk) what it reads of the ``virtual`` nodes: a copy's output gathered
-    from the forward's tensor (the same values: the forward computed them), the rest (masks, crops) as built."""
+    from the forward's tensor (the same values: the forward computed them), the rest (masks, crops) as built.
+    A rule that reads only a virtual tensor's shape gets it from the target count and the window's size."""
+    outputs = {o for node in virtual for o in node.output}
+    rows = b.fresh("rows")
+    walked = [
+        helper.make_node(
+            "Concat", [rows, b.ints(b.shape(node.input[0])[1:])], list(node.output), name=node.name, axis=0
+        )
+        if node.op_type == "Shape" and not node.attribute and node.input[0] in outputs
+        else node
+        for node in b.nodes[start:]
+    ]
+    b.nodes[start:] = [helper.make_node("Shape", [windows.targets.keep[index]], [rows], name=rows), *walked]
     needed = {i for node in b.nodes[start:] for i in node.input}
     kept: list[onnx.NodeProto] = []
     gathered: list[str] = []
