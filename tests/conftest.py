@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,20 @@ EXAMPLES = ROOT / "examples"
 
 
 def _export(factory: pytest.TempPathFactory, arch: str, weights: str) -> Path:
+    """``arch`` exported once per run: under pytest-xdist the workers share one file (the first one in builds
+    it, the others wait on a lock), so VGG16 is not exported once per worker."""
     pytest.importorskip("torch")
     from onnxcam_export.torch_export import export_arch
 
-    out = factory.mktemp("models") / f"{arch}.onnx"
-    export_arch(arch, weights, None, out)
+    root = factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # (the workers' common folder)
+    folder = root / "models"
+    folder.mkdir(exist_ok=True)
+    out = folder / f"{arch}.onnx"
+    with open(folder / f"{arch}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():  # (the export writes it atomically)
+            export_arch(arch, weights, None, out)
     return out
 
 

@@ -102,12 +102,28 @@ def _as_input(images: np.ndarray) -> torch.Tensor:
 
 def forward_with(model: nn.Module, layer: nn.Module, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(the output of ``layer``, the model's output) in float64, for torch autograd."""
+    (output,), out = forward_at(model, [layer], images)
+    return output, out
+
+
+def forward_at(
+    model: nn.Module, layers: list[nn.Module], images: np.ndarray
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the output of each of ``layers``, the model's output) in float64, for torch autograd."""
     model = model.double()
     store: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, i, o: store.append(o))
+    hooks = [layer.register_forward_hook(lambda m, i, o: store.append(o)) for layer in layers]
     out = model(_as_input(images))
-    hook.remove()
-    return store[0], out
+    for hook in hooks:
+        hook.remove()
+    return store, out
+
+
+def street_photo(folder: Path) -> np.ndarray:
+    """A 64x48 random RGB photo, written as ``street.png`` in ``folder`` (onnxcam resizes it to 32x32)."""
+    photo = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / "street.png"), photo[:, :, ::-1])
+    return photo
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -284,8 +300,7 @@ def test_unknown_output_layout_is_refused_naming_the_outputs(tmp_path: Path) -> 
 # -- the command line -----------------------------------------------------------------------------------
 def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path: Path) -> None:
     model, path, _ = detector
-    photo = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # resized to 32x32 by onnxcam
-    cv2.imwrite(str(tmp_path / "street.png"), photo[:, :, ::-1])
+    photo = street_photo(tmp_path)
     out = tmp_path / "out"
     result = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.52", "--iou", "0.3",
                  "--top-k", "5", "--out", str(out), "--json")  # fmt: skip
@@ -424,12 +439,7 @@ def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_p
     images = _images(1, seed=4)
     targets = np.array([[1 * ANCHORS + 10, 0 * ANCHORS + 70, 2 * ANCHORS + 40]])
     out = engine.run(images, targets, full_gradients=True)
-    model = model.double()
-    store: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _, i, o: store.append(o)) for m in (model.stem, model.down)]
-    raw = model(_as_input(images))
-    for hook in hooks:
-        hook.remove()
+    store, raw = forward_at(model, [model.stem, model.down], images)
     scores = raw[0, 4 + torch.from_numpy(out.target_classes[0]), torch.from_numpy(out.box_anchors[0])]
     layers = [(out.activations, out.weights, out.gradients), *out.scales]
     for (activations, weights, gradients), reference in zip(layers, store, strict=True):
@@ -484,12 +494,7 @@ def test_window_walk_matches_autograd_at_borders_shared_pixels_and_across_scales
     targets = np.stack([classes * ANCHORS + anchors, (classes * ANCHORS + anchors)[::-1]])
     images = _images(2, seed=21)
     out = Engine(path).run(images, targets, full_gradients=True)
-    model = model.double()
-    store: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _, i, o: store.append(o)) for m in (model.stem, model.down)]
-    raw = model(_as_input(images))
-    for hook in hooks:
-        hook.remove()
+    store, raw = forward_at(model, [model.stem, model.down], images)
     n = torch.arange(2)[:, None]
     scores = raw[n, 4 + torch.from_numpy(out.target_classes), torch.from_numpy(out.box_anchors)]  # [N, T]
     for (weights, gradients), reference in zip([(out.weights, out.gradients), *[s[1:] for s in out.scales]], store,

@@ -18,7 +18,18 @@ from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.from_onnx import graft_file
 from tests.test_cli import assert_clean_failure, run
-from tests.test_detect import EXPORTERS, SIZE, TOL, UNIT, TinySegmenter, _as_input, _images, _rel
+from tests.test_detect import (
+    EXPORTERS,
+    SIZE,
+    TOL,
+    UNIT,
+    TinySegmenter,
+    _as_input,
+    _images,
+    _rel,
+    forward_at,
+    street_photo,
+)
 from tests.test_detect import grafted as grafted_segmenter
 from tests.test_transformers import export_plain
 
@@ -93,17 +104,6 @@ def grafted(
     return folder / "plain.cam.onnx", card, notes
 
 
-def autograd(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> tuple[list[torch.Tensor], tuple]:
-    """(the outputs of ``layers``, the model's outputs) in float64."""
-    model = model.double()
-    store: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: store.append(o)) for layer in layers]
-    out = model(_as_input(images))
-    for hook in hooks:
-        hook.remove()
-    return store, out
-
-
 def gradients(scores: torch.Tensor, activations: torch.Tensor) -> np.ndarray:
     """d scores[:, t] / d activations for each t: [N, T, C, h, w]."""
     return np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
@@ -161,7 +161,7 @@ def test_ssd_gradients_of_anchor_class_scores_match_torch_autograd(ssd: tuple) -
     anchors, classes = np.array([[3, 300, 41], [319, 0, 12]]), np.array([[1, 3, 0], [2, 2, 1]])
     out = Engine(path).run(images, classes * SSD_ANCHORS + anchors, full_gradients=True)
     assert np.array_equal(out.box_anchors, anchors) and np.array_equal(out.target_classes, classes)
-    layers, (scores, boxes) = autograd(model, [model.stem, model.down], images)
+    layers, (scores, boxes) = forward_at(model, [model.stem, model.down], images)
     picked = scores[torch.arange(2)[:, None], torch.from_numpy(anchors), torch.from_numpy(classes)]  # [N, T]
     assert _rel(out.logits, scores.transpose(1, 2).detach().numpy()) < TOL, "the scores as the model outputs them"
     for (activations, weights, grads), layer in zip(
@@ -243,7 +243,7 @@ def test_detr_gradients_of_query_class_probabilities_match_torch_autograd(detr: 
     images = _images(2, seed=7)
     queries, classes = np.array([[0, 5, 2], [3, 3, 1]]), np.array([[2, 0, 3], [0, 2, 1]])
     out = Engine(path).run(images, classes * QUERIES + queries, full_gradients=True)
-    (activations,), (logits, _) = autograd(model, [model.backbone], images)
+    (activations,), (logits, _) = forward_at(model, [model.backbone], images)
     probabilities = torch.softmax(logits, 2)[..., :-1]  # [N, Q, K]
     picked = probabilities[torch.arange(2)[:, None], torch.from_numpy(queries), torch.from_numpy(classes)]
     expected = gradients(picked, activations)
@@ -306,8 +306,7 @@ def test_an_unknown_layout_or_a_layout_the_outputs_lack_is_refused_in_one_line(t
 # -- the command line ------------------------------------------------------------------------------------------
 def test_cli_explains_each_detr_query_with_its_box_in_photo_pixels(detr: tuple, tmp_path: Path) -> None:
     model, path, _ = detr
-    photo = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # resized to 32x32 by onnxcam
-    cv2.imwrite(str(tmp_path / "street.png"), photo[:, :, ::-1])
+    photo = street_photo(tmp_path)
     out = tmp_path / "out"
     result = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.3", "--top-k", "4",
                  "--out", str(out), "--json")  # fmt: skip
@@ -360,7 +359,7 @@ def test_a_mask_explains_the_sum_of_a_class_logits_over_it(segmenter: tuple) -> 
     images, targets = _images(2, seed=3), np.array([[2, 0], [1, 3]])
     region = (np.random.default_rng(1).random((2, SIZE, SIZE)) < 0.3).astype(np.float32)
     out = Engine(path).run(images, targets, full_gradients=True, region=region)
-    (activations,), masks = autograd(model, [model.features], images)
+    (activations,), masks = forward_at(model, [model.features], images)
     weights = torch.from_numpy(region.astype(np.float64))[:, None]
     summed = (masks * weights).sum((2, 3))  # [N, K]: each class's SemanticSegmentationTarget(c, region)
     expected = gradients(summed[torch.arange(2)[:, None], torch.from_numpy(targets)], activations)
@@ -429,7 +428,7 @@ def test_a_mask_reaches_masks_coarser_than_the_input_resized_in_the_graph(tmp_pa
     images, targets = _images(2, seed=3), np.array([[0, 3], [1, 2]])
     region = (np.random.default_rng(5).random((2, SIZE, SIZE)) < 0.5).astype(np.float32)
     out = Engine(path).run(images, targets, full_gradients=True, region=region)
-    (activations,), masks = autograd(model, [model.features], images)
+    (activations,), masks = forward_at(model, [model.features], images)
     coarse = torch.nn.functional.avg_pool2d(torch.from_numpy(region.astype(np.float64))[:, None], 2)  # linear, 2:1
     summed = (masks * coarse).sum((2, 3))
     expected = gradients(summed[torch.arange(2)[:, None], torch.from_numpy(targets)], activations)
