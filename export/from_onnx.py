@@ -122,17 +122,22 @@ def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Lay
     return [name for name in names if _is_cut(graph, name, logits, static, types)]
 
 
+def _quiet_session(model: onnx.ModelProto) -> object:
+    """An ONNX Runtime CPU session of the in-memory ``model`` that logs only errors (a graft-time probe)."""
+    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def _reaches_the_grid(
     model: onnx.ModelProto, layer: str, logits: str, layout: Layout, types: Types, feed: dict
 ) -> bool:
     """Whether the class gradient reaches the grid tokens of ``layer``: after a class-token head's last
     attention, only the prefix tokens lead to the logits, and the map would be empty."""
-    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
-
     grafted, _ = graft(model, layer, logits, types, layout)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(grafted.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _quiet_session(grafted)
     feed = feed | {contract.TARGETS: np.array([[-1, -2]]), contract.FULL_GRADIENTS: np.asarray(True)}
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
@@ -394,8 +399,6 @@ def _checked_windows(
 
     The window walk assumes YOLO's anchor order and a tail that maps each anchor's pixel alone; this
     catches a model that differs."""
-    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
-
     if windowed.ByteSize() > 1 << 30:  # (too large to pass by bytes: keep the dense walk, which needs no probe)
         notes.append("the backward walks whole feature maps (the model is too large to probe the window walk)")
         return dense
@@ -412,11 +415,9 @@ def _checked_windows(
         contract.RETURN_SALIENCY: np.asarray(False),
         contract.SALIENCY_METHOD: np.asarray(0, np.int64),
     }
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     results = []
     for model in (windowed, dense):
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = _quiet_session(model)
         names = [o.name for o in session.get_outputs() if o.name.startswith((contract.WEIGHTS, contract.GRADIENTS))]
         known = {i.name for i in model.graph.input}
         results.append(session.run(names, {k: v for k, v in feed.items() if k in known}))

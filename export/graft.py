@@ -423,9 +423,8 @@ def _walk(
     if cheap is None:  # the sum of the full gradient, computed outside the If
         grads = backward(b, head, seeds)
         gradients = adapt(_reached(b, grads, layer))
-        full = helper.make_node("Identity", [gradients], [gradients + "/full"])
         extra = [_reached(b, grads, name) for name in extra_layers]
-        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), ("full", [full], full.output[0]), extra
+        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), _identity_branch(gradients), extra
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
@@ -600,7 +599,7 @@ def graft(
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
     seed, cheap = None, None
     targets = detection_targets(b, task.ranked, task.boxes) if detector else None
-    cut = _window_plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
+    cut = _windowed().plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
     if cut is not None:
         sums, branches = _windowed().walk(b, cut, *targets, [layer, *extra_layers])
         summed, full, extras = sums[0], branches[0], list(zip(sums[1:], branches[1:], strict=True))
@@ -631,11 +630,6 @@ def graft(
     if size is not None and not extra_layers:
         _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
-
-
-def _window_plan(graph: onnx.GraphProto, head: list[onnx.NodeProto], layers: list[str], b: Builder) -> object:
-    """:func:`onnxcam_export.windowed.plan` of a detector's head, None where it has no such cut."""
-    return _windowed().plan(graph, head, layers, b)
 
 
 def _windowed() -> ModuleType:

@@ -68,22 +68,28 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
     classes, dtype = b.shape(masks)[1], b.np_dtype(masks)
     predicted = b.op("ArgMax", masks, axis=1, keepdims=0)  # [N, H, W]
     off_on = b.const(np.asarray([0, 1], dtype=dtype))
+
+    def onehot() -> str:  # [N, K, H, W], built in each branch: one built outside would be copied out of the If
+        return b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)
+
     with b.subgraph() as predicted_nodes:  # the default, no pixel of the region given: one pass fewer
-        onehot = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)  # [N, K, H, W]
+        predicted_mask = onehot()
     with b.subgraph() as region_nodes:
-        onehot_too = b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)
         region = b.unsqueeze(b.op("Cast", contract.REGION, to=b.elem_type(masks)), [1])  # [N, 1, H, W]
         if list(b.shape(masks)[2:]) != list(size):
             nothing = b.const(np.zeros(0, np.float32))  # (no roi, no scales: the sizes say it)
             sizes = b.op("Concat", b.dims(region, 0, 2), b.dims(masks, 2, 4), axis=0)
             region = b.op("Resize", region, nothing, nothing, sizes, mode="linear")
-        weights = b.op("Where", b.op("Less", region, b.const(np.asarray(0, dtype))), onehot_too, region)
+        weights = b.op("Where", b.op("Less", region, b.const(np.asarray(0, dtype))), onehot(), region)
     given = b.reduce("ReduceMax", contract.REGION, [0, 1, 2], keepdims=0)
     given = b.op("Not", b.op("Less", given, b.const(np.asarray(0, np.float32))))
     info = helper.make_tensor_value_info
     branches = {
         key: helper.make_graph(nodes, f"segment_{key}", [], [info(out, b.elem_type(masks), None)])
-        for key, nodes, out in (("then_branch", region_nodes, weights), ("else_branch", predicted_nodes, onehot))
+        for key, nodes, out in (
+            ("then_branch", region_nodes, weights),
+            ("else_branch", predicted_nodes, predicted_mask),
+        )
     }
     mask = b.fresh("pixel_weights")  # data, not differentiated: the gradient flows through the logits only
     b.nodes.append(helper.make_node("If", [given], [mask], name=mask, **branches))

@@ -186,13 +186,15 @@ def _input_windows(node: onnx.NodeProto, out: Window, b: Builder) -> dict[str, W
 # -- in the grafted graph ----------------------------------------------------------------------------
 class _Targets:
     """Per scale, the target rows whose anchor lies there (``keep``: indices into the ``N * T`` rows) and their
-    image, pixel row and column, ``[M]`` int64 each; and every target's pixel over all scales (``key``)."""
+    image, pixel row and column, ``[M]`` int64 each; every target's image ``[N, T]`` (``images``) and its pixel
+    over all scales (``key``)."""
 
     def __init__(self, b: Builder, p: Plan, flat: str) -> None:
         anchors = b.shape(contract.LOGITS)[2]
         anchor = b.op("Mod", flat, b.const(np.asarray(anchors, np.int64)))  # [N, T]
         self.rows = b.product(flat, 0)  # N * T, [1]
-        image = b.op("Reshape", _image_index(b, flat), self.rows)
+        self.images = _image_index(b, flat)  # [N, T]
+        image = b.op("Reshape", self.images, self.rows)
         key = b.const(np.asarray(-1, np.int64))
         self.keep, self.image, self.y, self.x, start, first_pixel = [], [], [], [], 0, 0
         for scale in p.scales:
@@ -235,11 +237,11 @@ def _rounds(b: Builder, key: str) -> tuple[str, str]:
     return rounds, b.op("Add", most, b.ints([1]))
 
 
-def _round_seed(b: Builder, flat: str, valid: str, rounds: str, count: str) -> str:
+def _round_seed(b: Builder, targets: _Targets, flat: str, valid: str, rounds: str, count: str) -> str:
     """The tail's seed ``[N, R, K, A]``: target t one-hot in round rounds[t]."""
     _, classes, anchors = b.shape(contract.LOGITS)
     shape = b.op("Concat", b.dims(flat, 0, 1), count, b.ints([classes * anchors]), axis=0)
-    where = b.op("Concat", *(b.unsqueeze(x, [2]) for x in (_image_index(b, flat), rounds, flat)), axis=2)  # [N, T, 3]
+    where = b.op("Concat", *(b.unsqueeze(x, [2]) for x in (targets.images, rounds, flat)), axis=2)  # [N, T, 3]
     seed = b.op(
         "ScatterND", b.zeros(shape, like=contract.LOGITS), where, b.op("Cast", valid, to=b.elem_type(contract.LOGITS))
     )
@@ -247,7 +249,7 @@ def _round_seed(b: Builder, flat: str, valid: str, rounds: str, count: str) -> s
 
 
 def _typed(b: Builder, name: str, like: str, dims: Sequence[int]) -> str:
-    """Record the type of windowed tensor ``name``: ``like``'s element type, ``[N*T] + dims``."""
+    """Record the type of windowed tensor ``name``: ``like``'s element type, ``[M] + dims`` (M targets)."""
     t = onnx.TypeProto.Tensor()
     t.elem_type = b.elem_type(like)
     t.shape.dim.add().dim_param = "NT"
@@ -258,7 +260,7 @@ def _typed(b: Builder, name: str, like: str, dims: Sequence[int]) -> str:
 
 
 class _Windows:
-    """Gathers, masks and scatters of windows, each built once."""
+    """Gathers, masks and the scatter back of windows; gathers' indices and masks built once per branch."""
 
     def __init__(self, b: Builder, p: Plan, targets: _Targets) -> None:
         self.b, self.targets = b, targets
@@ -287,14 +289,14 @@ class _Windows:
         self._gathers.clear()
 
     def _start(self, scale: int, axis: int, window: Window, pad: int) -> str:
-        """The first row (axis 0) or column of each target's window in the padded tensor, ``[N * T]``."""
+        """The first row (axis 0) or column of each target's window in the padded tensor, ``[M]``."""
         s, c, _ = window[axis]
         position = (self.targets.y if axis == 0 else self.targets.x)[scale]
         return self.b.op("Add", self.b.op("Mul", position, self.b.const(np.asarray(s, np.int64))),
                          self.b.const(np.asarray(c + pad, np.int64)))  # fmt: skip
 
     def _index(self, scale: int, name: str, window: Window) -> str:
-        """``[N * T, ny, nx]`` row-in-image * Wp + column of each window cell in the padded tensor."""
+        """``[M, ny, nx]`` row-in-image * Wp + column of each window cell in the padded tensor."""
         b = self.b
         top, _, left, right = self.pads[name]
         width = b.shape(name)[3] + left + right
@@ -321,13 +323,17 @@ class _Windows:
         )
         return _typed(b, output, name, [channels, window[0][2], window[1][2]])
 
+    def _cells_along(self, scale: int, axis: int, window: Window) -> str:
+        """``[M, n]``: the rows (axis 0) or columns of each target's window in the map, unclamped."""
+        cells = np.arange(window[axis][2], dtype=np.int64)
+        return self.b.op("Add", self.b.unsqueeze(self._start(scale, axis, window, 0), [1]), self.b.const(cells))
+
     def _cells(self, scale: int, window: Window, channels: int, h: int, w: int) -> str:
         """``[M, C, ny, nx]`` indices of each target's window cells in a flattened ``[N, C, H, W]`` tensor, rows and
         columns clamped to the map."""
         b, cells = self.b, []
         for axis, size in enumerate((h, w)):
-            cell = b.op("Add", b.unsqueeze(self._start(scale, axis, window, 0), [1]),
-                        b.const(np.arange(window[axis][2], dtype=np.int64)))  # fmt: skip
+            cell = self._cells_along(scale, axis, window)
             low, high = b.const(np.asarray(0, np.int64)), b.const(np.asarray(size - 1, np.int64))
             cells.append(b.op("Max", b.op("Min", cell, high), low))  # [M, ny] rows, [M, nx] columns
         image = b.op("Mul", self.targets.image[scale], b.const(np.asarray(channels * h * w, np.int64)))
@@ -337,7 +343,7 @@ class _Windows:
         return b.op("Add", index, b.unsqueeze(cells[1], [1, 2]))
 
     def mask(self, scale: int, name: str, window: Window) -> str | None:
-        """1 where each target's ``window`` of ``name`` lies inside the map, else 0: ``[N * T, 1, ny, nx]``; None
+        """1 where each target's ``window`` of ``name`` lies inside the map, else 0: ``[M, 1, ny, nx]``; None
         where every window lies inside."""
         b = self.b
         if not any(self.pads[name]):
@@ -348,10 +354,8 @@ class _Windows:
         if key in self._masks:
             return self._masks[key]
         parts = []
-        for axis, (size, n) in enumerate(((h, ny), (w, nx))):
-            cells = b.op(
-                "Add", b.unsqueeze(self._start(scale, axis, window, 0), [1]), b.const(np.arange(n, dtype=np.int64))
-            )
+        for axis, size in enumerate((h, w)):
+            cells = self._cells_along(scale, axis, window)
             inside = b.op("And", b.op("GreaterOrEqual", cells, b.const(np.asarray(0, np.int64))),
                           b.op("Less", cells, b.const(np.asarray(size, np.int64))))  # fmt: skip
             parts.append(b.op("Cast", inside, to=b.elem_type(name)))
@@ -481,7 +485,7 @@ def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> t
     its full gradient ``[N, T, C, h, w]``."""
     targets = _Targets(b, p, flat)
     rounds, count = _rounds(b, targets.key)
-    tail = backward(b, p.tail, {contract.LOGITS: [_round_seed(b, flat, valid, rounds, count)]})
+    tail = backward(b, p.tail, {contract.LOGITS: [_round_seed(b, targets, flat, valid, rounds, count)]})
     rounds = b.op("Reshape", rounds, targets.rows)
     windows = _Windows(b, p, targets)
     parts: dict[str, list[str]] = {layer: [] for layer in layers}
@@ -585,7 +589,5 @@ def _pixel_gradient(b: Builder, dy: str, where: tuple[str, str, str, str], bound
 
 def _to_rows(b: Builder, x: str, keep: str, rows: str, like: str) -> str:
     """``x`` ``[M, ...]``, the target rows ``keep``, placed among zeros ``[N * T, ...]`` (``like``'s type)."""
-    tail = b.op("Shape", x)
-    tail = b.op("Slice", tail, b.ints([1]), b.ints([np.iinfo(np.int64).max]))
-    canvas = b.zeros(b.op("Concat", rows, tail, axis=0), like=like)
+    canvas = b.zeros(b.op("Concat", rows, b.dims(x, 1), axis=0), like=like)
     return b.op("ScatterND", canvas, b.unsqueeze(keep, [1]), x)
