@@ -428,7 +428,7 @@ def _walk(
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
-    summed = b.op("MatMul", _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
+    summed = _times_weight(b, _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
         gradients = adapt(_reached(b, backward(b, head[:cut], grads), layer))
     return summed, ("full", nodes, gradients), []
@@ -549,6 +549,18 @@ def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], s
         graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
         graph.initializer.append(numpy_helper.from_array(np.asarray(False), flag))
     return True
+
+
+def _times_weight(b: Builder, grad: str, weight: str) -> str:
+    """``grad @ weight``; where ``grad`` is the one-hot seed itself (the FC makes the logits, the score is the
+    logit), the rows of the target classes instead: EfficientNet-Lite0's FC weight is 5 MB, which a MatMul
+    reads whole for every call (8% of its forward at batch 1: benchmarks/latency.py)."""
+    seed = next((n for n in b.nodes if grad in n.output), None)
+    if seed is not None and seed.op_type == "OneHot" and int(attrs(seed).get("axis", -1)) == -1:
+        off_on = b.constant_value(seed.input[2])
+        if off_on is not None and off_on.tolist() == [0, 1]:
+            return b.op("Gather", weight, seed.input[0], axis=0)
+    return b.op("MatMul", grad, weight)
 
 
 def graft(

@@ -44,9 +44,15 @@ def vgg16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def torch_reference(
-    arch_name: str, weights: str, images: np.ndarray, classes: np.ndarray, layer: str | None = None
+    arch_name: str,
+    weights: str,
+    images: np.ndarray,
+    classes: np.ndarray,
+    layer: str | None = None,
+    score: str = "logit",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, A, dy_c/dA [N, T, C, h, w]) by torch autograd in float64, same weights and preprocessing."""
+    """(logits, A, dy_c/dA [N, T, C, h, w]) by torch autograd in float64, same weights and preprocessing;
+    y is the logit, or with ``score="probability"`` its softmax."""
     import torch
     from torch import nn
 
@@ -62,7 +68,8 @@ def torch_reference(
     _, path = resolve_layer(arch, model, layer)
     wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).double().eval()
     logits, activations = wrapper(torch.from_numpy(images))
-    scores = [logits.gather(1, torch.from_numpy(classes[:, [t]])).sum() for t in range(classes.shape[1])]
+    explained = logits if score == "logit" else torch.softmax(logits, dim=1)
+    scores = [explained.gather(1, torch.from_numpy(classes[:, [t]])).sum() for t in range(classes.shape[1])]
     grads = [torch.autograd.grad(score, activations, retain_graph=True)[0] for score in scores]
     return logits.detach().numpy(), activations.detach().numpy(), torch.stack(grads, 1).numpy()
 
