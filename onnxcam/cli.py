@@ -23,7 +23,7 @@ import typer
 
 from onnxcam import __version__, audit, contract, evaluate, methods, outputs
 from onnxcam.api import Explainer
-from onnxcam.engine import installed
+from onnxcam.engine import installed, sharing_cores
 from onnxcam.errors import OnnxcamError, printable
 from onnxcam.folder import Options, run
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_mask, read_rgb
@@ -100,8 +100,9 @@ def _model_warnings(explainer: Explainer) -> list[str]:
     return [f"{explainer.engine.path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
 
 
-def _load(model: str, provider: str | None = None) -> tuple[Explainer, list[str]]:
-    explainer = Explainer(model, provider)
+def _load(model: str, provider: str | None = None, shared: bool = False) -> tuple[Explainer, list[str]]:
+    """The explainer and the warnings about its model; ``shared``: ORT shares the cores (:func:`sharing_cores`)."""
+    explainer = Explainer(model, provider, sharing_cores() if shared else None)
     warnings = _model_warnings(explainer)
     for warning in warnings:
         _echo(f"warning: {warning}", err=True)
@@ -403,17 +404,18 @@ def _explain_records(
         from onnxcam import distributed
 
         model = str(distributed.fetch_model(model, Path(scratch)))
-    explainer, warnings = _load(model, provider)
+    paths = [str(p) for p in expand([i for i in images if "://" not in i])]
+    paths += distributed.expand_uris(uris) if uris else []
+    if not paths:
+        raise OnnxcamError(f"no image files found in {' '.join(images)}")
+    # more than one batch: decoding and writing overlap ORT's runs (a Ray actor sets its own threads)
+    explainer, warnings = _load(model, provider, shared=ray is None and len(paths) > options.batch_size)
     names = _method_names(method, explainer)
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
     explainer.check_task(options.aug_smooth, options.conf, options.iou, bool(options.mask))  # and the task's misuses
     if options.mask is not None:  # and a bad mask file
         read_mask(options.mask, options.max_pixels, options.max_bytes)
-    paths = [str(p) for p in expand([i for i in images if "://" not in i])]
-    paths += distributed.expand_uris(uris) if uris else []
-    if not paths:
-        raise OnnxcamError(f"no image files found in {' '.join(images)}")
     if len(images) == 1 and len(paths) == 1 and not uris and not Path(images[0]).is_dir():
         read_rgb(paths[0], options.max_pixels, options.max_bytes)  # one bad named image fails before any write
     progress = sys.stderr.isatty() and not quiet
