@@ -65,6 +65,14 @@ class Explanation:
     maps: list[TargetMap]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A photo (uint8 RGB) and its copy at the model's input size: :meth:`Explainer.prepare`."""
+
+    photo: np.ndarray
+    model_input: np.ndarray
+
+
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 DETECTIONS = 10  # kept detections explained by default
 MAX_DETECTIONS = 300  # ultralytics' max_det
@@ -140,9 +148,15 @@ class Explainer:
         """
         return self.explain_batch([image], targets, top_k, **options)[0]
 
+    def prepare(self, image: np.ndarray | str | Path) -> Prepared:
+        """``image`` (a path, or a uint8 ``[H, W, 3]`` RGB array) read and resized to the model's input, the
+        first step of :meth:`explain_batch`: a folder run does it in its reader thread while ORT runs."""
+        photo = read_rgb(image) if isinstance(image, str | Path) else _check_rgb(image)
+        return Prepared(photo, resize_rgb(photo, self.card.input_size))
+
     def explain_batch(
         self,
-        images: Sequence[np.ndarray | str | Path],
+        images: Sequence[np.ndarray | str | Path | Prepared],
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
         predictions: int = 5,
@@ -169,8 +183,9 @@ class Explainer:
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
         codes = self.target_codes(targets, top_k)
-        photos = [read_rgb(im) if isinstance(im, str | Path) else _check_rgb(im) for im in images]
-        batch = np.stack([resize_rgb(p, self.card.input_size) for p in photos])
+        prepared = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
+        photos = [p.photo for p in prepared]
+        batch = np.stack([p.model_input for p in prepared])
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
         if self.card.task == "detection":
             return self._explain_detections(photos, batch, codes, names, eigen_smooth, _thresholds(conf, iou))

@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from onnxcam import maps, outputs
-from onnxcam.api import Explainer, Explanation
+from onnxcam.api import Explainer, Explanation, Prepared
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
 from onnxcam.overlay import HEAT_WEIGHT
@@ -92,7 +92,7 @@ def complete_records(records: list[dict]) -> dict[str, list[dict]]:
 
 
 Item = tuple[str, str]  # (image path or URI, output stem)
-Decoded = tuple[str, np.ndarray | str]  # an image, or the message of why it could not be read
+Decoded = tuple[str, Prepared | str]  # an image and its model-size copy, or the message of why it could not be read
 Reader = Callable[[str, Options], np.ndarray]
 
 
@@ -148,12 +148,12 @@ class Worker:
         decoded: list[Decoded] = []
         for path, _ in items:
             try:
-                decoded.append((path, self.read(path, self.options)))
+                decoded.append((path, self.explainer.prepare(self.read(path, self.options))))
             except Exception as exc:  # one unreadable file is that file's error record
                 decoded.append((path, describe(exc, path)))
         return decoded
 
-    def _explain(self, images: list[np.ndarray]) -> list[Explanation | str]:
+    def _explain(self, images: list[Prepared]) -> list[Explanation | str]:
         o = self.options
         call = lambda batch: self.explainer.explain_batch(  # noqa: E731
             batch,
@@ -181,7 +181,7 @@ class Worker:
 
     def explain_decoded(self, decoded: list[Decoded]) -> list[tuple[str, Explanation | str]]:
         """ORT's part: each decoded image's explanation, or its error message (one call per batch)."""
-        good = [(p, image) for p, image in decoded if isinstance(image, np.ndarray)]
+        good = [(p, image) for p, image in decoded if isinstance(image, Prepared)]
         try:
             explained = self._explain([image for _, image in good]) if good else []
         except Exception as exc:
@@ -217,7 +217,7 @@ class Worker:
 
 
 def _pipeline(worker: Worker, todo: list[Item], size: int) -> Iterator[tuple[list[Item], list[dict]]]:
-    """(items, records) per batch, in order, with three stages overlapping: decoding batch i+1,
+    """(items, records) per batch, in order, with three stages overlapping: decoding (and resizing) batch i+1,
     ONNX Runtime on batch i (here), writing the files of batch i-1 (OpenCV and ORT release the GIL)."""
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
