@@ -5,9 +5,11 @@
 For each architecture it exports (random weights for VGG16, which do not change the
 cost; real ones for Lite0) the onnxcam model and the plain forward graph, then alternates
 in the same process: forward, Grad-CAM with 1 target, Grad-CAM with the top-5 targets,
-Grad-CAM with 1 target and the full gradient tensor, and all eight CAM methods that need
-only activations and gradients for the top-5 classes (one call plus numpy). Each round runs
-every contender once in a shuffled order, with a short pause before each (so that one
+Grad-CAM with 1 target and the full gradient tensor, all eight CAM methods that need
+only activations and gradients for the top-5 classes (one call plus numpy), and the graph's
+own finished Grad-CAM maps (its ``saliency`` output, what a host without Python reads) for 1
+and 5 targets. The API's maps are read (:func:`process.finished`). Each round runs every
+contender once in a shuffled order, with a short pause before each (so that one
 contender's idle worker threads do not slow the next); each ratio is taken within its
 round, and the median of the per-round ratios is reported. Each contender also gets a CPU-time
 row (the process's, all threads: ORT's threads do not spin here), which neighbours on a shared
@@ -20,6 +22,7 @@ import argparse
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +36,9 @@ import torch
 from onnxcam import Explainer
 from onnxcam.methods import METHODS
 from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, resolve_layer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from process import finished
 
 WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
 
@@ -68,13 +74,16 @@ def measure(arch_name: str, pairs: int, folder: Path, batch: int = 1) -> dict[st
     explainer = Explainer(cam_path, options=quiet_options())
     session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-    photos = list(images)
+    photos, top5 = list(images), -np.tile(np.arange(1, 6), (batch, 1))
     contenders = {
         "forward": lambda: session.run(["logits"], {"image": images}),
-        "gradcam_1": lambda: explainer.explain_batch(photos, top_k=1),
-        "gradcam_top5": lambda: explainer.explain_batch(photos, top_k=5),
+        "gradcam_1": lambda: finished(explainer.explain_batch(photos, top_k=1)),
+        "gradcam_top5": lambda: finished(explainer.explain_batch(photos, top_k=5)),
         "full_gradient_1": lambda: explainer.engine.run(images, np.full((batch, 1), -1), full_gradients=True),
-        "all_AG_methods_top5": lambda: explainer.explain_batch(photos, top_k=5, method=ONE_CALL),
+        "all_AG_methods_top5": lambda: finished(explainer.explain_batch(photos, top_k=5, method=ONE_CALL)),
+        # the file alone: its finished maps at the input size from the saliency output, no Python per map
+        "in_graph_map_1": lambda: explainer.engine.run(images, np.full((batch, 1), -1), saliency="gradcam"),
+        "in_graph_map_top5": lambda: explainer.engine.run(images, top5, saliency="gradcam"),
     }
     return time_rounds(contenders, pairs)
 

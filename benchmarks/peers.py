@@ -41,7 +41,7 @@ from onnxcam import Explainer
 from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from process import write_section
+from process import finished, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
@@ -115,8 +115,8 @@ def timings(arch_name: str, folder: Path, batch: int, rounds: int) -> dict[str, 
 
     contenders = {
         "ORT forward": lambda: session.run(["logits"], {"image": images}),
-        "onnxcam Grad-CAM, top-1": lambda: explainer.explain_batch(list(images), top_k=1),
-        "onnxcam Grad-CAM, top-5": lambda: explainer.explain_batch(list(images), top_k=5),
+        "onnxcam Grad-CAM, top-1": lambda: finished(explainer.explain_batch(list(images), top_k=1)),
+        "onnxcam Grad-CAM, top-5": lambda: finished(explainer.explain_batch(list(images), top_k=5)),
         "pytorch-grad-cam GradCAM": lambda: grad_cam(input_tensor=x, targets=None),
         "Captum LayerGradCam": captum_run,
         "PyTorch forward (no grad)": torch_forward,

@@ -1,4 +1,4 @@
-"""Run the onnxcam CLI in a fresh process and read its wall time and peak RSS (shared by the benchmarks)."""
+"""Shared by the benchmarks: the onnxcam CLI run in a fresh process (wall time, peak RSS), and :func:`finished`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"
 print("peak_rss_kb", hwm.split()[1], file=sys.stderr)
 sys.exit(code)
 """
+
+
+def finished(results: list) -> list:
+    """``Explainer.explain_batch``'s results with every map finished: a map (``TargetMap.cam``: upsampled to the
+    photo, min-max scaled) is computed when first read, and a timed explanation must include it."""
+    for result in results:
+        for m in result.maps:
+            m.cam  # noqa: B018
+    return results
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ from onnxcam import Explainer
 options = ort.SessionOptions()
 options.add_session_config_entry("session.disable_prepacking", sys.argv[2])
 explainer = Explainer(sys.argv[1], options=options)
-explainer.explain(sys.argv[3])
+explainer.explain(sys.argv[3]).maps[0].cam  # (a map is finished when first read)
 first = time.perf_counter() - start
 warm = []
 for _ in range(3):
     tick = time.perf_counter()
-    explainer.explain(sys.argv[3])
+    explainer.explain(sys.argv[3]).maps[0].cam
     warm.append(time.perf_counter() - tick)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"seconds": first, "warm": min(warm), "peak": int(hwm.split()[1]) * 1024}))

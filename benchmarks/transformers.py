@@ -33,6 +33,7 @@ from onnxcam_export.transformers import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import quiet_options, report, time_rounds
+from process import finished
 
 
 def export_vit_s16(path: Path) -> None:
@@ -60,9 +61,9 @@ def measure(pairs: int, folder: Path) -> dict[str, list[float]]:
 
     contenders = {
         "forward": forward,
-        "gradcam_1": lambda: explainer.explain(image, top_k=1),
-        "rollout_1": lambda: explainer.explain(image, top_k=1, method="rollout"),
-        "attention_relevance_1": lambda: explainer.explain(image, top_k=1, method="attention-relevance"),
+        "gradcam_1": lambda: finished([explainer.explain(image, top_k=1)]),
+        "rollout_1": lambda: finished([explainer.explain(image, top_k=1, method="rollout")]),
+        "attention_relevance_1": lambda: finished([explainer.explain(image, top_k=1, method="attention-relevance")]),
     }
     return time_rounds(contenders, pairs)
 

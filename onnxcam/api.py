@@ -11,6 +11,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,25 @@ class TargetMap:
     logit: float
     weights: np.ndarray  # [C] Grad-CAM channel weights alpha (from the graph, whatever the method)
     cam_lowres: np.ndarray  # [h, w] the method's map, unnormalised, at the target layer's size
-    cam: np.ndarray  # [H, W] float32 in [0, 1], the image's size
-    empty: bool  # True when no location supports the class (the map is all zero)
+    size: tuple[int, int]  # the image's (height, width)
     method: str = "gradcam"
     box: tuple[float, float, float, float] | None = None  # a detection's x1, y1, x2, y2 in image pixels
     rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
+
+    @cached_property
+    def _finished(self) -> tuple[np.ndarray, bool]:
+        # computed when first read: a folder run reads it in its writer thread, not in ORT's
+        return maps.finish(self.cam_lowres, self.size)
+
+    @property
+    def cam(self) -> np.ndarray:
+        """[H, W] float32 in [0, 1], the image's size."""
+        return self._finished[0]
+
+    @property
+    def empty(self) -> bool:
+        """True when no location supports the class (the map is all zero)."""
+        return self._finished[1]
 
     @property
     def peak(self) -> tuple[int, int]:
@@ -204,10 +219,9 @@ class Explainer:
                 else:
                     lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t, index in enumerate(out.target_classes[n]):
-                    cam, empty = maps.finish(lowres[t], photo.shape[:2])
                     pred = self._prediction(int(index), probs[n], out.logits[n])
-                    found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t], cam=cam,
-                                           empty=empty, method=name))  # fmt: skip
+                    found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t],
+                                           size=photo.shape[:2], method=name))  # fmt: skip
             results.append(Explanation(photo, preds, found))
         return results
 
@@ -267,10 +281,9 @@ class Explainer:
             for name in names:
                 lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t in kept:
-                    cam, empty = maps.finish(lowres[t], photo.shape[:2])
                     box = tuple(float(v) for v in np.round(np.clip(out.boxes[n, t] * scale, 0, edges), 2))
                     found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
-                                           cam_lowres=lowres[t], cam=cam, empty=empty, method=name, box=box,
+                                           cam_lowres=lowres[t], size=photo.shape[:2], method=name, box=box,
                                            rank=int(t) + 1))  # fmt: skip
             results.append(Explanation(photo, [self._detection(out, n, t) for t in kept], found))
         return results
