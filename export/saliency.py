@@ -142,10 +142,12 @@ def _finish(b: Builder, summed: str, size: tuple[int, int]) -> str:
     cam = b.op("Resize", cam, empty, empty, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
     low = b.reduce("ReduceMin", cam, [2, 3], keepdims=1)
     span = b.op("Sub", b.reduce("ReduceMax", cam, [2, 3], keepdims=1), low)
-    flat = b.op("Not", b.op("Greater", span, b.scalar(0.0, cam)))  # an all-zero (or constant) map stays zero
-    scaled = b.op("Div", b.op("Sub", cam, low), b.op("Where", flat, b.scalar(1.0, cam), span))
     zero, one = b.scalar(0.0, cam), b.scalar(1.0, cam)
-    return b.op("Where", flat, zero, b.op("Clip", scaled, zero, one))
+    flat = b.op("Not", b.op("Greater", span, zero))
+    # an all-zero (or constant) map is zero after the Sub: dividing it by 1 keeps it so, never NaN; a division
+    # (not a product with 1 / span) makes the peak exactly 1
+    scaled = b.op("Div", b.op("Sub", cam, low), b.op("Where", flat, one, span))
+    return b.op("Clip", scaled, zero, one)
 
 
 def saliency_methods() -> list[str]:
