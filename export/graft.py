@@ -581,8 +581,8 @@ def graft(
     ``types``: :func:`infer_types` of ``model`` where the caller has it. ``task``: a detector's
     (:mod:`onnxcam_export.tasks`) has class scores ``[N, K, A]`` as ``logits`` and boxes.
     ``extra_layers``: more ``[N, C, h, w]`` target layers (a detector's scales), each with its own
-    activations, weights and gradients outputs (:func:`contract.scale_output`); such a file has no
-    in-graph saliency and no head-only graph. ``windowed``: a detector's backward box by box over the
+    activations, weights and gradients outputs (:func:`contract.scale_output`), which its in-graph saliency
+    aggregates; such a file has no head-only graph. ``windowed``: a detector's backward box by box over the
     windows its scores read (:mod:`onnxcam_export.windowed`) where its head allows, else over whole maps.
     """
     detector = task is not None and task.kind == "detection"
@@ -621,14 +621,14 @@ def graft(
         summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
         extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(g)) for g in extra_gradients]
     _emit_weights(b, summed)
-    size = _input_size(b)
-    if extra_layers:  # the in-graph map would show one scale: the Python path aggregates them all
-        _emit_gradients(b, full)
-        _emit_scales(b, extra_layers, extras)
-    else:
-        _emit_gradients(b, full, contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b))
-        if size is not None:
-            saliency.add_saliency(graph, b, size)
+    grids = [b.shape(name)[2:] for name in [layer, *extra_layers]] if extra_layers else []
+    grids_known = all(isinstance(d, int) for grid in grids for d in grid)  # (the finest grid is chosen here)
+    size = _input_size(b) if grids_known else None
+    condition = contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b)
+    _emit_gradients(b, full, condition)
+    _emit_scales(b, extra_layers, extras, condition)
+    if size is not None:
+        saliency.add_saliency(graph, b, size, [tuple(grid) for grid in grids])
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
@@ -639,7 +639,7 @@ def graft(
     if detector:
         add_detection_io(graph, b, task.nms)
     _add_scale_io(graph, b, extra_layers)
-    if size is not None and not extra_layers:
+    if size is not None:
         _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
 
@@ -656,9 +656,11 @@ def _identity_branch(grad: str) -> Branch:
     return "full", [helper.make_node("Identity", [grad], [grad + "/full"])], grad + "/full"
 
 
-def _emit_scales(b: Builder, layers: Sequence[str], extras: Sequence[tuple[str, Branch]]) -> None:
-    """activations/i, weights/i = mean_hw(dy/dA_i) and gradients/i (behind full_gradients) of each extra layer,
-    given its ``sum_hw(dy/dA_i)`` and the branch that builds its full gradient."""
+def _emit_scales(
+    b: Builder, layers: Sequence[str], extras: Sequence[tuple[str, Branch]], condition: str = contract.FULL_GRADIENTS
+) -> None:
+    """activations/i, weights/i = mean_hw(dy/dA_i) and gradients/i (built when ``condition``: ``full_gradients``)
+    of each extra layer, given its ``sum_hw(dy/dA_i)`` and the branch that builds its full gradient."""
     for i, (layer, (summed, full)) in enumerate(zip(layers, extras, strict=True), start=1):
         names = {key: contract.scale_output(key, i) for key in (contract.ACTIVATIONS, contract.WEIGHTS)}
         b.nodes.append(helper.make_node("Identity", [layer], [names[contract.ACTIVATIONS]], name=f"activations/{i}"))
@@ -668,7 +670,7 @@ def _emit_scales(b: Builder, layers: Sequence[str], extras: Sequence[tuple[str, 
             shape = b.op("Concat", b.op("Shape", names[contract.WEIGHTS]), b.ints([0] * len(SPATIAL)), axis=0)
             empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
         output = contract.scale_output(contract.GRADIENTS, i)
-        b.nodes.append(_if(output, contract.FULL_GRADIENTS, output, b.elem_type(contract.LOGITS), full, empty))
+        b.nodes.append(_if(output, condition, output, b.elem_type(contract.LOGITS), full, empty))
 
 
 def _add_scale_io(graph: onnx.GraphProto, b: Builder, layers: Sequence[str]) -> None:

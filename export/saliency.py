@@ -123,11 +123,41 @@ def _choose(b: Builder, t: Tensors, methods: Sequence[str], first: int = 0) -> s
     return out
 
 
-def _float64(b: Builder) -> Tensors:
-    """The method inputs cast to float64 (their sums over channels cancel: float32 would lose ~1e-5)."""
-    a, g, w = (b.op("Cast", x, to=TensorProto.DOUBLE) for x in (contract.ACTIVATIONS, contract.GRADIENTS,
-                                                                  contract.WEIGHTS))  # fmt: skip
+def _float64(b: Builder, scale: int = 0) -> Tensors:
+    """The method inputs of the target layer (``scale`` 0) or of extra layer ``scale``, cast to float64 (their
+    sums over channels cancel: float32 would lose ~1e-5)."""
+    names = (contract.ACTIVATIONS, contract.GRADIENTS, contract.WEIGHTS)
+    a, g, w = (b.op("Cast", x if not scale else contract.scale_output(x, scale), to=TensorProto.DOUBLE)
+               for x in names)  # fmt: skip
     return Tensors(a=a, a5=b.unsqueeze(a, [1]), g=g, w=w)
+
+
+def _min_max(b: Builder, cam: str) -> str:
+    """Each ``[h, w]`` map of float32 ``cam`` scaled to [0, 1], an all-zero (or constant) one kept at zero, as
+    :func:`onnxcam.maps.normalize`."""
+    low = b.reduce("ReduceMin", cam, [2, 3], keepdims=1)
+    span = b.op("Sub", b.reduce("ReduceMax", cam, [2, 3], keepdims=1), low)
+    zero, one = b.scalar(0.0, cam), b.scalar(1.0, cam)
+    flat = b.op("Not", b.op("Greater", span, zero))
+    # an all-zero (or constant) map is zero after the Sub: dividing it by 1 keeps it so, never NaN; a division
+    # (not a product with 1 / span) makes the peak exactly 1
+    scaled = b.op("Div", b.op("Sub", cam, low), b.op("Where", flat, one, span))
+    return b.op("Clip", scaled, zero, one)
+
+
+def _resize(b: Builder, cam: str, size: Sequence[int]) -> str:
+    """Bilinear resize of float32 ``[N, T, h, w]`` to ``size``, with OpenCV's pixel centres (``half_pixel``)."""
+    sizes = b.op("Concat", b.dims(cam, 0, 2), b.ints(list(size)), axis=0)
+    empty = b.const(np.zeros(0, dtype=np.float32), "empty")
+    return b.op("Resize", cam, empty, empty, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+
+
+def _aggregate(b: Builder, sums: list[str], grid: tuple[int, int]) -> str:
+    """Several layers' channel sums as one ``[N, T, h, w]`` map at the finest ``grid``: each ReLU'd, min-max
+    scaled, upsampled and averaged over the layers, as :func:`onnxcam.maps.aggregate` (pytorch-grad-cam's)."""
+    scaled = [_resize(b, _min_max(b, b.op("Cast", b.op("Relu", s), to=TensorProto.FLOAT)), grid) for s in sums]
+    total = b.op("Sum", *[b.op("Cast", s, to=TensorProto.DOUBLE) for s in scaled])
+    return b.op("Div", total, _s(b, float(len(sums))))
 
 
 def _finish(b: Builder, summed: str, size: tuple[int, int]) -> str:
@@ -137,17 +167,7 @@ def _finish(b: Builder, summed: str, size: tuple[int, int]) -> str:
     """
     cam = b.op("Relu", summed)
     cam = b.op("Cast", b.op("Sub", cam, b.reduce("ReduceMin", cam, [2, 3], keepdims=1)), to=TensorProto.FLOAT)
-    sizes = b.op("Concat", b.dims(summed, 0, 2), b.ints(list(size)), axis=0)
-    empty = b.const(np.zeros(0, dtype=np.float32), "empty")
-    cam = b.op("Resize", cam, empty, empty, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
-    low = b.reduce("ReduceMin", cam, [2, 3], keepdims=1)
-    span = b.op("Sub", b.reduce("ReduceMax", cam, [2, 3], keepdims=1), low)
-    zero, one = b.scalar(0.0, cam), b.scalar(1.0, cam)
-    flat = b.op("Not", b.op("Greater", span, zero))
-    # an all-zero (or constant) map is zero after the Sub: dividing it by 1 keeps it so, never NaN; a division
-    # (not a product with 1 / span) makes the peak exactly 1
-    scaled = b.op("Div", b.op("Sub", cam, low), b.op("Where", flat, one, span))
-    return b.op("Clip", scaled, zero, one)
+    return _min_max(b, _resize(b, cam, size))
 
 
 def saliency_methods() -> list[str]:
@@ -166,14 +186,20 @@ def gradients_condition(b: Builder) -> str:
     return b.op("Or", contract.FULL_GRADIENTS, b.op("And", contract.RETURN_SALIENCY, wanted))
 
 
-def add_saliency(graph: onnx.GraphProto, b: Builder, size: tuple[int, int]) -> None:
+def add_saliency(
+    graph: onnx.GraphProto, b: Builder, size: tuple[int, int], grids: Sequence[tuple[int, int]] = ()
+) -> None:
     """Emit the ``saliency`` output behind an ``If`` on ``return_saliency``, and its two (required) inputs.
 
-    It reads ``gradients``: the caller builds them under :func:`gradients_condition`.
+    It reads ``gradients`` (and each extra layer's): the caller builds them under :func:`gradients_condition`.
+    ``grids``: the ``(h, w)`` of each target layer where there are several (a detector's scales), whose maps are
+    aggregated first.
     """
     methods = saliency_methods()
     with b.subgraph() as then_nodes:
-        finished = _finish(b, _choose(b, _float64(b), methods), size)
+        sums = [_choose(b, _float64(b, scale), methods) for scale in range(max(len(grids), 1))]
+        summed = sums[0] if len(sums) == 1 else _aggregate(b, sums, max(grids, key=lambda g: g[0] * g[1]))
+        finished = _finish(b, summed, size)
     with b.subgraph() as else_nodes:
         shape = b.op("Concat", b.op("Shape", contract.TARGET_CLASSES), b.ints([0, 0]), axis=0)
         skipped = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0]))

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from onnxcam import methods
 from onnxcam.api import Explainer
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
@@ -435,7 +436,7 @@ def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_p
     model = TinyDetector(CLASSES)
     path, _ = grafted(model, tmp_path, layer=SCALES)
     engine = Engine(path)
-    assert len(engine.card.extra_layers) == 1 and not engine.card.saliency_methods
+    assert len(engine.card.extra_layers) == 1 and list(engine.card.saliency_methods) == methods.in_graph()
     images = _images(1, seed=4)
     targets = np.array([[1 * ANCHORS + 10, 0 * ANCHORS + 70, 2 * ANCHORS + 40]])
     out = engine.run(images, targets, full_gradients=True)
@@ -455,6 +456,23 @@ def test_several_layers_give_each_scale_its_gradients_and_average_the_maps(tmp_p
         size = cams[0].shape[::-1]  # the finest grid, (w, h) for OpenCV
         expected = np.maximum(np.mean([scale_cam_image(c, size) for c in cams], axis=0), 0)
         np.testing.assert_allclose(scale_cam_image(found.cam_lowres), scale_cam_image(expected), atol=1e-5)
+
+
+def test_in_graph_saliency_of_each_box_aggregates_the_scales_as_the_python_path(detector: tuple) -> None:
+    """The file alone explains each kept box: its ``saliency`` averages the scales' min-max scaled maps at the
+    finest grid, then upsamples to the input, as :func:`maps.aggregate` does (checked against pytorch-grad-cam's
+    recipe above); the image is at the model's size, so the Python map is too."""
+    _, path, _ = detector
+    explainer, images = Explainer(path), _images(1, seed=4)
+    assert list(explainer.card.saliency_methods) == methods.in_graph()
+    rows, low = np.array([[-1, -2, -3, -4]]), {"conf_threshold": 0.0}
+    for name in explainer.card.saliency_methods:
+        out = explainer.engine.run(images, rows, thresholds=low, saliency=name)
+        found = explainer.explain(images[0], method=name, conf=0.0, top_k=4).maps
+        assert out.saliency.shape == (1, 4, SIZE, SIZE) and len(found) == 4
+        for t, expected in enumerate(found):
+            assert expected.rank == t + 1 and not expected.empty
+            assert float(np.abs(out.saliency[0, t] - expected.cam).max()) <= 1e-5, f"{name}, box {t + 1}"
 
 
 def test_a_kth_detection_row_needs_no_rows_before_it(detector: tuple) -> None:
