@@ -70,6 +70,32 @@ def test_a_users_qdq_model_grafts_with_the_straight_through_gradient(tmp_path: P
     np.testing.assert_allclose(out.logits[0], scores[0].detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_quantized_model_keeps_onnx_runtimes_weight_prepacking(tmp_path: Path) -> None:
+    """The card says which graph runs integer kernels (read from the file before its session is built): that one
+    pre-packs its weights, a float one does not, and a caller's own choice stands."""
+    import onnxruntime as ort
+
+    from onnxcam.engine import NO_PREPACKING, file_metadata
+    from onnxcam_export.from_onnx import graft_file
+
+    _tiny_classifier(tmp_path / "tiny.onnx")
+    quantize_static(tmp_path / "tiny.onnx", tmp_path / "tiny.qdq.onnx", _Random(4), quant_format=QuantFormat.QDQ)
+    prepacking = {}
+    for name in ("tiny", "tiny.qdq"):
+        card, _ = graft_file(tmp_path / f"{name}.onnx", tmp_path / f"{name}.cam.onnx")
+        stored = {e.key: e.value for e in onnx.load(tmp_path / f"{name}.cam.onnx").metadata_props}
+        assert file_metadata(tmp_path / f"{name}.cam.onnx") == stored
+        assert stored["onnxcam.quantized"] == json.dumps(card["quantized"])
+        session = Engine(tmp_path / f"{name}.cam.onnx").session
+        prepacking[card["quantized"]] = session.get_session_options().get_session_config_entry(NO_PREPACKING)
+    assert prepacking == {False: "1", True: "0"}
+    options = ort.SessionOptions()
+    options.add_session_config_entry(NO_PREPACKING, "1")
+    chosen = Engine(tmp_path / "tiny.qdq.cam.onnx", options=options).session.get_session_options()
+    assert chosen.get_session_config_entry(NO_PREPACKING) == "1"
+    assert file_metadata(EXAMPLES / "chelsea.png") == {}
+
+
 def test_quantize_is_a_build_step_on_a_runtime_only_host(lite0_model: Path, tmp_path: Path) -> None:
     result = run_without(RUNTIME_ONLY, "quantize", str(lite0_model), "--calibrate", str(EXAMPLES))
     assert_clean_failure(result, "build step", "onnx package")
