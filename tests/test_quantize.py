@@ -96,6 +96,29 @@ def test_a_quantized_model_keeps_onnx_runtimes_weight_prepacking(tmp_path: Path)
     assert file_metadata(EXAMPLES / "chelsea.png") == {}
 
 
+def test_the_first_depthwise_block_stays_float() -> None:
+    """The first Conv with one group per channel and the Conv reading it through a Clip are kept in float; a
+    grouped Conv with two channels per group is not depthwise, and a model without one keeps nothing more."""
+    from onnx import TensorProto, helper
+
+    from onnxcam_export.quantize import first_depthwise_block
+
+    def conv(name: str, x: str, y: str, shape: list[int], group: int = 1) -> onnx.NodeProto:
+        weights.append(numpy_helper.from_array(np.zeros(shape, np.float32), f"{name}.w"))
+        return helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, group=group)
+
+    weights: list[onnx.TensorProto] = []
+    nodes = [conv("stem", "x", "s", [8, 3, 3, 3]), conv("grouped", "s", "g", [8, 2, 3, 3], group=4),
+             conv("dw", "g", "d", [8, 1, 3, 3], group=8), helper.make_node("Clip", ["d"], ["c"], name="clip"),
+             conv("pw", "c", "p", [4, 8, 1, 1]), conv("dw2", "p", "y", [4, 1, 3, 3], group=4)]  # fmt: skip
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [info("y", TensorProto.FLOAT, None)], weights)  # fmt: skip
+    assert [n.name for n in first_depthwise_block(graph)] == ["dw", "pw"]
+    del graph.node[1:]
+    assert first_depthwise_block(graph) == []
+
+
 def test_quantize_is_a_build_step_on_a_runtime_only_host(lite0_model: Path, tmp_path: Path) -> None:
     result = run_without(RUNTIME_ONLY, "quantize", str(lite0_model), "--calibrate", str(EXAMPLES))
     assert_clean_failure(result, "build step", "onnx package")
