@@ -72,9 +72,17 @@ class Builder:
         for node in model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = node.attribute[0].t
+        self.dequantized = {  # weights stored as integer levels (per tensor or per axis): their DequantizeLinear
+            node.output[0]: node
+            for node in model.graph.node
+            if node.op_type == "DequantizeLinear"
+            and all(i in self.constants for i in node.input if i)
+            and not any(a.name == "block_size" and a.i for a in node.attribute)
+        }
         self.types = infer_types(model) if types is None else types
         self._count = 0
         self._fwd: dict[str, str] = {}
+        self._weights: dict[str, str] = {}
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
 
     def needs(self, name: str) -> bool:
@@ -126,8 +134,37 @@ class Builder:
 
     # -- what is known about forward tensors -----------------------------------------
     def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (a weight dequantized from constant levels too), else None."""
+        if name in self.dequantized:
+            return self._dequantize(self.dequantized[name])
         tensor = self.constants.get(name)
         return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def _dequantize(self, node: onnx.NodeProto) -> np.ndarray:
+        """(levels - zero point) * scale of a DequantizeLinear of constants, per tensor or per axis."""
+        levels, scale, *zero = (numpy_helper.to_array(self.constants[i]) for i in node.input if i)
+        shape = [1] * levels.ndim
+        if scale.size > 1:
+            shape[self._axis(node)] = scale.size
+        offset = zero[0].astype(np.float64).reshape(shape) if zero else 0.0
+        return ((levels.astype(np.float64) - offset) * scale.astype(np.float64).reshape(shape)).astype(scale.dtype)
+
+    def weight(self, name: str) -> str:
+        """``name`` as a gradient rule or the head-only copy reads it: a weight dequantized from integer levels
+        as a float constant of the same values, so that the forward's DequantizeLinear keeps its one reader,
+        which ONNX Runtime fuses into an integer kernel. (Another reader of the levels stops that fusion; a
+        DequantizeLinear inside an ``If`` branch of levels from the outer graph fails it at load; one in the
+        main graph ran each call, 60 ms for VGG16's FC2 and FC3.)"""
+        if name not in self.dequantized:
+            return name
+        if name not in self._weights:
+            self._weights[name] = self.const(self.constant_value(name), "dequantized")
+        return self._weights[name]
+
+    def _axis(self, node: onnx.NodeProto) -> int:
+        """The axis of a DequantizeLinear's scale (default 1), non-negative."""
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        return axis % len(self.constants[node.input[0]].dims)
 
     def shape(self, name: str) -> list[int | None] | None:
         """Static shape from shape inference: ints where known, None per unknown dim."""

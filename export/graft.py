@@ -201,7 +201,7 @@ def _head_copy(
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"head/{node.name or node.output[0]}"
-        copy.input[:] = [renamed.get(i, i) for i in node.input]
+        copy.input[:] = [renamed.get(i) or b.weight(i) for i in node.input]
         copy.output[:] = [renamed[o] if o else "" for i, o in enumerate(node.output) if i not in extra]
         copies.append(copy)
     return copies

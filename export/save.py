@@ -14,15 +14,20 @@ from onnxcam.contract import ModelCard
 from onnxcam.outputs import atomic_write
 from onnxcam_export.saliency import saliency_methods
 
+# The ops of ONNX Runtime's quantized graphs: QDQ pairs (default domain) and its QOperator format (QLinear*)
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger",
+                 "ConvInteger", "DynamicQuantizeLinear"}  # fmt: skip
+
 
 def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelCard:
     """Store ``card`` as ``onnxcam.*`` metadata, check the graph, write ``out`` through a temporary name.
 
-    A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``).
-    Returns the card as written.
+    A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``), one with
+    integer kernels is ``quantized``. Returns the card as written.
     """
     if any(o.name == contract.SALIENCY for o in model.graph.output):
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))
+    card = dataclasses.replace(card, quantized=any(n.op_type in QUANTIZED_OPS for n in model.graph.node))
     del model.metadata_props[:]
     for key, value in card.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

@@ -120,7 +120,8 @@ def Gemm(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if int(a.get("transA", 0)):
         raise _unsupported(node, "transA=1 puts the batch on axis 1 of A; only transA=0 is supported")
     # B' = B^T when transB else B, so dA = dY @ B when transB else dY @ B^T
-    weight = node.input[1] if int(a.get("transB", 0)) else b.op("Transpose", node.input[1])
+    weight = b.weight(node.input[1])
+    weight = weight if int(a.get("transB", 0)) else b.op("Transpose", weight)
     da = b.op("MatMul", dy[0], weight)
     alpha = float(a.get("alpha", 1.0))
     if alpha != 1.0:
@@ -141,7 +142,7 @@ def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 
     def transposed(t: str) -> str:  # a forward operand, its last two axes swapped; a weight has no batch axis
         batched = b.rank(t) == b.rank(out) and b.constant_value(t) is None
-        return _transpose_last(b, b.fwd(t) if batched else t, b.rank(t) + batched)
+        return _transpose_last(b, b.fwd(t) if batched else b.weight(t), b.rank(t) + batched)
 
     da = b.op("MatMul", dy[0], transposed(c)) if b.needs(a) else None
     dc = b.op("MatMul", transposed(a), dy[0]) if b.needs(c) else None
@@ -255,7 +256,7 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     extra = [shape[2 + i] - reach[i] for i in range(nd)]
     folded, head = _fold_targets(b, dy[0])
     dx = b.op(
-        "ConvTranspose", folded, weight, group=int(a.get("group", 1)), strides=strides, pads=pads,
+        "ConvTranspose", folded, b.weight(weight), group=int(a.get("group", 1)), strides=strides, pads=pads,
         dilations=dilations, kernel_shape=kernel, output_padding=extra,
     )  # fmt: skip
     return [_unfold_targets(b, dx, head, x)]

@@ -617,7 +617,7 @@ def quantize(
         ),
     ] = QuantFormat.qdq,
 ) -> None:
-    """Build an INT8 explainer: the backbone statically quantized by ONNX Runtime, head and gradients in float.
+    """Build an INT8 explainer: backbone statically quantized by ONNX Runtime, head weights int8, gradients float.
 
     A build step (needs the onnx package); the INT8 file runs on the plain runtime install.
 

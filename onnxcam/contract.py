@@ -167,6 +167,7 @@ class ModelCard:
     task: str = "classification"  # one of TASKS
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
     background: int | None = None  # a detector's background class (never a detection), an index into ``labels``
+    quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -301,6 +302,7 @@ _CHECKS: dict[str, Check] = {
     "labels": _labels,
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "quantized": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "task": lambda v: None if v in TASKS else f"must be one of {TASKS}, got {v!r}",
     "extra_layers": lambda v: (
