@@ -42,7 +42,7 @@ from process import finished
 
 WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
 
-ONE_CALL = [name for name, m in METHODS.items() if m.passes is None]  # the methods of one ORT call
+ONE_CALL = [name for name, m in METHODS.items() if m.passes is None and m.requires is None]  # one ORT call, any CNN
 
 
 def forward_only(arch_name: str, out: Path) -> None:
