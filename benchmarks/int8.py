@@ -35,7 +35,7 @@ from onnxcam_export.torch_export import export_arch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from process import write_section
+from process import finished, write_section
 from scenes import write_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def timing(models: dict[str, Path], batch: int, rounds: int) -> tuple[dict[str, 
         for name in names:
             time.sleep(0.05)
             start, start_cpu = time.perf_counter(), time.process_time()
-            explainers[name].explain_batch(images)
+            finished(explainers[name].explain_batch(images))
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     return times, cpu
