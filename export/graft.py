@@ -621,14 +621,14 @@ def graft(
         summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
         extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(g)) for g in extra_gradients]
     _emit_weights(b, summed)
-    grids = [b.shape(name)[2:] for name in [layer, *extra_layers]] if extra_layers else []
-    grids_known = all(isinstance(d, int) for grid in grids for d in grid)  # (the finest grid is chosen here)
-    size = _input_size(b) if grids_known else None
+    grids = [tuple(b.shape(name)[2:]) for name in [layer, *extra_layers]] if extra_layers else []
+    # several layers' maps meet at the finest grid, chosen here: their sizes must be known
+    size = _input_size(b) if all(isinstance(d, int) for grid in grids for d in grid) else None
     condition = contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b)
     _emit_gradients(b, full, condition)
     _emit_scales(b, extra_layers, extras, condition)
     if size is not None:
-        saliency.add_saliency(graph, b, size, [tuple(grid) for grid in grids])
+        saliency.add_saliency(graph, b, size, grids)
     attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
