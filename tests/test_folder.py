@@ -114,14 +114,16 @@ def test_batched_results_equal_one_at_a_time(lite0_model: Path, tmp_path: Path) 
 def test_interrupted_run_resumes_to_the_same_outputs(lite0_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
-    count = 40  # the rest of the run outlasts a busy machine's delay between the poll and the signal
-    for i in range(count):
+    for i in range(10):
         image = cv2.imread(str(EXAMPLES / ("chelsea.png" if i % 2 else "coffee.png")))
-        cv2.imwrite(str(folder / f"{i:02d}.png"), np.ascontiguousarray(image[i * 2 :, : 300 + i * 2]))
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.ascontiguousarray(image[i * 5 :, : 300 + i * 5]))
     args = [sys.executable, "-m", "onnxcam", "explain", str(folder), "--model", str(lite0_model), "--batch-size", "1",
             "--quiet", "--panel"]  # fmt: skip
     partial = tmp_path / "partial"
-    process = subprocess.Popen([*args, "--out", str(partial)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal delivers it: a shell's background job (CI may be one) ignores SIGINT, and its children
+    # would inherit that
+    process = subprocess.Popen([*args, "--out", str(partial)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
         results = partial / "results.jsonl"
@@ -134,7 +136,7 @@ def test_interrupted_run_resumes_to_the_same_outputs(lite0_model: Path, tmp_path
     assert "--resume" in stderr.decode() and b"Traceback" not in stderr
     assert not list(partial.glob("*.partial")) and not list(partial.glob(".*.partial"))
     done_before = len(_records(partial))
-    assert 3 <= done_before < count
+    assert 3 <= done_before < 10
     resumed = subprocess.run([*args, "--out", str(partial), "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({done_before} skipped, 0 failed)" in resumed.stdout
