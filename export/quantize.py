@@ -34,6 +34,7 @@ from onnxcam.inputs import expand
 from onnxcam_export.graft import graft, head_nodes
 from onnxcam_export.save import save_explainer
 from onnxcam_export.simplify import static_pads
+from onnxcam_export.vjp import attrs
 
 # QDQ (default): QuantizeLinear/DequantizeLinear pairs around float ops, default-domain ONNX that any runtime
 # reads, which ONNX Runtime fuses into int8 kernels; QOperator: ONNX Runtime's QLinear* ops, some of them in
@@ -114,7 +115,7 @@ def first_depthwise_block(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def _is_depthwise(conv: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
     """A Conv with one group per output channel (and more than one group)."""
-    groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    groups = int(attrs(conv).get("group", 1))
     weight = weights.get(conv.input[1])
     return groups > 1 and weight is not None and weight.dims[0] == groups
 
@@ -133,11 +134,12 @@ def int8_head_weights(graph: onnx.GraphProto) -> None:
     products = [n for n in head_nodes(graph, contract.ACTIVATIONS, contract.LOGITS) if n.op_type in ("MatMul", "Gemm")]
     for node in products:
         weight = weights.get(node.input[1])
-        if weight is None or len(weight.dims) != 2 or (node.op_type == "Gemm" and _gemm_attr(node, "transA")):
+        a = attrs(node)
+        if weight is None or len(weight.dims) != 2 or (node.op_type == "Gemm" and a.get("transA", 0)):
             continue
         matrix = numpy_helper.to_array(weight).astype(np.float64)
         if node.op_type == "Gemm":
-            matrix = (matrix.T if _gemm_attr(node, "transB") else matrix) * _gemm_attr(node, "alpha", 1.0)
+            matrix = (matrix.T if a.get("transB", 0) else matrix) * a.get("alpha", 1.0)
         scale = np.maximum(np.abs(matrix).max(axis=0), np.finfo(np.float32).tiny) / 127
         name = f"{node.name}/weight"
         graph.initializer.extend([
@@ -149,17 +151,13 @@ def int8_head_weights(graph: onnx.GraphProto) -> None:
                                       name=f"{name}/DequantizeLinear")  # fmt: skip
         product = [helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=f"{node.name}/MatMul")]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            product = _with_bias(graph, node, product[0], _gemm_attr(node, "beta", 1.0))
+            product = _with_bias(graph, node, product[0], a.get("beta", 1.0))
         graph.node.remove(node)
         for offset, new in enumerate([dequantize, *product]):
             graph.node.insert(index + offset, new)
     used = {i for n in graph.node for i in n.input}
     for unused in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(unused)
-
-
-def _gemm_attr(node: onnx.NodeProto, name: str, default: float = 0) -> float:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _with_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, product: onnx.NodeProto, beta: float) -> list:

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxcam import contract
+from onnxcam.maps import finest
 from onnxcam.methods import EPS, METHODS
 from onnxcam_export.builder import Builder
 
@@ -198,7 +199,7 @@ def add_saliency(
     methods = saliency_methods()
     with b.subgraph() as then_nodes:
         sums = [_choose(b, _float64(b, scale), methods) for scale in range(max(len(grids), 1))]
-        summed = sums[0] if len(sums) == 1 else _aggregate(b, sums, max(grids, key=lambda g: g[0] * g[1]))
+        summed = sums[0] if len(sums) == 1 else _aggregate(b, sums, finest(grids))
         finished = _finish(b, summed, size)
     with b.subgraph() as else_nodes:
         shape = b.op("Concat", b.op("Shape", contract.TARGET_CLASSES), b.ints([0, 0]), axis=0)

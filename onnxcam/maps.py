@@ -6,6 +6,8 @@ Full-resolution maps of large photos are hundreds of MB: the work here is float3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -36,10 +38,16 @@ def normalize(cam: np.ndarray) -> tuple[np.ndarray, bool]:
     return cam, False
 
 
+def finest(grids: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The ``(h, w)`` with the most cells: where several layers' maps are averaged (in Python and in the graph)."""
+    h, w = max(grids, key=lambda g: g[0] * g[1])
+    return h, w
+
+
 def aggregate(layers: list[np.ndarray]) -> np.ndarray:
     """Maps ``[T, h_i, w_i]`` of several target layers as one ``[T, h, w]`` at the finest grid: each map min-max
     scaled, upsampled bilinearly and averaged over the layers (pytorch-grad-cam's multi-layer aggregation)."""
-    size = max((m.shape[1:] for m in layers), key=lambda s: s[0] * s[1])
+    size = finest([m.shape[1:] for m in layers])
     scaled = [[upsample(normalize(cam.astype(np.float32))[0], size) for cam in maps] for maps in layers]
     return np.mean(np.asarray(scaled, dtype=np.float64), axis=0)
 
