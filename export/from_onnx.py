@@ -8,7 +8,7 @@ graft the gradients and store the model card.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import onnx.version_converter
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
-from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, SCORES, TASKS, ModelCard, imagenet_labels
+from onnxcam.contract import MAX_INPUT_SIDE, SCORES, TASKS, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
+from onnxcam.geometry import Resize
 from onnxcam.outputs import file_digest
 from onnxcam_export.builder import Types, infer_types
 from onnxcam_export.graft import (
@@ -33,6 +34,7 @@ from onnxcam_export.graft import (
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
+from onnxcam_export.sources import ASSUMED, DEFAULTS, RESIZES, Facts, from_file, labels_file, preprocess_file
 from onnxcam_export.tasks import (
     BOX_FORMATS,
     CLASS_SCORES,
@@ -55,40 +57,53 @@ STEP_BACK = ("MaxPool", "AveragePool", "Transpose")  # a trailing pool or layout
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a uint8 RGB pixel becomes the model's input: ``(pixel / 255 - mean) / std``, channels per ``bgr``."""
+    """What the user said about the preprocessing (flags, ``--preprocess``), before the file's own facts."""
 
-    size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    bgr: bool = False
-    given: frozenset[str] = field(default_factory=frozenset)  # which fields the user set
+    given: Facts = field(default_factory=Facts)
 
     @classmethod
     def from_json(cls, path: Path) -> Preprocessing:
-        """Read a sidecar such as ``{"size": 224, "mean": [0.5, 0.5, 0.5], "std": [...], "bgr": false}``."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise OnnxcamError(f"cannot read preprocessing file {path}: {exc}") from exc
-        unknown = set(data) - {"size", "mean", "std", "bgr"}
-        if not isinstance(data, dict) or unknown:
-            raise OnnxcamError(f"{path}: unknown keys {sorted(unknown)}; allowed: size, mean, std, bgr")
-        size = data.get("size")
-        size = (size, size) if isinstance(size, int) else tuple(size) if size else None
-        return cls.create(size, data.get("mean"), data.get("std"), bool(data.get("bgr", False)))
+        """A ``--preprocess`` file: onnxcam's JSON, a timm ``pretrained_cfg`` or HF's ``preprocessor_config.json``."""
+        return cls.create(None, None, None, False, str(path))
 
     @classmethod
-    def create(cls, size: tuple[int, int] | None, mean: object, std: object, bgr: bool) -> Preprocessing:
-        given = {k for k, v in {"size": size, "mean": mean, "std": std, "bgr": bgr or None}.items() if v is not None}
-        values = {}
-        for key, value, default in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
-            value = tuple(float(v) for v in value) if value is not None else default
-            if len(value) != 3 or (key == "std" and min(value) <= 0):
-                raise OnnxcamError(f"{key} needs three values (std > 0) on the 0..1 scale, got {value}")
-            values[key] = value
-        if size is not None and (len(size) != 2 or min(size) < 1):
-            raise OnnxcamError(f"size needs a positive height and width, got {size}")
-        return cls(size, values["mean"], values["std"], bgr, frozenset(given))
+    def create(
+        cls, size: tuple[int, int] | None, mean: object, std: object, bgr: bool, preprocess: str | None = None,
+        resize: str | None = None,
+    ) -> Preprocessing:  # fmt: skip
+        """From the flags (None, False: not given) and a ``--preprocess`` preset or file, which the flags override;
+        ``resize``: a :data:`RESIZES` name."""
+        facts = Facts()
+        if resize is not None:
+            if resize not in RESIZES:
+                raise OnnxcamError(f"unknown --resize {resize!r}; choose one of: {', '.join(RESIZES)}")
+            facts.add(f"flag --resize {resize}", resize=resize)
+        for key, value in (("mean", mean), ("std", std)):
+            if value is None:
+                continue
+            value = tuple(float(v) for v in value)
+            if len(value) != 3 or not all(math.isfinite(v) for v in value) or (key == "std" and min(value) <= 0):
+                raise OnnxcamError(f"{key} needs three finite values (std > 0) on the 0..1 scale, got {value}")
+            facts.add(f"flag --{key}", **{key: value})
+        if size is not None:
+            if len(size) != 2 or min(size) < 1 or max(size) > MAX_INPUT_SIDE:
+                raise OnnxcamError(f"--size needs a height and width from 1 to {MAX_INPUT_SIDE}, got {size}")
+            facts.add("flag --size", size=tuple(size))
+        if bgr:
+            facts.add("flag --bgr", bgr=True)
+        return cls(facts.merge(preprocess_file(preprocess)) if preprocess else facts)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The preprocessing the graft builds in, each fact with where it came from (the card's ``sources``)."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bgr: bool
+    resize: Resize
+    sources: dict[str, str]
 
 
 Shapes = dict[str, list[int | str | None]]  # tensor name -> dims: size, symbolic name or None
@@ -432,21 +447,59 @@ def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
     return next(o for o in model.graph.output if o.name == name)
 
 
-def _input_layout(graph: onnx.GraphProto, prep: Preprocessing) -> InputLayout:
+def _channels_first(graph: onnx.GraphProto, name: str) -> bool | None:
+    """Where a convolution reading the input (directly: NCHW; after a Transpose to NCHW: NHWC) finds 3 channels;
+    None if none does."""
+    weights = {i.name: i for i in graph.initializer}
+    readers = [n for n in graph.node if name in n.input]
+    for node in readers:
+        layout = True
+        if node.op_type == "Transpose" and list(next((a.ints for a in node.attribute if a.name == "perm"), [])) == [
+            0, 3, 1, 2]:  # fmt: skip
+            node, layout = next((n for n in graph.node if n.op_type == "Conv" and n.input[0] == node.output[0]),
+                                node), False  # fmt: skip
+        if node.op_type != "Conv" or node.input[1] not in weights:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if weights[node.input[1]].dims[1] * group == 3:
+            return layout
+    return None
+
+
+def _input_layout(graph: onnx.GraphProto, facts: Facts, notes: list[str]) -> InputLayout:
+    """The image input's layout and size: a symbolic channel axis (optimum leaves it so) is told from the first
+    convolution and written into the graph; the size is the model's own where fixed, else the facts'."""
     original = _model_input(graph)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in original.type.tensor_type.shape.dim]
+    dims_proto = original.type.tensor_type.shape.dim
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in dims_proto]
+    if len(dims) == 4 and 3 not in (dims[1], dims[3]) and None in (dims[1], dims[3]):
+        first = _channels_first(graph, original.name)
+        axis = {True: 1, False: 3}.get(first)
+        if axis is not None and dims[axis] is None:
+            dims_proto[axis].Clear()
+            dims_proto[axis].dim_value = dims[axis] = 3
+            shown = "[N, 3, H, W]" if first else "[N, H, W, 3]"
+            notes.append(f"input {original.name!r}: its channel axis is symbolic; the first convolution reads 3 "
+                         f"channels {'first' if first else 'last'}: {shown}")  # fmt: skip
     if len(dims) != 4 or 3 not in (dims[1], dims[3]):
-        raise OnnxcamError(f"input {original.name!r} has shape {dims}; onnxcam needs [N, 3, H, W] or [N, H, W, 3]")
+        raise OnnxcamError(f"input {original.name!r} has shape {dims}; onnxcam needs [N, 3, H, W] or [N, H, W, 3] "
+                           "and no convolution reading it tells which axis holds the 3 channels; export the model "
+                           "with a fixed channel axis")  # fmt: skip
     channels_first = dims[1] == 3
-    height, width = (dims[2], dims[3]) if channels_first else (dims[1], dims[2])
-    if prep.size is not None:
-        if height and width and (height, width) != tuple(prep.size):
-            raise OnnxcamError(f"--size {prep.size} contradicts the model's fixed input size {height}x{width}")
-        height, width = prep.size
-    if not height or not width:
-        raise OnnxcamError(f"input {original.name!r} has a dynamic size; pass --size (e.g. --size 224)")
+    fixed = (dims[2], dims[3]) if channels_first else (dims[1], dims[2])
+    given = facts.values.get("size")
+    if given is not None and any(f and f != g for f, g in zip(fixed, given, strict=True)):
+        shown = "x".join(str(f or "?") for f in fixed)
+        raise OnnxcamError(f"the input size {given[0]}x{given[1]} ({facts.sources['size']}) contradicts the model's "
+                           f"fixed input size {shown}; give --size {shown.replace('?', 'W')}")  # fmt: skip
+    if all(fixed):
+        facts.values["size"], facts.sources["size"] = fixed, "the model's input"
+    elif given is None:
+        raise OnnxcamError(f"input {original.name!r} has a dynamic size and neither its metadata nor a sidecar names "
+                           "one; pass --size (e.g. --size 224, or --size 48 192 for height and width)")  # fmt: skip
+    height, width = facts.values["size"]
     elem = original.type.tensor_type.elem_type
-    return InputLayout(original.name, channels_first, height, width, elem, original.type.tensor_type.shape.dim[0])
+    return InputLayout(original.name, channels_first, height, width, elem, dims_proto[0])
 
 
 def _feed(layout: InputLayout, batch: int = 1, seed: int | None = None) -> dict[str, np.ndarray]:
@@ -478,13 +531,11 @@ def _fold_shapes(model: onnx.ModelProto, layout: InputLayout) -> None:
         raise OnnxcamError(f"ONNX Runtime cannot run the model to fold its shape computations: {exc}") from exc
 
 
-def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Preprocessing, notes: list[str]) -> None:
+def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Resolved) -> None:
     """Replace the float image input by uint8 RGB ``[N, H, W, 3]`` and the ops that normalise it."""
     graph = model.graph
     original = _model_input(graph)
     channels_first, height, width = layout.channels_first, layout.height, layout.width
-    if not {"mean", "std"} <= prep.given:
-        notes.append("no --mean/--std given: assuming ImageNet's mean/std on the 0..1 scale")
     image = helper.make_tensor_value_info(contract.IMAGE, TensorProto.UINT8, [None, height, width, 3])
     image.type.tensor_type.shape.dim[0].CopyFrom(layout.batch)
     # (pixel - 255 mean) / (255 std) as pixel * scale + shift, per channel of the model's layout:
@@ -514,20 +565,34 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Pr
         graph.node.insert(0, node)
 
 
-def _labels(path: Path | None, classes: int, notes: list[str], background: int | None = None) -> list[str]:
-    if path is not None:
-        try:
-            names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as exc:
-            raise OnnxcamError(f"cannot read labels file {path}: {exc}") from exc
-        if len(names) != classes:
-            raise OnnxcamError(f"{path} has {len(names)} labels but the model scores {classes} classes")
-        return names
-    if classes == 1000:
+def _labels(facts: Facts, classes: int, notes: list[str], background: int | None = None) -> tuple[list[str], str]:
+    """The class names and where they came from: ``--labels``, the file's metadata or sidecar, or assumed."""
+    if "labels" in facts.values:
+        names, source = facts.values["labels"], facts.sources["labels"]
+    elif classes == 1000:
         notes.append("no --labels: using the ImageNet-1k class names (the model scores 1000 classes)")
-        return imagenet_labels()
-    notes.append(f"no --labels: classes are named 'class 0' ... 'class {classes - 1}'")
-    return ["background" if i == background else f"class {i}" for i in range(classes)]
+        return imagenet_labels(), "assumed (ImageNet-1k: the model scores 1000 classes)"
+    else:
+        notes.append(f"no --labels: classes are named 'class 0' ... 'class {classes - 1}'")
+        return ["background" if i == background else f"class {i}" for i in range(classes)], "assumed (class i)"
+    if len(names) != classes:
+        raise OnnxcamError(f"{source} gives {len(names)} labels but the model scores {classes} classes")
+    return list(names), source
+
+
+def _resolve(facts: Facts, notes: list[str]) -> Resolved:
+    """The facts found, the defaults for the rest (each assumed one a note), and every fact's source."""
+    values, sources = dict(facts.values), dict(facts.sources)
+    assumed = [key for key in DEFAULTS if key not in values]
+    for key in assumed:
+        values[key], sources[key] = DEFAULTS[key], "assumed"
+    if assumed:
+        notes.append(f"warning: nothing names the {', '.join(assumed)}: assuming "
+                     f"{', '.join(ASSUMED[k] for k in assumed)} (name them with flags or --preprocess)")  # fmt: skip
+    if isinstance(values["resize"], str):  # a --resize name, for this input size
+        values["resize"] = RESIZES[values["resize"]](tuple(values["size"]))
+    return Resolved(tuple(values["size"]), tuple(values["mean"]), tuple(values["std"]), bool(values["bgr"]),
+                    values["resize"], sources)  # fmt: skip
 
 
 def _check_layer(graph: onnx.GraphProto, layer: str, logits: str, candidates: list[str], layouts: dict) -> bool:
@@ -581,7 +646,10 @@ def graft_file(
         raise OnnxcamError(f"--detector-layout forces a detector: drop --task {task}")
     if box_format is not None and box_format not in BOX_FORMATS:
         raise OnnxcamError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
-    prep = prep or Preprocessing()
+    given = (prep or Preprocessing()).given
+    if labels is not None:  # read before any work: a bad file is refused at once
+        given = Facts(dict(given.values), dict(given.sources)).add(f"flag --labels {Path(labels).name}",
+                                                                    labels=labels_file(Path(labels)))  # fmt: skip
     notes: list[str] = []
     try:
         model = onnx.load(source)
@@ -589,9 +657,11 @@ def graft_file(
         raise OnnxcamError(f"cannot read {source} as an ONNX model: {exc}") from exc
     if any(p.key == contract.META_PREFIX + "contract" for p in model.metadata_props):
         raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
+    facts = Facts(dict(given.values), dict(given.sources)).merge(from_file(model, Path(source)))
     model = _modern_ir(model)
     graph = model.graph
-    inputs = _input_layout(graph, prep)
+    inputs = _input_layout(graph, facts, notes)
+    prep = _resolve(facts, notes)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
     decoding = Decoding((inputs.height, inputs.width), box_format, background)
@@ -627,7 +697,7 @@ def graft_file(
     if upgraded is not model:
         model = upgraded
         _annotate_shapes(model, inputs)
-    _prepend_preprocessing(model, inputs, prep, notes)
+    _prepend_preprocessing(model, inputs, prep)
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
@@ -638,6 +708,12 @@ def graft_file(
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])
+    names, labels_source = _labels(facts, classes, notes, background)
+    if min(h, w) < 3:
+        better = "x".join(str(7 * round(side / cells)) for side, cells in ((inputs.height, h), (inputs.width, w)))
+        notes.append(f"warning: the target layer's grid is {h}x{w} at the input size {inputs.height}x{inputs.width}, "
+                     f"too coarse for a map: an input of {better} gives a 7x7 grid (--size, or re-export the model "
+                     "at that size)")  # fmt: skip
     described = "" if layout.kind == "nchw" else f" [{layout.describe(shapes[layer])}]"
     card = ModelCard(
         arch=f"onnx:{Path(source).name}",
@@ -646,13 +722,15 @@ def graft_file(
         input_size=(inputs.height, inputs.width),
         mean=prep.mean,
         std=prep.std,
-        labels=tuple(_labels(labels, classes, notes, background)),
+        labels=tuple(names),
         weights_path=weights_path,
         score=found.explained or score,
         task=found.kind,
         background=background,
         extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
+        resize=prep.resize.to_card(),
+        sources=prep.sources | {"labels": labels_source},
     )
     card = save_explainer(grafted, card, out)
     return card.summary(), notes

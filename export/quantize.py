@@ -29,7 +29,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxcam import contract
 from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import read_rgb, resize_rgb
+from onnxcam.image import read_rgb
 from onnxcam.inputs import expand
 from onnxcam_export.graft import graft, head_nodes
 from onnxcam_export.save import save_explainer
@@ -43,11 +43,13 @@ FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 
 
 class _Photos(CalibrationDataReader):
-    """The calibration photos, one at a time, as the ``image`` input (uint8 RGB at the model's size)."""
+    """The calibration photos, one at a time, as the ``image`` input (uint8 RGB at the model's size, placed by
+    the card's resize convention, as the deployed pipeline feeds them)."""
 
-    def __init__(self, paths: list[Path], size: tuple[int, int]) -> None:
-        self._feeds: Iterator[dict[str, np.ndarray]] = ({contract.IMAGE: resize_rgb(read_rgb(p), size)[None]}
-                                                        for p in paths)  # fmt: skip
+    def __init__(self, paths: list[Path], card: ModelCard) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = (
+            {contract.IMAGE: card.resizing.apply(read_rgb(p), card.input_size)[0][None]} for p in paths
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
@@ -200,7 +202,7 @@ def quantize_file(source: Path, calibrate: Path, out: Path, fmt: str = "qdq") ->
         logging.disable(logging.WARNING)  # the tool's advice about its pre-processing script, on the root logger
         try:
             quantize_static(
-                fp32, int8, _Photos(photos, card.input_size), quant_format=FORMATS[fmt], per_channel=True,
+                fp32, int8, _Photos(photos, card), quant_format=FORMATS[fmt], per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=kept_in_float(forward.graph),
             )  # fmt: skip

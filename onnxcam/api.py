@@ -21,7 +21,8 @@ import onnxruntime as ort
 from onnxcam import contract, maps, methods
 from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
-from onnxcam.image import read_mask, read_rgb, resize_rgb
+from onnxcam.geometry import STRETCH, Placement
+from onnxcam.image import read_mask, read_rgb
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,14 @@ class TargetMap:
     cam_lowres: np.ndarray  # [h, w] the method's map, unnormalised, at the target layer's size
     size: tuple[int, int]  # the image's (height, width)
     method: str = "gradcam"
+    placement: Placement | None = None  # where the image lies in the model's input; None: stretched over it
     box: tuple[float, float, float, float] | None = None  # a detection's x1, y1, x2, y2 in image pixels
     rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
         # computed when first read: a folder run reads it in its writer thread, not in ORT's
-        return maps.finish(self.cam_lowres, self.size)
+        return maps.finish(self.cam_lowres, self.size, self.placement)
 
     @property
     def cam(self) -> np.ndarray:
@@ -82,10 +84,17 @@ class Explanation:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A photo (uint8 RGB) and its copy at the model's input size: :meth:`Explainer.prepare`."""
+    """A photo (uint8 RGB), the model's input made from it by the card's resize convention, and where the
+    photo lies in that input: :meth:`Explainer.prepare`."""
 
     photo: np.ndarray
     model_input: np.ndarray
+    placement: Placement
+
+    @classmethod
+    def as_input(cls, image: np.ndarray) -> Prepared:
+        """An image that already is the model's input (its maps stay at the input's size and frame)."""
+        return cls(image, image, STRETCH.place(image.shape[:2], image.shape[:2]))
 
 
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
@@ -102,6 +111,7 @@ class Explainer:
         self.engine = Engine(model, provider, options)
         self.card = self.engine.card
         self._by_name = {name.lower(): i for i, name in enumerate(self.card.labels)}
+        self.resizing = self.card.resizing
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -164,10 +174,11 @@ class Explainer:
         return self.explain_batch([image], targets, top_k, **options)[0]
 
     def prepare(self, image: np.ndarray | str | Path) -> Prepared:
-        """``image`` (a path, or a uint8 ``[H, W, 3]`` RGB array) read and resized to the model's input, the
-        first step of :meth:`explain_batch`: a folder run does it in its reader thread while ORT runs."""
+        """``image`` (a path, or a uint8 ``[H, W, 3]`` RGB array) read and made the model's input as the card's
+        resize convention says (stretch, letterbox, centre crop, padding), the first step of :meth:`explain_batch`:
+        a folder run does it in its reader thread while ORT runs."""
         photo = read_rgb(image) if isinstance(image, str | Path) else _check_rgb(image)
-        return Prepared(photo, resize_rgb(photo, self.card.input_size))
+        return Prepared(photo, *self.resizing.apply(photo, self.card.input_size))
 
     def explain_batch(
         self,
@@ -203,13 +214,13 @@ class Explainer:
         batch = np.stack([p.model_input for p in prepared])
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
         if self.card.task == "detection":
-            return self._explain_detections(photos, batch, codes, names, eigen_smooth, _thresholds(conf, iou))
-        region = None if mask is None else self._region(mask, photos)
+            return self._explain_detections(prepared, batch, codes, names, eigen_smooth, _thresholds(conf, iou))
+        region = None if mask is None else self._region(mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
         probs = softmax(out.logits.astype(np.float64))
         results = []
-        for n, photo in enumerate(photos):
+        for n, (photo, placed) in enumerate(zip(photos, prepared, strict=True)):
             order = np.argsort(-out.logits[n], kind="stable")[:predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
             found = []
@@ -221,7 +232,7 @@ class Explainer:
                 for t, index in enumerate(out.target_classes[n]):
                     pred = self._prediction(int(index), probs[n], out.logits[n])
                     found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t],
-                                           size=photo.shape[:2], method=name))  # fmt: skip
+                                           size=photo.shape[:2], method=name, placement=placed.placement))  # fmt: skip
             results.append(Explanation(photo, preds, found))
         return results
 
@@ -240,15 +251,15 @@ class Explainer:
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
 
-    def _region(self, mask: np.ndarray | str | Path, photos: list[np.ndarray]) -> np.ndarray:
-        """``[N, H, W]`` float32 pixel weights at the model's size: ``mask`` (non-zero inside) resized as each photo."""
+    def _region(self, mask: np.ndarray | str | Path, prepared: list[Prepared]) -> np.ndarray:
+        """``[N, H, W]`` float32 pixel weights at the model's size: ``mask`` (non-zero inside) placed as each photo."""
         inside = read_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask) != 0
         inside = inside.any(axis=2) if inside.ndim == 3 else inside  # (a colour picture of the region)
-        for photo in photos:
+        for photo in (p.photo for p in prepared):
             if inside.shape != photo.shape[:2]:
                 raise OnnxcamError(f"the mask is {inside.shape[1]}x{inside.shape[0]} pixels but the image is "
                                    f"{photo.shape[1]}x{photo.shape[0]}; give a mask the size of the image")  # fmt: skip
-        return np.stack([resize_rgb(inside.astype(np.float32), self.card.input_size)] * len(photos))
+        return np.stack([p.placement.region_to_input(inside.astype(np.float32)) for p in prepared])
 
     def _check_scales(self, names: list[str]) -> None:
         """A model with several target layers runs the methods that read activations and gradients only."""
@@ -264,28 +275,27 @@ class Explainer:
                                f"{self.card.task} model: use onnxcam explain")  # fmt: skip
 
     def _explain_detections(
-        self, photos: list[np.ndarray], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool,
+        self, prepared: list[Prepared], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool,
         thresholds: dict[str, float],
     ) -> list[Explanation]:  # fmt: skip
-        """One map per kept detection of each photo, from one ORT call; boxes scaled to the photo."""
+        """One map per kept detection of each photo, from one ORT call; boxes mapped back to the photo's pixels
+        (the padding taken off, clipped to the photo, as ultralytics' ``scale_boxes``)."""
         full = methods.needs_gradients(names)
-        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1)), full,
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)), full,
                               thresholds=thresholds)  # fmt: skip
-        height, width = self.card.input_size
         results = []
-        for n, photo in enumerate(photos):
+        for n, p in enumerate(prepared):
             kept = np.flatnonzero(out.box_anchors[n] >= 0)
-            scale = np.array([photo.shape[1] / width, photo.shape[0] / height] * 2)
-            edges = np.array([photo.shape[1], photo.shape[0]] * 2)  # boxes clipped to the photo, as ultralytics
+            boxes = p.placement.boxes_to_photo(out.boxes[n])
             found = []
             for name in names:
                 lowres = self._maps(name, batch[n], out, n, eigen_smooth)
                 for t in kept:
-                    box = tuple(float(v) for v in np.round(np.clip(out.boxes[n, t] * scale, 0, edges), 2))
+                    box = tuple(float(v) for v in np.round(boxes[t], 2))
                     found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
-                                           cam_lowres=lowres[t], size=photo.shape[:2], method=name, box=box,
-                                           rank=int(t) + 1))  # fmt: skip
-            results.append(Explanation(photo, [self._detection(out, n, t) for t in kept], found))
+                                           cam_lowres=lowres[t], size=p.photo.shape[:2], method=name, box=box,
+                                           rank=int(t) + 1, placement=p.placement))  # fmt: skip
+            results.append(Explanation(p.photo, [self._detection(out, n, t) for t in kept], found))
         return results
 
     def _detection(self, out: Outputs, n: int, t: int) -> Prediction:

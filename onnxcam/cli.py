@@ -94,10 +94,15 @@ def _main(
 
 
 def _model_warnings(explainer: Explainer) -> list[str]:
-    """What a user must know before trusting the maps of this model."""
-    if explainer.card.trained:
-        return []
-    return [f"{explainer.engine.path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
+    """What a user must know before trusting the maps of this model: untrained weights, assumed preprocessing."""
+    card, path = explainer.card, explainer.engine.path
+    found = [] if card.trained else [f"{path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
+    assumed = [fact for fact, source in card.sources.items() if source == "assumed"]
+    if assumed:
+        were = "was" if len(assumed) == 1 else "were"
+        found.append(f"{path}: its {', '.join(assumed)} {were} assumed at export (nothing in the file named them): "
+                     "if the deployed pipeline differs, re-export with them")  # fmt: skip
+    return found
 
 
 def _load(model: str, provider: str | None = None, shared: bool = False) -> tuple[Explainer, list[str]]:
@@ -129,8 +134,21 @@ def export(
     source: Annotated[
         Path | None, typer.Option("--from", help="An existing ONNX classifier to graft (needs only the onnx package).")
     ] = None,
-    labels: Annotated[Path | None, typer.Option(help="With --from: class names, one per line.")] = None,
-    size: Annotated[int | None, typer.Option(help="With --from: input size when the model's is dynamic.")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --from: class names: one per line, a JSON list or {index: name} map, a Hugging Face "
+            "config.json or an ultralytics data YAML [default: the file's metadata or sidecar]."
+        ),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="With --from: input size when the model's is dynamic: 224, or height and width (48 192, 48x192) "
+            "[default: the file's metadata or sidecar].",
+            metavar="N | H W",
+        ),
+    ] = None,
     mean: Annotated[
         tuple[str, str, str] | None,
         typer.Option(
@@ -145,7 +163,21 @@ def export(
     ] = None,
     bgr: Annotated[bool, typer.Option("--bgr", help="With --from: the model takes BGR channels.")] = False,
     preprocess: Annotated[
-        Path | None, typer.Option(help='With --from: JSON sidecar {"size", "mean", "std", "bgr"} instead of flags.')
+        str | None,
+        typer.Option(
+            help="With --from: a Keras preprocess_input preset (caffe, tf, torch), or a JSON file: onnxcam's "
+            '{"size", "mean", "std", "bgr", "resize"}, a timm pretrained_cfg or a Hugging Face '
+            "preprocessor_config.json; flags override it [default: read from the file's metadata and sidecars].",
+            metavar="PRESET | JSON",
+        ),
+    ] = None,
+    resize: Annotated[
+        str | None,
+        typer.Option(
+            help="With --from: how the deployed pipeline fits a photo to the input: stretch, letterbox "
+            "(ultralytics), crop (shorter side, centre crop: torchvision eval), pad (OCR: right padding) "
+            "[default: read from the file's metadata and sidecars, else stretch].",
+        ),
     ] = None,
     score: Annotated[
         Score,
@@ -188,8 +220,9 @@ def export(
     """
     if source is not None:
         detector = {"layout": detector_layout, "box_format": box_format, "background": background}
-        _export_from(source, out, layer, labels, size, _numbers("--mean", mean), _numbers("--std", std), bgr,
-                     preprocess, score.value, task and task.value, detector)  # fmt: skip
+        prep = {"size": _size(size), "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "bgr": bgr,
+                "preprocess": preprocess, "resize": resize}  # fmt: skip
+        _export_from(source, out, layer, labels, prep, score.value, task and task.value, detector)
         return
     if task is not None or detector_layout or box_format or background is not None:
         raise OnnxcamError("--task, --detector-layout, --box-format and --background apply with --from only: the "
@@ -207,9 +240,8 @@ def export(
 
 
 def _export_from(
-    source: Path, out: Path | None, layer: str | None, labels: Path | None, size: int | None,
-    mean: tuple | None, std: tuple | None, bgr: bool, preprocess: Path | None, score: str, task: str | None,
-    detector: dict[str, object],
+    source: Path, out: Path | None, layer: str | None, labels: Path | None, prep: dict[str, object], score: str,
+    task: str | None, detector: dict[str, object],
 ) -> None:  # fmt: skip
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
@@ -217,15 +249,20 @@ def _export_from(
 
     if not source.is_file():
         raise OnnxcamError(f"model file {source} not found")
-    if preprocess is not None:
-        if size or mean or std or bgr:
-            raise OnnxcamError("give the preprocessing either as --preprocess JSON or as flags, not both")
-        prep = Preprocessing.from_json(preprocess)
-    else:
-        prep = Preprocessing.create((size, size) if size else None, mean, std, bgr)
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
-    card, notes = graft_file(source, target, layer, labels, prep, score, task, **detector)
+    card, notes = graft_file(source, target, layer, labels, Preprocessing.create(**prep), score, task, **detector)
     _report_export(target, card, notes)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """``--size``: ``224``, ``48x192`` or ``48,192`` (``--size 48 192`` arrives as ``48x192``)."""
+    if text is None:
+        return None
+    sides = re.split(r"[x,\s]+", text.strip().lower())
+    if not 1 <= len(sides) <= 2 or not all(re.fullmatch(r"\d{1,6}", s) for s in sides):
+        raise OnnxcamError(f"--size {text!r} is not a size; give one number (224) or height and width (48 192)")
+    height, width = int(sides[0]), int(sides[-1])
+    return height, width
 
 
 def _numbers(option: str, values: tuple[str, ...] | None) -> tuple[float, ...] | None:
@@ -247,9 +284,14 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
     size = target.stat().st_size + (data.stat().st_size if data.exists() else 0)
     _echo(f"wrote {target}{f' and {data.name}' if data.exists() else ''} ({size / 1e6:.1f} MB)")
     for note in notes:
-        _echo(f"  note: {note}")
+        if note.startswith("warning: "):
+            _echo(note, err=True)
+        else:
+            _echo(f"  note: {note}")
     for key, value in card.items():
-        if key != "notes":
+        if key == "sources":
+            _echo("  where each fact came from: " + "; ".join(f"{fact}: {where}" for fact, where in value.items()))
+        elif key != "notes":
             _echo(f"  {key}: {value}")
 
 
@@ -660,11 +702,14 @@ _TRIPLES = ("--mean", "--std")
 
 
 def _split_triples(args: list[str]) -> list[str]:
-    """``--mean 0.5,0.5,0.5`` (or ``--mean=0.5,0.5,0.5``) as the three numbers click expects."""
+    """``--mean 0.5,0.5,0.5`` (or ``--mean=0.5,0.5,0.5``) as the three numbers click expects; ``--size H W`` as
+    the one value ``HxW``."""
     out: list[str] = []
     for i, arg in enumerate(args):
         name, _, value = arg.partition("=")
-        if name in _TRIPLES and value:
+        if i > 1 and args[i - 2] == "--size" and re.fullmatch(r"\d+", args[i - 1]) and re.fullmatch(r"\d+", arg):
+            out[-1] += f"x{arg}"  # --size H W
+        elif name in _TRIPLES and value:
             out += [name, *re.split(r"[,\s]+", value.strip(", "))]
         elif i > 0 and args[i - 1] in _TRIPLES and "," in arg:
             out += re.split(r"[,\s]+", arg.strip(", "))

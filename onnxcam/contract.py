@@ -82,10 +82,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 
 from onnxcam.errors import OnnxcamError
+from onnxcam.geometry import Resize
 
 CONTRACT_VERSION = "1"
 
@@ -168,6 +169,13 @@ class ModelCard:
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
     background: int | None = None  # a detector's background class (never a detection), an index into ``labels``
     quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
+    resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
+    sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it
+
+    @property
+    def resizing(self) -> Resize:
+        """The resize convention the model's pipeline uses (:mod:`onnxcam.geometry`)."""
+        return Resize.from_card(self.resize)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -224,8 +232,9 @@ class ModelCard:
                 ("target layer", ", ".join([self.layer, *self.extra_layers])),
                 (
                     "input",
-                    f"uint8 [N, {height}, {width}, 3] {self.channel_order}; resize only, normalised in the graph",
+                    f"uint8 [N, {height}, {width}, 3] {self.channel_order}; normalised in the graph",
                 ),
+                ("resize", self.resizing.describe()),
                 ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
                 ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
                 ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
@@ -235,6 +244,7 @@ class ModelCard:
                 ("explained score", self.score),
             ]
             + self._saliency_rows()
+            + ([("sources", ", ".join(f"{k}: {v}" for k, v in self.sources.items()))] if self.sources else [])
             + ([("notes", self.notes)] if self.notes else [])
         )
 
@@ -252,7 +262,7 @@ class ModelCard:
 
     def summary(self) -> dict[str, object]:
         """The card without its labels and empty lists (what the exporter prints)."""
-        return {k: v for k, v in asdict(self).items() if k != "labels" and v not in ((), None)}
+        return {k: v for k, v in asdict(self).items() if k != "labels" and v not in ((), None, {})}
 
 
 def _tuples(value: object) -> object:
@@ -284,6 +294,21 @@ def _size(value: object) -> str | None:
     return None
 
 
+def _resize(value: object) -> str | None:
+    if not isinstance(value, dict):
+        return f"must be an object, got {value!r}"
+    try:
+        Resize.from_card(value)
+    except (OnnxcamError, TypeError) as exc:
+        return f"is malformed: {exc}"
+    return None
+
+
+def _sources(value: object) -> str | None:
+    ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    return None if ok else f"must map facts to where they came from (strings), got {value!r}"
+
+
 def _labels(value: object) -> str | None:
     if not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
         return "must be a non-empty list of class names"
@@ -309,6 +334,8 @@ _CHECKS: dict[str, Check] = {
         None if isinstance(v, tuple) and all(isinstance(n, str) for n in v) else f"must be a list of layers, got {v!r}"
     ),
     "background": lambda v: None if v is None or (type(v) is int and v >= 0) else f"must be a class index, got {v!r}",
+    "resize": _resize,
+    "sources": _sources,
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
     "saliency_methods": lambda v: (
         None

@@ -48,6 +48,25 @@ class Outputs:
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
     # each extra target layer
 
+    def rows(self, count: int) -> Outputs:
+        """The first ``count`` images' outputs (every output is batch-first)."""
+        cut = {k: v if v is None else v[:count] for k, v in vars(self).items() if k != "scales"}
+        return Outputs(**cut, scales=tuple(tuple(a[:count] for a in s) for s in self.scales))
+
+    @staticmethod
+    def concatenate(parts: list[Outputs]) -> Outputs:
+        """The outputs of consecutive batches as one."""
+        joined = {k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts])
+                  for k in vars(parts[0]) if k != "scales"}  # fmt: skip
+        scales = tuple(tuple(np.concatenate([p.scales[i][j] for p in parts]) for j in range(3))
+                       for i in range(len(parts[0].scales)))  # fmt: skip
+        return Outputs(**joined, scales=scales)
+
+
+def _pad_rows(values: np.ndarray, count: int) -> np.ndarray:
+    """``values`` with its last row repeated up to ``count`` rows."""
+    return np.concatenate([values, np.repeat(values[-1:], count - len(values), axis=0)])
+
 
 def _providers(provider: str | None) -> list[str]:
     available = ort.get_available_providers()
@@ -213,6 +232,8 @@ class Engine:
         given = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
         self.inputs = frozenset(i.name for i in given)  # those with a default too
         self._check_graph()
+        batch = next(i.shape[0] for i in self.session.get_inputs() if i.name == contract.IMAGE)
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # a file exported at batch B
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
 
     def _check_graph(self) -> None:
@@ -258,6 +279,17 @@ class Engine:
             raise ValueError(f"images must be uint8 [N, {height}, {width}, 3], got {images.dtype} {images.shape}")
         if targets.ndim != 2 or targets.shape[0] != images.shape[0]:
             raise ValueError(f"targets must be [N, T] with N = {images.shape[0]}, got {targets.shape}")
+        fixed = self.fixed_batch
+        if fixed is not None and len(images) != fixed:  # a file exported at a fixed batch: run it B images at a time
+            options = {"full_gradients": full_gradients, "attention": attention, "saliency": saliency,
+                       "thresholds": thresholds}  # fmt: skip
+            parts = []
+            for start in range(0, len(images), fixed):
+                count = min(fixed, len(images) - start)
+                cut = [None if a is None else _pad_rows(a[start : start + count], fixed)
+                       for a in (images, targets, region)]  # fmt: skip
+                parts.append(self.run(cut[0], cut[1], region=cut[2], **options).rows(count))
+            return Outputs.concatenate(parts)
         feeds = {
             contract.IMAGE: images,
             contract.TARGETS: targets.astype(np.int64),

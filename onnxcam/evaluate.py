@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from onnxcam import maps, metrics
-from onnxcam.api import Explainer
+from onnxcam.api import Explainer, Prepared
 from onnxcam.audit import check_box
 from onnxcam.engine import softmax
 from onnxcam.errors import OnnxcamError, describe
-from onnxcam.image import read_rgb, resize_rgb
+from onnxcam.image import read_rgb
 from onnxcam.maps import Box
 from onnxcam.metrics import Score
 
@@ -46,9 +46,10 @@ def evaluate_image(
     photo = read_rgb(path)
     if box is not None:
         check_box(box, photo.shape[:2], path)
-    image = resize_rgb(photo, explainer.card.input_size)
+    prepared = explainer.prepare(photo)
+    image = prepared.model_input  # the metrics perturb the model's input, as the pipeline feeds it
     targets = [target] if target is not None else []
-    top = explainer.explain(image, targets, None if targets else 1, method=method).maps[0]
+    top = explainer.explain(Prepared.as_input(image), targets, None if targets else 1, method=method).maps[0]
     score = scorer(explainer, top.index)
     drop, increased = metrics.drop_and_increase(score, image, top.cam)
     row = {
@@ -60,8 +61,8 @@ def evaluate_image(
     if road:
         row |= metrics.road(score, image, top.cam)
     if box is not None:
-        # the box is in photo pixels: the same low-resolution map, upsampled to the photo instead
-        full, _ = maps.finish(top.cam_lowres, photo.shape[:2])
+        # the box is in photo pixels: the same low-resolution map, taken back to the photo instead
+        full, _ = maps.finish(top.cam_lowres, photo.shape[:2], prepared.placement)
         hit, energy = metrics.pointing_game(full, box)
         row |= {"pointing_game": hit, "energy_pointing_game": round(energy, 6)}
     return row

@@ -14,20 +14,29 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 MAX_LIST_BYTES = 64 * 1024 * 1024  # an @list of paths, not a data set
 
 
-def read_list(listing: Path) -> list[str]:
-    """The lines of an ``@list`` file: a regular file only (never a pipe or device), of sane size."""
+MAX_TEXT_BYTES = 16 * 1024 * 1024  # a labels file, a sidecar, a preprocessing JSON
+
+
+def read_small_text(path: Path, what: str = "file", limit: int = MAX_TEXT_BYTES) -> str:
+    """A small UTF-8 text file: a regular file only (never a pipe or device, which would hang or never end), of
+    at most ``limit`` bytes; anything else raises OnnxcamError naming ``what``."""
     try:
-        info = listing.stat()
+        info = path.stat()
     except OSError as exc:
-        raise OnnxcamError(f"cannot read the list file {listing}: {exc.strerror or exc}") from None
+        raise OnnxcamError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise OnnxcamError(f"the list file {listing} is not a regular file; give a text file with one path per line")
-    if info.st_size > MAX_LIST_BYTES:
-        raise OnnxcamError(f"the list file {listing} is {info.st_size:,} bytes, over {MAX_LIST_BYTES:,}; split it")
+        raise OnnxcamError(f"the {what} {path} is not a regular file (a folder, pipe or device); give a text file")
+    if info.st_size > limit:
+        raise OnnxcamError(f"the {what} {path} is {info.st_size:,} bytes, over {limit:,}; give the right file")
     try:
-        return listing.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise OnnxcamError(f"cannot read the list file {listing} as UTF-8 text: {exc}") from None
+        raise OnnxcamError(f"cannot read the {what} {path} as UTF-8 text: {exc}") from None
+
+
+def read_list(listing: Path) -> list[str]:
+    """The lines of an ``@list`` file (:func:`read_small_text`: a regular file of sane size)."""
+    return read_small_text(listing, "list file", MAX_LIST_BYTES).splitlines()
 
 
 def _walk(folder: Path) -> Iterator[Path]:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from onnxcam.geometry import Placement
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive
 
 
@@ -52,14 +54,18 @@ def aggregate(layers: list[np.ndarray]) -> np.ndarray:
     return np.mean(np.asarray(scaled, dtype=np.float64), axis=0)
 
 
-def finish(lowres: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+def finish(lowres: np.ndarray, size: tuple[int, int], placement: Placement | None = None) -> tuple[np.ndarray, bool]:
     """A method's low-resolution map as the ``[0, 1]`` map of ``size``: upsampled, min-max scaled.
 
     The low-resolution minimum is subtracted first (min-max ignores it; bilinear weights sum
     to 1): a map whose values vary by 1% of their size would otherwise lose 1e-5 of its
     [0, 1] range to float32 rounding in the resize. The graph's ``saliency`` does the same.
+    ``placement``: where the photo lay in the model's input when it is not stretched over it; the map is
+    upsampled to the input, its padding cut away, and what the model did not see is zero.
     """
-    return normalize(upsample(lowres - lowres.min(), size))
+    if placement is None or placement.whole:
+        return normalize(upsample(lowres - lowres.min(), size))
+    return normalize(placement.map_to_photo(upsample(lowres - lowres.min(), placement.input)))
 
 
 def peak(cam: np.ndarray) -> tuple[int, int]:
