@@ -61,11 +61,16 @@ def finish(lowres: np.ndarray, size: tuple[int, int], placement: Placement | Non
     to 1): a map whose values vary by 1% of their size would otherwise lose 1e-5 of its
     [0, 1] range to float32 rounding in the resize. The graph's ``saliency`` does the same.
     ``placement``: where the photo lay in the model's input when it is not stretched over it; the map is
-    upsampled to the input, its padding cut away, and what the model did not see is zero.
+    upsampled to the input, its padding cut away, min-max scaled over the part of the photo the model saw, and
+    zero where it saw nothing (a centre crop's margins).
     """
     if placement is None or placement.whole:
         return normalize(upsample(lowres - lowres.min(), size))
-    return normalize(placement.map_to_photo(upsample(lowres - lowres.min(), placement.input)))
+    full = placement.map_to_photo(upsample(lowres - lowres.min(), placement.input))
+    x0, y0, x1, y1 = placement.seen
+    if x1 <= x0 or y1 <= y0:  # (a photo so thin that no pixel of it survives the resize)
+        return full, True
+    return full, normalize(full[y0:y1, x0:x1])[1]  # (scaled in place)
 
 
 def peak(cam: np.ndarray) -> tuple[int, int]:

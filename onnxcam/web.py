@@ -65,7 +65,7 @@ def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Pat
         _copy(ort_dist / name, written[-1])
     written.append(out / "model.onnx")
     _copy(model, written[-1])
-    fields = ("arch", "weights", "trained", "layer", "input_size", "labels", "saliency_methods")
+    fields = ("arch", "weights", "trained", "layer", "input_size", "labels", "saliency_methods", "resize")
     document = json.dumps({key: getattr(card, key) for key in fields}, indent=1)
     written.append(out / "card.json")
     atomic_write(written[-1], lambda tmp: tmp.write_text(document, encoding="utf-8"))

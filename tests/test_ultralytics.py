@@ -5,8 +5,11 @@ skipped elsewhere, with the reason. Random weights are made to give spread-out s
 norms take the statistics of random images (else the activations fade layer by layer) and the class
 biases are zero (ultralytics initialises them for near-zero scores).
 Checks: the automatic target layers are the Detect head's three inputs, the in-graph non-maximum
-suppression keeps what ultralytics' own ``non_max_suppression`` keeps, and the gradients of box
-scores at each of the three scales match torch autograd (float64) on the same weights.
+suppression keeps what ultralytics' own ``non_max_suppression`` keeps, the gradients of box
+scores at each of the three scales match torch autograd (float64) on the same weights, and a file
+exported as users export it (fixed size, ultralytics' metadata) grafted with no flag at all gives,
+on photos of five aspect ratios, the boxes, classes and scores of ``YOLO(file).predict`` on the
+same file: its labels, its pixels / 255 and its letterbox come from the file's metadata.
 """
 
 from __future__ import annotations
@@ -35,22 +38,34 @@ SIZE = 320  # 2100 anchors: the layout of 640, a quarter of the work
 HEAD_INPUTS = [f"/model.{i}/cv2/act/Mul_output_0" for i in (15, 18, 21)]  # P3, P4, P5: what Detect reads
 
 
-@pytest.fixture(scope="module")
-def yolo(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    folder = tmp_path_factory.mktemp("yolo")
+def _random_yolo(class_weights: float = 1.0) -> YOLO:
+    """YOLOv8n with seeded random weights whose scores spread out (``class_weights`` scales the class convolution:
+    below 1 keeps real photos' scores away from 1.0, where ties would make the order ambiguous)."""
     torch.manual_seed(0)
     model = YOLO("yolov8n.yaml")
     for branch in model.model.model[-1].cv3:
         branch[-1].bias.data.zero_()
+        branch[-1].weight.data *= class_weights
     for module in model.model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # the running statistics become those of one batch of random images
             module.reset_running_stats()
     with torch.no_grad():
         model.model.train()(_input(_images(4, seed=1), torch.float32))
+    return model
+
+
+def _export(model: YOLO, folder: Path, **options: object) -> Path:
     with warnings.catch_warnings(), contextlib.chdir(folder):  # it writes yolov8n.onnx into the working folder
         warnings.simplefilter("ignore")
-        plain = folder / model.export(format="onnx", imgsz=SIZE, dynamic=True, simplify=False, nms=False, opset=17)
+        return folder / model.export(format="onnx", imgsz=SIZE, simplify=False, nms=False, opset=17, **options)
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    folder = tmp_path_factory.mktemp("yolo")
+    model = _random_yolo()
+    plain = _export(model, folder, dynamic=True)
     out = folder / "yolov8n.cam.onnx"
     card, _ = graft_file(plain, out, prep=Preprocessing.create((SIZE, SIZE), (0, 0, 0), (1, 1, 1), False))
     assert card["task"] == "detection"
@@ -104,3 +119,39 @@ def test_box_score_gradients_match_torch_autograd(yolo: tuple) -> None:
         scale = np.abs(grads).max()
         np.testing.assert_allclose(gradients[0], grads, rtol=1e-4, atol=1e-4 * scale)
         np.testing.assert_allclose(weights[0], grads.mean(axis=(2, 3)), rtol=1e-4, atol=1e-4 * scale)
+
+
+def _same_box(a: np.ndarray, b: np.ndarray) -> bool:
+    """IoU >= 0.95, or (boxes clipped flat at the photo's edge have no area) corners within half a pixel."""
+    inner = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
+    union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inner
+    return bool(np.abs(a - b).max() <= 0.5 or (union > 0 and inner / union >= 0.95))
+
+
+def test_a_deployed_export_is_explained_as_ultralytics_predicts_it(tmp_path: Path) -> None:
+    from onnxcam.api import Explainer
+    from onnxcam.image import read_rgb
+
+    model = _random_yolo(class_weights=0.05)
+    model.model.names = {i: f"thing {i}" for i in range(80)}
+    plain = _export(model, tmp_path, dynamic=False)
+    card, _ = graft_file(plain, tmp_path / "deployed.cam.onnx")  # no flag: everything from the file
+    assert card["resize"] == {"mode": "letterbox", "interpolation": "linear", "pad": 114}
+    assert set(card["sources"].values()) == {"file metadata (ultralytics)", "the model's input"}
+    explainer = Explainer(tmp_path / "deployed.cam.onnx")
+    assert explainer.labels[7] == "thing 7" and explainer.card.mean == (0, 0, 0) and explainer.card.std == (1, 1, 1)
+    predictor = YOLO(plain, task="detect")
+    photo = read_rgb(Path(__file__).parents[1] / "examples" / "chelsea.png")  # 451x300
+    views = {"3:2": photo, "2:3": photo.transpose(1, 0, 2), "2:1": photo[37:263], "1:3": photo[:, 200:300],
+             "3:2 upscaled": photo[::3, ::3]}  # fmt: skip
+    for name, view in views.items():
+        view = np.ascontiguousarray(view)
+        ours = explainer.explain(view, top_k=30, conf=0.5, iou=0.7).maps
+        theirs = predictor.predict(view[:, :, ::-1].copy(), conf=0.5, iou=0.7, imgsz=SIZE, verbose=False)[0].boxes
+        assert len(ours) == 30 and len(theirs) >= 30, name
+        boxes, scores, classes = theirs.xyxy.numpy(), theirs.conf.numpy(), theirs.cls.numpy().astype(int)
+        for m in ours:  # each kept box is one of ultralytics' (the order of equal scores may differ)
+            match = [i for i in range(len(boxes)) if classes[i] == m.index and abs(scores[i] - m.probability) <= 0.01
+                     and _same_box(np.asarray(m.box), boxes[i])]  # fmt: skip
+            assert match, (name, m.box, m.probability, m.index)
+        assert abs(ours[0].probability - scores[0]) < 1e-4, name

@@ -3,12 +3,13 @@
 //   npm ci --prefix web
 //   node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]
 //
-// Prints the top-5 classes (index, probability) and writes the overlay of CLASS (default: the
-// top-1) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam explain`.
+// Prints the top-5 classes (index, probability, label) and writes the overlay of CLASS (default: the
+// top-1) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam explain`. The photo
+// is fitted to the model's input as its card says (stretch, letterbox, centre crop, padding), as in Python.
 import { readFileSync, writeFileSync } from "node:fs";
 import ort from "onnxruntime-node";
 import { PNG } from "pngjs";
-import { explain, modelInput, overlay, ranked } from "../onnxcam/site/onnxcam.mjs";
+import { cardOf, explain, modelInput, overlay, ranked } from "../onnxcam/site/onnxcam.mjs";
 
 const [model, photo, out, target] = process.argv.slice(2);
 if (!out) {
@@ -20,12 +21,16 @@ const { width, height } = png;
 const rgb = new Uint8Array(width * height * 3);
 for (let i = 0; i < width * height; i++) for (let c = 0; c < 3; c++) rgb[i * 3 + c] = png.data[i * 4 + c];
 
+const card = cardOf(readFileSync(model)); // (the session reads the file itself: external weights too)
 const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 });
-const size = session.inputMetadata.find((i) => i.name === "image").shape.slice(1, 3);
+const size = card.input_size;
 const targets = target === undefined ? [-1] : [Number(target)];
-const result = await explain(ort, session, modelInput(rgb, height, width, size), size, targets);
-for (const [index, probability] of ranked(result.logits, 5)) console.log(`${index}\t${probability.toFixed(4)}`);
+const { pixels, placement } = modelInput(rgb, height, width, size, card.resize);
+const result = await explain(ort, session, pixels, size, targets);
+for (const [index, probability] of ranked(result.logits, 5)) {
+  console.log(`${index}\t${probability.toFixed(4)}\t${card.labels[index]}`);
+}
 const picture = new PNG({ width, height });
-picture.data = Buffer.from(overlay(rgb, height, width, result.maps[0], size));
+picture.data = Buffer.from(overlay(rgb, height, width, result.maps[0], placement));
 writeFileSync(out, PNG.sync.write(picture));
 console.log(`class ${result.classes[0]}: wrote ${out}`);

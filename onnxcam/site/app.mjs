@@ -1,7 +1,7 @@
 // The page: load the explainer once, then for each photo one ONNX Runtime call for the top-5 classes and
 // their Grad-CAM maps; a click on a class shows its overlay. State for tests: window.onnxcam.
 import * as ort from "./ort/ort.min.mjs";
-import { explain, modelInput, overlay, ranked } from "./onnxcam.mjs";
+import { explain, mapToPhoto, modelInput, overlay, ranked } from "./onnxcam.mjs";
 
 const TOP = 5;
 const $ = (id) => document.getElementById(id);
@@ -36,7 +36,7 @@ function show(photo, result, t, card) {
   const { rgb, height, width } = photo;
   const canvas = $("overlay");
   [canvas.width, canvas.height] = [width, height];
-  const pixels = overlay(rgb, height, width, result.maps[t], card.input_size);
+  const pixels = overlay(rgb, height, width, result.maps[t], photo.placement);
   canvas.getContext("2d").putImageData(new ImageData(pixels, width, height), 0, 0);
   for (const [i, button] of [...$("classes").children].entries()) button.setAttribute("aria-pressed", i === t);
 }
@@ -48,7 +48,9 @@ async function explainFile(file, model) {
   const size = model.card.input_size;
   const started = performance.now();
   const targets = Array.from({ length: TOP }, (_, k) => -(k + 1));
-  const result = await explain(ort, model.session, modelInput(photo.rgb, photo.height, photo.width, size), size, targets);
+  const { pixels, placement } = modelInput(photo.rgb, photo.height, photo.width, size, model.card.resize);
+  photo.placement = placement;
+  const result = await explain(ort, model.session, pixels, size, targets);
   const seconds = (performance.now() - started) / 1000;
   const probabilities = new Map(ranked(result.logits, model.card.labels.length));
   $("classes").replaceChildren(...result.classes.map((index, t) => {
@@ -61,7 +63,7 @@ async function explainFile(file, model) {
   $("status").textContent = `${file.name}: ${seconds.toFixed(2)} s on ${model.provider}; click a class to see its map`;
   window.onnxcam = { state: "done", provider: model.provider, classes: result.classes,
                      probabilities: result.classes.map((i) => probabilities.get(i)),
-                     map: Array.from(result.maps[0]) };
+                     map: Array.from(result.maps[0]), photoMap: Array.from(mapToPhoto(result.maps[0], placement)) };
 }
 
 const model = await open().catch((error) => {

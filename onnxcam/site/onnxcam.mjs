@@ -26,15 +26,24 @@ export const JET = new Uint8Array([
   188, 0, 0, 184, 0, 0, 180, 0, 0, 176, 0, 0, 172, 0, 0, 168, 0, 0, 164, 0, 0, 160, 0, 0, 156, 0, 0, 152, 0, 0, 148, 0, 0, 144, 0, 0, 140, 0, 0, 136, 0, 0, 132, 0, 0, 128, 0, 0,
 ]);
 
+// Python's round(): halves to even (ultralytics' letterbox offsets are computed with it).
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
 // Resampling weights along one axis: for each output index, [source index, weight] pairs.
-// Shrinking averages the covered source cells by their covered fraction (OpenCV's INTER_AREA);
-// enlarging interpolates linearly between pixel centres, clamped at the edges (INTER_LINEAR).
-function taps(from, to) {
+// "area": shrinking averages the covered source cells by their covered fraction (OpenCV's INTER_AREA),
+// enlarging interpolates linearly between pixel centres, clamped at the edges (INTER_LINEAR); "linear": always
+// the latter; "pil-nearest": OpenCV's INTER_NEAREST_EXACT (PIL's NEAREST).
+function taps(from, to, interpolation = "area") {
   const scale = from / to;
   const out = [];
   for (let i = 0; i < to; i++) {
     const row = [];
-    if (scale > 1) {
+    if (interpolation === "pil-nearest") {
+      row.push([Math.min(Math.floor((i + 0.5) * scale), from - 1), 1]);
+    } else if (scale > 1 && interpolation === "area") {
       const start = i * scale;
       const end = start + scale;
       for (let s = Math.floor(start); s < Math.min(Math.ceil(end), from); s++) {
@@ -53,10 +62,75 @@ function taps(from, to) {
   return out;
 }
 
-// Separable resize of `channels`-interleaved values (height x width) to (outHeight x outWidth), Float32Array.
-export function resize(values, height, width, channels, outHeight, outWidth) {
-  const across = taps(width, outWidth);
-  const down = taps(height, outHeight);
+// PIL's antialiased filters (Resample.c), reproduced exactly: [source index, integer weight] pairs per output.
+const PIL_FILTERS = {
+  "pil-bilinear": [1, (x) => Math.max(0, 1 - Math.abs(x))],
+  "pil-bicubic": [2, (x) => {
+    const a = -0.5;
+    x = Math.abs(x);
+    if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
+    return x < 2 ? (((x - 5) * x + 8) * x - 4) * a : 0;
+  }],
+  "pil-lanczos": [3, (x) => {
+    const sinc = (v) => (v === 0 ? 1 : Math.sin(Math.PI * v) / (Math.PI * v));
+    return Math.abs(x) < 3 ? sinc(x) * sinc(x / 3) : 0;
+  }],
+};
+const PRECISION_BITS = 22;
+
+function pilTaps(from, to, interpolation) {
+  const [support, kernel] = PIL_FILTERS[interpolation];
+  const scale = from / to;
+  const filterscale = Math.max(scale, 1);
+  const reach = support * filterscale;
+  const out = [];
+  for (let i = 0; i < to; i++) {
+    const centre = (i + 0.5) * scale;
+    const low = Math.max(Math.trunc(centre - reach + 0.5), 0);
+    const high = Math.min(Math.trunc(centre + reach + 0.5), from);
+    const weights = [];
+    for (let s = low; s < high; s++) weights.push(kernel((s - centre + 0.5) / filterscale));
+    const total = weights.reduce((a, b) => a + b, 0);
+    out.push(weights.map((w, k) => {
+      const v = (total !== 0 ? w / total : w) * (1 << PRECISION_BITS);
+      return [low + k, Math.trunc(v < 0 ? v - 0.5 : v + 0.5)];
+    }));
+  }
+  return out;
+}
+
+// One PIL pass over uint8 values: along rows (horizontal) or columns, rounded to 8 bits as PIL does.
+function pilPass(values, height, width, channels, horizontal, table) {
+  const [outHeight, outWidth] = horizontal ? [height, table.length] : [table.length, width];
+  const out = new Uint8Array(outHeight * outWidth * channels);
+  for (let y = 0; y < outHeight; y++) {
+    for (let x = 0; x < outWidth; x++) {
+      for (let c = 0; c < channels; c++) {
+        let acc = 1 << (PRECISION_BITS - 1);
+        for (const [s, w] of table[horizontal ? x : y]) {
+          acc += w * values[((horizontal ? y : s) * width + (horizontal ? s : x)) * channels + c];
+        }
+        out[(y * outWidth + x) * channels + c] = Math.min(255, Math.max(0, Math.floor(acc / (1 << PRECISION_BITS))));
+      }
+    }
+  }
+  return out;
+}
+
+// Separable resize of `channels`-interleaved values (height x width) to (outHeight x outWidth), Float32Array
+// (uint8 values for the PIL filters, which round each pass as PIL does).
+export function resize(values, height, width, channels, outHeight, outWidth, interpolation = "area") {
+  if (interpolation in PIL_FILTERS) {
+    let out = values;
+    if (outWidth !== width) out = pilPass(out, height, width, channels, true, pilTaps(width, outWidth, interpolation));
+    if (outHeight !== height) out = pilPass(out, height, outWidth, channels, false, pilTaps(height, outHeight, interpolation));
+    return Float32Array.from(out);
+  }
+  if (!["area", "linear", "pil-nearest"].includes(interpolation)) {
+    throw new Error(`the model's resize interpolation ${interpolation} is not implemented here; use the Python path`);
+  }
+  const across = taps(width, outWidth, interpolation);
+  const down = taps(height, outHeight, interpolation);
   const rows = new Float32Array(height * outWidth * channels);
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < outWidth; x++) {
@@ -76,10 +150,131 @@ export function resize(values, height, width, channels, outHeight, outWidth) {
   return out;
 }
 
-// RGB photo (Uint8 array, height x width x 3) -> the model's uint8 input at (size[0] x size[1]).
-export function modelInput(rgb, height, width, size) {
-  const resized = resize(rgb, height, width, 3, size[0], size[1]);
+// Where a photo (height x width) lies in the model's input of `size` under the card's resize convention
+// (onnxcam/geometry.py, the same formulas): the resized photo's size and its offset [top, left] in the input.
+export function placement(height, width, size, resize = {}) {
+  const mode = resize.mode ?? "stretch";
+  const centred = (resized) => {
+    const split = resize.centre === "floor" ? Math.floor : roundHalfEven;
+    return [-split((resized[0] - size[0]) / 2), -split((resized[1] - size[1]) / 2)];
+  };
+  let resized = [size[0], size[1]];
+  let offset = [0, 0];
+  if (mode === "letterbox") {
+    const ratio = Math.min(size[0] / height, size[1] / width);
+    resized = [Math.max(roundHalfEven(height * ratio), 1), Math.max(roundHalfEven(width * ratio), 1)];
+    offset = [roundHalfEven((size[0] - resized[0]) / 2 - 0.1), roundHalfEven((size[1] - resized[1]) / 2 - 0.1)];
+  } else if (mode === "crop") {
+    const longer = Math.trunc((resize.shorter * Math.max(height, width)) / Math.min(height, width));
+    resized = height <= width ? [resize.shorter, longer] : [longer, resize.shorter];
+    offset = centred(resized);
+  } else if (mode === "stretch-crop") {
+    resized = [resize.scaled[0], resize.scaled[1]];
+    offset = centred(resized);
+  } else if (mode === "pad") {
+    resized = [size[0], Math.max(Math.min(size[1], Math.ceil((size[0] * width) / height)), 1)];
+  } else if (mode !== "stretch") {
+    throw new Error(`unknown resize mode ${mode}`);
+  }
+  const window = [Math.max(offset[0], 0), Math.max(offset[1], 0),
+                  Math.min(offset[0] + resized[0], size[0]), Math.min(offset[1] + resized[1], size[1])];
+  const [fy, fx] = [height / resized[0], width / resized[1]];
+  const seen = [roundHalfEven((window[1] - offset[1]) * fx), roundHalfEven((window[0] - offset[0]) * fy),
+                roundHalfEven((window[3] - offset[1]) * fx), roundHalfEven((window[2] - offset[0]) * fy)];
+  const whole = offset[0] === 0 && offset[1] === 0 && resized[0] === size[0] && resized[1] === size[1];
+  return { photo: [height, width], size, resized, offset, window, seen, whole };
+}
+
+// RGB photo (Uint8 array, height x width x 3) -> the model's uint8 input at (size[0] x size[1]), placed by the
+// card's resize convention ({} or none: a stretch), and where the photo lies in it.
+export function modelInput(rgb, height, width, size, resize = {}) {
+  const where = placement(height, width, size, resize);
+  const [rh, rw] = where.resized;
+  const scaled = rh === height && rw === width ? rgb : resize_(rgb, height, width, rh, rw, resize.interpolation);
+  const pixels = new Uint8Array(size[0] * size[1] * 3).fill(where.whole ? 0 : resize.pad ?? 0);
+  const [top, left, bottom, right] = where.window;
+  for (let y = top; y < bottom; y++) {
+    for (let x = left; x < right; x++) {
+      const from = ((y - where.offset[0]) * rw + (x - where.offset[1])) * 3;
+      pixels.set(scaled.subarray(from, from + 3), (y * size[1] + x) * 3);
+    }
+  }
+  return { pixels, placement: where };
+}
+
+function resize_(rgb, height, width, outHeight, outWidth, interpolation = "area") {
+  const resized = resize(rgb, height, width, 3, outHeight, outWidth, interpolation);
   return Uint8Array.from(resized, (v) => Math.min(255, Math.max(0, Math.round(v))));
+}
+
+// A [0, 1] map at the model's input size -> the photo's size: the padding cut away, zero where the model did not
+// see the photo (a centre crop's margins), min-max scaled again over what it saw (as onnxcam/maps.py finishes it).
+export function mapToPhoto(map, where) {
+  const [height, width] = where.photo;
+  if (where.whole) return resize(map, where.size[0], where.size[1], 1, height, width, "linear");
+  const [top, left, bottom, right] = where.window;
+  const [x0, y0, x1, y1] = where.seen;
+  const cut = new Float32Array((bottom - top) * (right - left));
+  for (let y = top; y < bottom; y++) cut.set(map.subarray(y * where.size[1] + left, y * where.size[1] + right), (y - top) * (right - left));
+  const part = resize(cut, bottom - top, right - left, 1, y1 - y0, x1 - x0, "linear");
+  const out = new Float32Array(height * width);
+  let [low, high] = [Infinity, -Infinity];
+  for (let y = y0; y < y1; y++) {
+    for (let x = x0; x < x1; x++) {
+      const v = part[(y - y0) * (x1 - x0) + (x - x0)];
+      out[y * width + x] = v;
+      [low, high] = [Math.min(low, v), Math.max(high, v)];
+    }
+  }
+  for (let y = y0; y < y1; y++) {
+    for (let x = x0; x < x1; x++) {
+      const i = y * width + x;
+      out[i] = high > low ? Math.min(1, (out[i] - low) / (high - low)) : 0;
+    }
+  }
+  return out;
+}
+
+// The model card from an .onnx file's bytes (ModelProto field 14, metadata_props: key 1, value 2): the
+// onnxcam.* entries, JSON-decoded where they are not text. A reader without the file's card.json uses it.
+const TEXT_FIELDS = new Set(["arch", "weights", "layer", "weights_path", "score", "channel_order", "notes", "contract", "task"]);
+export function cardOf(bytes) {
+  const decoder = new TextDecoder();
+  const varint = (at) => {
+    let [value, shift] = [0, 1];
+    for (;;) {
+      const byte = bytes[at.i++];
+      value += (byte & 0x7f) * shift;
+      if (byte < 0x80) return value;
+      shift *= 128;
+    }
+  };
+  const fields = (start, end, visit) => {
+    const at = { i: start };
+    while (at.i < end) {
+      const tag = varint(at);
+      const [field, wire] = [Math.floor(tag / 8), tag % 8];
+      if (wire === 0) varint(at);
+      else if (wire === 1) at.i += 8;
+      else if (wire === 5) at.i += 4;
+      else if (wire === 2) {
+        const length = varint(at);
+        visit(field, at.i, at.i + length);
+        at.i += length;
+      } else throw new Error(`not an ONNX model (protobuf wire type ${wire})`);
+    }
+  };
+  const card = {};
+  fields(0, bytes.length, (field, start, end) => {
+    if (field !== 14) return;
+    const entry = {};
+    fields(start, end, (f, s, e) => { entry[f] = decoder.decode(bytes.subarray(s, e)); });
+    if (!entry[1]?.startsWith("onnxcam.")) return;
+    const key = entry[1].slice("onnxcam.".length);
+    card[key] = TEXT_FIELDS.has(key) ? entry[2] : JSON.parse(entry[2]);
+  });
+  if (!card.contract) throw new Error("not an onnxcam model (its file has no onnxcam model card)");
+  return card;
 }
 
 // One ONNX Runtime call: logits, the classes of `targets` (-k: the k-th best) and their finished maps.
@@ -108,9 +303,9 @@ export function ranked(logits, k) {
   return exp.map((v, i) => [i, v / total]).sort((a, b) => b[1] - a[1]).slice(0, k);
 }
 
-// The overlay (RGBA, for a canvas or a PNG): JET of the map upsampled to the photo, blended over it.
-export function overlay(rgb, height, width, map, size, alpha = HEAT_WEIGHT) {
-  const cam = resize(map, size[0], size[1], 1, height, width);
+// The overlay (RGBA, for a canvas or a PNG): JET of the map taken back to the photo (mapToPhoto), blended over it.
+export function overlay(rgb, height, width, map, where, alpha = HEAT_WEIGHT) {
+  const cam = mapToPhoto(map, where);
   const out = new Uint8ClampedArray(height * width * 4);
   for (let i = 0; i < height * width; i++) {
     const level = Math.min(255, Math.round(Math.abs(cam[i]) * 255));
