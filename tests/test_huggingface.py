@@ -85,7 +85,8 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     _calibrate(model)
     model.save_pretrained(folder / "hub")
     processor.save_pretrained(folder / "hub")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
         main_export(str(folder / "hub"), output=folder / "onnx", task="image-classification", no_post_process=True)
     return name, folder
