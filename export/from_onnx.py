@@ -142,7 +142,7 @@ def _quiet_session(model: onnx.ModelProto) -> object:
     import onnxruntime as ort  # a runtime dependency of onnxcam anyway
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # (a failure is raised and reported by the caller)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -516,19 +516,25 @@ def _feeds(layout: InputLayout) -> list[dict[str, np.ndarray]]:
     return [_feed(layout, b) for b in ([layout.batch.dim_value] if layout.batch.HasField("dim_value") else [1, 2])]
 
 
+def _cannot_run(layout: InputLayout, exc: Exception) -> OnnxcamError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OnnxcamError(f"ONNX Runtime cannot run the model at the input size {layout.height}x{layout.width} "
+                        f"({first[:300]}); give the size the model was made for with --size H W")  # fmt: skip
+
+
 def _annotate_shapes(model: onnx.ModelProto, layout: InputLayout) -> Types:
     try:
         return annotate_shapes(model, _feeds(layout), layout.batch)
-    except RuntimeError as exc:
-        raise OnnxcamError(f"ONNX Runtime cannot run the model to learn its shapes: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        raise _cannot_run(layout, exc) from exc
 
 
 def _fold_shapes(model: onnx.ModelProto, layout: InputLayout) -> None:
     """Fold what the model computes from tensor shapes and is static at its input size."""
     try:
         fold_shape_computations(model, _feeds(layout))
-    except RuntimeError as exc:
-        raise OnnxcamError(f"ONNX Runtime cannot run the model to fold its shape computations: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        raise _cannot_run(layout, exc) from exc
 
 
 def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Resolved) -> None:

@@ -264,7 +264,7 @@ def _probe(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # its notes about unused initializers are noise here
+    options.log_severity_level = 4  # its notes about unused initializers are noise, its errors are raised here
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return session.run(names, feed)
