@@ -91,7 +91,10 @@ class Preprocessing:
             facts.add("flag --size", size=tuple(size))
         if bgr:
             facts.add("flag --bgr", bgr=True)
-        return cls(facts.merge(preprocess_file(preprocess)) if preprocess else facts)
+        facts = facts.merge(preprocess_file(preprocess)) if preprocess else facts
+        if {"mean", "std"} & set(facts.values) and facts.sources.get("mean", "").startswith("flag"):
+            facts.add("flag --mean/--std (RGB order; no --bgr)", bgr=False)  # the flags name RGB channels
+        return cls(facts)
 
 
 @dataclass(frozen=True)

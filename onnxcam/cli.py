@@ -93,25 +93,27 @@ def _main(
     """Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time."""
 
 
-def _model_warnings(explainer: Explainer) -> list[str]:
-    """What a user must know before trusting the maps of this model: untrained weights, assumed preprocessing."""
+def _model_warnings(explainer: Explainer) -> tuple[list[str], list[str]]:
+    """What a user must know before trusting the maps of this model: untrained weights (said on the terminal
+    too), and what its export assumed (said on the terminal at export; here in ``--json`` and the report)."""
     card, path = explainer.card, explainer.engine.path
-    found = [] if card.trained else [f"{path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
+    loud = [] if card.trained else [f"{path} has random weights (NOT TRAINED): its predictions and maps mean nothing"]
     assumed = [fact for fact, source in card.sources.items() if source == "assumed"]
+    quiet = []
     if assumed:
         were = "was" if len(assumed) == 1 else "were"
-        found.append(f"{path}: its {', '.join(assumed)} {were} assumed at export (nothing in the file named them): "
+        quiet.append(f"{path}: its {', '.join(assumed)} {were} assumed at export (nothing in the file named them): "
                      "if the deployed pipeline differs, re-export with them")  # fmt: skip
-    return found
+    return loud, quiet
 
 
 def _load(model: str, provider: str | None = None, shared: bool = False) -> tuple[Explainer, list[str]]:
     """The explainer and the warnings about its model; ``shared``: ORT shares the cores (:func:`sharing_cores`)."""
     explainer = Explainer(model, provider, sharing_cores() if shared else None)
-    warnings = _model_warnings(explainer)
-    for warning in warnings:
+    loud, quiet = _model_warnings(explainer)
+    for warning in loud:
         _echo(f"warning: {warning}", err=True)
-    return explainer, warnings
+    return explainer, loud + quiet
 
 
 @app.command()

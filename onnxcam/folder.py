@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from onnxcam import maps, outputs
-from onnxcam.api import Explainer, Explanation, Prepared
+from onnxcam.api import Explainer, Explanation, Prepared, TargetMap
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
 from onnxcam.overlay import HEAT_WEIGHT
@@ -121,12 +121,20 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,
+            **_seen(m, width, height),
             **f,
             **extra,
             "error": None,
         }
         for m, f in zip(result.maps, files, strict=True)
     ]
+
+
+def _seen(m: TargetMap, width: int, height: int) -> dict[str, list[int]]:
+    """``seen``: the part of the photo (x0, y0, x1, y1, exclusive) that the model saw, where it is not all of it
+    (a centre crop's margins: their map is empty)."""
+    seen = None if m.placement is None else m.placement.seen
+    return {} if seen is None or seen == (0, 0, width, height) else {"seen": list(seen)}
 
 
 class Worker:

@@ -27,6 +27,8 @@ EXAMPLES = {m["name"]: (m["lang"], m["code"]) for m in BLOCK.finditer(README) if
 EXPECTED = {  # what each example's output must say
     "tour": ["Egyptian cat", "gradcam map for tabby (281)", "layercam map for espresso", "all methods side by side"],
     "from": ["Egyptian cat", "yours/chelsea_285_egyptian-cat.png"],
+    "byo": ["labels: file metadata (ultralytics)", "labels: sidecar config.json", "resize: timm pretrained_cfg",
+            "mean: preset caffe", "size: flag --size", "every box: byo-yolo/chelsea_boxes.png", "astronaut"],
     "folder": ["explained 2 of 2 images", "explained 0 of 2 images (2 skipped, 0 failed)"],
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
     "api": ["tabby"],
@@ -34,8 +36,9 @@ EXPECTED = {  # what each example's output must say
     "web": ["wrote 8 files to site/", "class 285: wrote cat-overlay.png"],
     "int8": ["wrote 16 scenes", "wrote models/efficientnet_lite0.int8.onnx", "Egyptian cat"],
 }
-SLOW = {"from", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization
-NEEDS = {"from": "torch", "ray": "ray", "int8": "onnx"}  # torch makes the stand-in model; the Ray extra; quantize
+SLOW = {"from", "byo", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization
+# torch makes the stand-in models; the Ray extra; quantize
+NEEDS = {"from": "torch", "byo": "torch", "ray": "ray", "int8": "onnx"}
 OWN_TESTS = {"bias", "vit", "detect"}  # run by tests/test_{bias,vit,detect}_demo.py, which check their meaning
 
 
