@@ -116,12 +116,14 @@ def test_each_segment_map_points_into_its_shape(demo: tuple) -> None:
     assert len(empty) == 50 and np.mean(empty) >= 0.7, "an absent shape's score is zero, unless pixels are mistaken"
 
 
-def test_readme_states_the_measured_figures(demo: tuple) -> None:
+def test_the_readme_states_the_thresholds_that_hold_on_every_cpu(demo: tuple) -> None:
+    """The README's claims are the thresholds asserted here (the figures themselves depend on the CPU's kernels,
+    which round differently and so train different weights: the README names the CPU beside each)."""
     _, records, _ = demo
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    count = sum(r["target"]["method"] == "hirescam" for rs in records.values() for r in rs)
-    for method in ("hirescam", "gradcam"):
-        assert f"{_pointing(records, method):.0%} of {count}" in readme, method
+    section = " ".join(readme.split("<!-- example: detect -->")[1].split("## Explain a folder")[0].split())
+    assert "pointing game: at least 90% of the detections" in section and _pointing(records, "hirescam") >= 0.9
     inside, empty = _segments(demo)
-    assert f"({np.mean(inside):.0%} of {len(inside)} present classes)" in readme
-    assert f"empty map in {sum(empty)} of {len(empty)} scenes" in readme
+    assert "at least 90% of the 100 present" in section and len(inside) == 100 and np.mean(inside) >= 0.9
+    assert "at least 70% of the 50 scenes" in section and len(empty) == 50 and np.mean(empty) >= 0.7
+    assert "on an AVX2 CPU" in section and "AVX-512" in section

@@ -104,3 +104,36 @@ def test_torchvision_convnext_through_from_agrees_with_arch(tmp_path: Path) -> N
             ours.weights, reference.weights, rtol=1e-4, atol=1e-5 * np.abs(reference.weights).max()
         )
         np.testing.assert_allclose(ours.cam, reference.cam, atol=1e-4)
+
+
+def test_a_timm_pretrained_cfg_gives_timms_own_eval_transform_and_prediction(tmp_path: Path) -> None:
+    """``--preprocess`` with the model's ``pretrained_cfg`` (as timm's hub files carry it): on non-square photos,
+    the same top-5 as ``create_transform(**resolve_data_config(model=...))`` + the torch model (crop_pct 0.95 and
+    bicubic here: the shorter side to floor(224 / 0.95) = 235, the centre 224x224)."""
+    import json
+
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from onnxcam.image import read_rgb
+    from tests.conftest import EXAMPLES
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # spread-out probabilities
+    cfg = dict(model.pretrained_cfg) | {"crop_pct": 0.95, "interpolation": "bicubic"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    export_plain(model, (224, 224), tmp_path / "resnet18.onnx", dynamo=False)
+    card, _ = graft_file(tmp_path / "resnet18.onnx", tmp_path / "r.cam.onnx",
+                         prep=Preprocessing.from_json(tmp_path / "cfg.json"))  # fmt: skip
+    assert card["resize"]["shorter"] == 235
+    transform = create_transform(**resolve_data_config(cfg, model=model))
+    explainer = Explainer(tmp_path / "r.cam.onnx")
+    photo = read_rgb(EXAMPLES / "chelsea.png")
+    for view in (photo, photo.transpose(1, 0, 2).copy(), photo[:, 100:250].copy()):
+        with torch.no_grad():
+            expected = torch.softmax(model(transform(Image.fromarray(view))[None]).double(), 1)[0].numpy()
+        found = explainer.explain(view).predictions
+        assert [p.index for p in found] == list(np.argsort(-expected)[:5])
+        np.testing.assert_allclose([p.probability for p in found], np.sort(expected)[::-1][:5], atol=1e-3)
