@@ -30,7 +30,7 @@ from onnxcam_export.graft import (
     graft,
     head_nodes,
     rename_tensor,
-    static_tensors,
+    shape_only_tensors,
 )
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.save import save_explainer
@@ -135,7 +135,7 @@ def _is_cut(graph: onnx.GraphProto, name: str, logits: str, static: set[str], ty
 def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Layout], types: Types) -> list[str]:
     """Tensors with a spatial grid (h, w >= 2, any :mod:`layouts` layout) that every path to the logits
     crosses, in graph order."""
-    static = static_tensors(graph)
+    static = shape_only_tensors(graph)  # (no gradient flows through what the shapes alone compute)
     names = [o for n in graph.node for o in n.output if o in layouts and o not in static]
     return [name for name in names if _is_cut(graph, name, logits, static, types)]
 

@@ -136,6 +136,18 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
+def shape_only_tensors(graph: onnx.GraphProto) -> set[str]:
+    """:func:`static_tensors` and what is computed from tensor shapes alone (``Shape``, ``Size`` and what follows
+    from them and constants: a mask of the input's shape and the position embedding built from it, as HF's DETR
+    does). None of it depends on a pixel's value, so no gradient flows through it, even where it changes with the
+    batch size and cannot be folded to a constant."""
+    known = static_tensors(graph)
+    for node in graph.node:
+        if node.op_type in ("Shape", "Size") or all(i in known for i in node.input):
+            known.update(o for o in node.output if o)
+    return known
+
+
 def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
     """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
 
@@ -282,13 +294,8 @@ def fold_shape_computations(model: onnx.ModelProto, feeds: list[dict[str, np.nda
     number of tensors folded. Raises RuntimeError when ONNX Runtime cannot run the model.
     """
     graph = model.graph
-    static = static_tensors(graph)
-    derived: list[str] = []
-    for node in graph.node:
-        inputs = [i for i in node.input if i]
-        from_shapes = any(i in derived for i in inputs) and all(i in derived or i in static for i in inputs)
-        if node.op_type in ("Shape", "Size") or from_shapes:
-            derived.extend(o for o in node.output if o)
+    static, shaped = static_tensors(graph), shape_only_tensors(graph)
+    derived = [o for n in graph.node for o in n.output if o and o in shaped and o not in static]
     if not derived:
         return 0
     runs = [_probe(model, derived, feed) for feed in feeds]

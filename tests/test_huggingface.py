@@ -116,3 +116,65 @@ def test_an_optimum_export_grafts_with_no_flag_and_predicts_as_its_pipeline(expo
     ours = (ours[:, :, order] / 255 - np.asarray(card.mean)[order]) / np.asarray(card.std)[order]
     scale = np.asarray(card.std).min() * 255
     assert np.abs(ours - pixels.transpose(1, 2, 0)).max() * scale < 1e-3, "the pixels differ from the processor's"
+
+
+def test_an_optimum_detr_export_grafts_with_a_dynamic_batch_and_gives_post_process_boxes(tmp_path: Path) -> None:
+    """HF's DETR builds its sine position embedding from a mask of the input's shape (ConstantOfShape(Shape(x)),
+    Resize, CumSum, Sin/Cos): shape-only, so no gradient flows through it, even with optimum's dynamic batch. The
+    kept detections equal ``post_process_object_detection``'s (boxes clipped to the photo, as explain reports
+    them), and a query's score gradient at the target layer equals torch autograd's."""
+    from onnxcam.engine import Engine
+
+    labels = {i: f"thing {i}" for i in range(5)}
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                         out_features=["stage4"])  # fmt: skip
+    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+                                     d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+                                     num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()},
+                                     auxiliary_loss=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DetrForObjectDetection(config).eval()
+    with torch.no_grad():  # spread-out scores and boxes
+        model.model.query_position_embeddings.weight.mul_(50)
+        model.class_labels_classifier.weight.mul_(10)
+        for layer in model.bbox_predictor.layers:
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    processor = transformers.DetrImageProcessor(size={"height": 256, "width": 256}, do_pad=False)
+    model.save_pretrained(tmp_path / "hub")
+    processor.save_pretrained(tmp_path / "hub")
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
+        warnings.simplefilter("ignore")
+        main_export(str(tmp_path / "hub"), output=tmp_path / "onnx", task="object-detection", no_post_process=True)
+    card, _ = graft_file(tmp_path / "onnx" / "model.onnx", tmp_path / "detr.cam.onnx")
+    assert card["task"] == "detection" and card["layer"].startswith("/model/input_projection/Conv_output_0")
+    photo = read_rgb(PHOTO)
+    with torch.no_grad():
+        out = model(**processor(images=Image.fromarray(photo), return_tensors="pt"))
+    post = processor.post_process_object_detection(out, threshold=0.0, target_sizes=[photo.shape[:2]])[0]
+    order = torch.argsort(post["scores"], descending=True)[:5]
+    explainer = Explainer(tmp_path / "detr.cam.onnx")
+    found = explainer.explain(photo, top_k=5, conf=0.0).maps
+    edges = np.array([photo.shape[1], photo.shape[0]] * 2)
+    for m, i in zip(found, order, strict=True):
+        box = np.clip(post["boxes"][i].numpy(), 0, edges)
+        inner = np.clip(np.minimum(m.box[2:], box[2:]) - np.maximum(m.box[:2], box[:2]), 0, None).prod()
+        union = np.prod(np.subtract(m.box[2:], m.box[:2])) + np.prod(box[2:] - box[:2]) - inner
+        assert inner / union >= 0.95 and m.index == int(post["labels"][i])
+        assert abs(m.probability - float(post["scores"][i])) < 1e-3
+    image = explainer.prepare(photo).model_input
+    engine = Engine(tmp_path / "detr.cam.onnx")
+    ran = engine.run(image[None], np.array([[-1, -2]]), full_gradients=True, thresholds={"conf_threshold": 0.0})
+    store: list[torch.Tensor] = []
+    model = model.double()
+    model.model.input_projection.register_forward_hook(lambda _m, _i, o: store.append(o))
+    pixels = (torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255 - torch.tensor(card["mean"])[:, None,
+              None]) / torch.tensor(card["std"])[:, None, None]  # fmt: skip
+    logits = model(pixel_values=pixels).logits[0]
+    for t in range(2):
+        query, cls = int(ran.box_anchors[0, t]), int(ran.target_classes[0, t])
+        score = torch.softmax(logits[query], 0)[cls]
+        expected = torch.autograd.grad(score, store[0], retain_graph=True)[0][0].numpy()
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(ran.gradients[0, t], expected, rtol=1e-4, atol=1e-4 * scale)
