@@ -451,21 +451,27 @@ def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
 
 
 def _channels_first(graph: onnx.GraphProto, name: str) -> bool | None:
-    """Where a convolution reading the input (directly: NCHW; after a Transpose to NCHW: NHWC) finds 3 channels;
-    None if none does."""
+    """Where a convolution reading the input finds 3 channels: True when it reads the input directly or through
+    Cast/Identity (NCHW), False after a Transpose to NCHW (NHWC); None if no such convolution does."""
     weights = {i.name: i for i in graph.initializer}
-    readers = [n for n in graph.node if name in n.input]
-    for node in readers:
-        layout = True
-        if node.op_type == "Transpose" and list(next((a.ints for a in node.attribute if a.name == "perm"), [])) == [
-            0, 3, 1, 2]:  # fmt: skip
-            node, layout = next((n for n in graph.node if n.op_type == "Conv" and n.input[0] == node.output[0]),
-                                node), False  # fmt: skip
-        if node.op_type != "Conv" or node.input[1] not in weights:
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if weights[node.input[1]].dims[1] * group == 3:
-            return layout
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    todo, seen = [(name, True)], set()
+    while todo:
+        tensor, first = todo.pop()
+        for node in readers.get(tensor, []):
+            perm = list(next((a.ints for a in node.attribute if a.name == "perm"), []))
+            if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
+                todo.append((node.output[0], first))
+            elif node.op_type == "Transpose" and perm == [0, 3, 1, 2] and first:
+                todo.append((node.output[0], False))
+            elif node.op_type == "Conv" and node.input[0] == tensor and node.input[1] in weights:
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                if weights[node.input[1]].dims[1] * group == 3:
+                    return first
+            seen.update(node.output)
     return None
 
 

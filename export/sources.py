@@ -6,7 +6,8 @@ anything. In order of precedence: the command line's flags, the file's own metad
 the sidecar files its ecosystem writes beside it (:data:`SIDECARS`), then onnxcam's defaults, each of
 which is reported as assumed. Every reader returns a :class:`Facts` with the source it read.
 
-Presets (``--preprocess NAME``) are the pipelines that no file records: Keras' ``preprocess_input`` modes.
+Presets (``--preprocess NAME``) are the pipelines that no file records: Keras' ``preprocess_input`` modes
+(found by themselves where tf2onnx's node names name a Keras application: :func:`keras_application`).
 A ``--preprocess FILE`` may be onnxcam's own JSON, a timm ``pretrained_cfg`` or a Hugging Face
 ``preprocessor_config.json``; ``--labels FILE`` one name per line, a JSON list, a JSON ``{index: name}``
 map, a Hugging Face ``config.json`` or an ultralytics data YAML.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,12 +213,11 @@ PRESETS: dict[str, dict[str, object]] = {
     "torch": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "bgr": False},
 }
 KERAS_RESIZE = Resize("stretch", "pil-nearest")
-KERAS_APPLICATIONS = {  # a tf2onnx graph named as its Keras application -> its preprocess_input mode
-    "vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe", "resnet101": "caffe", "resnet152": "caffe",
-    "xception": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf", "mobilenet": "tf", "nasnet": "tf",
-    "resnet50v2": "tf", "resnet101v2": "tf", "resnet152v2": "tf", "densenet121": "torch", "densenet169": "torch",
-    "densenet201": "torch",
-}  # fmt: skip
+KERAS_APPLICATIONS = {  # a Keras application's model name (tf2onnx prefixes its node names with it) -> its mode
+    "caffe": r"vgg1[69]|resnet(50|101|152)",
+    "tf": r"resnet(50|101|152)v2|xception|inception_v3|inception_resnet_v2|mobilenet(v2)?(_[\d.]+_\d+)?|nasnet\w*",
+    "torch": r"densenet(121|169|201)",
+}
 TIMM_INTERPOLATION = {"bilinear": "pil-bilinear", "bicubic": "pil-bicubic", "nearest": "pil-nearest",
                       "lanczos": "pil-lanczos"}  # fmt: skip
 
@@ -326,8 +328,22 @@ def from_file(model: onnx.ModelProto, source: Path) -> Facts:
         path = source.parent / name
         if path.is_file():
             facts.merge(read(path))
-    application = KERAS_APPLICATIONS.get(model.graph.name.lower())
-    if application and model.producer_name == "tf2onnx":
-        facts.merge(Facts().add(f"Keras application {model.graph.name!r} (preprocess_input mode {application})",
-                                **PRESETS[application], resize=KERAS_RESIZE))  # fmt: skip
+    found = keras_application(model)
+    if found is not None:
+        name, mode = found
+        facts.merge(Facts().add(f"Keras application {name!r} (preprocess_input mode {mode})", **PRESETS[mode],
+                                resize=KERAS_RESIZE))  # fmt: skip
     return facts
+
+
+def keras_application(model: onnx.ModelProto) -> tuple[str, str] | None:
+    """(model name, preprocess_input mode) of a Keras application converted by tf2onnx, which names every node
+    ``<model name>_<n>/<layer>/...``; None for anything else."""
+    if model.producer_name != "tf2onnx":
+        return None
+    prefixes = Counter(n.name.split("/")[0] for n in model.graph.node if "/" in n.name)
+    if not prefixes:
+        return None
+    name = re.sub(r"_\d+$", "", prefixes.most_common(1)[0][0])
+    mode = next((m for m, pattern in KERAS_APPLICATIONS.items() if re.fullmatch(pattern, name)), None)
+    return None if mode is None else (name, mode)

@@ -3,8 +3,10 @@
 One ``.onnx`` file is the whole explainer:
 
 inputs
-    ``image``           uint8 ``[N, H, W, 3]``, RGB, already resized to ``H x W``; the
-                        normalisation (mean/std, layout) happens inside the graph.
+    ``image``           uint8 ``[N, H, W, 3]``, RGB: the photo fitted to ``H x W`` as the card's
+                        ``resize`` convention says (:mod:`onnxcam.geometry`: stretch, letterbox,
+                        centre crop, padding); the normalisation (mean/std, layout) happens
+                        inside the graph.
     ``targets``         int64 ``[N, T]``: ``c >= 0`` asks for class ``c``; ``-k`` asks for
                         the k-th highest-scoring class of that image (``-1`` = top-1), so
                         top-k explanations need no second call.

@@ -1,4 +1,5 @@
-"""Hugging Face image classifiers exported as HF users export them (``optimum``'s ONNX exporter, which leaves
+"""Hugging Face image classifiers (ViT, DeiT, BEiT, DINOv2, Swin, ResNet, RegNet, ConvNeXtV2, MobileViT) and DETR
+exported as HF users export them (``optimum``'s ONNX exporter, which leaves
 every input axis symbolic and writes ``config.json`` and ``preprocessor_config.json`` beside the file),
 grafted with no flag: labels, size, resize, rescale, normalisation and channel order all come from the
 sidecars, and the explained prediction is the pipeline's own: the same top-5 classes in the same order as
@@ -52,6 +53,22 @@ CASES = {
                                                32, 48, 64, 80], **SMALL),
                   transformers.MobileViTForImageClassification,
                   transformers.MobileViTImageProcessor()),  # shorter side 224, crop 256, BGR, no normalisation
+    "beit": (transformers.BeitConfig(image_size=224, patch_size=32, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=128, **SMALL),
+             transformers.BeitForImageClassification, transformers.BeitImageProcessor()),  # mean-pooled tokens
+    "dinov2": (transformers.Dinov2Config(image_size=224, patch_size=28, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, **SMALL),
+               transformers.Dinov2ForImageClassification,  # its input goes through a Cast; interpolated positions
+               transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
+    "convnextv2": (transformers.ConvNextV2Config(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], **SMALL),
+                   transformers.ConvNextV2ForImageClassification,
+                   transformers.ConvNextImageProcessor(size={"shortest_edge": 224})),  # crop_pct 0.875
+    "swin": (transformers.SwinConfig(image_size=224, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=7,
+                                     **SMALL),
+             transformers.SwinForImageClassification, transformers.ViTImageProcessor()),
+    "regnet": (transformers.RegNetConfig(hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, **SMALL),
+               transformers.RegNetForImageClassification,
+               transformers.ConvNextImageProcessor(size={"shortest_edge": 224})),
 }  # fmt: skip
 
 

@@ -23,14 +23,22 @@ keras = tf.keras
 PIXELS = Preprocessing.create(None, (0, 0, 0), (1 / 255,) * 3, False)  # the Keras model takes 0..255 pixels
 
 
-def keras_vgg16(classes: int = 10) -> keras.Model:
+def keras_vgg16(classes: int = 10, name: str = "vgg16") -> keras.Model:
     """Keras's VGG16 with seeded random weights and a narrow top (Flatten, Dense 64, Dense softmax), so that
-    tf2onnx converts it in bounded memory; the convolutional part is the application's own."""
+    tf2onnx converts it in bounded memory; the convolutional part is the application's own, and the model has
+    the application's name (``keras.applications.VGG16()`` is ``vgg16``)."""
     keras.utils.set_random_seed(0)
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
     x = keras.layers.Flatten(name="flatten")(base.output)
     x = keras.layers.Dense(64, activation="relu", name="fc1")(x)
-    return keras.Model(base.input, keras.layers.Dense(classes, activation="softmax", name="predictions")(x))
+    return keras.Model(base.input, keras.layers.Dense(classes, activation="softmax", name="predictions")(x), name=name)
+
+
+def _convert(model: keras.Model, path: Path) -> Path:
+    spec = (tf.TensorSpec((None, 224, 224, 3), tf.float32, name="input"),)
+    converted, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    path.write_bytes(converted.SerializeToString())
+    return path
 
 
 def keras_grad_cam(model: keras.Model, image: np.ndarray, layer: str = "block5_conv3") -> tuple[np.ndarray, int]:
@@ -48,11 +56,8 @@ def keras_grad_cam(model: keras.Model, image: np.ndarray, layer: str = "block5_c
 
 @pytest.mark.slow
 def test_keras_vgg16_through_tf2onnx_gives_the_keras_grad_cam(tmp_path: Path) -> None:
-    model = keras_vgg16()
-    spec = (tf.TensorSpec((None, 224, 224, 3), tf.float32, name="input"),)
-    converted, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
-    source = tmp_path / "vgg16_keras.onnx"
-    source.write_bytes(converted.SerializeToString())
+    model = keras_vgg16(name="mine")
+    source = _convert(model, tmp_path / "vgg16_keras.onnx")
     card, _ = graft_file(source, tmp_path / "vgg16_keras.cam.onnx", prep=PIXELS, score="probability")
     assert "block5_conv3" in card["layer"] and card["layer"].endswith("(512x14x14)"), card["layer"]
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
@@ -60,3 +65,29 @@ def test_keras_vgg16_through_tf2onnx_gives_the_keras_grad_cam(tmp_path: Path) ->
     ours = Explainer(tmp_path / "vgg16_keras.cam.onnx").explain(image, top_k=1).maps[0]
     assert ours.index == index
     assert np.corrcoef(ours.cam_lowres.ravel(), theirs.ravel())[0, 1] >= 0.999
+
+
+@pytest.mark.slow
+def test_a_keras_application_is_explained_as_preprocess_input_feeds_it_with_no_flag(tmp_path: Path) -> None:
+    """tf2onnx names every node after the Keras model: VGG16's file says it is VGG16, so the graft takes
+    ``preprocess_input``'s caffe mode (BGR minus the ImageNet mean on 0..255) and ``load_img``'s resize by itself;
+    the prediction and the map of a photo equal Keras' own on ``preprocess_input(load_img(photo))``."""
+    from tests.conftest import EXAMPLES
+
+    model = keras_vgg16()
+    source = _convert(model, tmp_path / "vgg16.onnx")
+    card, _ = graft_file(source, tmp_path / "vgg16.cam.onnx", score="probability")  # (the Keras example's score)
+    assert card["sources"]["mean"] == "Keras application 'vgg16' (preprocess_input mode caffe)"
+    photo = EXAMPLES / "chelsea.png"
+    loaded = keras.utils.img_to_array(keras.utils.load_img(photo, target_size=(224, 224)))
+    fed = keras.applications.vgg16.preprocess_input(loaded.copy())
+    expected = model.predict(fed[None], verbose=0)[0]
+    found = Explainer(tmp_path / "vgg16.cam.onnx").explain(str(photo), top_k=1)
+    assert [p.index for p in found.predictions] == list(np.argsort(-expected)[:5])
+    np.testing.assert_allclose([p.probability for p in found.predictions], np.sort(expected)[::-1][:5], atol=1e-4)
+    grad_model = keras.Model(model.inputs, [model.get_layer("block5_conv3").output, model.output])
+    with tf.GradientTape() as tape:
+        conv, predictions = grad_model(fed[None])
+        score = predictions[:, int(tf.argmax(predictions[0]))]
+    heatmap = tf.maximum(tf.squeeze(conv[0] @ tf.reduce_mean(tape.gradient(score, conv), axis=(0, 1, 2))[:, None]), 0)
+    assert np.corrcoef(found.maps[0].cam_lowres.ravel(), heatmap.numpy().ravel())[0, 1] >= 0.999
