@@ -155,3 +155,35 @@ def test_a_deployed_export_is_explained_as_ultralytics_predicts_it(tmp_path: Pat
                      and _same_box(np.asarray(m.box), boxes[i])]  # fmt: skip
             assert match, (name, m.box, m.probability, m.index)
         assert abs(ours[0].probability - scores[0]) < 1e-4, name
+
+
+def test_a_deployed_classifier_export_is_explained_as_ultralytics_classifies(tmp_path: Path) -> None:
+    """YOLOv8n-cls exported with its metadata (``task: classify``), grafted with no flag: the shorter side to the
+    input by PIL's bilinear filter, the centre crop, pixels / 255 (``classify_transforms``), as its predictor."""
+    from onnxcam.api import Explainer
+    from onnxcam.image import read_rgb
+
+    torch.manual_seed(0)
+    model = YOLO("yolov8n-cls.yaml")
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    with torch.no_grad():
+        model.model.train()(torch.rand(4, 3, 224, 224))
+        model.model.model[-1].linear.weight.mul_(50)  # spread-out probabilities
+    model.model.names = {i: f"kind {i}" for i in range(1000)}
+    with warnings.catch_warnings(), contextlib.chdir(tmp_path):
+        warnings.simplefilter("ignore")
+        plain = tmp_path / model.export(format="onnx", imgsz=224, simplify=False, opset=17)
+    card, _ = graft_file(plain, tmp_path / "cls.cam.onnx")
+    assert card["resize"] == {"mode": "crop", "interpolation": "pil-bilinear", "shorter": 224}
+    explainer, predictor = Explainer(tmp_path / "cls.cam.onnx"), YOLO(plain, task="classify")
+    assert explainer.labels[5] == "kind 5"
+    photo = read_rgb(Path(__file__).parents[1] / "examples" / "chelsea.png")
+    for view in (photo, photo.transpose(1, 0, 2).copy(), photo[:, 150:300].copy()):
+        ours = explainer.explain(view).predictions
+        probs = predictor.predict(view[:, :, ::-1].copy(), imgsz=224, verbose=False)[0].probs
+        assert [p.index for p in ours] == list(probs.top5)
+        np.testing.assert_allclose([p.probability for p in ours], probs.data.numpy()[probs.top5], atol=1e-3)
+        assert ours[0].probability - ours[4].probability > 0.01, "the scores are degenerate"
