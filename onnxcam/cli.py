@@ -217,7 +217,9 @@ def export(
     Example: onnxcam export --arch efficientnet_lite0      (needs PyTorch)
     Example: onnxcam export --from resnet50.onnx --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
              (needs only the onnx package)
-    Example: onnxcam export --from yolov8n.onnx --mean 0 0 0 --std 1 1 1 --labels coco.txt   (a detector)
+    Example: onnxcam export --from yolov8n.onnx   (ultralytics: labels, size, letterbox from its metadata)
+    Example: onnxcam export --from hf-export/model.onnx   (optimum: config.json, preprocessor_config.json beside it)
+    Example: onnxcam export --from rec.onnx --size 48 320 --resize pad --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5
     Example: onnxcam export --from ssd.onnx --background 0 --labels coco91.txt   (SSD: scores and boxes)
     """
     if source is not None:
