@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxcam import contract
-from onnxcam.maps import finest
+from onnxcam.maps import FLAT, finest
 from onnxcam.methods import EPS, METHODS
 from onnxcam_export.builder import Builder
 
@@ -139,7 +139,7 @@ def _min_max(b: Builder, cam: str) -> str:
     low = b.reduce("ReduceMin", cam, [2, 3], keepdims=1)
     span = b.op("Sub", b.reduce("ReduceMax", cam, [2, 3], keepdims=1), low)
     zero, one = b.scalar(0.0, cam), b.scalar(1.0, cam)
-    flat = b.op("Not", b.op("Greater", span, zero))
+    flat = b.op("Not", b.op("Greater", span, b.scalar(FLAT, cam)))  # (a NaN span is flat too)
     # an all-zero (or constant) map is zero after the Sub: dividing it by 1 keeps it so, never NaN; a division
     # (not a product with 1 / span) makes the peak exactly 1
     scaled = b.op("Div", b.op("Sub", cam, low), b.op("Where", flat, one, span))

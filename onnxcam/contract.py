@@ -213,7 +213,7 @@ class ModelCard:
             text = values[f.name]
             try:
                 parsed[f.name] = text if f.type == "str" else _tuples(json.loads(text))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, a 4300-digit integer, nesting past the stack
                 raise OnnxcamError(
                     f"{source}: model card field {f.name!r} is not valid JSON ({text[:40]!r}); re-create the model"
                 ) from None

@@ -9,9 +9,14 @@ class OnnxcamError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+# C0 and C1 controls, the bidirectional overrides and isolates (a name cannot reorder what a terminal shows), and
+# lone surrogates (the bytes of a file name that are not UTF-8, as Python decodes them)
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
 def printable(text: str) -> str:
     """``text`` on one line with control characters escaped (a file name cannot fake a line or colour)."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], str(text))
+    return UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 def describe(exc: BaseException, subject: object = None) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from onnxcam.geometry import Placement
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive
+FLAT = float(np.finfo(np.float32).tiny)  # a map whose range is below this is flat (empty), here and in the graph
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -27,11 +28,12 @@ def normalize(cam: np.ndarray) -> tuple[np.ndarray, bool]:
 
     An all-zero map (no channel votes for the class after the ReLU) stays all zero instead
     of becoming NaN. A constant positive map has no peak either: it becomes zeros and is
-    flagged empty too.
+    flagged empty too, and so is one whose range is below float32's smallest normal number
+    (scores of 1e-43 from a network that computes nothing: dividing by it would overflow).
     """
     cam = cam if cam.dtype == np.float32 else cam.astype(np.float32)
     low, high = cv2.minMaxLoc(cam)[:2] if cam.ndim == 2 else (float(cam.min()), float(cam.max()))  # (one pass)
-    if high <= low:
+    if not high - low >= FLAT:
         cam[...] = 0
         return cam, True
     cam -= low  # >= 0 exactly

@@ -110,8 +110,9 @@ def slug(text: str) -> str:
 
 
 def safe_stem(path: str | PurePath) -> str:
-    """The file stem (of a path or a URI) with control characters replaced, at most MAX_STEM_BYTES."""
-    return _clip_bytes(re.sub(r"[\x00-\x1f\x7f]", "_", PurePath(path).stem), MAX_STEM_BYTES) or "image"
+    """The file stem (of a path or a URI) with control characters and bytes that are not UTF-8 (old archives,
+    Samba shares) replaced, at most MAX_STEM_BYTES."""
+    return _clip_bytes(re.sub(r"[\x00-\x1f\x7f\ud800-\udfff]", "_", PurePath(path).stem), MAX_STEM_BYTES) or "image"
 
 
 def unique_stems(paths: list[str], fixed: dict[str, str] | None = None) -> dict[str, str]:

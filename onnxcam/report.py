@@ -105,7 +105,8 @@ render();
 def _items(records: list[dict], out: Path) -> list[dict]:
     """One entry per image: its top prediction, the first map's overlay, and the full-size views."""
     items: dict[str, dict] = {}
-    rel = lambda p: quote(os.path.relpath(p, out).replace(os.sep, "/"))  # noqa: E731  (URL: # ? % escaped)
+    # a URL relative to the report: # ? % escaped, a name's bytes that are not UTF-8 percent-encoded as they are
+    rel = lambda p: quote(os.path.relpath(p, out).replace(os.sep, "/"), errors="surrogateescape")  # noqa: E731
     for r in records:
         if r["path"] in items:
             continue
