@@ -130,9 +130,17 @@ class Explainer:
             return index
         if text.lower() in self._by_name:
             return self._by_name[text.lower()]
-        close = difflib.get_close_matches(text.lower(), self._by_name, n=3, cutoff=0.6)
+        close = self._suggestions(text.lower())
         hint = f"; did you mean {', '.join(repr(self.labels[self._by_name[c]]) for c in close)}?" if close else ""
         raise OnnxcamError(f"unknown class name {text!r}{hint} (see `onnxcam info MODEL --labels`)")
+
+    def _suggestions(self, text: str, count: int = 3) -> list[str]:
+        """Class names (lower case) for a name that is none: those holding it as a word (``cat``: Egyptian cat, tiger
+        cat, Persian cat), then as a part of one, then the closest spellings."""
+        words = [n for n in self._by_name if text in re.split(r"[^a-z0-9]+", n)]
+        parts = [n for n in self._by_name if text in n and n not in words]
+        close = difflib.get_close_matches(text, self._by_name, n=count, cutoff=0.6)
+        return list(dict.fromkeys([*words, *parts, *close]))[:count]
 
     def target_codes(self, targets: Sequence[int | str] = (), top_k: int | None = None) -> list[int]:
         """Contract codes: explicit class indices, then ``-1 .. -top_k`` for the top predictions.

@@ -11,6 +11,7 @@ elsewhere. Per class: accuracy, mean object and background shares, flagged count
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,27 +21,50 @@ from onnxcam import maps, outputs
 from onnxcam.api import Explainer
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import read_rgb
-from onnxcam.inputs import IMAGE_EXTENSIONS
+from onnxcam.inputs import IMAGE_EXTENSIONS, read_small_text
 from onnxcam.maps import Box
 
 RECORDS = "audit.jsonl"
 
 
+def _finite(value: object) -> bool:
+    """A JSON number that is a finite float (a 20-digit integer is not a pixel: it overflows, then is refused)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) < 2**31
+    except OverflowError:
+        return False
+
+
 def _box(value: object) -> Box | None:
-    numbers = isinstance(value, list) and len(value) == 4
-    numbers = numbers and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    numbers = isinstance(value, list) and len(value) == 4 and all(_finite(v) for v in value)
     if not numbers:
         return None
     x0, y0, x1, y1 = (round(v) for v in value)
     return (x0, y0, x1, y1) if 0 <= x0 <= x1 and 0 <= y0 <= y1 else None
 
 
+MAX_BOXES_BYTES = 64 * 1024 * 1024
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are unique: a second box for one image is refused, never silently kept."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice; give each image one box")
+    return found
+
+
 def load_boxes(path: Path) -> dict[str, Box]:
     """``{"image path": [x0, y0, x1, y1]}`` with non-negative, non-inverted pixel boxes, keyed by resolved path."""
+    text = read_small_text(Path(path), "boxes file", MAX_BOXES_BYTES)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OnnxcamError(f"cannot read boxes from {path}: {exc}") from None
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 4300-digit integer, nesting past the stack
+        raise OnnxcamError(f"cannot read boxes from {path}: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise OnnxcamError(f'{path}: expected {{"image path": [x0, y0, x1, y1], ...}}')
     boxes = {}
@@ -51,7 +75,10 @@ def load_boxes(path: Path) -> dict[str, Box]:
                 f"{path}: the box of {key!r} is {value!r}; a box is [x0, y0, x1, y1], pixel numbers with "
                 "0 <= x0 <= x1 and 0 <= y0 <= y1"
             )
-        boxes[str(Path(key).resolve())] = box
+        resolved = str(Path(key).resolve())
+        if resolved in boxes:
+            raise OnnxcamError(f"{path}: {key!r} names an image that another key names too; give each image one box")
+        boxes[resolved] = box
     return boxes
 
 

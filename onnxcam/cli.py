@@ -41,10 +41,7 @@ app = typer.Typer(
     help="Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time.",
 )
 
-# onnxcam defines the first two; the others come from torchvision when it is installed
-Arch = Enum("Arch", {name: name for name in ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2",
-                                             "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-                                             "convnext_tiny")}, type=str)  # fmt: skip
+Arch = Enum("Arch", {name: name for name in contract.ARCHS}, type=str)
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
 Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
 Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
@@ -368,7 +365,8 @@ def explain(
     ray: Annotated[
         bool,
         typer.Option(
-            "--ray", help="Run on Ray (pip install 'onnxcam[ray]'); images and --model may then be URIs (s3://, gs://)."
+            "--ray",
+            help="Run on Ray (from the clone: pip install '.[ray]'); images and --model may then be URIs (s3://, gs://).",
         ),
     ] = False,
     ray_address: Annotated[
@@ -620,10 +618,18 @@ def eval_command(
         _echo("| image | " + " | ".join(keys) + " |")
         _echo("|---" * (len(keys) + 1) + "|")
         for row in good:
-            _echo(f"| {Path(str(row['path'])).name} | " + " | ".join(str(row[k]) for k in keys) + " |")
-        _echo("\nmean: " + ", ".join(f"{k} {v}" for k, v in means.items()))
+            _echo(f"| {Path(str(row['path'])).name} | " + " | ".join(_cell(row[k]) for k in keys) + " |")
+        _echo("")
+        _echo("mean: " + ", ".join(f"{k} {v}" for k, v in means.items()))
     if len(good) < len(rows) and not keep_going:
         raise SystemExit(2)
+
+
+def _cell(value: object) -> str:
+    """A table cell: yes/no for a flag, numbers to 6 significant digits, like the rest of the table."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 @app.command()
@@ -673,7 +679,7 @@ def quantize(
     if not (installed("onnx") and installed("onnxcam_export")):
         raise OnnxcamError(
             "onnxcam quantize is a build step and needs the onnx package (not installed here): "
-            "pip install 'onnxcam[export]', or quantize on the machine that exported the model"
+            "pip install '.[export]' from the clone, or quantize on the machine that exported the model"
         )
     from onnxcam_export.quantize import quantize_file
 

@@ -132,6 +132,8 @@ META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
 SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
 TASKS = ("classification", "segmentation", "detection")  # what a target row explains (see above)
+ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+         "densenet121", "convnext_tiny")  # onnxcam export --arch: the first two are onnxcam's, the rest torchvision's
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

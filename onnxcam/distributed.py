@@ -1,4 +1,4 @@
-"""The same explain run on a Ray cluster (``pip install 'onnxcam[ray]'``), with Ray Data doing the work.
+"""The same explain run on a Ray cluster (``pip install '.[ray]'`` from the clone), with Ray Data doing the work.
 
 The driver plans the run exactly as :func:`onnxcam.folder.run` does (lock, ``run.json``,
 ``--resume``, unique output stems), then Ray Data streams ``(path, stem)`` rows through a
@@ -48,7 +48,7 @@ def _ray() -> ModuleType:
         import ray
         import ray.data
     except ImportError:
-        raise OnnxcamError("--ray needs Ray: pip install 'onnxcam[ray]'") from None
+        raise OnnxcamError("--ray needs Ray: pip install '.[ray]' from the onnxcam clone") from None
     return ray
 
 

@@ -90,12 +90,13 @@ def installed(module: str) -> bool:
 def how_to_make_a_model(path: Path) -> str:
     """What to run on this host to get an onnxcam model at ``path``."""
     if installed("torch") and installed("onnx") and installed("onnxcam_export"):
-        return f"create it with: onnxcam export --arch efficientnet_lite0 --out {path}"
+        arch = path.stem if path.stem in contract.ARCHS else "efficientnet_lite0"  # (models/vgg16.onnx: vgg16)
+        return f"create it with: onnxcam export --arch {arch} --out {path}"
     if installed("onnx") and installed("onnxcam_export"):
         return f"graft an ONNX classifier with: onnxcam export --from MODEL.onnx --out {path}"
     return (
-        "this host has the runtime only: copy here a model made by `onnxcam export` on a machine with "
-        "pip install 'onnxcam[export]'"
+        "this host has the runtime only: copy here a model made by `onnxcam export` on a machine with the "
+        "export side (pip install '.[export]' from the onnxcam clone)"
     )
 
 
@@ -194,9 +195,11 @@ def _threshold_feeds(thresholds: dict[str, float]) -> dict[str, np.ndarray]:
     """A detector's threshold inputs; each must be a number in [0, 1]."""
     feeds = {}
     for name, value in thresholds.items():
-        if name not in contract.DEFAULT_THRESHOLDS or not 0.0 <= value <= 1.0:
-            raise OnnxcamError(f"{name} must be one of {', '.join(contract.DEFAULT_THRESHOLDS)}, a number from 0 to 1; "
-                               f"got {value}")  # fmt: skip
+        if name not in contract.DEFAULT_THRESHOLDS:
+            raise OnnxcamError(f"unknown threshold {name!r}; a detector takes {', '.join(contract.DEFAULT_THRESHOLDS)}")
+        if not 0.0 <= value <= 1.0:
+            option = {contract.CONF_THRESHOLD: "--conf", contract.IOU_THRESHOLD: "--iou"}[name]
+            raise OnnxcamError(f"{option} ({name}) must be a number from 0 to 1, got {value}")
         feeds[name] = np.asarray(value, np.float32)
     return feeds
 

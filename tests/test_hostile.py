@@ -70,3 +70,53 @@ def test_a_model_card_field_nested_or_numbered_past_reason_is_one_line(text: str
     next(p for p in model.metadata_props if p.key == "onnxcam.labels").value = text
     onnx.save(model, tmp_path / "forged.onnx")
     assert_clean_failure(run("info", str(tmp_path / "forged.onnx")), "labels")
+
+
+def test_a_threshold_out_of_range_names_its_option(tmp_path: Path) -> None:
+    from onnxcam.engine import _threshold_feeds
+
+    with pytest.raises(OnnxcamError, match=r"^--conf \(conf_threshold\) must be a number from 0 to 1, got 1.5$"):
+        _threshold_feeds({"conf_threshold": 1.5})
+
+
+def test_a_class_name_that_is_none_suggests_the_classes_that_hold_it_as_a_word(lite0_model: Path) -> None:
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--target", "cat")
+    assert_clean_failure(result, "did you mean 'tiger cat', 'Persian cat', 'Siamese cat'?")
+
+
+def test_the_missing_model_hint_names_the_architecture_of_the_file_asked_for(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(tmp_path / "vgg16.onnx"))
+    assert_clean_failure(result, f"onnxcam export --arch vgg16 --out {tmp_path / 'vgg16.onnx'}")
+
+
+def test_the_eval_table_prints_its_mean_on_its_own_line_and_flags_as_words(lite0_model: Path) -> None:
+    result = run("eval", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--steps", "4", "--road")
+    assert result.returncode == 0, result.stderr
+    assert "\\nmean" not in result.stdout and "\nmean: images 1" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| chelsea.png"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] in ("yes", "no") and all(len(c) <= 12 for c in cells[1:]), row
+
+
+@pytest.mark.parametrize("content", ['{"a.png": [1, 2, 3, 4], "a.png": [5, 6, 7, 8]}', '{"a.png": [1, 2, 3, 1e400]}',
+                                     '{"a.png": [1, 2, 3, 12345678901234567890]}'], ids=["twice", "inf", "20-digit"])
+def test_boxes_that_are_ambiguous_or_past_reason_are_refused_in_one_line(content: str, tmp_path: Path) -> None:
+    from onnxcam.audit import load_boxes
+
+    (tmp_path / "boxes.json").write_text(content)
+    with pytest.raises(OnnxcamError, match=r"boxes\.json"):
+        load_boxes(tmp_path / "boxes.json")
+
+
+def test_a_boxes_file_that_is_a_device_or_an_alias_is_refused(tmp_path: Path) -> None:
+    from onnxcam.audit import load_boxes
+
+    with pytest.raises(OnnxcamError, match="not a regular file"):
+        load_boxes(Path("/dev/zero"))
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "alias.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({str(tmp_path / "a.png"): [0, 0, 1, 1],
+                                                     str(tmp_path / "alias.png"): [0, 0, 2, 2]}))  # fmt: skip
+    with pytest.raises(OnnxcamError, match="another key names too"):
+        load_boxes(tmp_path / "boxes.json")
