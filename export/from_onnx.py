@@ -29,6 +29,7 @@ from onnxcam_export.graft import (
     fold_shape_computations,
     graft,
     head_nodes,
+    inputs_of,
     rename_tensor,
     shape_only_tensors,
 )
@@ -128,8 +129,8 @@ def _is_cut(graph: onnx.GraphProto, name: str, logits: str, static: set[str], ty
     except UnsupportedOp:
         return False
     inside = {name} | {o for n in head for o in n.output} | static
-    floating = {i for n in head for i in n.input if i not in types or types[i].elem_type in FLOATS}
-    return all(i in inside for n in head for i in n.input if i in floating)
+    floating = {i for n in head for i in inputs_of(n) if i not in types or types[i].elem_type in FLOATS}
+    return all(i in inside for n in head for i in inputs_of(n) if i in floating)
 
 
 def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Layout], types: Types) -> list[str]:

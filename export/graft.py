@@ -108,12 +108,25 @@ def _reached(b: Builder, grads: Grads, name: str) -> str:
 
 
 # -- the head: the nodes between the target layer and the logits ----------------------------------
+def inputs_of(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs, and the outer ones its subgraphs read by name (an ``If`` branch, a
+    ``Loop`` or ``Scan`` body), which a walk over node inputs alone would miss."""
+    found = list(node.input)
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            inner = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+            for inner_node in graph.node:
+                found += [i for i in inputs_of(inner_node) if i and i not in inner]
+                inner.update(inner_node.output)
+    return found
+
+
 def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> list[onnx.NodeProto]:
     """The nodes on some path from ``sources`` (a tensor or several) to ``logits``, in graph (topological) order."""
     reached = {sources} if isinstance(sources, str) else set(sources)
     downstream = []
     for node in graph.node:
-        if reached.intersection(node.input):
+        if reached.intersection(inputs_of(node)):
             downstream.append(node)
             reached.update(o for o in node.output if o)
     if logits not in reached:
@@ -123,7 +136,7 @@ def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> 
     for node in reversed(downstream):
         if needed.intersection(node.output):
             head.append(node)
-            needed.update(node.input)
+            needed.update(inputs_of(node))
     return head[::-1]
 
 
@@ -131,7 +144,7 @@ def static_tensors(graph: onnx.GraphProto) -> set[str]:
     """Tensors computed from initializers and constants alone (weights, shapes)."""
     known = {i.name for i in graph.initializer} | {""}
     for node in graph.node:
-        if all(i in known for i in node.input):
+        if all(i in known for i in inputs_of(node)):
             known.update(node.output)
     return known
 
@@ -143,7 +156,7 @@ def shape_only_tensors(graph: onnx.GraphProto) -> set[str]:
     batch size and cannot be folded to a constant."""
     known = static_tensors(graph)
     for node in graph.node:
-        if node.op_type in ("Shape", "Size") or all(i in known for i in node.input):
+        if node.op_type in ("Shape", "Size") or all(i in known for i in inputs_of(node)):
             known.update(o for o in node.output if o)
     return known
 
@@ -164,7 +177,7 @@ def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Typ
 
     reached = set(sources)
     for node in head:
-        if reached.intersection(node.input):
+        if reached.intersection(inputs_of(node)):
             reached.update(o for o in node.output if o and floating(node, o))
     return reached
 
