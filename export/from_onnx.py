@@ -290,7 +290,7 @@ def _task_logits(
     shapes = _shapes(types)
     stepped: list[str] = []
     raw = _logits(model.graph, stepped)
-    detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout)
+    detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size)
     task = _task_of(shapes.get(raw), "detection" if layout else forced, detected is not None)
     if task is None:
         asked = f"a {layout} detector's" if layout else f"a {forced}" if forced else "a layout onnxcam knows"
@@ -310,6 +310,10 @@ def _task_logits(
         return add_segment_scores(model, raw, types, decoding.size), Task(task), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
+    if shape[1] == 1:
+        raise OnnxcamError(f"the model's output {raw!r} {shape} is one score per image (a regressor, or a sigmoid "
+                           "for one class), not class scores that a softmax ranks; onnxcam explains classifiers of 2 "
+                           "or more classes, segmenters and detectors (force another task with --task)")  # fmt: skip
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 

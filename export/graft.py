@@ -108,17 +108,36 @@ def _reached(b: Builder, grads: Grads, name: str) -> str:
 
 
 # -- the head: the nodes between the target layer and the logits ----------------------------------
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def _outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """The tensors of enclosing graphs that ``graph``'s nodes read by name."""
+    inner, found = {i.name for i in graph.input} | {i.name for i in graph.initializer}, []
+    for node in graph.node:
+        found += [i for i in inputs_of(node) if i and i not in inner]
+        inner.update(node.output)
+    return found
+
+
 def inputs_of(node: onnx.NodeProto) -> list[str]:
     """The tensors ``node`` reads: its inputs, and the outer ones its subgraphs read by name (an ``If`` branch, a
     ``Loop`` or ``Scan`` body), which a walk over node inputs alone would miss."""
-    found = list(node.input)
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            inner = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-            for inner_node in graph.node:
-                found += [i for i in inputs_of(inner_node) if i and i not in inner]
-                inner.update(inner_node.output)
-    return found
+    return list(node.input) + [i for graph in _subgraphs(node) for i in _outer_reads(graph)]
+
+
+def _gradient_enters(node: onnx.NodeProto, reached: set[str]) -> bool:
+    """Whether a gradient can reach ``node``'s outputs from ``reached``: through an input, or through a float path
+    inside one of its subgraphs from an outer tensor it reads (a branch that reads a tensor's shape only does not
+    carry its gradient)."""
+    if reached.intersection(node.input):
+        return True
+    for graph in _subgraphs(node):
+        outer = reached.intersection(_outer_reads(graph))
+        if outer and differentiable(graph.node, outer, None).intersection(o.name for o in graph.output):
+            return True
+    return False
 
 
 def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> list[onnx.NodeProto]:
@@ -177,7 +196,7 @@ def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Typ
 
     reached = set(sources)
     for node in head:
-        if reached.intersection(inputs_of(node)):
+        if _gradient_enters(node, reached):
             reached.update(o for o in node.output if o and floating(node, o))
     return reached
 

@@ -171,6 +171,19 @@ class DetectorLayout:
     nms: bool = True  # False: a set predictor, whose detections need no suppression
     box_formats: tuple[str, ...] = ()  # the box formats --box-format may give, the first by default
     explained: str | None = None  # what its class scores are where the layout fixes it (one of contract.SCORES)
+    pyramid: bool = False  # its anchors must be the cells of a feature pyramid at the input size (YOLO heads)
+
+
+def pyramid_cells(anchors: int, size: tuple[int, int]) -> bool:
+    """Whether ``anchors`` is the cell count of a feature pyramid at input ``size``: 1 or 3 anchors per cell over
+    consecutive strides (2 to 128, each side halved rounding up, as stride-2 convolutions do). A YOLO head's
+    anchors are (YOLOv8 at 640: 80x80 + 40x40 + 20x20 = 8400); a feature tensor's ``[N, 1024, 8]`` is not."""
+    sides, grids = list(size), []
+    for _ in range(7):
+        sides = [-(-v // 2) for v in sides]
+        grids.append(sides[0] * sides[1])
+    sums = {sum(grids[i:j]) for i in range(len(grids)) for j in range(i + 1, len(grids) + 1)}
+    return any(anchors % m == 0 and anchors // m in sums for m in (1, 3))
 
 
 def _pair(s: list[list[int]]) -> bool:
@@ -180,10 +193,11 @@ def _pair(s: list[list[int]]) -> bool:
 
 DETECTOR_LAYOUTS = {
     "ultralytics": DetectorLayout(lambda s: 4 < s[0][1] < s[0][2], lambda s: s[0][1] - 4, _ultralytics,
-                                  "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)", 2),
+                                  "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)", 2,
+                                  pyramid=True),
     "yolov5": DetectorLayout(lambda s: 5 < s[0][2] < s[0][1], lambda s: s[0][2] - 5, _yolov5,
                              "a YOLOv5 detector's output (cx, cy, w, h, objectness and K class probabilities per "
-                             "anchor; a box's class score is objectness x class probability)", 1),
+                             "anchor; a box's class score is objectness x class probability)", 1, pyramid=True),
     "detr": DetectorLayout(lambda s: _pair(s) and s[0][2] >= 2 and s[0][1] <= MAX_QUERIES, lambda s: s[0][2] - 1,
                            _detr, "a DETR detector's logits and boxes (per query K + 1 class logits, the last "
                            "no-object, and cx, cy, w, h normalised to the input; a box's class score is its softmax "
@@ -201,11 +215,13 @@ def _known(shape: list[int | None] | None) -> bool:
 
 
 def detector_layout(
-    shapes: dict[str, list[int | None]], first: str, outputs: list[str], forced: str | None = None
-) -> tuple[str, list[str]] | None:
+    shapes: dict[str, list[int | None]], first: str, outputs: list[str], forced: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[str, list[str]] | None:  # fmt: skip
     """The :data:`DETECTOR_LAYOUTS` entry (``forced``: only that one is tried) that the model has, and the
     tensors it reads; None for none. A single-output layout reads ``first``; a pair, two of the graph's
-    ``outputs`` over the same anchors, the boxes' last axis 4. Of the layouts that fit, one that knows an
+    ``outputs`` over the same anchors, the boxes' last axis 4. Unless forced, a YOLO layout's anchors must be a
+    feature pyramid's cells at the input ``size`` (:func:`pyramid_cells`). Of the layouts that fit, one that knows an
     output's name (DETR's ``pred_logits``) wins, then a pair (stronger evidence than one output's shape: DETR's
     ``[N, 100, 92]`` logits alone would fit YOLOv5's), then the first in :data:`DETECTOR_LAYOUTS`."""
     known = [o for o in outputs if _known(shapes.get(o))]
@@ -217,7 +233,9 @@ def detector_layout(
             reads = [[first]] if _known(shapes.get(first)) else []
         else:
             reads = [[s, x] for s in known for x in known if s != x]
-        found += [(name, read) for read in reads if layout.fits([shapes[t] for t in read])]
+        found += [(name, read) for read in reads if layout.fits([shapes[t] for t in read])
+                  and (forced or not layout.pyramid or size is None
+                       or pyramid_cells(shapes[read[0]][layout.anchor_axis], size))]  # fmt: skip
     found.sort(key=lambda f: (not DETECTOR_LAYOUTS[f[0]].names.intersection(f[1]), len(f[1]) == 1))  # (stable)
     return found[0] if found else None
 

@@ -180,3 +180,26 @@ def test_a_branch_that_reads_the_layer_from_the_outer_scope_is_refused_naming_it
     source = _if_head(tmp_path / "if.onnx")
     result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
     assert_clean_failure(result, "no gradient rule for op 'If'", "outer_if")
+
+
+
+@pytest.mark.parametrize("head", ["features", "regressor"])
+def test_an_output_that_is_no_task_onnxcam_knows_is_refused_with_what_was_found(head: str, tmp_path: Path) -> None:
+    """A ``[1, 1024, 8]`` feature output was taken for a YOLOv5 detector (10 fake boxes, exit 0); a ``[N, 1]``
+    regressor showed "probability 1.0000" for every image."""
+    torch = pytest.importorskip("torch")
+    from tests.test_deployed import export
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            features = torch.relu(self.conv(x))
+            return features.flatten(2).transpose(1, 2) if head == "features" else features.mean((1, 2, 3))[:, None]
+
+    source = export(Features().eval(), tmp_path / f"{head}.onnx", (1, 3, 32, 32))
+    result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
+    assert_clean_failure(result, *(["[1, 1024, 8]", "are not a layout onnxcam knows"] if head == "features"
+                                   else ["one score per image", "regressor"]))  # fmt: skip
