@@ -480,6 +480,9 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         record["path"],
         {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
     )
+    if record["target"] is None:  # a detector's photo with no box above --conf
+        item["detections"] = 0
+        return
     extra = {k: record[k] for k in outputs.FILE_KEYS if k in record}
     item["targets"].append({**record["target"], "empty_map": record["empty_map"], **record["stats"], **extra})
     if "sheets" in record:
@@ -495,6 +498,8 @@ def _print_table(report: list[dict]) -> None:
         _echo(f"  {'class':>5}  {'probability':>11}  label")
         for p in item["predictions"]:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
+        if item.get("detections") == 0:
+            _echo("  no detection above the confidence threshold (--conf)")
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""

@@ -211,9 +211,10 @@ class Worker:
 
     def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
         o = self.options
-        if not result.maps:  # (only a detector's image can have no target)
-            raise OnnxcamError(f"{path}: the detector kept no box above the confidence threshold, nothing to explain; "
-                               "lower --conf")  # fmt: skip
+        if not result.maps:  # (only a detector's image can have no target): no detection is an answer
+            height, width = result.image_rgb.shape[:2]
+            return [{"path": path, "stem": stem, "size": [width, height], "predictions": [], "target": None,
+                     "detections": 0, "error": None}]  # fmt: skip
         names = [f"{outputs.map_name(stem, m.key, m.label, m.method)}.{o.picture}" for m in result.maps]
         clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
         if clash:

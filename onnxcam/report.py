@@ -113,6 +113,11 @@ def _items(records: list[dict], out: Path) -> list[dict]:
         if r.get("error"):
             items[r["path"]] = {"path": r["path"], "error": r["error"]}
             continue
+        if r.get("target") is None:  # a detector's photo with no detection: the photo, said so
+            photo = rel(os.path.abspath(r["path"]))
+            items[r["path"]] = {"path": r["path"], "top": {"label": "no detection", "probability": 0.0}, "thumb": photo,
+                                "full": [photo], "flagged": False}  # fmt: skip
+            continue
         full = [rel(r["panel"])] if r.get("panel") else [rel(os.path.abspath(r["path"])), rel(r["overlay"])]
         items[r["path"]] = {"path": r["path"], "top": r["predictions"][0], "thumb": rel(r["overlay"]), "full": full,
                             "flagged": bool(r.get("flagged"))}  # fmt: skip

@@ -320,8 +320,15 @@ def test_cli_explains_each_kept_detection_with_its_box(detector: tuple, tmp_path
     assert all(Path(t["overlay"]).is_file() and len(t["peak_xy"]) == 2 for t in targets)
     assert {t["boxes"] for t in targets} == {str(out / "street_boxes.png")} and (out / "street_boxes.png").is_file()
     nothing = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.999", "--out",
-                  str(tmp_path / "none"))  # fmt: skip
-    assert_clean_failure(nothing, "street.png", "the detector kept no box above the confidence threshold")
+                  str(tmp_path / "none"), "--json")  # fmt: skip
+    assert nothing.returncode == 0, "no detection is an answer, not an error (#22 item 8)"
+    doc = json.loads(nothing.stdout)
+    assert doc["images"][0]["detections"] == 0 and doc["images"][0]["targets"] == []
+    assert doc["summary"]["explained"] == 1 and doc["summary"]["failed"] == 0
+    assert '"label": "no detection"' in (tmp_path / "none" / "index.html").read_text()
+    table = run("explain", str(tmp_path / "street.png"), "--model", str(path), "--conf", "0.999", "--out",
+                str(tmp_path / "none-table"))  # fmt: skip
+    assert table.returncode == 0 and "no detection above the confidence threshold" in table.stdout
 
 
 def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
