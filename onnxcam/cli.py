@@ -700,6 +700,7 @@ def web(
     ort: Annotated[
         Path, typer.Option(help="onnxruntime-web's dist folder, from `npm ci --prefix web` (the pinned version).")
     ] = DEFAULT_ORT,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a site written here earlier.")] = False,
 ) -> None:
     """Write a static page that explains photos in the browser with onnxruntime-web (WASM, WebGPU where available).
 
@@ -708,7 +709,7 @@ def web(
     \b
     Example: onnxcam web models/efficientnet_lite0.onnx --out site/ && python -m http.server -d site
     """
-    written = write_site(model, out, ort)
+    written = write_site(model, out, ort, overwrite)
     size = sum(p.stat().st_size for p in written) / 1e6
     _echo(f"wrote {len(written)} files to {out}/ ({size:.0f} MB); serve it, e.g.: python -m http.server -d {out}")
 

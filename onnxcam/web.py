@@ -41,8 +41,28 @@ def _copy(source: Path, target: Path) -> None:
     atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Path]:
-    """Write the page for ``model`` into ``out``; return the files written. Checks come before any write."""
+SITE_MARKER = ".onnxcam-site"  # in a folder that onnxcam web wrote: the files it wrote there (JSON list)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``out`` is new, empty, or a site this command wrote (replaced with ``overwrite``); never a link, and its
+    ``ort`` folder neither, so that no write lands outside it."""
+    for path in (out, out / "ort"):
+        if path.is_symlink():
+            raise OnnxcamError(f"{path} is a symbolic link; give --out a real folder (links are never followed)")
+        if path.exists() and not path.is_dir():
+            raise OnnxcamError(f"{path} is a file, not a folder; give --out a new or empty folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / SITE_MARKER).is_file():
+        raise OnnxcamError(f"--out {out} holds files that onnxcam web did not write; give a new or empty folder")
+    if not overwrite:
+        raise OnnxcamError(f"--out {out} holds an earlier site; add --overwrite to replace it, or give another folder")
+
+
+def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT, overwrite: bool = False) -> list[Path]:
+    """Write the page for ``model`` into ``out``; return the files written. Checks come before any write: ``out``
+    must be new, empty, or a site written here (replaced only with ``overwrite``), and never a link."""
     card = Engine(model).card
     if card.task != "classification":
         raise OnnxcamError(f"{model} is a {card.task} model; the page shows a classifier's classes: use explain")
@@ -52,9 +72,10 @@ def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT) -> list[Pat
         raise OnnxcamError(f"{model} keeps its weights in {model.name}.data: the page takes models in one file "
                            "(a browser tab holds a few hundred MB at most); use a smaller model")  # fmt: skip
     _check_ort(ort_dist)
-    if out.exists() and not out.is_dir():
-        raise OnnxcamError(f"--out {out} is a file, not a folder")
+    _check_out(out, overwrite)
     (out / "ort").mkdir(parents=True, exist_ok=True)
+    marker = json.dumps([*PAGE_FILES, *(f"ort/{n}" for n in ORT_WEB_FILES), "model.onnx", "card.json"])
+    atomic_write(out / SITE_MARKER, lambda tmp: tmp.write_text(marker, encoding="utf-8"))  # (first: it is ours)
     written = []
     for name in PAGE_FILES:
         written.append(out / name)

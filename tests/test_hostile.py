@@ -203,3 +203,30 @@ def test_an_output_that_is_no_task_onnxcam_knows_is_refused_with_what_was_found(
     result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
     assert_clean_failure(result, *(["[1, 1024, 8]", "are not a layout onnxcam knows"] if head == "features"
                                    else ["one score per image", "regressor"]))  # fmt: skip
+
+
+def test_web_never_replaces_files_it_did_not_write_nor_follows_a_planted_link(lite0_model: Path,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    """``web --out`` replaced index.html, model.onnx, ... of any folder and wrote the wasm files through a planted
+    ``ort`` link outside it."""
+    from onnxcam.web import DEFAULT_ORT
+    from tests.conftest import ROOT
+
+    ort = str(ROOT / DEFAULT_ORT)
+    if not (ROOT / DEFAULT_ORT).is_dir():
+        pytest.skip("web/node_modules missing: run npm ci --prefix web")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    assert_clean_failure(run("web", str(lite0_model), "--out", str(mine), "--ort", ort), "did not write")
+    assert (mine / "index.html").read_text() == "my page" and len(list(mine.iterdir())) == 1
+    planted, elsewhere = tmp_path / "planted", tmp_path / "elsewhere"
+    planted.mkdir()
+    elsewhere.mkdir()
+    (planted / "ort").symlink_to(elsewhere)
+    assert_clean_failure(run("web", str(lite0_model), "--out", str(planted), "--ort", ort), "symbolic link")
+    assert not list(elsewhere.iterdir())
+    site = tmp_path / "site"
+    assert run("web", str(lite0_model), "--out", str(site), "--ort", ort).returncode == 0
+    assert_clean_failure(run("web", str(lite0_model), "--out", str(site), "--ort", ort), "--overwrite")
+    assert run("web", str(lite0_model), "--out", str(site), "--ort", ort, "--overwrite").returncode == 0
