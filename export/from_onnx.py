@@ -377,13 +377,42 @@ def _upgrade(model: onnx.ModelProto, layer: str, logits: str, notes: list[str]) 
 
 
 def _modern_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    """IR >= 4 (weights need not be graph inputs) and new enough for the opset; weights stop being inputs."""
-    model.ir_version = max(model.ir_version, 4, helper.find_min_ir_version_for(list(model.opset_import)))
+    """IR >= 4 (weights need not be graph inputs) and new enough for the default opset (other domains, such as
+    an unused com.microsoft or a custom one, have no entry in onnx's table); weights stop being inputs."""
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    model.ir_version = max(model.ir_version, 4, helper.find_min_ir_version_for(default))
     weights = {i.name for i in model.graph.initializer} - {contract.REGION}  # (an input with a default)
     kept = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(kept)
     return model
+
+
+def _check_opsets(model: onnx.ModelProto, source: Path) -> None:
+    """A default-domain opset this onnx package knows (the rules are written against it)."""
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= known:
+            raise OnnxcamError(f"{source} imports ONNX opset {opset.version}; the installed onnx package knows opsets "
+                               f"up to {known}: upgrade onnx (pip install -U onnx), or export the model at opset "
+                               f"{known} or below")  # fmt: skip
+
+
+CONTRACT_NAMES = {v for k, v in vars(contract).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+
+
+def _clear_names(graph: onnx.GraphProto) -> None:
+    """Make room for the contract: tensors named like its inputs and outputs (``image``, ``targets``, ...; not
+    ``logits``, which the graft explains as it is) move aside to ``<name>/original``, and repeated node names get
+    a suffix (ONNX Runtime refuses a graph with two nodes of one name)."""
+    names = {o for n in graph.node for o in n.output} | {i.name for i in [*graph.input, *graph.initializer]}
+    for name in sorted((CONTRACT_NAMES - {contract.LOGITS}) & names):
+        rename_tensor(graph, name, f"{name}/original")
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if node.name and node.name in seen:
+            node.name = f"{node.name}/{i}"
+        seen.add(node.name)
 
 
 def _model_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
@@ -677,6 +706,8 @@ def graft_file(
         raise OnnxcamError(f"cannot read {source} as an ONNX model: {exc}") from exc
     if any(p.key == contract.META_PREFIX + "contract" for p in model.metadata_props):
         raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
+    _check_opsets(model, source)
+    _clear_names(model.graph)
     facts = Facts(dict(given.values), dict(given.sources)).merge(from_file(model, Path(source)))
     model = _modern_ir(model)
     graph = model.graph

@@ -399,8 +399,10 @@ def presummed_weight(b: Builder, head: list[onnx.NodeProto], activations: str) -
     if shape_out[1] != channels * positions or len(fc_users) != 1:
         return None
     fc = fc_users[0]
-    weight = b.constant_value(fc.input[1]) if fc.input[0] == flatten.output[0] else None
-    if weight is None or weight.ndim != 2 or fc.op_type not in ("Gemm", "MatMul"):
+    if fc.op_type not in ("Gemm", "MatMul") or fc.input[0] != flatten.output[0]:  # (a Relu or Dropout first)
+        return None
+    weight = b.constant_value(fc.input[1])
+    if weight is None or weight.ndim != 2:
         return None
     a = attrs(fc)
     if fc.op_type == "Gemm":
