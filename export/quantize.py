@@ -192,6 +192,12 @@ def quantize_file(source: Path, calibrate: Path, out: Path, fmt: str = "qdq") ->
     from onnxcam.engine import Engine  # validates the file and reads its card, as any command does
 
     card: ModelCard = Engine(source).card
+    if card.quantized:
+        raise OnnxcamError(f"{source} is already INT8 (its graph runs integer kernels); quantize the float model")
+    if card.task != "classification" or card.extra_layers:
+        what = f"a {card.task} model" if card.task != "classification" else "a model with several target layers"
+        raise OnnxcamError(f"{source} is {what}; onnxcam quantize takes a classifier with one target layer (its "
+                           "head is regrafted at the layer): explain the float model")  # fmt: skip
     photos = calibration_images(calibrate)
     notes = [] if len(photos) >= 8 else [f"only {len(photos)} calibration images: 8 or more give steadier ranges"]
     model = onnx.load(source)

@@ -11,6 +11,7 @@ import onnx
 
 from onnxcam import contract
 from onnxcam.contract import ModelCard
+from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import atomic_write
 from onnxcam_export.saliency import saliency_methods
 
@@ -31,13 +32,24 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
     del model.metadata_props[:]
     for key, value in card.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    onnx.checker.check_model(model, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
-        _save_with_external_data(model, out)
+        _save_with_external_data(model, out)  # (checked as saved: a protobuf over 2 GB cannot be checked in memory)
     else:
+        check(model)
         atomic_write(out, lambda tmp: onnx.save(model, tmp))
     return card
+
+
+def check(model: onnx.ModelProto | Path) -> None:
+    """ONNX's full checker on a model or a saved file; what it finds is a one-line OnnxcamError."""
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OnnxcamError(f"the grafted model fails ONNX's checker ({first[:300]}); nothing was written. The source "
+                           "graph may be malformed (check it with onnx.checker), else this is a graft bug: report "
+                           "it with the model's layout") from None  # fmt: skip
 
 
 # Weights above this go to ``<model>.data`` beside the model (ONNX's external data, which every runtime reads):
@@ -55,6 +67,7 @@ def _save_with_external_data(model: onnx.ModelProto, out: Path) -> None:
         staged = Path(folder) / out.name
         onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                   size_threshold=1024)  # fmt: skip
+        check(staged)
         for name, target in ((data.name, data), (out.name, out)):
             os.chmod(Path(folder) / name, 0o666 & ~umask)
             os.replace(Path(folder) / name, target)

@@ -294,3 +294,38 @@ def test_odd_but_valid_graphs_graft_and_their_gradient_is_the_heads(name: str, t
 def test_an_opset_newer_than_the_onnx_package_is_one_line(tmp_path: Path) -> None:
     source = _small_head(tmp_path / "future.onnx", opsets=(("", 30),))
     assert_clean_failure(run("export", "--from", str(source), *UNIT), "opset 30", "upgrade onnx")
+
+
+def test_a_graph_that_fails_onnxs_checker_is_one_line_and_nothing_is_written(tmp_path: Path) -> None:
+    """The final checker call was unguarded: two nodes writing one tensor failed with a traceback after the work."""
+    import onnx
+
+    from onnxcam_export.save import check
+
+    model = onnx.load(_small_head(tmp_path / "m.onnx"))
+    model.graph.node.append(onnx.helper.make_node("Relu", ["c"], ["act"], name="twice"))  # a second writer of act
+    with pytest.raises(OnnxcamError, match="fails ONNX's checker"):
+        check(model)
+
+
+def test_quantize_refuses_what_it_cannot_regraft_in_one_line(tmp_path: Path) -> None:
+    """A detector, a segmenter or an INT8 file crashed in the checker or in ORT's calibrator."""
+    pytest.importorskip("onnxruntime.quantization")
+    source = _small_head(tmp_path / "det.onnx")
+    assert run("export", "--from", str(source), *UNIT).returncode == 0
+    import onnx
+
+    model = onnx.load(tmp_path / "det.cam.onnx")
+    next(p for p in model.metadata_props if p.key == "onnxcam.quantized").value = "true"
+    onnx.save(model, tmp_path / "int8.onnx")
+    (tmp_path / "photos").mkdir()
+    result = run("quantize", str(tmp_path / "int8.onnx"), "--calibrate", str(tmp_path / "photos"))
+    assert_clean_failure(result, "already INT8")
+    torch = pytest.importorskip("torch")
+    from tests.test_detect import TinyDetector, export_plain
+
+    torch.manual_seed(0)
+    export_plain(TinyDetector(), tmp_path / "tiny.onnx")
+    assert run("export", "--from", str(tmp_path / "tiny.onnx"), *UNIT).returncode == 0
+    result = run("quantize", str(tmp_path / "tiny.cam.onnx"), "--calibrate", str(tmp_path / "photos"))
+    assert_clean_failure(result, "is a detection model", "takes a classifier")
