@@ -257,6 +257,32 @@ class Engine:
                 f"{self.path}: its model card says input size {list(self.card.input_size)} but the graph takes "
                 f"{list(size)}; re-create the model with onnxcam export"
             )
+        problem = self._card_problem(outputs, {*inputs, *self.inputs})
+        if problem:
+            raise OnnxcamError(f"{self.path}: its model card {problem}; the card does not describe this graph: "
+                               "re-create the model with onnxcam export")  # fmt: skip
+
+    def _card_problem(self, outputs: dict, inputs: set[str]) -> str | None:
+        """What of the card the graph contradicts (its task, its extra layers, its in-graph methods), or None."""
+        card, rank = self.card, len(outputs[contract.LOGITS].shape)
+        boxes = set(contract.DETECTION_OUTPUTS) <= set(outputs)
+        task_fits = {
+            "classification": rank == 2 and not boxes,
+            "detection": rank == 3 and boxes,
+            "segmentation": rank == 2 and contract.REGION in inputs,
+        }
+        if not task_fits[card.task]:
+            return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
+        layers = sum(contract.scale_output(contract.ACTIVATIONS, i) in outputs for i in range(1, 64))
+        if layers != len(card.extra_layers):
+            return f"names {len(card.extra_layers)} extra target layers but the graph has {layers}"
+        from onnxcam.methods import in_graph  # (methods reads engines: imported when a card is checked)
+
+        methods, known = list(card.saliency_methods), in_graph()
+        if (contract.SALIENCY in outputs) != bool(methods) or methods != known[: len(methods)]:
+            return (f"lists the in-graph methods {methods} but the graph's saliency output computes "
+                    f"{known if contract.SALIENCY in outputs else 'none'} in that order")
+        return None
 
     def run(
         self,

@@ -329,3 +329,30 @@ def test_quantize_refuses_what_it_cannot_regraft_in_one_line(tmp_path: Path) -> 
     assert run("export", "--from", str(tmp_path / "tiny.onnx"), *UNIT).returncode == 0
     result = run("quantize", str(tmp_path / "tiny.cam.onnx"), "--calibrate", str(tmp_path / "photos"))
     assert_clean_failure(result, "is a detection model", "takes a classifier")
+
+
+FORGED_CARDS = {  # card field -> (forged JSON value, what the refusal says)
+    "task": ("detection", "says task 'detection'"),  # (a text field: no JSON quotes)
+    "extra_layers": ('["absent (8x4x4)"]', "names 1 extra target layers but the graph has 0"),
+    "saliency_methods": ("[]", "lists the in-graph methods []"),
+    "saliency_methods-reordered": ('["layercam", "gradcam", "gradcam++", "xgradcam", "hirescam", '
+                                   '"gradcam-elementwise"]', "lists the in-graph methods ['layercam'"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORGED_CARDS))
+def test_a_card_that_the_graph_contradicts_is_refused_when_the_model_loads(name: str, lite0_model: Path,
+                                                                           tmp_path: Path) -> None:  # fmt: skip
+    """Each gave raw ORT text per image, or (reordered methods) saliency="gradcam" returned the LayerCAM map."""
+    import onnx
+
+    value, phrase = FORGED_CARDS[name]
+    model = onnx.load(lite0_model)
+    key = "onnxcam." + name.split("-")[0]
+    entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add(key=key)
+    entry.value = value
+    onnx.save(model, tmp_path / "forged.onnx")
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(tmp_path / "forged.onnx"), "--out",
+                 str(tmp_path / "out"))  # fmt: skip
+    assert_clean_failure(result, phrase, "re-create the model")
+    assert not (tmp_path / "out").exists()
