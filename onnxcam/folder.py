@@ -79,12 +79,13 @@ class Summary:
     seconds: float = 0.0
 
 
-def complete_records(records: list[dict]) -> dict[str, list[dict]]:
-    """Records per image whose records are complete and whose files all exist (``--resume`` keeps these)."""
+def complete_records(records: list[dict], out: Path) -> dict[str, list[dict]]:
+    """Records per image whose records are complete and whose files all exist in ``out`` (``--resume`` keeps
+    these)."""
     by_path: dict[str, list[dict]] = {}
     broken: set[str] = set()
     for record in records:
-        if record.get("error") or not all(Path(f).is_file() for f in outputs.record_files(record)):
+        if record.get("error") or not all(f.is_file() for f in outputs.record_files(record, out)):
             broken.add(record["path"])
         else:
             by_path.setdefault(record["path"], []).append(record)
@@ -255,7 +256,7 @@ def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
     """Check ``out`` (hold :func:`outputs.owned`), keep an earlier run's complete records, name the rest."""
     out = options.out
     kept = outputs.start_run(out, options.settings(explainer.engine.path), options.resume, options.overwrite)
-    done = complete_records(kept)
+    done = complete_records(kept, out)
     outputs.write_text(out / outputs.RESULTS, "".join(json.dumps(r) + "\n" for rs in done.values() for r in rs))
     fixed = {p: rs[0]["stem"] for p, rs in done.items() if isinstance(rs[0].get("stem"), str)}
     stems = outputs.unique_stems(paths, fixed)

@@ -261,19 +261,18 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
 FILE_KEYS = ("overlay", "map", "panel", "boxes")  # boxes: a detection's picture of every box of its image
 
 
-def record_files(record: dict) -> list[str]:
-    """The files a record names (its maps, panel and method sheets)."""
-    return [record[k] for k in FILE_KEYS if record.get(k)] + list(record.get("sheets") or [])
+def record_files(record: dict, out: Path) -> list[Path]:
+    """The files a record names (its maps, panel and method sheets), in ``out``, where a run writes them all: the
+    names as written are relative to that run's working folder, which need not be this one."""
+    names = [record[k] for k in FILE_KEYS if record.get(k)] + list(record.get("sheets") or [])
+    return [out / Path(str(name)).name for name in names]
 
 
 def forget_run(out: Path, records: str = RESULTS) -> None:
-    """Delete an earlier run's files in ``out`` (``--overwrite``): only files its records name inside ``out``."""
-    root = out.resolve()
+    """Delete an earlier run's files in ``out`` (``--overwrite``): only files its records name, inside ``out``."""
     for record in read_records(out / records, strict=False):
-        for name in record_files(record):
-            path = Path(name)
-            if path.resolve().parent == root:
-                path.unlink(missing_ok=True)
+        for path in record_files(record, out):
+            path.unlink(missing_ok=True)
     for name in (records, REPORT, SETTINGS):
         (out / name).unlink(missing_ok=True)
 

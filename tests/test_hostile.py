@@ -356,3 +356,27 @@ def test_a_card_that_the_graph_contradicts_is_refused_when_the_model_loads(name:
                  str(tmp_path / "out"))  # fmt: skip
     assert_clean_failure(result, phrase, "re-create the model")
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_and_resume_from_another_working_folder_find_the_earlier_runs(lite0_model: Path,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    """The records name files relative to the earlier run's working folder: from another one, --overwrite deleted
+    nothing and every image then failed ("already exists and this run did not write it")."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    photo = str(EXAMPLES / "chelsea.png")
+
+    def explain(cwd: str, out: str, *more: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "onnxcam", "explain", photo, "--model", str(lite0_model), "--out", out, *more]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path / cwd, timeout=300)
+
+    assert explain("a", "run").returncode == 0
+    stale = tmp_path / "a" / "run" / "chelsea_285_egyptian-cat.png"
+    again = explain("b", "../a/run", "--overwrite", "--top-k", "0", "--target", "tabby")
+    assert again.returncode == 0 and "explained 1 of 1" in again.stdout, again.stderr
+    assert not stale.exists() and (tmp_path / "a" / "run" / "chelsea_281_tabby.png").is_file()
+    resumed = explain("b", "../a/run", "--resume", "--top-k", "0", "--target", "tabby")
+    assert resumed.returncode == 0 and "1 skipped" in resumed.stdout, resumed.stdout + resumed.stderr
