@@ -113,9 +113,12 @@ def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | No
     share = maps.box_share(top.cam, box)
     area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) / top.cam.size
     files, _ = outputs.save_explanation(result, out, stem, alpha=0.4, replace=False)
+    predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
+                   for p in result.predictions]  # (the keys of explain's results.jsonl)  # fmt: skip
+    target = {"class": top.index, "label": top.label, "probability": round(top.probability, 6), "method": top.method}
     return {
-        "path": str(path), "predictions": [vars(p) for p in result.predictions], **files[0],
-        "true_class": true_class, "predicted": top.label, "probability": round(top.probability, 6),
+        "path": str(path), "predictions": predictions, "target": target, **files[0], "true_class": true_class,
+        "predicted": top.label, "probability": round(top.probability, 6),
         "object_share": round(share, 6), "box_area": round(area, 6), "flagged": share < area, "error": None,
     }  # fmt: skip
 

@@ -1,7 +1,8 @@
 """``index.html``: a static report of a run that opens from the file system, no server, no network.
 
-A grid of cards (overlay thumbnail, predicted label, probability), a filter by predicted
-class and a sort by confidence; a card opens the full-size panel. ``#class=285`` in the
+A grid of cards (the predicted label and probability, the overlay of that class's map where there
+is one, and whose map it is), a filter by predicted class and a sort by confidence; a card opens
+every map of its image (each class and method, captioned). ``#class=285`` in the
 address pre-selects a class. Failed images are cards with their error; warnings about the
 model (e.g. random weights) are a banner on top.
 """
@@ -25,8 +26,10 @@ header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 .card img{width:100%;height:160px;object-fit:contain;background:#222}
 .card .label{font-weight:600}.card.flagged{border:2px solid #e90}.card.error{border:2px solid #c33;cursor:default}
 .card .path{font-size:.75rem;color:#555;word-break:break-all}.card .err{overflow-wrap:anywhere}
-#modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center}
-#modal.open{display:flex}#modal img{max-width:96vw;max-height:80vh;background:#fff}
+#modal{position:fixed;inset:0;background:#000c;display:none;align-items:center;justify-content:center;overflow:auto}
+#modal.open{display:flex}#modal img{max-width:46vw;max-height:70vh;background:#fff}
+#panel{display:flex;flex-wrap:wrap;gap:.5rem;justify-content:center}figure{margin:0}figcaption{color:#fff}
+.card .shown{font-size:.8rem;color:#333}
 #modal p{color:#fff}
 .warning{background:#fde2b3;border:2px solid #e90;padding:.5rem;border-radius:6px;font-weight:600}
 </style></head><body>
@@ -62,8 +65,10 @@ function card(it) {
     d.querySelector(".err").textContent = it.error;
   } else {
     d.innerHTML = `<img loading="lazy" alt=""><div class="label"></div><div class="prob"></div>` +
-      `<div class="path"></div>`;
+      `<div class="shown"></div><div class="path"></div>`;
     d.querySelector("img").src = it.thumb;
+    const more = it.full.length > 2 ? ` (+${it.full.length - 2} more)` : "";
+    d.querySelector(".shown").textContent = it.thumbCaption + more;
     d.querySelector(".label").textContent = it.top.label + (it.flagged ? " (looks off the object)" : "");
     d.querySelector(".prob").textContent = (100 * it.top.probability).toFixed(1) + "%";
     d.addEventListener("click", () => open(it));
@@ -73,7 +78,11 @@ function card(it) {
 }
 function open(it) {
   const panel = document.getElementById("panel"); panel.replaceChildren();
-  for (const src of it.full) { const im = document.createElement("img"); im.src = src; panel.append(im); }
+  it.full.forEach((src, i) => {
+    const figure = document.createElement("figure"), im = document.createElement("img");
+    const caption = document.createElement("figcaption");
+    im.src = src; caption.textContent = it.captions[i]; figure.append(im, caption); panel.append(figure);
+  });
   const percent = (100 * it.top.probability).toFixed(1);
   document.getElementById("caption").textContent = `${it.path}: ${it.top.label} ${percent}%`;
   modal.classList.add("open");
@@ -108,19 +117,28 @@ def _items(records: list[dict], out: Path) -> list[dict]:
     # a URL relative to the report: # ? % escaped, a name's bytes that are not UTF-8 percent-encoded as they are
     rel = lambda p: quote(os.path.relpath(p, out).replace(os.sep, "/"), errors="surrogateescape")  # noqa: E731
     for r in records:
-        if r["path"] in items:
-            continue
         if r.get("error"):
             items[r["path"]] = {"path": r["path"], "error": r["error"]}
             continue
-        if r.get("target") is None:  # a detector's photo with no detection: the photo, said so
+        if r["path"] not in items:
             photo = rel(os.path.abspath(r["path"]))
-            items[r["path"]] = {"path": r["path"], "top": {"label": "no detection", "probability": 0.0}, "thumb": photo,
-                                "full": [photo], "flagged": False}  # fmt: skip
+            top = r["predictions"][0] if r["predictions"] else {"label": "no detection", "probability": 0.0}
+            items[r["path"]] = {"path": r["path"], "top": top, "maps": [], "full": [photo], "captions": ["the photo"],
+                                "flagged": False}  # fmt: skip
+        item = items[r["path"]]
+        if r.get("target") is None:  # a detector's photo with no detection: the photo, said so
             continue
-        full = [rel(r["panel"])] if r.get("panel") else [rel(os.path.abspath(r["path"])), rel(r["overlay"])]
-        items[r["path"]] = {"path": r["path"], "top": r["predictions"][0], "thumb": rel(r["overlay"]), "full": full,
-                            "flagged": bool(r.get("flagged"))}  # fmt: skip
+        target = r["target"]
+        caption = f"{target['method']} map of {target['label']} ({100 * target['probability']:.1f}%)"
+        item["maps"].append({"src": rel(r["overlay"]), "caption": caption, "class": target["class"]})
+        item["full"].append(rel(r["panel"]) if r.get("panel") else rel(r["overlay"]))
+        item["captions"].append(caption)
+        item["flagged"] = item["flagged"] or bool(r.get("flagged"))
+    for item in items.values():  # the card shows the map of the predicted class where there is one, and says whose
+        maps = item.pop("maps", None)
+        if maps is not None:
+            shown = next((m for m in maps if m["class"] == item["top"].get("class")), maps[0] if maps else None)
+            item["thumb"], item["thumbCaption"] = (shown["src"], shown["caption"]) if shown else (item["full"][0], "")
     return list(items.values())
 
 

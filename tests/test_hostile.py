@@ -397,3 +397,20 @@ def test_a_batch_size_past_reason_is_refused_before_the_model_loads(tmp_path: Pa
     result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(tmp_path / "none.onnx"), "--batch-size",
                  "100000")  # fmt: skip
     assert_clean_failure(result, "--batch-size must be from 1 to 256")
+
+
+def test_the_report_shows_each_cards_own_map_and_every_map_of_the_image(lite0_model: Path, tmp_path: Path) -> None:
+    """``--target tabby --top-k 2`` gave a card labelled "Egyptian cat 78.1%" whose picture was the tabby map, and
+    the other maps could not be reached from the report."""
+    out = tmp_path / "out"
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--target", "tabby",
+                 "--top-k", "2", "--method", "gradcam,layercam", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = (out / "index.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    (item,) = data["items"]
+    assert item["top"]["label"] == "Egyptian cat" and item["thumb"] == "chelsea_285_egyptian-cat.png"
+    assert item["thumbCaption"].startswith("gradcam map of Egyptian cat")
+    maps = {f for f in item["full"] if f.endswith(".png") and f != item["full"][0]}
+    expected = {p.name for p in out.glob("chelsea_*.png") if ".methods." not in p.name}  # (not the method sheets)
+    assert maps == expected and len(expected) == 6 and len(item["captions"]) == len(item["full"])
