@@ -261,7 +261,8 @@ class Explainer:
 
     def _region(self, mask: np.ndarray | str | Path, prepared: list[Prepared]) -> np.ndarray:
         """``[N, H, W]`` float32 pixel weights at the model's size: ``mask`` (non-zero inside) placed as each photo."""
-        inside = read_mask(mask) if isinstance(mask, str | Path) else np.asarray(mask) != 0
+        first = prepared[0].photo.shape[:2]
+        inside = read_mask(mask, first) if isinstance(mask, str | Path) else np.asarray(mask) != 0
         inside = inside.any(axis=2) if inside.ndim == 3 else inside  # (a colour picture of the region)
         for photo in (p.photo for p in prepared):
             if inside.shape != photo.shape[:2]:

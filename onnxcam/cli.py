@@ -259,8 +259,10 @@ def _export_from(
         raise OnnxcamError("onnxcam export --from needs the onnx package (not installed here): pip install onnx")
     from onnxcam_export.from_onnx import Preprocessing, graft_file
 
-    if not source.is_file():
+    if not source.exists():
         raise OnnxcamError(f"model file {source} not found")
+    if not source.is_file():
+        raise OnnxcamError(f"{source} is not a regular file (a folder, pipe or device); give an ONNX model file")
     target = out or source.with_name(source.name.removesuffix(".onnx") + ".cam.onnx")
     card, notes = graft_file(source, target, layer, labels, Preprocessing.create(**prep), score, task, **detector)
     _report_export(target, card, notes)
@@ -477,10 +479,11 @@ def _explain_records(
     options = replace(options, methods=names, sheets=len(names) > 1)
     explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
     explainer.check_task(options.aug_smooth, options.conf, options.iou, bool(options.mask))  # and the task's misuses
-    if options.mask is not None:  # and a bad mask file
-        read_mask(options.mask, options.max_pixels, options.max_bytes)
+    size = None
     if len(images) == 1 and len(paths) == 1 and not uris and not Path(images[0]).is_dir():
-        read_rgb(paths[0], options.max_pixels, options.max_bytes)  # one bad named image fails before any write
+        size = read_rgb(paths[0], options.max_pixels, options.max_bytes).shape[:2]  # a bad image fails before writes
+    if options.mask is not None:  # and a bad mask file (its size against one image's before it is decoded)
+        read_mask(options.mask, size, options.max_pixels, options.max_bytes)
     progress = sys.stderr.isatty() and not quiet
     if ray is None:
         records = run(explainer, [Path(p) for p in paths], options, progress=progress, warnings=warnings)

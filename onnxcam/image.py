@@ -208,11 +208,20 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def read_mask(path: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
+def read_mask(
+    path: str | Path, size: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES
+) -> np.ndarray:
     """A region from an image file (grayscale or binary, any format :func:`read_rgb` reads): bool ``[H, W]``,
-    True where a pixel is not black. An unreadable file or one without such a pixel raises OnnxcamError."""
+    True where a pixel is not black. An unreadable file, one without such a pixel, or one whose header gives
+    another size than ``size`` (height, width; checked before decoding) raises OnnxcamError."""
     try:
-        inside = read_rgb(path, max_pixels, max_bytes).any(axis=2)
+        data = _read_bytes(Path(path), max_bytes)
+        found = header(data)
+        if size is not None and found is not None and found[1] is not None and found[1][::-1] != tuple(size):
+            (width, height), (h, w) = found[1], size
+            raise OnnxcamError(f"the mask is {width}x{height} pixels but the image is {w}x{h}; give a mask the size "
+                               "of the image")  # fmt: skip
+        inside = decode_rgb(data, path, max_pixels).any(axis=2)
     except OnnxcamError as exc:
         raise OnnxcamError(f"--mask: {exc}") from None
     if not inside.any():

@@ -218,9 +218,9 @@ def earlier_settings(out: Path, records: str = RESULTS) -> dict | None:
         return None
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         settings = None
-    if not isinstance(settings, dict):
+    if not isinstance(settings, dict) or not isinstance(settings.get("settings"), dict):  # ({} has no settings)
         raise OnnxcamError(f"{path} is not an onnxcam run's settings; choose another --out, or --overwrite")
     return settings
 

@@ -414,3 +414,34 @@ def test_the_report_shows_each_cards_own_map_and_every_map_of_the_image(lite0_mo
     maps = {f for f in item["full"] if f.endswith(".png") and f != item["full"][0]}
     expected = {p.name for p in out.glob("chelsea_*.png") if ".methods." not in p.name}  # (not the method sheets)
     assert maps == expected and len(expected) == 6 and len(item["captions"]) == len(item["full"])
+
+
+def test_small_messages_say_what_is_wrong(lite0_model: Path, tmp_path: Path) -> None:
+    """``export --from /dev/zero`` said "not found"; ``--resume`` over a ``{}`` run.json listed every setting as
+    "before None"."""
+    assert_clean_failure(run("export", "--from", "/dev/zero"), "/dev/zero is not a regular file")
+    out = tmp_path / "out"
+    assert run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out)).returncode == 0
+    (out / "run.json").write_text("{}")
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out), "--resume")
+    assert_clean_failure(result, "is not an onnxcam run's settings")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_node_script_fails_in_one_line_without_a_stack_trace(lite0_model: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    if not (ROOT / "web" / "node_modules").is_dir():
+        pytest.skip("web/node_modules missing: run npm ci --prefix web")
+    jpeg = tmp_path / "cat.jpg"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    script = str(ROOT / "web" / "explain.mjs")
+    for args, phrase in (([str(lite0_model), str(jpeg)], "is not a PNG"),
+                         ([str(lite0_model), str(tmp_path / "missing.png")], "not found"),
+                         ([str(tmp_path / "missing.onnx"), str(EXAMPLES / "chelsea.png")], "not found")):  # fmt: skip
+        result = subprocess.run(["node", script, *args, str(tmp_path / "o.png")], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0]

@@ -16,13 +16,36 @@ if (!out) {
   console.error("usage: node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]");
   process.exit(2);
 }
-const png = PNG.sync.read(readFileSync(photo), { colorType: 2, inputHasAlpha: false }); // -> RGBA, 8 bits
+// what goes wrong is one line, exit 2, as with the onnxcam command (no stack trace)
+const fail = (what) => (error) => {
+  const reason = error.code === "ENOENT" ? "not found" : String(error.message ?? error).split("\n")[0];
+  console.error(`error: ${what}: ${reason}`);
+  process.exit(2);
+};
+const read = (path, what) => {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    return fail(`${what} ${path}`)(error);
+  }
+};
+let png;
+try {
+  png = PNG.sync.read(read(photo, "photo"), { colorType: 2, inputHasAlpha: false }); // -> RGBA, 8 bits
+} catch (error) {
+  fail(`${photo} is not a PNG (this script reads PNG photos; convert it, or use onnxcam explain)`)(error);
+}
 const { width, height } = png;
 const rgb = new Uint8Array(width * height * 3);
 for (let i = 0; i < width * height; i++) for (let c = 0; c < 3; c++) rgb[i * 3 + c] = png.data[i * 4 + c];
 
-const card = cardOf(readFileSync(model)); // (the session reads the file itself: external weights too)
-const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 });
+let card;
+try {
+  card = cardOf(read(model, "model")); // (the session reads the file itself: external weights too)
+} catch (error) {
+  fail(`model ${model}`)(error);
+}
+const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 }).catch(fail(`model ${model}`));
 const size = card.input_size;
 const targets = target === undefined ? [-1] : [Number(target)];
 const { pixels, placement } = modelInput(rgb, height, width, size, card.resize);
