@@ -153,7 +153,7 @@ class Explainer:
         codes = [self.class_index(t) for t in targets]
         k = top_k if top_k is not None else (0 if codes else 1)
         if not 0 <= k <= len(self.labels):
-            raise OnnxcamError(f"top-k must be between 0 and {len(self.labels)}, got {k}")
+            raise OnnxcamError(f"top-k must be from 1 to {len(self.labels)} (0 only beside --target), got {k}")
         codes += [-(i + 1) for i in range(k)]
         if not codes:
             raise OnnxcamError("nothing to explain: give a --target or a --top-k of at least 1")

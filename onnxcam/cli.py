@@ -9,6 +9,7 @@ the command line is parsed (30 ms of a 0.5 s start-up: benchmarks/startup.py).
 """
 
 import contextlib
+import itertools
 import json
 import re
 import sys
@@ -739,6 +740,15 @@ def web(
 _TRIPLES = ("--mean", "--std")
 
 
+def _count_triples(args: list[str]) -> None:
+    """``--mean 0.5 0.5 --std ...`` (two numbers): say so, where click would blame ``--std`` as an extra argument."""
+    for i, arg in enumerate(args):
+        if arg in _TRIPLES:
+            given = list(itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1 : i + 4]))
+            if len(given) < 3:
+                raise OnnxcamError(f"{arg} needs three numbers (R G B, or R,G,B), got {len(given)}: {' '.join(given)}")
+
+
 def _split_triples(args: list[str]) -> list[str]:
     """``--mean 0.5,0.5,0.5`` (or ``--mean=0.5,0.5,0.5``) as the three numbers click expects; ``--size H W`` as
     the one value ``HxW``."""
@@ -761,6 +771,7 @@ def main(args: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     argv = _split_triples(list(sys.argv[1:] if args is None else args))
     try:
+        _count_triples(argv)
         code = command.main(argv, prog_name="onnxcam", standalone_mode=False)
     except OnnxcamError as exc:
         _echo(f"error: {' '.join(str(exc).split())}", err=True)

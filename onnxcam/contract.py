@@ -232,7 +232,7 @@ class ModelCard:
             [
                 ("contract", self.contract),
                 ("arch", self.arch),
-                ("weights", self.weights + ("" if self.trained else " [NOT TRAINED]")),
+                ("weights", self.weights + ("" if self.trained or "NOT TRAINED" in self.weights else " [NOT TRAINED]")),
                 ("target layer", ", ".join([self.layer, *self.extra_layers])),
                 (
                     "input",

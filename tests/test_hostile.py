@@ -445,3 +445,18 @@ def test_the_node_script_fails_in_one_line_without_a_stack_trace(lite0_model: Pa
                                 timeout=120)  # fmt: skip
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0]
+
+
+def test_two_numbers_for_a_triple_blame_the_option_that_has_them(tmp_path: Path) -> None:
+    """``--mean 0.5 0.5 --std ...`` blamed --std ("unexpected extra argument")."""
+    result = run("export", "--from", str(tmp_path / "m.onnx"), "--mean", "0.5", "0.5", "--std", "1", "1", "1")
+    assert_clean_failure(result, "--mean needs three numbers", "got 2")
+
+
+def test_top_k_messages_and_untrained_cards_say_it_once(lite0_model: Path, tmp_path: Path) -> None:
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--top-k", "-3")
+    assert_clean_failure(result, "from 1 to 1000 (0 only beside --target), got -3")
+    pytest.importorskip("torch")
+    assert run("export", "--weights", "none", "--out", str(tmp_path / "random.onnx")).returncode == 0
+    shown = run("info", str(tmp_path / "random.onnx")).stdout
+    assert shown.count("NOT TRAINED") == 1, shown

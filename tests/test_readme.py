@@ -25,6 +25,7 @@ NOT_RUN = {  # the only reasons a block may give for not being run here
 }
 EXAMPLES = {m["name"]: (m["lang"], m["code"]) for m in BLOCK.finditer(README) if m["name"]}
 EXPECTED = {  # what each example's output must say
+    "own": ["espresso", "report: onnxcam-out/index.html"],
     "tour": ["Egyptian cat", "gradcam map for tabby (281)", "layercam map for espresso", "all methods side by side"],
     "from": ["Egyptian cat", "yours/chelsea_285_egyptian-cat.png"],
     "byo": ["labels: file metadata (ultralytics)", "labels: sidecar config.json", "resize: timm pretrained_cfg",
