@@ -9,6 +9,7 @@ graft the gradients and store the model card.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,24 +122,39 @@ def _shapes(types: Types) -> Shapes:
     }
 
 
-def _is_cut(graph: onnx.GraphProto, name: str, logits: str, static: set[str], types: Types) -> bool:
-    """Whether every differentiable path from the model's input to ``logits`` crosses tensor ``name``
-    (integer tensors computed before it, such as the batch size, do not count)."""
-    try:
-        head = head_nodes(graph, name, logits)
-    except UnsupportedOp:
-        return False
-    inside = {name} | {o for n in head for o in n.output} | static
-    floating = {i for n in head for i in inputs_of(n) if i not in types or types[i].elem_type in FLOATS}
-    return all(i in inside for n in head for i in inputs_of(n) if i in floating)
-
-
 def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Layout], types: Types) -> list[str]:
-    """Tensors with a spatial grid (h, w >= 2, any :mod:`layouts` layout) that every path to the logits
-    crosses, in graph order."""
+    """Tensors with a spatial grid (h, w >= 2, any :mod:`layouts` layout) that every differentiable path from the
+    model's input to the logits crosses, in graph order.
+
+    One pass in each direction, linear in the graph's size: a tensor T is such a cut when, right after the node
+    that makes it, it is the only float tensor still to be read on the way to the logits (read by a node with a
+    float output that leads there; what the shapes alone compute, and integer tensors, do not count).
+    """
     static = shape_only_tensors(graph)  # (no gradient flows through what the shapes alone compute)
-    names = [o for n in graph.node for o in n.output if o in layouts and o not in static]
-    return [name for name in names if _is_cut(graph, name, logits, static, types)]
+    nodes = list(graph.node)
+
+    def floating(name: str) -> bool:
+        return bool(name) and name not in static and (name not in types or types[name].elem_type in FLOATS)
+
+    needed = {logits}
+    last = {logits: len(nodes)}  # tensor -> index of the last node on the way to the logits that reads it
+    for i in reversed(range(len(nodes))):
+        node = nodes[i]
+        if needed.intersection(node.output):
+            reads = inputs_of(node)
+            needed.update(reads)
+            if any(floating(o) for o in node.output):
+                for name in reads:
+                    if floating(name):
+                        last.setdefault(name, i)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output}
+    opens = Counter(made.get(name, -1) for name in last)  # (a graph input is read from the start)
+    closes = Counter(last.values())
+    live, found = opens[-1], []
+    for i, node in enumerate(nodes):
+        live += opens[i] - closes[i]
+        found += [o for o in node.output if live == 1 and o in last and o in layouts and o not in static]
+    return found
 
 
 def _quiet_session(model: onnx.ModelProto) -> object:
