@@ -50,6 +50,7 @@ DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship 
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 DEFAULT_OUT = Path("onnxcam-out")
 MAX_BATCH = 256
+MAX_STEPS = 1000  # eval's deletion/insertion steps: past this the curve is no finer, only slower
 
 
 def fresh_folder(base: Path) -> Path:
@@ -611,8 +612,8 @@ def eval_command(
     names = _method_names(method)
     if len(names) != 1:
         raise OnnxcamError(f"eval takes one --method, got {method!r}")
-    if steps < 1:
-        raise OnnxcamError(f"--steps must be at least 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise OnnxcamError(f"--steps must be from 1 to {MAX_STEPS} (one pass of the model per step), got {steps}")
     explainer, warnings = _load(model)
     if explainer.card.task != "detection":
         explainer.require_classifier("eval")

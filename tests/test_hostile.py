@@ -460,3 +460,21 @@ def test_top_k_messages_and_untrained_cards_say_it_once(lite0_model: Path, tmp_p
     assert run("export", "--weights", "none", "--out", str(tmp_path / "random.onnx")).returncode == 0
     shown = run("info", str(tmp_path / "random.onnx")).stdout
     assert shown.count("NOT TRAINED") == 1, shown
+
+
+def test_eval_steps_are_fed_in_bounded_chunks_and_capped(lite0_model: Path) -> None:
+    """``eval --steps N`` fed every step as one batch: 10,000 steps was killed at 22.3 GB."""
+    from onnxcam import metrics
+
+    sizes: list[int] = []
+
+    def score(images: np.ndarray) -> np.ndarray:
+        sizes.append(len(images))
+        return images.reshape(len(images), -1).mean(axis=1)
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    curve = metrics._curve(score, image, np.zeros_like(image), np.random.default_rng(1).random((16, 16)), 100)
+    assert len(curve) == 101 and max(sizes) <= metrics.CHUNK and sum(sizes) == 101
+    assert curve[0] == image.mean() and curve[-1] == 0
+    result = run("eval", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--steps", "10000")
+    assert_clean_failure(result, "--steps must be from 1 to 1000")
