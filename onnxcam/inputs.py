@@ -42,7 +42,11 @@ def read_list(listing: Path) -> list[str]:
 def _walk(folder: Path) -> Iterator[Path]:
     """Image files below ``folder`` in sorted order, following links but never a folder twice."""
     seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
+        while unreadable:  # a folder the walk cannot enter (too deep for PATH_MAX, no permission): an item, whose
+            failed = unreadable.pop(0)  # reading then fails with the reason, never a silent skip
+            yield Path(failed.filename or root)
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop, or two links to one folder
             dirs[:] = []
@@ -52,6 +56,7 @@ def _walk(folder: Path) -> Iterator[Path]:
         for name in sorted(files):
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 yield Path(root) / name
+    yield from (Path(failed.filename or folder) for failed in unreadable)
 
 
 def expand(items: list[str]) -> list[Path]:

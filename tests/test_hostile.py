@@ -478,3 +478,24 @@ def test_eval_steps_are_fed_in_bounded_chunks_and_capped(lite0_model: Path) -> N
     assert curve[0] == image.mean() and curve[-1] == 0
     result = run("eval", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--steps", "10000")
     assert_clean_failure(result, "--steps must be from 1 to 1000")
+
+
+def test_a_folder_too_deep_for_path_max_is_a_record_with_its_error(lite0_model: Path, tmp_path: Path) -> None:
+    """Images deeper than PATH_MAX were skipped without a word ("explained 1 of 1")."""
+    import os
+
+    shutil.copy(EXAMPLES / "chelsea.png", tmp_path / "ok.png")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for _ in range(18):  # 18 x 251 characters: past Linux's 4096
+        os.mkdir("d" * 250, dir_fd=fd)
+        inner = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    photo = os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+    os.write(photo, (EXAMPLES / "chelsea.png").read_bytes())
+    os.close(photo)
+    os.close(fd)
+    result = run("explain", str(tmp_path), "--model", str(lite0_model), "--out", str(tmp_path / "out"), "--json")
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["images"] == 2 and summary["explained"] == 1 and summary["failed"] == 1
+    assert "File name too long" in result.stderr
