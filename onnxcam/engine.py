@@ -180,6 +180,25 @@ def _fields(data: BinaryIO, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
 
 
 MODEL_METADATA, KEY, VALUE = 14, 1, 2  # ModelProto.metadata_props, StringStringEntryProto.key and .value
+IR_VERSION = 1  # ModelProto.ir_version (a varint)
+
+
+def ir_version(path: Path) -> int | None:
+    """The IR version of ONNX file ``path``, read without parsing the rest; None if it has none."""
+    with path.open("rb") as data:
+        while (key := _varint(data)) is not None:
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value = _varint(data)
+                if number == IR_VERSION:
+                    return value
+            elif wire in FIXED_SIZES:
+                data.seek(FIXED_SIZES[wire], io.SEEK_CUR)
+            elif wire == 2 and (size := _varint(data)) is not None:
+                data.seek(size, io.SEEK_CUR)
+            else:
+                return None
+    return None
 
 
 def file_metadata(path: Path) -> dict[str, str]:

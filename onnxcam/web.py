@@ -13,11 +13,13 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from onnxcam.engine import Engine
+from onnxcam.engine import Engine, ir_version
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import atomic_write
 
 ORT_WEB_VERSION = "1.30.0"  # the version web/package.json pins (tests/test_web.py checks that they agree)
+ORT_WEB_MAX_IR = 13  # the newest ONNX IR version that onnxruntime-web 1.30 loads ("max supported IR version: 13")
+EXTERNAL_DATA = b"\n\x08location"  # a TensorProto's external_data entry: key "location" (field 1, 8 bytes)
 ORT_WEB_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 PAGE_FILES = ("index.html", "app.mjs", "onnxcam.mjs")
 DEFAULT_ORT = Path("web/node_modules/onnxruntime-web/dist")
@@ -68,9 +70,17 @@ def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT, overwrite: 
         raise OnnxcamError(f"{model} is a {card.task} model; the page shows a classifier's classes: use explain")
     if not card.saliency_methods:
         raise OnnxcamError(f"{model} has no saliency output (made by an older onnxcam); re-export it")
-    if model.with_name(model.name + ".data").exists():  # weights over 100 MB (onnxcam_export.save)
-        raise OnnxcamError(f"{model} keeps its weights in {model.name}.data: the page takes models in one file "
-                           "(a browser tab holds a few hundred MB at most); use a smaller model")  # fmt: skip
+    beside = model.with_name(model.name + ".data")
+    if beside.exists() or EXTERNAL_DATA in model.read_bytes():
+        where = beside.name if beside.exists() else "an external data file"
+        raise OnnxcamError(f"{model} keeps its weights in {where} (as onnxcam export writes them above 100 MB): the "
+                           "page takes models in one file (a browser tab holds a few hundred MB at most); use a "
+                           "smaller model")  # fmt: skip
+    version = ir_version(model)
+    if version is not None and version > ORT_WEB_MAX_IR:
+        raise OnnxcamError(f"{model} is ONNX IR version {version}; onnxruntime-web {ORT_WEB_VERSION} loads up to "
+                           f"{ORT_WEB_MAX_IR}: export it with an onnx package that writes IR {ORT_WEB_MAX_IR} (or "
+                           "set its ir_version to it when it uses nothing newer)")  # fmt: skip
     _check_ort(ort_dist)
     _check_out(out, overwrite)
     (out / "ort").mkdir(parents=True, exist_ok=True)

@@ -499,3 +499,34 @@ def test_a_folder_too_deep_for_path_max_is_a_record_with_its_error(lite0_model: 
     summary = json.loads(result.stdout)["summary"]
     assert summary["images"] == 2 and summary["explained"] == 1 and summary["failed"] == 1
     assert "File name too long" in result.stderr
+
+
+def test_web_refuses_sites_that_cannot_run(lite0_model: Path, tmp_path: Path) -> None:
+    """IR version 14 files (onnx 1.23's default) and external data under another name gave sites that could not
+    load, exit 0; more than ~125k classes threw a RangeError in the page."""
+    import subprocess
+
+    import onnx
+
+    from onnxcam.web import DEFAULT_ORT
+    from tests.conftest import ROOT
+
+    ort = str(ROOT / DEFAULT_ORT)
+    if not (ROOT / DEFAULT_ORT).is_dir():
+        pytest.skip("web/node_modules missing: run npm ci --prefix web")
+    model = onnx.load(lite0_model)
+    model.ir_version = 14
+    onnx.save(model, tmp_path / "ir14.onnx")
+    assert_clean_failure(run("web", str(tmp_path / "ir14.onnx"), "--out", str(tmp_path / "a"), "--ort", ort),
+                         "IR version 14", "up to 13")  # fmt: skip
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="weights.bin", size_threshold=1024)
+    assert_clean_failure(run("web", str(tmp_path / "ext.onnx"), "--out", str(tmp_path / "b"), "--ort", ort),
+                         "external data file")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    if shutil.which("node"):
+        module = (ROOT / "onnxcam" / "site" / "onnxcam.mjs").as_uri()
+        code = (f"import {{ ranked }} from '{module}'; const l = new Float32Array(200000); l[123456] = 5;"
+                "console.log(ranked(l, 1)[0][0]);")  # fmt: skip
+        shown = subprocess.run(["node", "--input-type=module", "-e", code], capture_output=True, text=True, timeout=60)
+        assert shown.stdout.strip() == "123456", shown.stderr

@@ -297,7 +297,7 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
 
 // Softmax probabilities of `logits`, and the `k` best as [index, probability].
 export function ranked(logits, k) {
-  const top = Math.max(...logits);
+  const top = logits.reduce((a, b) => (b > a ? b : a), -Infinity); // (a spread of 125k+ values overflows the stack)
   const exp = Array.from(logits, (v) => Math.exp(v - top));
   const total = exp.reduce((a, b) => a + b, 0);
   return exp.map((v, i) => [i, v / total]).sort((a, b) => b[1] - a[1]).slice(0, k);
