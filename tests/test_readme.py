@@ -92,3 +92,11 @@ def test_readme_example_runs_as_written(name: str, lite0_model: Path, tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     for phrase in EXPECTED[name]:
         assert phrase in result.stdout, (phrase, result.stdout[-3000:])
+
+
+def test_the_blocks_that_need_more_than_the_demo_say_so_where_they_start() -> None:
+    """"Every command below works after scripts/demo.sh" was false for the Ray and web/Node blocks."""
+    for name, install in {"ray": "pip install '.[ray]'", "web": "npm ci --prefix web"}.items():
+        before = README.split(f"<!-- example: {name} -->")[0][-700:]
+        assert install in before, name
+        assert install in README.split("## Explain your own photo")[0], "and the promise at the top says so"
