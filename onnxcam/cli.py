@@ -562,8 +562,9 @@ def audit_command(
         if record["error"]:
             _echo(f"error: {record['error']}", err=True)
         records.append(record)
-    report = write_report(records, out, warnings)
     per_class = audit.summary(records)
+    table = [{"class": label, **row} for label, row in per_class.items()]
+    report = write_report(records, out, warnings, f"onnxcam audit of {folder.name}", table)
     flagged = [r for r in records if r.get("flagged")]
     failed = [r for r in records if r["error"]]
     if json_output:

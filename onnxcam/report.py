@@ -9,6 +9,7 @@ model (e.g. random weights) are a banner on top.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from urllib.parse import quote
 from onnxcam.outputs import REPORT, write_text
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>onnxcam report</title>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:1rem;background:#f6f6f6}
 header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
@@ -31,14 +32,16 @@ header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 #panel{display:flex;flex-wrap:wrap;gap:.5rem;justify-content:center}figure{margin:0}figcaption{color:#fff}
 .card .shown{font-size:.8rem;color:#333}
 #modal p{color:#fff}
+#classes{border-collapse:collapse;margin-top:.5rem}#classes td,#classes th{border:1px solid #bbb;padding:.2rem .5rem}
 .warning{background:#fde2b3;border:2px solid #e90;padding:.5rem;border-radius:6px;font-weight:600}
 </style></head><body>
-<header><h1>onnxcam report</h1><span id="count"></span>
+<header><h1>__TITLE__</h1><span id="count"></span>
 <label>predicted class <select id="filter"><option value="">all</option></select></label>
 <label>sort <select id="sort"><option value="desc">most confident first</option>
 <option value="asc">least confident first</option><option value="path">by file</option></select></label>
 </header>
 <div id="warnings"></div>
+<table id="classes"></table>
 <div id="grid"></div>
 <div id="modal"><div><div id="panel"></div><p id="caption"></p></div></div>
 <script id="data" type="application/json">__DATA__</script>
@@ -48,6 +51,17 @@ const data = JSON.parse(document.getElementById("data").textContent), items = da
 for (const text of data.warnings) {
   const p = document.createElement("p"); p.className = "warning"; p.textContent = text;
   document.getElementById("warnings").append(p);
+}
+if (data.table.length) {  // the audit's result: per class, accuracy and where the maps lie
+  const table = document.getElementById("classes"), keys = Object.keys(data.table[0]);
+  const head = document.createElement("tr");
+  for (const k of keys) { const th = document.createElement("th"); th.textContent = k; head.append(th); }
+  table.append(head);
+  for (const row of data.table) {
+    const tr = document.createElement("tr");
+    for (const k of keys) { const td = document.createElement("td"); td.textContent = row[k]; tr.append(td); }
+    table.append(tr);
+  }
 }
 const grid = document.getElementById("grid"), filter = document.getElementById("filter");
 const sort = document.getElementById("sort"), modal = document.getElementById("modal");
@@ -69,7 +83,8 @@ function card(it) {
     d.querySelector("img").src = it.thumb;
     const more = it.full.length > 2 ? ` (+${it.full.length - 2} more)` : "";
     d.querySelector(".shown").textContent = it.thumbCaption + more;
-    d.querySelector(".label").textContent = it.top.label + (it.flagged ? " (looks off the object)" : "");
+    d.querySelector(".label").textContent = it.top.label + (it.truth ? ` (true: ${it.truth})` : "") +
+      (it.flagged ? " (looks off the object)" : "");
     d.querySelector(".prob").textContent = (100 * it.top.probability).toFixed(1) + "%";
     d.addEventListener("click", () => open(it));
   }
@@ -134,6 +149,8 @@ def _items(records: list[dict], out: Path) -> list[dict]:
         item["full"].append(rel(r["panel"]) if r.get("panel") else rel(r["overlay"]))
         item["captions"].append(caption)
         item["flagged"] = item["flagged"] or bool(r.get("flagged"))
+        if "true_class" in r:  # an audit's image: its class, and how much of the map lies on its box
+            item["truth"] = f"{r['true_class']}, {100 * r['object_share']:.0f}% of the map on its box"
     for item in items.values():  # the card shows the map of the predicted class where there is one, and says whose
         maps = item.pop("maps", None)
         if maps is not None:
@@ -148,9 +165,14 @@ def script_json(value: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def write_report(records: list[dict], out: Path, warnings: list[str] | None = None) -> Path:
-    """Write ``out/index.html`` for ``records`` (as in ``results.jsonl``), with ``warnings`` on top."""
-    data = {"items": _items(records, out), "warnings": list(warnings or [])}
+def write_report(
+    records: list[dict], out: Path, warnings: list[str] | None = None, title: str = "onnxcam explain",
+    table: list[dict] | None = None,
+) -> Path:  # fmt: skip
+    """Write ``out/index.html`` for ``records`` (as in ``results.jsonl``), with ``warnings`` on top and ``table``
+    (rows of one kind, such as the audit's classes) above the cards."""
+    data = {"items": _items(records, out), "warnings": list(warnings or []), "table": list(table or [])}
     path = out / REPORT
-    write_text(path, PAGE.replace("__DATA__", script_json(data)))
+    page = PAGE.replace("__TITLE__", html.escape(title))
+    write_text(path, page.replace("__DATA__", script_json(data)))
     return path

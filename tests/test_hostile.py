@@ -530,3 +530,24 @@ def test_web_refuses_sites_that_cannot_run(lite0_model: Path, tmp_path: Path) ->
                 "console.log(ranked(l, 1)[0][0]);")  # fmt: skip
         shown = subprocess.run(["node", "--input-type=module", "-e", code], capture_output=True, text=True, timeout=60)
         assert shown.stdout.strip() == "123456", shown.stderr
+
+
+def test_the_audit_report_has_its_table_its_title_and_each_cards_true_class(lite0_model: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """The audit's HTML report had no per-class table (the audit's result), no true class on the cards, and the
+    title "onnxcam report"."""
+    folder = tmp_path / "val"
+    (folder / "Egyptian cat").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "chelsea.png", folder / "Egyptian cat" / "cat.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({str(folder / "Egyptian cat" / "cat.png"): [120, 20, 330, 290]}))
+    out = tmp_path / "audit"
+    result = run("audit", str(folder), "--boxes", str(tmp_path / "boxes.json"), "--model", str(lite0_model), "--out",
+                 str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = (out / "index.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert "<title>onnxcam audit of val</title>" in page
+    assert data["table"][0]["class"] == "Egyptian cat" and data["table"][0]["images"] == 1
+    assert data["items"][0]["truth"].startswith("Egyptian cat, ")
+    record = json.loads((out / "audit.jsonl").read_text().splitlines()[0])
+    assert record["predictions"][0]["class"] == 285 and "index" not in record["predictions"][0]
