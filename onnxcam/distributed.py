@@ -39,7 +39,6 @@ from onnxcam.image import decode_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS
 from onnxcam.report import write_report
 
-PARQUET = "results.parquet"
 ADDRESS = re.compile(r"^(local|auto|ray://[^\s/]+|[\w.-]+:\d+)$")
 
 
@@ -162,7 +161,7 @@ def explain_rows(dataset: object, model: str, options: Options, actors: int, thr
 
 def _check_empty(out: Path) -> None:
     """A Ray run rewrites the files of retried batches: ``out`` may hold nothing but this run's own files."""
-    ours = {outputs.LOCK, outputs.SETTINGS, outputs.RESULTS, outputs.REPORT, PARQUET}
+    ours = {outputs.LOCK, outputs.SETTINGS, outputs.RESULTS, outputs.REPORT, outputs.PARQUET}
     if any(p.name not in ours for p in out.iterdir()):
         raise OnnxcamError(
             f"--ray writes into a new or empty folder (retried batches rewrite their files); {out} holds other "
@@ -199,7 +198,7 @@ def run(
             outputs.remove_partials(out)  # an actor killed while writing left its temporary; its batch was redone
         work.summary.seconds = time.perf_counter() - start
         records = read_records(out)
-        write_parquet(records, out / PARQUET)
+        outputs.write_parquet(records, out / outputs.PARQUET)
         report = write_report(records, out, list(warnings))
         yield {"summary": {**vars(work.summary), "report": str(report)}}
 
@@ -212,18 +211,3 @@ def _as_given(record: dict, resolved: Path, given: Path) -> dict:
     if record.get("sheets"):
         record["sheets"] = [str(given / Path(s).relative_to(resolved)) for s in record["sheets"]]
     return record
-
-
-def write_parquet(records: list[dict], path: Path) -> None:
-    """The records as a flat table for data tools (one row per image and target; errors keep their row)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = [{"path": r["path"], "stem": r.get("stem"), "error": r.get("error"),
-             **{k: r.get("target", {}).get(k) for k in ("class", "label", "probability", "logit", "method")},
-             "peak_x": (r.get("stats") or {}).get("peak_xy", [None])[0],
-             "peak_y": (r.get("stats") or {}).get("peak_xy", [None, None])[1],
-             "top20_mass": (r.get("stats") or {}).get("top20_mass"), "empty_map": r.get("empty_map"),
-             "overlay": r.get("overlay"), "map": r.get("map"), "panel": r.get("panel")} for r in records]  # fmt: skip
-    table = pa.Table.from_pylist(rows)
-    outputs.atomic_write(path, lambda tmp: pq.write_table(table, tmp))

@@ -298,7 +298,9 @@ def run(
                 if advance:
                     advance(len(items))
         work.summary.seconds = time.perf_counter() - start
-        report = write_report(read_records(out), out, list(warnings))
+        records = read_records(out)
+        removed = outputs.refresh_parquet(records, out)  # (an earlier Ray run's table follows the records)
+        report = write_report(records, out, [*warnings, *([removed] if removed else [])])
         yield {"summary": {**vars(work.summary), "report": str(report)}}
 
 

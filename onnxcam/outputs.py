@@ -273,7 +273,7 @@ def forget_run(out: Path, records: str = RESULTS) -> None:
     for record in read_records(out / records, strict=False):
         for path in record_files(record, out):
             path.unlink(missing_ok=True)
-    for name in (records, REPORT, SETTINGS):
+    for name in (records, REPORT, SETTINGS, PARQUET):
         (out / name).unlink(missing_ok=True)
 
 
@@ -362,3 +362,36 @@ def save_explanation(
         write_picture_rgb(path, overlay.comparison_sheet(row), replace)
         written.append(str(path))
     return files, written
+
+
+PARQUET = "results.parquet"  # a Ray run's records as a table (pyarrow, the ray extra)
+
+
+def write_parquet(records: list[dict], path: Path) -> None:
+    """The records as a flat table for data tools (one row per image and target; errors keep their row). A local
+    run over a Ray run's folder rewrites it too (:func:`refresh_parquet`), so it never lags the records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"path": r["path"], "stem": r.get("stem"), "error": r.get("error"),
+             **{k: (r.get("target") or {}).get(k) for k in ("class", "label", "probability", "logit", "method")},
+             "peak_x": (r.get("stats") or {}).get("peak_xy", [None])[0],
+             "peak_y": (r.get("stats") or {}).get("peak_xy", [None, None])[1],
+             "top20_mass": (r.get("stats") or {}).get("top20_mass"), "empty_map": r.get("empty_map"),
+             "overlay": r.get("overlay"), "map": r.get("map"), "panel": r.get("panel")} for r in records]  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def refresh_parquet(records: list[dict], out: Path) -> str | None:
+    """Rewrite an earlier Ray run's ``results.parquet`` after a local run changed its records; without pyarrow,
+    remove it (a stale table would misstate the run). Returns a warning to show when it was removed."""
+    path = out / PARQUET
+    if not path.exists():
+        return None
+    try:
+        write_parquet(records, path)
+    except ImportError:
+        path.unlink()
+        return f"removed {path}, an earlier Ray run's table (pyarrow is not installed here to rewrite it)"
+    return None

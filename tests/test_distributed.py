@@ -88,7 +88,7 @@ def test_a_ray_run_equals_a_local_run(
     assert local[-1]["summary"]["failed"] == remote[-1]["summary"]["failed"] == 1
     assert local[-1]["summary"]["explained"] == remote[-1]["summary"]["explained"] == count
     _same_run(tmp_path / "local", tmp_path / "ray")
-    table = pytest.importorskip("pyarrow.parquet").read_table(tmp_path / "ray" / distributed.PARQUET)
+    table = pytest.importorskip("pyarrow.parquet").read_table(tmp_path / "ray" / outputs.PARQUET)
     assert table.num_rows == count + 1 and sum("broken" in p for p in table.column("path").to_pylist()) == 1
     assert (tmp_path / "ray" / "index.html").read_text().count('{"path": ') == count + 1
 

@@ -551,3 +551,21 @@ def test_the_audit_report_has_its_table_its_title_and_each_cards_true_class(lite
     assert data["items"][0]["truth"].startswith("Egyptian cat, ")
     record = json.loads((out / "audit.jsonl").read_text().splitlines()[0])
     assert record["predictions"][0]["class"] == 285 and "index" not in record["predictions"][0]
+
+
+def test_a_ray_runs_table_follows_its_records_when_a_local_run_changes_them(lite0_model: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """A plain --resume that added images left the old results.parquet beside more records; a plain --overwrite
+    left rows naming deleted files."""
+    parquet = pytest.importorskip("pyarrow.parquet")
+    from onnxcam import outputs
+
+    out = tmp_path / "out"
+    assert run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out)).returncode == 0
+    outputs.write_parquet(outputs.read_records(out / outputs.RESULTS), out / outputs.PARQUET)  # as a Ray run ends
+    photos = [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "coffee.png")]
+    assert run("explain", *photos, "--model", str(lite0_model), "--out", str(out), "--resume").returncode == 0
+    rows = parquet.read_table(out / outputs.PARQUET).to_pylist()
+    assert sorted(Path(r["path"]).name for r in rows) == ["chelsea.png", "coffee.png"]
+    assert run("explain", photos[1], "--model", str(lite0_model), "--out", str(out), "--overwrite").returncode == 0
+    assert not (out / outputs.PARQUET).exists(), "the replaced run's table goes with its files"
