@@ -132,7 +132,7 @@ def build(folder: Path, train_count: int = 900, test_count: int = 60, seed: int 
         path = test_dir / CLASSES[label] / f"{i:03d}.png"
         cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         ys, xs = np.nonzero(mask)
-        boxes[str(path)] = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+        boxes[str(path.relative_to(folder))] = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
     (folder / "boxes.json").write_text(json.dumps(boxes, indent=1))
     return {"models": models, "test": str(test_dir), "boxes": str(folder / "boxes.json")}
 

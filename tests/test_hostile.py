@@ -569,3 +569,25 @@ def test_a_ray_runs_table_follows_its_records_when_a_local_run_changes_them(lite
     assert sorted(Path(r["path"]).name for r in rows) == ["chelsea.png", "coffee.png"]
     assert run("explain", photos[1], "--model", str(lite0_model), "--out", str(out), "--overwrite").returncode == 0
     assert not (out / outputs.PARQUET).exists(), "the replaced run's table goes with its files"
+
+
+def test_box_keys_are_relative_to_the_boxes_file_and_fast(tmp_path: Path) -> None:
+    """Keys were resolved against the working folder (a boxes file was tied to where the audit ran)."""
+    import os
+
+    from onnxcam.audit import load_boxes
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "cat" / "a.png").write_bytes(b"")
+    (tmp_path / "data" / "boxes.json").write_text(json.dumps({"cat/a.png": [0, 0, 1, 1]}))
+    assert load_boxes(tmp_path / "data" / "boxes.json") == {str((tmp_path / "data" / "cat" / "a.png").resolve()):
+                                                          (0, 0, 1, 1)}  # fmt: skip
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(b"")
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(OnnxcamError, match="beside the boxes file and another in the working folder"):
+            load_boxes(tmp_path / "data" / "boxes.json")
+    finally:
+        os.chdir(here)
