@@ -90,6 +90,16 @@ def _calibrate(model: torch.nn.Module) -> None:
             head.weight.mul_(30)
 
 
+def optimum_export(model: torch.nn.Module, processor: object, folder: Path, task: str) -> None:
+    """``folder/hub`` as ``save_pretrained`` writes it, and ``folder/onnx`` as optimum's exporter makes it (quiet)."""
+    model.save_pretrained(folder / "hub")
+    processor.save_pretrained(folder / "hub")
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
+        warnings.simplefilter("ignore")
+        main_export(str(folder / "hub"), output=folder / "onnx", task=task, no_post_process=True)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     name = request.param
@@ -100,12 +110,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     torch.manual_seed(0)
     model = cls(config)
     _calibrate(model)
-    model.save_pretrained(folder / "hub")
-    processor.save_pretrained(folder / "hub")
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet[0], quiet[1]:
-        warnings.simplefilter("ignore")
-        main_export(str(folder / "hub"), output=folder / "onnx", task="image-classification", no_post_process=True)
+    optimum_export(model, processor, folder, "image-classification")
     return name, folder
 
 
@@ -158,12 +163,7 @@ def test_an_optimum_detr_export_grafts_with_a_dynamic_batch_and_gives_post_proce
         for layer in model.bbox_predictor.layers:
             torch.nn.init.normal_(layer.weight, std=0.5)
     processor = transformers.DetrImageProcessor(size={"height": 256, "width": 256}, do_pad=False)
-    model.save_pretrained(tmp_path / "hub")
-    processor.save_pretrained(tmp_path / "hub")
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet[0], quiet[1]:
-        warnings.simplefilter("ignore")
-        main_export(str(tmp_path / "hub"), output=tmp_path / "onnx", task="object-detection", no_post_process=True)
+    optimum_export(model, processor, tmp_path, "object-detection")
     card, _ = graft_file(tmp_path / "onnx" / "model.onnx", tmp_path / "detr.cam.onnx")
     assert card["task"] == "detection" and card["layer"].startswith("/model/input_projection/Conv_output_0")
     photo = read_rgb(PHOTO)
