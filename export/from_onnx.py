@@ -329,7 +329,8 @@ def _task_logits(
     if shape[1] == 1:
         raise OnnxcamError(f"the model's output {raw!r} {shape} is one score per image (a regressor, or a sigmoid "
                            "for one class), not class scores that a softmax ranks; onnxcam explains classifiers of 2 "
-                           "or more classes, segmenters and detectors (force another task with --task)")  # fmt: skip
+                           "or more classes, segmenters and detectors (a detector or segmenter read as this: force its "
+                           "task with --task)")  # fmt: skip
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
