@@ -188,18 +188,31 @@ def _prepare(out: Path) -> None:
 
 @contextlib.contextmanager
 def owned(out: Path) -> Iterator[None]:
-    """Hold ``out`` for one run: refuse a second concurrent run, clean a killed run's temporaries."""
+    """Hold ``out`` for one run: refuse a second concurrent run, clean a killed run's temporaries; the lock file
+    goes when the run ends (a killed run's stays, and the next run takes it over)."""
     _prepare(out)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
     try:
-        if not _lock(fd):
+        held = _lock(fd) and _still_there(fd, out / LOCK)  # (a run that just ended removed the file it held)
+        if not held:
             raise OnnxcamError(
                 f"another onnxcam run is writing to {out}; wait for it to finish or choose another --out"
             )
         remove_partials(out)
         yield
     finally:
+        if held:  # removed while held: no empty lock file is left in --out
+            (out / LOCK).unlink(missing_ok=True)
         os.close(fd)
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether the locked file is still the one at ``path`` (not removed by the run that held it before)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def earlier_settings(out: Path, records: str = RESULTS) -> dict | None:

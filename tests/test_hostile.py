@@ -591,3 +591,16 @@ def test_box_keys_are_relative_to_the_boxes_file_and_fast(tmp_path: Path) -> Non
             load_boxes(tmp_path / "data" / "boxes.json")
     finally:
         os.chdir(here)
+
+
+def test_a_run_leaves_no_lock_file_in_its_folder(lite0_model: Path, tmp_path: Path) -> None:
+    from onnxcam import outputs
+
+    out = tmp_path / "out"
+    assert run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out)).returncode == 0
+    assert not (out / outputs.LOCK).exists()
+    with outputs.owned(out):
+        with pytest.raises(OnnxcamError, match="another onnxcam run"), outputs.owned(out):
+            pass
+        assert (out / outputs.LOCK).exists(), "a refused second run does not remove the first run's lock"
+    assert not (out / outputs.LOCK).exists()
