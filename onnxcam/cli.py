@@ -519,7 +519,8 @@ def _print_table(report: list[dict]) -> None:
             continue  # already said on stderr
         width, height = item["size"]
         _echo(f"{item['path']} ({width}x{height})")
-        _echo(f"  {'class':>5}  {'probability':>11}  label")
+        kind = "score" if any("box" in t for t in item["targets"]) else "probability"  # (a box's class score)
+        _echo(f"  {'class':>5}  {kind:>11}  label")
         for p in item["predictions"]:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
         if item.get("detections") == 0:

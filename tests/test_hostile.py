@@ -604,3 +604,16 @@ def test_a_run_leaves_no_lock_file_in_its_folder(lite0_model: Path, tmp_path: Pa
             pass
         assert (out / outputs.LOCK).exists(), "a refused second run does not remove the first run's lock"
     assert not (out / outputs.LOCK).exists()
+
+
+def test_a_detectors_table_calls_its_box_scores_scores(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from tests.test_detect import TinyDetector, export_plain
+
+    torch.manual_seed(0)
+    export_plain(TinyDetector(), tmp_path / "tiny.onnx")
+    assert run("export", "--from", str(tmp_path / "tiny.onnx"), *UNIT).returncode == 0
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(tmp_path / "tiny.cam.onnx"), "--conf", "0",
+                 "--top-k", "2", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "class        score  label" in result.stdout and "probability" not in result.stdout

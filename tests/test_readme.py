@@ -32,7 +32,7 @@ EXPECTED = {  # what each example's output must say
             "mean: preset caffe", "size: flag --size", "every box: byo-yolo/chelsea_boxes.png", "astronaut"],
     "folder": ["explained 2 of 2 images", "explained 0 of 2 images (2 skipped, 0 failed)"],
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
-    "api": ["tabby"],
+    "api": ["tabby", "wrote api-out/tabby.png"],
     "ray": ["explained 2 of 2 images"],
     "web": ["wrote 8 files to site/", "class 285: wrote cat-overlay.png"],
     "int8": ["wrote 16 scenes", "wrote models/efficientnet_lite0.int8.onnx", "Egyptian cat"],
