@@ -57,7 +57,7 @@ def test_explain_writes_overlay_and_map_per_target(lite0_model: Path, tmp_path: 
         np.testing.assert_array_equal(read_rgb(target["overlay"]), overlay_rgb(read_rgb(CAT), reference.cam))
         assert Path(target["overlay"]).parent == out and target["empty_map"] is False
     assert (
-        sorted(p.suffix for p in out.iterdir()) == [".html", ".json", ".jsonl", ".lock"] + [".npy"] * 3 + [".png"] * 3
+        sorted(p.suffix for p in out.iterdir()) == [".html", ".json", ".jsonl"] + [".npy"] * 3 + [".png"] * 3
     )
 
 
