@@ -534,8 +534,8 @@ def test_web_refuses_sites_that_cannot_run(lite0_model: Path, tmp_path: Path) ->
 
 def test_the_audit_report_has_its_table_its_title_and_each_cards_true_class(lite0_model: Path,
                                                                           tmp_path: Path) -> None:  # fmt: skip
-    """The audit's HTML report had no per-class table (the audit's result), no true class on the cards, and the
-    title "onnxcam report"."""
+    """The audit's HTML report had no per-class table (the audit's result), neither the true class nor the box on
+    the cards, and the title "onnxcam report"."""
     folder = tmp_path / "val"
     (folder / "Egyptian cat").mkdir(parents=True)
     shutil.copy(EXAMPLES / "chelsea.png", folder / "Egyptian cat" / "cat.png")
@@ -551,6 +551,14 @@ def test_the_audit_report_has_its_table_its_title_and_each_cards_true_class(lite
     assert data["items"][0]["truth"].startswith("Egyptian cat, ")
     record = json.loads((out / "audit.jsonl").read_text().splitlines()[0])
     assert record["predictions"][0]["class"] == 285 and "index" not in record["predictions"][0]
+    from onnxcam.image import read_rgb
+    from onnxcam.overlay import overlay_rgb
+
+    drawn = read_rgb(record["overlay"]).astype(int)
+    plain = overlay_rgb(read_rgb(EXAMPLES / "chelsea.png"), np.load(record["map"])).astype(int)
+    changed = np.abs(drawn - plain).max(axis=2) > 8
+    assert changed[18:23, 150:300].any(axis=0).mean() > 0.9 and changed[:, 328:333].any(axis=1)[50:280].mean() > 0.9
+    assert not changed[60:250, 160:300].any(), "the box's edges, not its inside"
 
 
 def test_a_ray_runs_table_follows_its_records_when_a_local_run_changes_them(lite0_model: Path,
