@@ -161,13 +161,16 @@ def _varint(data: BinaryIO) -> int | None:
 FIXED_SIZES = {1: 8, 5: 4}  # protobuf wire types 1 (64-bit) and 5 (32-bit): their sizes in bytes
 
 
-def _fields(data: BinaryIO, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
-    """(field number, bytes) of the length-delimited fields ``wanted`` of the protobuf message in ``data``; the
-    others are skipped unread. Stops at the end, or at a wire type no ONNX field has (not an ONNX file)."""
+def _fields(data: BinaryIO, wanted: set[int], varints: frozenset[int] = frozenset()) -> Iterator[tuple[int, object]]:
+    """(field number, bytes) of the length-delimited fields ``wanted`` of the protobuf message in ``data``, and
+    (field number, int) of its ``varints`` fields; the others are skipped unread. Stops at the end, or at a wire
+    type no ONNX field has (not an ONNX file)."""
     while (key := _varint(data)) is not None:
         number, wire = key >> 3, key & 7
         if wire == 0:
-            _varint(data)
+            value = _varint(data)
+            if number in varints and value is not None:
+                yield number, value
         elif wire in FIXED_SIZES:
             data.seek(FIXED_SIZES[wire], io.SEEK_CUR)
         elif wire == 2 and (size := _varint(data)) is not None:
@@ -186,19 +189,7 @@ IR_VERSION = 1  # ModelProto.ir_version (a varint)
 def ir_version(path: Path) -> int | None:
     """The IR version of ONNX file ``path``, read without parsing the rest; None if it has none."""
     with path.open("rb") as data:
-        while (key := _varint(data)) is not None:
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                value = _varint(data)
-                if number == IR_VERSION:
-                    return value
-            elif wire in FIXED_SIZES:
-                data.seek(FIXED_SIZES[wire], io.SEEK_CUR)
-            elif wire == 2 and (size := _varint(data)) is not None:
-                data.seek(size, io.SEEK_CUR)
-            else:
-                return None
-    return None
+        return next((value for _, value in _fields(data, set(), frozenset({IR_VERSION}))), None)
 
 
 def file_metadata(path: Path) -> dict[str, str]:

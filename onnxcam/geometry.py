@@ -115,15 +115,17 @@ def _crop(photo: Size, size: Size, resize: Resize) -> Placement:
     short, long = sorted(photo)
     longer = int(resize.shorter * long / short)  # torchvision's and HF's truncation
     resized = (resize.shorter, longer) if photo[0] <= photo[1] else (longer, resize.shorter)
-    margins = (resized[0] - size[0]) / 2, (resized[1] - size[1]) / 2
-    centre = math.floor if resize.centre == "floor" else round
-    return Placement(photo, size, resized, (-int(centre(margins[0])), -int(centre(margins[1]))))
+    return _centred(photo, size, resized, resize)
 
 
 def _stretch_crop(photo: Size, size: Size, resize: Resize) -> Placement:
-    resized = tuple(resize.scaled)
-    margins = (resized[0] - size[0]) / 2, (resized[1] - size[1]) / 2
+    return _centred(photo, size, tuple(resize.scaled), resize)
+
+
+def _centred(photo: Size, size: Size, resized: Size, resize: Resize) -> Placement:
+    """The input's size cut from the centre of the resized photo, the margins split as ``resize.centre`` says."""
     centre = math.floor if resize.centre == "floor" else round
+    margins = (resized[0] - size[0]) / 2, (resized[1] - size[1]) / 2
     return Placement(photo, size, resized, (-int(centre(margins[0])), -int(centre(margins[1]))))
 
 
