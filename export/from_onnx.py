@@ -293,6 +293,21 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
 
+SQUASHING = ("Sigmoid", "Tanh", "HardSigmoid", "Clip")  # an image's last op; a segmenter's scores are logits
+
+
+def _refuse_an_image(graph: onnx.GraphProto, raw: str, shape: list[int | None], size: tuple[int, int]) -> None:
+    """A ``[N, 3, H, W]`` output of the input's size squashed into a range is an image (an autoencoder, a denoiser),
+    not a segmenter's class logits."""
+    producer = next((n for n in graph.node if raw in n.output), None)
+    if shape[1:] == [3, *size] and producer is not None and producer.op_type in SQUASHING:
+        raise OnnxcamError(
+            f"the model's output {raw!r} {shape} has the input's shape and ends in {producer.op_type}: it is an "
+            "image (an autoencoder, a denoiser), not class scores; onnxcam explains classifiers, segmenters and "
+            "detectors (a 3-class segmenter read as this: force it with --task segmentation)"
+        )
+
+
 def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
     return ", ".join(f"{o.name!r} {shapes.get(o.name)}" for o in graph.output)
 
@@ -320,6 +335,8 @@ def _task_logits(
     shape = shapes.get(raw)
     if task != "detection" and decoding.background is not None:
         raise OnnxcamError(f"--background names a detector's background class; this is a {task} model")
+    if task == "segmentation" and forced is None:
+        _refuse_an_image(model.graph, raw, shape, decoding.size)
     if task == "segmentation":
         notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
                      "its logits over the pixels predicted as c, or over the region a mask gives")  # fmt: skip

@@ -183,10 +183,11 @@ def test_a_branch_that_reads_the_layer_from_the_outer_scope_is_refused_naming_it
 
 
 
-@pytest.mark.parametrize("head", ["features", "regressor"])
+@pytest.mark.parametrize("head", ["features", "regressor", "autoencoder"])
 def test_an_output_that_is_no_task_onnxcam_knows_is_refused_with_what_was_found(head: str, tmp_path: Path) -> None:
     """A ``[1, 1024, 8]`` feature output was taken for a YOLOv5 detector (10 fake boxes, exit 0); a ``[N, 1]``
-    regressor showed "probability 1.0000" for every image."""
+    regressor showed "probability 1.0000" for every image; an autoencoder's sigmoid image, the input's shape, was
+    read as a 3-class segmenter."""
     torch = pytest.importorskip("torch")
     from tests.test_deployed import export
 
@@ -194,15 +195,24 @@ def test_an_output_that_is_no_task_onnxcam_knows_is_refused_with_what_was_found(
         def __init__(self) -> None:
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 8, 3, 1, 1)
+            self.decode = torch.nn.Conv2d(8, 3, 3, 1, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             features = torch.relu(self.conv(x))
+            if head == "autoencoder":
+                return torch.sigmoid(self.decode(features))
             return features.flatten(2).transpose(1, 2) if head == "features" else features.mean((1, 2, 3))[:, None]
 
     source = export(Features().eval(), tmp_path / f"{head}.onnx", (1, 3, 32, 32))
     result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
-    assert_clean_failure(result, *(["[1, 1024, 8]", "are not a layout onnxcam knows"] if head == "features"
-                                   else ["one score per image", "regressor"]))  # fmt: skip
+    found = {"features": ["[1, 1024, 8]", "are not a layout onnxcam knows"],
+             "regressor": ["one score per image", "regressor"],
+             "autoencoder": ["[1, 3, 32, 32]", "the input's shape", "Sigmoid", "--task segmentation"]}
+    assert_clean_failure(result, *found[head])
+    if head == "autoencoder":  # a 3-class segmenter that happens to end so is still explained when forced
+        forced = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1",
+                     "--task", "segmentation")  # fmt: skip
+        assert forced.returncode == 0, forced.stderr
 
 
 def test_web_never_replaces_files_it_did_not_write_nor_follows_a_planted_link(lite0_model: Path,
