@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -84,8 +84,8 @@ ImagesArgument = Annotated[
 ]
 
 
-def _echo(text: str, err: bool = False) -> None:
-    typer.echo(printable(text), err=err)
+def _echo(text: str, err: bool = False, file: TextIO | None = None) -> None:
+    typer.echo(printable(text), err=err, file=file)
 
 
 def _version(value: bool) -> None:
@@ -426,6 +426,7 @@ def explain(
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
+    stdout = sys.stdout  # a Ray run sends what Ray prints there elsewhere (distributed.contain_terminal)
     with tempfile.TemporaryDirectory(prefix="onnxcam-") as scratch:
         try:
             address = ray_address if ray else None
@@ -443,13 +444,13 @@ def explain(
             raise SystemExit(130) from None
     if json_output:
         doc = {"model": str(model), "warnings": warnings, "images": list(shown.values()), "summary": summary}
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(json.dumps(doc, indent=2), file=stdout)
     else:
-        _print_table(list(shown.values()))
+        _print_table(list(shown.values()), stdout)
         _echo(
             f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
-            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}"
-        )
+            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}", file=stdout
+        )  # fmt: skip
     if summary["failed"] and not keep_going:
         raise SystemExit(2)
 
@@ -470,6 +471,7 @@ def _explain_records(
     if ray is not None:
         from onnxcam import distributed
 
+        distributed.contain_terminal(quiet, Path(scratch))
         model = str(distributed.fetch_model(model, Path(scratch)))
     paths = [str(p) for p in expand([i for i in images if "://" not in i])]
     paths += distributed.expand_uris(uris) if uris else []
@@ -513,26 +515,27 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         item["sheets"] = record["sheets"]
 
 
-def _print_table(report: list[dict]) -> None:
+def _print_table(report: list[dict], file: TextIO) -> None:
     for item in report:
         if "error" in item:
             continue  # already said on stderr
         width, height = item["size"]
-        _echo(f"{item['path']} ({width}x{height})")
+        _echo(f"{item['path']} ({width}x{height})", file=file)
         kind = "score" if any("box" in t for t in item["targets"]) else "probability"  # (a box's class score)
-        _echo(f"  {'class':>5}  {kind:>11}  label")
+        _echo(f"  {'class':>5}  {kind:>11}  label", file=file)
         for p in item["predictions"]:
-            _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}")
+            _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}", file=file)
         if item.get("detections") == 0:
-            _echo("  no detection above the confidence threshold (--conf)")
+            _echo("  no detection above the confidence threshold (--conf)", file=file)
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
-            _echo(f"  {t['method']} map for {t['label']} ({t['class']}){box}: {t['overlay']}  {t['map']}{note}")
+            what = f"{t['method']} map for {t['label']} ({t['class']}){box}"
+            _echo(f"  {what}: {t['overlay']}  {t['map']}{note}", file=file)
         for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):
-            _echo(f"  every box: {boxes}")
+            _echo(f"  every box: {boxes}", file=file)
         for sheet in item.get("sheets", []):
-            _echo(f"  all methods side by side: {sheet}")
+            _echo(f"  all methods side by side: {sheet}", file=file)
 
 
 @app.command(name="audit")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -130,6 +131,26 @@ class ExplainActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lines = self.worker([(str(p), str(s)) for p, s in zip(batch["path"], batch["stem"], strict=True)])
         return {"record": np.array([json.dumps(r) for r in lines], dtype=object)}
+
+
+def contain_terminal(quiet: bool, scratch: Path) -> None:
+    """For the command line, before Ray starts and for the rest of the process: keep stdout onnxcam's.
+
+    Ray prints its raylet's lines (an actor that died) to ``sys.stdout``, which becomes stderr here: the caller
+    writes its own output to the ``sys.stdout`` it held before. With ``quiet``, what Ray writes to the terminal
+    (those lines, its C++ core worker's log lines, its warnings) goes to ``scratch/ray.log`` instead: file
+    descriptor 2 points there, and ``sys.stderr`` keeps the terminal for onnxcam's own lines.
+    """
+    _ray()  # imported first: its log handlers hold the sys.stderr of their import, file descriptor 2
+    if quiet:
+        log = os.open(scratch / "ray.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        terminal = os.dup(2)
+        os.dup2(log, 2)
+        os.close(log)
+        sys.stdout = sys.__stderr__  # (its file descriptor is 2: the log)
+        sys.stderr = open(terminal, "w", buffering=1, encoding=sys.__stderr__.encoding, errors="backslashreplace")  # noqa: SIM115
+    else:
+        sys.stdout = sys.stderr
 
 
 def connect(address: str, cpus: int | None = None, quiet: bool = False) -> None:

@@ -6,6 +6,7 @@ not an image, and --resume works across the two paths.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -149,3 +150,33 @@ def test_images_and_model_from_uris(lite0_model: Path, photos: list[str], local_
     assert sum(bool(r["error"]) for r in records) == 1 and "explained 200 of 201 images" in result.stdout
     uri = cli("explain", folder.as_uri(), "--model", str(lite0_model), "--out", str(tmp_path / "o2"))
     assert uri.returncode == 2 and "needs --ray" in uri.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the actor's process through /proc")
+def test_a_quiet_json_ray_run_prints_its_document_and_nothing_of_rays(
+    lite0_model: Path, photos: list[str], tmp_path: Path
+) -> None:
+    """`--ray --quiet --json`: stdout is the JSON document alone, even when an actor dies (Ray prints its raylet's
+    lines to stdout), and stderr holds nothing (Ray's core-worker "E" lines, its auth-token warning)."""
+    import subprocess
+    import sys
+    import time
+
+    before = set(_actor_pids())
+    command = [sys.executable, "-m", "onnxcam", "explain", *photos[:60], "--model", str(lite0_model), "--ray",
+               "--quiet", "--json", "--batch-size", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    results = tmp_path / "out" / outputs.RESULTS
+    while process.poll() is None and killed is None:
+        fresh = [p for p in _actor_pids() if p not in before]
+        if fresh and results.exists() and results.stat().st_size:  # an actor has finished a batch
+            killed = fresh[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert killed is not None, "the run ended before an actor could be killed"
+    document = json.loads(stdout)
+    assert len(document["images"]) == 60 and document["summary"]["failed"] == 0
+    assert stderr == ""
