@@ -680,9 +680,16 @@ def graft(
     if detector:
         add_detection_io(graph, b, task.nms)
     _add_scale_io(graph, b, extra_layers)
+    _add_task_outputs(graph, b, task.outputs if task is not None else ())
     if size is not None:
         _add_saliency_output(graph, b)
     return out, "presummed" if cheap is not None else "gradient-mean"
+
+
+def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) -> None:
+    """A task's own ``[N, K]`` outputs (a segmenter's pixel shares), in the graph already, declared."""
+    batch, classes = b.shape(contract.LOGITS)[0] or "N", b.shape(contract.LOGITS)[1]
+    graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(contract.LOGITS), [batch, classes]) for n in names)
 
 
 def _windowed() -> ModuleType:

@@ -41,6 +41,7 @@ class Task:
     ranked: str = contract.LOGITS  # the class scores its NMS ranks (:data:`RANKED_SCORES` with a background class)
     nms: bool = True  # False for a set predictor (DETR): none suppressed, the k-th detection is the k-th query
     explained: str | None = None  # the card's ``score`` where the layout fixes it (DETR's: a softmax probability)
+    outputs: tuple[str, ...] = ()  # the task's own graph outputs beyond the contract's, ``[N, K]`` each
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
     (pytorch-grad-cam's SemanticSegmentationTarget): the pixels predicted as c (argmax over K), or the weights
     of the :data:`contract.REGION` input (``[N, H, W]`` at the input ``size``, resized to the masks' where they
     differ) where it is not negative, as its default ``[1, 1, 1]`` of -1 is. The region is data: the gradient
-    flows through the logits only. Appended in place."""
+    flows through the logits only. Also :data:`contract.PIXEL_SHARES`, each class's share of the predicted
+    pixels. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/segment/")
     classes, dtype = b.shape(masks)[1], b.np_dtype(masks)
     predicted = b.op("ArgMax", masks, axis=1, keepdims=0)  # [N, H, W]
@@ -71,6 +73,9 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
 
     def onehot() -> str:  # [N, K, H, W], built in each branch: one built outside would be copied out of the If
         return b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)
+
+    shares = b.reduce("ReduceMean", onehot(), [2, 3], keepdims=0)
+    b.nodes.append(helper.make_node("Identity", [shares], [contract.PIXEL_SHARES], name=contract.PIXEL_SHARES))
 
     with b.subgraph() as predicted_nodes:  # the default, no pixel of the region given: one pass fewer
         predicted_mask = onehot()

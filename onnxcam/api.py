@@ -226,10 +226,12 @@ class Explainer:
         region = None if mask is None else self._region(mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
-        probs = softmax(out.logits.astype(np.float64))
+        # a segmenter's masked sums have no softmax meaning: its "probability" is each class's share of the pixels
+        segmenter = self.card.task == "segmentation"
+        probs = out.pixel_shares.astype(np.float64) if segmenter else softmax(out.logits.astype(np.float64))
         results = []
         for n, (photo, placed) in enumerate(zip(photos, prepared, strict=True)):
-            order = np.argsort(-out.logits[n], kind="stable")[:predictions]
+            order = np.argsort(-(probs if segmenter else out.logits)[n], kind="stable")[:predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
             found = []
             for name in names:

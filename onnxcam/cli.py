@@ -433,7 +433,7 @@ def explain(
             records = _explain_records(images, model, provider, method, options, address, ray_actors, scratch, quiet)
             for record in records:
                 if "summary" in record:
-                    summary, warnings = record["summary"], record["warnings"]
+                    summary, warnings, task = record["summary"], record["warnings"], record["task"]
                     continue
                 if record["error"]:
                     _echo(f"error: {record['error']}", err=True)  # the message names the file
@@ -446,7 +446,7 @@ def explain(
         doc = {"model": str(model), "warnings": warnings, "images": list(shown.values()), "summary": summary}
         typer.echo(json.dumps(doc, indent=2), file=stdout)
     else:
-        _print_table(list(shown.values()), stdout)
+        _print_table(list(shown.values()), stdout, task)
         _echo(
             f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
             f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}", file=stdout
@@ -494,7 +494,7 @@ def _explain_records(
     else:
         records = distributed.run(explainer, paths, options, ray, actors, progress=not quiet, warnings=warnings)
     for record in records:
-        yield {**record, "warnings": warnings} if "summary" in record else record
+        yield {**record, "warnings": warnings, "task": explainer.card.task} if "summary" in record else record
 
 
 def _collect(shown: dict[str, dict], record: dict) -> None:
@@ -515,13 +515,18 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         item["sheets"] = record["sheets"]
 
 
-def _print_table(report: list[dict], file: TextIO) -> None:
+PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "segmentation": "pixels"}
+
+
+def _print_table(report: list[dict], file: TextIO, task: str) -> None:
+    """The predictions and the files of each image; a segmenter's "probability" is a class's share of the pixels,
+    a detector's is its box's score."""
+    kind = PREDICTION_COLUMN[task]
     for item in report:
         if "error" in item:
             continue  # already said on stderr
         width, height = item["size"]
         _echo(f"{item['path']} ({width}x{height})", file=file)
-        kind = "score" if any("box" in t for t in item["targets"]) else "probability"  # (a box's class score)
         _echo(f"  {'class':>5}  {kind:>11}  label", file=file)
         for p in item["predictions"]:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}", file=file)

@@ -55,7 +55,9 @@ classification      the logit (or probability) of class ``c``.
 segmentation        the model outputs ``[N, K, H, W]``; ``logits[n, c]`` is the sum of class c's
                     logits over the pixels predicted as c, or weighted by ``region`` where given
                     (pytorch-grad-cam's SemanticSegmentationTarget with its mask), computed in the
-                    graph, and is explained as above.
+                    graph, and is explained as above. Extra output: ``pixel_shares`` float
+                    ``[N, K]``, the fraction of the input's pixels predicted as each class (what a
+                    segmenter's prediction table shows: its masked sums have no softmax meaning).
 detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w, h and K class
                     scores per anchor; or another layout of the exporter's registry: YOLOv5, SSD's
                     scores and boxes, DETR's queries, whose softmax without no-object is the score),
@@ -119,6 +121,7 @@ BOXES = "boxes"
 BOX_SCORES = "box_scores"
 BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
+PIXEL_SHARES = "pixel_shares"
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
 SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
 

@@ -45,6 +45,7 @@ class Outputs:
     boxes: np.ndarray | None = None  # detectors: [N, T, 4] x1, y1, x2, y2 in input pixels
     box_scores: np.ndarray | None = None  # detectors: [N, T]
     box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
+    pixel_shares: np.ndarray | None = None  # segmenters: [N, K], the share of the pixels predicted as each class
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
     # each extra target layer
 
@@ -279,7 +280,7 @@ class Engine:
         task_fits = {
             "classification": rank == 2 and not boxes,
             "detection": rank == 3 and boxes,
-            "segmentation": rank == 2 and contract.REGION in inputs,
+            "segmentation": rank == 2 and contract.REGION in inputs and contract.PIXEL_SHARES in outputs,
         }
         if not task_fits[card.task]:
             return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
@@ -350,6 +351,8 @@ class Engine:
             names += contract.DETECTION_OUTPUTS
         elif thresholds:
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
+        if self.card.task == "segmentation":
+            names.append(contract.PIXEL_SHARES)
         if region is not None:
             if contract.REGION not in self.inputs:
                 raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")

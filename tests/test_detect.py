@@ -180,6 +180,26 @@ def test_segmenter_gradients_match_torch_autograd(segmenter: tuple) -> None:
     assert np.abs(grads).max() > 0, "the reference must not be trivially zero"
 
 
+def test_a_segmenters_predictions_are_the_share_of_pixels_each_class_holds(tmp_path: Path) -> None:
+    """A softmax over the masked sums is no probability of anything (present classes showed 0.0000): a
+    segmenter's prediction is the fraction of the input's pixels predicted as the class."""
+    torch.manual_seed(0)
+    model = TinySegmenter()
+    images = _images(2, seed=5)
+    with torch.no_grad():  # centred logits: every class holds pixels
+        model.classifier.bias -= forward_with(model, model.features, images)[1].mean((0, 2, 3))
+    path, _ = grafted(model.float(), tmp_path)
+    _, masks = forward_with(model, model.features, images)
+    predicted = masks.argmax(1).numpy()
+    expected = np.stack([np.bincount(p.ravel(), minlength=4) / p.size for p in predicted])
+    assert (expected > 0).sum() >= 3, "the reference must show several classes"
+    np.testing.assert_allclose(Engine(path).run(images, np.full((2, 1), -1)).pixel_shares, expected, atol=1e-7)
+    for photo, shares in zip(images, expected, strict=True):
+        predictions = Explainer(path).explain(photo, predictions=4).predictions
+        assert [p.index for p in predictions] == list(np.argsort(-shares, kind="stable"))
+        np.testing.assert_allclose([p.probability for p in predictions], np.sort(shares)[::-1], atol=1e-7)
+
+
 @pytest.mark.parametrize("batch", [{}, {"x": {0: "batch_size"}}], ids=["batch 1", "batch named batch_size"])
 def test_a_segmenter_of_any_batch_declaration_grafts(batch: dict, tmp_path: Path) -> None:
     """torchvision's DeepLabV3 exported as is has a batch of 1; other exports name the batch as they like."""
@@ -345,6 +365,9 @@ def test_cli_explains_a_segmenter_class_by_name(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (target,) = json.loads(result.stdout)["images"][0]["targets"]
     assert (target["class"], target["label"]) == (1, "road") and Path(target["overlay"]).is_file()
+    table = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--out",
+                str(tmp_path / "table"))  # fmt: skip
+    assert "class       pixels  label" in table.stdout and "probability" not in table.stdout, table.stdout
     refused = run("explain", str(tmp_path / "road.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--conf", "0.3",
                   "--out", str(tmp_path / "refused"))  # fmt: skip
     assert_clean_failure(refused, "--conf and --iou apply to detectors")
