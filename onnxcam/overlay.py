@@ -35,15 +35,50 @@ BOX_RGB = (255, 255, 255)  # white with a black outline reads on any heat map
 
 
 def draw_box(image_rgb: np.ndarray, box: tuple[float, float, float, float], label: str) -> np.ndarray:
-    """Draw a detection's box (x1, y1, x2, y2 in pixels) and its label on ``image_rgb``, in place."""
+    """Draw a detection's box (x1, y1, x2, y2 in pixels) and its label on ``image_rgb``, in place; the label lies
+    whole inside the picture (:func:`label_place`)."""
     x1, y1, x2, y2 = (round(v) for v in box)
     side = max(image_rgb.shape[:2])
-    thick, scale = max(1, round(side / 400)), min(1.0, max(0.3, side / 800))
+    thick = max(1, round(side / 400))
+    text, origin, scale = label_place(label, (x1, y1), image_rgb.shape[:2], thick + 1)
     for colour, width in (((0, 0, 0), thick + 1), (BOX_RGB, thick)):
         cv2.rectangle(image_rgb, (x1, y1), (x2, y2), colour, width, cv2.LINE_AA)
-        cv2.putText(image_rgb, label, (x1 + 1, max(y1 - 3, round(12 * scale))), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    colour, width, cv2.LINE_AA)  # fmt: skip
+        cv2.putText(image_rgb, text, origin, LABEL_FONT, scale, colour, width, cv2.LINE_AA)
     return image_rgb
+
+
+LABEL_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def label_extent(text: str, origin: tuple[int, int], scale: float, width: int) -> tuple[int, int, int, int]:
+    """The pixels ``cv2.putText`` covers (x0, y0, x1, y1, exclusive ends) for ``text`` at ``origin`` (its
+    baseline's left end) with stroke ``width``."""
+    (w, h), baseline = cv2.getTextSize(text, LABEL_FONT, scale, width)
+    x, y = origin
+    return x - width, y - h - width, x + w + width, y + baseline + width
+
+
+def label_place(label: str, corner: tuple[int, int], size: tuple[int, int], width: int) -> tuple[str, tuple, float]:
+    """``(text, origin, scale)`` for a box's label above its top-left ``corner`` (or just inside the box where the
+    top has no room) so that it lies whole in a picture of ``size`` (height, width): smaller type on small
+    pictures, then the label cut short with ``..`` where even that is too wide."""
+    height, wide = size
+    scale = min(1.0, max(0.3, max(size) / 800))
+    text = label
+
+    def fits(text: str, scale: float) -> bool:
+        x0, _, x1, _ = label_extent(text, (0, 0), scale, width)
+        return x1 - x0 <= wide
+
+    while not fits(text, scale) and scale > 0.25:
+        scale = round(scale - 0.05, 2)
+    while not fits(text, scale) and len(text) > 2:
+        text = text[: max(0, len(text) - 3)].rstrip() + ".."
+    x0, top, x1, bottom = label_extent(text, (0, 0), scale, width)
+    x = min(max(corner[0] + 1, -x0), wide - x1)
+    y = corner[1] - 3 if corner[1] - 3 + top >= 0 else corner[1] + 3 - top  # above the box, else inside it
+    y = min(max(y, -top), height - bottom)
+    return text, (int(x), int(y)), scale
 
 
 SHEET_HEIGHT = 240

@@ -111,3 +111,18 @@ def test_a_results_file_that_is_not_onnxcam_records_is_a_clear_error(line: str, 
 def test_the_cut_off_last_line_of_an_interrupted_write_is_ignored(tmp_path: Path) -> None:
     (tmp_path / outputs.RESULTS).write_text(json.dumps({"path": "a.png"}) + '\n{"path": "b.p')
     assert outputs.read_records(tmp_path / outputs.RESULTS) == [{"path": "a.png"}]
+
+
+@pytest.mark.parametrize(("size", "box"), [((48, 64), (40, 2, 63, 40)), ((30, 40), (0, 0, 39, 29)),
+                                           ((600, 800), (700, 300, 790, 400)), ((24, 24), (20, 20, 23, 23))])
+def test_a_box_label_lies_whole_inside_the_picture(size: tuple[int, int], box: tuple[int, ...]) -> None:
+    """Labels were cut at the edge of small pictures: OpenCV's own measure of the drawn text lies inside."""
+    from onnxcam.overlay import draw_box, label_extent, label_place
+
+    label = "Egyptian cat 0.78"
+    text, origin, scale = label_place(label, box[:2], size, 2)
+    x0, y0, x1, y1 = label_extent(text, origin, scale, 2)
+    assert x0 >= 0 and y0 >= 0 and x1 <= size[1] and y1 <= size[0], (text, origin, scale)
+    assert text == label or (text.endswith("..") and label.startswith(text[:-2]))
+    picture = draw_box(np.zeros((*size, 3), np.uint8), box, label)
+    assert picture.any()
