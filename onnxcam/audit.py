@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcam import maps, outputs, overlay
+from onnxcam import maps, outputs
 from onnxcam.api import Explainer
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import read_rgb
@@ -154,11 +154,9 @@ def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | No
     top = result.maps[0]
     share = maps.box_share(top.cam, box)
     area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) / top.cam.size
-    files, _ = outputs.save_explanation(result, out, stem, alpha=0.4, replace=False)
-    shown = Path(files[0]["overlay"])  # the object's box on the overlay, as the report shows it
-    picture = read_rgb(shown)
-    overlay.draw_box(picture, box, f"true: {true_class}")
-    outputs.write_picture_rgb(shown, picture)
+    # the object's box on the overlay, as the report shows it
+    files, _ = outputs.save_explanation(result, out, stem, alpha=0.4, replace=False,
+                                        marks=[(box, f"true: {true_class}")])  # fmt: skip
     predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
                    for p in result.predictions]  # (the keys of explain's results.jsonl)  # fmt: skip
     target = {"class": top.index, "label": top.label, "probability": round(top.probability, 6), "method": top.method}

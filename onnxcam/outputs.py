@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
@@ -341,11 +341,13 @@ def save_explanation(
     sheets: bool = False,
     picture: str = "png",
     replace: bool = True,
+    marks: Sequence[tuple[tuple[float, float, float, float], str]] = (),
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Write every map of one image: the overlay (a ``picture``: png, jpg or webp) and the raw ``.npy``
     (float32 in [0, 1]); with ``panel`` photo | heat map | overlay, with ``sheets`` one picture per
     class with every method's overlay; for a detector's maps, their boxes drawn and one picture of
-    every box. ``replace=False`` never replaces an existing file.
+    every box; ``marks`` (box, label) drawn on every overlay too (the audit's object). ``replace=False``
+    never replaces an existing file.
 
     Returns the files of each map (``overlay``, ``map``, ``panel``, ``boxes``) and the sheets.
     """  # fmt: skip
@@ -359,6 +361,8 @@ def save_explanation(
         blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha)
         if m.box is not None:
             overlay.draw_box(blended, m.box, f"{m.label} {m.probability:.2f}")
+        for box, label in marks:
+            overlay.draw_box(blended, box, label)
         write_picture_rgb(Path(entry["overlay"]), blended, replace)
         write_npy(Path(entry["map"]), m.cam, replace)
         if panel:
