@@ -33,12 +33,17 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
     for key, value in card.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     out.parent.mkdir(parents=True, exist_ok=True)
-    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+    if sum(_size(t) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
         _save_with_external_data(model, out)  # (checked as saved: a protobuf over 2 GB cannot be checked in memory)
     else:
         check(model)
         atomic_write(out, lambda tmp: onnx.save(model, tmp))
     return card
+
+
+def _size(tensor: onnx.TensorProto) -> int:
+    """A weight's bytes; protobuf cannot size (serialise) a message past 2 GB, so raw bytes are counted as such."""
+    return len(tensor.raw_data) if tensor.raw_data else tensor.ByteSize()
 
 
 def check(model: onnx.ModelProto | Path) -> None:

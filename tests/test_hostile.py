@@ -635,3 +635,54 @@ def test_a_detectors_table_calls_its_box_scores_scores(tmp_path: Path) -> None:
                  "--top-k", "2", "--out", str(tmp_path / "out"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "class        score  label" in result.stdout and "probability" not in result.stdout
+
+
+def _past_two_gigabytes(folder: Path, classes: int = 70_000) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A conv, ReLU, flatten and a 2.29 GB ``[8192, K]`` MatMul: its weights written in chunks as external data
+    (protobuf cannot hold a message past 2 GB); returns the file, the conv's weights and the MatMul's as a
+    read-only memory map."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng, features = np.random.default_rng(0), 8 * 32 * 32
+    with (folder / "big.onnx.data").open("wb") as f:
+        for start in range(0, features, 512):
+            (rng.standard_normal((min(512, features - start), classes), dtype=np.float32) * 0.01).tofile(f)
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[features, classes],
+                         data_location=TensorProto.EXTERNAL)  # fmt: skip
+    for key, value in {"location": "big.onnx.data", "offset": "0", "length": str(features * classes * 4)}.items():
+        weight.external_data.add(key=key, value=value)
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["scores"])]
+    conv = rng.standard_normal((8, 3, 3, 3), dtype=np.float32)
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes])],
+                              [numpy_helper.from_array(conv, "cw"), weight])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, folder / "big.onnx")
+    matrix = np.memmap(folder / "big.onnx.data", np.float32, "r", shape=(features, classes))
+    return folder / "big.onnx", conv, matrix
+
+
+@pytest.mark.slow
+def test_a_model_past_two_gigabytes_grafts_and_explains(tmp_path: Path) -> None:
+    """It grafted, then failed with protobuf's "Failed to serialize proto" traceback while sizing its weights."""
+    from onnxcam.engine import Engine
+
+    source, conv, weight = _past_two_gigabytes(tmp_path)
+    made = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "big.cam.onnx.data").stat().st_size > 2**31
+    image = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    out = Engine(tmp_path / "big.cam.onnx").run(image, np.asarray([[-1, 7]]))
+    # float64 reference: the 3x3 conv as a sum of shifted images, the MatMul in chunks of the memory map
+    padded = np.pad(image[0].astype(np.float64) / 255, ((1, 1), (1, 1), (0, 0)))
+    activations = sum(np.einsum("hwc,kc->khw", padded[dy : dy + 32, dx : dx + 32], conv[:, :, dy, dx])
+                      for dy in range(3) for dx in range(3))  # fmt: skip
+    flat = np.maximum(activations, 0).reshape(-1)
+    logits = sum(flat[i : i + 1024] @ np.asarray(weight[i : i + 1024], np.float64) for i in range(0, 8192, 1024))
+    assert np.abs(out.logits[0] - logits).max() / np.abs(logits).max() < 1e-5
+    assert out.target_classes[0, 0] == logits.argmax()
+    for t, c in enumerate(out.target_classes[0]):  # a linear head: d logit_c / dA[k, p] = W[k * 1024 + p, c]
+        expected = np.asarray(weight[:, c], np.float64).reshape(8, 1024).mean(axis=1)
+        assert np.abs(out.weights[0, t] - expected).max() / np.abs(expected).max() < 1e-5
