@@ -53,6 +53,33 @@ def test_the_npm_pins_are_exact_and_agree_with_the_page() -> None:
         assert lock["packages"][f"node_modules/{name}"]["version"] == version
 
 
+@needs_npm
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
+def test_the_ir_limit_web_checks_is_the_pinned_onnxruntime_webs_own(tmp_path: Path) -> None:
+    """`onnxcam web` refuses files past ORT_WEB_MAX_IR: the pinned onnxruntime-web itself loads that IR version and
+    refuses the next ("Unsupported model IR version: 14, max supported IR version: 13")."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxcam.web import ORT_WEB_MAX_IR
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    versions = (ORT_WEB_MAX_IR, ORT_WEB_MAX_IR + 1)
+    for version in versions:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=version),
+                  tmp_path / f"ir{version}.onnx")  # fmt: skip
+    code = ("import * as ort from 'onnxruntime-web'; ort.env.wasm.numThreads = 1;"
+            f"for (const v of {list(versions)}) {{ try {{ await ort.InferenceSession.create('{tmp_path.as_posix()}/ir' "
+            "+ v + '.onnx'); console.log(v, 'loads'); } catch (e) { console.log(v, String(e.message ?? e)); } }")
+    shown = subprocess.run(["node", "--input-type=module", "-e", code], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT / "web")  # fmt: skip
+    loaded, refused = shown.stdout.strip().splitlines()
+    assert loaded == f"{ORT_WEB_MAX_IR} loads", shown.stderr
+    assert f"max supported IR version: {ORT_WEB_MAX_IR}" in refused, refused
+
+
 def test_web_without_onnxruntime_web_is_one_line_and_writes_nothing(lite0_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
     result = run("web", str(lite0_model), "--out", str(out), "--ort", str(tmp_path))
