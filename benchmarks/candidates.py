@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam_export.builder import infer_types
 from onnxcam_export.from_onnx import _shapes, candidate_layers
-from onnxcam_export.graft import FLOATS, head_nodes, inputs_of, shape_only_tensors
 from onnxcam_export.layouts import infer_layouts
 from onnxcam_export.vjp import UnsupportedOp
+from onnxcam_export.walk import FLOATS, head_nodes, inputs_of, shape_only_tensors
 
 
 def residual_cnn(nodes: int) -> onnx.ModelProto:

@@ -23,18 +23,11 @@ from onnxcam.contract import MAX_INPUT_SIDE, SCORES, TASKS, ModelCard, imagenet_
 from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import Resize
 from onnxcam.outputs import file_digest
+from onnxcam_export import probe
 from onnxcam_export.builder import Types, infer_types
-from onnxcam_export.graft import (
-    FLOATS,
-    annotate_shapes,
-    fold_shape_computations,
-    graft,
-    head_nodes,
-    inputs_of,
-    rename_tensor,
-    shape_only_tensors,
-)
+from onnxcam_export.graft import graft, rename_tensor
 from onnxcam_export.layouts import Layout, infer_layouts
+from onnxcam_export.probe import annotate_shapes, fold_shape_computations
 from onnxcam_export.save import save_explainer
 from onnxcam_export.sources import ASSUMED, DEFAULTS, RESIZES, Facts, from_file, labels_file, preprocess_file
 from onnxcam_export.tasks import (
@@ -48,7 +41,7 @@ from onnxcam_export.tasks import (
     detector_layout,
 )
 from onnxcam_export.vjp import UnsupportedOp
-from onnxcam_export.windowed import WINDOW_TAG
+from onnxcam_export.walk import FLOATS, head_nodes, inputs_of, shape_only_tensors
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
@@ -157,22 +150,13 @@ def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Lay
     return found
 
 
-def _quiet_session(model: onnx.ModelProto) -> object:
-    """An ONNX Runtime CPU session of the in-memory ``model`` that logs only errors (a graft-time probe)."""
-    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # (a failure is raised and reported by the caller)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def _reaches_the_grid(
     model: onnx.ModelProto, layer: str, logits: str, layout: Layout, types: Types, feed: dict
 ) -> bool:
     """Whether the class gradient reaches the grid tokens of ``layer``: after a class-token head's last
     attention, only the prefix tokens lead to the logits, and the map would be empty."""
-    grafted, _ = graft(model, layer, logits, types, layout)
-    session = _quiet_session(grafted)
+    grafted = graft(model, layer, logits, types, layout).model
+    session = probe.session(grafted)
     feed = feed | {contract.TARGETS: np.array([[-1, -2]]), contract.FULL_GRADIENTS: np.asarray(True)}
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
@@ -470,11 +454,6 @@ class InputLayout:
     batch: onnx.TensorShapeProto.Dimension
 
 
-def _windowed(model: onnx.ModelProto) -> bool:
-    """Whether the graft walks a detector's targets over windows (:mod:`onnxcam_export.windowed`)."""
-    return any(WINDOW_TAG in node.name for node in model.graph.node)
-
-
 PROBE_TOLERANCE = 1e-4  # float32 sums over a few thousand products, relative to the largest value
 
 
@@ -504,7 +483,7 @@ def _checked_windows(
     }
     results = []
     for model in (windowed, dense):
-        session = _quiet_session(model)
+        session = probe.session(model)
         names = [o.name for o in session.get_outputs() if o.name.startswith((contract.WEIGHTS, contract.GRADIENTS))]
         known = {i.name for i in model.graph.input}
         results.append(session.run(names, {k: v for k, v in feed.items() if k in known}))
@@ -787,10 +766,11 @@ def graft_file(
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     shapes = _shapes(types)
     try:
-        grafted, weights_path = graft(model, layer, logits, types, layout, score, found, extras, windowed)
-        if _windowed(grafted):
-            grafted = _checked_windows(grafted, graft(model, layer, logits, types, layout, score, found, extras,
-                                                      windowed=False)[0], inputs, notes)  # fmt: skip
+        result = graft(model, layer, logits, types, layout, score, found, extras, windowed)
+        grafted, weights_path = result.model, result.weights_path
+        if result.walk == "windowed":
+            dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False).model
+            grafted = _checked_windows(grafted, dense, inputs, notes)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])

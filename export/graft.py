@@ -1,9 +1,10 @@
 """Graft Grad-CAM gradients into a forward ONNX graph (needs ``onnx`` only, never torch).
 
 Given a classifier graph, the name of the target-layer tensor ``A`` and of the logits, the
-reverse-mode walker :func:`backward` applies one rule from :mod:`onnxcam_export.vjp` per node
-of the head (the nodes on a path from ``A`` to the logits), newest first, summing gradients
-that reach a tensor along several paths. The result obeys :mod:`onnxcam.contract`.
+reverse-mode walker (:mod:`onnxcam_export.walk`) applies one rule from :mod:`onnxcam_export.vjp` per node
+of the head (the nodes on a path from ``A`` to the logits); this module seeds it, picks the walk (a
+detector's windows, :mod:`onnxcam_export.windowed`; an FC head's presummed weight; the dense walk) and emits
+the contract's inputs and outputs around it. The result obeys :mod:`onnxcam.contract`.
 
 The per-channel weights ``alpha = mean_hw(dy/dA)`` take a cheap exact path when the head
 starts with channel-wise, mass-preserving ops (MaxPool, average pools, Identity, Dropout)
@@ -16,8 +17,8 @@ first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from types import ModuleType
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -26,200 +27,47 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
 from onnxcam_export import saliency
-from onnxcam_export.builder import Builder, Types, infer_types
+from onnxcam_export import windowed as windows
+from onnxcam_export.builder import Builder, Types
 from onnxcam_export.layouts import ADAPTERS, Layout
 from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets
-from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp, attrs
+from onnxcam_export.vjp import UnsupportedOp, attrs
+from onnxcam_export.walk import (
+    SPATIAL,
+    Branch,
+    backward,
+    check_rules,
+    differentiable,
+    expose_extra_outputs,
+    extra_outputs,
+    head_nodes,
+    reached_gradient,
+    static_tensors,
+)
 
 # Ops whose backward only moves gradient within a channel and preserves its sum.
 MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
-FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-# Ops whose outputs are never float, whatever their inputs (for graphs whose types are not inferred yet)
-INTEGER_OPS = {"Shape", "Size", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or",
-               "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"}  # fmt: skip
 HEAD_RUN_LOGITS = f"{contract.HEAD_LOGITS}/run"  # the logits of the head-only copy, inside its If
 
-Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
+WALKS = ("windowed", "presummed", "dense")  # how graft() computed the weights (see Grafted)
+
+
+class Grafted(NamedTuple):
+    """:func:`graft`'s model and the walk that computed its weights: ``windowed`` (a detector's boxes over the
+    windows their scores read, :mod:`onnxcam_export.windowed`), ``presummed`` (an FC head's weight summed over
+    the positions) or ``dense`` (the whole backward, summed)."""
+
+    model: onnx.ModelProto
+    walk: str
+
+    @property
+    def weights_path(self) -> str:
+        """The card's ``weights_path``: ``presummed``, or ``gradient-mean`` for the other walks."""
+        return "presummed" if self.walk == "presummed" else "gradient-mean"
+
+
 Presummed = tuple[onnx.NodeProto, np.ndarray]  # the first FC node, its weight summed over positions [F, C]
-Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output
 Adapt = Callable[[str], str]  # a tensor of the target layer (or its gradient) -> the contract's layout
-SPATIAL = [3, 4]  # the h, w axes of gradients [N, T, C, h, w]
-
-
-# -- the reverse-mode walk: it knows the rules table, no op ---------------------------------------
-def rule_for(node: onnx.NodeProto) -> Rule:
-    """The gradient rule for ``node``; UnsupportedOp naming the op, the node and the supported ops."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
-        supported = ", ".join(sorted(RULES))
-        raise UnsupportedOp(
-            f"no gradient rule for op {node.op_type!r} (node {node.name or node.output[0]!r}) between the "
-            f"target layer and the logits; supported ops: {supported}. Pick a later layer with --layer."
-        )
-    return RULES[node.op_type]
-
-
-def input_gradients(b: Builder, node: onnx.NodeProto, dys: list[Grad]) -> list[Grad]:
-    """One gradient per input of ``node`` from its rule, given one per output (None: no gradient).
-
-    A rule may stop after its last differentiable input; the trailing inputs get None.
-    """
-    dxs = list(rule_for(node).vjp(b, node, dys))
-    if len(dxs) > len(node.input):
-        raise RuntimeError(
-            f"the {node.op_type} rule returned {len(dxs)} gradients {dxs} for node "
-            f"{node.name or node.output[0]!r}, which has {len(node.input)} inputs"
-        )
-    return dxs + [None] * (len(node.input) - len(dxs))
-
-
-def gradient_of(b: Builder, grads: Grads, name: str) -> Grad:
-    """The gradient of tensor ``name``: the sum of those that reached it, one Sum emitted at the first read."""
-    parts = grads.get(name)
-    if not parts:
-        return None
-    if len(parts) > 1:
-        grads[name] = parts = [b.op("Sum", *parts)]
-    return parts[0]
-
-
-def backward(b: Builder, nodes: Sequence[onnx.NodeProto], grads: Grads) -> Grads:
-    """Reverse mode over ``nodes`` (in graph order), newest first, starting from ``grads``.
-
-    A node whose outputs have a gradient passes it to its inputs through its rule; only the
-    inputs the builder ``needs`` keep theirs. Returns the gradients after the walk (a new map).
-    """
-    grads = {name: list(parts) for name, parts in grads.items()}
-    for node in reversed(nodes):
-        dys = [gradient_of(b, grads, name) for name in node.output]
-        if all(dy is None for dy in dys):
-            continue
-        for name, dx in zip(node.input, input_gradients(b, node, dys), strict=True):
-            if dx is not None and b.needs(name):
-                grads.setdefault(name, []).append(dx)
-    return grads
-
-
-def _reached(b: Builder, grads: Grads, name: str) -> str:
-    """The gradient of ``name``, which the walk must have reached."""
-    dx = gradient_of(b, grads, name)
-    if dx is None:
-        raise UnsupportedOp(f"no gradient reaches {name!r} from {contract.LOGITS!r}")
-    return dx
-
-
-# -- the head: the nodes between the target layer and the logits ----------------------------------
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
-
-
-def _outer_reads(graph: onnx.GraphProto) -> list[str]:
-    """The tensors of enclosing graphs that ``graph``'s nodes read by name."""
-    inner, found = {i.name for i in graph.input} | {i.name for i in graph.initializer}, []
-    for node in graph.node:
-        found += [i for i in inputs_of(node) if i and i not in inner]
-        inner.update(node.output)
-    return found
-
-
-def inputs_of(node: onnx.NodeProto) -> list[str]:
-    """The tensors ``node`` reads: its inputs, and the outer ones its subgraphs read by name (an ``If`` branch, a
-    ``Loop`` or ``Scan`` body), which a walk over node inputs alone would miss."""
-    return list(node.input) + [i for graph in _subgraphs(node) for i in _outer_reads(graph)]
-
-
-def _gradient_enters(node: onnx.NodeProto, reached: set[str]) -> bool:
-    """Whether a gradient can reach ``node``'s outputs from ``reached``: through an input, or through a float path
-    inside one of its subgraphs from an outer tensor it reads (a branch that reads a tensor's shape only does not
-    carry its gradient)."""
-    if reached.intersection(node.input):
-        return True
-    for graph in _subgraphs(node):
-        outer = reached.intersection(_outer_reads(graph))
-        if outer and differentiable(graph.node, outer, None).intersection(o.name for o in graph.output):
-            return True
-    return False
-
-
-def head_nodes(graph: onnx.GraphProto, sources: str | set[str], logits: str) -> list[onnx.NodeProto]:
-    """The nodes on some path from ``sources`` (a tensor or several) to ``logits``, in graph (topological) order."""
-    reached = {sources} if isinstance(sources, str) else set(sources)
-    downstream = []
-    for node in graph.node:
-        if reached.intersection(inputs_of(node)):
-            downstream.append(node)
-            reached.update(o for o in node.output if o)
-    if logits not in reached:
-        raise UnsupportedOp(f"tensor {logits!r} does not depend on the target layer {sources!r}")
-    needed = {logits}
-    head = []
-    for node in reversed(downstream):
-        if needed.intersection(node.output):
-            head.append(node)
-            needed.update(inputs_of(node))
-    return head[::-1]
-
-
-def static_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Tensors computed from initializers and constants alone (weights, shapes)."""
-    known = {i.name for i in graph.initializer} | {""}
-    for node in graph.node:
-        if all(i in known for i in inputs_of(node)):
-            known.update(node.output)
-    return known
-
-
-def shape_only_tensors(graph: onnx.GraphProto) -> set[str]:
-    """:func:`static_tensors` and what is computed from tensor shapes alone (``Shape``, ``Size`` and what follows
-    from them and constants: a mask of the input's shape and the position embedding built from it, as HF's DETR
-    does). None of it depends on a pixel's value, so no gradient flows through it, even where it changes with the
-    batch size and cannot be folded to a constant."""
-    known = static_tensors(graph)
-    for node in graph.node:
-        if node.op_type in ("Shape", "Size") or all(i in known for i in inputs_of(node)):
-            known.update(o for o in node.output if o)
-    return known
-
-
-def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
-    """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
-
-    Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient,
-    except quantized levels (a rule's ``levels``); a tensor of unknown type counts as float unless
-    :data:`INTEGER_OPS` computes it.
-    """
-    types = types or {}
-
-    def floating(node: onnx.NodeProto, name: str) -> bool:
-        if node.op_type in RULES and RULES[node.op_type].levels:
-            return True
-        return types[name].elem_type in FLOATS if name in types else node.op_type not in INTEGER_OPS
-
-    reached = set(sources)
-    for node in head:
-        if _gradient_enters(node, reached):
-            reached.update(o for o in node.output if o and floating(node, o))
-    return reached
-
-
-def _check_rules(head: Iterable[onnx.NodeProto], wanted: set[str]) -> None:
-    """Fail before anything is built when a head node that passes a gradient has no rule."""
-    for node in head:
-        if wanted.intersection(node.output):
-            rule_for(node)
-
-
-def _extra_outputs(node: onnx.NodeProto) -> tuple[str, ...]:
-    rule = RULES.get(node.op_type)
-    return rule.extra_outputs if rule is not None and node.domain in ("", "ai.onnx") else ()
-
-
-def _expose_extra_outputs(head: Iterable[onnx.NodeProto]) -> None:
-    """Give each node the optional outputs its rule reads (MaxPool: Indices), named after its first output."""
-    for node in head:
-        for index, label in enumerate(_extra_outputs(node), start=1):
-            node.output.extend([""] * (index + 1 - len(node.output)))
-            if not node.output[index]:
-                node.output[index] = f"{node.output[0]}/{label}"
 
 
 def _head_copy(
@@ -241,7 +89,7 @@ def _head_copy(
     for node in head:
         if any(i not in renamed and i not in static for i in node.input):
             return None
-        extra = range(1, 1 + len(_extra_outputs(node)))
+        extra = range(1, 1 + len(extra_outputs(node)))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"head/{node.name or node.output[0]}"
@@ -249,119 +97,6 @@ def _head_copy(
         copy.output[:] = [renamed[o] if o else "" for i, o in enumerate(node.output) if i not in extra]
         copies.append(copy)
     return copies
-
-
-def annotate_shapes(
-    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], batch: onnx.TensorShapeProto.Dimension
-) -> Types:
-    """Fill the shapes ONNX inference cannot derive (e.g. pads computed from Shape ops) by ORT runs.
-
-    ``feeds``: the model's input at its size, at two batch sizes (one for a fixed batch). Every such
-    float tensor's shape is recorded in ``value_info``: the axes whose size is the batch size get
-    ``batch``, those that otherwise change with it no size, the others their size, so the rules
-    see static channel and spatial sizes. Returns
-    the types of the model as it leaves (:func:`infer_types`, run again only if the model changed).
-    Raises RuntimeError when ONNX Runtime cannot run the model.
-    """
-    types = infer_types(model)
-
-    def settled(d: onnx.TensorShapeProto.Dimension) -> bool:  # a size, or the batch (also where it is not axis 0)
-        return d.HasField("dim_value") or bool(batch.dim_param and d.dim_param == batch.dim_param)
-
-    known = {n for n, t in types.items() if t.HasField("shape") and all(settled(d) for d in t.shape.dim)}
-    static = static_tensors(model.graph)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    missing = [o for n in model.graph.node for o in n.output if o in used and o not in known and o not in static]
-    if not missing:
-        return types
-    runs = zip(*[_probe(model, missing, feed) for feed in feeds], strict=True)
-    recorded = [
-        (name, values)
-        for name, values in zip(missing, runs, strict=True)
-        if all(isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == values[0].ndim > 0 for v in values)
-    ]
-    if not recorded:
-        return types
-    by_name = {v.name: v for v in model.graph.value_info}
-    batches = [next(iter(feed.values())).shape[0] for feed in feeds]
-    for name, values in recorded:
-        first = values[0]
-        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), list(first.shape))
-        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
-            sizes = [v.shape[axis] for v in values]
-            if sizes == batches and len(set(sizes)) > 1:
-                dim.CopyFrom(batch)
-            elif len(set(sizes)) > 1:  # follows the batch, but is not it (Swin's windows: N * windows)
-                dim.Clear()
-        if name in by_name:
-            model.graph.value_info.remove(by_name[name])
-        model.graph.value_info.append(info)
-    return infer_types(model)
-
-
-def _probe(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The values of tensors ``names`` of ``model`` for ``feed``, by one ONNX Runtime run."""
-    import onnxruntime as ort  # a runtime dependency of onnxcam anyway
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # its notes about unused initializers are noise, its errors are raised here
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(names, feed)
-    except Exception as exc:  # ORT's own exception types
-        raise RuntimeError(str(exc)) from exc
-
-
-def fold_shape_computations(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> int:
-    """Replace what is computed from tensor shapes alone by constants where it is static (in place).
-
-    ``feeds``: the model's input at its size, at two batch sizes. A tensor computed from ``Shape``
-    or ``Size`` and constants alone that takes the same value for every feed is static at the
-    model's input size: its nodes become initializers (patch counts, head sizes, attention scales),
-    so that the rules see constants. What depends on the batch size stays computed. Returns the
-    number of tensors folded. Raises RuntimeError when ONNX Runtime cannot run the model.
-    """
-    graph = model.graph
-    static, shaped = static_tensors(graph), shape_only_tensors(graph)
-    derived = [o for n in graph.node for o in n.output if o and o in shaped and o not in static]
-    if not derived:
-        return 0
-    runs = [_probe(model, derived, feed) for feed in feeds]
-    values = {
-        name: first
-        for name, first, *others in zip(derived, *runs, strict=True)
-        if all(np.shape(v) == np.shape(first) and np.array_equal(v, first) for v in others)
-    }
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = []
-    for node in graph.node:
-        outputs = [o for o in node.output if o]
-        if outputs and all(o in values for o in outputs):
-            graph.initializer.extend(numpy_helper.from_array(np.asarray(values[o]), o) for o in outputs if o in used)
-        else:
-            kept.append(node)
-    _remove_unused(graph, kept, set(derived))
-    return sum(1 for name in derived if name in values)
-
-
-def _remove_unused(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], removable: set[str]) -> None:
-    """Set the graph's nodes to ``nodes`` less those whose outputs are all ``removable`` and read by nobody."""
-    while True:
-        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in nodes if all(o in removable and o not in used for o in n.output if o)]
-        if not dead:
-            break
-        nodes = [n for n in nodes if n not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    names = {i for n in nodes for i in n.input}
-    unused = [i for i in graph.initializer if i.name in removable and i.name not in names]
-    for init in unused:
-        graph.initializer.remove(init)
 
 
 def _consumers(head: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
@@ -464,15 +199,15 @@ def _walk(
     seeds = {contract.LOGITS: [seed]}
     if cheap is None:  # the sum of the full gradient, computed outside the If
         grads = backward(b, head, seeds)
-        gradients = adapt(_reached(b, grads, layer))
-        extra = [_reached(b, grads, name) for name in extra_layers]
+        gradients = adapt(reached_gradient(b, grads, layer))
+        extra = [reached_gradient(b, grads, name) for name in extra_layers]
         return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), _identity_branch(gradients), extra
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
-    summed = _times_weight(b, _reached(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
+    summed = _times_weight(b, reached_gradient(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
-        gradients = adapt(_reached(b, backward(b, head[:cut], grads), layer))
+        gradients = adapt(reached_gradient(b, backward(b, head[:cut], grads), layer))
     return summed, ("full", nodes, gradients), []
 
 
@@ -568,7 +303,7 @@ def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], s
     head = head_nodes(graph, set(attentions), contract.LOGITS)
     wanted = differentiable(head, set(attentions), b.types)
     try:
-        _check_rules(head, wanted)
+        check_rules(head, wanted)
     except UnsupportedOp:
         return False
     elem, outer = b.elem_type(contract.LOGITS), b.wanted
@@ -577,7 +312,7 @@ def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], s
     with b.subgraph() as backward_nodes:
         b.wanted = wanted
         grads = backward(b, head, {contract.LOGITS: [seed]})
-        stacked_grads = b.op("Concat", *[b.unsqueeze(_reached(b, grads, a), [2]) for a in attentions], axis=2)
+        stacked_grads = b.op("Concat", *[b.unsqueeze(reached_gradient(b, grads, a), [2]) for a in attentions], axis=2)
     b.wanted = outer
     for flag, output, branch, lead in (
         (contract.WITH_ATTENTIONS, contract.ATTENTIONS, ("attentions", forward, stacked), contract.LOGITS),
@@ -615,8 +350,8 @@ def graft(
     task: Task | None = None,
     extra_layers: Sequence[str] = (),
     windowed: bool = True,
-) -> tuple[onnx.ModelProto, str]:
-    """A copy of ``model`` obeying the onnxcam contract, and how its weights are computed.
+) -> Grafted:
+    """A copy of ``model`` obeying the onnxcam contract, and the walk that computed its weights.
 
     ``activations`` is the target layer: ``[N, C, h, w]``, or any :mod:`layouts` entry given as
     ``layout``. ``score``: the explained score, ``logit`` or ``probability`` (softmax of the logits).
@@ -638,12 +373,12 @@ def graft(
         types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
     sources = {layer, *extra_layers}
     head = head_nodes(graph, sources, contract.LOGITS)
-    _check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
+    check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
     b = Builder(out, types)
     b.wanted = differentiable(head, sources, b.types)
     classifier = task is None or task.kind == "classification"  # (head-only passes are for classifiers)
     head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
-    _expose_extra_outputs(head)
+    expose_extra_outputs(head)
     shape = b.shape(layer)
     if layout is None:
         dims, adapt = shape[1:], (lambda x: x)
@@ -653,9 +388,9 @@ def graft(
         adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
     seed, cheap = None, None
     targets = detection_targets(b, task.ranked, task.boxes) if detector else None
-    cut = _windowed().plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
+    cut = windows.plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
     if cut is not None:
-        sums, branches = _windowed().walk(b, cut, *targets, [layer, *extra_layers])
+        sums, branches = windows.walk(b, cut, *targets, [layer, *extra_layers])
         summed, full, extras = sums[0], branches[0], list(zip(sums[1:], branches[1:], strict=True))
     else:
         seed = detection_seed(b, contract.LOGITS, *targets) if targets else _seed(b, contract.LOGITS, score)
@@ -684,20 +419,13 @@ def graft(
     _add_task_outputs(graph, b, task.outputs if task is not None else ())
     if size is not None:
         _add_saliency_output(graph, b)
-    return out, "presummed" if cheap is not None else "gradient-mean"
+    return Grafted(out, "windowed" if cut is not None else "presummed" if cheap is not None else "dense")
 
 
 def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) -> None:
     """A task's own ``[N, K]`` outputs (a segmenter's pixel shares), in the graph already, declared."""
     batch, classes = b.shape(contract.LOGITS)[0] or "N", b.shape(contract.LOGITS)[1]
     graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(contract.LOGITS), [batch, classes]) for n in names)
-
-
-def _windowed() -> ModuleType:
-    """:mod:`onnxcam_export.windowed`, imported on use: it builds on this module's walker."""
-    from onnxcam_export import windowed
-
-    return windowed
 
 
 def _identity_branch(grad: str) -> Branch:

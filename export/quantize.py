@@ -31,10 +31,11 @@ from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
 from onnxcam.inputs import expand
-from onnxcam_export.graft import graft, head_nodes
+from onnxcam_export.graft import graft
 from onnxcam_export.save import save_explainer
 from onnxcam_export.simplify import static_pads
 from onnxcam_export.vjp import attrs
+from onnxcam_export.walk import head_nodes
 
 # QDQ (default): QuantizeLinear/DequantizeLinear pairs around float ops, default-domain ONNX that any runtime
 # reads, which ONNX Runtime fuses into int8 kernels; QOperator: ONNX Runtime's QLinear* ops, some of them in
@@ -216,13 +217,13 @@ def quantize_file(source: Path, calibrate: Path, out: Path, fmt: str = "qdq") ->
             logging.disable(logging.NOTSET)
         quantized = onnx.load(int8)
     int8_head_weights(quantized.graph)
-    grafted, weights_path = graft(quantized, contract.ACTIVATIONS, contract.LOGITS)
+    grafted = graft(quantized, contract.ACTIVATIONS, contract.LOGITS)
     description = f"INT8 ({fmt}, per-channel, {len(photos)} calibration images from {calibrate.name}/)"
     summary = f"backbone quantized to {description}; head weights int8, its activations and the gradients float"
     int8_card = dataclasses.replace(
         card,
         weights=f"{card.weights}; {description}",
-        weights_path=weights_path,
+        weights_path=grafted.weights_path,
         notes="; ".join(filter(None, [card.notes, summary])),
     )
-    return save_explainer(grafted, int8_card, out).summary(), notes
+    return save_explainer(grafted.model, int8_card, out).summary(), notes

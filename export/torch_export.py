@@ -18,8 +18,9 @@ from onnxcam import contract
 from onnxcam.contract import IMAGENET_MEAN, IMAGENET_STD, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
 from onnxcam_export.builder import Types
-from onnxcam_export.graft import annotate_shapes, graft
+from onnxcam_export.graft import graft
 from onnxcam_export.models import VGG, VGG16_CFG, EfficientNetLite, vgg16_layer_aliases
+from onnxcam_export.probe import annotate_shapes
 from onnxcam_export.save import save_explainer
 from onnxcam_export.simplify import static_pads
 from onnxcam_export.vjp import UnsupportedOp
@@ -231,7 +232,7 @@ def export_module(
     if rank != 4:
         raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
     try:
-        grafted, weights_path = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types, score=score)
+        grafted = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types, score=score)
     except UnsupportedOp as exc:
         raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
     card = ModelCard(
@@ -243,10 +244,10 @@ def export_module(
         mean=arch.mean,
         std=arch.std,
         labels=tuple(imagenet_labels()),
-        weights_path=weights_path,
+        weights_path=grafted.weights_path,
         score=score,
     )
-    card = save_explainer(grafted, card, out)
+    card = save_explainer(grafted.model, card, out)
     return card.summary()
 
 

@@ -3,7 +3,7 @@
 Each rule gets the builder, the forward node and the gradient of each node output
 (``None`` where no gradient flows) and returns one gradient per node input (``None``
 where none is needed). A rule may stop after its last differentiable input: the walker
-(:func:`onnxcam_export.graft.input_gradients`) pads the list with ``None`` for the trailing
+(:func:`onnxcam_export.walk.input_gradients`) pads the list with ``None`` for the trailing
 inputs (weights, shapes, axes) and refuses a list longer than the inputs. Gradients carry a
 target axis at position 1 (see ``builder``). The math of each rule is the comment above it.
 """

@@ -3,7 +3,7 @@
 A box's class score at anchor pixel (y, x) of one scale reads a window of each feature map below
 it (YOLOv8n: 5x5 of its own head input through two 3x3 convolutions; 47x47 of P3 for a P5 box
 through the PAN), and its gradient is exactly zero elsewhere. The dense backward
-(:func:`onnxcam_export.graft.backward` over whole maps, once per target) spends nearly all of its
+(:func:`onnxcam_export.walk.backward` over whole maps, once per target) spends nearly all of its
 work multiplying those zeros. Here the graph is cut in two:
 
 * the *region*: the nodes from the target layers up to each scale's *boundary* tensors (the last
@@ -37,8 +37,8 @@ from onnx import TensorProto, helper
 
 from onnxcam import contract
 from onnxcam_export.builder import Builder
-from onnxcam_export.graft import SPATIAL, Branch, backward, differentiable, gradient_of, static_tensors
 from onnxcam_export.vjp import _explicit_pads, attrs
+from onnxcam_export.walk import SPATIAL, Branch, backward, differentiable, gradient_of, static_tensors
 
 POINTWISE = {
     "Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Clip", "Identity", "Elu", "Selu",

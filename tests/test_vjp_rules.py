@@ -28,8 +28,9 @@ F = torch.nn.functional
 
 from onnxcam_export import vjp  # noqa: E402
 from onnxcam_export.builder import Builder  # noqa: E402
-from onnxcam_export.graft import graft, input_gradients  # noqa: E402
+from onnxcam_export.graft import graft  # noqa: E402
 from onnxcam_export.vjp import RULES, Rule, UnsupportedOp  # noqa: E402
+from onnxcam_export.walk import input_gradients  # noqa: E402
 
 TARGETS = 3
 
