@@ -27,6 +27,7 @@ from onnxcam_export import probe
 from onnxcam_export.builder import Types, infer_types
 from onnxcam_export.graft import graft, rename_tensor
 from onnxcam_export.layouts import Layout, infer_layouts
+from onnxcam_export.ops import ops_with
 from onnxcam_export.probe import annotate_shapes, fold_shape_computations
 from onnxcam_export.save import save_explainer
 from onnxcam_export.sources import ASSUMED, DEFAULTS, RESIZES, Facts, from_file, labels_file, preprocess_file
@@ -45,9 +46,7 @@ from onnxcam_export.walk import FLOATS, head_nodes, inputs_of, shape_only_tensor
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
-SOFTMAX = ("Softmax", "LogSoftmax")
-PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity")
-STEP_BACK = ("MaxPool", "AveragePool", "Transpose")  # a trailing pool or layout change is no better layer
+SOFTMAX, PASS_THROUGH, STEP_BACK = ops_with("softmax"), ops_with("reshaping"), ops_with("step_back")
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,7 @@ def _extra_layers(
         raise OnnxcamError(f"--layer names a layer twice: {', '.join(names)}")
     for name in names[1:]:
         _check_layer(graph, name, logits, candidates, layouts)
-        if layouts[name].kind != "nchw":
+        if not layouts[name].channels_first:
             raise OnnxcamError(f"layer {name!r} is a {layouts[name].kind} layout; the layers after the first in "
                                "--layer must be [N, C, h, w] grids")  # fmt: skip
     return (names[0] if names else None), names[1:]
@@ -216,7 +215,7 @@ def _detector_heads(
     convs = [n for n in graph.node if n.op_type == "Conv"]
     heads = []
     for branch in _anchor_inputs(graph, scores, anchor_axis, _shapes(types)):
-        cuts = [c for c in candidate_layers(graph, branch, layouts, types) if layouts[c].kind == "nchw"]
+        cuts = [c for c in candidate_layers(graph, branch, layouts, types) if layouts[c].channels_first]
         forks = [c for c in cuts if sum(n.input[0] == c for n in convs) >= 2]
         if not forks:
             return []
@@ -234,10 +233,10 @@ def _auto_layer(
     layer = candidates[-1]
     while producers[layer].op_type in STEP_BACK and producers[layer].input[0] in candidates:
         layer = producers[layer].input[0]
-    if layouts[layer].kind != "tokens" or not layouts[layer].prefix:
+    if not layouts[layer].has_tokens or not layouts[layer].prefix:
         return layer
     for name in reversed(candidates[: candidates.index(layer) + 1]):
-        if layouts[name].kind == "tokens" and _reaches_the_grid(model, name, logits, layouts[name], types, feed):
+        if layouts[name].has_tokens and _reaches_the_grid(model, name, logits, layouts[name], types, feed):
             return name
     raise OnnxcamError("the class gradient reaches no token layer's grid; pick a layer with --layer")
 
@@ -277,7 +276,7 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
 
-SQUASHING = ("Sigmoid", "Tanh", "HardSigmoid", "Clip")  # an image's last op; a segmenter's scores are logits
+SQUASHING = ops_with("squashing")  # an image's last op; a segmenter's scores are logits
 
 
 def _refuse_an_image(graph: onnx.GraphProto, raw: str, shape: list[int | None], size: tuple[int, int]) -> None:
@@ -742,7 +741,7 @@ def graft_file(
         raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
     layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
     if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
-        candidates = [c for c in candidates if layouts[c].kind != "tokens"] or candidates
+        candidates = [c for c in candidates if not layouts[c].has_tokens] or candidates
     if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
         candidates = _before_masks(candidates, layouts, shapes, classes)
     heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
@@ -756,7 +755,7 @@ def graft_file(
     elif not _check_layer(graph, layer, logits, candidates, layouts):
         notes.append(f"{layer!r} is not crossed by every path to the logits: its gradient is the partial derivative")
     layout = layouts[layer]
-    if layout.kind != "nchw":
+    if not layout.channels_first:
         notes.append(f"{layer!r} is a {layout.describe(shapes[layer])}")
     upgraded = _upgrade(model, layer, logits, notes)
     if upgraded is not model:
@@ -780,7 +779,7 @@ def graft_file(
         notes.append(f"warning: the target layer's grid is {h}x{w} at the input size {inputs.height}x{inputs.width}, "
                      f"too coarse for a map: an input of {better} gives a 7x7 grid (--size, or re-export the model "
                      "at that size)")  # fmt: skip
-    described = "" if layout.kind == "nchw" else f" [{layout.describe(shapes[layer])}]"
+    described = "" if layout.channels_first else f" [{layout.describe(shapes[layer])}]"
     card = ModelCard(
         arch=f"onnx:{Path(source).name}",
         weights=f"{Path(source).name} (sha256 {file_digest(Path(source))[:16]})",

@@ -29,7 +29,8 @@ from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export import windowed as windows
 from onnxcam_export.builder import Builder, Types
-from onnxcam_export.layouts import ADAPTERS, Layout
+from onnxcam_export.layouts import Layout
+from onnxcam_export.ops import ops_with
 from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets
 from onnxcam_export.vjp import UnsupportedOp, attrs
 from onnxcam_export.walk import (
@@ -45,8 +46,7 @@ from onnxcam_export.walk import (
     static_tensors,
 )
 
-# Ops whose backward only moves gradient within a channel and preserves its sum.
-MASS_PRESERVING = {"MaxPool", "GlobalAveragePool", "AveragePool", "Identity", "Dropout"}
+MASS_PRESERVING = ops_with("mass_preserving")  # their backward moves gradient within a channel, keeping its sum
 HEAD_RUN_LOGITS = f"{contract.HEAD_LOGITS}/run"  # the logits of the head-only copy, inside its If
 
 WALKS = ("windowed", "presummed", "dense")  # how graft() computed the weights (see Grafted)
@@ -79,7 +79,7 @@ def _head_copy(
     tensors computed before the target layer (not a cut), or tokens the contract's activations lack.
     """
     with b.subgraph() as copies:
-        start = contract.HEAD_ACTIVATIONS if layout is None else ADAPTERS[layout.kind].from_contract(
+        start = contract.HEAD_ACTIVATIONS if layout is None else layout.adapter.from_contract(
             b, contract.HEAD_ACTIVATIONS, layout)  # fmt: skip
     if start is None:
         return None
@@ -366,7 +366,7 @@ def graft(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    layout = None if layout is None or layout.kind == "nchw" else layout
+    layout = None if layout is None or layout.channels_first else layout
     layer = contract.ACTIVATIONS if layout is None else activations
     for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
         renamed = rename_tensor(graph, tensor, name)
@@ -384,8 +384,8 @@ def graft(
         dims, adapt = shape[1:], (lambda x: x)
     else:
         dims = layout.contract_dims(shape)
-        _emit_activations(b, layer, lambda x: ADAPTERS[layout.kind].to_contract(b, x, layout, 1))
-        adapt = lambda g: ADAPTERS[layout.kind].to_contract(b, g, layout, 2)  # noqa: E731
+        _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
+        adapt = lambda g: layout.adapter.to_contract(b, g, layout, 2)  # noqa: E731
     seed, cheap = None, None
     targets = detection_targets(b, task.ranked, task.boxes) if detector else None
     cut = windows.plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
@@ -406,7 +406,7 @@ def graft(
     _emit_scales(b, extra_layers, extras, condition)
     if size is not None:
         saliency.add_saliency(graph, b, size, grids)
-    attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.kind == "tokens" else []
+    attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.has_tokens else []
     attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)

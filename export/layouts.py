@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 
 from onnxcam_export.builder import Builder
+from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import attrs
 
 MAX_PREFIX = 8  # class + distillation tokens + registers (DINOv2 and DeiT-III use up to 4 registers)
-GRID_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization", "GlobalAveragePool"}  # NCHW out
+GRID_OPS = ops_with("grid")  # NCHW out
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 Shapes = dict[str, list[int | str | None]]
@@ -46,6 +47,21 @@ class Layout:
     kind: str
     grid: tuple[int, int]
     prefix: int = 0
+
+    @property
+    def channels_first(self) -> bool:
+        """``[N, C, h, w]``, the contract's own layout: nothing to adapt."""
+        return self.kind == "nchw"
+
+    @property
+    def has_tokens(self) -> bool:
+        """A transformer's ``[N, P + h*w, C]`` tokens (``prefix`` P of them before the grid)."""
+        return self.kind == "tokens"
+
+    @property
+    def adapter(self) -> LayoutKind:
+        """The nodes that turn this layout into the contract's and back (:data:`ADAPTERS`)."""
+        return ADAPTERS[self.kind]
 
     def contract_dims(self, shape: list[int]) -> list[int]:
         """``[C, h, w]`` of the contract's activations for a layer of static shape ``shape``."""

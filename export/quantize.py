@@ -32,6 +32,7 @@ from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
 from onnxcam.inputs import expand
 from onnxcam_export.graft import graft
+from onnxcam_export.ops import ops_with
 from onnxcam_export.save import save_explainer
 from onnxcam_export.simplify import static_pads
 from onnxcam_export.vjp import attrs
@@ -78,7 +79,7 @@ def forward_graph(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelPr
     return forward
 
 
-ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "BatchNormalization", "Identity"}
+ELEMENTWISE = ops_with("pointwise") & ops_with("unary")  # an activation or a batch norm after a conv
 
 
 def kept_in_float(graph: onnx.GraphProto) -> list[str]:

@@ -13,11 +13,10 @@ from onnxcam import contract
 from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import atomic_write
+from onnxcam_export.ops import ops_with
 from onnxcam_export.saliency import saliency_methods
 
-# The ops of ONNX Runtime's quantized graphs: QDQ pairs (default domain) and its QOperator format (QLinear*)
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger",
-                 "ConvInteger", "DynamicQuantizeLinear"}  # fmt: skip
+QUANTIZED_OPS = ops_with("quantized")  # ONNX Runtime's QDQ pairs (default domain) and QOperator ops (QLinear*)
 
 
 def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelCard:

@@ -16,12 +16,11 @@ from onnx import TensorProto
 
 from onnxcam import contract
 from onnxcam_export.builder import Builder, Types
+from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp
 
 FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-# Ops whose outputs are never float, whatever their inputs (for graphs whose types are not inferred yet)
-INTEGER_OPS = {"Shape", "Size", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or",
-               "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"}  # fmt: skip
+INTEGER_OPS = ops_with("integer")  # outputs never float, whatever the inputs (for graphs not typed yet)
 
 Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
 Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output

@@ -37,14 +37,11 @@ from onnx import TensorProto, helper
 
 from onnxcam import contract
 from onnxcam_export.builder import Builder
+from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import _explicit_pads, attrs
 from onnxcam_export.walk import SPATIAL, Branch, backward, differentiable, gradient_of, static_tensors
 
-POINTWISE = {
-    "Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Clip", "Identity", "Elu", "Selu",
-    "Softplus", "Erf", "Neg", "Exp", "Sqrt", "Abs", "Add", "Sub", "Mul", "Div", "BatchNormalization",
-}  # fmt: skip
-LOCAL = POINTWISE | {"Conv", "Concat", "Split"}  # output cell (y, x) reads a window of each input around it
+POINTWISE, LOCAL = ops_with("pointwise"), ops_with("local")  # LOCAL: cell (y, x) reads a window around it
 
 WINDOW_TAG = "@window"  # in the names of the windowed copies of the region's nodes
 Axis = tuple[int, int, int]  # rows [stride * p + offset, ... + size) for the boundary pixel coordinate p

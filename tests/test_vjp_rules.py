@@ -508,3 +508,58 @@ def test_target_layer_the_rules_give_no_gradient_is_refused() -> None:
     model = _model(nodes, [2, 5], w=RNG.standard_normal((2, 5)), zero=np.zeros(1))
     with pytest.raises(UnsupportedOp, match="no gradient reaches 'activations' from 'logits'"):
         graft(model, "a", "scores")
+
+
+# -- the op facts beside the rules (export/ops.py) ----------------------------------------------------------
+GRADIENT_FACTS = ("pointwise", "local", "mass_preserving", "reshaping", "softmax", "squashing", "step_back")
+
+
+def test_every_op_a_gradient_passes_has_a_rule_and_no_integer_op_has_one() -> None:
+    from onnxcam_export.ops import ops_with
+
+    for fact in GRADIENT_FACTS:
+        assert ops_with(fact) <= set(RULES), (fact, sorted(ops_with(fact) - set(RULES)))
+    assert not ops_with("integer") & set(RULES)
+
+
+def _single_op(op: str, inputs: list[tuple[str, int]], output: int = onnx.TensorProto.UNDEFINED) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node(op, [n for n, _ in inputs], ["y"])], op,
+                              [helper.make_tensor_value_info(n, t, [1, 2, 3, 3]) for n, t in inputs],
+                              [helper.make_tensor_value_info("y", output, None)])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_an_integer_op_gives_no_float_output() -> None:
+    """As ONNX's shape inference types each op's output for float (or, for logic ops, bool) inputs."""
+    from onnxcam_export.ops import ops_with
+    from onnxcam_export.walk import FLOATS
+
+    logic, f = {"Not", "And", "Or", "Xor"}, onnx.TensorProto.FLOAT
+    for op in sorted(ops_with("integer")):
+        kind = onnx.TensorProto.BOOL if op in logic else f
+        arity = 1 if op in {"Not", "Shape", "Size", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"} else 2
+        model = onnx.shape_inference.infer_shapes(_single_op(op, [(f"x{i}", kind) for i in range(arity)]), True)
+        assert model.graph.output[0].type.tensor_type.elem_type not in FLOATS, op
+
+
+def test_a_pointwise_op_changes_only_the_element_its_input_changed() -> None:
+    """Each op the table calls point-wise, run by ONNX Runtime: a change of one input element moves one output
+    element, the same (BatchNormalization: per channel)."""
+    from onnxcam_export.ops import ops_with
+
+    f, rng = onnx.TensorProto.FLOAT, np.random.default_rng(0)
+    extra = {"BatchNormalization": {"scale": [1.5, 0.5], "bias": [0.1, -0.2], "mean": [0.3, 0.0], "var": [1.0, 2.0]}}
+    for op in sorted(ops_with("pointwise")):
+        data = ["x", "x2"][: 1 if op in ops_with("unary") else 2]
+        constants = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in extra.get(op, {}).items()]
+        model = _single_op(op, [(n, f) for n in data], output=f)
+        model.graph.input.extend(helper.make_tensor_value_info(c.name, f, [2]) for c in constants)
+        model.graph.node[0].input.extend(c.name for c in constants)
+        model.graph.initializer.extend(constants)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {n: rng.uniform(0.5, 1.5, (1, 2, 3, 3)).astype(np.float32) for n in data}
+        before = session.run(None, feed)[0]
+        feed["x"] = feed["x"].copy()
+        feed["x"][0, 1, 1, 2] += 0.25
+        changed = np.argwhere(session.run(None, feed)[0] != before)
+        assert changed.tolist() == [[0, 1, 1, 2]], (op, changed.tolist())
