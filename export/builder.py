@@ -1,4 +1,9 @@
-"""A small ONNX node builder, so graph code reads like numpy: ``b.op("Gemm", x, w, transB=1)``.
+"""A small ONNX node builder, so graph code reads like numpy: ``b.op("Gemm", x, w, transB=1)``,
+``b.op("Slice", x, [start], [end], [1])``, ``b.op("Mul", x, 0.5)``.
+
+An input is a tensor's name, or a value that becomes a constant (:meth:`Builder.value`): a Python scalar takes
+the element type of the tensor it meets (numpy's rule), a list of ints is an int64 index tensor (starts, axes,
+shapes), an array keeps its dtype. No module outside this one writes ``helper.make_node``.
 
 Gradient tensors carry an extra target axis: the gradient of a forward tensor of shape
 ``[N, d1, ...]`` has shape ``[N, T, d1, ...]``. :meth:`Builder.fwd` gives a forward tensor
@@ -7,7 +12,7 @@ with that axis inserted (``[N, 1, d1, ...]``) so that it broadcasts against grad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,6 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 Types = dict[str, onnx.TypeProto.Tensor]  # tensor name -> element type and (partly) known shape
+Value = str | int | float | bool | Sequence[int] | Sequence[float] | np.ndarray  # an op's input (Builder.value)
+Branch = tuple[list[onnx.NodeProto], str | list[str]]  # an If branch: its nodes and its result(s)
 
 
 def infer_types(model: onnx.ModelProto) -> Types:
@@ -57,6 +64,12 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in inputs:
             target.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return light
+
+
+def make_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None,
+              **attrs: object) -> onnx.NodeProto:  # fmt: skip
+    """One default-domain node (the one place that makes nodes; :class:`Builder` emits them with fresh names)."""
+    return helper.make_node(op_type, list(inputs), list(outputs), name=name, **attrs)
 
 
 class Builder:
@@ -108,18 +121,54 @@ class Builder:
         finally:
             self.nodes, self._fwd = outer_nodes, outer_fwd
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> str:
-        """Append one node and return its (first) output name."""
-        return self.op_multi(op_type, *inputs, outputs=outputs, **attrs)[0]
+    def op(self, op_type: str, *inputs: Value, name: str | None = None, **attrs: object) -> str:
+        """Append one node and return its output: ``name`` where given (the node's name too), else a fresh one."""
+        return self.op_multi(op_type, *inputs, outputs=[name] if name else 1, **attrs)[0]
 
-    def op_multi(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> list[str]:
-        names = [self.fresh(op_type) for _ in range(outputs)]
-        node = helper.make_node(op_type, list(inputs), names, name=names[0], **attrs)
-        self.nodes.append(node)
+    def op_multi(self, op_type: str, *inputs: Value, outputs: int | list[str] = 1, node: str | None = None,
+                 **attrs: object) -> list[str]:  # fmt: skip
+        """Append one node of ``outputs`` outputs (a count: fresh names; or the names) and return them; ``node``:
+        the node's name where it is not its first output's."""
+        names = [self.fresh(op_type) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        like = next((i for i in inputs if isinstance(i, str) and i), None)
+        made = make_node(op_type, [self.value(i, like) for i in inputs], names, node or names[0], **attrs)
+        self.nodes.append(made)
         return names
 
-    def const(self, value: np.ndarray | list | float | int, hint: str = "const", dtype: object = None) -> str:
-        array = np.asarray(value, dtype=dtype)
+    def node(self, op_type: str, inputs: Sequence[Value], outputs: Sequence[str], name: str | None = None,
+             **attrs: object) -> onnx.NodeProto:  # fmt: skip
+        """A node built but not appended (one that replaces or copies another in a list the caller keeps)."""
+        return make_node(op_type, [self.value(i) for i in inputs], outputs, name=name, **attrs)
+
+    def value(self, x: Value, like: str | None = None) -> str:
+        """``x`` as an input: a tensor name as it is; Python ints (a scalar or a list) as int64, the indices,
+        axes and shapes ops take; Python floats as constants of tensor ``like``'s element type (float32 without
+        one), as numpy's scalars meet an array; bools as bool; an array as it is."""
+        if isinstance(x, str):
+            return x
+        array = np.asarray(x)
+        if not isinstance(x, np.ndarray | np.generic):
+            if array.dtype.kind == "f":
+                known = like is not None and (like in self.types or self.constant_value(like) is not None)
+                array = array.astype(self.np_dtype(like) if known else np.float32)
+            elif array.dtype.kind in "iu":
+                array = array.astype(np.int64)
+        return self.const(array, "scalar" if array.ndim == 0 else "const")
+
+    def if_(self, condition: str, then: Branch, otherwise: Branch, outputs: str | list[str], elem: int,
+            node: str | None = None, into: list[onnx.NodeProto] | None = None) -> None:  # fmt: skip
+        """An ``If`` on ``condition`` whose branches (:meth:`subgraph`'s nodes and their result, or results)
+        compute ``outputs``, each of element type ``elem``; appended to ``into`` (default: the builder's nodes)."""
+        names = [outputs] if isinstance(outputs, str) else outputs
+        graphs = {}
+        for key, (nodes, results) in (("then_branch", then), ("else_branch", otherwise)):
+            results = [results] if isinstance(results, str) else results
+            infos = [helper.make_tensor_value_info(r, elem, None) for r in results]
+            graphs[key] = helper.make_graph(nodes, f"{node or names[0]}_{key}", [], infos)
+        (self.nodes if into is None else into).append(make_node("If", [condition], names, node or names[0], **graphs))
+
+    def const(self, value: np.ndarray | list | float | int, hint: str = "const") -> str:
+        array = np.asarray(value)
         name = self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(array, name))
         self.constants[name] = self.initializers[-1]  # (so that rules can read the constants they are given)

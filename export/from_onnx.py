@@ -24,7 +24,7 @@ from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import Resize
 from onnxcam.outputs import file_digest
 from onnxcam_export import probe
-from onnxcam_export.builder import Types, infer_types
+from onnxcam_export.builder import Types, infer_types, make_node
 from onnxcam_export.graft import graft, rename_tensor
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.ops import ops_with
@@ -370,7 +370,7 @@ def _flatten_logits(model: onnx.ModelProto, logits: str, shapes: Shapes) -> str:
     if any(d != 1 for d in shape[2:]):
         raise OnnxcamError(f"the scores {logits!r} have shape {shape}; onnxcam needs [N, K] (or [N, K, 1, 1])")
     flat = "onnxcam/logits_flat"
-    model.graph.node.append(helper.make_node("Flatten", [logits], [flat], axis=1, name=flat))
+    model.graph.node.append(make_node("Flatten", [logits], [flat], flat, axis=1))
     return flat
 
 
@@ -619,7 +619,7 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Re
     nodes, current = [], contract.IMAGE
     for i, (op_type, extra, attrs) in enumerate(steps):
         output = original.name if i == len(steps) - 1 else f"onnxcam/preprocess_{i}"
-        nodes.append(helper.make_node(op_type, [current, *extra], [output], name=f"onnxcam/preprocess_{i}", **attrs))
+        nodes.append(make_node(op_type, [current, *extra], [output], f"onnxcam/preprocess_{i}", **attrs))
         current = output
     graph.input.remove(original)
     graph.input.insert(0, image)

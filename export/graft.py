@@ -154,16 +154,13 @@ def _resolve_targets(b: Builder, logits: str) -> str:
     """target_classes = targets where targets >= 0, else the (-targets)-th ranked class."""
     classes = b.dims(logits, 1, 2)
     ranked = b.op_multi("TopK", logits, classes, outputs=2, axis=1, largest=1, sorted=1)[1]
-    zero, one = b.const(np.asarray(0, dtype=np.int64)), b.const(np.asarray(1, dtype=np.int64))
+    zero, one = b.value(0), b.value(1)
     negative = b.op("Less", contract.TARGETS, zero)
     rank = b.op("Where", negative, b.op("Sub", b.op("Neg", contract.TARGETS), one), zero)  # -k -> k-1
     last = b.op("Sub", classes, one)
     rank = b.op("Where", b.op("Less", rank, classes), rank, last)  # (Where, not Min: int64 Min needs opset 12)
     picked = b.op("GatherElements", ranked, rank, axis=1)
-    b.nodes.append(
-        helper.make_node("Where", [negative, picked, contract.TARGETS], [contract.TARGET_CLASSES], name="targets")
-    )
-    return contract.TARGET_CLASSES
+    return b.op("Where", negative, picked, contract.TARGETS, name=contract.TARGET_CLASSES)
 
 
 # -- the graph's new parts, each emitted by one function -------------------------------------------
@@ -201,53 +198,43 @@ def _walk(
         grads = backward(b, head, seeds)
         gradients = adapt(reached_gradient(b, grads, layer))
         extra = [reached_gradient(b, grads, name) for name in extra_layers]
-        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), _identity_branch(gradients), extra
+        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), _identity_branch(b, gradients), extra
     fc, weight = cheap
     cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
     grads = backward(b, head[cut:], seeds)
     summed = _times_weight(b, reached_gradient(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
     with b.subgraph() as nodes:
         gradients = adapt(reached_gradient(b, backward(b, head[:cut], grads), layer))
-    return summed, ("full", nodes, gradients), []
-
-
-def _if(name: str, condition: str, output: str, elem: int, then: Branch, otherwise: Branch) -> onnx.NodeProto:
-    """An ``If`` node whose branches each compute one tensor of element type ``elem``."""
-    graphs = {
-        key: helper.make_graph(nodes, graph_name, [], [helper.make_tensor_value_info(result, elem, None)])
-        for key, (graph_name, nodes, result) in (("then_branch", then), ("else_branch", otherwise))
-    }
-    return helper.make_node("If", [condition], [output], name=name, **graphs)
+    return summed, (nodes, gradients), []
 
 
 def _emit_activations(b: Builder, layer: str, adapt: Adapt) -> None:
     """activations = the target layer in the contract's [N, C, h, w] layout."""
-    b.nodes.append(helper.make_node("Identity", [adapt(layer)], [contract.ACTIVATIONS], name="activations"))
+    b.op("Identity", adapt(layer), name=contract.ACTIVATIONS)
 
 
 def _emit_weights(b: Builder, summed: str) -> None:
     """weights = sum_hw(dy/dA) / (h * w), [N, T, C]."""
     plane = b.op("Cast", b.product(contract.ACTIVATIONS, 2), to=b.elem_type(contract.LOGITS))
-    b.nodes.append(helper.make_node("Div", [summed, plane], [contract.WEIGHTS], name="weights"))
+    b.op("Div", summed, plane, name=contract.WEIGHTS)
 
 
 def _emit_gradients(b: Builder, full: Branch, condition: str = contract.FULL_GRADIENTS) -> None:
     """gradients = the output of branch ``full`` when ``condition`` (``full_gradients``), else [N, T, C, 0, 0] zeros."""
     with b.subgraph() as nodes:
         shape = b.op("Concat", b.op("Shape", contract.WEIGHTS), b.ints([0] * len(SPATIAL)), axis=0)
-        empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
-    elem = b.elem_type(contract.LOGITS)
-    b.nodes.append(_if("gradients", condition, contract.GRADIENTS, elem, full, empty))
+        empty = (nodes, b.zeros(shape, like=contract.LOGITS))
+    b.if_(condition, full, empty, contract.GRADIENTS, b.elem_type(contract.LOGITS))
 
 
 def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodeProto], dims: list[int]) -> None:
     """head_logits = the head run on head_activations, behind an If on run_head (false by default), so
     that ordinary calls never run it, whatever its reshapes need."""
     elem, classes = b.elem_type(contract.LOGITS), b.shape(contract.LOGITS)[1]
-    skipped = helper.make_node("Identity", ["head/none"], ["head/skipped"])
-    head = ("head", copies, HEAD_RUN_LOGITS)
-    no_head = ("no_head", [skipped], "head/skipped")
-    graph.node.append(_if("head", contract.RUN_HEAD, contract.HEAD_LOGITS, elem, head, no_head))
+    with b.subgraph() as skipping:
+        skipped = b.op("Identity", "head/none", name="head/skipped")
+    head, no_head = (copies, HEAD_RUN_LOGITS), (skipping, skipped)
+    b.if_(contract.RUN_HEAD, head, no_head, contract.HEAD_LOGITS, elem, into=graph.node)
     empty = np.zeros([0, *dims], dtype=b.np_dtype(contract.LOGITS))
     graph.input.append(helper.make_tensor_value_info(contract.HEAD_ACTIVATIONS, elem, ["M", *dims]))
     graph.initializer.append(numpy_helper.from_array(empty, contract.HEAD_ACTIVATIONS))
@@ -315,14 +302,14 @@ def _emit_attention(graph: onnx.GraphProto, b: Builder, attentions: list[str], s
         stacked_grads = b.op("Concat", *[b.unsqueeze(reached_gradient(b, grads, a), [2]) for a in attentions], axis=2)
     b.wanted = outer
     for flag, output, branch, lead in (
-        (contract.WITH_ATTENTIONS, contract.ATTENTIONS, ("attentions", forward, stacked), contract.LOGITS),
-        (contract.WITH_ATTENTION_GRADIENTS, contract.ATTENTION_GRADIENTS,
-         ("attention_gradients", backward_nodes, stacked_grads), contract.TARGET_CLASSES),
+        (contract.WITH_ATTENTIONS, contract.ATTENTIONS, (forward, stacked), contract.LOGITS),
+        (contract.WITH_ATTENTION_GRADIENTS, contract.ATTENTION_GRADIENTS, (backward_nodes, stacked_grads),
+         contract.TARGET_CLASSES),
     ):  # fmt: skip
         with b.subgraph() as nodes:
             shape = b.op("Concat", b.dims(lead, 0, 1 if lead == contract.LOGITS else 2), b.ints([0] * 4), axis=0)
-            empty = (f"no_{branch[0]}", nodes, b.zeros(shape, like=contract.LOGITS))
-        b.nodes.append(_if(output, flag, output, elem, branch, empty))
+            empty = (nodes, b.zeros(shape, like=contract.LOGITS))
+        b.if_(flag, branch, empty, output, elem)
         graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
         graph.initializer.append(numpy_helper.from_array(np.asarray(False), flag))
     return True
@@ -396,7 +383,7 @@ def graft(
         seed = detection_seed(b, contract.LOGITS, *targets) if targets else _seed(b, contract.LOGITS, score)
         cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
         summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
-        extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(g)) for g in extra_gradients]
+        extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(b, g)) for g in extra_gradients]
     _emit_weights(b, summed)
     grids = [tuple(b.shape(name)[2:]) for name in [layer, *extra_layers]] if extra_layers else []
     # several layers' maps meet at the finest grid, chosen here: their sizes must be known
@@ -428,9 +415,11 @@ def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) 
     graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(contract.LOGITS), [batch, classes]) for n in names)
 
 
-def _identity_branch(grad: str) -> Branch:
+def _identity_branch(b: Builder, grad: str) -> Branch:
     """An If branch that returns ``grad``, computed outside it."""
-    return "full", [helper.make_node("Identity", [grad], [grad + "/full"])], grad + "/full"
+    with b.subgraph() as nodes:
+        inside = b.op("Identity", grad, name=grad + "/full")
+    return nodes, inside
 
 
 def _emit_scales(
@@ -440,14 +429,13 @@ def _emit_scales(
     of each extra layer, given its ``sum_hw(dy/dA_i)`` and the branch that builds its full gradient."""
     for i, (layer, (summed, full)) in enumerate(zip(layers, extras, strict=True), start=1):
         names = {key: contract.scale_output(key, i) for key in (contract.ACTIVATIONS, contract.WEIGHTS)}
-        b.nodes.append(helper.make_node("Identity", [layer], [names[contract.ACTIVATIONS]], name=f"activations/{i}"))
+        b.op("Identity", layer, name=names[contract.ACTIVATIONS])
         plane = b.op("Cast", b.product(layer, 2), to=b.elem_type(contract.LOGITS))
-        b.nodes.append(helper.make_node("Div", [summed, plane], [names[contract.WEIGHTS]], name=f"weights/{i}"))
+        b.op("Div", summed, plane, name=names[contract.WEIGHTS])
         with b.subgraph() as nodes:
             shape = b.op("Concat", b.op("Shape", names[contract.WEIGHTS]), b.ints([0] * len(SPATIAL)), axis=0)
-            empty = ("empty", nodes, b.zeros(shape, like=contract.LOGITS))
-        output = contract.scale_output(contract.GRADIENTS, i)
-        b.nodes.append(_if(output, condition, output, b.elem_type(contract.LOGITS), full, empty))
+            empty = (nodes, b.zeros(shape, like=contract.LOGITS))
+        b.if_(condition, full, empty, contract.scale_output(contract.GRADIENTS, i), b.elem_type(contract.LOGITS))
 
 
 def _add_scale_io(graph: onnx.GraphProto, b: Builder, layers: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.utils
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from onnxcam import contract
@@ -31,6 +31,7 @@ from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 from onnxcam.image import read_rgb
 from onnxcam.inputs import expand
+from onnxcam_export.builder import make_node
 from onnxcam_export.graft import graft
 from onnxcam_export.ops import ops_with
 from onnxcam_export.save import save_explainer
@@ -151,9 +152,9 @@ def int8_head_weights(graph: onnx.GraphProto) -> None:
             numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
         ])  # fmt: skip
         index = list(graph.node).index(node)
-        dequantize = helper.make_node("DequantizeLinear", [f"{name}_levels", f"{name}_scale"], [name], axis=1,
-                                      name=f"{name}/DequantizeLinear")  # fmt: skip
-        product = [helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=f"{node.name}/MatMul")]
+        dequantize = make_node("DequantizeLinear", [f"{name}_levels", f"{name}_scale"], [name],
+                               f"{name}/DequantizeLinear", axis=1)  # fmt: skip
+        product = [make_node("MatMul", [node.input[0], name], [node.output[0]], f"{node.name}/MatMul")]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             product = _with_bias(graph, node, product[0], a.get("beta", 1.0))
         graph.node.remove(node)
@@ -173,10 +174,10 @@ def _with_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, product: onnx.NodeP
         graph.initializer.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{scaled}_beta"))
         return [
             product,
-            helper.make_node("Mul", [bias, f"{scaled}_beta"], [scaled], name=scaled),
-            helper.make_node("Add", [product.output[0], scaled], [gemm.output[0]], name=f"{gemm.name}/add"),
+            make_node("Mul", [bias, f"{scaled}_beta"], [scaled], scaled),
+            make_node("Add", [product.output[0], scaled], [gemm.output[0]], f"{gemm.name}/add"),
         ]
-    return [product, helper.make_node("Add", [product.output[0], bias], [gemm.output[0]], name=f"{gemm.name}/add")]
+    return [product, make_node("Add", [product.output[0], bias], [gemm.output[0]], f"{gemm.name}/add")]
 
 
 def calibration_images(folder: Path) -> list[Path]:

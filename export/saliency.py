@@ -101,26 +101,17 @@ EMIT: dict[str, Emit] = {
 }
 
 
-def _if(name: str, condition: str, then: tuple[list[onnx.NodeProto], str], otherwise: tuple[list[onnx.NodeProto], str],
-        output: str, elem: int) -> onnx.NodeProto:  # fmt: skip
-    graphs = {
-        key: helper.make_graph(nodes, f"{name}_{key}", [], [helper.make_tensor_value_info(result, elem, None)])
-        for key, (nodes, result) in (("then_branch", then), ("else_branch", otherwise))
-    }
-    return helper.make_node("If", [condition], [output], name=name, **graphs)
-
-
 def _choose(b: Builder, t: Tensors, methods: Sequence[str], first: int = 0) -> str:
     """The channel sum of method ``saliency_method`` among ``methods[first:]`` (the last one for any later index)."""
     if first == len(methods) - 1:
         return EMIT[methods[first]](b, t)
-    chosen = b.op("Equal", contract.SALIENCY_METHOD, b.const(np.asarray(first, dtype=np.int64)))
+    chosen = b.op("Equal", contract.SALIENCY_METHOD, first)
     with b.subgraph() as then_nodes:
         then = EMIT[methods[first]](b, t)
     with b.subgraph() as else_nodes:
         otherwise = _choose(b, t, methods, first + 1)
     out = b.fresh(f"saliency/{methods[first]}_or_later")
-    b.nodes.append(_if(out, chosen, (then_nodes, then), (else_nodes, otherwise), out, TensorProto.DOUBLE))
+    b.if_(chosen, (then_nodes, then), (else_nodes, otherwise), out, TensorProto.DOUBLE)
     return out
 
 
@@ -204,8 +195,7 @@ def add_saliency(
     with b.subgraph() as else_nodes:
         shape = b.op("Concat", b.op("Shape", contract.TARGET_CLASSES), b.ints([0, 0]), axis=0)
         skipped = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0]))
-    b.nodes.append(_if("saliency", contract.RETURN_SALIENCY, (then_nodes, finished), (else_nodes, skipped),
-                       contract.SALIENCY, TensorProto.FLOAT))  # fmt: skip
+    b.if_(contract.RETURN_SALIENCY, (then_nodes, finished), (else_nodes, skipped), contract.SALIENCY, TensorProto.FLOAT)
     # required inputs, not initializers with a default: JavaScript's ONNX Runtime cannot override those
     graph.input.append(helper.make_tensor_value_info(contract.RETURN_SALIENCY, TensorProto.BOOL, []))
     graph.input.append(helper.make_tensor_value_info(contract.SALIENCY_METHOD, TensorProto.INT64, []))

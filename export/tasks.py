@@ -72,10 +72,10 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
     off_on = b.const(np.asarray([0, 1], dtype=dtype))
 
     def onehot() -> str:  # [N, K, H, W], built in each branch: one built outside would be copied out of the If
-        return b.op("OneHot", predicted, b.const(np.asarray(classes, np.int64)), off_on, axis=1)
+        return b.op("OneHot", predicted, classes, off_on, axis=1)
 
     shares = b.reduce("ReduceMean", onehot(), [2, 3], keepdims=0)
-    b.nodes.append(helper.make_node("Identity", [shares], [contract.PIXEL_SHARES], name=contract.PIXEL_SHARES))
+    b.op("Identity", shares, name=contract.PIXEL_SHARES)
 
     with b.subgraph() as predicted_nodes:  # the default, no pixel of the region given: one pass fewer
         predicted_mask = onehot()
@@ -85,24 +85,17 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
             nothing = b.const(np.zeros(0, np.float32))  # (no roi, no scales: the sizes say it)
             sizes = b.op("Concat", b.dims(region, 0, 2), b.dims(masks, 2, 4), axis=0)
             region = b.op("Resize", region, nothing, nothing, sizes, mode="linear")
-        weights = b.op("Where", b.op("Less", region, b.const(np.asarray(0, dtype))), onehot(), region)
+        weights = b.op("Where", b.op("Less", region, np.asarray(0, dtype)), onehot(), region)
     given = b.reduce("ReduceMax", contract.REGION, [0, 1, 2], keepdims=0)
-    given = b.op("Not", b.op("Less", given, b.const(np.asarray(0, np.float32))))
-    info = helper.make_tensor_value_info
-    branches = {
-        key: helper.make_graph(nodes, f"segment_{key}", [], [info(out, b.elem_type(masks), None)])
-        for key, nodes, out in (
-            ("then_branch", region_nodes, weights),
-            ("else_branch", predicted_nodes, predicted_mask),
-        )
-    }
+    given = b.op("Not", b.op("Less", given, np.float32(0)))
     mask = b.fresh("pixel_weights")  # data, not differentiated: the gradient flows through the logits only
-    b.nodes.append(helper.make_node("If", [given], [mask], name=mask, **branches))
-    declared = info(mask, b.elem_type(masks), None)  # (shape inference cannot see through the If: the masks' shape)
+    b.if_(given, (region_nodes, weights), (predicted_nodes, predicted_mask), mask, b.elem_type(masks))
+    # (shape inference cannot see through the If: the masks' shape)
+    declared = helper.make_tensor_value_info(mask, b.elem_type(masks), None)
     declared.type.tensor_type.shape.CopyFrom(types[masks].shape)
     model.graph.value_info.append(declared)
     summed = b.reduce("ReduceSum", b.op("Mul", masks, mask), [2, 3], keepdims=0)
-    b.nodes.append(helper.make_node("Identity", [summed], [SEGMENT_SCORES], name=SEGMENT_SCORES))
+    b.op("Identity", summed, name=SEGMENT_SCORES)
     _emit(model, b)
     region_info = helper.make_tensor_value_info(contract.REGION, TensorProto.FLOAT, ["N", "H", "W"])
     region_info.type.tensor_type.shape.dim[0].CopyFrom(types[masks].shape.dim[0])  # the model's batch: 1, or named
@@ -114,8 +107,8 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
 def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) -> str:
     """``x[:, start:end]``, named ``name`` where given."""
     if name is None:
-        return b.op("Slice", x, b.ints([start]), b.ints([end]), b.ints([1]))
-    b.nodes.append(helper.make_node("Slice", [x, b.ints([start]), b.ints([end]), b.ints([1])], [name], name=name))
+        return b.op("Slice", x, [start], [end], [1])
+    b.op("Slice", x, [start], [end], [1], name=name)
     return name
 
 
@@ -133,20 +126,20 @@ def _yolov5(b: Builder, raws: list[str], decoding: Decoding) -> None:
     channels = b.op("Transpose", raw, perm=[0, 2, 1])  # [N, 5 + K, A]
     _slice(b, channels, 0, 4, BOXES_XYWH)
     objectness, classes = _slice(b, channels, 4, 5), _slice(b, channels, 5, b.shape(raw)[2])
-    b.nodes.append(helper.make_node("Mul", [classes, objectness], [CLASS_SCORES], name=CLASS_SCORES))
+    b.op("Mul", classes, objectness, name=CLASS_SCORES)
 
 
 def _pair_boxes(b: Builder, boxes: str, to_xywh: np.ndarray) -> None:
     """BOXES_XYWH ``[N, 4, A]`` from boxes ``[N, A, 4]``: ``boxes @ to_xywh`` is cx, cy, w, h in input pixels."""
     xywh = b.op("MatMul", boxes, b.const(to_xywh.astype(b.np_dtype(boxes))))
-    b.nodes.append(helper.make_node("Transpose", [xywh], [BOXES_XYWH], name=BOXES_XYWH, perm=[0, 2, 1]))
+    b.op("Transpose", xywh, name=BOXES_XYWH, perm=[0, 2, 1])
 
 
 def _ssd(b: Builder, raws: list[str], decoding: Decoding) -> None:
     """Scores ``[N, A, K]`` as the model outputs them and decoded boxes ``[N, A, 4]`` in input pixels (x1, y1, x2,
     y2 as torchvision's box coder decodes them, or cx, cy, w, h): SSD, RetinaNet, FCOS before their NMS."""
     scores, boxes = raws
-    b.nodes.append(helper.make_node("Transpose", [scores], [CLASS_SCORES], name=CLASS_SCORES, perm=[0, 2, 1]))
+    b.op("Transpose", scores, name=CLASS_SCORES, perm=[0, 2, 1])
     _pair_boxes(b, boxes, BOX_FORMATS[decoding.box_format or "xyxy"])
 
 
@@ -157,7 +150,7 @@ def _detr(b: Builder, raws: list[str], decoding: Decoding) -> None:
     classes = b.shape(logits)[2] - 1
     probabilities = b.op("Softmax", logits, axis=2)
     real = b.op("Slice", probabilities, b.ints([0]), b.ints([classes]), b.ints([2]))
-    b.nodes.append(helper.make_node("Transpose", [real], [CLASS_SCORES], name=CLASS_SCORES, perm=[0, 2, 1]))
+    b.op("Transpose", real, name=CLASS_SCORES, perm=[0, 2, 1])
     height, width = decoding.size
     _pair_boxes(b, boxes, np.diag([width, height, width, height]).astype(float))
 
@@ -258,7 +251,7 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
         column = b.const((np.arange(classes) == decoding.background).reshape(1, classes, 1))
         lowest = b.const(np.asarray(np.finfo(np.float32).min, b.np_dtype(raws[0])))  # finite: 0 x it stays 0
         ranked = RANKED_SCORES
-        b.nodes.append(helper.make_node("Where", [column, lowest, CLASS_SCORES], [ranked], name=ranked))
+        b.op("Where", column, lowest, CLASS_SCORES, name=ranked)
     _emit(model, b)
     return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained)
 
@@ -289,7 +282,7 @@ def detection_targets(b: Builder, scores: str, boxes: str) -> tuple[str, str]:
     flat_shape = b.op("Concat", b.dims(scores, 0, 1), b.ints([total]), axis=0)
     ranked_scores, ranked = b.op_multi("TopK", b.op("Reshape", kept, flat_shape), _clamp(b, rows, total),
                                        outputs=2, axis=1, largest=1, sorted=1)  # fmt: skip
-    zero, one = b.const(np.asarray(0, np.int64)), b.const(np.asarray(1, np.int64))
+    zero, one = b.value(0), b.value(1)
     negative = b.op("Less", contract.TARGETS, zero)
     rank = b.op("Where", negative, b.op("Sub", b.op("Neg", contract.TARGETS), one), zero)  # -k -> k-1
     rank = _clamp(b, rank, total, inclusive=False)
@@ -304,8 +297,7 @@ def detection_targets(b: Builder, scores: str, boxes: str) -> tuple[str, str]:
 def detection_seed(b: Builder, scores: str, flat: str, valid: str) -> str:
     """The seed ``[N, T, K, A]`` of the target rows :func:`detection_targets` resolved: one-hot at each valid one."""
     _, classes, anchors = b.shape(scores)
-    onehot = b.op("OneHot", flat, b.const(np.asarray(classes * anchors, np.int64)),
-                  b.const(np.asarray([0, 1], dtype=b.np_dtype(scores))), axis=-1)  # fmt: skip
+    onehot = b.op("OneHot", flat, classes * anchors, np.asarray([0, 1], b.np_dtype(scores)), axis=-1)
     seed = b.op("Mul", onehot, b.unsqueeze(b.op("Cast", valid, to=b.elem_type(scores)), [2]))
     return b.op("Reshape", seed, b.op("Concat", b.dims(contract.TARGETS, 0, 2), b.ints([classes, anchors]), axis=0))
 
@@ -321,27 +313,26 @@ def _deepest_rank(b: Builder) -> str:
 
 def _clamp(b: Builder, x: str, limit: int, inclusive: bool = True) -> str:
     """``min(x, limit)`` (or ``limit - 1``) for int64 ``x`` (Where, not Min: int64 Min needs opset 12)."""
-    bound = b.const(np.asarray(limit if inclusive else limit - 1, np.int64))
+    bound = b.value(limit if inclusive else limit - 1)
     return b.op("Where", b.op("Less", x, bound), x, bound)
 
 
 def _emit_detections(b: Builder, scores: str, xywh: str, flat: str, valid: str, anchors: int) -> None:
     """target_classes, box_anchors (-1 where not ``valid``), box_scores and boxes (zero there) of flat indices
     ``flat`` = class * A + anchor ``[N, T]``."""
-    count = b.const(np.asarray(anchors, np.int64))
-    missing = b.const(np.asarray(-1, np.int64))
+    count, missing = b.value(anchors), b.value(-1)
     for output, value in ((contract.TARGET_CLASSES, b.op("Div", flat, count)), (contract.BOX_ANCHORS,
                           b.op("Mod", flat, count))):  # fmt: skip
-        b.nodes.append(helper.make_node("Where", [valid, value, missing], [output], name=output))
+        b.op("Where", valid, value, missing, name=output)
     on = b.op("Cast", valid, to=b.elem_type(scores))
     flat_scores = b.op("Reshape", scores, b.op("Concat", b.dims(scores, 0, 1), b.ints([-1]), axis=0))
     picked = b.op("GatherElements", flat_scores, flat, axis=1)
-    b.nodes.append(helper.make_node("Mul", [picked, on], [contract.BOX_SCORES], name=contract.BOX_SCORES))
+    b.op("Mul", picked, on, name=contract.BOX_SCORES)
     xyxy = b.op("MatMul", xywh, b.const(XYWH_TO_XYXY.astype(b.np_dtype(scores))))  # [N, A, 4]
     index = b.unsqueeze(b.op("Mod", flat, count), [2])  # [N, T, 1]
     index = b.op("Expand", index, b.op("Concat", b.op("Shape", flat), b.ints([4]), axis=0))
     box = b.op("GatherElements", xyxy, index, axis=1)  # [N, T, 4]
-    b.nodes.append(helper.make_node("Mul", [box, b.unsqueeze(on, [2])], [contract.BOXES], name=contract.BOXES))
+    b.op("Mul", box, b.unsqueeze(on, [2]), name=contract.BOXES)
 
 
 def add_detection_io(graph: onnx.GraphProto, b: Builder, nms: bool = True) -> None:

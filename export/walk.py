@@ -15,15 +15,16 @@ import onnx
 from onnx import TensorProto
 
 from onnxcam import contract
-from onnxcam_export.builder import Builder, Types
+from onnxcam_export.builder import Branch, Builder, Types
 from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp
+
+__all__ = ["Branch"]  # (the If branches the walks build; defined with the builder)
 
 FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 INTEGER_OPS = ops_with("integer")  # outputs never float, whatever the inputs (for graphs not typed yet)
 
 Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
-Branch = tuple[str, list[onnx.NodeProto], str]  # an If branch: graph name, nodes, its one output
 SPATIAL = [3, 4]  # the h, w axes of gradients [N, T, C, h, w]
 
 

@@ -315,9 +315,7 @@ class _Windows:
         if key not in self._gathers:
             self._gathers[key] = self._cells(scale, window, channels, h, w)
         output = output or b.fresh("window")
-        b.nodes.append(
-            helper.make_node("Gather", [self._flat[name], self._gathers[key]], [output], name=output, axis=0)
-        )
+        b.op("Gather", self._flat[name], self._gathers[key], name=output, axis=0)
         return _typed(b, output, name, [channels, window[0][2], window[1][2]])
 
     def _cells_along(self, scale: int, axis: int, window: Window) -> str:
@@ -425,9 +423,7 @@ def _virtual_copy(
                 inputs.append(x)
             outputs = [f"{o}{WINDOW_TAG}{index}" if o else "" for o in node.output]
             kept = [a for a in node.attribute if node.op_type != "Conv" or a.name not in ("pads", "auto_pad")]
-            copy = helper.make_node(
-                node.op_type, inputs, outputs, name=f"{node.name or node.output[0]}{WINDOW_TAG}{index}"
-            )
+            copy = b.node(node.op_type, inputs, outputs, name=f"{node.name or node.output[0]}{WINDOW_TAG}{index}")
             copy.attribute.extend(kept)
             if node.op_type == "Conv":
                 copy.attribute.append(helper.make_attribute("pads", [0, 0, 0, 0]))
@@ -448,14 +444,12 @@ def _materialise(
     outputs = {o for node in virtual for o in node.output}
     rows = b.fresh("rows")
     walked = [
-        helper.make_node(
-            "Concat", [rows, b.ints(b.shape(node.input[0])[1:])], list(node.output), name=node.name, axis=0
-        )
+        b.node("Concat", [rows, b.shape(node.input[0])[1:]], node.output, name=node.name, axis=0)
         if node.op_type == "Shape" and not node.attribute and node.input[0] in outputs
         else node
         for node in b.nodes[start:]
     ]
-    b.nodes[start:] = [helper.make_node("Shape", [windows.targets.keep[index]], [rows], name=rows), *walked]
+    b.nodes[start:] = [b.node("Shape", [windows.targets.keep[index]], [rows], name=rows), *walked]
     needed = {i for node in b.nodes[start:] for i in node.input}
     kept: list[onnx.NodeProto] = []
     gathered: list[str] = []
@@ -496,15 +490,10 @@ def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> t
         with b.subgraph() as nothing:
             empty = [_zeros_like_rows(b, layer, targets.rows, scale.window[layer]) for layer in reached]
         outputs = [b.fresh(f"scale{index}_{what}") for _ in reached for what in ("summed", "gradient")]
-        elem = b.elem_type(contract.LOGITS)
-        branches = {
-            key: helper.make_graph(body, f"scale{index}_{key}", [], [
-                helper.make_tensor_value_info(name, elem, None) for pair in results for name in pair])
-            for key, body, results in (("then_branch", nodes, found), ("else_branch", nothing, empty))
-        }  # fmt: skip
-        present = b.op("Greater", b.op("Squeeze", b.op("Shape", targets.keep[index]), b.ints([0])),
-                       b.const(np.asarray(0, np.int64)))  # fmt: skip
-        b.nodes.append(helper.make_node("If", [present], outputs, name=f"onnxcam/scale{index}{WINDOW_TAG}", **branches))
+        present = b.op("Greater", b.op("Squeeze", b.op("Shape", targets.keep[index]), [0]), 0)
+        flat_found, flat_empty = [n for pair in found for n in pair], [n for pair in empty for n in pair]
+        b.if_(present, (nodes, flat_found), (nothing, flat_empty), outputs, b.elem_type(contract.LOGITS),
+              node=f"onnxcam/scale{index}{WINDOW_TAG}")  # fmt: skip
         for i, layer in enumerate(reached):
             parts[layer].append(outputs[2 * i])
             placed[layer].append((index, scale.window[layer], outputs[2 * i + 1]))
@@ -516,7 +505,7 @@ def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> t
         sums.append(b.op("Reshape", summed, b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1, 2), axis=0)))
         with b.subgraph() as nodes:
             shape = b.op("Concat", b.dims(flat, 0, 2), b.dims(layer, 1), axis=0)
-            branches.append(("full", nodes, b.op("Reshape", windows.place(layer, placed[layer]), shape)))
+            branches.append((nodes, b.op("Reshape", windows.place(layer, placed[layer]), shape)))
     return sums, branches
 
 
