@@ -358,7 +358,8 @@ def _y(b: Builder, node: onnx.NodeProto) -> str:
     return b.fwd(node.output[0])
 
 
-def _one(b: Builder, node: onnx.NodeProto, value: float = 1.0) -> str:
+def _scalar(b: Builder, node: onnx.NodeProto, value: float = 1.0) -> str:
+    """A scalar of the element type of ``node``'s first input."""
     return b.scalar(value, node.input[0])
 
 
@@ -367,18 +368,19 @@ LeakyRelu = _elementwise(
     lambda b, n, g: b.op(
         "Mul",
         g,
-        b.op("Where", b.op("Greater", _x(b, n), _one(b, n, 0)), _one(b, n), _one(b, n, attrs(n).get("alpha", 0.01))),
+        b.op("Where", b.op("Greater", _x(b, n), _scalar(b, n, 0)), _scalar(b, n),
+             _scalar(b, n, attrs(n).get("alpha", 0.01))),
     )
 )
 # dX = dY * Y * (1 - Y)
-Sigmoid = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Mul", _y(b, n), b.op("Sub", _one(b, n), _y(b, n)))))
+Sigmoid = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Mul", _y(b, n), b.op("Sub", _scalar(b, n), _y(b, n)))))
 
 
 # y = clip(alpha * x + beta, 0, 1)  =>  dX = dY * alpha * (0 < alpha * x + beta < 1)
 def _hard_sigmoid_slope(b: Builder, n: onnx.NodeProto, alpha: float, beta: float) -> str:
-    z = b.op("Add", b.op("Mul", _x(b, n), _one(b, n, alpha)), _one(b, n, beta))
-    inside = b.op("And", b.op("Greater", z, _one(b, n, 0)), b.op("Less", z, _one(b, n, 1)))
-    return b.op("Where", inside, _one(b, n, alpha), _one(b, n, 0))
+    z = b.op("Add", b.op("Mul", _x(b, n), _scalar(b, n, alpha)), _scalar(b, n, beta))
+    inside = b.op("And", b.op("Greater", z, _scalar(b, n, 0)), b.op("Less", z, _scalar(b, n, 1)))
+    return b.op("Where", inside, _scalar(b, n, alpha), _scalar(b, n, 0))
 
 
 HardSigmoid = _elementwise(
@@ -391,29 +393,30 @@ HardSwish = _elementwise(
         g,
         b.op(
             "Where",
-            b.op("Less", _x(b, n), _one(b, n, -3)),
-            _one(b, n, 0),
+            b.op("Less", _x(b, n), _scalar(b, n, -3)),
+            _scalar(b, n, 0),
             b.op(
                 "Where",
-                b.op("Greater", _x(b, n), _one(b, n, 3)),
-                _one(b, n, 1),
-                b.op("Add", b.op("Mul", _x(b, n), _one(b, n, 1 / 3)), _one(b, n, 0.5)),
+                b.op("Greater", _x(b, n), _scalar(b, n, 3)),
+                _scalar(b, n, 1),
+                b.op("Add", b.op("Mul", _x(b, n), _scalar(b, n, 1 / 3)), _scalar(b, n, 0.5)),
             ),
         ),
     )
 )
 # dX = dY / (2 Y)
-Sqrt = _elementwise(lambda b, n, g: b.op("Div", g, b.op("Mul", _y(b, n), _one(b, n, 2))))
+Sqrt = _elementwise(lambda b, n, g: b.op("Div", g, b.op("Mul", _y(b, n), _scalar(b, n, 2))))
 # dX = dY * 2 / sqrt(pi) * exp(-X^2)
 Erf = _elementwise(
     lambda b, n, g: b.op(
-        "Mul", g, b.op("Mul", b.op("Exp", b.op("Neg", b.op("Mul", _x(b, n), _x(b, n)))), _one(b, n, 2 / np.sqrt(np.pi)))
+        "Mul", g,
+        b.op("Mul", b.op("Exp", b.op("Neg", b.op("Mul", _x(b, n), _x(b, n)))), _scalar(b, n, 2 / np.sqrt(np.pi))),
     )
 )
 # dX = Cast(dY, to = X's type)
 Cast = _elementwise(lambda b, n, g: b.op("Cast", g, to=b.elem_type(n.input[0])))
 # dX = dY * (1 - Y^2)
-Tanh = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Sub", _one(b, n), b.op("Mul", _y(b, n), _y(b, n)))))
+Tanh = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Sub", _scalar(b, n), b.op("Mul", _y(b, n), _y(b, n)))))
 # dX = dY * Y
 Exp = _elementwise(lambda b, n, g: b.op("Mul", g, _y(b, n)))
 # dX = -dY
@@ -422,25 +425,25 @@ Neg = _elementwise(lambda b, n, g: b.op("Neg", g))
 
 # exact: dX = dY * (Phi(x) + x * phi(x));  tanh: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
 def Gelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x, one, half = _x(b, node), _one(b, node), _one(b, node, 0.5)
+    x, one, half = _x(b, node), _scalar(b, node), _scalar(b, node, 0.5)
     if attrs(node).get("approximate", "none") == "tanh":
         k = np.sqrt(2 / np.pi)
         x2 = b.op("Mul", x, x)
         inner = b.op(
-            "Mul", b.op("Mul", x, _one(b, node, k)), b.op("Add", one, b.op("Mul", x2, _one(b, node, 0.044715)))
+            "Mul", b.op("Mul", x, _scalar(b, node, k)), b.op("Add", one, b.op("Mul", x2, _scalar(b, node, 0.044715)))
         )
         t = b.op("Tanh", inner)
-        dinner = b.op("Mul", _one(b, node, k), b.op("Add", one, b.op("Mul", x2, _one(b, node, 3 * 0.044715))))
+        dinner = b.op("Mul", _scalar(b, node, k), b.op("Add", one, b.op("Mul", x2, _scalar(b, node, 3 * 0.044715))))
         sech2 = b.op("Sub", one, b.op("Mul", t, t))
         slope = b.op(
             "Add", b.op("Mul", half, b.op("Add", one, t)), b.op("Mul", b.op("Mul", half, x), b.op("Mul", sech2, dinner))
         )
     else:
-        cdf = b.op("Mul", half, b.op("Add", one, b.op("Erf", b.op("Mul", x, _one(b, node, 1 / np.sqrt(2))))))
+        cdf = b.op("Mul", half, b.op("Add", one, b.op("Erf", b.op("Mul", x, _scalar(b, node, 1 / np.sqrt(2))))))
         pdf = b.op(
             "Mul",
-            b.op("Exp", b.op("Mul", b.op("Mul", x, x), _one(b, node, -0.5))),
-            _one(b, node, 1 / np.sqrt(2 * np.pi)),
+            b.op("Exp", b.op("Mul", b.op("Mul", x, x), _scalar(b, node, -0.5))),
+            _scalar(b, node, 1 / np.sqrt(2 * np.pi)),
         )
         slope = b.op("Add", cdf, b.op("Mul", x, pdf))
     return [b.op("Mul", dy[0], slope)]
@@ -452,7 +455,7 @@ def Pow(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if p is None or p.size != 1:
         raise _unsupported(node, "only a constant scalar exponent is supported")
     p = float(p.ravel()[0])
-    slope = b.op("Mul", b.op("Pow", _x(b, node), _one(b, node, p - 1)), _one(b, node, p))
+    slope = b.op("Mul", b.op("Pow", _x(b, node), _scalar(b, node, p - 1)), _scalar(b, node, p))
     return [b.op("Mul", dy[0], slope)]
 
 
@@ -619,7 +622,7 @@ def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list
     xt = b.fwd(x)
     centred = b.op("Sub", xt, b.reduce("ReduceMean", xt, axes, keepdims=1))
     variance = b.reduce("ReduceMean", b.op("Mul", centred, centred), axes, keepdims=1)
-    sigma = b.op("Sqrt", b.op("Add", variance, _one(b, node, float(a.get("epsilon", 1e-5)))))
+    sigma = b.op("Sqrt", b.op("Add", variance, _scalar(b, node, float(a.get("epsilon", 1e-5)))))
     xhat = b.op("Div", centred, sigma)
     g = b.op("Mul", dy[0], node.input[1])
     mean_g = b.reduce("ReduceMean", g, axes, keepdims=1)

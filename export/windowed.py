@@ -188,23 +188,22 @@ class _Targets:
 
     def __init__(self, b: Builder, p: Plan, flat: str) -> None:
         anchors = b.shape(contract.LOGITS)[2]
-        anchor = b.op("Mod", flat, b.const(np.asarray(anchors, np.int64)))  # [N, T]
+        anchor = b.op("Mod", flat, anchors)  # [N, T]
         self.rows = b.product(flat, 0)  # N * T, [1]
         self.images = _image_index(b, flat)  # [N, T]
         image = b.op("Reshape", self.images, self.rows)
-        key = b.const(np.asarray(-1, np.int64))
+        key = b.value(-1)
         self.keep, self.image, self.y, self.x, start, first_pixel = [], [], [], [], 0, 0
         for scale in p.scales:
             h, w = scale.grid
             count = p.per_pixel * h * w
-            local = b.op("Sub", anchor, b.const(np.asarray(start, np.int64)))
-            on = b.op("And", b.op("GreaterOrEqual", local, b.const(np.asarray(0, np.int64))),
-                      b.op("Less", local, b.const(np.asarray(count, np.int64))))  # fmt: skip
-            pixel = b.op("Mod", local, b.const(np.asarray(h * w, np.int64)))  # (>= 0: Mod takes the divisor's sign)
-            key = b.op("Where", on, b.op("Add", pixel, b.const(np.asarray(first_pixel, np.int64))), key)
+            local = b.op("Sub", anchor, start)
+            on = b.op("And", b.op("GreaterOrEqual", local, 0), b.op("Less", local, count))
+            pixel = b.op("Mod", local, h * w)  # (>= 0: Mod takes the divisor's sign)
+            key = b.op("Where", on, b.op("Add", pixel, first_pixel), key)
             keep = b.op("Reshape", b.op("NonZero", b.op("Reshape", on, self.rows)), b.ints([-1]))
             pixel = b.op("Gather", b.op("Reshape", pixel, self.rows), keep)
-            width = b.const(np.asarray(w, np.int64))
+            width = b.value(w)
             self.keep.append(keep)
             self.image.append(b.op("Gather", image, keep))
             self.y.append(b.op("Div", pixel, width))
@@ -216,7 +215,7 @@ class _Targets:
 def _image_index(b: Builder, flat: str) -> str:
     """The image of each target row, ``[N, T]`` int64."""
     images = b.op("Squeeze", b.dims(flat, 0, 1), b.ints([0]))
-    index = b.op("Range", b.const(np.asarray(0, np.int64)), images, b.const(np.asarray(1, np.int64)))
+    index = b.op("Range", 0, images, 1)
     return b.op("Expand", b.unsqueeze(index, [1]), b.op("Shape", flat))
 
 
@@ -224,7 +223,7 @@ def _rounds(b: Builder, key: str) -> tuple[str, str]:
     """Each target's round ``[N, T]`` (how many earlier targets of its image share its pixel) and the round
     count ``[1]``."""
     count = b.op("Squeeze", b.dims(key, 1, 2), b.ints([0]))
-    index = b.op("Range", b.const(np.asarray(0, np.int64)), count, b.const(np.asarray(1, np.int64)))
+    index = b.op("Range", 0, count, 1)
     earlier = b.op("Less", b.unsqueeze(index, [0]), b.unsqueeze(index, [1]))  # [T (this), T (other)]: other < this
     same = b.op("Equal", b.unsqueeze(key, [2]), b.unsqueeze(key, [1]))  # [N, T, T]
     shared = b.op("Cast", b.op("And", same, earlier), to=TensorProto.INT64)
@@ -289,8 +288,7 @@ class _Windows:
         """The first row (axis 0) or column of each target's window in the padded tensor, ``[M]``."""
         s, c, _ = window[axis]
         position = (self.targets.y if axis == 0 else self.targets.x)[scale]
-        return self.b.op("Add", self.b.op("Mul", position, self.b.const(np.asarray(s, np.int64))),
-                         self.b.const(np.asarray(c + pad, np.int64)))  # fmt: skip
+        return self.b.op("Add", self.b.op("Mul", position, s), c + pad)
 
     def _index(self, scale: int, name: str, window: Window) -> str:
         """``[M, ny, nx]`` row-in-image * Wp + column of each window cell in the padded tensor."""
@@ -298,7 +296,7 @@ class _Windows:
         top, _, left, right = self.pads[name]
         width = b.shape(name)[3] + left + right
         (_, _, ny), (_, _, nx) = window
-        first = b.op("Add", b.op("Mul", self._start(scale, 0, window, top), b.const(np.asarray(width, np.int64))),
+        first = b.op("Add", b.op("Mul", self._start(scale, 0, window, top), width),
                      self._start(scale, 1, window, left))  # fmt: skip
         grid = (np.arange(ny)[:, None] * width + np.arange(nx)[None, :]).astype(np.int64)
         return b.op("Add", b.unsqueeze(first, [1, 2]), b.const(grid))
@@ -329,12 +327,11 @@ class _Windows:
         b, cells = self.b, []
         for axis, size in enumerate((h, w)):
             cell = self._cells_along(scale, axis, window)
-            low, high = b.const(np.asarray(0, np.int64)), b.const(np.asarray(size - 1, np.int64))
-            cells.append(b.op("Max", b.op("Min", cell, high), low))  # [M, ny] rows, [M, nx] columns
-        image = b.op("Mul", self.targets.image[scale], b.const(np.asarray(channels * h * w, np.int64)))
+            cells.append(b.op("Max", b.op("Min", cell, size - 1), 0))  # [M, ny] rows, [M, nx] columns
+        image = b.op("Mul", self.targets.image[scale], channels * h * w)
         planes = b.const(np.arange(channels, dtype=np.int64).reshape(1, -1, 1, 1) * h * w)
         index = b.op("Add", b.unsqueeze(image, [1, 2, 3]), planes)
-        index = b.op("Add", index, b.unsqueeze(b.op("Mul", cells[0], b.const(np.asarray(w, np.int64))), [1, 3]))
+        index = b.op("Add", index, b.unsqueeze(b.op("Mul", cells[0], w), [1, 3]))
         return b.op("Add", index, b.unsqueeze(cells[1], [1, 2]))
 
     def mask(self, scale: int, name: str, window: Window) -> str | None:
@@ -351,8 +348,7 @@ class _Windows:
         parts = []
         for axis, size in enumerate((h, w)):
             cells = self._cells_along(scale, axis, window)
-            inside = b.op("And", b.op("GreaterOrEqual", cells, b.const(np.asarray(0, np.int64))),
-                          b.op("Less", cells, b.const(np.asarray(size, np.int64))))  # fmt: skip
+            inside = b.op("And", b.op("GreaterOrEqual", cells, 0), b.op("Less", cells, size))
             parts.append(b.op("Cast", inside, to=b.elem_type(name)))
         rows, cols = b.unsqueeze(parts[0], [1, 3]), b.unsqueeze(parts[1], [1, 2])
         self._masks[key] = _typed(b, b.op("Mul", rows, cols), name, [1, ny, nx])
@@ -368,13 +364,13 @@ class _Windows:
         indices, updates = [], []
         for scale, window, grad in placed:
             cells = (window[0][2] * window[1][2],)
-            row = b.op("Mul", self.targets.keep[scale], b.const(np.asarray(channels * plane, np.int64)))  # [M]
+            row = b.op("Mul", self.targets.keep[scale], channels * plane)  # [M]
             first = b.op("Add", b.unsqueeze(row, [1]), b.const(np.arange(channels, dtype=np.int64) * plane))  # [M, C]
             local = b.op("Reshape", self._index(scale, layer, window), b.op("Concat", b.dims(grad, 0, 1),
                          b.ints([1, *cells]), axis=0))  # fmt: skip
             indices.append(b.op("Reshape", b.op("Add", b.unsqueeze(first, [2]), local), b.ints([-1])))
             updates.append(b.op("Reshape", grad, b.ints([-1])))
-        size = b.op("Mul", self.targets.rows, b.const(np.asarray([channels * plane], np.int64)))
+        size = b.op("Mul", self.targets.rows, b.value([channels * plane]))
         join = (lambda xs: xs[0]) if len(placed) == 1 else (lambda xs: b.op("Concat", *xs, axis=0))
         flat = b.op("ScatterElements", b.zeros(size, like=layer), join(indices), join(updates), axis=0)
         padded = b.op("Reshape", flat, b.op("Concat", self.targets.rows, b.ints([channels, h + top + bottom,
@@ -565,9 +561,9 @@ def _pixel_gradient(b: Builder, dy: str, where: tuple[str, str, str, str], bound
     image, round_, y, x = where
     rounds = b.op("Squeeze", b.dims(dy, 1, 2), b.ints([0]))
     first = b.op(
-        "Mul", b.op("Add", b.op("Mul", image, rounds), round_), b.const(np.asarray(channels * h * w, np.int64))
+        "Mul", b.op("Add", b.op("Mul", image, rounds), round_), channels * h * w
     )
-    first = b.op("Add", first, b.op("Add", b.op("Mul", y, b.const(np.asarray(w, np.int64))), x))
+    first = b.op("Add", first, b.op("Add", b.op("Mul", y, w), x))
     index = b.op("Add", b.unsqueeze(first, [1]), b.const(np.arange(channels, dtype=np.int64)[None] * h * w))
     pixel = b.op("Gather", b.op("Reshape", dy, b.ints([-1])), index, axis=0)  # [M, C]
     return b.op("Reshape", pixel, b.op("Concat", b.dims(pixel, 0, 1), b.ints([1, channels, 1, 1]), axis=0))
