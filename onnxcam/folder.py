@@ -40,6 +40,7 @@ class Options:
     eigen_smooth: bool = False
     aug_smooth: bool = False
     alpha: float = HEAT_WEIGHT
+    colormap: str = "jet"  # one of overlay.COLORMAPS
     batch_size: int = 8
     panel: bool = False
     sheets: bool = False
@@ -62,6 +63,7 @@ class Options:
             "eigen_smooth": self.eigen_smooth,
             "aug_smooth": self.aug_smooth,
             "alpha": self.alpha,
+            "colormap": self.colormap,
             "panel": self.panel,
             "overlay_format": self.picture,
             "conf": self.conf,
@@ -221,7 +223,8 @@ class Worker:
         if clash:
             raise OnnxcamError(f"writing {o.out / clash[0]} would overwrite an input image; choose another --out")
         files, sheets = outputs.save_explanation(
-            result, o.out, stem, alpha=o.alpha, panel=o.panel, sheets=o.sheets, picture=o.picture, replace=self.replace
+            result, o.out, stem, alpha=o.alpha, panel=o.panel, sheets=o.sheets, picture=o.picture, replace=self.replace,
+            colormap=o.colormap,
         )
         return _records(path, stem, result, files, sheets)
 

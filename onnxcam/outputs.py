@@ -342,11 +342,13 @@ def save_explanation(
     picture: str = "png",
     replace: bool = True,
     marks: Sequence[tuple[tuple[float, float, float, float], str]] = (),
+    colormap: str = "jet",
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Write every map of one image: the overlay (a ``picture``: png, jpg or webp) and the raw ``.npy``
     (float32 in [0, 1]); with ``panel`` photo | heat map | overlay, with ``sheets`` one picture per
     class with every method's overlay; for a detector's maps, their boxes drawn and one picture of
-    every box; ``marks`` (box, label) drawn on every overlay too (the audit's object). ``replace=False``
+    every box; ``marks`` (box, label) drawn on every overlay too (the audit's object); ``colormap``: one of
+    :data:`overlay.COLORMAPS`. ``replace=False``
     never replaces an existing file.
 
     Returns the files of each map (``overlay``, ``map``, ``panel``, ``boxes``) and the sheets.
@@ -358,7 +360,7 @@ def save_explanation(
         name = map_name(stem, m.key, m.label, m.method)
         entry = {"overlay": str(out / f"{name}.{picture}"), "map": str(out / f"{name}.npy")}
         entry |= {"boxes": boxes} if boxes else {}
-        blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha)
+        blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha, colormap)
         if m.box is not None:
             overlay.draw_box(blended, m.box, f"{m.label} {m.probability:.2f}")
         for box, label in marks:
@@ -368,8 +370,8 @@ def save_explanation(
         if panel:
             entry["panel"] = str(out / f"{name}.panel.{picture}")
             caption = f"{m.label} {m.probability:.1%}"
-            write_picture_rgb(Path(entry["panel"]), overlay.panel(result.image_rgb, m.cam, blended, caption, m.method),
-                          replace)  # fmt: skip
+            sheet = overlay.panel(result.image_rgb, m.cam, blended, caption, m.method, colormap)
+            write_picture_rgb(Path(entry["panel"]), sheet, replace)
         if sheets:
             tiles.setdefault((m.key, m.label), []).append((m.method, overlay.thumbnail(blended)))
         files.append(entry)

@@ -1,4 +1,4 @@
-"""Pictures of a map: JET colours, the blend over the photo, and side-by-side sheets (all RGB).
+"""Pictures of a map: a colour map (JET by default), the blend over the photo, and side-by-side sheets (all RGB).
 
 Everything is uint8 and as few copies as OpenCV allows: a 9000 x 9000 photo stays within a
 few hundred MB per step.
@@ -10,24 +10,35 @@ import cv2
 import numpy as np
 
 HEAT_WEIGHT = 0.4  # the classic recipe: 0.4 heat map + 0.6 photo
+# OpenCV's colour maps by the name `--colormap` takes: JET, as pytorch-grad-cam and the Grad-CAM paper draw, and the
+# perceptually uniform ones (viridis and its family; turbo, JET's smooth successor) that read in greyscale and to
+# most colour-blind eyes
+COLORMAPS = {
+    "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS,
+    "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA, "plasma": cv2.COLORMAP_PLASMA,
+    "cividis": cv2.COLORMAP_CIVIDIS, "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE,
+}  # fmt: skip
 
 
-def heatmap_rgb(cam: np.ndarray) -> np.ndarray:
-    """JET colours for a [0, 1] map, as uint8 RGB (OpenCV's colour maps come out BGR)."""
+def heatmap_rgb(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """A [0, 1] map in the colours of ``colormap`` (:data:`COLORMAPS`), as uint8 RGB (OpenCV's come out BGR)."""
     if cam.ndim != 2:
         raise ValueError(f"need a 2-D map, got shape {cam.shape}")
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colour map {colormap!r}; one of {', '.join(COLORMAPS)}")
     scaled = cv2.convertScaleAbs(cam, alpha=255)  # round(|255 cam|), saturated to uint8
-    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    heat = cv2.applyColorMap(scaled, COLORMAPS[colormap])
     return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
 
 
-def overlay_rgb(photo_rgb: np.ndarray, cam: np.ndarray, alpha: float = HEAT_WEIGHT) -> np.ndarray:
+def overlay_rgb(photo_rgb: np.ndarray, cam: np.ndarray, alpha: float = HEAT_WEIGHT, colormap: str = "jet"
+                ) -> np.ndarray:  # fmt: skip
     """``round(alpha * heat + (1 - alpha) * photo)``, uint8 RGB of the photo's size."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if cam.shape != photo_rgb.shape[:2]:
         raise ValueError(f"map {cam.shape} and photo {photo_rgb.shape[:2]} differ in size")
-    heat = heatmap_rgb(cam)
+    heat = heatmap_rgb(cam, colormap)
     return cv2.addWeighted(heat, alpha, photo_rgb, 1 - alpha, 0, dst=heat)
 
 
@@ -104,9 +115,10 @@ def comparison_sheet(tiles: list[tuple[str, np.ndarray]], height: int = SHEET_HE
     return np.hstack(row[:-1])
 
 
-def panel(photo_rgb: np.ndarray, cam: np.ndarray, blended: np.ndarray, caption: str, method: str) -> np.ndarray:
+def panel(photo_rgb: np.ndarray, cam: np.ndarray, blended: np.ndarray, caption: str, method: str,
+          colormap: str = "jet") -> np.ndarray:  # fmt: skip
     """Photo | heat map | overlay (``blended``, from :func:`overlay_rgb`) side by side, for slides."""
     height = min(480, photo_rgb.shape[0])
-    heat = heatmap_rgb(thumbnail(cam, height))  # colour the small map: no full-size copy
+    heat = heatmap_rgb(thumbnail(cam, height), colormap)  # colour the small map: no full-size copy
     tiles = [("photo", photo_rgb), (f"{method} heat map", heat), (caption, blended)]
     return comparison_sheet(tiles, height=height)

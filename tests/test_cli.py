@@ -379,3 +379,26 @@ def test_an_output_folder_that_is_a_file_is_one_line(lite0_model: Path, tmp_path
     (tmp_path / "taken").write_text("x")
     result = run("explain", CAT, "--model", str(lite0_model), "--out", str(tmp_path / "taken"))
     assert_clean_failure(result, "--out", "is a file, not a folder")
+
+
+def test_colormap_colours_the_overlay_with_its_own_ends_and_a_resume_must_ask_it_again(lite0_model: Path,
+                                                                                    tmp_path: Path) -> None:
+    """`--colormap viridis --alpha 1`: the overlay is the colour map itself, whose ends are matplotlib's viridis
+    (#440154 at 0, #fde725 at 1, within OpenCV's table's rounding); a resume with another colour map is refused."""
+    out = tmp_path / "out"
+    result = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out),
+                 "--colormap", "viridis", "--alpha", "1", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (target,) = json.loads(result.stdout)["images"][0]["targets"]
+    cam, picture = np.load(target["map"]), cv2.imread(target["overlay"])[:, :, ::-1].astype(int)
+    for where, colour in ((cam.argmin(), (0x44, 0x01, 0x54)), (cam.argmax(), (0xFD, 0xE7, 0x25))):
+        assert np.abs(picture.reshape(-1, 3)[where] - colour).max() <= 3, (picture.reshape(-1, 3)[where], colour)
+    again = run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out", str(out), "--resume")
+    assert_clean_failure(again, "colormap")
+    assert_clean_failure(run("explain", str(EXAMPLES / "chelsea.png"), "--model", str(lite0_model), "--out",
+                             str(tmp_path / "o2"), "--colormap", "rainbowz"), "colormap")  # fmt: skip
+    from onnxcam.overlay import COLORMAPS
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in COLORMAPS if name != "jet"), "the README names every colour map"
