@@ -18,6 +18,8 @@ first FC node down to ``A`` (the full gradient tensor), then runs inside an ``If
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -179,35 +181,6 @@ def _seed(b: Builder, logits: str, score: str) -> str:
     return b.op("Mul", p_c, b.op("Sub", onehot, p))
 
 
-def _walk(
-    b: Builder,
-    head: list[onnx.NodeProto],
-    layer: str,
-    seed: str,
-    cheap: Presummed | None,
-    adapt: Adapt,
-    extra_layers: Sequence[str] = (),
-) -> tuple[str, Branch, list[str]]:
-    """sum_hw(dy/dA) [N, T, C], the If branch that builds the full gradient dy/dA, and the full gradients of
-    ``extra_layers`` (computed outside any If; none without them).
-
-    ``adapt`` turns the gradient of ``layer`` into the gradient of the contract's activations.
-    """  # fmt: skip
-    seeds = {contract.LOGITS: [seed]}
-    if cheap is None:  # the sum of the full gradient, computed outside the If
-        grads = backward(b, head, seeds)
-        gradients = adapt(reached_gradient(b, grads, layer))
-        extra = [reached_gradient(b, grads, name) for name in extra_layers]
-        return b.reduce("ReduceSum", gradients, SPATIAL, keepdims=0), _identity_branch(b, gradients), extra
-    fc, weight = cheap
-    cut = head.index(fc) + 1  # sum_hw(dA) = dZ @ W_sum; the walk through the FC and below moves into the If
-    grads = backward(b, head[cut:], seeds)
-    summed = _times_weight(b, reached_gradient(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
-    with b.subgraph() as nodes:
-        gradients = adapt(reached_gradient(b, backward(b, head[:cut], grads), layer))
-    return summed, (nodes, gradients), []
-
-
 def _emit_activations(b: Builder, layer: str, adapt: Adapt) -> None:
     """activations = the target layer in the contract's [N, C, h, w] layout."""
     b.op("Identity", adapt(layer), name=contract.ACTIVATIONS)
@@ -327,6 +300,187 @@ def _times_weight(b: Builder, grad: str, weight: str) -> str:
     return b.op("MatMul", grad, weight)
 
 
+# -- the graft as a plan of parts: its state, the walks tried in order, the emitters ---------------------------
+@dataclass
+class _Graft:
+    """One graft's state, which its walks and emitters share: the copy being grafted, its builder and head, the
+    target layer (renamed to ``activations`` where NCHW), its layout (None: NCHW) and the task."""
+
+    out: onnx.ModelProto
+    b: Builder
+    head: list[onnx.NodeProto]
+    layer: str
+    layout: Layout | None
+    dims: list[int]  # [C, h, w] of the contract's activations
+    adapt: Adapt  # the target layer's gradient -> the contract's layout
+    task: Task
+    score: str
+    extra_layers: tuple[str, ...]
+    windowed: bool
+    head_only: list[onnx.NodeProto] | None  # the head's copy for head-only passes (classifiers), or None
+    targets: tuple[str, str] | None  # a detector's flat target indices and their validity, else None
+    attention: bool = False  # whether the attention outputs were emitted
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.out.graph
+
+    @property
+    def layers(self) -> list[str]:
+        return [self.layer, *self.extra_layers]
+
+    @cached_property
+    def seed(self) -> str:
+        """d(explained scores)/d(logits) ``[N, T, ...]``, built once, from :data:`SEEDS` by task kind."""
+        return SEEDS[self.task.kind](self)
+
+    @cached_property
+    def saliency_size(self) -> tuple[int, int] | None:
+        """The input size the in-graph map takes; None where it cannot be built (several layers of unknown
+        grids: their maps meet at the finest, chosen here; no uint8 image input)."""
+        grids = [tuple(self.b.shape(name)[2:]) for name in self.layers] if self.extra_layers else []
+        return _input_size(self.b) if all(isinstance(d, int) for grid in grids for d in grid) else None
+
+    @cached_property
+    def gradients_condition(self) -> str:
+        """When the full gradients are built: ``full_gradients``, or a saliency call whose method reads them."""
+        return contract.FULL_GRADIENTS if self.saliency_size is None else saliency.gradients_condition(self.b)
+
+
+def _start(
+    model: onnx.ModelProto, activations: str, logits: str, types: Types | None, layout: Layout | None, score: str,
+    task: Task, extra_layers: tuple[str, ...], windowed: bool,
+) -> _Graft:  # fmt: skip
+    """A copy of ``model`` with the target layer and the logits renamed to the contract's names, its head found
+    and checked for rules, and what every walk reads prepared (the layout's adapters, a detector's targets)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    layout = None if layout is None or layout.channels_first else layout
+    layer = contract.ACTIVATIONS if layout is None else activations
+    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
+        renamed = rename_tensor(graph, tensor, name)
+        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
+    sources = {layer, *extra_layers}
+    head = head_nodes(graph, sources, contract.LOGITS)
+    check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
+    b = Builder(out, types)
+    b.wanted = differentiable(head, sources, b.types)
+    classifier = task.kind == "classification"  # (head-only passes are for classifiers)
+    head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
+    expose_extra_outputs(head)
+    if layout is None:
+        dims, adapt = b.shape(layer)[1:], (lambda x: x)
+    else:
+        dims = layout.contract_dims(b.shape(layer))
+        _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
+        adapt = lambda g: layout.adapter.to_contract(b, g, layout, 2)  # noqa: E731
+    targets = detection_targets(b, task.ranked, task.boxes) if task.kind == "detection" else None
+    return _Graft(out, b, head, layer, layout, dims, adapt, task, score, extra_layers, windowed, head_only, targets)
+
+
+SEEDS: dict[str, Callable[[_Graft], str]] = {  # the gradient of the explained scores w.r.t. the logits, by task
+    "classification": lambda g: _seed(g.b, contract.LOGITS, g.score),
+    "segmentation": lambda g: _seed(g.b, contract.LOGITS, g.score),
+    "detection": lambda g: detection_seed(g.b, contract.LOGITS, *g.targets),
+}
+
+
+@dataclass(frozen=True)
+class _Walked:
+    """What a walk built: ``sum_hw(dy/dA)`` ``[N, T, C]``, the If branch that builds the full gradient, and
+    the same pair for each extra layer."""
+
+    walk: str  # one of WALKS
+    summed: str
+    full: Branch
+    extras: list[tuple[str, Branch]]
+
+
+def _windowed_walk(g: _Graft) -> _Walked | None:
+    """A detector's backward box by box over the windows its scores read (:mod:`onnxcam_export.windowed`)."""
+    if g.targets is None or not g.windowed or g.layout is not None:
+        return None
+    cut = windows.plan(g.graph, g.head, g.layers, g.b)
+    if cut is None:
+        return None
+    sums, branches = windows.walk(g.b, cut, *g.targets, g.layers)
+    return _Walked("windowed", sums[0], branches[0], list(zip(sums[1:], branches[1:], strict=True)))
+
+
+def _presummed_walk(g: _Graft) -> _Walked | None:
+    """An FC head's cheap exact path: ``sum_hw(dA) = dZ @ W_sum``; the walk through the FC and below moves into
+    the If that builds the full gradient."""
+    cheap = presummed_weight(g.b, g.head, g.layer) if g.layout is None and not g.extra_layers else None
+    if cheap is None:
+        return None
+    b, (fc, weight) = g.b, cheap
+    cut = g.head.index(fc) + 1
+    grads = backward(b, g.head[cut:], {contract.LOGITS: [g.seed]})
+    summed = _times_weight(b, reached_gradient(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))
+    with b.subgraph() as nodes:
+        gradients = g.adapt(reached_gradient(b, backward(b, g.head[:cut], grads), g.layer))
+    return _Walked("presummed", summed, (nodes, gradients), [])
+
+
+def _dense_walk(g: _Graft) -> _Walked:
+    """The whole backward, its full gradient summed (computed outside the If, which passes it on)."""
+    b = g.b
+    grads = backward(b, g.head, {contract.LOGITS: [g.seed]})
+    gradients = g.adapt(reached_gradient(b, grads, g.layer))
+    extras = [reached_gradient(b, grads, name) for name in g.extra_layers]
+    summed = [b.reduce("ReduceSum", x, SPATIAL, keepdims=0) for x in [gradients, *extras]]
+    return _Walked("dense", summed[0], _identity_branch(b, gradients),
+                   [(s, _identity_branch(b, x)) for s, x in zip(summed[1:], extras, strict=True)])  # fmt: skip
+
+
+WALK_STRATEGIES = (_windowed_walk, _presummed_walk, _dense_walk)  # tried in order; the first that applies runs
+
+
+# the emitters, in order: each knows when it applies
+def _weights_part(g: _Graft, w: _Walked) -> None:
+    _emit_weights(g.b, w.summed)
+
+
+def _gradients_part(g: _Graft, w: _Walked) -> None:
+    _emit_gradients(g.b, w.full, g.gradients_condition)
+    _emit_scales(g.b, g.extra_layers, w.extras, g.gradients_condition)
+
+
+def _saliency_part(g: _Graft, w: _Walked) -> None:
+    if g.saliency_size is not None:
+        grids = [tuple(g.b.shape(name)[2:]) for name in g.layers] if g.extra_layers else []
+        saliency.add_saliency(g.graph, g.b, g.saliency_size, grids)
+
+
+def _attention_part(g: _Graft, w: _Walked) -> None:
+    if g.layout is not None and g.layout.has_tokens:
+        attentions = attention_probabilities(g.graph, g.b, g.layer)
+        g.attention = bool(attentions) and _emit_attention(g.graph, g.b, attentions, g.seed)
+
+
+def _flush_part(g: _Graft, w: _Walked) -> None:
+    g.graph.node.extend(g.b.nodes)
+    g.graph.initializer.extend(g.b.initializers)
+
+
+def _io_part(g: _Graft, w: _Walked) -> None:
+    """The contract's inputs and outputs, and each family's own (head-only, detection, scales, task, saliency)."""
+    graph, b = g.graph, g.b
+    if g.head_only is not None:
+        _add_head_only(graph, b, g.head_only, g.dims)
+    _add_contract_io(graph, b, g.dims, g.head_only is not None, g.attention)
+    if g.task.kind == "detection":
+        add_detection_io(graph, b, g.task.nms)
+    _add_scale_io(graph, b, g.extra_layers)
+    _add_task_outputs(graph, b, g.task.outputs)
+    if g.saliency_size is not None:
+        _add_saliency_output(graph, b)
+
+
+EMITTERS = (_weights_part, _gradients_part, _saliency_part, _attention_part, _flush_part, _io_part)
+
+
 def graft(
     model: onnx.ModelProto,
     activations: str,
@@ -348,65 +502,15 @@ def graft(
     activations, weights and gradients outputs (:func:`contract.scale_output`), which its in-graph saliency
     aggregates; such a file has no head-only graph. ``windowed``: a detector's backward box by box over the
     windows its scores read (:mod:`onnxcam_export.windowed`) where its head allows, else over whole maps.
+
+    The plan: :func:`_start` prepares the copy, the first of :data:`WALK_STRATEGIES` that applies walks it
+    back, and each of :data:`EMITTERS` adds its part. A new family adds a :data:`SEEDS` row and an emitter.
     """
-    detector = task is not None and task.kind == "detection"
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    layout = None if layout is None or layout.channels_first else layout
-    layer = contract.ACTIVATIONS if layout is None else activations
-    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
-        renamed = rename_tensor(graph, tensor, name)
-        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
-    sources = {layer, *extra_layers}
-    head = head_nodes(graph, sources, contract.LOGITS)
-    check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
-    b = Builder(out, types)
-    b.wanted = differentiable(head, sources, b.types)
-    classifier = task is None or task.kind == "classification"  # (head-only passes are for classifiers)
-    head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
-    expose_extra_outputs(head)
-    shape = b.shape(layer)
-    if layout is None:
-        dims, adapt = shape[1:], (lambda x: x)
-    else:
-        dims = layout.contract_dims(shape)
-        _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
-        adapt = lambda g: layout.adapter.to_contract(b, g, layout, 2)  # noqa: E731
-    seed, cheap = None, None
-    targets = detection_targets(b, task.ranked, task.boxes) if detector else None
-    cut = windows.plan(graph, head, [layer, *extra_layers], b) if targets and windowed and layout is None else None
-    if cut is not None:
-        sums, branches = windows.walk(b, cut, *targets, [layer, *extra_layers])
-        summed, full, extras = sums[0], branches[0], list(zip(sums[1:], branches[1:], strict=True))
-    else:
-        seed = detection_seed(b, contract.LOGITS, *targets) if targets else _seed(b, contract.LOGITS, score)
-        cheap = presummed_weight(b, head, layer) if layout is None and not extra_layers else None
-        summed, full, extra_gradients = _walk(b, head, layer, seed, cheap, adapt, extra_layers)
-        extras = [(b.reduce("ReduceSum", g, SPATIAL, keepdims=0), _identity_branch(b, g)) for g in extra_gradients]
-    _emit_weights(b, summed)
-    grids = [tuple(b.shape(name)[2:]) for name in [layer, *extra_layers]] if extra_layers else []
-    # several layers' maps meet at the finest grid, chosen here: their sizes must be known
-    size = _input_size(b) if all(isinstance(d, int) for grid in grids for d in grid) else None
-    condition = contract.FULL_GRADIENTS if size is None else saliency.gradients_condition(b)
-    _emit_gradients(b, full, condition)
-    _emit_scales(b, extra_layers, extras, condition)
-    if size is not None:
-        saliency.add_saliency(graph, b, size, grids)
-    attentions = attention_probabilities(graph, b, layer) if layout is not None and layout.has_tokens else []
-    attention = bool(attentions) and _emit_attention(graph, b, attentions, seed)
-    graph.node.extend(b.nodes)
-    graph.initializer.extend(b.initializers)
-    if head_only is not None:
-        _add_head_only(graph, b, head_only, dims)
-    _add_contract_io(graph, b, dims, head_only is not None, attention)
-    if detector:
-        add_detection_io(graph, b, task.nms)
-    _add_scale_io(graph, b, extra_layers)
-    _add_task_outputs(graph, b, task.outputs if task is not None else ())
-    if size is not None:
-        _add_saliency_output(graph, b)
-    return Grafted(out, "windowed" if cut is not None else "presummed" if cheap is not None else "dense")
+    g = _start(model, activations, logits, types, layout, score, task or Task(), tuple(extra_layers), windowed)
+    walked = next(w for w in (walk(g) for walk in WALK_STRATEGIES) if w is not None)
+    for emit in EMITTERS:
+        emit(g, walked)
+    return Grafted(g.out, walked.walk)
 
 
 def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) -> None:
