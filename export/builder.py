@@ -203,7 +203,7 @@ class Builder:
         as a float constant of the same values, so that the forward's DequantizeLinear keeps its one reader,
         which ONNX Runtime fuses into an integer kernel. (Another reader of the levels stops that fusion; a
         DequantizeLinear inside an ``If`` branch of levels from the outer graph fails it at load; one in the
-        main graph ran each call, 60 ms for VGG16's FC2 and FC3.)"""
+        main graph ran on each call, for VGG16's FC2 and FC3 too.)"""
         if name not in self.dequantized:
             return name
         if name not in self._weights:

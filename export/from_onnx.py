@@ -601,7 +601,7 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Re
     image = helper.make_tensor_value_info(contract.IMAGE, TensorProto.UINT8, [None, height, width, 3])
     image.type.tensor_type.shape.dim[0].CopyFrom(layout.batch)
     # (pixel - 255 mean) / (255 std) as pixel * scale + shift, per channel of the model's layout:
-    # ORT broadcasts [1, 3, 1, 1] over NCHW 8x faster than [3] over NHWC, and Mul beats Div
+    # ORT broadcasts [1, 3, 1, 1] over NCHW faster than [3] over NHWC, and Mul beats Div
     mean = (np.asarray(prep.mean, np.float64) * 255)[:: -1 if prep.bgr else 1]
     std = (np.asarray(prep.std, np.float64) * 255)[:: -1 if prep.bgr else 1]
     per_channel = [1, 3, 1, 1] if channels_first else [3]

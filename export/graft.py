@@ -147,7 +147,7 @@ def presummed_weight(b: Builder, head: list[onnx.NodeProto], activations: str) -
             return None
         weight = (weight.T if int(a.get("transB", 0)) else weight) * float(a.get("alpha", 1.0))
     # weight: [C*P, F] in Flatten's channel-major order -> sum over P -> [F, C]
-    # (summed in float64 chunk by chunk: a float64 copy of a 2.3 GB weight took 4.6 GB more)
+    # (summed in float64 chunk by chunk: a float64 copy of tests/test_hostile.py's 2.3 GB weight took 4.6 GB more)
     summed = np.add.reduce(weight.reshape(channels, positions, -1), axis=1, dtype=np.float64).T
     return fc, summed.astype(weight.dtype)
 
@@ -401,7 +401,7 @@ def _windowed_walk(g: _Graft) -> _Walked | None:
     """A detector's backward box by box over the windows its scores read (:mod:`onnxcam_export.windowed`)."""
     if g.targets is None or not g.windowed or g.layout is not None:
         return None
-    cut = windows.plan(g.graph, g.head, g.layers, g.b)
+    cut = windows.cut(g.graph, g.head, g.layers, g.b)
     if cut is None:
         return None
     sums, branches = windows.walk(g.b, cut, *g.targets, g.layers)
@@ -411,10 +411,10 @@ def _windowed_walk(g: _Graft) -> _Walked | None:
 def _presummed_walk(g: _Graft) -> _Walked | None:
     """An FC head's cheap exact path: ``sum_hw(dA) = dZ @ W_sum``; the walk through the FC and below moves into
     the If that builds the full gradient."""
-    cheap = presummed_weight(g.b, g.head, g.layer) if g.layout is None and not g.extra_layers else None
-    if cheap is None:
+    presummed = presummed_weight(g.b, g.head, g.layer) if g.layout is None and not g.extra_layers else None
+    if presummed is None:
         return None
-    b, (fc, weight) = g.b, cheap
+    b, (fc, weight) = g.b, presummed
     cut = g.head.index(fc) + 1
     grads = backward(b, g.head[cut:], {contract.LOGITS: [g.seed]})
     summed = _times_weight(b, reached_gradient(b, grads, fc.output[0]), b.const(weight, "fc_weight_presummed"))

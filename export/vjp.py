@@ -549,7 +549,7 @@ def _constant_ints(b: Builder, node: onnx.NodeProto, index: int, attr: str) -> l
     return None if value is None else [int(v) for v in value]
 
 
-# dX = dY padded back with zeros where the slice cut (steps of 1) or scattered (any step)
+# dX = dY padded back with zeros where the slice cut (steps of 1 only: other steps are refused)
 def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
     shape = b.shape(x)

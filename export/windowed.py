@@ -69,7 +69,7 @@ class Scale:
 
 
 @dataclass
-class Plan:
+class Cut:
     """The cut of a detector's head: the tail, the scales (finest first) and the anchors per pixel."""
 
     tail: list[onnx.NodeProto]
@@ -111,7 +111,7 @@ def _is_local(node: onnx.NodeProto, b: Builder, static: set[str]) -> bool:
     return True
 
 
-def plan(graph: onnx.GraphProto, head: Sequence[onnx.NodeProto], sources: Sequence[str], b: Builder) -> Plan | None:
+def cut(graph: onnx.GraphProto, head: Sequence[onnx.NodeProto], sources: Sequence[str], b: Builder) -> Cut | None:
     """The region/tail cut of ``head`` (from ``sources`` to :data:`contract.LOGITS` ``[N, K, A]``), or None
     where the region reaches no boundary or the anchors do not tile the boundary pixels."""
     static = static_tensors(graph)
@@ -143,7 +143,7 @@ def plan(graph: onnx.GraphProto, head: Sequence[onnx.NodeProto], sources: Sequen
         _windows(scale, region, b)
     if not all(any(source in scale.window for scale in ordered) for source in sources):
         return None  # (a target layer whose gradient leaves through the tail)
-    return Plan(tail, ordered, anchors // pixels)
+    return Cut(tail, ordered, anchors // pixels)
 
 
 def _windows(scale: Scale, region: list[onnx.NodeProto], b: Builder) -> None:
@@ -186,7 +186,7 @@ class _Targets:
     image, pixel row and column, ``[M]`` int64 each; every target's image ``[N, T]`` (``images``) and its pixel
     over all scales (``key``)."""
 
-    def __init__(self, b: Builder, p: Plan, flat: str) -> None:
+    def __init__(self, b: Builder, p: Cut, flat: str) -> None:
         anchors = b.shape(contract.LOGITS)[2]
         anchor = b.op("Mod", flat, anchors)  # [N, T]
         self.rows = b.product(flat, 0)  # N * T, [1]
@@ -258,7 +258,7 @@ def _typed(b: Builder, name: str, like: str, dims: Sequence[int]) -> str:
 class _Windows:
     """Gathers, masks and the scatter back of windows; gathers' indices and masks built once per branch."""
 
-    def __init__(self, b: Builder, p: Plan, targets: _Targets) -> None:
+    def __init__(self, b: Builder, p: Cut, targets: _Targets) -> None:
         self.b, self.targets = b, targets
         self.pads: dict[str, tuple[int, int, int, int]] = {}  # tensor -> (top, bottom, left, right) zeros
         for scale in p.scales:
@@ -467,7 +467,7 @@ def _materialise(
     b.nodes[start:start] = made + kept[::-1]
 
 
-def walk(b: Builder, p: Plan, flat: str, valid: str, layers: Sequence[str]) -> tuple[list[str], list[Branch]]:
+def walk(b: Builder, p: Cut, flat: str, valid: str, layers: Sequence[str]) -> tuple[list[str], list[Branch]]:
     """Per target layer: ``sum_hw(dy/dA)`` ``[N, T, C]`` of every target row, and the If branch that builds
     its full gradient ``[N, T, C, h, w]``."""
     targets = _Targets(b, p, flat)

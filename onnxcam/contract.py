@@ -76,7 +76,8 @@ Several target layers (the card's ``extra_layers``, e.g. a detector's scales): t
 ``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
 ``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
 ``full_gradients``), for the same targets. The maps of the layers are combined as
-pytorch-grad-cam's multi-layer aggregation does; such a file has no ``saliency`` output.
+pytorch-grad-cam's multi-layer aggregation does, also in the file's ``saliency`` output (at the finest
+grid of the layers).
 
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """

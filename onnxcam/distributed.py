@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnxcam import outputs
 from onnxcam.api import Explainer
 from onnxcam.errors import OnnxcamError
-from onnxcam.folder import Options, Worker, finish, plan, read_local, read_records
+from onnxcam.folder import Options, Worker, append_records, plan, read_local, report_records
 from onnxcam.image import decode_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS
 from onnxcam.report import write_report
@@ -215,10 +215,10 @@ def run(
             with (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
                 for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                     lines = [_as_given(json.loads(r), resolved.out, out) for r in batch["record"]]
-                    yield from finish(log, work.summary, lines)
+                    yield from append_records(log, work.summary, lines)
             outputs.remove_partials(out)  # an actor killed while writing left its temporary; its batch was redone
         work.summary.seconds = time.perf_counter() - start
-        records = read_records(out)
+        records = report_records(out)
         outputs.write_parquet(records, out / outputs.PARQUET)
         report = write_report(records, out, list(warnings))
         yield {"summary": {**vars(work.summary), "report": str(report)}}

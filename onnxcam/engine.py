@@ -130,7 +130,7 @@ def sharing_cores(options: ort.SessionOptions | None = None) -> ort.SessionOptio
     return options
 
 
-def lean(options: ort.SessionOptions, quantized: bool = False) -> ort.SessionOptions:
+def without_prepacking(options: ort.SessionOptions, quantized: bool = False) -> ort.SessionOptions:
     """``options`` with weight pre-packing off for a float model, unless the caller set it.
 
     ONNX Runtime pre-packs a constant weight once per node that reads it: VGG16's 411 MB FC1 weight is
@@ -228,7 +228,7 @@ class Engine:
             quantized = file_metadata(path).get(contract.META_PREFIX + "quantized") == "true"
         except OSError as exc:
             raise OnnxcamError(f"cannot read model {path}: {exc.strerror}") from None
-        options = lean(options or ort.SessionOptions(), quantized)
+        options = without_prepacking(options or ort.SessionOptions(), quantized)
         options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

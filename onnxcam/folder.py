@@ -267,7 +267,7 @@ def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
     return Plan(todo, Summary(images=len(paths), skipped=len(paths) - len(todo)))
 
 
-def finish(log: TextIO, summary: Summary, lines: list[dict]) -> list[dict]:
+def append_records(log: TextIO, summary: Summary, lines: list[dict]) -> list[dict]:
     """Append one batch's records to ``results.jsonl`` (one write: whole records) and count its images."""
     failed = {r["path"] for r in lines if r.get("error")}
     summary.failed += len(failed)
@@ -297,16 +297,16 @@ def run(
         bar = progress_bar(len(work.todo)) if progress else nullcontext(None)
         with bar as advance, (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
             for items, lines in _pipeline(worker, work.todo, options.batch_size):
-                yield from finish(log, work.summary, lines)
+                yield from append_records(log, work.summary, lines)
                 if advance:
                     advance(len(items))
         work.summary.seconds = time.perf_counter() - start
-        records = read_records(out)
+        records = report_records(out)
         removed = outputs.refresh_parquet(records, out)  # (an earlier Ray run's table follows the records)
         report = write_report(records, out, [*warnings, *([removed] if removed else [])])
         yield {"summary": {**vars(work.summary), "report": str(report)}}
 
 
-def read_records(out: Path) -> list[dict]:
+def report_records(out: Path) -> list[dict]:
     """Every complete record of ``results.jsonl`` (for the report)."""
     return outputs.read_records(out / outputs.RESULTS, strict=False)

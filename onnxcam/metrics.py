@@ -37,7 +37,7 @@ CHUNK = 16  # perturbed images per pass through the session: bounded memory what
 
 def _curve(score: Score, start: np.ndarray, finish: np.ndarray, cam: np.ndarray, steps: int) -> np.ndarray:
     """Scores as the pixels of ``finish`` replace those of ``start`` in decreasing map order, :data:`CHUNK` frames
-    per pass (10,000 steps in one batch took 22 GB)."""
+    per pass (10,000 steps in one batch took 22 GB in issue #22's probe)."""
     order = np.argsort(-cam.ravel(), kind="stable")
     counts = np.linspace(0, order.size, steps + 1).round().astype(int)
     scores = []

@@ -62,7 +62,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True
 
 
 # picture formats for overlays, panels and sheets: extension -> OpenCV encoder parameters
-# (PNG is lossless and slow to encode; JPEG at quality 95 is ~15x faster; the raw .npy map stays exact)
+# (PNG is lossless and slow to encode; JPEG at quality 95 is faster, benchmarks/folder.py; the raw .npy map stays exact)
 PICTURE_FORMATS: dict[str, list[int]] = {
     "png": [],
     "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95],

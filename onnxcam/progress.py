@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 def progress_bar(total: int, unit: str = "images") -> Iterator[Callable[[int], None]]:
     """Yields ``advance(count)``; the bar disappears when the block ends.
 
-    rich is imported here, not at module level: its 45 ms would otherwise be paid by every command, bar or
+    rich is imported here, not at module level: its import time would otherwise be paid by every command, bar or
     not (benchmarks/startup.py times one photo's whole process).
     """
     from rich.console import Console

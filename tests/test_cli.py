@@ -402,3 +402,18 @@ def test_colormap_colours_the_overlay_with_its_own_ends_and_a_resume_must_ask_it
 
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in COLORMAPS if name != "jet"), "the README names every colour map"
+
+
+def test_the_cli_choices_are_their_registries() -> None:
+    """The runtime cannot import the export side (torch, onnx), so the CLI names its choices itself: each list is
+    its registry's, and the help names every detector layout and box format."""
+    pytest.importorskip("torch")
+    from onnxcam import cli
+    from onnxcam_export.quantize import FORMATS
+    from onnxcam_export.tasks import BOX_FORMATS, DETECTOR_LAYOUTS
+    from onnxcam_export.torch_export import ARCHS
+
+    assert {a.value for a in cli.ArchName} == set(ARCHS)
+    assert [f.value for f in cli.QuantFormat] == list(FORMATS)
+    shown = " ".join(run("export", "--help").stdout.split())
+    assert f"({', '.join(DETECTOR_LAYOUTS)})" in shown and " or ".join(BOX_FORMATS) in shown

@@ -58,6 +58,18 @@ def test_the_install_block_is_what_setup_runs() -> None:
         assert f'pip install "{spec}"' in install, spec
 
 
+def test_the_rules_list_is_the_rules_table() -> None:
+    """The README's list of the ops with a gradient rule is :data:`onnxcam_export.vjp.RULES`, no more, no less
+    (it lacked Resize)."""
+    pytest.importorskip("onnx")
+    from onnxcam_export.vjp import RULES
+
+    listed = re.search(r"<!-- rules -->(.*?)<!-- /rules -->", README, re.S)
+    assert listed is not None, "the README marks its rules list"
+    assert re.findall(r"`(\w+)`", listed.group(1)) == sorted(RULES)
+    assert f"exactly these {len(RULES)} ops" in README
+
+
 def test_the_methods_table_lists_the_registered_methods() -> None:
     from onnxcam.methods import METHODS
 
