@@ -97,6 +97,22 @@ class Prepared:
         return cls(image, image, STRETCH.place(image.shape[:2], image.shape[:2]))
 
 
+@dataclass(frozen=True)
+class Request:
+    """An explain request resolved against one model (:meth:`Explainer.request`), checked once: its method names,
+    its target rows (class indices, ``-k`` for the k-th best or a detector's k-th detection) and the task's
+    options. :meth:`Explainer.explain_batch`, the folder run, Ray's actors and the audit run one as it is."""
+
+    codes: tuple[int, ...]
+    methods: tuple[str, ...] = ("gradcam",)
+    predictions: int = 5
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    conf: float | None = None
+    iou: float | None = None
+    mask: np.ndarray | str | Path | None = None  # a segmenter's region (an image file, or [H, W] non-zero inside)
+
+
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 DETECTIONS = 10  # kept detections explained by default
 MAX_DETECTIONS = 300  # ultralytics' max_det
@@ -213,10 +229,35 @@ class Explainer:
         (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
         pixels each class's score sums, instead of the pixels predicted as the class.
         """
+        asked = self.request(targets, top_k, predictions, method, eigen_smooth, aug_smooth, conf, iou, mask)
+        return self.run(images, asked)
+
+    def request(
+        self,
+        targets: Sequence[int | str] = (),
+        top_k: int | None = None,
+        predictions: int = 5,
+        method: str | Sequence[str] = "gradcam",
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
+        conf: float | None = None,
+        iou: float | None = None,
+        mask: np.ndarray | str | Path | None = None,
+    ) -> Request:
+        """The request of :meth:`explain_batch`'s arguments, checked against this model: a bad method name, class,
+        top-k or an option the model's task has no use for is an OnnxcamError here, before any image is read."""
         names = methods.resolve(method, self.engine.outputs, self.card.task)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
         codes = self.target_codes(targets, top_k)
+        return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask)
+
+    def run(self, images: Sequence[np.ndarray | str | Path | Prepared], asked: Request) -> list[Explanation]:
+        """Explain ``images`` as ``asked`` (a :meth:`request` of this model), in one ORT call."""
+        codes, names, predictions, eigen_smooth, aug_smooth = (
+            list(asked.codes), list(asked.methods), asked.predictions, asked.eigen_smooth, asked.aug_smooth
+        )  # fmt: skip
+        conf, iou, mask = asked.conf, asked.iou, asked.mask
         prepared = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
         photos = [p.photo for p in prepared]
         batch = np.stack([p.model_input for p in prepared])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxcam import maps, outputs
-from onnxcam.api import Explainer
+from onnxcam.api import Explainer, Request
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import read_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS, read_small_text
@@ -145,13 +145,14 @@ def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, s
             if path.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
 
 
-def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | None, out: Path, stem: str) -> dict:
+def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | None, out: Path, stem: str,
+                request: Request | None = None) -> dict:  # fmt: skip
     """The record of one image: prediction, object share of the map, flagged; its overlay and map written."""
     if box is None:
         raise OnnxcamError(f"no box for {path} in the boxes file")
     photo = read_rgb(path)
     check_box(box, photo.shape[:2], path)
-    result = explainer.explain(photo, top_k=1)
+    result = explainer.run([photo], request or explainer.request(top_k=1))[0]
     top = result.maps[0]
     share = maps.box_share(top.cam, box)
     area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) / top.cam.size
@@ -175,6 +176,7 @@ def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, ov
     An image that cannot be audited (unreadable, no box, box outside it) is an error record.
     """
     images = labelled_images(folder, explainer.labels)
+    request = explainer.request(top_k=1)  # the predicted class, resolved once for the run
     settings = {"command": "audit", "model": "sha256:" + outputs.file_digest(explainer.engine.path)[:16]}
     with outputs.owned(out):
         outputs.start_run(out, settings, resume=False, overwrite=overwrite, records=RECORDS)
@@ -182,7 +184,7 @@ def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, ov
         with (out / RECORDS).open("w", encoding="utf-8") as log:
             for (path, label), stem in zip(images, stems.values(), strict=True):
                 try:
-                    record = audit_image(explainer, path, label, boxes.get(str(path.resolve())), out, stem)
+                    record = audit_image(explainer, path, label, boxes.get(str(path.resolve())), out, stem, request)
                 except Exception as exc:  # one image never stops the audit
                     record = {"path": str(path), "true_class": label, "error": describe(exc, path)}
                 log.write(json.dumps(record) + "\n")

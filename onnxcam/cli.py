@@ -483,10 +483,9 @@ def _explain_records(
         raise OnnxcamError(f"no image files found in {' '.join(images)}")
     # more than one batch: decoding and writing overlap ORT's runs (a Ray actor sets its own threads)
     explainer, warnings = _load(model, provider, shared=ray is None and len(paths) > options.batch_size)
-    names = _method_names(method, explainer)
-    options = replace(options, methods=names, sheets=len(names) > 1)
-    explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any image is read
-    explainer.check_task(options.aug_smooth, options.conf, options.iou, bool(options.mask))  # and the task's misuses
+    # resolved once against the model (`all`: the methods it can run); bad classes and task options fail here
+    request = replace(options, methods=[m.strip() for m in method.split(",")]).request(explainer)
+    options = replace(options, methods=list(request.methods), sheets=len(request.methods) > 1)
     size = None
     if len(images) == 1 and len(paths) == 1 and not uris and not Path(images[0]).is_dir():
         size = read_rgb(paths[0], options.max_pixels, options.max_bytes).shape[:2]  # a bad image fails before writes
@@ -494,9 +493,11 @@ def _explain_records(
         read_mask(options.mask, size, options.max_pixels, options.max_bytes)
     progress = sys.stderr.isatty() and not quiet
     if ray is None:
-        records = run(explainer, [Path(p) for p in paths], options, progress=progress, warnings=warnings)
+        records = run(explainer, [Path(p) for p in paths], options, progress=progress, warnings=warnings,
+                      request=request)  # fmt: skip
     else:
-        records = distributed.run(explainer, paths, options, ray, actors, progress=not quiet, warnings=warnings)
+        records = distributed.run(explainer, paths, options, ray, actors, progress=not quiet, warnings=warnings,
+                                  request=request)  # fmt: skip
     for record in records:
         yield {**record, "warnings": warnings, "task": explainer.card.task} if "summary" in record else record
 

@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxcam import outputs
-from onnxcam.api import Explainer
+from onnxcam.api import Explainer, Request
 from onnxcam.errors import OnnxcamError
 from onnxcam.folder import Options, Worker, append_records, plan, read_local, report_records
 from onnxcam.image import decode_rgb
@@ -115,7 +115,7 @@ def fetch_model(model: str, folder: Path) -> Path:
 class ExplainActor:
     """One Ray actor: one ONNX Runtime session (loaded once) running the local Worker on its batches."""
 
-    def __init__(self, model: str, options: Options, threads: int, base: str) -> None:
+    def __init__(self, model: str, options: Options, threads: int, base: str, request: Request | None = None) -> None:
         local = Path(model if is_uri(model) or os.path.isabs(model) else os.path.join(base, model))
         if is_uri(model) or not local.is_file():  # a URI, or a path this worker cannot see: fetch it once
             local = fetch_model(model, Path(tempfile.mkdtemp(prefix="onnxcam-actor-")))
@@ -126,7 +126,8 @@ class ExplainActor:
         def read(path: str, o: Options) -> np.ndarray:  # relative paths are the driver's
             return read_any(path if is_uri(path) or os.path.isabs(path) else os.path.join(base, path), o)
 
-        self.worker = Worker(explainer, options, read=read, replace=True)  # a retried batch rewrites its files
+        # a retried batch rewrites its files; the request is the driver's, resolved once for the run
+        self.worker = Worker(explainer, options, read=read, replace=True, request=request)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lines = self.worker([(str(p), str(s)) for p, s in zip(batch["path"], batch["stem"], strict=True)])
@@ -165,14 +166,15 @@ def connect(address: str, cpus: int | None = None, quiet: bool = False) -> None:
                  log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
 
 
-def explain_rows(dataset: object, model: str, options: Options, actors: int, threads: int = 1) -> object:
+def explain_rows(dataset: object, model: str, options: Options, actors: int, threads: int = 1,
+                 request: Request | None = None) -> object:  # fmt: skip
     """A Ray Dataset of ``(path, stem)`` rows -> a Dataset of ``record`` rows (JSON, one per image and target).
 
     For teams with a Ray pipeline: the files are written into ``options.out`` as a local run
     writes them; the records say where.
     """
     ray = _ray()
-    kwargs = {"model": model, "options": options, "threads": threads, "base": os.getcwd()}
+    kwargs = {"model": model, "options": options, "threads": threads, "base": os.getcwd(), "request": request}
     # Ray Data restarts a dead actor and retries its batch (max_restarts and max_task_retries default to -1)
     return dataset.map_batches(
         ExplainActor, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, num_cpus=threads,
@@ -192,12 +194,12 @@ def _check_empty(out: Path) -> None:
 
 def run(
     explainer: Explainer, paths: list[str], options: Options, address: str = "local", actors: int | None = None,
-    progress: bool = True, warnings: list[str] = (),
+    progress: bool = True, warnings: list[str] = (), request: Request | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """:func:`onnxcam.folder.run` on Ray: yields every record as it arrives, then the summary."""
     ray = _ray()
     out = options.out
-    explainer.target_codes(options.targets, options.top_k)
+    request = request or options.request(explainer)  # a bad request fails before Ray starts
     connect(address, quiet=not progress)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     ray.data.DataContext.get_current().enable_progress_bars = progress
@@ -211,7 +213,7 @@ def run(
         if work.todo:
             rows = ray.data.from_items([{"path": p, "stem": s} for p, s in work.todo])
             resolved = replace(options, out=out.resolve())  # actors may run elsewhere: they write to the full path
-            results = explain_rows(rows, str(explainer.engine.path), resolved, actors)
+            results = explain_rows(rows, str(explainer.engine.path), resolved, actors, request=request)
             with (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
                 for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                     lines = [_as_given(json.loads(r), resolved.out, out) for r in batch["record"]]

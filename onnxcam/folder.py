@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from onnxcam import maps, outputs
-from onnxcam.api import Explainer, Explanation, Prepared, TargetMap
+from onnxcam.api import Explainer, Explanation, Prepared, Request, TargetMap
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
 from onnxcam.overlay import HEAT_WEIGHT
@@ -52,6 +52,11 @@ class Options:
     conf: float | None = None  # a detector's suppression thresholds (None: the graph's defaults)
     iou: float | None = None
     mask: Path | None = None  # a segmenter's region, an image file the size of every image
+
+    def request(self, explainer: Explainer) -> Request:
+        """What to explain, resolved and checked against ``explainer``'s model once (:meth:`Explainer.request`)."""
+        return explainer.request(self.targets, self.top_k, method=self.methods, eigen_smooth=self.eigen_smooth,
+                                 aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask)  # fmt: skip
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -145,12 +150,15 @@ class Worker:
 
     The local pipeline runs its three steps in overlapping threads; a Ray actor calls it whole.
     ``inputs`` (real paths of the run's images) guards against an output overwriting an input;
-    ``replace`` allows replacing files of the same run (``--resume``, a retried Ray task).
+    ``replace`` allows replacing files of the same run (``--resume``, a retried Ray task). ``request``: the
+    options' request where the caller resolved it (:meth:`Options.request`).
     """
 
     def __init__(self, explainer: Explainer, options: Options, read: Reader = read_local,
-                 inputs: frozenset[str] = frozenset(), replace: bool = False) -> None:  # fmt: skip
+                 inputs: frozenset[str] = frozenset(), replace: bool = False,
+                 request: Request | None = None) -> None:  # fmt: skip
         self.explainer, self.options, self.read, self.inputs, self.replace = explainer, options, read, inputs, replace
+        self.request = request or options.request(explainer)
 
     def __call__(self, items: list[Item]) -> list[dict]:
         return self.save_all(self.explain_decoded(self.decode(items)), dict(items))
@@ -165,18 +173,7 @@ class Worker:
         return decoded
 
     def _explain(self, images: list[Prepared]) -> list[Explanation | str]:
-        o = self.options
-        call = lambda batch: self.explainer.explain_batch(  # noqa: E731
-            batch,
-            o.targets,
-            o.top_k,
-            method=o.methods,
-            eigen_smooth=o.eigen_smooth,
-            aug_smooth=o.aug_smooth,
-            conf=o.conf,
-            iou=o.iou,
-            mask=o.mask,
-        )
+        call = lambda batch: self.explainer.run(batch, self.request)  # noqa: E731
         try:
             return list(call(images))
         except Exception:  # one image may break the batch: find it by explaining one at a time
@@ -278,21 +275,23 @@ def append_records(log: TextIO, summary: Summary, lines: list[dict]) -> list[dic
 
 
 def run(
-    explainer: Explainer, paths: list[Path], options: Options, progress: bool = False, warnings: list[str] = ()
-) -> Iterator[dict]:
+    explainer: Explainer, paths: list[Path], options: Options, progress: bool = False, warnings: list[str] = (),
+    request: Request | None = None,
+) -> Iterator[dict]:  # fmt: skip
     """Explain ``paths`` into ``options.out``; yields every record as it is written, then a summary.
 
     Bad images become error records and the run goes on. The folder is locked for the run;
     an earlier run there is refused unless ``resume`` (same settings: its complete images
     are skipped, their records kept) or ``overwrite`` (its files are deleted first). At the
-    end, ``index.html`` shows every record, with ``warnings`` about the model on top.
+    end, ``index.html`` shows every record, with ``warnings`` about the model on top. ``request``: the options'
+    (:meth:`Options.request`) where the caller resolved it.
     """
     out = options.out
-    explainer.target_codes(options.targets, options.top_k)  # bad classes fail before any work
+    request = request or options.request(explainer)  # a bad request fails before any work
     with outputs.owned(out):
         work = plan(explainer, [str(p) for p in paths], options)
         inputs = frozenset(os.path.realpath(p) for p in paths)
-        worker = Worker(explainer, options, inputs=inputs, replace=options.resume)
+        worker = Worker(explainer, options, inputs=inputs, replace=options.resume, request=request)
         start = time.perf_counter()
         bar = progress_bar(len(work.todo)) if progress else nullcontext(None)
         with bar as advance, (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
