@@ -324,7 +324,7 @@ def _task_logits(
         notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
                      "its logits over the pixels predicted as c, or over the region a mask gives")  # fmt: skip
         scores = add_segment_scores(model, raw, types, decoding.size)
-        return scores, Task(task, outputs=(contract.PIXEL_SHARES,)), shape[1]
+        return scores, Task(task, outputs=contract.TASK_OUTPUTS[task]), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
     if shape[1] == 1:

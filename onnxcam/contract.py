@@ -123,6 +123,8 @@ BOX_SCORES = "box_scores"
 BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
 PIXEL_SHARES = "pixel_shares"
+# each task's own outputs beside the contract's (see above), which every call returns
+TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS}
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
 SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
 

@@ -279,10 +279,10 @@ class Engine:
         boxes = set(contract.DETECTION_OUTPUTS) <= set(outputs)
         task_fits = {
             "classification": rank == 2 and not boxes,
-            "detection": rank == 3 and boxes,
-            "segmentation": rank == 2 and contract.REGION in inputs and contract.PIXEL_SHARES in outputs,
+            "detection": rank == 3,
+            "segmentation": rank == 2 and contract.REGION in inputs,
         }
-        if not task_fits[card.task]:
+        if not task_fits[card.task] or not set(contract.TASK_OUTPUTS[card.task]) <= set(outputs):
             return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
         layers = sum(contract.scale_output(contract.ACTIVATIONS, i) in outputs for i in range(1, 64))
         if layers != len(card.extra_layers):
@@ -342,17 +342,14 @@ class Engine:
                 "token layer have attention maps; use a Grad-CAM method"
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
-        names = [*contract.OUTPUTS, *attention]
+        names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
         if self.card.task == "detection":
             feeds |= _threshold_feeds(thresholds or {})
             if contract.IOU_THRESHOLD in feeds and contract.IOU_THRESHOLD not in self.inputs:
                 raise OnnxcamError(f"{self.path} is a set-prediction detector (DETR): it suppresses no box, so an "
                                    "IoU threshold does not apply")  # fmt: skip
-            names += contract.DETECTION_OUTPUTS
         elif thresholds:
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
-        if self.card.task == "segmentation":
-            names.append(contract.PIXEL_SHARES)
         if region is not None:
             if contract.REGION not in self.inputs:
                 raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
