@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from onnxcam import maps, outputs
 from onnxcam.api import Explainer, Request
 from onnxcam.errors import OnnxcamError, describe
+from onnxcam.folder import Driver, Summary
 from onnxcam.image import read_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS, read_small_text
 from onnxcam.maps import Box
@@ -169,9 +170,10 @@ def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | No
     }  # fmt: skip
 
 
-def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, overwrite: bool = False
-        ) -> Iterator[dict]:  # fmt: skip
-    """Audit every labelled image into ``out`` (overlays, maps, ``audit.jsonl``); yields each record.
+def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, overwrite: bool = False,
+        warnings: Sequence[str] = ()) -> Iterator[dict]:  # fmt: skip
+    """Audit every labelled image into ``out`` (overlays, maps, ``audit.jsonl``); yields each record, then the
+    summary (its ``report``: ``index.html`` with the per-class table and ``warnings`` about the model on top).
 
     An image that cannot be audited (unreadable, no box, box outside it) is an error record.
     """
@@ -181,15 +183,20 @@ def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, ov
     with outputs.owned(out):
         outputs.start_run(out, settings, resume=False, overwrite=overwrite, records=RECORDS)
         stems = outputs.unique_stems([str(path.parent / f"{label}-{path.name}") for path, label in images])
-        with (out / RECORDS).open("w", encoding="utf-8") as log:
-            for (path, label), stem in zip(images, stems.values(), strict=True):
-                try:
-                    record = audit_image(explainer, path, label, boxes.get(str(path.resolve())), out, stem, request)
-                except Exception as exc:  # one image never stops the audit
-                    record = {"path": str(path), "true_class": label, "error": describe(exc, path)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                yield record
+        outputs.write_text(out / RECORDS, "")
+        driver = Driver(out, Summary(images=len(images)), RECORDS)
+        for (path, label), stem in zip(images, stems.values(), strict=True):
+            try:
+                record = audit_image(explainer, path, label, boxes.get(str(path.resolve())), out, stem, request)
+            except Exception as exc:  # one image never stops the audit
+                record = {"path": str(path), "true_class": label, "error": describe(exc, path)}
+            yield from driver.append([record])
+        yield driver.end(warnings, parquet="none", title=f"onnxcam audit of {folder.name}", table=class_table)
+
+
+def class_table(records: list[dict]) -> list[dict]:
+    """The report's per-class table: :func:`summary` as rows."""
+    return [{"class": label, **row} for label, row in summary(records).items()]
 
 
 def summary(records: list[dict]) -> dict[str, dict[str, float]]:

@@ -31,7 +31,6 @@ from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_mask, read_rgb
 from onnxcam.inputs import expand
 from onnxcam.overlay import HEAT_WEIGHT
 from onnxcam.progress import progress_bar
-from onnxcam.report import write_report
 from onnxcam.web import DEFAULT_ORT, write_site
 
 app = typer.Typer(
@@ -571,14 +570,15 @@ def audit_command(
     explainer, warnings = _load(model)
     explainer.require_classifier("audit")
     box_map = audit.load_boxes(boxes)
-    records = []
-    for record in audit.run(explainer, folder, box_map, out, overwrite):
+    records, report = [], None
+    for record in audit.run(explainer, folder, box_map, out, overwrite, warnings):
+        if "summary" in record:
+            report = record["summary"]["report"]
+            continue
         if record["error"]:
             _echo(f"error: {record['error']}", err=True)
         records.append(record)
     per_class = audit.summary(records)
-    table = [{"class": label, **row} for label, row in per_class.items()]
-    report = write_report(records, out, warnings, f"onnxcam audit of {folder.name}", table)
     flagged = [r for r in records if r.get("flagged")]
     failed = [r for r in records if r["error"]]
     if json_output:

@@ -23,7 +23,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -35,10 +34,9 @@ import onnxruntime as ort
 from onnxcam import outputs
 from onnxcam.api import Explainer, Request
 from onnxcam.errors import OnnxcamError
-from onnxcam.folder import Options, Worker, append_records, plan, read_local, report_records
+from onnxcam.folder import Driver, Options, Worker, plan, read_local
 from onnxcam.image import decode_rgb
 from onnxcam.inputs import IMAGE_EXTENSIONS
-from onnxcam.report import write_report
 
 ADDRESS = re.compile(r"^(local|auto|ray://[^\s/]+|[\w.-]+:\d+)$")
 
@@ -209,21 +207,15 @@ def run(
         work = plan(explainer, paths, options)
         if options.overwrite:
             _check_empty(out)
-        start = time.perf_counter()
+        driver = Driver(out, work.summary)
         if work.todo:
             rows = ray.data.from_items([{"path": p, "stem": s} for p, s in work.todo])
             resolved = replace(options, out=out.resolve())  # actors may run elsewhere: they write to the full path
             results = explain_rows(rows, str(explainer.engine.path), resolved, actors, request=request)
-            with (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
-                for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-                    lines = [_as_given(json.loads(r), resolved.out, out) for r in batch["record"]]
-                    yield from append_records(log, work.summary, lines)
+            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                yield from driver.append([_as_given(json.loads(r), resolved.out, out) for r in batch["record"]])
             outputs.remove_partials(out)  # an actor killed while writing left its temporary; its batch was redone
-        work.summary.seconds = time.perf_counter() - start
-        records = report_records(out)
-        outputs.write_parquet(records, out / outputs.PARQUET)
-        report = write_report(records, out, list(warnings))
-        yield {"summary": {**vars(work.summary), "report": str(report)}}
+        yield driver.end(warnings, parquet="write")
 
 
 def _as_given(record: dict, resolved: Path, given: Path) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -264,14 +264,41 @@ def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
     return Plan(todo, Summary(images=len(paths), skipped=len(paths) - len(todo)))
 
 
-def append_records(log: TextIO, summary: Summary, lines: list[dict]) -> list[dict]:
-    """Append one batch's records to ``results.jsonl`` (one write: whole records) and count its images."""
-    failed = {r["path"] for r in lines if r.get("error")}
-    summary.failed += len(failed)
-    summary.explained += len({r["path"] for r in lines}) - len(failed)
-    log.write("".join(json.dumps(r) + "\n" for r in lines))
-    log.flush()
-    return lines
+class Driver:
+    """What the folder run, Ray and the audit share between taking their folder (:func:`outputs.owned`,
+    :func:`outputs.start_run`) and leaving it: whole records appended as they come and counted, then the report
+    (and a Ray run's table) of every complete record, and the summary."""
+
+    def __init__(self, out: Path, summary: Summary, records: str = outputs.RESULTS) -> None:
+        self.out, self.summary, self.records = out, summary, records
+        self.start = time.perf_counter()
+        self.log: TextIO = (out / records).open("a", encoding="utf-8")
+
+    def append(self, lines: list[dict]) -> list[dict]:
+        """Append one batch's records (one write: whole records) and count its images; returns them."""
+        failed = {r["path"] for r in lines if r.get("error")}
+        self.summary.failed += len(failed)
+        self.summary.explained += len({r["path"] for r in lines}) - len(failed)
+        self.log.write("".join(json.dumps(r) + "\n" for r in lines))
+        self.log.flush()
+        return lines
+
+    def end(self, warnings: Sequence[str] = (), parquet: str = "refresh", title: str = "onnxcam explain",
+            table: Callable[[list[dict]], list[dict]] | None = None) -> dict:  # fmt: skip
+        """Close the records, write ``index.html`` (``table``: rows made from the records, shown above the cards)
+        and the parquet table (``write``: a Ray run's; ``refresh``: an earlier Ray run's, following the
+        records); return the summary record."""
+        self.log.close()
+        self.summary.seconds = time.perf_counter() - self.start
+        records = outputs.read_records(self.out / self.records, strict=False)
+        notes = list(warnings)
+        if parquet == "write":
+            outputs.write_parquet(records, self.out / outputs.PARQUET)
+        elif parquet == "refresh":
+            removed = outputs.refresh_parquet(records, self.out)
+            notes += [removed] if removed else []
+        report = write_report(records, self.out, notes, title, table(records) if table else None)
+        return {"summary": {**vars(self.summary), "report": str(report)}}
 
 
 def run(
@@ -292,20 +319,10 @@ def run(
         work = plan(explainer, [str(p) for p in paths], options)
         inputs = frozenset(os.path.realpath(p) for p in paths)
         worker = Worker(explainer, options, inputs=inputs, replace=options.resume, request=request)
-        start = time.perf_counter()
-        bar = progress_bar(len(work.todo)) if progress else nullcontext(None)
-        with bar as advance, (out / outputs.RESULTS).open("a", encoding="utf-8") as log:
+        driver = Driver(out, work.summary)
+        with progress_bar(len(work.todo)) if progress else nullcontext(None) as advance:
             for items, lines in _pipeline(worker, work.todo, options.batch_size):
-                yield from append_records(log, work.summary, lines)
+                yield from driver.append(lines)
                 if advance:
                     advance(len(items))
-        work.summary.seconds = time.perf_counter() - start
-        records = report_records(out)
-        removed = outputs.refresh_parquet(records, out)  # (an earlier Ray run's table follows the records)
-        report = write_report(records, out, [*warnings, *([removed] if removed else [])])
-        yield {"summary": {**vars(work.summary), "report": str(report)}}
-
-
-def report_records(out: Path) -> list[dict]:
-    """Every complete record of ``results.jsonl`` (for the report)."""
-    return outputs.read_records(out / outputs.RESULTS, strict=False)
+        yield driver.end(warnings)
