@@ -193,7 +193,7 @@ class Explainer:
     ) -> Explanation:
         """Explain one image (a path, or a uint8 ``[H, W, 3]`` RGB array of any size).
 
-        ``options``: ``predictions``, ``method``, ``eigen_smooth``, ``aug_smooth`` as in :meth:`explain_batch`.
+        ``options``: ``predictions``, ``method``, ``eigen_smooth``, ``aug_smooth``, ... as :meth:`request` takes them.
         """
         return self.explain_batch([image], targets, top_k, **options)[0]
 
@@ -209,28 +209,12 @@ class Explainer:
         images: Sequence[np.ndarray | str | Path | Prepared],
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
-        predictions: int = 5,
-        method: str | Sequence[str] = "gradcam",
-        eigen_smooth: bool = False,
-        aug_smooth: bool = False,
-        conf: float | None = None,
-        iou: float | None = None,
-        mask: np.ndarray | str | Path | None = None,
+        **options: Any,
     ) -> list[Explanation]:
-        """Explain several images in one ORT call; each gets the same target list.
-
-        ``method`` is one name from :data:`onnxcam.methods.METHODS` (any case) or several. The methods that need only
-        activations and gradients all come from the same call; ``scorecam`` and ``ablationcam``
-        add batched passes through the same session. ``maps`` holds, per method in the given
-        order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
-        (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
-        for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
-        detection (with its box), and ``conf``, ``iou`` are its suppression thresholds. On a segmenter, ``mask``
-        (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
-        pixels each class's score sums, instead of the pixels predicted as the class.
-        """
-        asked = self.request(targets, top_k, predictions, method, eigen_smooth, aug_smooth, conf, iou, mask)
-        return self.run(images, asked)
+        """Explain several images in one ORT call; each gets the same target list. ``options``: ``predictions``,
+        ``method``, ``eigen_smooth``, ``aug_smooth``, ``conf``, ``iou``, ``mask`` as :meth:`request` takes them
+        (a loop over batches asks once, then calls :meth:`run`)."""
+        return self.run(images, self.request(targets, top_k, **options))
 
     def request(
         self,
@@ -244,8 +228,19 @@ class Explainer:
         iou: float | None = None,
         mask: np.ndarray | str | Path | None = None,
     ) -> Request:
-        """The request of :meth:`explain_batch`'s arguments, checked against this model: a bad method name, class,
-        top-k or an option the model's task has no use for is an OnnxcamError here, before any image is read."""
+        """What to explain, checked against this model: a bad method name, class, top-k or an option the model's
+        task has no use for is an OnnxcamError here, before any image is read.
+
+        ``method`` is one name from :data:`onnxcam.methods.METHODS` (any case) or several. The methods that need only
+        activations and gradients all come from the same call; ``scorecam`` and ``ablationcam``
+        add batched passes through the same session. ``maps`` holds, per method in the given
+        order, one map per target. ``aug_smooth`` averages the [0, 1]-scaled maps of six views
+        (horizontal flip x brightness 0.9 / 1.0 / 1.1), each mapped back to the original frame,
+        for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
+        detection (with its box), and ``conf``, ``iou`` are its suppression thresholds. On a segmenter, ``mask``
+        (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
+        pixels each class's score sums, instead of the pixels predicted as the class.
+        """
         names = methods.resolve(method, self.engine.outputs, self.card.task)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
@@ -254,17 +249,15 @@ class Explainer:
 
     def run(self, images: Sequence[np.ndarray | str | Path | Prepared], asked: Request) -> list[Explanation]:
         """Explain ``images`` as ``asked`` (a :meth:`request` of this model), in one ORT call."""
-        codes, names, predictions, eigen_smooth, aug_smooth = (
-            list(asked.codes), list(asked.methods), asked.predictions, asked.eigen_smooth, asked.aug_smooth
-        )  # fmt: skip
-        conf, iou, mask = asked.conf, asked.iou, asked.mask
+        codes, names, eigen_smooth = list(asked.codes), list(asked.methods), asked.eigen_smooth
         prepared = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
         photos = [p.photo for p in prepared]
         batch = np.stack([p.model_input for p in prepared])
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
         if self.card.task == "detection":
-            return self._explain_detections(prepared, batch, codes, names, eigen_smooth, _thresholds(conf, iou))
-        region = None if mask is None else self._region(mask, prepared)
+            thresholds = _thresholds(asked.conf, asked.iou)
+            return self._explain_detections(prepared, batch, codes, names, eigen_smooth, thresholds)
+        region = None if asked.mask is None else self._region(asked.mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
         # a segmenter's masked sums have no softmax meaning: its "probability" is each class's share of the pixels
@@ -272,11 +265,11 @@ class Explainer:
         probs = out.pixel_shares.astype(np.float64) if segmenter else softmax(out.logits.astype(np.float64))
         results = []
         for n, (photo, placed) in enumerate(zip(photos, prepared, strict=True)):
-            order = np.argsort(-(probs if segmenter else out.logits)[n], kind="stable")[:predictions]
+            order = np.argsort(-(probs if segmenter else out.logits)[n], kind="stable")[: asked.predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
             found = []
             for name in names:
-                if aug_smooth:
+                if asked.aug_smooth:
                     lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth, attention)
                 else:
                     lowres = self._maps(name, batch[n], out, n, eigen_smooth)
