@@ -698,33 +698,14 @@ def graft_file(
     ``windowed``: a detector's backward over the windows each box reads where that reproduces the walk over
     whole feature maps (:mod:`onnxcam_export.windowed`); False: over whole maps.
     """
-    if score not in SCORES:
-        raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
-    if task is not None and task not in TASKS:
-        raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    if layout is not None and layout not in DETECTOR_LAYOUTS:
-        raise OnnxcamError(f"unknown detector layout {layout!r}; choose one of: {', '.join(DETECTOR_LAYOUTS)}")
-    if layout is not None and task not in (None, "detection"):
-        raise OnnxcamError(f"--detector-layout forces a detector: drop --task {task}")
-    if box_format is not None and box_format not in BOX_FORMATS:
-        raise OnnxcamError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
+    _check_options(score, task, layout, box_format)
     given = (prep or Preprocessing()).given
     if labels is not None:  # read before any work: a bad file is refused at once
         given = Facts(dict(given.values), dict(given.sources)).add(f"flag --labels {Path(labels).name}",
                                                                     labels=labels_file(Path(labels)))  # fmt: skip
     notes: list[str] = []
-    try:
-        model = onnx.load(source)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise OnnxcamError(f"cannot read {source} as an ONNX model: {exc}") from exc
-    if any(p.key == contract.META_PREFIX + "contract" for p in model.metadata_props):
-        raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
-    _check_opsets(model, source)
-    _clear_names(model.graph)
-    facts = Facts(dict(given.values), dict(given.sources)).merge(from_file(model, Path(source)))
-    model = _modern_ir(model)
-    graph = model.graph
-    inputs = _input_layout(graph, facts, notes)
+    model, facts = _load_source(Path(source), given)
+    inputs = _input_layout(model.graph, facts, notes)
     prep = _resolve(facts, notes)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
@@ -733,52 +714,19 @@ def graft_file(
     if found.kind != "classification" and score != "logit":
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
     types = infer_types(model) if found.kind != "classification" else types
-    shapes = _shapes(types)
-    batch = shapes[inputs.name][0]
-    layouts = infer_layouts(graph, shapes, inputs.name, inputs.channels_first, batch)
-    candidates = candidate_layers(graph, logits, layouts, types)  # (a Flatten added above is no candidate)
-    if not candidates:
-        raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
-    layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
-    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
-        candidates = [c for c in candidates if not layouts[c].has_tokens] or candidates
-    if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
-        candidates = _before_masks(candidates, layouts, shapes, classes)
-    heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
-    if len(heads) > 1:
-        layer, extras = heads[0], heads[1:]
-        notes.append(f"target layers (auto): the detector's head inputs, one per scale: {', '.join(heads)}")
-    if layer is None:
-        layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
-        notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "
-                     "the gradient reaches")  # fmt: skip
-    elif not _check_layer(graph, layer, logits, candidates, layouts):
-        notes.append(f"{layer!r} is not crossed by every path to the logits: its gradient is the partial derivative")
-    layout = layouts[layer]
-    if not layout.channels_first:
-        notes.append(f"{layer!r} is a {layout.describe(shapes[layer])}")
+    layer, extras, layout = _choose_layers(model, Path(source), layer, logits, found, classes, types, inputs, notes)
     upgraded = _upgrade(model, layer, logits, notes)
     if upgraded is not model:
         model = upgraded
         _annotate_shapes(model, inputs)
     _prepend_preprocessing(model, inputs, prep)
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
+    grafted, weights_path = _grafted(model, layer, logits, types, layout, score, found, extras, windowed, inputs,
+                                     notes)  # fmt: skip
     shapes = _shapes(types)
-    try:
-        result = graft(model, layer, logits, types, layout, score, found, extras, windowed)
-        grafted, weights_path = result.model, result.weights_path
-        if result.walk == "windowed":
-            dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False).model
-            grafted = _checked_windows(grafted, dense, inputs, notes)
-    except UnsupportedOp as exc:
-        raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
     channels, h, w = layout.contract_dims(shapes[layer])
     names, labels_source = _labels(facts, classes, notes, background)
-    if min(h, w) < 3:
-        better = "x".join(str(7 * round(side / cells)) for side, cells in ((inputs.height, h), (inputs.width, w)))
-        notes.append(f"warning: the target layer's grid is {h}x{w} at the input size {inputs.height}x{inputs.width}, "
-                     f"too coarse for a map: an input of {better} gives a 7x7 grid (--size, or re-export the model "
-                     "at that size)")  # fmt: skip
+    _warn_if_coarse((h, w), inputs, notes)
     described = "" if layout.channels_first else f" [{layout.describe(shapes[layer])}]"
     card = ModelCard(
         arch=f"onnx:{Path(source).name}",
@@ -799,3 +747,88 @@ def graft_file(
     )
     card = save_explainer(grafted, card, out)
     return card.summary(), notes
+
+
+def _check_options(score: str, task: str | None, layout: str | None, box_format: str | None) -> None:
+    """Refuse the options that name nothing onnxcam knows, before any work."""
+    if score not in SCORES:
+        raise OnnxcamError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
+    if task is not None and task not in TASKS:
+        raise OnnxcamError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if layout is not None and layout not in DETECTOR_LAYOUTS:
+        raise OnnxcamError(f"unknown detector layout {layout!r}; choose one of: {', '.join(DETECTOR_LAYOUTS)}")
+    if layout is not None and task not in (None, "detection"):
+        raise OnnxcamError(f"--detector-layout forces a detector: drop --task {task}")
+    if box_format is not None and box_format not in BOX_FORMATS:
+        raise OnnxcamError(f"unknown box format {box_format!r}; choose one of: {', '.join(BOX_FORMATS)}")
+
+
+def _load_source(source: Path, given: Facts) -> tuple[onnx.ModelProto, Facts]:
+    """The user's model at a modern IR version, its names cleared of the contract's, and what it says of itself
+    merged under what the flags gave."""
+    try:
+        model = onnx.load(source)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise OnnxcamError(f"cannot read {source} as an ONNX model: {exc}") from exc
+    if any(p.key == contract.META_PREFIX + "contract" for p in model.metadata_props):
+        raise OnnxcamError(f"{source} is already an onnxcam model; give the original classifier")
+    _check_opsets(model, source)
+    _clear_names(model.graph)
+    facts = Facts(dict(given.values), dict(given.sources)).merge(from_file(model, source))
+    return _modern_ir(model), facts
+
+
+def _choose_layers(
+    model: onnx.ModelProto, source: Path, layer: str | None, logits: str, found: Task, classes: int, types: Types,
+    inputs: InputLayout, notes: list[str],
+) -> tuple[str, list[str], Layout]:  # fmt: skip
+    """The target layer (``layer``, or the automatic one for the task), the extra ones (a detector's scales) and
+    the first one's layout."""
+    graph, shapes = model.graph, _shapes(types)
+    layouts = infer_layouts(graph, shapes, inputs.name, inputs.channels_first, shapes[inputs.name][0])
+    candidates = candidate_layers(graph, logits, layouts, types)  # (a Flatten added above is no candidate)
+    if not candidates:
+        raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
+    layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
+    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
+        candidates = [c for c in candidates if not layouts[c].has_tokens] or candidates
+    if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
+        candidates = _before_masks(candidates, layouts, shapes, classes)
+    heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
+    if len(heads) > 1:
+        layer, extras = heads[0], heads[1:]
+        notes.append(f"target layers (auto): the detector's head inputs, one per scale: {', '.join(heads)}")
+    if layer is None:
+        layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
+        notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "
+                     "the gradient reaches")  # fmt: skip
+    elif not _check_layer(graph, layer, logits, candidates, layouts):
+        notes.append(f"{layer!r} is not crossed by every path to the logits: its gradient is the partial derivative")
+    if not layouts[layer].channels_first:
+        notes.append(f"{layer!r} is a {layouts[layer].describe(shapes[layer])}")
+    return layer, extras, layouts[layer]
+
+
+def _grafted(
+    model: onnx.ModelProto, layer: str, logits: str, types: Types, layout: Layout, score: str, found: Task,
+    extras: list[str], windowed: bool, inputs: InputLayout, notes: list[str],
+) -> tuple[onnx.ModelProto, str]:  # fmt: skip
+    """The grafted model and its ``weights_path``; a windowed walk is kept only where it equals the dense one."""
+    try:
+        result = graft(model, layer, logits, types, layout, score, found, extras, windowed)
+        if result.walk != "windowed":
+            return result.model, result.weights_path
+        dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False).model
+        return _checked_windows(result.model, dense, inputs, notes), result.weights_path
+    except UnsupportedOp as exc:
+        raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
+
+
+def _warn_if_coarse(grid: tuple[int, int], inputs: InputLayout, notes: list[str]) -> None:
+    """A warning where the target layer's grid is under 3x3, naming the input size that gives 7x7."""
+    h, w = grid
+    if min(h, w) < 3:
+        better = "x".join(str(7 * round(side / cells)) for side, cells in ((inputs.height, h), (inputs.width, w)))
+        notes.append(f"warning: the target layer's grid is {h}x{w} at the input size {inputs.height}x{inputs.width}, "
+                     f"too coarse for a map: an input of {better} gives a 7x7 grid (--size, or re-export the model "
+                     "at that size)")  # fmt: skip
