@@ -411,15 +411,8 @@ def explain(
     Example: onnxcam explain street.jpg --model yolov8n.cam.onnx --conf 0.25 --iou 0.45
     Example: onnxcam explain street.jpg --model deeplab.cam.onnx --target road --mask left_lane.png
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
-    if not 1 <= batch_size <= MAX_BATCH:
-        raise OnnxcamError(f"--batch-size must be from 1 to {MAX_BATCH} (each image of a batch holds ~11 MB of "
-                           f"activations and maps at 224x224), got {batch_size}")  # fmt: skip
-    if resume and overwrite:
-        raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
+    _check_run_flags(alpha, batch_size, resume, overwrite, max_pixels, max_bytes)
     out = out if out is not None else DEFAULT_OUT if resume or overwrite else fresh_folder(DEFAULT_OUT)
-    _check_limits(max_pixels, max_bytes)
     names = _method_names(method)  # a bad name fails before the model loads
     options = Options(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
@@ -450,12 +443,27 @@ def explain(
         typer.echo(json.dumps(doc, indent=2), file=stdout)
     else:
         _print_table(list(shown.values()), stdout, task)
-        _echo(
-            f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
-            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}", file=stdout
-        )  # fmt: skip
+        _echo(_summary_line(summary), file=stdout)
     if summary["failed"] and not keep_going:
         raise SystemExit(2)
+
+
+def _check_run_flags(alpha: float, batch_size: int, resume: bool, overwrite: bool, max_pixels: int,
+                     max_bytes: int) -> None:  # fmt: skip
+    """Refuse explain's flags that are out of range or contradict each other, before anything is read."""
+    if not 0.0 <= alpha <= 1.0:
+        raise OnnxcamError(f"--alpha must be between 0 and 1, got {alpha}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise OnnxcamError(f"--batch-size must be from 1 to {MAX_BATCH} (each image of a batch holds ~11 MB of "
+                           f"activations and maps at 224x224), got {batch_size}")  # fmt: skip
+    if resume and overwrite:
+        raise OnnxcamError("--resume continues an earlier run and --overwrite replaces it: give one of them")
+    _check_limits(max_pixels, max_bytes)
+
+
+def _summary_line(summary: dict) -> str:
+    return (f"explained {summary['explained']} of {summary['images']} images ({summary['skipped']} skipped, "
+            f"{summary['failed']} failed) in {summary['seconds']:.1f} s; report: {summary['report']}")  # fmt: skip
 
 
 TABLE_LIMIT = 20  # above this many images the table is left to results.jsonl and index.html
