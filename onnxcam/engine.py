@@ -6,7 +6,7 @@ import importlib.util
 import io
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -343,19 +343,7 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
-        if self.card.task == "detection":
-            feeds |= _threshold_feeds(thresholds or {})
-            if contract.IOU_THRESHOLD in feeds and contract.IOU_THRESHOLD not in self.inputs:
-                raise OnnxcamError(f"{self.path} is a set-prediction detector (DETR): it suppresses no box, so an "
-                                   "IoU threshold does not apply")  # fmt: skip
-        elif thresholds:
-            raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
-        if region is not None:
-            if contract.REGION not in self.inputs:
-                raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
-            if region.shape != (len(images), height, width):
-                raise ValueError(f"region must be [N, {height}, {width}] with N = {len(images)}, got {region.shape}")
-            feeds[contract.REGION] = np.asarray(region, np.float32)
+        feeds |= self._task_feeds(len(images), thresholds or {}, region)
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)
@@ -367,6 +355,31 @@ class Engine:
         per_scale = [values.pop(name) for name in scales]
         grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
         return Outputs(**values, scales=grouped)
+
+    def _task_feeds(self, count: int, thresholds: dict[str, float], region: np.ndarray | None
+                    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The inputs of the model's task (:data:`TASK_FEEDS`: a detector's thresholds, a segmenter's region),
+        refusing another task's."""
+        if thresholds and self.card.task != "detection":
+            raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
+        if region is not None and contract.REGION not in self.inputs:
+            raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
+        return TASK_FEEDS[self.card.task](self, count, thresholds, region)
+
+    def _detection_feeds(self, count: int, thresholds: dict[str, float], region: None) -> dict[str, np.ndarray]:
+        feeds = _threshold_feeds(thresholds)
+        if contract.IOU_THRESHOLD in feeds and contract.IOU_THRESHOLD not in self.inputs:
+            raise OnnxcamError(f"{self.path} is a set-prediction detector (DETR): it suppresses no box, so an "
+                               "IoU threshold does not apply")  # fmt: skip
+        return feeds
+
+    def _segmentation_feeds(self, count: int, thresholds: dict, region: np.ndarray | None) -> dict[str, np.ndarray]:
+        if region is None:
+            return {}
+        height, width = self.card.input_size
+        if region.shape != (count, height, width):
+            raise ValueError(f"region must be [N, {height}, {width}] with N = {count}, got {region.shape}")
+        return {contract.REGION: np.asarray(region, np.float32)}
 
     def _saliency_feeds(self, method: str) -> dict[str, np.ndarray]:
         """The inputs that ask the graph for its ``saliency`` map of ``method``."""
@@ -415,3 +428,11 @@ class Engine:
             )
             self._empty_batch = 1
             return self.run_head(activations)
+
+
+# each task's own inputs, fed by the engine (a classifier's: none)
+TASK_FEEDS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "classification": lambda engine, count, thresholds, region: {},
+    "segmentation": Engine._segmentation_feeds,
+    "detection": Engine._detection_feeds,
+}
