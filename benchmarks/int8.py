@@ -51,7 +51,7 @@ def quiet_options() -> ort.SessionOptions:
 
 def timing(models: dict[str, Path], batch: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU seconds (all threads; ORT's do not spin) per call, for each model, over ``rounds``."""
-    explainers = {name: Explainer(path, options=quiet_options()) for name, path in models.items()}
+    explainers = {name: Explainer(path, session_options=quiet_options()) for name, path in models.items()}
     images = list(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
     for explainer in explainers.values():
         explainer.explain_batch(images)

@@ -71,7 +71,7 @@ def measure(arch_name: str, pairs: int, folder: Path, batch: int = 1) -> dict[st
     cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.forward.onnx"
     export_arch(arch_name, WEIGHTS[arch_name], None, cam_path)
     forward_only(arch_name, fwd_path)
-    explainer = Explainer(cam_path, options=quiet_options())
+    explainer = Explainer(cam_path, session_options=quiet_options())
     session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     photos, top5 = list(images), -np.tile(np.arange(1, 6), (batch, 1))

@@ -98,7 +98,7 @@ def timings(arch_name: str, folder: Path, batch: int, rounds: int) -> dict[str, 
         )
         del forward.graph.output[1:]
         onnx.save(forward, fwd_path)
-    explainer = Explainer(cam_path, options=quiet_options())
+    explainer = Explainer(cam_path, session_options=quiet_options())
     session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
     images = photos(batch)
     x = normalised(images, arch_name)

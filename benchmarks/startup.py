@@ -41,7 +41,7 @@ import onnxruntime as ort
 from onnxcam import Explainer
 options = ort.SessionOptions()
 options.add_session_config_entry("session.disable_prepacking", sys.argv[2])
-explainer = Explainer(sys.argv[1], options=options)
+explainer = Explainer(sys.argv[1], session_options=options)
 explainer.explain(sys.argv[3]).maps[0].cam  # (a map is finished when first read)
 first = time.perf_counter() - start
 warm = []

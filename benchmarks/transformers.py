@@ -50,7 +50,7 @@ def measure(pairs: int, folder: Path) -> dict[str, list[float]]:
     export_vit_s16(plain)
     card, _ = graft_file(plain, grafted, prep=Preprocessing.create(None, IMAGENET_MEAN, IMAGENET_STD, False))
     print(f"target layer: {card['layer']}")
-    explainer = Explainer(grafted, options=quiet_options())
+    explainer = Explainer(grafted, session_options=quiet_options())
     session = ort.InferenceSession(str(plain), quiet_options(), providers=["CPUExecutionProvider"])
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     mean, std = (np.asarray(v, np.float32) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))

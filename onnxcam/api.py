@@ -122,9 +122,10 @@ class Explainer:
     """Grad-CAM with one ONNX Runtime call per batch of images, for all their targets at once."""
 
     def __init__(
-        self, model: str | Path, provider: str | None = None, options: ort.SessionOptions | None = None
+        self, model: str | Path, provider: str | None = None, session_options: ort.SessionOptions | None = None
     ) -> None:
-        self.engine = Engine(model, provider, options)
+        """``session_options``: ONNX Runtime's, for the one session (threads, logging)."""
+        self.engine = Engine(model, provider, session_options)
         self.card = self.engine.card
         self._by_name = {name.lower(): i for i, name in enumerate(self.card.labels)}
         self.resizing = self.card.resizing

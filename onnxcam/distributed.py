@@ -119,7 +119,7 @@ class ExplainActor:
             local = fetch_model(model, Path(tempfile.mkdtemp(prefix="onnxcam-actor-")))
         session = ort.SessionOptions()
         session.intra_op_num_threads = threads
-        explainer = Explainer(local, options=session)
+        explainer = Explainer(local, session_options=session)
 
         def read(path: str, o: Options) -> np.ndarray:  # relative paths are the driver's
             return read_any(path if is_uri(path) or os.path.isabs(path) else os.path.join(base, path), o)

@@ -120,18 +120,18 @@ NO_PREPACKING = "session.disable_prepacking"
 NO_SPINNING = "session.intra_op.allow_spinning"
 
 
-def sharing_cores(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
-    """``options`` for a session that shares the cores with other work: a folder run decodes and writes images
+def sharing_cores(session_options: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """``session_options`` for a session that shares the cores with other work: a folder run decodes and writes images
     while ONNX Runtime runs, a Ray node runs several actors. Its idle threads sleep instead of spinning,
     which would take the cores that work needs; one call alone keeps ORT's spinning, which saves latency.
     """
-    options = options or ort.SessionOptions()
-    options.add_session_config_entry(NO_SPINNING, "0")
-    return options
+    session_options = session_options or ort.SessionOptions()
+    session_options.add_session_config_entry(NO_SPINNING, "0")
+    return session_options
 
 
-def without_prepacking(options: ort.SessionOptions, quantized: bool = False) -> ort.SessionOptions:
-    """``options`` with weight pre-packing off for a float model, unless the caller set it.
+def without_prepacking(session_options: ort.SessionOptions, quantized: bool = False) -> ort.SessionOptions:
+    """``session_options`` with weight pre-packing off for a float model, unless the caller set it.
 
     ONNX Runtime pre-packs a constant weight once per node that reads it: VGG16's 411 MB FC1 weight is
     read by the forward Gemm, the full-gradient branch and the head-only copy, and a session peaked at
@@ -142,10 +142,10 @@ def without_prepacking(options: ort.SessionOptions, quantized: bool = False) -> 
     EfficientNet-Lite0 1.08 -> 0.73).
     """
     try:
-        options.get_session_config_entry(NO_PREPACKING)
+        session_options.get_session_config_entry(NO_PREPACKING)
     except RuntimeError:  # not set by the caller
-        options.add_session_config_entry(NO_PREPACKING, "0" if quantized else "1")
-    return options
+        session_options.add_session_config_entry(NO_PREPACKING, "0" if quantized else "1")
+    return session_options
 
 
 def _varint(data: BinaryIO) -> int | None:
@@ -219,7 +219,7 @@ class Engine:
     """Loads a model once; :meth:`run` is one ORT call for a batch and T targets."""
 
     def __init__(
-        self, path: str | Path, provider: str | None = None, options: ort.SessionOptions | None = None
+        self, path: str | Path, provider: str | None = None, session_options: ort.SessionOptions | None = None
     ) -> None:
         path = Path(path)
         _check_model_path(path)
@@ -228,10 +228,10 @@ class Engine:
             quantized = file_metadata(path).get(contract.META_PREFIX + "quantized") == "true"
         except OSError as exc:
             raise OnnxcamError(f"cannot read model {path}: {exc.strerror}") from None
-        options = without_prepacking(options or ort.SessionOptions(), quantized)
-        options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input) are noise here
+        session_options = without_prepacking(session_options or ort.SessionOptions(), quantized)
+        session_options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input): noise
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
             if type(exc).__name__ == "InvalidProtobuf":
                 raise OnnxcamError(

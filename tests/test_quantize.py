@@ -91,7 +91,7 @@ def test_a_quantized_model_keeps_onnx_runtimes_weight_prepacking(tmp_path: Path)
     assert prepacking == {False: "1", True: "0"}
     options = ort.SessionOptions()
     options.add_session_config_entry(NO_PREPACKING, "1")
-    chosen = Engine(tmp_path / "tiny.qdq.cam.onnx", options=options).session.get_session_options()
+    chosen = Engine(tmp_path / "tiny.qdq.cam.onnx", session_options=options).session.get_session_options()
     assert chosen.get_session_config_entry(NO_PREPACKING) == "1"
     assert file_metadata(EXAMPLES / "chelsea.png") == {}
 
