@@ -46,7 +46,9 @@ _RESHAPE = OpFacts(reshaping=True)
 _QUANTIZED = OpFacts(quantized=True)
 
 OPS: dict[str, OpFacts] = {
-    **dict.fromkeys(["Relu", "LeakyRelu", "HardSwish", "Erf", "Neg", "Exp", "Sqrt", "Gelu"], _ACTIVATION),
+    **dict.fromkeys(["Relu", "LeakyRelu", "HardSwish", "Erf", "Neg", "Exp", "Sqrt", "Gelu", "Abs", "Log",
+                     "Reciprocal", "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu", "Celu", "ThresholdedRelu",
+                     "Mish"], _ACTIVATION),
     **dict.fromkeys(["Sigmoid", "Tanh", "HardSigmoid", "Clip"], _SQUASH),
     **dict.fromkeys(["Add", "Sub", "Mul", "Div"], _BINARY),
     "Identity": OpFacts(pointwise=True, unary=True, local=True, mass_preserving=True, reshaping=True),

@@ -413,6 +413,57 @@ Erf = _elementwise(
         b.op("Mul", b.op("Exp", b.op("Neg", b.op("Mul", _x(b, n), _x(b, n)))), _scalar(b, n, 2 / np.sqrt(np.pi))),
     )
 )
+# dX = dY * sign(X) (0 at 0, as torch)
+Abs = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Sign", _x(b, n))))
+# dX = dY / X
+Log = _elementwise(lambda b, n, g: b.op("Div", g, _x(b, n)))
+# dX = -dY * Y^2
+Reciprocal = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Neg", b.op("Mul", _y(b, n), _y(b, n)))))
+# dX = dY * cos(X)
+Sin = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Cos", _x(b, n))))
+# dX = -dY * sin(X)
+Cos = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Neg", b.op("Sin", _x(b, n)))))
+# dX = dY * sigmoid(X)
+Softplus = _elementwise(lambda b, n, g: b.op("Mul", g, b.op("Sigmoid", _x(b, n))))
+# dX = dY / (1 + |X|)^2
+Softsign = _elementwise(
+    lambda b, n, g: b.op("Div", g, b.op("Pow", b.op("Add", _scalar(b, n), b.op("Abs", _x(b, n))), _scalar(b, n, 2)))
+)
+
+
+def _exponential_below(b: Builder, n: onnx.NodeProto, g: str, above: float, scale: float, rate: float) -> str:
+    """dY * (X > 0 ? above : scale * exp(rate * X)), the derivative of the ELU family."""
+    below = b.op("Mul", b.op("Exp", b.op("Mul", _x(b, n), _scalar(b, n, rate))), _scalar(b, n, scale))
+    return b.op("Mul", g, b.op("Where", b.op("Greater", _x(b, n), _scalar(b, n, 0)), _scalar(b, n, above), below))
+
+
+# dX = dY * (X > 0 ? 1 : alpha exp(X))
+Elu = _elementwise(lambda b, n, g: _exponential_below(b, n, g, 1.0, attrs(n).get("alpha", 1.0), 1.0))
+# dX = dY * (X > 0 ? gamma : gamma alpha exp(X)), with ONNX's default alpha and gamma
+Selu = _elementwise(
+    lambda b, n, g: _exponential_below(
+        b, n, g, attrs(n).get("gamma", 1.05070102214813232421875),
+        attrs(n).get("gamma", 1.05070102214813232421875) * attrs(n).get("alpha", 1.67326319217681884765625), 1.0,
+    )
+)
+# dX = dY * (X > 0 ? 1 : exp(X / alpha))
+Celu = _elementwise(lambda b, n, g: _exponential_below(b, n, g, 1.0, 1.0, 1 / attrs(n).get("alpha", 1.0)))
+# dX = dY * (X > alpha ? 1 : 0)
+ThresholdedRelu = _elementwise(
+    lambda b, n, g: b.op("Where", b.op("Greater", _x(b, n), _scalar(b, n, attrs(n).get("alpha", 1.0))), g,
+                         b.op("Mul", g, _scalar(b, n, 0))),
+)
+
+
+# X * tanh(softplus(X)): dX = dY * (t + X * sigmoid(X) * (1 - t^2)), t = tanh(softplus(X))
+def _mish(b: Builder, n: onnx.NodeProto, g: str) -> str:
+    x = _x(b, n)
+    t = b.op("Tanh", b.op("Softplus", x))
+    slope = b.op("Mul", b.op("Mul", x, b.op("Sigmoid", x)), b.op("Sub", _scalar(b, n), b.op("Mul", t, t)))
+    return b.op("Mul", g, b.op("Add", t, slope))
+
+
+Mish = _elementwise(_mish)
 # dX = Cast(dY, to = X's type)
 Cast = _elementwise(lambda b, n, g: b.op("Cast", g, to=b.elem_type(n.input[0])))
 # dX = dY * (1 - Y^2)
@@ -802,6 +853,8 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
     "Softmax": Softmax, "LogSoftmax": LogSoftmax,
     "DequantizeLinear": DequantizeLinear,
+    "Abs": Abs, "Log": Log, "Reciprocal": Reciprocal, "Sin": Sin, "Cos": Cos, "Softplus": Softplus,
+    "Softsign": Softsign, "Elu": Elu, "Selu": Selu, "Celu": Celu, "ThresholdedRelu": ThresholdedRelu, "Mish": Mish,
 }.items()} | {
     "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
     "QuantizeLinear": Rule(QuantizeLinear, levels=True),

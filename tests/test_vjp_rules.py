@@ -213,6 +213,19 @@ CASES = [
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean((2, 3)), {"keepdims": 0}, constants={"axes": np.asarray([2, 3])}),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean(-1, keepdim=True), constants={"axes": np.asarray([-1])}),
     Case("Tanh", [2, 3, 4], torch.tanh),
+    Case("Abs", [2, 3, 4], torch.abs),
+    Case("Log", [2, 3, 4], torch.log, positive=True),
+    Case("Reciprocal", [2, 3, 4], torch.reciprocal, positive=True),
+    Case("Sin", [2, 3, 4], torch.sin),
+    Case("Cos", [2, 3, 4], torch.cos),
+    Case("Softplus", [2, 3, 4], F.softplus, dtype=np.float32, tol=1e-5),
+    Case("Softsign", [2, 3, 4], F.softsign, dtype=np.float32, tol=1e-5),
+    Case("Elu", [2, 3, 4], lambda x: F.elu(x, 0.5), {"alpha": 0.5}, dtype=np.float32, tol=1e-5),
+    Case("Selu", [2, 3, 4], F.selu, dtype=np.float32, tol=1e-5),
+    Case("Celu", [2, 3, 4], lambda x: F.celu(x, 0.75), {"alpha": 0.75}, dtype=np.float32, tol=1e-5),
+    Case("ThresholdedRelu", [2, 3, 4], lambda x: F.threshold(x, 0.25, 0.0), {"alpha": 0.25}, dtype=np.float32,
+         tol=1e-5),
+    Case("Mish", [2, 3, 4], F.mish, dtype=np.float32, tol=1e-5),
     Case("Exp", [2, 3, 4], torch.exp),
     Case("Neg", [2, 3, 4], torch.neg),
     Case("Expand", [2, 1, 4], lambda x: x.expand(2, 3, 4), constants={"shape": np.asarray([2, 3, 4])}),
@@ -557,7 +570,7 @@ def test_a_pointwise_op_changes_only_the_element_its_input_changed() -> None:
         model.graph.node[0].input.extend(c.name for c in constants)
         model.graph.initializer.extend(constants)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feed = {n: rng.uniform(0.5, 1.5, (1, 2, 3, 3)).astype(np.float32) for n in data}
+        feed = {n: rng.uniform(1.5, 2.5, (1, 2, 3, 3)).astype(np.float32) for n in data}  # (above ThresholdedRelu's 1)
         before = session.run(None, feed)[0]
         feed["x"] = feed["x"].copy()
         feed["x"][0, 1, 1, 2] += 0.25
