@@ -335,11 +335,15 @@ class _Graft:
         return SEEDS[self.task.kind](self)
 
     @cached_property
+    def grids(self) -> list[tuple]:
+        """The ``(h, w)`` of every target layer where there are several (their maps meet at the finest), else none."""
+        return [tuple(self.b.shape(name)[2:]) for name in self.layers] if self.extra_layers else []
+
+    @cached_property
     def saliency_size(self) -> tuple[int, int] | None:
         """The input size the in-graph map takes; None where it cannot be built (several layers of unknown
         grids: their maps meet at the finest, chosen here; no uint8 image input)."""
-        grids = [tuple(self.b.shape(name)[2:]) for name in self.layers] if self.extra_layers else []
-        return _input_size(self.b) if all(isinstance(d, int) for grid in grids for d in grid) else None
+        return _input_size(self.b) if all(isinstance(d, int) for grid in self.grids for d in grid) else None
 
     @cached_property
     def gradients_condition(self) -> str:
@@ -449,8 +453,7 @@ def _gradients_part(g: _Graft, w: _Walked) -> None:
 
 def _saliency_part(g: _Graft, w: _Walked) -> None:
     if g.saliency_size is not None:
-        grids = [tuple(g.b.shape(name)[2:]) for name in g.layers] if g.extra_layers else []
-        saliency.add_saliency(g.graph, g.b, g.saliency_size, grids)
+        saliency.add_saliency(g.graph, g.b, g.saliency_size, g.grids)
 
 
 def _attention_part(g: _Graft, w: _Walked) -> None:

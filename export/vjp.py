@@ -440,12 +440,12 @@ def _exponential_below(b: Builder, n: onnx.NodeProto, g: str, above: float, scal
 # dX = dY * (X > 0 ? 1 : alpha exp(X))
 Elu = _elementwise(lambda b, n, g: _exponential_below(b, n, g, 1.0, attrs(n).get("alpha", 1.0), 1.0))
 # dX = dY * (X > 0 ? gamma : gamma alpha exp(X)), with ONNX's default alpha and gamma
-Selu = _elementwise(
-    lambda b, n, g: _exponential_below(
-        b, n, g, attrs(n).get("gamma", 1.05070102214813232421875),
-        attrs(n).get("gamma", 1.05070102214813232421875) * attrs(n).get("alpha", 1.67326319217681884765625), 1.0,
-    )
-)
+def _selu(b: Builder, n: onnx.NodeProto, g: str) -> str:
+    gamma, alpha = attrs(n).get("gamma", 1.05070102214813232421875), attrs(n).get("alpha", 1.67326319217681884765625)
+    return _exponential_below(b, n, g, gamma, gamma * alpha, 1.0)
+
+
+Selu = _elementwise(_selu)
 # dX = dY * (X > 0 ? 1 : exp(X / alpha))
 Celu = _elementwise(lambda b, n, g: _exponential_below(b, n, g, 1.0, 1.0, 1 / attrs(n).get("alpha", 1.0)))
 # dX = dY * (X > alpha ? 1 : 0)
