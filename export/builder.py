@@ -22,6 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 Types = dict[str, onnx.TypeProto.Tensor]  # tensor name -> element type and (partly) known shape
 Value = str | int | float | bool | Sequence[int] | Sequence[float] | np.ndarray  # an op's input (Builder.value)
 Branch = tuple[list[onnx.NodeProto], str | list[str]]  # an If branch: its nodes and its result(s)
+BOOL_OPS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+INT64_OPS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}  # (the element types of the ops emitted here)
 
 
 def infer_types(model: onnx.ModelProto) -> Types:
@@ -96,6 +99,7 @@ class Builder:
         self._count = 0
         self._fwd: dict[str, str] = {}
         self._weights: dict[str, str] = {}
+        self._elems: dict[str, int] = {}  # the element types of the tensors this builder emitted
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
 
     def needs(self, name: str) -> bool:
@@ -130,10 +134,37 @@ class Builder:
         """Append one node of ``outputs`` outputs (a count: fresh names; or the names) and return them; ``node``:
         the node's name where it is not its first output's."""
         names = [self.fresh(op_type) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
-        like = next((i for i in inputs if isinstance(i, str) and i), None)
+        named = [i for i in inputs if isinstance(i, str) and i]
+        like = next((i for i in named if self._known_elem(i) not in (None, TensorProto.BOOL)), None)
+        like = like or next(iter(named), None)
         made = make_node(op_type, [self.value(i, like) for i in inputs], names, node or names[0], **attrs)
         self.nodes.append(made)
+        elem = self._output_elem(op_type, like, attrs) if len(names) == 1 or op_type == "Split" else None
+        if elem is not None:
+            self._elems.update(dict.fromkeys(names, elem))
         return names
+
+    def _known_elem(self, name: str) -> int | None:
+        """The element type of ``name`` where it is known: inferred, a constant's, or one this builder emitted."""
+        if name in self.types:
+            return self.types[name].elem_type
+        if name in self._elems:
+            return self._elems[name]
+        value = self.constant_value(name)
+        return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
+
+    def _output_elem(self, op_type: str, like: str | None, attrs: dict) -> int | None:
+        """The element type of an emitted op's outputs: the type its attributes or the op name, else that of its
+        first typed input that is not a condition (Where's, a comparison's inputs)."""
+        if op_type == "Cast":
+            return int(attrs["to"])
+        if op_type in BOOL_OPS:
+            return TensorProto.BOOL
+        if op_type in INT64_OPS:
+            return TensorProto.INT64
+        if op_type == "ConstantOfShape":
+            return attrs["value"].data_type
+        return None if like is None else self._known_elem(like)
 
     def node(self, op_type: str, inputs: Sequence[Value], outputs: Sequence[str], name: str | None = None,
              **attrs: object) -> onnx.NodeProto:  # fmt: skip
@@ -149,8 +180,8 @@ class Builder:
         array = np.asarray(x)
         if not isinstance(x, np.ndarray | np.generic):
             if array.dtype.kind == "f":
-                known = like is not None and (like in self.types or self.constant_value(like) is not None)
-                array = array.astype(self.np_dtype(like) if known else np.float32)
+                elem = None if like is None else self._known_elem(like)
+                array = array.astype(helper.tensor_dtype_to_np_dtype(elem) if elem in FLOAT_TYPES else np.float32)
             elif array.dtype.kind in "iu":
                 array = array.astype(np.int64)
         return self.const(array, "scalar" if array.ndim == 0 else "const")
@@ -244,11 +275,9 @@ class Builder:
         return len(shape)
 
     def elem_type(self, name: str) -> int:
-        t = self.types.get(name)
-        if t is not None:
-            return t.elem_type
-        value = self.constant_value(name)
-        return helper.np_dtype_to_tensor_dtype(value.dtype) if value is not None else TensorProto.FLOAT
+        """The element type of ``name`` (float where nothing says otherwise)."""
+        elem = self._known_elem(name)
+        return TensorProto.FLOAT if elem is None else elem
 
     def np_dtype(self, name: str) -> np.dtype:
         return helper.tensor_dtype_to_np_dtype(self.elem_type(name))

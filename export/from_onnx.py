@@ -41,11 +41,10 @@ from onnxcam_export.tasks import (
     add_segment_scores,
     detector_layout,
 )
-from onnxcam_export.vjp import UnsupportedOp
+from onnxcam_export.vjp import RULES, UnsupportedOp
 from onnxcam_export.walk import FLOATS, head_nodes, inputs_of, shape_only_tensors
 
 MIN_OPSET = 11  # TopK with a K input, GatherElements, ScatterElements
-SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), used by the MaxPool rule
 SOFTMAX, PASS_THROUGH, STEP_BACK = ops_with("softmax"), ops_with("reshaping"), ops_with("step_back")
 
 
@@ -381,11 +380,13 @@ def _opset(model: onnx.ModelProto) -> int:
 def _upgrade(model: onnx.ModelProto, layer: str, logits: str, notes: list[str]) -> onnx.ModelProto:
     """Raise the opset only as far as the rules need, and say so."""
     head = head_nodes(model.graph, layer, logits)
-    needed = SCATTER_ADD_OPSET if any(n.op_type == "MaxPool" for n in head) else MIN_OPSET
+    needs = {n.op_type: RULES[n.op_type].opset for n in head if n.op_type in RULES and RULES[n.op_type].opset}
+    needed = max([MIN_OPSET, *needs.values()])
     current = _opset(model)
     if current >= needed:
         return model
-    why = "ScatterElements with reduction='add' for MaxPool" if needed == SCATTER_ADD_OPSET else "TopK/GatherElements"
+    ops = sorted(op for op, opset in needs.items() if opset == needed)
+    why = f"reduction='add' scatters for the {', '.join(ops)} rules" if ops else "TopK/GatherElements"
     try:
         converted = onnx.version_converter.convert_version(model, needed)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++

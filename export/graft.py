@@ -367,9 +367,9 @@ def _start(
         types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
     sources = {layer, *extra_layers}
     head = head_nodes(graph, sources, contract.LOGITS)
-    check_rules(head, differentiable(head, sources, types))  # before shape inference, which may fail on them
+    check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
     b = Builder(out, types)
-    b.wanted = differentiable(head, sources, b.types)
+    b.wanted = differentiable(head, sources, b.types, contract.LOGITS)
     classifier = task.kind == "classification"  # (head-only passes are for classifiers)
     head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     expose_extra_outputs(head)

@@ -22,7 +22,8 @@ class OpFacts:
     ``grid``: its output is ``[N, C, h, w]``. ``reshaping``: it only changes the shape. ``softmax``: a softmax
     over the classes. ``squashing``: maps into a fixed range (an image's last op, not a class score's).
     ``step_back``: a trailing pool or layout change, no better target layer than its input. ``quantized``:
-    ONNX Runtime's quantized kernels and the QDQ pair.
+    ONNX Runtime's quantized kernels and the QDQ pair. ``flat``: a float output whose derivative is zero almost
+    everywhere (rounding, signs, one-hot maxima, random draws), so no gradient passes and no rule is asked for.
     """
 
     pointwise: bool = False
@@ -36,6 +37,7 @@ class OpFacts:
     squashing: bool = False
     step_back: bool = False
     quantized: bool = False
+    flat: bool = False
 
 
 _ACTIVATION = OpFacts(pointwise=True, unary=True, local=True)
@@ -44,28 +46,34 @@ _BINARY = OpFacts(pointwise=True, local=True)
 _INTEGER = OpFacts(integer=True)
 _RESHAPE = OpFacts(reshaping=True)
 _QUANTIZED = OpFacts(quantized=True)
+_FLAT = OpFacts(flat=True)
 
 OPS: dict[str, OpFacts] = {
     **dict.fromkeys(["Relu", "LeakyRelu", "HardSwish", "Erf", "Neg", "Exp", "Sqrt", "Gelu", "Abs", "Log",
                      "Reciprocal", "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu", "Celu", "ThresholdedRelu",
                      "Mish"], _ACTIVATION),
     **dict.fromkeys(["Sigmoid", "Tanh", "HardSigmoid", "Clip"], _SQUASH),
-    **dict.fromkeys(["Add", "Sub", "Mul", "Div"], _BINARY),
+    **dict.fromkeys(["Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Mean"], _BINARY),
     "Identity": OpFacts(pointwise=True, unary=True, local=True, mass_preserving=True, reshaping=True),
     "Dropout": OpFacts(mass_preserving=True),
     "BatchNormalization": OpFacts(pointwise=True, unary=True, local=True, grid=True),
     "Conv": OpFacts(local=True, grid=True),
     "ConvTranspose": OpFacts(grid=True),
+    **dict.fromkeys(["InstanceNormalization", "GroupNormalization", "DepthToSpace", "SpaceToDepth"],
+                    OpFacts(grid=True)),
     "Concat": OpFacts(local=True),
     "Split": OpFacts(local=True),
     "MaxPool": OpFacts(mass_preserving=True, grid=True, step_back=True),
     "AveragePool": OpFacts(mass_preserving=True, grid=True, step_back=True),
-    "GlobalAveragePool": OpFacts(mass_preserving=True, grid=True),
+    "LpPool": OpFacts(grid=True, step_back=True),
+    **dict.fromkeys(["GlobalAveragePool", "GlobalMaxPool"], OpFacts(mass_preserving=True, grid=True)),
     "Transpose": OpFacts(step_back=True),
     **dict.fromkeys(["Flatten", "Reshape", "Squeeze"], _RESHAPE),
     **dict.fromkeys(["Softmax", "LogSoftmax"], OpFacts(softmax=True)),
     **dict.fromkeys(["Shape", "Size", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And",
                      "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"], _INTEGER),
+    **dict.fromkeys(["Floor", "Ceil", "Round", "Sign", "Hardmax", "EyeLike", "RandomNormalLike",
+                     "RandomUniformLike", "Bernoulli", "Multinomial"], _FLAT),
     "QuantizeLinear": _QUANTIZED,
     "DequantizeLinear": _QUANTIZED,
     **dict.fromkeys(["QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",

@@ -31,12 +31,14 @@ class Rule:
     pass reads (MaxPool: its ``Indices``): the grafter adds those a node lacks, and the
     head-only copy of the graph leaves them out. ``levels``: the op's integer output stands for
     real values (QuantizeLinear's quantized levels), so the gradient passes through it, where
-    other integer tensors (shapes, indices) carry none.
+    other integer tensors (shapes, indices) carry none. ``opset``: the default-domain opset its backward ops need
+    (ScatterElements and ScatterND with ``reduction="add"``: 16), to which ``export --from`` raises a model.
     """
 
     vjp: VJP
     extra_outputs: tuple[str, ...] = ()
     levels: bool = False
+    opset: int = 0
 
 
 class UnsupportedOp(ValueError):
@@ -149,6 +151,56 @@ def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [None if g is None else _unbroadcast(b, node, g, x, core=2) for g, x in ((da, a), (dc, c))]
 
 
+def _einsum_terms(b: Builder, node: onnx.NodeProto) -> tuple[list[str], str, Callable[[], str]]:
+    """The operands' and the output's subscripts of an Einsum node, ellipses spelled out as letters, the
+    implicit output made explicit; and a source of letters the equation does not use."""
+    equation = attrs(node)["equation"].replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    unused = iter(sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") - set(equation)))
+    spans = [b.rank(x) - (len(t) - 3) for t, x in zip(terms, node.input, strict=True) if "..." in t]
+    ellipsis = "".join(next(unused) for _ in range(max(spans, default=0)))
+    terms = [t.replace("...", ellipsis[len(ellipsis) - (b.rank(x) - len(t) + 3):] if "..." in t else "")
+             for t, x in zip(terms, node.input, strict=True)]  # fmt: skip
+    if not arrow:
+        once = sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1 and c not in ellipsis)
+        rhs = ellipsis + "".join(once)
+    rhs = rhs.replace("...", ellipsis)
+    if any(len(set(t)) != len(t) for t in [*terms, rhs]):
+        raise _unsupported(node, "a subscript repeated within one operand (a diagonal) is not supported")
+    sizes: dict[str, set] = {}
+    for term, x in zip(terms, node.input, strict=True):
+        for c, d in zip(term, b.shape(x), strict=True):
+            sizes.setdefault(c, set()).add(d)
+    if any(1 in found and len(found) > 1 for found in sizes.values()):
+        raise _unsupported(node, "operands broadcast against each other (a size-1 axis) is not supported")
+    return terms, rhs, lambda: next(unused)
+
+
+# y = einsum(X_1, ..., X_n)  =>  dX_i = einsum(dY, X_j for j != i) onto X_i's subscripts, the target axis beside
+# the batch's (which leads the output and X_i), the subscripts only X_i holds (summed in the forward) expanded
+def Einsum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    terms, rhs, letter = _einsum_terms(b, node)
+    target = letter()
+    grads: list[Grad] = []
+    for i, (term, x) in enumerate(zip(terms, node.input, strict=True)):
+        if not b.needs(x):
+            grads.append(None)
+            continue
+        if not rhs or term[0] != rhs[0]:
+            raise _unsupported(node, "a differentiable operand must lead with the output's batch subscript")
+        others = [(t, inp) for j, (t, inp) in enumerate(zip(terms, node.input, strict=True)) if j != i]
+        reach = set(rhs).union(*[set(t) for t, _ in others])
+        kept = "".join(c for c in term if c in reach)
+        equation = ",".join([rhs[0] + target + rhs[1:], *[t for t, _ in others]]) + f"->{kept[0]}{target}{kept[1:]}"
+        g = b.op("Einsum", dy[0], *[b.weight(inp) for _, inp in others], equation=equation)
+        if kept != term:
+            g = b.op("Expand", b.unsqueeze(g, [p + 1 for p, c in enumerate(term) if c not in reach]),
+                     b.grad_shape(dy[0], x))  # fmt: skip
+        grads.append(g)
+    return grads
+
+
 # Each input element receives the gradient of the outputs whose window picked it
 # (Indices output, flat over N*C*H*W): dX = scatter_add(zeros, Indices mod H*W, dY).
 def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
@@ -179,47 +231,6 @@ def _unfold_targets(b: Builder, dx: str, head: str, x: str) -> str:
     return b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))
 
 
-# Transpose of the averaging: dX = ConvTranspose(dY / count, ones), one filter per channel.
-def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    a = attrs(node)
-    x = node.input[0]
-    shape = b.shape(x)
-    if shape is None or any(d is None for d in shape[1:]):
-        raise _unsupported(node, "needs static channel and spatial sizes (export with a fixed input size)")
-    kernel = list(a["kernel_shape"])
-    nd = len(kernel)
-    strides = list(a.get("strides", [1] * nd))
-    if any(d != 1 for d in a.get("dilations", [1])):
-        raise _unsupported(node, "dilations are not supported")
-    spatial = shape[2:]
-    pads = _explicit_pads(a, spatial, kernel, strides, [1] * nd)
-    if kernel == [1] * nd and strides == [1] * nd and not any(pads):
-        return [dy[0]]
-    out = b.shape(node.output[0])[2:]
-    # count[o] = how many input (or padded, when count_include_pad) cells window o averaged
-    counts = np.ones(out, dtype=np.float64)
-    if not int(a.get("count_include_pad", 0)):
-        for axis in range(nd):
-            starts = np.arange(out[axis]) * strides[axis] - pads[axis]
-            lo, hi = np.maximum(starts, 0), np.minimum(starts + kernel[axis], spatial[axis])
-            counts = counts * (hi - lo).reshape([-1 if i == axis else 1 for i in range(nd)])
-    else:
-        counts *= np.prod(kernel)
-    full = [(out[i] - 1) * strides[i] + kernel[i] - pads[i] - pads[i + nd] for i in range(nd)]
-    extra = [spatial[i] - full[i] for i in range(nd)]
-    if any(e < 0 or 0 < strides[i] <= e for i, e in enumerate(extra)):
-        raise _unsupported(node, f"ceil_mode windows past the padded input are not supported (extra={extra})")
-    channels = shape[1]
-    folded, head = _fold_targets(b, dy[0])
-    scaled = b.op("Div", folded, b.const(counts.astype(b.np_dtype(x)), "pool_count"))
-    ones = b.const(np.ones([channels, 1, *kernel], dtype=b.np_dtype(x)), "pool_ones")
-    dx = b.op(
-        "ConvTranspose", scaled, ones, group=channels, strides=strides, pads=pads, output_padding=extra,
-        kernel_shape=kernel,
-    )  # fmt: skip
-    return [_unfold_targets(b, dx, head, x)]
-
-
 def _explicit_pads(
     a: dict, spatial: list[int], kernel: list[int], strides: list[int], dilations: list[int]
 ) -> list[int]:
@@ -239,14 +250,84 @@ def _explicit_pads(
     return begin + end
 
 
+def _pool_geometry(b: Builder, node: onnx.NodeProto) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """A pool node's kernel, strides, begin/end pads, input and output spatial sizes (static)."""
+    a = attrs(node)
+    x = node.input[0]
+    shape, out = b.shape(x), b.shape(node.output[0])
+    if shape is None or out is None or any(d is None for d in shape[1:] + out[2:]):
+        raise _unsupported(node, "needs static channel and spatial sizes (export with a fixed input size)")
+    kernel = list(a["kernel_shape"])
+    nd = len(kernel)
+    strides = list(a.get("strides", [1] * nd))
+    if any(d != 1 for d in a.get("dilations", [1])):
+        raise _unsupported(node, "dilations are not supported")
+    return kernel, strides, _explicit_pads(a, shape[2:], kernel, strides, [1] * nd), shape[2:], out[2:]
+
+
+def _window_sum_back(b: Builder, node: onnx.NodeProto, g: str) -> str:
+    """dX[i] = the sum of ``g`` over the windows of the pool ``node`` that hold input cell i: the transpose of a
+    sum pool, a ConvTranspose with a kernel of ones, one filter per channel. Windows past the padded input
+    (``ceil_mode``) and kernels larger than the input are as the ONNX spec defines them: the cells outside the
+    input get nothing, so the kernel is cut to the cells that can land inside, and the result to the input."""
+    x = node.input[0]
+    kernel, strides, pads, spatial, out = _pool_geometry(b, node)
+    nd = len(kernel)
+    cut = [min(k, n + p) for k, n, p in zip(kernel, spatial, pads, strict=False)]
+    if cut == [1] * nd and strides == [1] * nd and not any(pads) and out == spatial:
+        return g
+    folded, head = _fold_targets(b, g)
+    ones = b.const(np.ones([b.shape(x)[1], 1, *cut], dtype=b.np_dtype(x)), "pool_ones")
+    dx = b.op("ConvTranspose", folded, ones, group=b.shape(x)[1], strides=strides, pads=pads[:nd] + [0] * nd,
+              kernel_shape=cut)  # fmt: skip
+    reach = [(o - 1) * s + k - p for o, s, k, p in zip(out, strides, cut, pads, strict=False)]  # length of dx
+    if any(r > n for r, n in zip(reach, spatial, strict=True)):
+        dx = b.op("Slice", dx, [0] * nd, spatial, list(range(2, 2 + nd)))
+    if any(r < n for r, n in zip(reach, spatial, strict=True)):
+        dx = b.op("Pad", dx, [0] * (2 + nd) + [0, 0] + [max(n - r, 0) for r, n in zip(reach, spatial, strict=True)])
+    return _unfold_targets(b, dx, head, x)
+
+
+# y[o] = mean of x over window o  =>  dX = window_sum_back(dY / count), count[o] = the cells window o averaged:
+# those inside the input, or (count_include_pad) inside the padded input
+def AveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    kernel, strides, pads, spatial, out = _pool_geometry(b, node)
+    nd = len(kernel)
+    padded = int(attrs(node).get("count_include_pad", 0))
+    counts = np.ones(out, dtype=np.float64)
+    for axis in range(nd):
+        starts = np.arange(out[axis]) * strides[axis] - pads[axis]
+        low, high = (-pads[axis], spatial[axis] + pads[axis + nd]) if padded else (0, spatial[axis])
+        count = np.minimum(starts + kernel[axis], high) - np.maximum(starts, low)
+        counts = counts * count.reshape([-1 if i == axis else 1 for i in range(nd)])
+    scaled = dy[0] if np.all(counts == 1) else b.op("Div", dy[0], counts.astype(b.np_dtype(node.input[0])))
+    return [_window_sum_back(b, node, scaled)]
+
+
+# y[o] = (sum over window o of |x|^p)^(1/p)  =>  dX = window_sum_back(dY / Y^(p-1)) * |X|^(p-1) * sign(X)
+def LpPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    p = float(attrs(node).get("p", 2))
+    x, y = _x(b, node), _y(b, node)
+    if p == 1:
+        return [b.op("Mul", _window_sum_back(b, node, dy[0]), b.op("Sign", x))]
+    back = _window_sum_back(b, node, b.op("Div", dy[0], y if p == 2 else b.op("Pow", y, p - 1)))
+    return [b.op("Mul", back, x if p == 2 else b.op("Mul", b.op("Pow", b.op("Abs", x), p - 1), b.op("Sign", x)))]
+
+
+def _conv_shapes(b: Builder, node: onnx.NodeProto) -> tuple[list[int], list[int]]:
+    """The static shapes of a Conv's or ConvTranspose's input and weight."""
+    shape, w_shape = b.shape(node.input[0]), b.shape(node.input[1])
+    if shape is None or w_shape is None or any(d is None for d in shape[1:] + w_shape):
+        raise _unsupported(node, "needs static input and weight shapes (export with a fixed input size)")
+    return shape, w_shape
+
+
 # dX = ConvTranspose(dY, W) with the forward strides, pads, dilations and groups;
 # output_padding restores input cells that no window reached.
 def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     a = attrs(node)
     x, weight = node.input[0], node.input[1]
-    shape, w_shape = b.shape(x), b.shape(weight)
-    if shape is None or w_shape is None or any(d is None for d in shape[1:] + w_shape):
-        raise _unsupported(node, "needs static input and weight shapes (export with a fixed input size)")
+    shape, w_shape = _conv_shapes(b, node)
     kernel = list(a.get("kernel_shape", w_shape[2:]))
     nd = len(kernel)
     strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
@@ -262,6 +343,28 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [_unfold_targets(b, dx, head, x)]
 
 
+# y = ConvTranspose(X, W): the transpose of a Conv  =>  dX = Conv(dY, W) with the same strides, pads, dilations
+# and groups (W [C_in, C_out / g, k...] read as a Conv weight [M = C_in, C / g = C_out / g, k...]); the cells
+# output_padding added at the end reach no input
+def ConvTranspose(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a = attrs(node)
+    x, weight = node.input[0], node.input[1]
+    shape, w_shape = _conv_shapes(b, node)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "") or "output_shape" in a:
+        raise _unsupported(node, "auto_pad and output_shape are not supported (explicit pads are)")
+    kernel = list(a.get("kernel_shape", w_shape[2:]))
+    nd = len(kernel)
+    folded, head = _fold_targets(b, dy[0])
+    dx = b.op(
+        "Conv", folded, b.weight(weight), group=int(a.get("group", 1)), strides=list(a.get("strides", [1] * nd)),
+        pads=list(a.get("pads", [0] * 2 * nd)), dilations=list(a.get("dilations", [1] * nd)), kernel_shape=kernel,
+    )  # fmt: skip
+    strides, padding = list(a.get("strides", [1] * nd)), list(a.get("output_padding", [0] * nd))
+    if any(p >= s for p, s in zip(padding, strides, strict=True)):  # the Conv reads rows past the input's
+        dx = b.op("Slice", dx, [0] * nd, shape[2:], list(range(2, 2 + nd)))
+    return [_unfold_targets(b, dx, head, x)]
+
+
 # dX = expand(dY) / (H * W)
 def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
@@ -269,8 +372,9 @@ def GlobalAveragePool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[
     return [b.op("Div", b.op("Expand", dy[0], b.grad_shape(dy[0], x)), plane)]
 
 
-def _reduce_back(b: Builder, node: onnx.NodeProto, dy: list[Grad], mean: bool) -> list[Grad]:
-    a = attrs(node)
+def _reduced_axes(b: Builder, node: onnx.NodeProto) -> list[int] | None:
+    """The forward axes a Reduce* node reduces, sorted and non-negative; None for a no-op (empty axes with
+    noop_with_empty_axes)."""
     x = node.input[0]
     rank = b.rank(x)
     if len(node.input) > 1 and node.input[1]:
@@ -279,28 +383,75 @@ def _reduce_back(b: Builder, node: onnx.NodeProto, dy: list[Grad], mean: bool) -
             raise _unsupported(node, "axes must be a constant")
         axes = [int(v) for v in value.ravel()]
     else:
-        axes = list(a.get("axes", []))
-    if not axes and int(a.get("noop_with_empty_axes", 0)):
-        return [dy[0]]
+        axes = list(attrs(node).get("axes", []))
+    if not axes and int(attrs(node).get("noop_with_empty_axes", 0)):
+        return None
     axes = sorted(ax % rank for ax in axes) if axes else list(range(rank))
     if 0 in axes:
         raise _unsupported(node, "it reduces over the batch axis")
-    g = dy[0] if int(a.get("keepdims", 1)) else b.unsqueeze(dy[0], [ax + 1 for ax in axes])
-    expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
-    if not mean:
-        return [expanded]
-    count = b.op("ReduceProd", b.op("Gather", b.op("Shape", x), b.ints(axes)), keepdims=1)
-    return [b.op("Div", expanded, b.op("Cast", count, to=b.elem_type(x)))]
+    return axes
 
 
-# dX = expand(dY with the reduced axes kept) / (number of reduced elements)
-def ReduceMean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return _reduce_back(b, node, dy, mean=True)
+Local = Callable[[Builder, str, str, list[int]], str | None]  # (fwd x, fwd y with kept axes, gradient axes)
 
 
-# dX = expand(dY with the reduced axes kept)
-def ReduceSum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    return _reduce_back(b, node, dy, mean=False)
+def _reduction(local: Local | None, identity: bool = True) -> VJP:
+    """The rule of ``y = reduce(x)`` over some axes: dX = expand(dY) * local(x, y), ``local`` the derivative of
+    y by each element (None: 1), read on forward tensors with the target axis and the reduced axes kept.
+    ``identity``: a no-op reduction passes dY as it is (else its form is refused)."""
+
+    def rule(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+        x = node.input[0]
+        axes = _reduced_axes(b, node)
+        if axes is None:
+            if not identity:
+                raise _unsupported(node, "noop_with_empty_axes with empty axes is not supported")
+            return [dy[0]]
+        kept = int(attrs(node).get("keepdims", 1))
+        g = dy[0] if kept else b.unsqueeze(dy[0], [ax + 1 for ax in axes])
+        expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
+        if local is None:
+            return [expanded]
+        y = node.output[0] if kept else b.unsqueeze(node.output[0], axes)
+        return [b.op("Mul", expanded, local(b, b.fwd(x), b.fwd(y), [ax + 1 for ax in axes]))]
+
+    return rule
+
+
+def _count(b: Builder, x: str, axes: list[int]) -> str:
+    """The number of elements of ``x`` over ``axes``, as a scalar of its element type."""
+    return b.op("Cast", b.op("ReduceProd", b.op("Gather", b.op("Shape", x), axes), keepdims=1), to=b.elem_type(x))
+
+
+def _extreme(b: Builder, x: str, y: str, axes: list[int]) -> str:
+    """(X == Y) / (how many elements of the reduced set equal Y): the gradient shared evenly between ties, as
+    torch's amax/amin backward does."""
+    hit = b.op("Cast", b.op("Equal", x, y), to=b.elem_type(x))
+    return b.op("Div", hit, b.reduce("ReduceSum", hit, axes, keepdims=1))
+
+
+# d prod / dx_i = the product of the others: Y / X without zeros; with one zero, the product of the rest at
+# the zero and 0 elsewhere; with several, 0
+def _product_slope(b: Builder, x: str, y: str, axes: list[int]) -> str:
+    zero = b.op("Equal", x, 0.0)
+    zeros = b.reduce("ReduceSum", b.op("Cast", zero, to=b.elem_type(x)), axes, keepdims=1)
+    rest = b.reduce("ReduceProd", b.op("Where", zero, 1.0, x), axes, keepdims=1)
+    one_zero = b.op("Where", b.op("And", zero, b.op("Equal", zeros, 1.0)), rest, 0.0)
+    return b.op("Where", b.op("Equal", zeros, 0.0), b.op("Div", y, x), one_zero)
+
+
+# dX = expand(dY with the reduced axes kept) * dY/dX, the derivative of each reduction by one element:
+REDUCTIONS: dict[str, Local | None] = {
+    "ReduceSum": None,  # 1
+    "ReduceMean": lambda b, x, y, axes: b.op("Reciprocal", _count(b, x, axes)),  # 1 / count
+    "ReduceMax": _extreme,  # (X == Y) / ties
+    "ReduceMin": _extreme,
+    "ReduceL1": lambda b, x, y, axes: b.op("Sign", x),  # sign(X)
+    "ReduceL2": lambda b, x, y, axes: b.op("Div", x, y),  # X / Y
+    "ReduceSumSquare": lambda b, x, y, axes: b.op("Mul", x, 2.0),  # 2 X
+    "ReduceLogSumExp": lambda b, x, y, axes: b.op("Exp", b.op("Sub", x, y)),  # exp(X - Y)
+    "ReduceProd": _product_slope,  # the product of the others
+}
 
 
 # Inference batch norm is per-channel affine: dX = dY * scale / sqrt(var + eps)
@@ -546,6 +697,29 @@ def Div(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return _binary(b, node, [da, db])
 
 
+# dX_i = dY / n for each of the n inputs
+def Mean(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    share = b.op("Div", dy[0], _scalar(b, node, float(len(node.input))))
+    return _binary(b, node, [share] * len(node.input))
+
+
+# dX_i = dY * (X_i == Y) / (how many inputs equal Y): ties share the gradient evenly, as torch's maximum does
+def _picked(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    y, elem = node.output[0], b.elem_type(node.output[0])
+    hits = [b.op("Cast", b.op("Equal", _bcast(b, x, y), _y(b, node)), to=elem) for x in node.input]
+    ties = hits[0] if len(hits) == 1 else b.op("Sum", *hits)
+    return _binary(b, node, [b.op("Mul", dy[0], b.op("Div", hit, ties)) for hit in hits])
+
+
+Max = Min = _picked
+
+
+# y = X if X > 0 else slope * X  =>  dX = dY * (X > 0 ? 1 : slope)   (the slope a constant)
+def PRelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    slope = _bcast(b, node.input[1], node.output[0])
+    return [b.op("Mul", dy[0], b.op("Where", b.op("Greater", _x(b, node), 0.0), 1.0, slope))]
+
+
 # -- ops that move data around ---------------------------------------------------------------
 def _sizes(b: Builder, node: onnx.NodeProto, tensors: list[str], axis: int) -> list[int]:
     sizes = [(b.shape(t) or [None] * (axis + 1))[axis] for t in tensors]
@@ -588,6 +762,30 @@ def Transpose(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [b.op("Transpose", dy[0], perm=[axes[0], 1, *axes[1:]])]
 
 
+def _contract(b: Builder, g: str, axis: int, like: str, matrix: np.ndarray) -> str:
+    """``g`` (the gradient of forward tensor ``like``) with axis ``axis`` of length n_out mapped to n_in by
+    ``matrix`` [n_out, n_in]: out[.., j, ..] = sum_o g[.., o, ..] matrix[o, j], the transpose of a linear map
+    along one axis (a selection, a padding)."""
+    m, rank = b.const(matrix.astype(b.np_dtype(like)), "axis_map"), b.rank(like) + 1
+    if axis == rank - 1:
+        return b.op("MatMul", g, m)
+    perm = list(range(rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    return b.op("Transpose", b.op("MatMul", b.op("Transpose", g, perm=perm), m), perm=perm)
+
+
+def _index_map(n: int, begin: int, end: int, mode: str) -> np.ndarray:
+    """[n + begin + end, n]: row o is one-hot at the input element that output o of a Pad copies (zero where
+    ``constant`` mode pads), as ONNX's reflect, edge and wrap modes (numpy's) choose it; negative pads crop."""
+    source = np.pad(np.arange(n), (max(begin, 0), max(end, 0)), mode=mode, **(
+        {"constant_values": -1} if mode == "constant" else {}))  # fmt: skip
+    source = source[max(-begin, 0) : len(source) - max(-end, 0)]
+    matrix = np.zeros((len(source), n))
+    kept = source >= 0
+    matrix[np.flatnonzero(kept), source[kept]] = 1
+    return matrix
+
+
 def _constant_ints(b: Builder, node: onnx.NodeProto, index: int, attr: str) -> list[int] | None:
     if (b.opset >= 10 and attr != "pads") or (attr == "pads" and b.opset >= 11):
         if len(node.input) <= index or not node.input[index]:
@@ -600,34 +798,35 @@ def _constant_ints(b: Builder, node: onnx.NodeProto, index: int, attr: str) -> l
     return None if value is None else [int(v) for v in value]
 
 
-# dX = dY padded back with zeros where the slice cut (steps of 1 only: other steps are refused)
+# dX = dY put back where the slice took it, zeros elsewhere: a Pad for steps of 1, else the transpose of the
+# selection along each sliced axis (any step, negative ones too, as the ONNX spec clamps starts and ends)
 def Slice(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     x = node.input[0]
     shape = b.shape(x)
     starts, ends = _constant_ints(b, node, 1, "starts"), _constant_ints(b, node, 2, "ends")
     axes = _constant_ints(b, node, 3, "axes") or list(range(len(starts)))
     steps = _constant_ints(b, node, 4, "steps") or [1] * len(starts)
-    pads = [0] * 2 * (len(shape) + 1)
+    pads, picks = [0] * 2 * (len(shape) + 1), []
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         axis %= len(shape)
         size = shape[axis]
-        if size is None or step != 1:
-            raise _unsupported(node, "needs a static size and step 1 on every sliced axis")
+        if size is None:
+            raise _unsupported(node, "needs a static size on every sliced axis")
         begin, stop, _ = slice(start, end, step).indices(size)
         pads[_gaxis(b, node, x, axis)] = begin
         pads[_gaxis(b, node, x, axis) + len(shape) + 1] = size - max(stop, begin)
-    padded = b.op("Pad", dy[0], b.ints(pads)) if b.opset >= 11 else b.op("Pad", dy[0], pads=pads)
-    return [padded]
+        picks.append((_gaxis(b, node, x, axis), np.eye(size)[np.arange(size)[start:end:step]]))
+    if all(step == 1 for step in steps):
+        return [b.op("Pad", dy[0], b.ints(pads)) if b.opset >= 11 else b.op("Pad", dy[0], pads=pads)]
+    dx = dy[0]
+    for axis, selection in picks:  # selection [n_out, n_in]: row o is one-hot at the element output o took
+        dx = _contract(b, dx, axis, x, selection)
+    return [dx]
 
 
-# constant-mode Pad: dX = the unpadded window of dY
-def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x = node.input[0]
-    mode = attrs(node).get("mode", "constant")
-    pads = _constant_ints(b, node, 1, "pads")
-    rank = b.rank(x)
-    if mode != "constant" or pads is None or any(p < 0 for p in pads):
-        raise _unsupported(node, "only constant-mode padding with non-negative constant pads is supported")
+def _pad_amounts(b: Builder, node: onnx.NodeProto) -> list[int]:
+    """Begin and end pads of every axis of a Pad node (its ``axes`` input spread out)."""
+    pads, rank = _constant_ints(b, node, 1, "pads"), b.rank(node.input[0])
     if len(node.input) > 3 and node.input[3]:
         axes = [a % rank for a in _constant_ints(b, node, 3, "axes")]
         full = [0] * 2 * rank
@@ -636,10 +835,198 @@ def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
         pads = full
     if pads[0] or pads[rank]:
         raise _unsupported(node, "it pads the batch axis")
-    starts = [pads[a] for a in range(1, rank)]
-    ends = [pads[a] + b.shape(x)[a] for a in range(1, rank)]
-    axes = list(range(2, rank + 1))
-    return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(axes))]
+    return pads
+
+
+# constant mode, pads >= 0: dX = the unpadded window of dY; reflect, edge, wrap (or cropping): along each padded
+# axis, dX[i] = the sum of dY over the outputs that copy input i
+def Pad(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    mode, pads = attrs(node).get("mode", "constant"), _pad_amounts(b, node)
+    rank, shape = b.rank(node.input[0]), b.shape(node.input[0])
+    if mode == "constant" and all(p >= 0 for p in pads):
+        starts = [pads[a] for a in range(1, rank)]
+        ends = [pads[a] + shape[a] for a in range(1, rank)]
+        return [b.op("Slice", dy[0], b.ints(starts), b.ints(ends), b.ints(list(range(2, rank + 1))))]
+    dx = dy[0]
+    for axis in range(1, rank):
+        if pads[axis] or pads[axis + rank]:
+            if shape[axis] is None:
+                raise _unsupported(node, f"needs a static size along padded axis {axis}")
+            matrix = _index_map(shape[axis], pads[axis], pads[axis + rank], mode)
+            dx = _contract(b, dx, axis + 1, node.input[0], matrix)
+    return [dx]
+
+
+# y = tile(X, r): along each axis, y[k * d + i] = X[i]  =>  dX = dY seen as [.., r, d, ..], summed over each r
+def Tile(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    repeats = b.constant_value(node.input[1])
+    if repeats is None:
+        raise _unsupported(node, "repeats must be a constant")
+    repeats = [int(r) for r in repeats.ravel()]
+    if repeats[0] != 1:
+        raise _unsupported(node, "it repeats the batch axis")
+    parts = [part for axis, r in enumerate(repeats[1:], start=1) for part in ([r], b.dims(x, axis, axis + 1))]
+    split = b.op("Reshape", dy[0], b.op("Concat", b.dims(dy[0], 0, 2), *parts, axis=0))
+    return [b.reduce("ReduceSum", split, [2 * i for i in range(1, len(repeats))], keepdims=0)]
+
+
+def _unshuffle(b: Builder, node: onnx.NodeProto, dy: str, split: list[int], perm: list[int]) -> str:
+    """The gradient of ``x -> reshape(transpose(reshape(x, [M] + split), perm), ...)`` on [M, C, H, W] (the
+    targets folded into M): dY reshaped to the transposed split, transposed back, reshaped to X."""
+    shape = b.shape(node.input[0])
+    if shape is None or any(d is None for d in shape[1:]):
+        raise _unsupported(node, "needs a static shape to move blocks between depth and space")
+    folded, head = _fold_targets(b, dy)
+    moved = b.op("Reshape", folded, b.op("Concat", b.product(folded, 0, 1), [split[p - 1] for p in perm[1:]], axis=0))
+    back = b.op("Transpose", moved, perm=[int(i) for i in np.argsort(perm)])
+    return _unfold_targets(b, b.op("Reshape", back, b.op("Concat", b.product(folded, 0, 1), shape[1:], axis=0)),
+                           head, node.input[0])  # fmt: skip
+
+
+# a reshape-transpose-reshape (the forward's own split and permutation, as the ONNX spec writes them)
+def DepthToSpace(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a = attrs(node)
+    k, (c, h, w) = int(a["blocksize"]), b.shape(node.input[0])[1:]
+    if a.get("mode", "DCR") == "DCR":
+        return [_unshuffle(b, node, dy[0], [k, k, c // k**2, h, w], [0, 3, 4, 1, 5, 2])]
+    return [_unshuffle(b, node, dy[0], [c // k**2, k, k, h, w], [0, 1, 4, 2, 5, 3])]
+
+
+def SpaceToDepth(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    k, (c, h, w) = int(attrs(node)["blocksize"]), b.shape(node.input[0])[1:]
+    return [_unshuffle(b, node, dy[0], [c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4])]
+
+
+def _data_axis(b: Builder, node: onnx.NodeProto, axis: int) -> int:
+    """A forward axis of the node's first input as a gradient axis; the batch axis is refused."""
+    axis %= b.rank(node.input[0])
+    if axis == 0:
+        raise _unsupported(node, "it works along the batch axis")
+    return axis + 1
+
+
+# y = cumsum(X) along an axis  =>  dX = cumsum(dY) in the other direction, with the same exclusivity
+def CumSum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    axis = b.constant_value(node.input[1])
+    if axis is None:
+        raise _unsupported(node, "axis must be a constant")
+    a = attrs(node)
+    gaxis = _data_axis(b, node, int(axis.ravel()[0]))
+    reverse = 1 - int(a.get("reverse", 0))
+    return [b.op("CumSum", dy[0], [gaxis], exclusive=int(a.get("exclusive", 0)), reverse=reverse)]
+
+
+def _indices_like(b: Builder, indices: str, g: str) -> str:
+    """Forward ``indices`` [N, ...] as [N, T, ...], beside the gradient ``g``."""
+    return b.op("Expand", b.fwd(indices), b.op("Shape", g))
+
+
+# values = X at the top k indices along the axis  =>  dX = zeros with dY scattered to those indices
+def TopK(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    axis = _data_axis(b, node, int(attrs(node).get("axis", -1)))
+    if dy[0] is None:
+        return []
+    zeros = b.zeros(b.grad_shape(dy[0], x), like=x)
+    return [b.op("ScatterElements", zeros, _indices_like(b, node.output[1], dy[0]), dy[0], axis=axis)]
+
+
+# y = X[I] along an axis, elementwise  =>  dX = zeros with dY added at I (repeated indices add up)
+def GatherElements(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    axis = _data_axis(b, node, int(attrs(node).get("axis", 0)))
+    zeros = b.zeros(b.grad_shape(dy[0], x), like=x)
+    indices = _indices_like(b, node.input[1], dy[0])
+    return [b.op("ScatterElements", zeros, indices, dy[0], axis=axis, reduction="add")]
+
+
+def _scatter_reduction(node: onnx.NodeProto) -> str:
+    reduction = attrs(node).get("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise _unsupported(node, f"reduction={reduction!r} is not supported (only none and add)")
+    return reduction
+
+
+# y = X with U written at I along an axis  =>  dX = dY with zeros at I (dY where reduction=add), dU = dY at I
+def ScatterElements(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, indices, updates = node.input
+    axis = _data_axis(b, node, int(attrs(node).get("axis", 0)))
+    add = _scatter_reduction(node) == "add"
+    at = b.op("Expand", b.fwd(indices), b.grad_shape(dy[0], updates))
+    dx = None
+    if b.needs(x):
+        dx = dy[0] if add else b.op(
+            "ScatterElements", dy[0], at, b.zeros(b.grad_shape(dy[0], updates), like=x), axis=axis)  # fmt: skip
+    du = b.op("GatherElements", dy[0], at, axis=axis) if b.needs(updates) else None
+    return [dx, None, du]
+
+
+# The ND gathers and scatters index the leading axes, the batch among them: the target axis goes last while they
+# run ([N, T, ...] -> [N, ..., T]) and back to 1 after.
+def _targets_last(b: Builder, g: str, rank: int) -> str:
+    return b.op("Transpose", g, perm=[0, *range(2, rank), 1])
+
+
+def _targets_second(b: Builder, g: str, rank: int) -> str:
+    return b.op("Transpose", g, perm=[0, rank - 1, *range(1, rank - 1)])
+
+
+def _full_indices(b: Builder, node: onnx.NodeProto) -> str:
+    """GatherND's indices with ``batch_dims`` = 1 made absolute: each tuple led by its batch position."""
+    indices = node.input[1]
+    batch_dims = int(attrs(node).get("batch_dims", 0))
+    if batch_dims == 0:
+        return indices
+    if batch_dims != 1:
+        raise _unsupported(node, "batch_dims above 1 is not supported")
+    rank = b.rank(indices)
+    count = b.op("Squeeze", b.dims(indices, 0, 1), [0])
+    positions = b.op("Reshape", b.op("Range", 0, count, 1), [-1] + [1] * (rank - 1))
+    lead = b.op("Expand", positions, b.op("Concat", b.dims(indices, 0, rank - 1), [1], axis=0))
+    return b.op("Concat", b.op("Cast", lead, to=b.elem_type(indices)), indices, axis=-1)
+
+
+# y = X at the index tuples I  =>  dX = zeros with dY added at I (repeated tuples add up)
+def GatherND(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, y = node.input[0], node.output[0]
+    zeros = b.zeros(b.op("Concat", b.op("Shape", x), b.dims(dy[0], 1, 2), axis=0), like=x)
+    updates = _targets_last(b, dy[0], b.rank(y) + 1)
+    scattered = b.op("ScatterND", zeros, _full_indices(b, node), updates, reduction="add")
+    return [_targets_second(b, scattered, b.rank(x) + 1)]
+
+
+# y = X with U written at the index tuples I  =>  dX = dY with zeros at I (dY where reduction=add), dU = dY at I
+def ScatterND(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, indices, updates = node.input
+    add = _scatter_reduction(node) == "add"
+    rank = b.rank(x) + 1
+    last = _targets_last(b, dy[0], rank)
+    dx = None
+    if b.needs(x):
+        zeros = b.zeros(b.op("Concat", b.op("Shape", updates), b.dims(dy[0], 1, 2), axis=0), like=x)
+        dx = dy[0] if add else _targets_second(b, b.op("ScatterND", last, indices, zeros), rank)
+    du = _targets_second(b, b.op("GatherND", last, indices), b.rank(updates) + 1) if b.needs(updates) else None
+    return [dx, None, du]
+
+
+# y = max of X over its spatial axes  =>  dX = expand(dY) * (X == Y) / ties, as ReduceMax
+def GlobalMaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    picked = _extreme(b, _x(b, node), _y(b, node), list(range(3, b.rank(x) + 1)))
+    return [b.op("Mul", b.op("Expand", dy[0], b.grad_shape(dy[0], x)), picked)]
+
+
+# y = X / ||X||_p along an axis (p = 1 or 2)  =>  dX = (dY - s * sum(dY * Y)) / ||X||_p, s = Y (p=2) or sign(X) (p=1)
+def LpNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a, x, y = attrs(node), _x(b, node), _y(b, node)
+    p, axis = int(a.get("p", 2)), [_gaxis(b, node, node.input[0], int(a.get("axis", -1)))]
+    if p not in (1, 2):
+        raise _unsupported(node, f"p={p} is not a norm ONNX defines (1 or 2)")
+    norm = b.reduce("ReduceL2" if p == 2 else "ReduceL1", x, axis, keepdims=1)
+    inner = b.reduce("ReduceSum", b.op("Mul", dy[0], y), axis, keepdims=1)
+    s = y if p == 2 else b.op("Sign", x)
+    return [b.op("Div", b.op("Sub", dy[0], b.op("Mul", s, inner)), norm)]
 
 
 # -- normalisations and softmax -----------------------------------------------------------------
@@ -663,23 +1050,58 @@ def LogSoftmax(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [b.op("Sub", dy[0], b.op("Mul", b.op("Exp", y), total))]
 
 
-# y = xhat * gamma + beta, xhat = (x - mean) / sigma over axes [axis, rank)
+# y = xhat * gamma + beta, xhat = (x - mean) / sigma over some axes
 # =>  dX = (g - mean(g) - xhat * mean(g * xhat)) / sigma, with g = dY * gamma
-def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x = node.input[0]
-    rank = b.rank(x)
-    a = attrs(node)
-    axes = [_gaxis(b, node, x, i) for i in range(int(a.get("axis", -1)) % rank, rank)]
-    xt = b.fwd(x)
+def _normalised_back(b: Builder, xt: str, g: str, axes: list[int], eps: float) -> str:
+    """dX of a normalisation over gradient ``axes`` of ``xt`` (a forward tensor with the target axis), given
+    ``g`` = dY * gamma."""
     centred = b.op("Sub", xt, b.reduce("ReduceMean", xt, axes, keepdims=1))
     variance = b.reduce("ReduceMean", b.op("Mul", centred, centred), axes, keepdims=1)
-    sigma = b.op("Sqrt", b.op("Add", variance, _scalar(b, node, float(a.get("epsilon", 1e-5)))))
+    sigma = b.op("Sqrt", b.op("Add", variance, eps))
     xhat = b.op("Div", centred, sigma)
-    g = b.op("Mul", dy[0], node.input[1])
     mean_g = b.reduce("ReduceMean", g, axes, keepdims=1)
     mean_gx = b.reduce("ReduceMean", b.op("Mul", g, xhat), axes, keepdims=1)
-    dx = b.op("Div", b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx)), sigma)
-    return [dx]
+    return b.op("Div", b.op("Sub", b.op("Sub", g, mean_g), b.op("Mul", xhat, mean_gx)), sigma)
+
+
+# over axes [axis, rank), gamma of the normalised axes' shape
+def LayerNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, a = node.input[0], attrs(node)
+    rank = b.rank(x)
+    axes = [_gaxis(b, node, x, i) for i in range(int(a.get("axis", -1)) % rank, rank)]
+    g = b.op("Mul", dy[0], node.input[1])
+    return [_normalised_back(b, b.fwd(x), g, axes, float(a.get("epsilon", 1e-5)))]
+
+
+def _per_channel(b: Builder, values: str, x: str) -> str:
+    """A per-channel ``[C]`` tensor shaped to broadcast against the gradient of ``x`` ``[N, C, ...]``."""
+    return b.op("Reshape", values, [-1] + [1] * (b.rank(x) - 2))
+
+
+# over each (n, c)'s spatial axes, gamma per channel
+def InstanceNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x = node.input[0]
+    axes = [_gaxis(b, node, x, i) for i in range(2, b.rank(x))]
+    g = b.op("Mul", dy[0], _per_channel(b, node.input[1], x))
+    return [_normalised_back(b, b.fwd(x), g, axes, float(attrs(node).get("epsilon", 1e-5)))]
+
+
+# over each group of C / G channels with their spatial axes; gamma per channel (opset 21) or per group (18)
+def GroupNormalization(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    x, a = node.input[0], attrs(node)
+    groups, channels = int(a["num_groups"]), (b.shape(x) or [None, None])[1]
+    if channels is None:
+        raise _unsupported(node, "needs a static channel count")
+    scale = node.input[1]
+    if (b.shape(scale) or [None])[0] != channels:  # one per group: each channel reads its group's
+        scale = b.op("Gather", scale, np.arange(channels) // (channels // groups))
+    g = b.op("Mul", dy[0], _per_channel(b, scale, x))
+    def grouped(t: str) -> str:  # [N, T, C, ...] -> [N, T, G, C / G * ...]
+        rest = b.op("Div", b.product(t, 2), [groups])
+        return b.op("Reshape", t, b.op("Concat", b.dims(t, 0, 2), [groups], rest, axis=0))
+
+    dx = _normalised_back(b, grouped(b.fwd(x)), grouped(g), [3], float(a.get("epsilon", 1e-5)))
+    return [b.op("Reshape", dx, b.grad_shape(dy[0], x))]
 
 
 # y = Gather(x, I) with a 1-D x and indices computed at run time (torch's as_strided)
@@ -729,23 +1151,46 @@ RESIZE_COORDINATES = {  # x_resized -> x_original, given the scale and both leng
     "asymmetric": lambda o, scale, n_in, n_out: o / scale,
 }
 NEAREST = {
-    "round_prefer_floor": lambda x: np.where(x - np.floor(x) == 0.5, np.floor(x), np.round(x)),
-    "round_prefer_ceil": lambda x: np.where(x - np.floor(x) == 0.5, np.ceil(x), np.round(x)),
-    "floor": np.floor,
-    "ceil": np.ceil,
+    "round_prefer_floor": lambda x, scale: np.where(x - np.floor(x) == 0.5, np.floor(x), np.round(x)),
+    "round_prefer_ceil": lambda x, scale: np.where(x - np.floor(x) == 0.5, np.ceil(x), np.round(x)),
+    "floor": lambda x, scale: np.floor(x),
+    "ceil": lambda x, scale: np.ceil(x),
+    "simple": lambda x, scale: np.ceil(x) if scale < 1 else np.trunc(x),  # (Upsample's, before opset 11)
 }
 
 
+def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
+    """[n, 4]: the weights of the neighbours floor(x) - 1 ... floor(x) + 2 at fractions ``t`` (Keys' cubic
+    convolution with coefficient ``a``, as the ONNX spec and torch's bicubic write it)."""
+    def near(d: np.ndarray) -> np.ndarray:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: np.ndarray) -> np.ndarray:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+
+
 def _resize_matrix(a: dict, scale: float, n_in: int, n_out: int) -> np.ndarray:
-    """R [n_out, n_in] with y = R x along one axis, for Resize's linear or nearest mode."""
+    """R [n_out, n_in] with y = R x along one axis, for Resize's nearest, linear or cubic mode."""
     x = RESIZE_COORDINATES[a.get("coordinate_transformation_mode", "half_pixel")](
         np.arange(n_out, dtype=np.float64), scale, n_in, n_out
     )
     matrix = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
-    if a.get("mode", "nearest") == "nearest":
-        picked = NEAREST[a.get("nearest_mode", "round_prefer_floor")](x)
+    mode = a.get("mode", "nearest")
+    if mode == "nearest":
+        picked = NEAREST[a.get("nearest_mode", "round_prefer_floor")](x, scale)
         matrix[rows, np.clip(picked, 0, n_in - 1).astype(int)] = 1
+        return matrix
+    if mode == "cubic":  # neighbours past the edge read the edge, or (exclude_outside) drop out, renormalised
+        low = np.floor(x).astype(int)
+        weights = _cubic_weights(x - low, float(a.get("cubic_coeff_a", -0.75)))
+        taps = low[:, None] + np.arange(-1, 3)
+        if int(a.get("exclude_outside", 0)):
+            weights = np.where((taps >= 0) & (taps < n_in), weights, 0.0)
+            weights /= weights.sum(axis=1, keepdims=True)
+        np.add.at(matrix, (np.repeat(rows, 4), np.clip(taps, 0, n_in - 1).ravel()), weights.ravel())
         return matrix
     x = np.clip(x, 0, n_in - 1)
     low = np.floor(x).astype(int)
@@ -755,27 +1200,48 @@ def _resize_matrix(a: dict, scale: float, n_in: int, n_out: int) -> np.ndarray:
     return matrix
 
 
-# y = R_h X R_w^T over (h, w) for a separable linear or nearest Resize  =>  dX = R_h^T dY R_w
-def Resize(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
-    x, a = node.input[0], attrs(node)
+def _separable_back(b: Builder, node: onnx.NodeProto, dy: str, a: dict, scales: np.ndarray | None) -> str:
+    """The gradient of a 4-D resize of static h, w that ``a`` (Resize's attributes) describes, at ``scales``
+    (or the ratio of the sizes): y = R_h X R_w^T  =>  dX = R_h^T dY R_w."""
+    x = node.input[0]
     shape_in, shape_out = b.shape(x), b.shape(node.output[0])
-    scales = b.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     supported = (
-        b.opset >= 11 and shape_in is not None and shape_out is not None and len(shape_in) == len(shape_out) == 4
+        shape_in is not None and shape_out is not None and len(shape_in) == len(shape_out) == 4
         and all(isinstance(d, int) for d in [*shape_in[1:], *shape_out[1:]]) and shape_in[1] == shape_out[1]
-        and a.get("mode", "nearest") in ("nearest", "linear") and not a.get("antialias", 0) and "axes" not in a
-        and a.get("coordinate_transformation_mode", "half_pixel") in RESIZE_COORDINATES
+        and a.get("mode", "nearest") in ("nearest", "linear", "cubic") and not a.get("antialias", 0)
+        and "axes" not in a and a.get("coordinate_transformation_mode", "half_pixel") in RESIZE_COORDINATES
         and a.get("nearest_mode", "round_prefer_floor") in NEAREST
+        and a.get("keep_aspect_ratio_policy", "stretch") == "stretch"
     )  # fmt: skip
     if not supported:
-        raise _unsupported(node, "only 4-D nearest or linear resizing of static h, w (half_pixel, pytorch_half_pixel, "
-                                 "align_corners or asymmetric coordinates, no antialias) is supported")  # fmt: skip
+        raise _unsupported(node, "only 4-D nearest, linear or cubic resizing of static h, w (half_pixel, "
+                                 "pytorch_half_pixel, align_corners or asymmetric coordinates, no antialias) "
+                                 "is supported")  # fmt: skip
     factors = [float(v) for v in scales[2:]] if scales is not None and scales.size == 4 else [
         o / i for i, o in zip(shape_in[2:], shape_out[2:], strict=True)]  # fmt: skip
     r_h, r_w = (_resize_matrix(a, f, i, o) for f, i, o in zip(factors, shape_in[2:], shape_out[2:], strict=True))
     dtype = b.np_dtype(x)
-    rows = b.op("MatMul", dy[0], b.const(r_w.astype(dtype), "resize_w"))  # [N, T, C, H_out, w_in]
-    return [b.op("MatMul", b.const(r_h.T.astype(dtype), "resize_h_t"), rows)]
+    rows = b.op("MatMul", dy, b.const(r_w.astype(dtype), "resize_w"))  # [N, T, C, H_out, w_in]
+    return b.op("MatMul", b.const(r_h.T.astype(dtype), "resize_h_t"), rows)
+
+
+# y = R_h X R_w^T over (h, w), R the interpolation along one axis (nearest, linear or cubic)
+def Resize(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    scales = b.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if b.opset < 11:
+        raise _unsupported(node, "Resize before opset 11 is not supported (upgrade the opset)")
+    return [_separable_back(b, node, dy[0], attrs(node), scales)]
+
+
+# Upsample (opsets 7 to 9): Resize with asymmetric coordinates, its nearest mode truncating (ceiling when it shrinks)
+def Upsample(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a = attrs(node)
+    scales = b.constant_value(node.input[1]) if len(node.input) > 1 else np.asarray(a.get("scales", []))
+    if scales is None:
+        raise _unsupported(node, "scales must be a constant")
+    resize = {"mode": a.get("mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
+              "nearest_mode": "simple"}
+    return [_separable_back(b, node, dy[0], resize, scales)]
 
 
 # y = broadcast(X, shape)  =>  dX = dY summed over the broadcast axes
@@ -842,20 +1308,27 @@ def DequantizeLinear(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[G
 
 
 RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
-    "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip,
+    "Identity": Identity, "Dropout": Dropout, "Relu": Relu, "LeakyRelu": LeakyRelu, "PRelu": PRelu, "Clip": Clip,
     "Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish, "Sqrt": Sqrt, "Erf": Erf,
     "Gelu": Gelu, "Tanh": Tanh, "Exp": Exp, "Neg": Neg, "Pow": Pow, "Cast": Cast, "Add": Add, "Sum": Sum,
-    "Sub": Sub, "Mul": Mul, "Div": Div, "Where": Where, "Flatten": Flatten, "Reshape": Reshape,
-    "Squeeze": Squeeze, "Unsqueeze": Unsqueeze, "Expand": Expand, "Transpose": Transpose, "Concat": Concat,
-    "Split": Split, "Slice": Slice, "Pad": Pad, "Gather": Gather, "Gemm": Gemm, "MatMul": MatMul, "Conv": Conv,
-    "Resize": Resize, "AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean,
-    "ReduceSum": ReduceSum,
+    "Sub": Sub, "Mul": Mul, "Div": Div, "Mean": Mean, "Max": Max, "Min": Min, "Where": Where, "Flatten": Flatten,
+    "Reshape": Reshape, "Squeeze": Squeeze, "Unsqueeze": Unsqueeze, "Expand": Expand, "Transpose": Transpose,
+    "Concat": Concat, "Split": Split, "Slice": Slice, "Pad": Pad, "Tile": Tile, "DepthToSpace": DepthToSpace,
+    "SpaceToDepth": SpaceToDepth, "Gather": Gather, "CumSum": CumSum, "TopK": TopK, "ScatterElements": ScatterElements,
+    "ScatterND": ScatterND, "Gemm": Gemm, "MatMul": MatMul, "Einsum": Einsum, "Conv": Conv,
+    "ConvTranspose": ConvTranspose, "Resize": Resize, "Upsample": Upsample, "AveragePool": AveragePool,
+    "LpPool": LpPool, "GlobalAveragePool": GlobalAveragePool, "GlobalMaxPool": GlobalMaxPool,
+    **{op: _reduction(local, identity=op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd"))
+       for op, local in REDUCTIONS.items()},
     "BatchNormalization": BatchNormalization, "LayerNormalization": LayerNormalization,
-    "Softmax": Softmax, "LogSoftmax": LogSoftmax,
+    "InstanceNormalization": InstanceNormalization, "GroupNormalization": GroupNormalization,
+    "LpNormalization": LpNormalization, "Softmax": Softmax, "LogSoftmax": LogSoftmax,
     "DequantizeLinear": DequantizeLinear,
     "Abs": Abs, "Log": Log, "Reciprocal": Reciprocal, "Sin": Sin, "Cos": Cos, "Softplus": Softplus,
     "Softsign": Softsign, "Elu": Elu, "Selu": Selu, "Celu": Celu, "ThresholdedRelu": ThresholdedRelu, "Mish": Mish,
 }.items()} | {
-    "MaxPool": Rule(MaxPool, extra_outputs=("indices",)),
+    "MaxPool": Rule(MaxPool, extra_outputs=("indices",), opset=16),
+    "GatherElements": Rule(GatherElements, opset=16),
+    "GatherND": Rule(GatherND, opset=16),
     "QuantizeLinear": Rule(QuantizeLinear, levels=True),
 }  # fmt: skip

@@ -12,25 +12,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import onnx
-from onnx import TensorProto
 
 from onnxcam import contract
-from onnxcam_export.builder import Branch, Builder, Types
+from onnxcam_export.builder import FLOAT_TYPES, Branch, Builder, Types
 from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import RULES, Grad, Rule, UnsupportedOp
 
 __all__ = ["Branch"]  # (the If branches the walks build; defined with the builder)
 
-FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+FLOATS = FLOAT_TYPES
 INTEGER_OPS = ops_with("integer")  # outputs never float, whatever the inputs (for graphs not typed yet)
+FLAT_OPS = ops_with("flat")  # float outputs of zero derivative almost everywhere: no gradient passes
 
 Grads = dict[str, list[str]]  # forward tensor -> the gradients that reached it, summed when first read
+CONTROL_FLOW = {"If": "branches", "Loop": "body", "Scan": "body"}  # refused by name: no rule reads subgraphs
 SPATIAL = [3, 4]  # the h, w axes of gradients [N, T, C, h, w]
 
 
 # -- the walk ---------------------------------------------------------------------------------------
 def rule_for(node: onnx.NodeProto) -> Rule:
     """The gradient rule for ``node``; UnsupportedOp naming the op, the node and the supported ops."""
+    where = f"node {node.name or node.output[0]!r}"
+    if node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW:
+        raise UnsupportedOp(
+            f"control flow between the target layer and the logits: {node.op_type} {where}, whose "
+            f"{CONTROL_FLOW[node.op_type]} onnxcam does not differentiate. Pick a layer after it with --layer."
+        )
     if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
         supported = ", ".join(sorted(RULES))
         raise UnsupportedOp(
@@ -175,14 +182,18 @@ def shape_only_tensors(graph: onnx.GraphProto) -> set[str]:
 
 
 
-def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None) -> set[str]:
-    """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches.
+def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Types | None,
+                   towards: str | None = None) -> set[str]:  # fmt: skip
+    """The float tensors that depend on ``sources`` through float tensors: the only ones a gradient reaches;
+    with ``towards`` (the logits), only those with such a path on to it.
 
     Integer tensors (shapes, indices, masks) and what is computed from them alone carry no gradient,
     except quantized levels (a rule's ``levels``); a tensor of unknown type counts as float unless
-    :data:`INTEGER_OPS` computes it.
+    :data:`INTEGER_OPS` computes it. Nor do the outputs of :data:`FLAT_OPS`. A path that reaches the logits
+    only through indices (a ReduceMax or TopK that picks the queries a detector keeps, an ArgMax) carries
+    none, so its nodes need no rule.
     """
-    types = types or {}
+    types, head = types or {}, list(head)
 
     def floating(node: onnx.NodeProto, name: str) -> bool:
         if node.op_type in RULES and RULES[node.op_type].levels:
@@ -191,9 +202,15 @@ def differentiable(head: Iterable[onnx.NodeProto], sources: set[str], types: Typ
 
     reached = set(sources)
     for node in head:
-        if _gradient_enters(node, reached):
+        if node.op_type not in FLAT_OPS and _gradient_enters(node, reached):
             reached.update(o for o in node.output if o and floating(node, o))
-    return reached
+    if towards is None:
+        return reached
+    onward = {towards} & reached
+    for node in reversed(head):
+        if onward.intersection(node.output):
+            onward.update(reached.intersection(inputs_of(node)))
+    return onward
 
 
 

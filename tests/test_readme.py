@@ -68,6 +68,10 @@ def test_the_rules_list_is_the_rules_table() -> None:
     assert listed is not None, "the README marks its rules list"
     assert re.findall(r"`(\w+)`", listed.group(1)) == sorted(RULES)
     assert f"exactly these {len(RULES)} ops" in README
+    from onnxcam_export.ops import ops_with
+
+    flat = re.search(r"<!-- flat -->(.*?)<!-- /flat -->", README, re.S)
+    assert flat is not None and re.findall(r"`(\w+)`", flat.group(1)) == sorted(ops_with("flat"))
 
 
 def test_the_methods_table_lists_the_registered_methods() -> None:

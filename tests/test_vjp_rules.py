@@ -54,6 +54,8 @@ class Case:
     leading: dict[str, np.ndarray] = field(default_factory=dict)  # constant inputs before x (Where's condition)
     x_dtype: type | None = None  # the differentiable inputs' type where it is not ``dtype`` (integer levels)
     spread: float = 1.0  # the inputs' standard deviation
+    order: tuple[str, ...] = ()  # the node's inputs in this order where the data inputs are not first (x0, i, x1)
+    prepare: Callable[[list[np.ndarray]], None] | None = None  # edits the drawn inputs in place (ties, zeros)
 
     @property
     def id(self) -> str:
@@ -275,6 +277,197 @@ CASES = [
 # fmt: on
 
 
+def _ties(xs: list[np.ndarray]) -> None:
+    """Two maxima (and two minima) in the first reduced row, so that the tie rule is what is checked."""
+    xs[0][0, 0, 1] = xs[0][0, 0, 3] = np.abs(xs[0]).max() + 1
+    xs[0][0, 0, 2] = xs[0][0, 0, 0] = -np.abs(xs[0]).max() - 1
+
+
+def _zeros(xs: list[np.ndarray]) -> None:
+    """Rows of a product with no zero, one zero, and two zeros."""
+    xs[0][0, 1, 2] = 0.0
+    xs[0][1, 2, 0] = xs[0][1, 2, 3] = 0.0
+
+
+def _depth_to_space(x: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    n, c, h, w = x.shape
+    if mode == "DCR":
+        return x.reshape(n, k, k, c // k**2, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // k**2, h * k, w * k)
+    return F.pixel_shuffle(x, k)  # CRD
+
+
+def _space_to_depth(x: torch.Tensor, k: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // k, k, w // k, k).permute(0, 3, 5, 1, 2, 4).reshape(n, c * k * k, h // k, w // k)
+
+
+def _lp_pool(x: torch.Tensor, p: float, kernel: int, stride: int, padding: int = 0) -> torch.Tensor:
+    summed = F.avg_pool2d(x.abs() ** p, kernel, stride, padding, count_include_pad=True) * kernel**2
+    return summed ** (1 / p)
+
+
+def _asymmetric_linear(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Upsample's linear mode along h and w: source o / scale, the next cell clamped at the edge."""
+    for axis in (2, 3):
+        n = x.shape[axis]
+        source = torch.arange(n * scale, dtype=torch.float64) / scale
+        low = source.floor().long()
+        frac = (source - low).reshape([-1 if a == axis else 1 for a in range(4)])
+        x = x.index_select(axis, low) * (1 - frac) + x.index_select(axis, (low + 1).clamp(max=n - 1)) * frac
+    return x
+
+
+def _cubic(x: torch.Tensor, size: tuple[int, int], a: float, exclude_outside: bool) -> torch.Tensor:
+    """ONNX's cubic Resize with half_pixel coordinates written out along each axis: 4 taps of Keys' kernel, edge
+    taps clamped, or (exclude_outside) dropped and the rest renormalised."""
+    def kernel(d: torch.Tensor) -> torch.Tensor:
+        d = d.abs()
+        return torch.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+
+    for axis, n_out in zip((2, 3), size, strict=True):
+        n_in = x.shape[axis]
+        source = (torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5
+        taps = source.floor().long()[:, None] + torch.arange(-1, 3)
+        weights = kernel(source[:, None] - taps)
+        if exclude_outside:
+            weights = torch.where((taps >= 0) & (taps < n_in), weights, 0.0)
+            weights = weights / weights.sum(1, keepdim=True)
+        matrix = torch.zeros(n_out, n_in, dtype=torch.float64).index_put_(
+            (torch.arange(n_out)[:, None].expand(-1, 4), taps.clamp(0, n_in - 1)), weights, accumulate=True)
+        x = torch.movedim(torch.movedim(x, axis, -1) @ matrix.T, -1, axis)
+    return x
+
+
+CONVT_W, CONVT_WG = (torch.from_numpy(RNG.standard_normal(shape)) for shape in [(4, 3, 3, 3), (4, 2, 3, 3)])
+IN_SCALE, IN_BIAS = RNG.standard_normal(3), RNG.standard_normal(3)
+GN_SCALE, GN_BIAS, GN_GROUP = RNG.standard_normal(6), RNG.standard_normal(6), RNG.standard_normal(3)
+SLOPE = RNG.standard_normal((3, 1, 1))
+EIN_W = RNG.standard_normal((5, 4))
+GATHER_I = np.asarray([[[0, 2, 2, 1], [3, 3, 0, 1], [1, 1, 1, 1]], [[2, 0, 3, 3], [0, 0, 0, 2], [3, 2, 1, 0]]])
+SCATTER_I = np.asarray([[[0, 2], [3, 1], [1, 0]], [[2, 0], [1, 3], [3, 2]]])
+ND_I, ND_B = np.asarray([[0, 1], [1, 2], [0, 1]]), np.asarray([[[4], [0], [4], [2]], [[1], [1], [3], [0]]])
+BIG = np.iinfo(np.int64).max
+
+# fmt: off
+CASES += [
+    Case("ConvTranspose", [2, 4, 5, 5], lambda x: F.conv_transpose2d(x, CONVT_W, stride=2, padding=1,
+         output_padding=1), {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+         constants={"W": CONVT_W.numpy()}, dtype=np.float32, tol=1e-5),
+    Case("ConvTranspose", [2, 4, 5, 6], lambda x: F.conv_transpose2d(x, CONVT_WG, groups=2, dilation=2, padding=(0, 1)),
+         {"group": 2, "dilations": [2, 2], "pads": [0, 1, 0, 1]}, constants={"W": CONVT_WG.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("InstanceNormalization", [2, 3, 4, 5], lambda x: F.instance_norm(
+         x, weight=torch.from_numpy(IN_SCALE), bias=torch.from_numpy(IN_BIAS), eps=1e-3), {"epsilon": 1e-3},
+         constants={"scale": IN_SCALE, "B": IN_BIAS}, dtype=np.float32, tol=1e-5),
+    Case("GroupNormalization", [2, 6, 4, 5], lambda x: F.group_norm(
+         x, 3, torch.from_numpy(GN_SCALE), torch.from_numpy(GN_BIAS), eps=1e-4), {"num_groups": 3, "epsilon": 1e-4},
+         constants={"scale": GN_SCALE, "bias": GN_BIAS}, opset=21, dtype=np.float32, tol=1e-5),
+    Case("GroupNormalization", [2, 6, 4, 5], lambda x: F.group_norm(
+         x, 3, torch.from_numpy(GN_GROUP).repeat_interleave(2), torch.from_numpy(GN_GROUP).repeat_interleave(2)),
+         {"num_groups": 3}, constants={"scale": GN_GROUP, "bias": GN_GROUP}, opset=18, dtype=np.float32, tol=1e-5),
+    Case("PRelu", [2, 3, 4, 5], lambda x: torch.where(x > 0, x, torch.from_numpy(SLOPE) * x),
+         constants={"slope": SLOPE}, dtype=np.float32, tol=1e-5),
+    Case("Max", [2, 3, 4], lambda x, z: torch.maximum(x, z), extra=[[2, 1, 4]]),
+    Case("Max", [2, 3, 4], lambda x: torch.clamp(x, min=0), constants={"zero": _c(0.0)}),
+    Case("Min", [2, 3, 4], lambda x, z, w: torch.minimum(torch.minimum(x, z), w), extra=[[2, 3, 4], [2, 3, 1]]),
+    Case("Mean", [2, 3, 4], lambda x, z, w: (x + z + w) / 3, extra=[[2, 3, 4], [2, 1, 4]], dtype=np.float32, tol=1e-5),
+    Case("ReduceMax", [2, 3, 5], lambda x: x.amax(2), {"keepdims": 0}, constants={"axes": np.asarray([2])},
+         prepare=_ties),
+    Case("ReduceMax", [2, 3, 5], lambda x: x.amax((1, 2), keepdim=True), constants={"axes": np.asarray([1, 2])}),
+    Case("ReduceMin", [2, 3, 5], lambda x: x.amin(-1, keepdim=True), constants={"axes": np.asarray([-1])},
+         prepare=_ties),
+    Case("ReduceL1", [2, 3, 5], lambda x: x.abs().sum(2), {"keepdims": 0}, constants={"axes": np.asarray([2])}),
+    Case("ReduceL2", [2, 3, 5], lambda x: x.norm(dim=(1, 2), keepdim=True), constants={"axes": np.asarray([1, 2])}),
+    Case("ReduceSumSquare", [2, 3, 5], lambda x: (x * x).sum(1), {"keepdims": 0}, constants={"axes": np.asarray([1])}),
+    Case("ReduceLogSumExp", [2, 3, 5], lambda x: torch.logsumexp(x, 2, keepdim=True),
+         constants={"axes": np.asarray([2])}),
+    Case("ReduceProd", [2, 3, 4], lambda x: x.prod(2), {"keepdims": 0}, constants={"axes": np.asarray([2])},
+         prepare=_zeros),
+    Case("ReduceProd", [2, 3, 4], lambda x: x.prod(2).prod(1), {"keepdims": 0},
+         constants={"axes": np.asarray([1, 2])}),
+    Case("GlobalMaxPool", [2, 3, 4, 5], lambda x: x.amax((2, 3), keepdim=True), dtype=np.float32, tol=1e-5),
+    Case("LpPool", [2, 3, 6, 6], lambda x: _lp_pool(x, 2, 2, 2), {"kernel_shape": [2, 2], "strides": [2, 2]},
+         dtype=np.float32, tol=1e-5),
+    Case("LpPool", [2, 3, 7, 7], lambda x: _lp_pool(x, 3, 3, 2, 1), {"kernel_shape": [3, 3], "strides": [2, 2],
+         "pads": [1, 1, 1, 1], "p": 3}, dtype=np.float32, tol=1e-4),
+    Case("LpPool", [2, 3, 6, 6], lambda x: _lp_pool(x, 1, 3, 3), {"kernel_shape": [3, 3], "strides": [3, 3], "p": 1},
+         dtype=np.float32, tol=1e-5),
+    Case("LpNormalization", [2, 3, 5], lambda x: F.normalize(x, p=2, dim=-1), dtype=np.float32, tol=1e-5),
+    Case("LpNormalization", [2, 3, 5], lambda x: F.normalize(x, p=1, dim=1), {"axis": 1, "p": 1},
+         dtype=np.float32, tol=1e-5),
+    Case("Tile", [2, 3, 4], lambda x: x.repeat(1, 2, 3), constants={"repeats": np.asarray([1, 2, 3])}),
+    Case("DepthToSpace", [2, 8, 3, 4], lambda x: _depth_to_space(x, 2, "DCR"), {"blocksize": 2}),
+    Case("DepthToSpace", [2, 8, 3, 4], lambda x: _depth_to_space(x, 2, "CRD"), {"blocksize": 2, "mode": "CRD"}),
+    Case("SpaceToDepth", [2, 3, 4, 6], lambda x: _space_to_depth(x, 2), {"blocksize": 2}),
+    Case("CumSum", [2, 3, 5], lambda x: x.cumsum(2), constants={"axis": np.asarray(2)}),
+    Case("CumSum", [2, 3, 5], lambda x: x.flip(1).cumsum(1).flip(1) - x, {"reverse": 1, "exclusive": 1},
+         constants={"axis": np.asarray(-2)}),
+    Case("TopK", [2, 3, 6], lambda x: torch.topk(x, 3, dim=-1), outputs=2, no_grad=(1,),
+         constants={"k": np.asarray([3])}),
+    Case("TopK", [2, 5, 3], lambda x: torch.topk(x, 2, dim=1, largest=False), {"axis": 1, "largest": 0}, outputs=2,
+         no_grad=(1,), constants={"k": np.asarray([2])}),
+    Case("GatherElements", [2, 3, 4], lambda x: torch.gather(x, 2, torch.from_numpy(GATHER_I)), {"axis": 2},
+         constants={"i": GATHER_I}),
+    Case("GatherElements", [2, 3, 4], lambda x: torch.gather(x, 2, torch.from_numpy(GATHER_I[:, :2, :3])),
+         {"axis": 2}, constants={"i": GATHER_I[:, :2, :3]}, fed=("i",)),
+    Case("ScatterElements", [2, 3, 4], lambda x, z: torch.scatter(x, 2, torch.from_numpy(SCATTER_I), z), {"axis": 2},
+         extra=[[2, 3, 2]], constants={"i": SCATTER_I}, order=("x0", "i", "x1")),
+    Case("ScatterElements", [2, 3, 4], lambda x, z: torch.scatter_add(x, 2, torch.from_numpy(SCATTER_I), z),
+         {"axis": 2, "reduction": "add"}, extra=[[2, 3, 2]], constants={"i": SCATTER_I}, order=("x0", "i", "x1")),
+    Case("GatherND", [2, 3, 4], lambda x: x[ND_I[:, 0], ND_I[:, 1]], constants={"i": ND_I}),
+    Case("GatherND", [2, 5, 3], lambda x: x[torch.arange(2)[:, None], torch.from_numpy(ND_B[..., 0])],
+         {"batch_dims": 1}, constants={"i": ND_B}),
+    Case("ScatterND", [2, 5, 3], lambda x, z: x.index_put((torch.tensor([0, 1]), torch.tensor([1, 3])), z),
+         extra=[[2, 3]], constants={"i": np.asarray([[0, 1], [1, 3]])}, order=("x0", "i", "x1")),
+    Case("ScatterND", [2, 5, 3], lambda x, z: x.index_put((torch.tensor([0, 0]), torch.tensor([1, 1])), z,
+         accumulate=True), {"reduction": "add"}, extra=[[2, 3]], constants={"i": np.asarray([[0, 1], [0, 1]])},
+         order=("x0", "i", "x1")),
+    Case("Einsum", [2, 3, 5], lambda x: torch.einsum("bij,jk->bik", x, torch.from_numpy(EIN_W)),
+         {"equation": "bij,jk->bik"}, constants={"w": EIN_W}),
+    Case("Einsum", [2, 2, 4, 3], lambda x, z: torch.einsum("bhqd,bhkd->bhqk", x, z), {"equation": "bhqd,bhkd->bhqk"},
+         extra=[[2, 2, 5, 3]]),
+    Case("Einsum", [2, 3, 4], lambda x, z: torch.einsum("bij,bjk->bi", x, z), {"equation": "bij , bjk -> bi"},
+         extra=[[2, 4, 6]]),
+    Case("Einsum", [2, 3, 4, 5], lambda x: torch.einsum("...ij,jk->...ik", x, torch.from_numpy(EIN_W)),
+         {"equation": "...ij,jk"}, constants={"w": EIN_W}),
+    Case("Pad", [2, 3, 5, 6], lambda x: F.pad(x, (2, 1, 1, 3), mode="reflect"), {"mode": "reflect"},
+         constants={"pads": np.asarray([0, 0, 1, 2, 0, 0, 3, 1])}),
+    Case("Pad", [2, 3, 5, 6], lambda x: F.pad(x, (2, 1, 1, 3), mode="replicate"), {"mode": "edge"},
+         constants={"pads": np.asarray([0, 0, 1, 2, 0, 0, 3, 1])}),
+    Case("Pad", [2, 3, 5, 6], lambda x: F.pad(x, (2, 1, 1, 3), mode="circular"), {"mode": "wrap"},
+         constants={"pads": np.asarray([0, 0, 1, 2, 0, 0, 3, 1])}, opset=19),
+    Case("Pad", [2, 3, 5, 6], lambda x: F.pad(x, (-1, 2, 0, -2)), constants={"pads": np.asarray([0, 0, 0, -1, 0, 0,
+         -2, 2])}),
+    Case("Slice", [2, 7, 6], lambda x: x[:, ::2, 1::3], constants={"starts": np.asarray([0, 1]),
+         "ends": np.asarray([BIG, BIG]), "axes": np.asarray([1, 2]), "steps": np.asarray([2, 3])}),
+    Case("Slice", [2, 7, 6], lambda x: x[:, [5, 3, 1]].flip(2), constants={"starts": np.asarray([5, -1]),
+         "ends": np.asarray([0, -BIG]), "axes": np.asarray([1, 2]), "steps": np.asarray([-2, -1])}),
+    Case("Upsample", [2, 3, 4, 5], lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
+         constants={"scales": np.asarray([1.0, 1.0, 2.0, 2.0], np.float32)}, opset=9, dtype=np.float32, tol=1e-5),
+    Case("Upsample", [2, 3, 4, 5], lambda x: _asymmetric_linear(x, 3), {"mode": "linear"},
+         constants={"scales": np.asarray([1.0, 1.0, 3.0, 3.0], np.float32)}, opset=9, dtype=np.float32, tol=1e-5),
+    Case("Resize", [2, 3, 4, 5], lambda x: F.interpolate(x, size=(7, 9), mode="bicubic"),
+         {"mode": "cubic", "cubic_coeff_a": -0.75}, constants={"roi": None, "scales": None,
+         "sizes": np.asarray([2, 3, 7, 9])}, dtype=np.float32, tol=1e-5),
+    Case("Resize", [2, 3, 4, 5], lambda x: F.interpolate(x, size=(7, 9), mode="bicubic", align_corners=True),
+         {"mode": "cubic", "coordinate_transformation_mode": "align_corners"}, constants={"roi": None,
+         "scales": None, "sizes": np.asarray([2, 3, 7, 9])}, dtype=np.float32, tol=1e-5),
+    Case("Resize", [2, 3, 4, 5], lambda x: _cubic(x, (9, 7), -0.5, exclude_outside=True),
+         {"mode": "cubic", "cubic_coeff_a": -0.5, "exclude_outside": 1}, constants={"roi": None, "scales": None,
+         "sizes": np.asarray([2, 3, 9, 7])}, dtype=np.float32, tol=1e-5),
+    # ceil_mode windows past the input, and a kernel larger than the map (Hugging Face's EfficientNet pooler)
+    Case("AveragePool", [2, 3, 7, 7], lambda x: F.avg_pool2d(x, 2, 2, ceil_mode=True),
+         {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 8, 8], lambda x: F.avg_pool2d(x, 3, 2, padding=1, ceil_mode=True),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1, "count_include_pad": 1},
+         dtype=np.float32, tol=1e-5),
+    Case("AveragePool", [2, 3, 7, 7], lambda x: F.avg_pool2d(x, 20, 20, ceil_mode=True),
+         {"kernel_shape": [20, 20], "strides": [20, 20], "ceil_mode": 1, "count_include_pad": 1},
+         dtype=np.float32, tol=1e-5),
+]
+# fmt: on
+
+
 def _one_node_model(
     op: str,
     shapes: list[list[int | str] | None],
@@ -286,11 +479,12 @@ def _one_node_model(
     fed: tuple[str, ...] = (),
     leading: dict[str, np.ndarray] | None = None,
     x_dtype: type | None = None,
+    order: tuple[str, ...] = (),
 ) -> tuple[onnx.ModelProto, onnx.NodeProto]:
     """One ``op`` node named "node" reading the ``leading`` constants, graph inputs x0, x1, ... of ``shapes``
     (a str dim or a None shape is unknown), then ``constants`` in order: initializers, or graph inputs
-    where named in ``fed`` (a None value leaves the optional input out). Float constants take ``dtype``,
-    int ones int64; the graph inputs take ``x_dtype`` where given."""
+    where named in ``fed`` (a None value leaves the optional input out), or all of them in ``order``. Float
+    constants take ``dtype``, int ones int64; the graph inputs take ``x_dtype`` where given."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype or dtype))
     leading = leading or {}
     inputs = [*leading, *[f"x{i}" for i in range(len(shapes))]]
@@ -308,7 +502,7 @@ def _one_node_model(
         else:
             initializers.append(numpy_helper.from_array(value, name))
         inputs.append(name)
-    node = helper.make_node(op, inputs, outputs, name="node", **attrs)
+    node = helper.make_node(op, list(order) or inputs, outputs, name="node", **attrs)
     graph = helper.make_graph([node], "rule", graph_inputs, [], initializer=initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), node
 
@@ -331,6 +525,7 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list
         case.fed,
         case.leading,
         case.x_dtype,
+        case.order,
     )
     b = Builder(model)
     b.wanted = set(names)
@@ -350,9 +545,10 @@ def _backward_graph(case: Case) -> tuple[onnx.ModelProto, list[str | None], list
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_rule_matches_torch_autograd(case: Case) -> None:
     model, grads, upstream = _backward_graph(case)
-    grads = grads[len(case.leading) :]
-    differentiable = len(case.extra) + 1
-    assert all(g is None for g in grads[differentiable:]), "constant inputs need no gradient"
+    by_input = dict(zip(model.graph.node[0].input, grads, strict=False))
+    differentiable = [f"x{i}" for i in range(len(case.extra) + 1)]
+    assert all(g is None for name, g in by_input.items() if name not in differentiable), "constants need none"
+    grads = [by_input[name] for name in differentiable]
     rng = np.random.default_rng(case.seed)
     xs = [
         (rng.uniform(0.5, 2.5, s) if case.positive else rng.standard_normal(s) * case.spread).astype(
@@ -360,6 +556,8 @@ def test_rule_matches_torch_autograd(case: Case) -> None:
         )
         for s in [case.shape, *case.extra]
     ]
+    if case.prepare is not None:
+        case.prepare(xs)
     xts = [torch.from_numpy(x.astype(np.float64)).requires_grad_() for x in xs]
     yts = case.torch_fn(*xts)
     yts = list(yts) if isinstance(yts, tuple | list) else [yts]
@@ -425,8 +623,6 @@ REFUSALS = [
     Refusal("AveragePool", [[2, 3, "H", "W"]], "needs static channel and spatial sizes", {"kernel_shape": [2, 2]}),
     Refusal("AveragePool", [[2, 3, 8, 8]], "dilations are not supported",
             {"kernel_shape": [2, 2], "dilations": [2, 2]}, opset=19),
-    Refusal("AveragePool", [[2, 3, 7, 7]], "ceil_mode windows past the padded input",
-            {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
     Refusal("Conv", [[2, 4, "H", "W"]], "needs static input and weight shapes", constants={"W": CONV_W.numpy()}),
     Refusal("ReduceMean", [[2, 3, 4, 5]], "axes must be a constant", constants={"axes": _i(2, 3)}, fed=("axes",)),
     Refusal("ReduceMean", [[2, 3, 4, 5]], "it reduces over the batch axis", constants={"axes": _i(0)}),
@@ -438,12 +634,36 @@ REFUSALS = [
     Refusal("Concat", [[2, "C"], [2, 3]], "needs static sizes along axis", {"axis": 1}),
     Refusal("Slice", [[2, 6, 5]], ") must be a constant",  # input 1 (starts) ...
             constants={"starts": _i(1), "ends": _i(3), "axes": _i(2)}, fed=("starts",)),
-    Refusal("Slice", [[2, 6, 5]], "needs a static size and step 1",
+    Refusal("Slice", [[2, 6, "W"]], "needs a static size on every sliced axis",
             constants={"starts": _i(0), "ends": _i(4), "axes": _i(2), "steps": _i(2)}),
-    Refusal("Resize", [[2, 3, 4, 5]], "only 4-D nearest or linear resizing", {"mode": "cubic"},
-            constants={"roi": None, "scales": None, "sizes": _i(2, 3, 8, 10)}),
-    Refusal("Pad", [[2, 3, 4]], "only constant-mode padding", {"mode": "reflect"},
+    Refusal("Resize", [[2, 3, 4, 5]], "only 4-D nearest, linear or cubic resizing", {"mode": "linear",
+            "antialias": 1}, constants={"roi": None, "scales": None, "sizes": _i(2, 3, 2, 3)}),
+    Refusal("Resize", [[2, 3, 4, 5]], "Resize before opset 11", {"mode": "linear"},
+            constants={"scales": np.asarray([1.0, 1.0, 2.0, 2.0], np.float32)}, opset=10),
+    Refusal("Upsample", [[2, 3, 4, 5]], "scales must be a constant", constants={"scales": np.ones(4, np.float32)},
+            fed=("scales",), opset=9),
+    Refusal("Pad", [[2, 3, "W"]], "needs a static size along padded axis", {"mode": "reflect"},
             constants={"pads": _i(0, 1, 1, 0, 1, 1)}),
+    Refusal("ConvTranspose", [[2, 4, 5, 5]], "auto_pad and output_shape are not supported",
+            {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, constants={"W": CONVT_W.numpy()}),
+    Refusal("GroupNormalization", [[2, "C", 4, 4]], "needs a static channel count", {"num_groups": 2},
+            constants={"scale": np.ones(2), "bias": np.ones(2)}),
+    Refusal("DepthToSpace", [[2, 8, "H", 4]], "needs a static shape to move blocks", {"blocksize": 2}),
+    Refusal("ReduceL2", [[2, 3, 4]], "noop_with_empty_axes with empty axes", {"noop_with_empty_axes": 1}),
+    Refusal("Tile", [[2, 3]], "repeats must be a constant", constants={"r": _i(1, 2)}, fed=("r",)),
+    Refusal("Tile", [[2, 3]], "it repeats the batch axis", constants={"r": _i(2, 1)}),
+    Refusal("CumSum", [[2, 3]], "axis must be a constant", constants={"axis": _i(1)}, fed=("axis",)),
+    Refusal("CumSum", [[2, 3]], "it works along the batch axis", constants={"axis": _i(0)}),
+    Refusal("ScatterElements", [[2, 3], [2, 1]], "is not supported (only none and add)", {"axis": 1,
+            "reduction": "mul"}, constants={"i": _i(0, 1).reshape(2, 1)}),
+    Refusal("GatherND", [[2, 3, 4, 5]], "batch_dims above 1", {"batch_dims": 2},
+            constants={"i": np.zeros((2, 3, 1), np.int64)}),
+    Refusal("LpNormalization", [[2, 3]], "is not a norm ONNX defines", {"p": 3}),
+    Refusal("Einsum", [[2, 3, 3]], "a subscript repeated within one operand", {"equation": "bii->bi"}),
+    Refusal("Einsum", [[2, 3, 4], [2, 1, 4]], "operands broadcast against each other",
+            {"equation": "bij,bij->bi"}),
+    Refusal("Einsum", [[3, 2]], "must lead with the output's batch subscript", {"equation": "ib,ij->bj"},
+            constants={"w": np.ones((3, 4))}),
     Refusal("Pad", [[2, 3, 4]], "it pads the batch axis", constants={"pads": _i(1, 0, 0, 0, 0, 0)}),
     Refusal("Gather", [[2, 5, 3]], "needs constant indices", {"axis": 1}, constants={"i": _i(1, 2)}, fed=("i",)),
     Refusal("Gather", [[5]], "indices computed at run time need opset 16", constants={"i": _i(1, 2)}, fed=("i",),
@@ -490,7 +710,7 @@ def _model(nodes: list[onnx.NodeProto], x_shape: list[int], **weights: np.ndarra
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize(("domain", "op"), [("", "Round"), ("com.microsoft", "Gelu")])
+@pytest.mark.parametrize(("domain", "op"), [("", "Trilu"), ("com.microsoft", "Gelu")])
 def test_op_without_a_rule_is_named_with_its_node_and_the_supported_ops(domain: str, op: str) -> None:
     nodes = [
         helper.make_node("Relu", ["x"], ["a"]),
@@ -571,8 +791,90 @@ def test_a_pointwise_op_changes_only_the_element_its_input_changed() -> None:
         model.graph.initializer.extend(constants)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feed = {n: rng.uniform(1.5, 2.5, (1, 2, 3, 3)).astype(np.float32) for n in data}  # (above ThresholdedRelu's 1)
+        if op in ("Max", "Min"):  # the changed input is the one picked
+            feed["x2"] = feed["x"] + (-1.0 if op == "Max" else 1.0)
         before = session.run(None, feed)[0]
         feed["x"] = feed["x"].copy()
         feed["x"][0, 1, 1, 2] += 0.25
         changed = np.argwhere(session.run(None, feed)[0] != before)
         assert changed.tolist() == [[0, 1, 1, 2]], (op, changed.tolist())
+
+
+
+def _with_a_side_path(side: list[onnx.NodeProto]) -> tuple[onnx.ModelProto, np.ndarray]:
+    """scores [2, 3] = sum_hw(a * w) + side_out, where the ``side`` nodes compute side_out ([2, 1] or [2, 3])
+    from the layer a = relu(x); and w [3, 4, 4]."""
+    w = RNG.standard_normal((3, 4, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Mul", ["a", "w"], ["aw"]),
+        helper.make_node("ReduceSum", ["aw", "axes"], ["main"], keepdims=0),
+        *side,
+        helper.make_node("Add", ["main", "side_out"], ["scores"]),
+    ]
+    model = _model(nodes, [2, 3, 4, 4], w=w)
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray([2, 3]), "axes"))
+    return model, w
+
+
+SIDE_PATHS = {  # a side path that carries no gradient to the scores, and so needs no rule on the way
+    # the layer reaches the scores only through indices (RT-DETR's ReduceMax picks its queries by TopK); Trilu
+    # stands for any op without a rule
+    "indices": [helper.make_node("Trilu", ["a"], ["t"]), helper.make_node("ArgMax", ["t"], ["i"], axis=1),
+                helper.make_node("ReduceMax", ["i", "axes"], ["m"], keepdims=0),
+                helper.make_node("Cast", ["m"], ["side_out"], to=onnx.TensorProto.FLOAT)],
+    # through an op whose derivative is zero almost everywhere
+    "flat": [helper.make_node("Floor", ["a"], ["f"]), helper.make_node("Trilu", ["f"], ["t"]),
+             helper.make_node("ReduceMean", ["t", "axes"], ["side_out"], keepdims=0)],
+}
+
+
+@pytest.mark.parametrize("side", SIDE_PATHS)
+def test_a_path_that_carries_no_gradient_needs_no_rule(side: str) -> None:
+    """The grafted weights are those of the main path alone: sum_hw(a * w) by a is w, so class c's weights are
+    mean_hw(w[c]) in channel c and zero elsewhere."""
+    model, w = _with_a_side_path(SIDE_PATHS[side])
+    grafted = graft(model, "a", "scores").model
+    session = ort.InferenceSession(grafted.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    weights, classes = session.run(["weights", "target_classes"], {"x": x, "targets": np.asarray([[0, 2]] * 2)})
+    expected = np.zeros((2, 2, 3), np.float32)
+    for t, c in enumerate([0, 2]):
+        expected[:, t, c] = w[c].mean()
+    assert classes.tolist() == [[0, 2]] * 2
+    np.testing.assert_allclose(weights, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["Floor", "Ceil", "Round", "Sign"])
+def test_a_flat_op_is_one_torch_gives_a_zero_gradient(op: str) -> None:
+    """The ops the table calls flat: torch autograd's derivative of each is zero (away from its jumps)."""
+    from onnxcam_export.ops import ops_with
+
+    assert op in ops_with("flat") and op not in RULES
+    x = torch.from_numpy(RNG.standard_normal(50) + 0.25).requires_grad_()
+    (grad,) = torch.autograd.grad(getattr(torch, op.lower())(x).sum(), x)
+    assert not grad.any()
+
+
+@pytest.mark.parametrize("op", ["If", "Loop"])
+def test_control_flow_on_the_path_is_refused_naming_the_node(op: str) -> None:
+    """A head whose gradient would pass through an If's branches or a Loop's body (a float path inside)."""
+    body_in = [helper.make_tensor_value_info(n, t, s) for n, t, s in
+               [("i", onnx.TensorProto.INT64, []), ("go", onnx.TensorProto.BOOL, [])]] if op == "Loop" else []
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go"] if op == "Loop" else ["cond"], ["go_out"]),
+         helper.make_node("Relu", ["a"], ["inner"])], "body", body_in,
+        ([helper.make_tensor_value_info("go_out", onnx.TensorProto.BOOL, [])] if op == "Loop" else [])
+        + [helper.make_tensor_value_info("inner", onnx.TensorProto.FLOAT, None)])  # fmt: skip
+    if op == "If":
+        flow = helper.make_node("If", ["cond"], ["flowed"], name="choose", then_branch=body, else_branch=body)
+    else:
+        body.node[0].input[0] = "go"
+        flow = helper.make_node("Loop", ["trips", "cond"], ["flowed"], name="choose", body=body)
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), flow, helper.make_node("Flatten", ["flowed"], ["scores"])]
+    model = _model(nodes, [2, 3, 4, 4])
+    model.graph.initializer.extend([numpy_helper.from_array(np.asarray(True), "cond"),
+                                    numpy_helper.from_array(np.asarray(1), "trips")])  # fmt: skip
+    with pytest.raises(UnsupportedOp, match=f"control flow between the target layer and the logits: {op} node "
+                                            "'choose', whose .* onnxcam does not differentiate"):  # fmt: skip
+        graft(model, "a", "scores")
