@@ -232,7 +232,7 @@ def _auto_layer(
     layer = candidates[-1]
     while producers[layer].op_type in STEP_BACK and producers[layer].input[0] in candidates:
         layer = producers[layer].input[0]
-    if not layouts[layer].has_tokens or not layouts[layer].prefix:
+    if not layouts[layer].has_tokens or not (layouts[layer].prefix or layouts[layer].suffix):
         return layer
     for name in reversed(candidates[: candidates.index(layer) + 1]):
         if layouts[name].has_tokens and _reaches_the_grid(model, name, logits, layouts[name], types, feed):

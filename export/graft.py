@@ -457,7 +457,7 @@ def _saliency_part(g: _Graft, w: _Walked) -> None:
 
 
 def _attention_part(g: _Graft, w: _Walked) -> None:
-    if g.layout is not None and g.layout.has_tokens:
+    if g.layout is not None and g.layout.has_tokens and not g.layout.suffix:  # (rollout reads P + h*w tokens)
         attentions = attention_probabilities(g.graph, g.b, g.layer)
         g.attention = bool(attentions) and _emit_attention(g.graph, g.b, attentions, g.seed)
 

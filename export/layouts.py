@@ -9,8 +9,9 @@ kind      tensor               to the contract
 ========  ===================  ===============================================================
 nchw      ``[N, C, h, w]``     as it is (CNNs)
 nhwc      ``[N, h, w, C]``     Transpose (Keras, Swin stages, ConvNeXt blocks)
-tokens    ``[N, P + h*w, D]``  drop the P prefix tokens (class, distillation, registers),
-                               Reshape to ``[N, h, w, D]``, Transpose (ViT, DeiT)
+tokens    ``[N, P + h*w + S, D]``  drop the P prefix tokens (class, distillation, registers) and
+                               the S suffix tokens (YOLOS's detection tokens), Reshape to
+                               ``[N, h, w, D]``, Transpose (ViT, DeiT)
 ========  ===================  ===============================================================
 
 The adapters are linear selections and permutations, so the same adapter turns the gradient of
@@ -18,7 +19,9 @@ the layer (``[N, T, ...]``, one more leading axis) into the gradient of the cont
 activations: the gradient of the prefix tokens is dropped, as pytorch-grad-cam's
 ``reshape_transform`` does. :func:`infer_layouts` finds each tensor's layout from the graph: grids
 are the spatial sizes of tensors that convolutions and pools produce (a ViT's patch embedding
-gives ``H/p x W/p``), and halvings of them (Swin's patch merging).
+gives ``H/p x W/p``), and halvings of them (Swin's patch merging), upstream of the tensor. A token layer
+is ``[N, L, D]`` with a width ``D`` above 1; where the graph concatenates the grid's tokens with others
+(the class token before them, YOLOS's detection tokens after), that Concat says which go where.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ Shapes = dict[str, list[int | str | None]]
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the channels and the ``h x w`` grid of a target layer are; ``prefix``: tokens before the grid."""
+    """Where the channels and the ``h x w`` grid of a target layer are; ``prefix``/``suffix``: tokens before and
+    after the grid."""
 
     kind: str
     grid: tuple[int, int]
     prefix: int = 0
+    suffix: int = 0  # tokens after the grid (YOLOS's detection tokens)
 
     @property
     def channels_first(self) -> bool:
@@ -75,6 +80,9 @@ class Layout:
             dropped = {0: "no prefix token", 1: "class token dropped"}.get(
                 self.prefix, f"{self.prefix} prefix tokens dropped"
             )
+            if self.suffix:
+                return (f"token layer: {self.prefix} + {h * w} + {self.suffix} tokens of {shape[-1]}, {h}x{w} grid, "
+                        f"{self.prefix} prefix and {self.suffix} suffix tokens dropped")  # fmt: skip
             return f"token layer: {self.prefix} + {h * w} tokens of {shape[-1]}, {h}x{w} grid, {dropped}"
         order = "channels-last" if self.kind == "nhwc" else "channels-first"
         return f"{order} layer: {h}x{w} grid of {self.contract_dims(shape)[0]} channels"
@@ -90,8 +98,9 @@ def _nhwc(b: Builder, x: str, layout: Layout, lead: int) -> str:
 
 
 def _tokens(b: Builder, x: str, layout: Layout, lead: int) -> str:
-    if layout.prefix:
-        x = b.op("Slice", x, b.ints([layout.prefix]), b.ints([np.iinfo(np.int64).max]), b.ints([lead]))
+    if layout.prefix or layout.suffix:
+        end = layout.prefix + layout.grid[0] * layout.grid[1] if layout.suffix else np.iinfo(np.int64).max
+        x = b.op("Slice", x, b.ints([layout.prefix]), b.ints([end]), b.ints([lead]))
     grid = b.op("Concat", b.dims(x, 0, lead), b.ints(list(layout.grid)), b.dims(x, lead + 1), axis=0)
     return b.op("Transpose", b.op("Reshape", x, grid), perm=[*range(lead), lead + 2, lead, lead + 1])
 
@@ -109,7 +118,7 @@ class LayoutKind:
 
 
 def _tokens_back(b: Builder, x: str, layout: Layout) -> str | None:
-    if layout.prefix:
+    if layout.prefix or layout.suffix:
         return None
     h, w = layout.grid
     channels_last = b.op("Transpose", x, perm=TO_NHWC)
@@ -157,19 +166,68 @@ def _grid_tags(graph: onnx.GraphProto, shapes: Shapes, image: str, image_tag: st
     return tags
 
 
-def _grids(tags: dict[str, str], shapes: Shapes) -> list[tuple[int, int]]:
-    """Spatial grids seen in the graph (h, w >= 2), and their exact halvings (patch merging), largest first."""
-    seen = {_spatial(shapes[t], tag) for t, tag in tags.items()}
-    grids = {(h, w) for h, w in seen if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
-    for h, w in list(grids):
+def _halvings(grids: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """``grids`` (h, w >= 2) and their exact halvings (patch merging)."""
+    found = {(h, w) for h, w in grids if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
+    for h, w in list(found):
         while h % 2 == 0 and w % 2 == 0 and h > 2 and w > 2:
             h, w = h // 2, w // 2
-            grids.add((h, w))
-    return sorted(grids, key=lambda g: (-g[0] * g[1], g))
+            found.add((h, w))
+    return found
 
 
-def _token_layout(tokens: int, grids: list[tuple[int, int]]) -> Layout | None:
-    for h, w in grids:
+def _upstream_grids(graph: onnx.GraphProto, tags: dict[str, str], shapes: Shapes) -> dict[str, frozenset]:
+    """Per tensor, the grids (:func:`_halvings` of the tagged tensors' spatial sizes) the graph produced before
+    it: a token tensor's grid must be one of them."""
+    own = {t: frozenset(_halvings({_spatial(shapes[t], tag)})) for t, tag in tags.items()}
+    seen: dict[str, frozenset] = dict(own)
+    for node in graph.node:
+        before = frozenset().union(*[seen.get(i, frozenset()) for i in node.input])
+        for out in node.output:
+            seen[out] = before | own.get(out, frozenset())
+    return seen
+
+
+def _flattened_grids(graph: onnx.GraphProto, tags: dict[str, str], shapes: Shapes) -> set[str]:
+    """The ``[N, C, h*w]`` reshapes of ``[N, C, h, w]`` grids: channels first, not tokens (a ViT's patch
+    embedding before its transpose, a CNN's ``flatten(2)`` before a 1-D pool), whatever their sizes."""
+    found = set()
+    for node in graph.node:
+        source = shapes.get(node.input[0]) if node.input else None
+        if node.op_type in ("Flatten", "Reshape") and tags.get(node.input[0]) == "nchw" and source:
+            shape = shapes.get(node.output[0]) or []
+            if len(shape) == 3 and shape[1] == source[1] and shape[2] == source[2] * source[3]:
+                found.add(node.output[0])
+    return found
+
+
+def _token_splits(graph: onnx.GraphProto, shapes: Shapes, upstream: dict[str, frozenset]) -> dict[int, tuple]:
+    """Token count -> (prefix, suffix, grid) where a Concat over the tokens joins a grid's h*w tokens with
+    others: the class token before them (ViT), YOLOS's detection tokens after."""
+    splits = {}
+    for node in graph.node:
+        shape = shapes.get(node.output[0]) or []
+        if node.op_type != "Concat" or len(shape) != 3 or int(attrs(node).get("axis", 0)) % 3 != 1:
+            continue
+        counts = [(shapes.get(i) or [None, None])[1] for i in node.input]
+        if not all(isinstance(c, int) for c in counts):
+            continue
+        for i, count in enumerate(counts):
+            grid = next((g for g in upstream.get(node.input[i], ()) if g[0] * g[1] == count), None)
+            if grid is not None and len(counts) > 1:
+                splits.setdefault(sum(counts), (sum(counts[:i]), sum(counts[i + 1 :]), grid))
+                break
+    return splits
+
+
+def _token_layout(shape: list[int], grids: frozenset, splits: dict[int, tuple]) -> Layout | None:
+    tokens, width = shape[1], shape[2]
+    if width <= 1:  # (a pooled [N, C, 1] is no token layer)
+        return None
+    if tokens in splits and splits[tokens][2] in grids:
+        prefix, suffix, grid = splits[tokens]
+        return Layout("tokens", grid, prefix, suffix)
+    for h, w in sorted(grids, key=lambda g: (-g[0] * g[1], g)):
         if 0 <= tokens - h * w <= MAX_PREFIX:
             return Layout("tokens", (h, w), tokens - h * w)
     return None
@@ -183,18 +241,21 @@ def infer_layouts(
     ``image``: the model's float image input, ``channels_first`` its layout; ``batch``: its batch dim.
     """
     tags = _grid_tags(graph, shapes, image, "nchw" if channels_first else "nhwc")
-    grids = _grids(tags, shapes)
+    grids = _halvings({_spatial(shapes[t], tag) for t, tag in tags.items()})
+    upstream = _upstream_grids(graph, tags, shapes)
+    splits = _token_splits(graph, shapes, upstream)
+    flattened = _flattened_grids(graph, tags, shapes)
     layouts = {}
     for name, shape in shapes.items():
         batched = shape and (shape[0] == batch or not isinstance(shape[0], int))  # symbolic: a reshape's -1
-        if not batched or not all(isinstance(d, int) for d in shape[1:]):
+        if not batched or not all(isinstance(d, int) for d in shape[1:]) or name in flattened:
             continue
         layout = None
         if len(shape) == 4:
             tag = tags.get(name) or next((t for t in ("nchw", "nhwc") if _spatial(shape, t) in grids), None)
             layout = Layout(tag, _spatial(shape, tag)) if tag else None
         elif len(shape) == 3:
-            layout = _token_layout(shape[1], grids)
+            layout = _token_layout(shape, upstream.get(name, frozenset()), splits)
         if layout is not None and min(layout.grid) >= 2:
             layouts[name] = layout
     return layouts

@@ -73,7 +73,8 @@ class VisionTransformer(nn.Module):
 
     ``prefix`` tokens go before the patches: the class token, then a distillation token
     (``distilled``, DeiT: the logits are the mean of both heads) and ``registers``
-    (Darcet et al. 2024). ``pool="token"`` classifies the class token, ``"avg"`` the mean patch.
+    (Darcet et al. 2024). ``suffix`` tokens go after them (YOLOS's detection tokens). ``pool="token"``
+    classifies the class token, ``"avg"`` the mean patch, ``"suffix"`` the mean suffix token.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class VisionTransformer(nn.Module):
         distilled: bool = False,
         registers: int = 0,
         pool: str = "token",
+        suffix: int = 0,
     ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(patch, dim)
@@ -95,7 +97,8 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if distilled else None
         self.reg_token = nn.Parameter(torch.randn(1, registers, dim) * 0.02) if registers else None
         self.prefix = 1 + int(distilled) + registers
-        self.pos_embed = nn.Parameter(torch.randn(1, self.prefix + grid, dim) * 0.02)
+        self.suffix_tokens = nn.Parameter(torch.randn(1, suffix, dim) * 0.02) if suffix else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.prefix + grid + suffix, dim) * 0.02)
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pool = pool
@@ -105,8 +108,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
-        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1) + self.pos_embed
+        suffix = [] if self.suffix_tokens is None else [self.suffix_tokens.expand(x.shape[0], -1, -1)]
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x, *suffix], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
+        if self.pool == "suffix":
+            return self.head(x[:, -self.suffix_tokens.shape[1] :].mean(dim=1))
         if self.pool == "avg":
             return self.head(x[:, self.prefix :].mean(dim=1))
         if self.head_dist is not None:

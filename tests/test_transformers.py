@@ -42,8 +42,9 @@ def _output_of(path: str) -> Capture:
 
 
 def tokens_to_grid(tensor: torch.Tensor, prefix: int, height: int, width: int) -> torch.Tensor:
-    """pytorch-grad-cam's ``reshape_transform`` for ViT (its tutorial), with ``prefix`` tokens instead of 1."""
-    result = tensor[:, prefix:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+    """pytorch-grad-cam's ``reshape_transform`` for ViT (its tutorial), with ``prefix`` tokens instead of 1 (and
+    the tokens after the grid dropped too)."""
+    result = tensor[:, prefix : prefix + height * width, :].reshape(tensor.size(0), height, width, tensor.size(2))
     return result.transpose(2, 3).transpose(1, 2)
 
 
@@ -63,6 +64,10 @@ NETS = {
     # DeiT: class and distillation tokens, two heads averaged
     "deit": Net(lambda: VisionTransformer((32, 32), 8, 32, 2, 2, 5, distilled=True), (32, 32), _block_input,
                 lambda t: tokens_to_grid(t, 2, 4, 4), (4, 4)),
+    # YOLOS: detection tokens after the patches, which the head reads (its automatic layer fell back to the patch
+    # embedding); the grid tokens lie between the class token and them
+    "suffix": Net(lambda: VisionTransformer((32, 32), 8, 32, 2, 2, 5, pool="suffix", suffix=3), (32, 32),
+                  _block_input, lambda t: tokens_to_grid(t, 1, 4, 4), (4, 4)),
     # Swin: channels-last stages, shifted windows, patch merging, mean-pooled head
     "swin": Net(SwinTransformer, (64, 64), _output_of("norm"), lambda t: t.permute(0, 3, 1, 2), (8, 8)),
     # ConvNeXt: the head's channels-last LayerNorm on [N, 1, 1, C] must not be picked
@@ -252,3 +257,33 @@ def test_map_equals_pytorch_grad_cam_with_its_reshape_transform(tmp_path: Path) 
     ours = Explainer(path).explain(image, top_k=1).maps[0]
     theirs = pytorch_grad_cam(model, image, "blocks.1.norm1", ours.index, 1, (4, 6))
     assert np.corrcoef(ours.cam.ravel(), theirs.ravel())[0, 1] >= 0.999
+
+
+class PooledFlat(torch.nn.Module):
+    """A CNN whose head pools ``features.flatten(2)`` in 1-D: ``[N, 16, 16]`` and ``[N, 16, 1]``, with 16 the
+    4x4 grid's cell count, look like tokens but are channels first (Swinv2's pooled ``[N, 256, 1]`` was read as
+    256 tokens of width 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 8, 8)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(x))
+        return self.head(torch.nn.functional.adaptive_avg_pool1d(features.flatten(2), 1).flatten(1))
+
+
+def test_a_flattened_or_pooled_grid_is_not_taken_for_tokens(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = PooledFlat().eval()
+    export_plain(model, (32, 32), tmp_path / "pooled.onnx", dynamo=False)
+    card, _ = graft_file(tmp_path / "pooled.onnx", tmp_path / "pooled.cam.onnx", prep=UNIT)
+    assert card["layer"].endswith("(16x4x4)") and "Relu" in card["layer"], card["layer"]
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = Engine(tmp_path / "pooled.cam.onnx").run(images, np.array([[1], [3]]), full_gradients=True)
+    model = model.double()
+    features = torch.relu(model.conv(torch.from_numpy(images / 255).permute(0, 3, 1, 2)))
+    logits = model.head(torch.nn.functional.adaptive_avg_pool1d(features.flatten(2), 1).flatten(1))
+    (grads,) = torch.autograd.grad(logits[[0, 1], [1, 3]].sum(), features)
+    np.testing.assert_allclose(out.gradients[:, 0], grads.numpy(), rtol=1e-4, atol=1e-4 * np.abs(grads).max())
