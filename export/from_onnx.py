@@ -278,6 +278,37 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
 SQUASHING = ops_with("squashing")  # an image's last op; a segmenter's scores are logits
 
 
+def _one_channel(model: onnx.ModelProto, raw: str, types: Types, shapes: Shapes, notes: list[str]) -> tuple[str, float]:
+    """A one-channel map (text detection, portrait and salient-object masks, binary medical masks) as the scores
+    of a one-class segmenter ``[N, 1, H, W]``, and the value above which a pixel is foreground: the logits before
+    its Sigmoid (above 0), or the map itself (squashed into 0..1 by another op: above 0.5; unsquashed: above 0).
+    A ``[N, H, W, 1]`` map is transposed first. Any other output is returned as it is."""
+    shape = shapes.get(raw) or []
+    last = len(shape) == 4 and shape[3] == 1 and all(isinstance(d, int) and d >= 2 for d in shape[1:3])
+    if not last and not (len(shape) == 4 and shape[1] == 1 and all(isinstance(d, int) and d >= 2 for d in shape[2:])):
+        return raw, 0.0
+    producers = {o: n for n in model.graph.node for o in n.output}
+    current = raw
+    while current in producers and (producers[current].op_type in PASS_THROUGH
+                                    or producers[current].op_type == "Transpose"):  # fmt: skip
+        current = producers[current].input[0]
+    node = producers.get(current)
+    before = shapes.get(node.input[0]) if node is not None else None
+    one_map = before is not None and len(before) == 4 and 1 in (before[1], before[3])
+    if node is not None and node.op_type == "Sigmoid" and one_map:
+        notes.append(f"the one-channel map ends in Sigmoid; explaining the logits before it {node.input[0]!r}")
+        raw, threshold, last = node.input[0], 0.0, before[1] != 1
+    else:
+        threshold = 0.5 if node is not None and node.op_type in SQUASHING else 0.0
+    if last:  # channels last: [N, H, W, 1] -> [N, 1, H, W]
+        first = f"{raw}/channels_first"
+        model.graph.node.append(make_node("Transpose", [raw], [first], first, perm=[0, 3, 1, 2]))
+        shapes[first] = [shapes[raw][0], 1, *shapes[raw][1:3]]
+        types[first] = helper.make_tensor_type_proto(types[raw].elem_type, shapes[first]).tensor_type
+        raw = first
+    return raw, threshold
+
+
 def _refuse_an_image(graph: onnx.GraphProto, raw: str, shape: list[int | None], size: tuple[int, int]) -> None:
     """A ``[N, 3, H, W]`` output of the input's size squashed into a range is an image (an autoencoder, a denoiser),
     not a segmenter's class logits."""
@@ -303,6 +334,7 @@ def _task_logits(
     shapes = _shapes(types)
     stepped: list[str] = []
     raw = _logits(model.graph, stepped)
+    raw, threshold = _one_channel(model, raw, types, shapes, stepped)
     detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size)
     task = _task_of(shapes.get(raw), "detection" if layout else forced, detected is not None)
     if task is None:
@@ -322,7 +354,10 @@ def _task_logits(
     if task == "segmentation":
         notes.append(f"{raw!r} {shape} is a semantic segmentation: the explained score of class c is the sum of "
                      "its logits over the pixels predicted as c, or over the region a mask gives")  # fmt: skip
-        scores = add_segment_scores(model, raw, types, decoding.size)
+        if shape[1] == 1:
+            notes.append(f"{raw!r} is one channel: a segmenter of one foreground class, the pixels where it is above "
+                         f"{threshold:g}")  # fmt: skip
+        scores = add_segment_scores(model, raw, types, decoding.size, threshold)
         return scores, Task(task, outputs=contract.TASK_OUTPUTS[task]), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
@@ -632,6 +667,8 @@ def _labels(facts: Facts, classes: int, notes: list[str], background: int | None
     """The class names and where they came from: ``--labels``, the file's metadata or sidecar, or assumed."""
     if "labels" in facts.values:
         names, source = facts.values["labels"], facts.sources["labels"]
+    elif classes == 1:
+        return ["foreground"], "assumed (one class: the foreground)"
     elif classes == 1000:
         notes.append("no --labels: using the ImageNet-1k class names (the model scores 1000 classes)")
         return imagenet_labels(), "assumed (ImageNet-1k: the model scores 1000 classes)"

@@ -59,19 +59,22 @@ def _emit(model: onnx.ModelProto, b: Builder) -> None:
     model.graph.initializer.extend(b.initializers)
 
 
-def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: tuple[int, int]) -> str:
+def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: tuple[int, int],
+                       threshold: float = 0.0) -> str:  # fmt: skip
     """``[N, K]`` = sum of class c's logits over a region of the ``[N, K, H, W]`` tensor ``masks``, per class c
-    (pytorch-grad-cam's SemanticSegmentationTarget): the pixels predicted as c (argmax over K), or the weights
-    of the :data:`contract.REGION` input (``[N, H, W]`` at the input ``size``, resized to the masks' where they
-    differ) where it is not negative, as its default ``[1, 1, 1]`` of -1 is. The region is data: the gradient
-    flows through the logits only. Also :data:`contract.PIXEL_SHARES`, each class's share of the predicted
-    pixels. Appended in place."""
+    (pytorch-grad-cam's SemanticSegmentationTarget): the pixels predicted as c (argmax over K; for one class,
+    the foreground: above ``threshold``), or the weights of the :data:`contract.REGION` input (``[N, H, W]`` at
+    the input ``size``, resized to the masks' where they differ) where it is not negative, as its default
+    ``[1, 1, 1]`` of -1 is. The region is data: the gradient flows through the logits only. Also
+    :data:`contract.PIXEL_SHARES`, each class's share of the predicted pixels. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/segment/")
     classes, dtype = b.shape(masks)[1], b.np_dtype(masks)
     predicted = b.op("ArgMax", masks, axis=1, keepdims=0)  # [N, H, W]
     off_on = b.const(np.asarray([0, 1], dtype=dtype))
 
     def onehot() -> str:  # [N, K, H, W], built in each branch: one built outside would be copied out of the If
+        if classes == 1:  # one class: its foreground
+            return b.op("Cast", b.op("Greater", masks, np.asarray(threshold, dtype)), to=b.elem_type(masks))
         return b.op("OneHot", predicted, classes, off_on, axis=1)
 
     shares = b.reduce("ReduceMean", onehot(), [2, 3], keepdims=0)

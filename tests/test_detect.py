@@ -200,6 +200,50 @@ def test_a_segmenters_predictions_are_the_share_of_pixels_each_class_holds(tmp_p
         np.testing.assert_allclose([p.probability for p in predictions], np.sort(shares)[::-1], atol=1e-7)
 
 
+class TinyTextDetector(nn.Module):
+    """A DBNet-style text detector: features at stride 4, upsampled back by two ConvTranspose, one sigmoid
+    probability map ``[N, 1, H, W]`` (``[N, H, W, 1]`` with ``channels_last``)."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(16, 8, 2, 2), nn.BatchNorm2d(8), nn.ReLU())
+        self.prob = nn.ConvTranspose2d(8, 1, 2, 2)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.prob(self.up(self.features(x))))
+        return p.permute(0, 2, 3, 1) if self.channels_last else p
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["N1HW", "NHW1"])
+def test_a_one_channel_map_is_a_segmenter_of_its_foreground(channels_last: bool, tmp_path: Path) -> None:
+    """Text detection, portrait or salient-object masks: the explained score is the foreground logit (before the
+    Sigmoid) summed over the pixels the model calls foreground (probability above 0.5); the prediction is the
+    foreground's share of the pixels."""
+    torch.manual_seed(0)
+    model = TinyTextDetector(channels_last).eval()
+    images = _images(2, seed=7)
+    with torch.no_grad():  # half the pixels foreground, none of them near the threshold (float32 vs float64)
+        logits = model.prob(model.up(model.features(_as_input(images).float()))).flatten().sort().values.unique()
+        middle = len(logits) // 2
+        model.prob.bias -= (logits[middle - 1] + logits[middle]) / 2
+    path, card = grafted(model, tmp_path)
+    assert card["task"] == "segmentation" and Engine(path).card.labels == ("foreground",)
+    assert "(8x16x16)" in card["layer"], "the last feature layer, before the one-channel map"
+    out = Engine(path).run(images, np.zeros((2, 1), np.int64), full_gradients=True)
+    (features,), _ = forward_at(model, [model.up], images)
+    logit = model.prob(features)
+    foreground = logit > 0
+    score = (logit * foreground).sum((1, 2, 3))
+    (grads,) = torch.autograd.grad(score.sum(), features)
+    assert 0.05 < foreground.double().mean() < 0.95, "the reference must hold both foreground and background"
+    assert logit.abs().min() > 1e-5, "no pixel so near the threshold that float32 and float64 disagree"
+    assert _rel(out.logits[:, 0], score.detach().numpy()) < TOL
+    assert _rel(out.gradients[:, 0], grads.numpy()) < TOL
+    np.testing.assert_allclose(out.pixel_shares[:, 0], foreground.double().mean((1, 2, 3)).numpy(), atol=1e-7)
+
+
 @pytest.mark.parametrize("batch", [{}, {"x": {0: "batch_size"}}], ids=["batch 1", "batch named batch_size"])
 def test_a_segmenter_of_any_batch_declaration_grafts(batch: dict, tmp_path: Path) -> None:
     """torchvision's DeepLabV3 exported as is has a batch of 1; other exports name the batch as they like."""
