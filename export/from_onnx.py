@@ -335,7 +335,8 @@ def _task_logits(
     stepped: list[str] = []
     raw = _logits(model.graph, stepped)
     raw, threshold = _one_channel(model, raw, types, shapes, stepped)
-    detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size)
+    detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size,
+                               decoding.family)  # fmt: skip
     task = _task_of(shapes.get(raw), "detection" if layout else forced, detected is not None)
     if task is None:
         asked = f"a {layout} detector's" if layout else f"a {forced}" if forced else "a layout onnxcam knows"
@@ -747,7 +748,7 @@ def graft_file(
     prep = _resolve(facts, notes)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
-    decoding = Decoding((inputs.height, inputs.width), box_format, background)
+    decoding = Decoding((inputs.height, inputs.width), box_format, background, facts.values.get("family"))
     logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
     if found.kind != "classification" and score != "logit":
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")

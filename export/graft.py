@@ -379,7 +379,7 @@ def _start(
         dims = layout.contract_dims(b.shape(layer))
         _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
         adapt = lambda g: layout.adapter.to_contract(b, g, layout, 2)  # noqa: E731
-    targets = detection_targets(b, task.ranked, task.boxes) if task.kind == "detection" else None
+    targets = detection_targets(b, task.ranked, task.boxes, task.every_class) if task.kind == "detection" else None
     return _Graft(out, b, head, layer, layout, dims, adapt, task, score, extra_layers, windowed, head_only, targets)
 
 

@@ -31,7 +31,7 @@ from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import STRETCH, Resize
 from onnxcam.inputs import read_small_text
 
-FACTS = ("labels", "size", "mean", "std", "bgr", "resize")
+FACTS = ("labels", "size", "mean", "std", "bgr", "resize", "family")
 DEFAULTS: dict[str, object] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "bgr": False, "resize": STRETCH}
 ASSUMED = {
     "mean": "ImageNet's mean (0.485, 0.456, 0.406)",
@@ -137,11 +137,12 @@ def _read_json(path: Path) -> object:
 
 
 def hf_config(path: Path) -> Facts:
-    """``config.json``: the class names of ``id2label``."""
+    """``config.json``: the class names of ``id2label``, and the ``model_type`` (which detector layout it has)."""
     data = _read_json(path)
     if not isinstance(data, dict) or "id2label" not in data:
         raise OnnxcamError(f"{path} has no id2label: it is not a Hugging Face model config")
-    return Facts().add(f"sidecar {path.name}", labels=_names(data["id2label"], f"{path} id2label"))
+    family = data.get("model_type") if isinstance(data.get("model_type"), str) else None
+    return Facts().add(f"sidecar {path.name}", labels=_names(data["id2label"], f"{path} id2label"), family=family)
 
 
 def _hf_resize(data: dict, where: str) -> tuple[tuple[int, int] | None, Resize]:

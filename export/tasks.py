@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import contract
+from onnxcam.errors import OnnxcamError
 from onnxcam_export.builder import Builder, Types
 
 SEGMENT_SCORES = "onnxcam/segment_scores"
@@ -42,16 +43,19 @@ class Task:
     nms: bool = True  # False for a set predictor (DETR): none suppressed, the k-th detection is the k-th query
     explained: str | None = None  # the card's ``score`` where the layout fixes it (DETR's: a softmax probability)
     outputs: tuple[str, ...] = ()  # the task's own graph outputs beyond the contract's, ``[N, K]`` each
+    every_class: bool = False  # each (anchor, class) pair is a detection (sigmoid DETRs), not an anchor's best class
 
 
 @dataclass(frozen=True)
 class Decoding:
     """What a detector's outputs mean beyond their shapes: the input size ``(H, W)`` that normalised boxes
-    scale to, a pair's box format (None: the layout's own) and the background class (never a detection)."""
+    scale to, a pair's box format (None: the layout's own), the background class (never a detection) and the
+    model's family as its exporter names it (which of two layouts of the same shapes it has)."""
 
     size: tuple[int, int]
     box_format: str | None = None
     background: int | None = None
+    family: str | None = None  # what the exporter calls the model (a Hugging Face config's model_type)
 
 
 def _emit(model: onnx.ModelProto, b: Builder) -> None:
@@ -158,6 +162,15 @@ def _detr(b: Builder, raws: list[str], decoding: Decoding) -> None:
     _pair_boxes(b, boxes, np.diag([width, height, width, height]).astype(float))
 
 
+def _detr_sigmoid(b: Builder, raws: list[str], decoding: Decoding) -> None:
+    """Logits ``[N, Q, K]`` and boxes ``[N, Q, 4]`` cx, cy, w, h normalised to the input: each (query, class)
+    pair's score is the sigmoid of its logit, as RT-DETR's and Conditional DETR's post-processing rank them."""
+    logits, boxes = raws
+    b.op("Transpose", b.op("Sigmoid", logits), name=CLASS_SCORES, perm=[0, 2, 1])
+    height, width = decoding.size
+    _pair_boxes(b, boxes, np.diag([width, height, width, height]).astype(float))
+
+
 @dataclass(frozen=True)
 class DetectorLayout:
     """A detector's raw output layout: which shapes have it, its class count, how to split it, how to say it."""
@@ -173,6 +186,8 @@ class DetectorLayout:
     box_formats: tuple[str, ...] = ()  # the box formats --box-format may give, the first by default
     explained: str | None = None  # what its class scores are where the layout fixes it (one of contract.SCORES)
     pyramid: bool = False  # its anchors must be the cells of a feature pyramid at the input size (YOLO heads)
+    families: frozenset[str] = frozenset()  # the exporters' names of models with this layout (HF's model_type)
+    every_class: bool = False  # each (anchor, class) pair is a detection, not an anchor's best class alone
 
 
 def pyramid_cells(anchors: int, size: tuple[int, int]) -> bool:
@@ -202,8 +217,16 @@ DETECTOR_LAYOUTS = {
     "detr": DetectorLayout(lambda s: _pair(s) and s[0][2] >= 2 and s[0][1] <= MAX_QUERIES, lambda s: s[0][2] - 1,
                            _detr, "a DETR detector's logits and boxes (per query K + 1 class logits, the last "
                            "no-object, and cx, cy, w, h normalised to the input; a box's class score is its softmax "
-                           "probability, no suppression)", 1, 2, frozenset({"pred_logits", "pred_boxes", "logits"}),
-                           nms=False, explained="probability"),
+                           "probability, no suppression)", 1, 2, frozenset({"pred_logits"}), nms=False,
+                           explained="probability", families=frozenset({"detr", "yolos", "table-transformer"})),
+    "detr-sigmoid": DetectorLayout(
+        lambda s: _pair(s) and s[0][1] <= MAX_QUERIES, lambda s: s[0][2], _detr_sigmoid,
+        "a DETR-family detector's logits and boxes scored by sigmoids (per query K class logits and cx, cy, w, h "
+        "normalised to the input; each query and class a detection by its sigmoid probability, no suppression: "
+        "RT-DETR, RF-DETR, Conditional and Deformable DETR)", 1, 2, frozenset({"dets"}), nms=False,
+        explained="probability", every_class=True,
+        families=frozenset({"rt_detr", "rt_detr_v2", "conditional_detr", "deformable_detr", "dab-detr", "d_fine",
+                            "deta"})),
     "ssd": DetectorLayout(_pair, lambda s: s[0][2], _ssd,
                           "an SSD/RetinaNet detector's class scores and decoded boxes (per anchor K class scores "
                           "and a box in input pixels)", 1, 2, frozenset({"scores", "boxes", "bboxes"}),
@@ -217,16 +240,18 @@ def _known(shape: list[int | None] | None) -> bool:
 
 def detector_layout(
     shapes: dict[str, list[int | None]], first: str, outputs: list[str], forced: str | None = None,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None, family: str | None = None,
 ) -> tuple[str, list[str]] | None:  # fmt: skip
     """The :data:`DETECTOR_LAYOUTS` entry (``forced``: only that one is tried) that the model has, and the
     tensors it reads; None for none. A single-output layout reads ``first``; a pair, two of the graph's
     ``outputs`` over the same anchors, the boxes' last axis 4. Unless forced, a YOLO layout's anchors must be a
     feature pyramid's cells at the input ``size`` (:func:`pyramid_cells`). Of the layouts that fit, one that knows an
     output's name (DETR's ``pred_logits``) wins, then a pair (stronger evidence than one output's shape: DETR's
-    ``[N, 100, 92]`` logits alone would fit YOLOv5's), then the first in :data:`DETECTOR_LAYOUTS`."""
+    ``[N, 100, 92]`` logits alone would fit YOLOv5's), then the first in :data:`DETECTOR_LAYOUTS`; the layouts
+    that list the model's ``family`` (its exporter's name for it) go before all others. DETR's softmax and the
+    sigmoid DETRs have the same shapes: where neither a name nor the family tells them apart, refused."""
     known = [o for o in outputs if _known(shapes.get(o))]
-    found = []
+    found: list[tuple[str, list[str]]] = []
     for name, layout in DETECTOR_LAYOUTS.items():
         if forced not in (None, name):
             continue
@@ -237,8 +262,21 @@ def detector_layout(
         found += [(name, read) for read in reads if layout.fits([shapes[t] for t in read])
                   and (forced or not layout.pyramid or size is None
                        or pyramid_cells(shapes[read[0]][layout.anchor_axis], size))]  # fmt: skip
+    named = [f for f in found if family in DETECTOR_LAYOUTS[f[0]].families]
+    found = named or found
     found.sort(key=lambda f: (not DETECTOR_LAYOUTS[f[0]].names.intersection(f[1]), len(f[1]) == 1))  # (stable)
-    return found[0] if found else None
+    if not found:
+        return None
+    best, reads = found[0]
+    unnamed = not named and not forced and not DETECTOR_LAYOUTS[best].names.intersection(reads)
+    if unnamed and any({name, best} == {"detr", "detr-sigmoid"} and read == reads for name, read in found[1:]):
+        outputs = " and ".join(f"{r!r} {shapes[r]}" for r in reads)
+        raise OnnxcamError(
+            f"{outputs} fit two detectors: DETR's softmax over K + 1 classes (the last no-object) and the sigmoid "
+            "scores of RT-DETR, Conditional or Deformable DETR, and nothing in the file says which: keep the "
+            "exporter's config.json beside it, or give --detector-layout detr or detr-sigmoid"
+        )
+    return found[0]
 
 
 def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, layout: str, decoding: Decoding) -> Task:
@@ -256,25 +294,26 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
         ranked = RANKED_SCORES
         b.op("Where", column, lowest, CLASS_SCORES, name=ranked)
     _emit(model, b)
-    return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained)
+    return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained,
+                every_class=found.every_class)
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------
-def detection_targets(b: Builder, scores: str, boxes: str) -> tuple[str, str]:
+def detection_targets(b: Builder, scores: str, boxes: str, every_class: bool = False) -> tuple[str, str]:
     """A detector's target rows as flat indices class * A + anchor ``[N, T]`` into ``scores`` and whether each
     is a detection (``valid``: false for a k-th kept detection that does not exist); emits the outputs
     ``target_classes``, ``boxes``, ``box_scores``, ``box_anchors`` (see :mod:`onnxcam.contract`).
 
     ``scores`` ``[N, K, A]`` class scores, ``boxes`` ``[N, 4, A]`` cx, cy, w, h. Kept detections:
-    each anchor scored by its best class, NonMaxSuppression per class above ``conf_threshold``
-    with ``iou_threshold``, ranked by score (TopK over the kept ``[N, K * A]`` scores).
+    each anchor scored by its best class (``every_class``: each of its classes), NonMaxSuppression per class
+    above ``conf_threshold`` with ``iou_threshold``, ranked by score (TopK over the kept ``[N, K * A]`` scores).
     """
     _, classes, anchors = b.shape(scores)
     total = classes * anchors
     lowest = b.scalar(-np.inf, scores)
     best = b.op("ArgMax", scores, axis=1, keepdims=1)  # [N, 1, A]
     is_best = b.op("Equal", best, b.const(np.arange(classes, dtype=np.int64).reshape(1, classes, 1)))
-    candidates = b.op("Where", is_best, scores, lowest)  # [N, K, A]: only each anchor's best class
+    candidates = scores if every_class else b.op("Where", is_best, scores, lowest)  # [N, K, A]
     xywh = b.op("Transpose", boxes, perm=[0, 2, 1])  # [N, A, 4]
     rows = _deepest_rank(b)  # no class needs more than k kept boxes for the k-th overall
     as_float = [b.op("Cast", x, to=TensorProto.FLOAT) for x in (xywh, candidates)]  # NMS takes float32 only

@@ -200,14 +200,16 @@ def export(
         typer.Option(
             help="With --from: what the model predicts [default: told from its outputs' layout: classifier "
             "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
-            "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1])]."
+            "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1]; RT-DETR "
+            "[N, Q, K]); a one-channel map [N, 1, H, W] is a segmenter of its foreground]."
         ),
     ] = None,
     detector_layout: Annotated[
         str | None,
         typer.Option(
             help="With --from: force a detector's layout, one of the names the error of an unrecognised model "
-            "lists (ultralytics, yolov5, detr, ssd) [default: told from its outputs' shapes and names]."
+            "lists (ultralytics, yolov5, detr, detr-sigmoid, ssd) [default: told from its outputs' shapes and names, "
+            "and a Hugging Face config.json's model_type beside the file]."
         ),
     ] = None,
     box_format: Annotated[

@@ -78,14 +78,15 @@ class TinySsd(nn.Module):
 
 class TinyDetr(nn.Module):
     """DETR-style: a conv backbone (8x8 at 32x32), learned queries attending to its grid (and added back), per
-    query K + 1 class logits (the last: no object) and a box cx, cy, w, h normalised to the input (sigmoid)."""
+    query K + 1 class logits (the last: no object; without ``no_object``, K logits that sigmoids score, as RT-DETR's)
+    and a box cx, cy, w, h normalised to the input (sigmoid)."""
 
-    def __init__(self, classes: int = 4, queries: int = QUERIES) -> None:
+    def __init__(self, classes: int = 4, queries: int = QUERIES, no_object: bool = True) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
         self.queries = nn.Parameter(torch.randn(queries, 16))
         self.key, self.value = nn.Linear(16, 16), nn.Linear(16, 16)
-        self.cls, self.box = nn.Linear(16, classes + 1), nn.Linear(16, 4)
+        self.cls, self.box = nn.Linear(16, classes + no_object), nn.Linear(16, 4)
         nn.init.normal_(self.box.weight, std=0.05)  # boxes near the centre that overlap, as one object's queries
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,12 +275,79 @@ def test_detr_kth_detections_are_its_queries_by_score_boxes_in_pixels(detr: tupl
     assert overlapping > 0, "boxes an NMS would have suppressed (IoU > 0.45), for 'no suppression' to mean something"
 
 
+# -- sigmoid DETRs (RT-DETR, Conditional and Deformable DETR): every query and class a detection -------------
+def sigmoid_detections(logits: np.ndarray, boxes: np.ndarray, conf: float) -> list[tuple[int, int, float]]:
+    """One image's detections as RT-DETR's and Conditional DETR's post-processing ranks them: the sigmoid of
+    every (query, class) logit, top-k over all of them, those above ``conf``."""
+    scores = 1 / (1 + np.exp(-logits.astype(np.float64)))  # [Q, K]
+    order = np.argsort(-scores.ravel(), kind="stable")
+    return [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.ravel()[i])) for i in order
+            if scores.ravel()[i] > conf]  # fmt: skip
+
+
+def hf_config(folder: Path, model_type: str, classes: int = 4) -> None:
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type,
+                                                    "id2label": {str(i): f"thing {i}" for i in range(classes)}}))
+
+
+def test_a_sigmoid_detr_scores_each_query_and_class_as_its_post_processing(tmp_path: Path) -> None:
+    """An RT-DETR export (optimum's names, logits and pred_boxes) was read as DETR's softmax over K + 1, its last
+    class dropped as 'no object'. Its config.json's model_type says which it is."""
+    torch.manual_seed(4)
+    model = TinyDetr(no_object=False)
+    with torch.no_grad():  # two classes of one query above the threshold, as every_class must keep
+        model.cls.bias.copy_(torch.tensor([1.5, 1.0, -1.0, -2.0]))
+    tmp_path.mkdir(exist_ok=True)
+    export_plain(model.eval(), (SIZE, SIZE), tmp_path / "plain.onnx", False, output=("logits", "pred_boxes"))
+    hf_config(tmp_path, "rt_detr")
+    card, _ = graft_file(tmp_path / "plain.onnx", tmp_path / "plain.cam.onnx", prep=UNIT)
+    path = tmp_path / "plain.cam.onnx"
+    assert card["task"] == "detection" and "sigmoid" in card["notes"] and len(Engine(path).card.labels) == 4
+    assert card["score"] == "probability" and "iou_threshold" not in Engine(path).inputs
+    images, conf, rows = _images(2, seed=8), 0.4, QUERIES * 4 + 1
+    out = Engine(path).run(images, -np.tile(np.arange(1, rows + 1), (2, 1)), thresholds={"conf_threshold": conf},
+                           full_gradients=True)  # fmt: skip
+    (activations,), (logits, _) = forward_at(model, [model.backbone], images)
+    for n in range(2):
+        expected = sigmoid_detections(logits[n].detach().numpy(), None, conf)
+        found = out.box_anchors[n] >= 0
+        assert found.sum() == len(expected) > QUERIES, "more detections than queries: classes of one query each"
+        assert [(q, c) for q, c, _ in expected] == list(zip(out.box_anchors[n][found], out.target_classes[n][found],
+                                                             strict=True))  # fmt: skip
+        np.testing.assert_allclose(out.box_scores[n][found], [s for *_, s in expected], rtol=1e-5)
+    probabilities = torch.sigmoid(logits)  # [N, Q, K]
+    rows_found = out.box_anchors >= 0
+    anchors, classes = np.where(rows_found, out.box_anchors, 0), np.where(rows_found, out.target_classes, 0)
+    picked = probabilities[torch.arange(2)[:, None], torch.from_numpy(anchors), torch.from_numpy(classes)]
+    picked = picked * torch.from_numpy(rows_found)
+    expected = gradients(picked, activations)
+    assert _rel(out.gradients, expected) < TOL and np.abs(expected).max() > 0
+
+
+def test_the_two_detrs_are_told_apart_by_the_family_a_name_or_the_flag_never_guessed(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    for folder in ("bare", "detr", "forced"):
+        (tmp_path / folder).mkdir()
+    export_plain(TinyDetr(no_object=False).eval(), (SIZE, SIZE), tmp_path / "bare" / "m.onnx", False,
+                 output=("logits", "pred_boxes"))  # fmt: skip
+    with pytest.raises(OnnxcamError, match=r"fit two detectors.*--detector-layout detr or detr-sigmoid"):
+        graft_file(tmp_path / "bare" / "m.onnx", tmp_path / "bare" / "m.cam.onnx", prep=UNIT)
+    assert not (tmp_path / "bare" / "m.cam.onnx").exists()
+    card, _ = graft_file(tmp_path / "bare" / "m.onnx", tmp_path / "bare" / "m.cam.onnx", prep=UNIT,
+                         layout="detr-sigmoid")  # fmt: skip
+    assert "sigmoid" in card["notes"]
+    export_plain(TinyDetr().eval(), (SIZE, SIZE), tmp_path / "detr" / "m.onnx", False, output=("logits", "pred_boxes"))
+    hf_config(tmp_path / "detr", "detr")
+    card, _ = graft_file(tmp_path / "detr" / "m.onnx", tmp_path / "detr" / "m.cam.onnx", prep=UNIT)
+    assert "K + 1" in card["notes"] and card["sources"]["family"] == "sidecar config.json"
+
+
 # -- which layout: names, shapes, the flag ---------------------------------------------------------------------
 def test_a_pair_of_unnamed_outputs_is_told_by_its_anchor_count_or_forced(tmp_path: Path) -> None:
     for folder in ("detr", "ssd", "forced"):
         (tmp_path / folder).mkdir()
     torch.manual_seed(3)
-    _, card, _ = grafted(TinyDetr(classes=8, queries=10), tmp_path / "detr", ("out0", "out1"))
+    _, card, _ = grafted(TinyDetr(classes=8, queries=10), tmp_path / "detr", ("out0", "out1"), layout="detr")
     assert "DETR" in card["notes"], "10 queries: a set predictor, although [N, 10, 9] alone would be YOLOv5's"
     _, card, _ = grafted(TinySsd(), tmp_path / "ssd", ("out0", "out1"))
     assert "SSD" in card["notes"] and "background" not in card, f"{SSD_ANCHORS} anchors; no background by default"
@@ -296,7 +364,8 @@ def test_an_unknown_layout_or_a_layout_the_outputs_lack_is_refused_in_one_line(t
     export_plain(Triple(), (SIZE, SIZE), tmp_path / "t.onnx", False, output=("a", "b"))
     with pytest.raises(OnnxcamError, match=r"outputs \('a' \[.*, 1024, 3\], 'b' \[.*, 512, 3\]\)") as e:
         graft_file(tmp_path / "t.onnx", tmp_path / "t.cam.onnx", prep=UNIT)
-    assert "--detector-layout (ultralytics, yolov5, detr, ssd)" in str(e.value) and "\n" not in str(e.value)
+    assert "--detector-layout (ultralytics, yolov5, detr, detr-sigmoid, ssd)" in str(e.value)
+    assert "\n" not in str(e.value)
     with pytest.raises(OnnxcamError, match="not a detr detector's output"):
         graft_file(tmp_path / "t.onnx", tmp_path / "t.cam.onnx", prep=UNIT, layout="detr")
     with pytest.raises(OnnxcamError, match="unknown detector layout 'retina'; choose one of: ultralytics, yolov5"):
