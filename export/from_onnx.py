@@ -9,6 +9,7 @@ graft the gradients and store the model card.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,67 @@ def _refuse_an_image(graph: onnx.GraphProto, raw: str, shape: list[int | None], 
         )
 
 
+KEYPOINTS = re.compile(r"(?:^|[^a-z])(?:heat_?map|key_?point|kpt|landmark|pose)", re.I)  # pose models' outputs
+EMBEDDING = re.compile(r"(?:^|[^a-z])(?:embed|pooler|feature|hidden|descriptor)", re.I)  # embedding models' outputs
+NOT_EXPLAINED = ("onnxcam explains classifiers, segmenters and detectors; force a task with --task where the "
+                 "output is one of those")
+
+
+def _normalised(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether ``name`` is L2-normalised where it is made: LpNormalization, or a Div by a norm (ReduceL2, or the
+    Sqrt of a sum of squares, maybe clamped), as an embedding model's last step."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in PASS_THROUGH:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ("LpNormalization", "Div"):
+        return False
+    if node.op_type == "LpNormalization":
+        return True
+    todo, seen = [node.input[1]], 0
+    while todo and seen < 8:  # a few steps back along the divisor: Expand, Clip, Max, Sqrt, ReduceSum(Pow)
+        found = producers.get(todo.pop())
+        seen += 1
+        if found is None:
+            continue
+        if found.op_type in ("ReduceL2", "ReduceSumSquare", "LpNormalization") or (
+            found.op_type == "Sqrt" and producers.get(found.input[0]) is not None
+            and producers[found.input[0]].op_type in ("ReduceSum", "ReduceSumSquare")
+        ):  # fmt: skip
+            return True
+        todo.extend(i for i in found.input[:1] if i)
+    return False
+
+
+def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str | None) -> None:
+    """Outputs whose shapes fit a task onnxcam explains but which are something else, refused with what they are:
+    a sequence recogniser's per-step softmax ``[N, T, K]`` (CTC text recognition), keypoints (heat maps
+    ``[N, J, h, w]`` by name or family), an embedding ``[N, D]`` (L2-normalised, or named so)."""
+    graph = model.graph
+    output = graph.output[0].name
+    shape = shapes.get(output) or []
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(output)
+    while node is not None and node.op_type in PASS_THROUGH:
+        node = producers.get(node.input[0])
+    if len(shape) == 3 and node is not None and node.op_type in SOFTMAX:
+        axis = int(next((a.i for a in node.attribute if a.name == "axis"), -1)) % 3
+        if axis == 2 and not any(len(shapes.get(o.name) or []) == 3 and (shapes[o.name][2] == 4)
+                                 for o in graph.output[1:]):  # fmt: skip
+            raise OnnxcamError(
+                f"the model's output {output!r} {shape} is a {node.op_type} over {shape[2]} symbols at each of "
+                f"{shape[1]} steps: a sequence recogniser (CTC text recognition: CRNN, SVTR), which onnxcam does "
+                f"not explain yet; {NOT_EXPLAINED}"
+            )
+    if KEYPOINTS.search(output) or (family or "").lower() in ("vitpose", "pose"):
+        raise OnnxcamError(f"the model's output {output!r} {shape} holds keypoints (a pose model's heat maps or "
+                           f"coordinates), which onnxcam does not explain; {NOT_EXPLAINED}")  # fmt: skip
+    if len(shape) == 2 and (_normalised(graph, output) or EMBEDDING.search(output)):
+        why = "is L2-normalised" if _normalised(graph, output) else "is named as one"
+        raise OnnxcamError(f"the model's output {output!r} {shape} is an embedding (it {why}): a vector per image, "
+                           f"not class scores, which onnxcam does not explain yet; {NOT_EXPLAINED}")  # fmt: skip
+
+
 def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
     return ", ".join(f"{o.name!r} {shapes.get(o.name)}" for o in graph.output)
 
@@ -332,6 +394,8 @@ def _task_logits(
     """The logits the graft explains, the task and its class count, from the model's outputs (``layout``: a
     detector's :data:`DETECTOR_LAYOUTS` entry, forced)."""
     shapes = _shapes(types)
+    if forced is None and layout is None:
+        _refuse_a_false_friend(model, shapes, decoding.family)
     stepped: list[str] = []
     raw = _logits(model.graph, stepped)
     raw, threshold = _one_channel(model, raw, types, shapes, stepped)

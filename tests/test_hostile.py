@@ -686,3 +686,52 @@ def test_a_model_past_two_gigabytes_grafts_and_explains(tmp_path: Path) -> None:
     for t, c in enumerate(out.target_classes[0]):  # a linear head: d logit_c / dA[k, p] = W[k * 1024 + p, c]
         expected = np.asarray(weight[:, c], np.float64).reshape(8, 1024).mean(axis=1)
         assert np.abs(out.weights[0, t] - expected).max() / np.abs(expected).max() < 1e-5
+
+
+FALSE_FRIENDS = {  # head -> (output names, the phrases of its refusal)
+    # a CTC text recogniser: [N, T, K] softmax per step (it was taken for a detector)
+    "ctc": (("logits",), ["[1, 8, 37]", "37 symbols at each of 8 steps", "sequence recogniser"]),
+    # a face detector's raw anchor offsets and scores, decoded with anchors outside the graph (BlazeFace)
+    "anchor offsets": (("regressors", "classificators"), ["'regressors' [1, 96, 16]", "'classificators' [1, 96, 1]",
+                                                        "are not a layout onnxcam knows", "--detector-layout"]),
+    # a pose model's keypoint heat maps [N, 17, h, w], shaped as a segmenter's masks
+    "keypoint heat maps": (("heatmaps",), ["'heatmaps' [1, 17, 8, 8]", "keypoints"]),
+    # an embedding [N, D], L2-normalised (CLIP's image tower, a face recogniser), shaped as a classifier's scores
+    "normalised embedding": (("logits",), ["[1, 16]", "embedding", "L2-normalised"]),
+    "named embedding": (("image_embeds",), ["'image_embeds' [1, 16]", "embedding", "named as one"]),
+}
+
+
+@pytest.mark.parametrize("head", FALSE_FRIENDS)
+def test_an_output_shaped_like_a_task_but_something_else_is_refused_with_what_it_is(head: str, tmp_path: Path) -> None:
+    """Each of these grafted (as a detector, a segmenter or a classifier of D classes) with exit 0 and meaningless
+    explanations: the layout detection's false friends, each refused in one line naming what was found."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    class FalseFriend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, 4, 1)  # [N, 16, 8, 8] at 32x32
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            f = torch.relu(self.conv(x))
+            if head == "ctc":  # the width is the sequence: [N, 8, 37]
+                return torch.softmax(f.mean(2).transpose(1, 2) @ torch.ones(16, 37), -1)
+            if head == "anchor offsets":  # 8x8 cells + 4x4 cells x 2 anchors = 96
+                cells = torch.cat([f.flatten(2), f[:, :, ::2, ::2].flatten(2).repeat(1, 1, 2)], 2).transpose(1, 2)
+                return cells @ torch.ones(16, 16), cells @ torch.ones(16, 1)
+            if head == "keypoint heat maps":
+                return torch.cat([f, f[:, :1]], 1)
+            pooled = f.mean((2, 3))
+            return pooled / pooled.norm(dim=1, keepdim=True) if head == "normalised embedding" else pooled
+
+    names, phrases = FALSE_FRIENDS[head]
+    source = tmp_path / "model.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FalseFriend().eval(), (torch.zeros(1, 3, 32, 32),), source, input_names=["pixel_values"],
+                          output_names=list(names), opset_version=17, dynamo=False)  # fmt: skip
+    result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
+    assert_clean_failure(result, *phrases)
+    assert not (tmp_path / "model.cam.onnx").exists()
