@@ -150,13 +150,15 @@ def candidate_layers(graph: onnx.GraphProto, logits: str, layouts: dict[str, Lay
 
 
 def _reaches_the_grid(
-    model: onnx.ModelProto, layer: str, logits: str, layout: Layout, types: Types, feed: dict
+    model: onnx.ModelProto, layer: str, logits: str, layout: Layout, types: Types, feed: dict, task: Task
 ) -> bool:
     """Whether the class gradient reaches the grid tokens of ``layer``: after a class-token head's last
-    attention, only the prefix tokens lead to the logits, and the map would be empty."""
-    grafted = graft(model, layer, logits, types, layout).model
+    attention, only the prefix tokens lead to the logits, and the map would be empty. (A detector's rows are its
+    first two (anchor, class) pairs, found whatever its scores.)"""
+    grafted = graft(model, layer, logits, types, layout, task=task).model
     session = probe.session(grafted)
-    feed = feed | {contract.TARGETS: np.array([[-1, -2]]), contract.FULL_GRADIENTS: np.asarray(True)}
+    targets = np.array([[0, 1]] if task.kind == "detection" else [[-1, -2]])
+    feed = feed | {contract.TARGETS: targets, contract.FULL_GRADIENTS: np.asarray(True)}
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
 
@@ -224,8 +226,9 @@ def _detector_heads(
 
 
 def _auto_layer(
-    model: onnx.ModelProto, logits: str, candidates: list[str], layouts: dict[str, Layout], types: Types, feed: dict
-) -> str:
+    model: onnx.ModelProto, logits: str, candidates: list[str], layouts: dict[str, Layout], types: Types, feed: dict,
+    task: Task,
+) -> str:  # fmt: skip
     """The last candidate, stepping back over trailing pools and layout transposes (VGG: conv5_3 after ReLU,
     14x14, as in the paper); for tokens after a class-token head's last attention, back to the last
     candidate that the gradient reaches."""
@@ -236,7 +239,7 @@ def _auto_layer(
     if not layouts[layer].has_tokens or not (layouts[layer].prefix or layouts[layer].suffix):
         return layer
     for name in reversed(candidates[: candidates.index(layer) + 1]):
-        if layouts[name].has_tokens and _reaches_the_grid(model, name, logits, layouts[name], types, feed):
+        if layouts[name].has_tokens and _reaches_the_grid(model, name, logits, layouts[name], types, feed, task):
             return name
     raise OnnxcamError("the class gradient reaches no token layer's grid; pick a layer with --layer")
 
@@ -600,7 +603,8 @@ def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
 
 def _channels_first(graph: onnx.GraphProto, name: str) -> bool | None:
     """Where a convolution reading the input finds 3 channels: True when it reads the input directly or through
-    Cast/Identity (NCHW), False after a Transpose to NCHW (NHWC); None if no such convolution does."""
+    Cast/Identity/Pad (NCHW: Hugging Face's EfficientNet pads before its stem), False after a Transpose to NCHW
+    (NHWC); None if no such convolution does."""
     weights = {i.name: i for i in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -611,7 +615,7 @@ def _channels_first(graph: onnx.GraphProto, name: str) -> bool | None:
         tensor, first = todo.pop()
         for node in readers.get(tensor, []):
             perm = list(next((a.ints for a in node.attribute if a.name == "perm"), []))
-            if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
+            if node.op_type in ("Cast", "Identity", "Pad") and node.input[0] == tensor and node.output[0] not in seen:
                 todo.append((node.output[0], first))
             elif node.op_type == "Transpose" and perm == [0, 3, 1, 2] and first:
                 todo.append((node.output[0], False))
@@ -893,8 +897,10 @@ def _choose_layers(
     if not candidates:
         raise OnnxcamError(f"{source} has no layer with a spatial grid (h, w >= 2) that all paths to the logits cross")
     layer, extras = _extra_layers(graph, layer, logits, candidates, layouts)
-    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens
-        candidates = [c for c in candidates if not layouts[c].has_tokens] or candidates
+    if layer is None and found.kind != "classification":  # a detector's flattened [N, C, A] outputs are no tokens;
+        # a transformer's, with tokens beside the grid (YOLOS's class and detection tokens), are
+        candidates = [c for c in candidates if not layouts[c].has_tokens or layouts[c].prefix or layouts[c].suffix
+                      ] or candidates  # fmt: skip
     if layer is None and found.kind == "segmentation":  # the masks and their upsampling are no features
         candidates = _before_masks(candidates, layouts, shapes, classes)
     heads = _detector_heads(graph, logits, found.anchor_axis, layouts, types) if layer is None and found.boxes else []
@@ -902,7 +908,7 @@ def _choose_layers(
         layer, extras = heads[0], heads[1:]
         notes.append(f"target layers (auto): the detector's head inputs, one per scale: {', '.join(heads)}")
     if layer is None:
-        layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0))
+        layer = _auto_layer(model, logits, candidates, layouts, types, _feed(inputs, seed=0), found)
         notes.append(f"target layer (auto): {layer!r}, the last layer with a grid on the path to the logits that "
                      "the gradient reaches")  # fmt: skip
     elif not _check_layer(graph, layer, logits, candidates, layouts):

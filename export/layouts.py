@@ -19,9 +19,10 @@ the layer (``[N, T, ...]``, one more leading axis) into the gradient of the cont
 activations: the gradient of the prefix tokens is dropped, as pytorch-grad-cam's
 ``reshape_transform`` does. :func:`infer_layouts` finds each tensor's layout from the graph: grids
 are the spatial sizes of tensors that convolutions and pools produce (a ViT's patch embedding
-gives ``H/p x W/p``), and halvings of them (Swin's patch merging), upstream of the tensor. A token layer
-is ``[N, L, D]`` with a width ``D`` above 1; where the graph concatenates the grid's tokens with others
-(the class token before them, YOLOS's detection tokens after), that Concat says which go where.
+gives ``H/p x W/p``), and halvings of them (Swin's patch merging, LeViT's subsampling), upstream of the
+tensor. A token layer is ``[N, L, D]`` with a width ``D`` above 1; where the graph concatenates the grid's tokens
+with others (the class token before them, YOLOS's detection tokens after), that Concat says which go where, and other
+token counts than those it makes are grids alone (YOLOS's 10 detection tokens are no 2x2 grid and 6 prefixes).
 """
 
 from __future__ import annotations
@@ -167,11 +168,12 @@ def _grid_tags(graph: onnx.GraphProto, shapes: Shapes, image: str, image_tag: st
 
 
 def _halvings(grids: set[tuple[int, int]]) -> set[tuple[int, int]]:
-    """``grids`` (h, w >= 2) and their exact halvings (patch merging)."""
+    """``grids`` (h, w >= 2) and their halvings, each side rounded up (Swin's patch merging halves even sides;
+    LeViT's subsampling, a slice of step 2, takes 4 of 7)."""
     found = {(h, w) for h, w in grids if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
     for h, w in list(found):
-        while h % 2 == 0 and w % 2 == 0 and h > 2 and w > 2:
-            h, w = h // 2, w // 2
+        while h > 2 and w > 2:
+            h, w = -(-h // 2), -(-w // 2)
             found.add((h, w))
     return found
 
@@ -227,8 +229,8 @@ def _token_layout(shape: list[int], grids: frozenset, splits: dict[int, tuple]) 
     if tokens in splits and splits[tokens][2] in grids:
         prefix, suffix, grid = splits[tokens]
         return Layout("tokens", grid, prefix, suffix)
-    for h, w in sorted(grids, key=lambda g: (-g[0] * g[1], g)):
-        if 0 <= tokens - h * w <= MAX_PREFIX:
+    for h, w in sorted(grids, key=lambda g: (-g[0] * g[1], g)):  # tokens beside the grid only where joined to it
+        if tokens == h * w or (not splits and 0 < tokens - h * w <= MAX_PREFIX):
             return Layout("tokens", (h, w), tokens - h * w)
     return None
 
