@@ -309,7 +309,7 @@ class Explainer:
 
     def _check_scales(self, names: list[str]) -> None:
         """A model with several target layers runs the methods that read activations and gradients only."""
-        other = [n for n in names if methods.METHODS[n].passes or methods.METHODS[n].attention]
+        other = [n for n in names if methods.METHODS[n].extra_passes or methods.METHODS[n].attention]
         if self.card.extra_layers and other:
             raise OnnxcamError(f"{', '.join(other)} cannot combine several target layers; this model has "
                                f"{1 + len(self.card.extra_layers)}: use a gradient method or eigencam")  # fmt: skip
@@ -352,6 +352,9 @@ class Explainer:
     def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool) -> np.ndarray:
         """Low-resolution maps ``[T, h, w]`` of method ``name`` for image ``n`` of a run."""
         activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
+        spatial = methods.METHODS[name].spatial
+        if spatial is not None:
+            return spatial(self.engine, image, activations, classes)
         extra = methods.METHODS[name].passes
         if extra is not None:
             weights = extra(self.engine, image, activations, classes)

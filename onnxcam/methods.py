@@ -6,9 +6,10 @@ contributions ``W [T, C, h, w]`` whose channel sum, after a ReLU, is the map
 (``L = ReLU(sum_k W_k)``), as in pytorch-grad-cam's ``BaseCAM``. With ``eigen_smooth``
 the channel sum is replaced by the first principal component of ``W``, and the
 Eigen-CAM variants always use it. Score-CAM and Ablation-CAM get their channel weights
-from extra model passes (:mod:`onnxcam.passes`). Attention rollout and attention relevance
-read a vision transformer's attention probabilities ``A [L, H, T, T]`` (and their gradients
-``dA [T', L, H, T, T]``) from the same call instead, and give the relevance of the grid tokens.
+from extra model passes (:mod:`onnxcam.passes`), and ReciproCAM its whole map, gradient-free.
+Attention rollout and attention relevance read a vision transformer's attention probabilities
+``A [L, H, T, T]`` (and their gradients ``dA [T', L, H, T, T]``) from the same call instead, and give the
+relevance of the grid tokens.
 
 Adding a method: its function here, one :class:`Method` record in :data:`METHODS`, one row
 in the tests' formula table (``tests/test_methods.py``) and in the README's methods table.
@@ -140,6 +141,7 @@ def attention_relevance(attentions: np.ndarray, gradients: np.ndarray | None, pr
 Contributions = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (A [C, h, w], G [T, C, h, w]) -> W
 AttentionMap = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]  # (A, dA, prefix) -> [T' or 1, T]
 PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
+SpatialMap = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, h, w]
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class Method:
     ``"passes"`` when ``passes`` computes its channel weights with extra batched model passes.
     ``in_graph``: the exporter also builds the finished map into the graph (the ``saliency``
     output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
+    ``spatial``: the map itself from extra passes, no channel weighting (ReciproCAM).
     """
 
     name: str
@@ -164,6 +167,12 @@ class Method:
     attention: AttentionMap | None = None
     requires: str | None = None
     in_graph: bool = False
+    spatial: SpatialMap | None = None
+
+    @property
+    def extra_passes(self) -> bool:
+        """Whether the method runs the model (or its head) again: a classifier's, of one target layer."""
+        return self.passes is not None or self.spatial is not None
 
 
 METHODS: dict[str, Method] = {
@@ -179,6 +188,7 @@ METHODS: dict[str, Method] = {
         Method("eigengradcam", eigengradcam, eigen=True),
         Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
         Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights, requires=contract.HEAD_LOGITS),
+        Method("reciprocam", uses="passes", spatial=passes.reciprocam_maps, requires=contract.HEAD_LOGITS),
         Method("rollout", uses="attentions", attention=attention_rollout, requires=contract.ATTENTIONS),
         Method("attention-relevance", uses="attentions", attention=attention_relevance,
                requires=contract.ATTENTION_GRADIENTS),
@@ -202,7 +212,7 @@ def resolve(
     given = [names] if isinstance(names, str) else list(names)
     if [_key(n) for n in given] == ["all"]:
         return [n for n, m in METHODS.items() if (outputs is None or m.requires in {None, *outputs})
-                and (task == "classification" or m.passes is None)]  # fmt: skip
+                and (task == "classification" or not m.extra_passes)]  # fmt: skip
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
     if unknown or not given:
@@ -212,7 +222,7 @@ def resolve(
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
     chosen = [by_key[_key(n)] for n in given]
     for name in chosen:
-        if task != "classification" and METHODS[name].passes is not None:
+        if task != "classification" and METHODS[name].extra_passes:
             raise OnnxcamError(f"{name} needs extra passes through a classifier's head; this is a {task} model: "
                                "choose a gradient method (gradcam, hirescam, ...) or eigencam")  # fmt: skip
         if outputs is not None and METHODS[name].requires not in {None, *outputs}:

@@ -58,3 +58,25 @@ def score_weights(
         logits = engine.logits(masked).astype(np.float64)
         scores[start : start + len(chunk)] = softmax(logits, axis=1)[:, classes]
     return softmax(scores, axis=0).T
+
+
+def reciprocam_maps(
+    engine: Engine, image: np.ndarray, activations: np.ndarray, classes: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """ReciproCAM (Byun & Lee, 2022; OpenVINO XAI's white-box default for CNNs), gradient-free: ``[T, h, w]``.
+
+    For each location (i, j) of the target layer, a copy of ``A [C, h, w]`` that keeps only that location (every
+    channel; the other locations zero) goes through the head; the map of class c at (i, j) is c's softmax
+    probability on that copy. Only the head runs (``Engine.run_head``), ``batch_size`` copies per call, so the
+    map costs h*w head passes and no backward; ``image`` is not needed.
+    """
+    channels, height, width = activations.shape
+    cells = height * width
+    scores = np.empty((cells, len(classes)))
+    for start in range(0, cells, batch_size):
+        rows = np.arange(start, min(cells, start + batch_size))
+        batch = np.zeros((len(rows), channels, height, width), activations.dtype)
+        y, x = rows // width, rows % width
+        batch[np.arange(len(rows)), :, y, x] = activations[:, y, x].T
+        scores[rows] = softmax(engine.run_head(batch).astype(np.float64), axis=1)[:, classes]
+    return scores.T.reshape(len(classes), height, width)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam import Explainer
 from onnxcam.engine import Engine, Outputs
-from onnxcam.passes import ablation_weights, score_weights
+from onnxcam.passes import ablation_weights, reciprocam_maps, score_weights
 from onnxcam_export.from_onnx import graft_file
 from onnxcam_export.graft import head_model
 from tests.conftest import EXAMPLES
@@ -139,3 +139,28 @@ def test_aug_smooth_commutes_with_a_horizontal_flip(lite0_model: Path) -> None:
     np.testing.assert_allclose(mirrored.cam_lowres[:, ::-1], smooth, atol=1e-5)
     plain = explainer.explain(photo, targets=[285]).maps[0].cam_lowres
     assert not np.allclose(smooth, plain / plain.max(), atol=1e-3)
+
+
+def test_reciprocam_batched_equals_one_location_at_a_time(tiny_model: Path) -> None:
+    """Reference: the head cut out of the file by onnx's Extractor, one mosaic (one location kept) per run, the
+    class's softmax probability at that location."""
+    engine = Engine(tiny_model)
+    image = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    classes = [2, 0]
+    a = _run(engine, image, classes).activations[0]
+    head = ort.InferenceSession(
+        head_model(onnx.load(tiny_model)).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    _, height, width = a.shape
+    expected = np.zeros((len(classes), height, width))
+    for i in range(height):
+        for j in range(width):
+            mosaic = np.zeros_like(a)
+            mosaic[:, i, j] = a[:, i, j]
+            logits = head.run(["logits"], {"activations": mosaic[None]})[0][0].astype(np.float64)
+            expected[:, i, j] = (np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())[classes]
+    got = reciprocam_maps(engine, image, a, np.array(classes), batch_size=7)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.ptp(got[0]) > 0, "a map that varies over the grid"
+    result = Explainer(tiny_model).explain(image, targets=classes, method="reciprocam")
+    assert [m.method for m in result.maps] == ["reciprocam"] * 2
