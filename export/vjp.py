@@ -201,6 +201,82 @@ def Einsum(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return grads
 
 
+# Y[n, c, o] = sum over the corners k of w_k(grid[n, o]) X[n, c, corner_k]: bilinear (4 corners) or nearest (1),
+# corners outside the input count 0 (zeros padding) or the coordinate is clamped to the edge first (border); the
+# pixel coordinate is ix = ((x + 1) W - 1) / 2, or (x + 1) (W - 1) / 2 with align_corners, likewise iy
+# =>  dX = dY added to each corner with its weight;  dgrid_x = sum_c dY sum_k X_k dw_k/dix dix/dx (likewise y;
+# 0 where border padding clamped the coordinate, and for nearest sampling)
+def GridSample(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    a = attrs(node)
+    x, grid = node.input[0], node.input[1]
+    shape = b.shape(x)
+    mode, padding = a.get("mode", "linear" if b.opset >= 20 else "bilinear"), a.get("padding_mode", "zeros")
+    supported = shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
+    if not supported or mode not in ("bilinear", "linear", "nearest") or padding not in ("zeros", "border"):
+        raise _unsupported(node, "only 4-D bilinear or nearest sampling of a static input with zeros or border "
+                                 "padding is supported")  # fmt: skip
+    height, width = shape[2:]
+    flat_grid = b.op("Cast", b.op("Reshape", grid, b.op("Concat", b.dims(grid, 0, 1), [-1, 2], axis=0)),
+                     to=b.elem_type(x))  # [N, P, 2]  # fmt: skip
+
+    def pixel(axis: int, size: int) -> tuple[str, str | None, float]:
+        """The pixel coordinate [N, 1, P] along one axis, where border padding left it unclamped, d pixel / d grid."""
+        c = b.unsqueeze(b.op("Gather", flat_grid, axis, axis=2), [1])
+        slope = (size - 1) / 2 if int(a.get("align_corners", 0)) else size / 2
+        p = b.op("Add", b.op("Mul", c, slope), (size - 1) / 2)
+        if padding != "border":
+            return p, None, slope
+        free = b.op("Cast", b.op("And", b.op("Greater", p, 0.0), b.op("Less", p, float(size - 1))), to=b.elem_type(x))
+        return b.op("Clip", p, b.scalar(0.0, x), b.scalar(float(size - 1), x)), free, slope
+
+    def cell(cx: str, cy: str) -> tuple[str, str]:
+        """A corner's flat index [N, 1, P] (clamped into the input) and 1 where it lies inside, else 0."""
+        inside = b.op("And", b.op("And", b.op("GreaterOrEqual", cx, 0.0), b.op("LessOrEqual", cx, float(width - 1))),
+                      b.op("And", b.op("GreaterOrEqual", cy, 0.0), b.op("LessOrEqual", cy, float(height - 1))))
+        clamped = [b.op("Clip", c, b.scalar(0.0, x), b.scalar(float(n - 1), x)) for c, n in ((cx, width), (cy, height))]
+        flat = b.op("Add", b.op("Mul", clamped[1], float(width)), clamped[0])
+        return b.op("Cast", flat, to=onnx.TensorProto.INT64), b.op("Cast", inside, to=b.elem_type(x))
+
+    (px, free_x, slope_x), (py, free_y, slope_y) = pixel(0, width), pixel(1, height)
+    if mode == "nearest":  # (half to even, as ONNX Runtime and torch's nearbyint)
+        flat, inside = cell(b.op("Round", px), b.op("Round", py))
+        taps = [(flat, inside, None, None)]  # (flat index, weight, d weight / d px, d weight / d py)
+    else:
+        x0, y0 = b.op("Floor", px), b.op("Floor", py)
+        fx, fy = b.op("Sub", px, x0), b.op("Sub", py, y0)
+        gx, gy = b.op("Sub", 1.0, fx), b.op("Sub", 1.0, fy)
+        x1, y1 = b.op("Add", x0, 1.0), b.op("Add", y0, 1.0)
+        taps = []
+        for cx, cy, wx, wy, sign_x, sign_y in ((x0, y0, gx, gy, -1.0, -1.0), (x1, y0, fx, gy, 1.0, -1.0),
+                                               (x0, y1, gx, fy, -1.0, 1.0), (x1, y1, fx, fy, 1.0, 1.0)):  # fmt: skip
+            flat, inside = cell(cx, cy)
+            weight = b.op("Mul", b.op("Mul", wx, wy), inside)
+            taps.append((flat, weight, b.op("Mul", b.op("Mul", wy, sign_x), inside),
+                         b.op("Mul", b.op("Mul", wx, sign_y), inside)))  # fmt: skip
+    folded = b.op("Reshape", dy[0], b.op("Concat", b.dims(dy[0], 0, 3), b.product(dy[0], 3), axis=0))  # [N,T,C,P]
+    dx = dgrid = None
+    if b.needs(x):
+        updates = b.op("Concat", *[b.op("Mul", folded, b.unsqueeze(w, [1])) for _, w, _, _ in taps], axis=3)
+        at = b.op("Expand", b.unsqueeze(b.op("Concat", *[t[0] for t in taps], axis=2), [1]), b.op("Shape", updates))
+        zeros = b.zeros(b.op("Concat", b.dims(folded, 0, 3), [height * width], axis=0), like=x)
+        dx = b.op("Reshape", b.op("ScatterElements", zeros, at, updates, axis=3, reduction="add"),
+                  b.grad_shape(dy[0], x))  # fmt: skip
+    if b.needs(grid) and mode == "nearest":
+        dgrid = b.zeros(b.grad_shape(dy[0], grid), like=grid)
+    elif b.needs(grid):
+        values = b.op("Reshape", x, b.op("Concat", b.dims(x, 0, 2), [height * width], axis=0))  # [N, C, H*W]
+        corner = [b.op("GatherElements", values, b.op("Expand", flat, b.op("Concat", b.dims(values, 0, 2),
+                  b.dims(flat, 2), axis=0)), axis=2) for flat, _, _, _ in taps]  # [N, C, P] each  # fmt: skip
+        parts = []
+        for slope, free, pick in ((slope_x, free_x, 2), (slope_y, free_y, 3)):
+            rate = b.op("Sum", *[b.op("Mul", v, t[pick]) for v, t in zip(corner, taps, strict=True)])
+            rate = b.op("Mul", rate, slope if free is None else b.op("Mul", free, slope))
+            parts.append(b.reduce("ReduceSum", b.op("Mul", folded, b.unsqueeze(rate, [1])), [2], keepdims=1))
+        stacked = b.op("Transpose", b.op("Concat", *parts, axis=2), perm=[0, 1, 3, 2])  # [N, T, P, 2]
+        dgrid = b.op("Cast", b.op("Reshape", stacked, b.grad_shape(dy[0], grid)), to=b.elem_type(grid))
+    return [dx, dgrid]
+
+
 # Each input element receives the gradient of the outputs whose window picked it
 # (Indices output, flat over N*C*H*W): dX = scatter_add(zeros, Indices mod H*W, dY).
 def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
@@ -1330,5 +1406,6 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "MaxPool": Rule(MaxPool, extra_outputs=("indices",), opset=16),
     "GatherElements": Rule(GatherElements, opset=16),
     "GatherND": Rule(GatherND, opset=16),
+    "GridSample": Rule(GridSample, opset=16),
     "QuantizeLinear": Rule(QuantizeLinear, levels=True),
 }  # fmt: skip
