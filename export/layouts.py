@@ -21,8 +21,9 @@ activations: the gradient of the prefix tokens is dropped, as pytorch-grad-cam's
 are the spatial sizes of tensors that convolutions and pools produce (a ViT's patch embedding
 gives ``H/p x W/p``), and halvings of them (Swin's patch merging, LeViT's subsampling), upstream of the
 tensor. A token layer is ``[N, L, D]`` with a width ``D`` above 1; where the graph concatenates the grid's tokens
-with others (the class token before them, YOLOS's detection tokens after), that Concat says which go where, and other
-token counts than those it makes are grids alone (YOLOS's 10 detection tokens are no 2x2 grid and 6 prefixes).
+with others (the class token before them, YOLOS's detection tokens after), that Concat says which go where; other
+token counts are grids alone (YOLOS's 10 detection tokens are no 2x2 grid and 6 prefixes, a detector's 7 flattened
+output channels no 2x2 grid and 3).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from onnxcam_export.builder import Builder
 from onnxcam_export.ops import ops_with
 from onnxcam_export.vjp import attrs
 
-MAX_PREFIX = 8  # class + distillation tokens + registers (DINOv2 and DeiT-III use up to 4 registers)
 GRID_OPS = ops_with("grid")  # NCHW out
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
@@ -178,10 +178,13 @@ def _halvings(grids: set[tuple[int, int]]) -> set[tuple[int, int]]:
     return found
 
 
-def _upstream_grids(graph: onnx.GraphProto, tags: dict[str, str], shapes: Shapes) -> dict[str, frozenset]:
-    """Per tensor, the grids (:func:`_halvings` of the tagged tensors' spatial sizes) the graph produced before
-    it: a token tensor's grid must be one of them."""
-    own = {t: frozenset(_halvings({_spatial(shapes[t], tag)})) for t, tag in tags.items()}
+def _upstream_grids(
+    graph: onnx.GraphProto, tags: dict[str, str], shapes: Shapes, halved: bool = True
+) -> dict[str, frozenset]:
+    """Per tensor, the grids (the tagged tensors' spatial sizes, with their :func:`_halvings` where ``halved``)
+    the graph produced before it: a token tensor's grid must be one of them."""
+    own = {t: frozenset(_halvings({_spatial(shapes[t], tag)}) if halved else {_spatial(shapes[t], tag)})
+           for t, tag in tags.items()}  # fmt: skip
     seen: dict[str, frozenset] = dict(own)
     for node in graph.node:
         before = frozenset().union(*[seen.get(i, frozenset()) for i in node.input])
@@ -205,7 +208,9 @@ def _flattened_grids(graph: onnx.GraphProto, tags: dict[str, str], shapes: Shape
 
 def _token_splits(graph: onnx.GraphProto, shapes: Shapes, upstream: dict[str, frozenset]) -> dict[int, tuple]:
     """Token count -> (prefix, suffix, grid) where a Concat over the tokens joins a grid's h*w tokens with
-    others: the class token before them (ViT), YOLOS's detection tokens after."""
+    others: the class token before them (ViT), YOLOS's detection tokens after. The grid is one a convolution or
+    pool made upstream (a patch embedding's), not a halving: a detector's [N, 4, A] boxes joined to its class
+    scores are no 2x2 grid."""
     splits = {}
     for node in graph.node:
         shape = shapes.get(node.output[0]) or []
@@ -230,8 +235,8 @@ def _token_layout(shape: list[int], grids: frozenset, splits: dict[int, tuple]) 
         prefix, suffix, grid = splits[tokens]
         return Layout("tokens", grid, prefix, suffix)
     for h, w in sorted(grids, key=lambda g: (-g[0] * g[1], g)):  # tokens beside the grid only where joined to it
-        if tokens == h * w or (not splits and 0 < tokens - h * w <= MAX_PREFIX):
-            return Layout("tokens", (h, w), tokens - h * w)
+        if tokens == h * w:
+            return Layout("tokens", (h, w))
     return None
 
 
@@ -245,7 +250,7 @@ def infer_layouts(
     tags = _grid_tags(graph, shapes, image, "nchw" if channels_first else "nhwc")
     grids = _halvings({_spatial(shapes[t], tag) for t, tag in tags.items()})
     upstream = _upstream_grids(graph, tags, shapes)
-    splits = _token_splits(graph, shapes, upstream)
+    splits = _token_splits(graph, shapes, _upstream_grids(graph, tags, shapes, halved=False))
     flattened = _flattened_grids(graph, tags, shapes)
     layouts = {}
     for name, shape in shapes.items():
