@@ -167,10 +167,15 @@ def _grid_tags(graph: onnx.GraphProto, shapes: Shapes, image: str, image_tag: st
     return tags
 
 
-def _halvings(grids: set[tuple[int, int]]) -> set[tuple[int, int]]:
+def _sized(grids: set[tuple]) -> set[tuple[int, int]]:
+    """The grids of static sides of at least 2."""
+    return {(h, w) for h, w in grids if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
+
+
+def _halvings(grids: set[tuple]) -> set[tuple[int, int]]:
     """``grids`` (h, w >= 2) and their halvings, each side rounded up (Swin's patch merging halves even sides;
     LeViT's subsampling, a slice of step 2, takes 4 of 7)."""
-    found = {(h, w) for h, w in grids if isinstance(h, int) and isinstance(w, int) and h >= 2 and w >= 2}
+    found = _sized(grids)
     for h, w in list(found):
         while h > 2 and w > 2:
             h, w = -(-h // 2), -(-w // 2)
@@ -183,7 +188,7 @@ def _upstream_grids(
 ) -> dict[str, frozenset]:
     """Per tensor, the grids (the tagged tensors' spatial sizes, with their :func:`_halvings` where ``halved``)
     the graph produced before it: a token tensor's grid must be one of them."""
-    own = {t: frozenset(_halvings({_spatial(shapes[t], tag)}) if halved else {_spatial(shapes[t], tag)})
+    own = {t: frozenset(_halvings({_spatial(shapes[t], tag)}) if halved else _sized({_spatial(shapes[t], tag)}))
            for t, tag in tags.items()}  # fmt: skip
     seen: dict[str, frozenset] = dict(own)
     for node in graph.node:
