@@ -1,0 +1,322 @@
+"""A corpus of files from the exporters users run, grafted with no flag: Hugging Face models built from small
+configs (seeded random weights) and exported by optimum (or by torch.onnx with the exporter's names and sidecars,
+where optimum has no ONNX config for the architecture).
+
+For each: the task is told right, the automatic layer has a real grid (h, w >= 2), ``explain`` writes a map
+that varies, and (where no discrete choice lies on the way: RT-DETR's query selection) the grafted gradient
+of two target rows at that layer equals a central finite difference of
+the file's own head (the nodes from the layer to the explained scores, cut out of the grafted file and run in
+float64 by onnx's reference evaluator), in the layer's own layout (tokens beside the grid unperturbed).
+
+Runs where transformers and optimum import (a venv with torch and torchvision of matching releases: see the
+README); skipped elsewhere, with the reason. Slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from onnxcam import contract
+from onnxcam.api import Explainer
+from onnxcam.engine import Engine
+from onnxcam.image import read_rgb
+from onnxcam_export.builder import infer_types
+from onnxcam_export.from_onnx import graft_file
+from onnxcam_export.walk import head_nodes, inputs_of
+
+try:
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+except Exception as exc:  # ImportError, or torchvision's operator errors when releases do not match
+    pytest.skip(f"transformers/optimum do not import here ({type(exc).__name__}: {exc})"[:300],
+                allow_module_level=True)  # fmt: skip
+
+pytestmark = pytest.mark.slow
+PHOTO = Path(__file__).parents[1] / "examples" / "chelsea.png"
+
+
+def _labels(count: int) -> dict:
+    names = {i: f"kind {i}" for i in range(count)}
+    return {"num_labels": count, "id2label": names, "label2id": {v: k for k, v in names.items()}}
+
+
+def _resnet() -> transformers.ResNetConfig:
+    return transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                     out_features=["stage2", "stage3", "stage4"])  # fmt: skip
+
+
+DETR = {"use_timm_backbone": False, "use_pretrained_backbone": False, "d_model": 32, "encoder_layers": 1,
+        "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64, "num_queries": 10, "auxiliary_loss": False}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Entry:
+    config: Callable[[], object]
+    model: type
+    processor: Callable[[], object]
+    task: str  # onnxcam's
+    optimum: str | None  # optimum's task, or None: torch.onnx with optimum's names
+    outputs: tuple[str, ...] = ("logits",)
+    grid: str = ""  # a phrase of the card's layer description
+    discrete: str = ""  # why a finite difference of its head is ambiguous (a step moves a discrete choice)
+
+
+CORPUS = {
+    "levit": Entry(lambda: transformers.LevitConfig(image_size=224, hidden_sizes=[32, 48, 64],
+                   num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8], **_labels(10)),
+                   transformers.LevitForImageClassification, transformers.LevitImageProcessor, "classification",
+                   "image-classification", grid="(64x4x4)"),  # Slice with step 2; its last stage 4 of 7
+    "efficientnet": Entry(lambda: transformers.EfficientNetConfig(image_size=224, **_labels(10)),
+                          transformers.EfficientNetForImageClassification,
+                          lambda: transformers.EfficientNetImageProcessor(size={"height": 224, "width": 224}),
+                          "classification", "image-classification", grid="x7x7)"),  # a padded stem, ceil pool
+    "swinv2": Entry(lambda: transformers.Swinv2Config(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                    window_size=4, **_labels(10)), transformers.Swinv2ForImageClassification,
+                    lambda: transformers.ViTImageProcessor(size={"height": 64, "width": 64}), "classification",
+                    "image-classification", grid="64 tokens of 32"),  # not its pooled [N, C, 1]
+    "mobilenetv2": Entry(lambda: transformers.MobileNetV2Config(image_size=224, depth_multiplier=0.35, **_labels(10)),
+                         transformers.MobileNetV2ForImageClassification, transformers.MobileNetV2ImageProcessor,
+                         "classification", "image-classification", grid="x7x7)"),
+    "segformer": Entry(lambda: transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                       hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32, **_labels(5)),
+                       transformers.SegformerForSemanticSegmentation,
+                       lambda: transformers.SegformerImageProcessor(size={"height": 128, "width": 128}),
+                       "segmentation", "semantic-segmentation", grid="(32x32x32)"),
+    "dpt": Entry(lambda: transformers.DPTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
+                 num_attention_heads=2, intermediate_size=64, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                 head_in_index=-1, backbone_out_indices=[0, 1, 2, 3], **_labels(5)),
+                 transformers.DPTForSemanticSegmentation,
+                 lambda: transformers.DPTImageProcessor(size={"height": 64, "width": 64}), "segmentation",
+                 "semantic-segmentation", grid="(16x32x32)"),
+    "yolos": Entry(lambda: transformers.YolosConfig(image_size=[64, 64], patch_size=16, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_detection_tokens=10,
+                   **_labels(5)), transformers.YolosForObjectDetection,
+                   lambda: transformers.YolosImageProcessor(size={"height": 64, "width": 64}, do_pad=False),
+                   "detection", "object-detection", ("logits", "pred_boxes"),
+                   grid="1 prefix and 10 suffix tokens dropped"),  # detection tokens after the patches
+    "conditional-detr": Entry(lambda: transformers.ConditionalDetrConfig(backbone=None, backbone_config=_resnet(),
+                              **DETR, **_labels(5)), transformers.ConditionalDetrForObjectDetection,
+                              lambda: transformers.ConditionalDetrImageProcessor(size={"height": 128, "width": 128},
+                              do_pad=False), "detection", None, ("logits", "pred_boxes"), grid="x4x4)"),
+    "rt-detr": Entry(lambda: transformers.RTDetrConfig(backbone_config=transformers.RTDetrResNetConfig(
+                     embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                     out_features=["stage2", "stage3", "stage4"]), encoder_hidden_dim=32, d_model=32,
+                     encoder_in_channels=[32, 48, 64], decoder_in_channels=[32, 32, 32], encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, decoder_layers=1, num_queries=20, encoder_attention_heads=2,
+                     decoder_attention_heads=2, **_labels(5)), transformers.RTDetrForObjectDetection,
+                     lambda: transformers.RTDetrImageProcessor(size={"height": 128, "width": 128}), "detection",
+                     "object-detection", ("logits", "pred_boxes"), grid="16x16 grid",  # GridSample, ReduceMax+TopK
+                     discrete="its encoder's TopK picks the decoder's queries: a step of the layer moves that pick, "
+                              "so a difference of the head measures no derivative (rules: tests/test_vjp_rules.py)"),
+}  # fmt: skip
+
+
+def _calibrate(model: torch.nn.Module, size: tuple[int, int]) -> None:
+    """Batch norms take the statistics of random images (HF's inits leave the activations fading layer by layer);
+    a classifier's head is scaled up so that its classes differ (a detector's sigmoids would saturate)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.momentum = None
+        norm.reset_parameters()
+    if norms:
+        with torch.no_grad():
+            model.train()(torch.randn(4, 3, *size))
+    model.eval()
+    if "Detection" not in type(model).__name__:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels:
+                with torch.no_grad():
+                    m.weight.mul_(30)
+
+
+def _export(name: str, folder: Path) -> Path:
+    """The model as its users export it: optimum's ``main_export``, or torch.onnx with optimum's input and output
+    names and the sidecars ``save_pretrained`` writes (config.json, preprocessor_config.json)."""
+    entry = CORPUS[name]
+    processor = entry.processor()
+    size = processor.size
+    size = (size["height"], size["width"]) if "height" in size else (224, 224)
+    torch.manual_seed(0)
+    model = entry.model(entry.config())
+    _calibrate(model, size)
+    model.requires_grad_(False)
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
+        warnings.simplefilter("ignore")
+        if entry.optimum is not None:
+            model.save_pretrained(folder / "hub")
+            processor.save_pretrained(folder / "hub")
+            main_export(str(folder / "hub"), output=folder / "onnx", task=entry.optimum, no_post_process=True)
+        else:
+            model.config.save_pretrained(folder / "onnx")
+            processor.save_pretrained(folder / "onnx")
+
+            class Outputs(torch.nn.Module):
+                def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    out = model(pixel_values=pixel_values)
+                    return tuple(getattr(out, o) for o in entry.outputs)
+
+            with torch.no_grad():
+                torch.onnx.export(Outputs(), (torch.zeros(1, 3, *size),), folder / "onnx" / "model.onnx",
+                                  input_names=["pixel_values"], output_names=list(entry.outputs),
+                                  dynamic_axes={"pixel_values": {0: "batch_size"}}, opset_version=18, dynamo=False)
+    return folder / "onnx" / "model.onnx"
+
+
+def as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph computing in float64: float weights, constants, casts and declared types."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    f, d = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+    for init in out.graph.initializer:
+        if init.data_type == f:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for node in out.graph.node:
+        for a in node.attribute:
+            if a.name == "to" and a.i == f:
+                a.i = d
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    for info in [*out.graph.input, *out.graph.output]:
+        if info.type.tensor_type.elem_type == f:
+            info.type.tensor_type.elem_type = d
+    del out.graph.value_info[:]
+    return out
+
+
+def _layer(card: dict) -> tuple[str, re.Match | None]:
+    """The target layer's tensor in the grafted file and, for a token layer, its description's numbers."""
+    name = card["layer"].split(" (")[0]
+    tokens = re.search(r"token layer: (\d+) \+ (\d+)(?: \+ (\d+))? tokens", card["layer"])
+    return (contract.ACTIVATIONS if "[" not in card["layer"] else name), tokens
+
+
+class GatherElements(OpRun):
+    """onnx's reference GatherElements with ``take_along_axis`` (its ``np.choose`` takes at most 64 choices)."""
+
+    op_domain = ""
+
+    def _run(self, data: np.ndarray, indices: np.ndarray, axis: int = 0) -> tuple[np.ndarray]:
+        return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis=axis),)
+
+
+def _whole_map_pool(node: onnx.NodeProto, types: dict) -> onnx.NodeProto:
+    """An AveragePool whose one window covers the whole map as the GlobalAveragePool it equals (onnx's reference
+    builds a kernel-sized array: Hugging Face EfficientNet's 2560-wide pooler on a 7x7 map needed 125 GiB)."""
+    if node.op_type != "AveragePool" or node.input[0] not in types:
+        return node
+    spatial = [d.dim_value for d in types[node.input[0]].shape.dim[2:]]
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    if any(a.get("pads", [0])) or not all(k >= n > 0 for k, n in zip(a["kernel_shape"], spatial, strict=True)):
+        return node
+    return onnx.helper.make_node("GlobalAveragePool", list(node.input[:1]), list(node.output[:1]), name=node.name)
+
+
+def head_in_float64(model: onnx.ModelProto, layer: str, feeds: dict[str, np.ndarray]) -> Callable:
+    """The nodes from ``layer`` to the explained scores (:func:`walk.head_nodes`, which follows the tensors an If
+    branch reads), as a function of the layer in float64, run by onnx's reference evaluator; what else they read
+    (shapes, the position embeddings made from the image, a segmenter's region) is taken from one ORT run."""
+    graph, types = model.graph, infer_types(model)
+    head = [_whole_map_pool(n, types) for n in head_nodes(graph, {layer}, contract.LOGITS)]
+    made, weights = {o for n in head for o in n.output}, {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    reads = list(dict.fromkeys(i for n in head for i in inputs_of(n) if i and i not in made | weights | {layer}))
+    captured = [r for r in reads if r not in inputs]
+    capture = onnx.ModelProto()
+    capture.CopyFrom(model)
+    del capture.graph.output[:]
+    capture.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in [layer, *captured])
+    session = ort.InferenceSession(capture.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([layer, *captured], session.run([layer, *captured], feeds), strict=True))
+    values |= {r: feeds[r] if r in feeds else numpy_helper.to_array(next(
+        i for i in graph.initializer if i.name == r)) for r in reads if r in inputs}  # fmt: skip
+    values = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in values.items()}
+    infos = [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for k, v in values.items()]  # fmt: skip
+    cut = onnx.helper.make_graph(head, "head", infos, [onnx.helper.make_empty_tensor_value_info(contract.LOGITS)],
+                                 list(graph.initializer))  # fmt: skip
+    cut = as_float64(onnx.helper.make_model(cut, opset_imports=model.opset_import, ir_version=model.ir_version))
+    for node in cut.graph.node:  # (the reference evaluator knows GridSample's modes by their opset-20 names)
+        for a in node.attribute:
+            if node.op_type == "GridSample" and a.name == "mode" and a.s in (b"bilinear", b"bicubic"):
+                a.s = {b"bilinear": b"linear", b"bicubic": b"cubic"}[a.s]
+    reference = ReferenceEvaluator(cut, new_ops=[GatherElements])
+    base = values[layer]
+    return base, lambda value: reference.run([contract.LOGITS], values | {layer: value})[0]
+
+
+def finite_difference(path: Path, card: dict, image: np.ndarray, rows: np.ndarray) -> None:
+    """<G, v> of two target rows against (f(L + eps V) - f(L - eps V)) / 2 eps, f the head in float64, V the
+    direction v of the contract's [C, h, w] placed in the layer's layout (the tokens beside the grid left)."""
+    engine = Engine(path)
+    thresholds = {contract.CONF_THRESHOLD: 0.0} if card["task"] == "detection" else {}
+    out = engine.run(image[None], rows, full_gradients=True, thresholds=thresholds)
+    model = onnx.load(path)
+    layer, tokens = _layer(card)
+    inputs = {i.name for i in model.graph.input}
+    feeds = {contract.IMAGE: image[None], contract.TARGETS: rows} | {k: v for k, v in {
+        contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64),
+        contract.CONF_THRESHOLD: np.asarray(0.0, np.float32)}.items() if k in inputs}  # fmt: skip
+    value, f = head_in_float64(model, layer, feeds)
+    rng = np.random.default_rng(0)
+    classes, anchors = out.target_classes[0], out.box_anchors
+    for _ in range(2):
+        v = rng.standard_normal(out.activations.shape[1:])  # [C, h, w]
+        placed = np.zeros_like(value)
+        if layer == contract.ACTIVATIONS:
+            placed[0] = v
+        elif tokens is None:  # channels last
+            placed[0] = v.transpose(1, 2, 0)
+        else:
+            prefix = int(tokens.group(1))
+            placed[0, prefix : prefix + v.shape[1] * v.shape[2]] = v.reshape(v.shape[0], -1).T
+        # Richardson's extrapolation of central differences at steps of 1e-3 and 5e-4 of the layer's scale: their
+        # O(eps^2) errors cancel, and the steps stay far above the rounding of the float32 constants the head
+        # reads (at 1e-6, YOLOS's difference was off by 1e-2)
+        # (a segmenter's scores sum over the pixels predicted as the class, which a large step moves: one step of
+        # 1e-6, as tests/test_from_onnx.py takes)
+        eps = (1e-6 if card["task"] == "segmentation" else 1e-3) * np.sqrt((value**2).mean() / (placed**2).mean())
+        steps = [(f(value + e * placed) - f(value - e * placed)) / (2 * e) for e in (eps, eps / 2)]
+        for t in range(rows.shape[1]):
+            pick = (0, classes[t], anchors[0, t]) if card["task"] == "detection" else (0, classes[t])
+            numeric = float(steps[0][pick]) if card["task"] == "segmentation" else (
+                4 * float(steps[1][pick]) - float(steps[0][pick])) / 3  # fmt: skip
+            analytic = float((out.gradients[0, t].astype(np.float64) * v).sum())
+            scale = max(abs(analytic), np.abs(out.gradients[0, t]).sum() * np.abs(v).mean() * 1e-2)
+            assert abs(numeric - analytic) <= 1e-4 * scale, f"row {t}: FD {numeric} vs <G, v> {analytic}"
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_an_exported_file_grafts_with_no_flag_and_its_gradients_match_its_head(name: str, tmp_path: Path) -> None:
+    entry = CORPUS[name]
+    source = _export(name, tmp_path)
+    card, _ = graft_file(source, tmp_path / "model.cam.onnx")
+    path = tmp_path / "model.cam.onnx"
+    assert card["task"] == entry.task, card["notes"]
+    assert entry.grid in card["layer"], card["layer"]
+    grid = [int(d) for d in re.search(r"\((\d+)x(\d+)x(\d+)\)", card["layer"]).groups()[1:]]
+    assert min(grid) >= 2
+    explainer = Explainer(path)
+    photo = read_rgb(PHOTO)
+    result = explainer.explain(photo, **({"conf": 0.0} if entry.task == "detection" else {}))
+    assert result.maps and np.ptp(result.maps[0].cam) > 0, "a map that varies"
+    image = explainer.prepare(photo).model_input
+    rows = np.array([[0, 1]]) if entry.task == "detection" else np.array([[-1, 1]])
+    if not entry.discrete:
+        finite_difference(path, card, image, rows)
