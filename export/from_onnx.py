@@ -380,8 +380,9 @@ def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str |
     if KEYPOINTS.search(output) or (family or "").lower() in ("vitpose", "pose"):
         raise OnnxcamError(f"the model's output {output!r} {shape} holds keypoints (a pose model's heat maps or "
                            f"coordinates), which onnxcam does not explain; {NOT_EXPLAINED}")  # fmt: skip
-    if len(shape) == 2 and (_normalised(graph, output) or EMBEDDING.search(output)):
-        why = "is L2-normalised" if _normalised(graph, output) else "is named as one"
+    normalised = len(shape) == 2 and _normalised(graph, output)
+    if len(shape) == 2 and (normalised or EMBEDDING.search(output)):
+        why = "is L2-normalised" if normalised else "is named as one"
         raise OnnxcamError(f"the model's output {output!r} {shape} is an embedding (it {why}): a vector per image, "
                            f"not class scores, which onnxcam does not explain yet; {NOT_EXPLAINED}")  # fmt: skip
 
