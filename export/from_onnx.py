@@ -39,6 +39,7 @@ from onnxcam_export.tasks import (
     Decoding,
     Task,
     add_detector_split,
+    add_recognition_scores,
     add_segment_scores,
     detector_layout,
 )
@@ -275,6 +276,7 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
         "classification": rank == 2 or (rank == 4 and shape[2:] == [1, 1]),
         "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
         "detection": detector,
+        "recognition": rank == 3 and forced == "recognition",  # (told by its softmax: :func:`_recogniser`)
     }
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
@@ -357,26 +359,29 @@ def _normalised(graph: onnx.GraphProto, name: str) -> bool:
     return False
 
 
-def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str | None) -> None:
-    """Outputs whose shapes fit a task onnxcam explains but which are something else, refused with what they are:
-    a sequence recogniser's per-step softmax ``[N, T, K]`` (CTC text recognition), keypoints (heat maps
-    ``[N, J, h, w]`` by name or family), an embedding ``[N, D]`` (L2-normalised, or named so)."""
-    graph = model.graph
+def _recogniser(graph: onnx.GraphProto, shapes: Shapes) -> str | None:
+    """Why the first output is a sequence recogniser's (CTC text recognition: CRNN, SVTR), or None: a softmax over
+    the last axis of ``[N, T, K]`` with no boxes ``[N, A, 4]`` beside it (a detector's class probabilities)."""
     output = graph.output[0].name
     shape = shapes.get(output) or []
     producers = {o: n for n in graph.node for o in n.output}
     node = producers.get(output)
     while node is not None and node.op_type in PASS_THROUGH:
         node = producers.get(node.input[0])
-    if len(shape) == 3 and node is not None and node.op_type in SOFTMAX:
-        axis = int(next((a.i for a in node.attribute if a.name == "axis"), -1)) % 3
-        if axis == 2 and not any(len(shapes.get(o.name) or []) == 3 and (shapes[o.name][2] == 4)
-                                 for o in graph.output[1:]):  # fmt: skip
-            raise OnnxcamError(
-                f"the model's output {output!r} {shape} is a {node.op_type} over {shape[2]} symbols at each of "
-                f"{shape[1]} steps: a sequence recogniser (CTC text recognition: CRNN, SVTR), which onnxcam does "
-                f"not explain yet; {NOT_EXPLAINED}"
-            )
+    if len(shape) != 3 or node is None or node.op_type not in SOFTMAX:
+        return None
+    axis = int(next((a.i for a in node.attribute if a.name == "axis"), -1)) % 3
+    boxes = any(len(shapes.get(o.name) or []) == 3 and shapes[o.name][2] == 4 for o in graph.output[1:])
+    return None if axis != 2 or boxes else f"a {node.op_type} over {shape[2]} symbols at each of {shape[1]} steps"
+
+
+def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str | None) -> None:
+    """Outputs whose shapes fit a task onnxcam explains but which are something else, refused with what they are:
+    keypoints (heat maps ``[N, J, h, w]`` by name or family), an embedding ``[N, D]`` (L2-normalised, or named
+    so)."""
+    graph = model.graph
+    output = graph.output[0].name
+    shape = shapes.get(output) or []
     if KEYPOINTS.search(output) or (family or "").lower() in ("vitpose", "pose"):
         raise OnnxcamError(f"the model's output {output!r} {shape} holds keypoints (a pose model's heat maps or "
                            f"coordinates), which onnxcam does not explain; {NOT_EXPLAINED}")  # fmt: skip
@@ -400,6 +405,11 @@ def _task_logits(
     shapes = _shapes(types)
     if forced is None and layout is None:
         _refuse_a_false_friend(model, shapes, decoding.family)
+        recogniser = _recogniser(model.graph, shapes)
+        if recogniser:
+            notes.append(f"the model's output {model.graph.output[0].name!r} is {recogniser}: a sequence "
+                         "recogniser (CTC text recognition)")  # fmt: skip
+            forced = "recognition"
     stepped: list[str] = []
     raw = _logits(model.graph, stepped)
     raw, threshold = _one_channel(model, raw, types, shapes, stepped)
@@ -416,8 +426,16 @@ def _task_logits(
     if task != "detection" or len(detected[1]) == 1:
         notes.extend(stepped)
     shape = shapes.get(raw)
-    if task != "detection" and decoding.background is not None:
-        raise OnnxcamError(f"--background names a detector's background class; this is a {task} model")
+    if task not in ("detection", "recognition") and decoding.background is not None:
+        raise OnnxcamError(f"--background names a detector's background class or a recogniser's blank; this is a "
+                           f"{task} model")  # fmt: skip
+    if task == "recognition":
+        blank = 0 if decoding.background is None else decoding.background
+        notes.append(f"{raw!r} {shape} is read as a CTC recogniser's per-step scores, greedily decoded, symbol "
+                     f"{blank} the blank{'' if decoding.background is not None else ' (--background)'}: each target "
+                     "is one decoded character, its probability summed over its steps")  # fmt: skip
+        return add_recognition_scores(model, raw, types, blank), Task(task, outputs=contract.TASK_OUTPUTS[task],
+                                                                      background=blank), shape[2]  # fmt: skip
     if task == "segmentation" and forced is None:
         _refuse_an_image(model.graph, raw, shape, decoding.size)
     if task == "segmentation":
@@ -733,8 +751,15 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Re
         graph.node.insert(0, node)
 
 
-def _labels(facts: Facts, classes: int, notes: list[str], background: int | None = None) -> tuple[list[str], str]:
-    """The class names and where they came from: ``--labels``, the file's metadata or sidecar, or assumed."""
+BLANK = "<blank>"  # a recogniser's CTC blank, where its character list leaves it out
+
+
+def _labels(facts: Facts, classes: int, notes: list[str], background: int | None = None, blank: int | None = None
+            ) -> tuple[list[str], str]:  # fmt: skip
+    """The class names and where they came from: ``--labels``, the file's metadata or sidecar, or assumed;
+    a recogniser's (``blank``: its CTC blank) are its symbols, from a character list with or without the blank."""
+    if blank is not None:
+        return _symbols(facts, classes, notes, blank)
     if "labels" in facts.values:
         names, source = facts.values["labels"], facts.sources["labels"]
     elif classes == 1:
@@ -748,6 +773,24 @@ def _labels(facts: Facts, classes: int, notes: list[str], background: int | None
     if len(names) != classes:
         raise OnnxcamError(f"{source} gives {len(names)} labels but the model scores {classes} classes")
     return list(names), source
+
+
+def _symbols(facts: Facts, classes: int, notes: list[str], blank: int) -> tuple[list[str], str]:
+    """A recogniser's K symbols: ``--labels`` with all K, or the K - 1 characters without the blank (PaddleOCR's
+    dictionaries, the blank first, or last); without labels, ``[i]`` (a text reads ``[3][7]``)."""
+    if "labels" not in facts.values:
+        notes.append(f"no --labels: symbols are named '[0]' ... '[{classes - 1}]' (give the character list)")
+        return [BLANK if i == blank else f"[{i}]" for i in range(classes)], "assumed ([i])"
+    names, source = list(facts.values["labels"]), facts.sources["labels"]
+    if len(names) == classes:
+        return names, source
+    if len(names) == classes - 1 and blank in (0, classes - 1):
+        notes.append(f"{source} lists the {len(names)} characters; the blank is symbol {blank}")
+        return [BLANK, *names] if blank == 0 else [*names, BLANK], source
+    space = " PaddleOCR's dictionaries leave out the space that use_space_char adds too: give a JSON list with it"
+    raise OnnxcamError(f"{source} gives {len(names)} characters but the recogniser scores {classes} symbols, the "
+                       f"blank {blank} among them: give all {classes}, or the {classes - 1} besides the blank"
+                       f"{'.' + space if len(names) == classes - 2 else ''}")  # fmt: skip
 
 
 def _resolve(facts: Facts, notes: list[str]) -> Resolved:
@@ -833,7 +876,7 @@ def graft_file(
                                      notes)  # fmt: skip
     shapes = _shapes(types)
     channels, h, w = layout.contract_dims(shapes[layer])
-    names, labels_source = _labels(facts, classes, notes, background)
+    names, labels_source = _labels(facts, classes, notes, background, found.background)
     _warn_if_coarse((h, w), inputs, notes)
     described = "" if layout.channels_first else f" [{layout.describe(shapes[layer])}]"
     card = ModelCard(
@@ -847,7 +890,7 @@ def graft_file(
         weights_path=weights_path,
         score=found.explained or score,
         task=found.kind,
-        background=background,
+        background=found.background if found.background is not None else background,
         extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
         resize=prep.resize.to_card(),

@@ -386,6 +386,7 @@ def _start(
 SEEDS: dict[str, Callable[[_Graft], str]] = {  # the gradient of the explained scores w.r.t. the logits, by task
     "classification": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "segmentation": lambda g: _seed(g.b, contract.LOGITS, g.score),
+    "recognition": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "detection": lambda g: detection_seed(g.b, contract.LOGITS, *g.targets),
 }
 
@@ -517,9 +518,10 @@ def graft(
 
 
 def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) -> None:
-    """A task's own ``[N, K]`` outputs (a segmenter's pixel shares), in the graph already, declared."""
+    """A task's own ``[N, K]`` outputs (a segmenter's pixel shares, a recogniser's characters), in the graph
+    already, declared."""
     batch, classes = b.shape(contract.LOGITS)[0] or "N", b.shape(contract.LOGITS)[1]
-    graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(contract.LOGITS), [batch, classes]) for n in names)
+    graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(n), [batch, classes]) for n in names)
 
 
 def _identity_branch(b: Builder, grad: str) -> Branch:

@@ -24,6 +24,7 @@ from onnxcam_export.builder import Builder, Types
 SEGMENT_SCORES = "onnxcam/segment_scores"
 CLASS_SCORES = "onnxcam/class_scores"
 BOXES_XYWH = "onnxcam/boxes_xywh"
+RECOGNITION_SCORES = "onnxcam/recognition_scores"
 RANKED_SCORES = "onnxcam/ranked_scores"  # the class scores with the background column below any score
 # (cx, cy, w, h) @ XYWH_TO_XYXY = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
 XYWH_TO_XYXY = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]])
@@ -44,6 +45,7 @@ class Task:
     explained: str | None = None  # the card's ``score`` where the layout fixes it (DETR's: a softmax probability)
     outputs: tuple[str, ...] = ()  # the task's own graph outputs beyond the contract's, ``[N, K]`` each
     every_class: bool = False  # each (anchor, class) pair is a detection (sigmoid DETRs), not an anchor's best class
+    background: int | None = None  # a recogniser's CTC blank (a detector's background is the card's, from --background)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,44 @@ def add_segment_scores(model: onnx.ModelProto, masks: str, types: Types, size: t
     model.graph.input.append(region_info)
     model.graph.initializer.append(numpy_helper.from_array(np.full([1, 1, 1], -1, np.float32), contract.REGION))
     return SEGMENT_SCORES
+
+
+def add_recognition_scores(model: onnx.ModelProto, steps: str, types: Types, blank: int) -> str:
+    """CTC greedy decoding in the graph (as PaddleOCR's ``CTCLabelDecode``: the best symbol per step, repeats
+    collapsed, blanks dropped) of the per-step scores ``steps`` ``[N, T, K]`` before their softmax over the K
+    symbols, ``blank`` the CTC blank. Its ``[N, T]`` scores, one per character position j (0 beyond the decoded
+    length): the sum of character j's softmax probability over the steps it was decoded from. Also
+    :data:`contract.CHARACTERS` (each position's symbol, -1 beyond) and :data:`contract.CHARACTER_PROBABILITIES`
+    (its probability at its first step, 0 beyond: the confidence PaddleOCR reports). Which steps make a character
+    is data: the gradient flows through the probabilities only. Appended in place."""
+    b = Builder(model, types, prefix="onnxcam/recognise/")
+    _, count, classes = b.shape(steps)
+    if not isinstance(count, int):
+        raise OnnxcamError(f"the recogniser's step count is not fixed ({b.shape(steps)}): export it at a fixed "
+                           "input width (--size)")  # fmt: skip
+    if not 0 <= blank < classes:
+        raise OnnxcamError(f"--background {blank} is not a symbol: the recogniser scores {classes} (0-{classes - 1})")
+    probs = b.op("Softmax", steps, axis=2)
+    best = b.op("ArgMax", steps, axis=2, keepdims=1)  # [N, T, 1]
+    picked = b.op("Squeeze", b.op("GatherElements", probs, best, axis=2), b.ints([2]))  # [N, T]
+    best = b.op("Squeeze", best, b.ints([2]))
+    before = b.op("Pad", b.op("Slice", best, [0], [count - 1], [1]), b.ints([0, 1, 0, 0]), b.value(-1))
+    kept = b.op("Not", b.op("Equal", best, b.value(blank)))
+    first = b.op("And", kept, b.op("Not", b.op("Equal", best, before)))  # a character starts at this step
+    position = b.op("Sub", b.op("CumSum", b.op("Cast", first, to=TensorProto.INT64), b.value(1)), b.value(1))
+    positions = b.const(np.arange(count, dtype=np.int64).reshape(1, count, 1))
+    member = b.op("And", b.op("Equal", b.unsqueeze(position, [1]), positions), b.unsqueeze(kept, [1]))  # [N, T, T]
+    starts = b.op("And", member, b.unsqueeze(first, [1]))
+    along = [b.op("Cast", m, to=b.elem_type(steps)) for m in (member, starts)]
+    column = b.unsqueeze(picked, [2])  # [N, T, 1]: member [N, j, t] @ it = the sum over character j's steps
+    summed = b.op("Squeeze", b.op("MatMul", along[0], column), b.ints([2]), name=RECOGNITION_SCORES)
+    b.op("Squeeze", b.op("MatMul", along[1], column), b.ints([2]), name=contract.CHARACTER_PROBABILITIES)
+    symbols = b.op("MatMul", b.op("Cast", starts, to=TensorProto.FLOAT),
+                   b.op("Cast", b.unsqueeze(b.op("Add", best, b.value(1)), [2]), to=TensorProto.FLOAT))  # fmt: skip
+    symbol = b.op("Sub", b.op("Cast", b.op("Squeeze", symbols, b.ints([2])), to=TensorProto.INT64), b.value(1))
+    b.op("Identity", symbol, name=contract.CHARACTERS)  # (symbol + 1 at the start step, 0 elsewhere: -1 beyond)
+    _emit(model, b)
+    return summed
 
 
 def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) -> str:

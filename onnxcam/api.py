@@ -48,6 +48,7 @@ class TargetMap:
     placement: Placement | None = None  # where the image lies in the model's input; None: stretched over it
     box: tuple[float, float, float, float] | None = None  # a detection's x1, y1, x2, y2 in image pixels
     rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
+    position: int | None = None  # a recognised character's place in the text, 0 = the first
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
@@ -72,14 +73,17 @@ class TargetMap:
     @property
     def key(self) -> str:
         """What names its files: the class index, and a detection's rank (two boxes may share a class)."""
+        if self.position is not None:  # (a text may hold a character twice)
+            return f"char{self.position}-{self.index}"
         return str(self.index) if self.rank is None else f"box{self.rank}-{self.index}"
 
 
 @dataclass(frozen=True)
 class Explanation:
     image_rgb: np.ndarray
-    predictions: list[Prediction]
+    predictions: list[Prediction]  # a recogniser's: its characters in reading order
     maps: list[TargetMap]
+    text: str | None = None  # a recogniser's decoded text (its characters' labels joined)
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,8 @@ class Explainer:
         """
         if self.card.task == "detection":
             return self._detection_codes(targets, top_k)
+        if self.card.task == "recognition":
+            return self._character_codes(targets, top_k)
         codes = [self.class_index(t) for t in targets]
         k = top_k if top_k is not None else (0 if codes else 1)
         if not 0 <= k <= len(self.labels):
@@ -184,6 +190,21 @@ class Explainer:
         if not 1 <= k <= MAX_DETECTIONS:
             raise OnnxcamError(f"top-k (detections to explain) must be between 1 and {MAX_DETECTIONS}, got {k}")
         return [-(i + 1) for i in range(k)]
+
+    def _character_codes(self, targets: Sequence[int | str], top_k: int | None) -> list[int]:
+        """A recogniser's target rows: character positions (0 = the first), every one by default, or the first k."""
+        positions = self.engine.positions
+        codes = []
+        for t in targets:
+            text = str(t).strip()
+            if not re.fullmatch(r"\d+", text) or int(text) >= positions:
+                raise OnnxcamError(f"a recogniser's --target is a character position from 0 to {positions - 1} (its "
+                                   f"steps: at most {positions} characters), got {text!r}")  # fmt: skip
+            codes.append(int(text))
+        if top_k is not None and not 1 <= top_k <= positions:
+            raise OnnxcamError(f"top-k (the first characters to explain) must be from 1 to {positions}, got {top_k}")
+        k = top_k if top_k is not None else (0 if codes else positions)
+        return list(dict.fromkeys([*codes, *range(k)]))
 
     def explain(
         self,
@@ -222,7 +243,7 @@ class Explainer:
         targets: Sequence[int | str] = (),
         top_k: int | None = None,
         predictions: int = 5,
-        method: str | Sequence[str] = "gradcam",
+        method: str | Sequence[str] | None = None,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
         conf: float | None = None,
@@ -258,6 +279,8 @@ class Explainer:
         if self.card.task == "detection":
             thresholds = _thresholds(asked.conf, asked.iou)
             return self._explain_detections(prepared, batch, codes, names, eigen_smooth, thresholds)
+        if self.card.task == "recognition":
+            return self._explain_text(prepared, batch, codes, names, eigen_smooth)
         region = None if asked.mask is None else self._region(asked.mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
@@ -343,6 +366,32 @@ class Explainer:
                                            rank=int(t) + 1, placement=p.placement))  # fmt: skip
             results.append(Explanation(p.photo, [self._detection(out, n, t) for t in kept], found))
         return results
+
+    def _explain_text(
+        self, prepared: list[Prepared], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool
+    ) -> list[Explanation]:
+        """A recogniser's decoded text and one map per asked character that it holds, from one ORT call."""
+        out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)),
+                              methods.needs_gradients(names))  # fmt: skip
+        results = []
+        for n, p in enumerate(prepared):
+            length = int((out.characters[n] >= 0).sum())
+            characters = [self._character(out, n, j) for j in range(length)]
+            found = []
+            for name in names:
+                lowres = self._maps(name, batch[n], out, n, eigen_smooth)
+                for t, j in enumerate(codes):
+                    if j < length:
+                        found.append(TargetMap(**vars(characters[j]), weights=out.weights[n, t], cam_lowres=lowres[t],
+                                               size=p.photo.shape[:2], method=name, position=j,
+                                               placement=p.placement))  # fmt: skip
+            results.append(Explanation(p.photo, characters, found, "".join(c.label for c in characters)))
+        return results
+
+    def _character(self, out: Outputs, n: int, j: int) -> Prediction:
+        """Character ``j`` of image ``n``: its symbol, its probability at its first step and its explained score."""
+        index = int(out.characters[n, j])
+        return Prediction(index, self.labels[index], float(out.character_probabilities[n, j]), float(out.logits[n, j]))
 
     def _detection(self, out: Outputs, n: int, t: int) -> Prediction:
         """Row ``t`` of image ``n`` as a prediction: its class and its box's score (as probability and logit)."""

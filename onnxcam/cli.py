@@ -62,7 +62,8 @@ def fresh_folder(base: Path) -> Path:
     raise OnnxcamError(f"{base} holds 10,000 runs; give --out")
 METHOD_HELP = (
     f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
-    "(they add a side-by-side sheet)."
+    "(they add a side-by-side sheet) [default: gradcam; a text recogniser's: hirescam, which keeps each "
+    "character's map on it]."
 )
 
 
@@ -313,9 +314,14 @@ def _report_export(target: Path, card: dict, notes: list[str]) -> None:
             _echo(f"  {key}: {value}")
 
 
-def _method_names(method: str, explainer: Explainer | None = None) -> list[str]:
+def _given_methods(method: str | None) -> list[str]:
+    """The comma-separated names of ``--method``; none given: [] (the model's task's default)."""
+    return [] if method is None else [m.strip() for m in method.split(",")]
+
+
+def _method_names(method: str | None, explainer: Explainer | None = None) -> list[str]:
     """The methods asked for; with the model loaded, ``all`` is those it can run."""
-    given = [m.strip() for m in method.split(",")]
+    given = _given_methods(method)
     if explainer is None:
         return methods.resolve(given)
     return methods.resolve(given, explainer.engine.outputs, explainer.card.task)
@@ -350,7 +356,7 @@ def explain(
     ] = Colormap.jet,
     provider: Annotated[str | None, typer.Option(help="ONNX Runtime provider, e.g. cpu, cuda.")] = None,
     json_output: JsonOption = False,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "gradcam",
+    method: Annotated[str | None, typer.Option(help=METHOD_HELP, show_default=False)] = None,
     eigen_smooth: Annotated[
         bool, typer.Option("--eigen-smooth", help="Replace the channel sum by its first principal component.")
     ] = False,
@@ -493,7 +499,7 @@ def _explain_records(
     # more than one batch: decoding and writing overlap ORT's runs (a Ray actor sets its own threads)
     explainer, warnings = _load(model, provider, shared=ray is None and len(paths) > options.batch_size)
     # resolved once against the model (`all`: the methods it can run); bad classes and task options fail here
-    request = replace(options, methods=[m.strip() for m in method.split(",")]).request(explainer)
+    request = replace(options, methods=_given_methods(method)).request(explainer)
     options = replace(options, methods=list(request.methods), sheets=len(request.methods) > 1)
     size = None
     if len(images) == 1 and len(paths) == 1 and not uris and not Path(images[0]).is_dir():
@@ -520,8 +526,12 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         record["path"],
         {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
     )
-    if record["target"] is None:  # a detector's photo with no box above --conf
-        item["detections"] = 0
+    for key in ("text", "text_probability"):  # a recogniser's
+        if key in record:
+            item[key] = record[key]
+    if record["target"] is None:  # a detector's photo with no box above --conf, a recogniser's with no text
+        if "text" not in record:
+            item["detections"] = 0
         return
     extra = {k: record[k] for k in outputs.FILE_KEYS if k in record}
     item["targets"].append({**record["target"], "empty_map": record["empty_map"], **record["stats"], **extra})
@@ -529,7 +539,8 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         item["sheets"] = record["sheets"]
 
 
-PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "segmentation": "pixels"}
+PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "segmentation": "pixels",
+                     "recognition": "probability"}
 
 
 def _print_table(report: list[dict], file: TextIO, task: str) -> None:
@@ -546,9 +557,12 @@ def _print_table(report: list[dict], file: TextIO, task: str) -> None:
             _echo(f"  {p['class']:>5}  {p['probability']:>11.4f}  {p['label']}", file=file)
         if item.get("detections") == 0:
             _echo("  no detection above the confidence threshold (--conf)", file=file)
+        if "text" in item:
+            _echo(f"  text {item['text']!r}" + ("" if item["text"] else " (nothing recognised)"), file=file)
         for t in item["targets"]:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
+            box += f" character {t['position']}" if "position" in t else ""
             what = f"{t['method']} map for {t['label']} ({t['class']}){box}"
             _echo(f"  {what}: {t['overlay']}  {t['map']}{note}", file=file)
         for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):

@@ -72,6 +72,16 @@ detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w,
                     float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
                     detection has anchor and class -1, a zero box and score, and zero gradients.
 
+recognition         the model outputs per-step scores ``[N, L, K]`` over K symbols (CTC text recognition:
+                    CRNN, SVTR), the card's ``background`` the CTC blank. The graph decodes greedily (the best
+                    symbol per step, repeats collapsed, blanks dropped, as PaddleOCR's ``CTCLabelDecode``);
+                    ``logits`` ``[N, L]`` holds one score per character position j: the sum of character j's
+                    softmax probability over the steps it was decoded from (0 beyond the decoded length).
+                    ``c >= 0`` asks for the character at position c (0 = the first). Extra outputs:
+                    ``characters`` int64 ``[N, L]`` (each position's symbol, an index into the labels; -1
+                    beyond the text) and ``character_probabilities`` float ``[N, L]`` (each character's
+                    probability at its first step, the confidence PaddleOCR reports).
+
 Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
 ``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
 ``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
@@ -123,8 +133,11 @@ BOX_SCORES = "box_scores"
 BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
 PIXEL_SHARES = "pixel_shares"
+CHARACTERS = "characters"
+CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns
-TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS}
+TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS,
+                "recognition": (CHARACTERS, CHARACTER_PROBABILITIES)}
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
 SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
 
@@ -137,7 +150,7 @@ def scale_output(name: str, scale: int) -> str:
 META_PREFIX = "onnxcam."
 WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
 SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
-TASKS = ("classification", "segmentation", "detection")  # what a target row explains (see above)
+TASKS = ("classification", "segmentation", "detection", "recognition")  # what a target row explains (see above)
 ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
          "densenet121", "convnext_tiny")  # onnxcam export --arch: the first two are onnxcam's, the rest torchvision's
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
@@ -177,7 +190,7 @@ class ModelCard:
     saliency_methods: tuple[str, ...] = ()  # the maps the graph can finish itself, by saliency_method index
     task: str = "classification"  # one of TASKS
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
-    background: int | None = None  # a detector's background class (never a detection), an index into ``labels``
+    background: int | None = None  # a detector's background class (never a detection) or a recogniser's CTC blank
     quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
     resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
     sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it

@@ -46,6 +46,8 @@ class Outputs:
     box_scores: np.ndarray | None = None  # detectors: [N, T]
     box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
     pixel_shares: np.ndarray | None = None  # segmenters: [N, K], the share of the pixels predicted as each class
+    characters: np.ndarray | None = None  # recognisers: [N, L] int64, each position's symbol, -1 beyond the text
+    character_probabilities: np.ndarray | None = None  # recognisers: [N, L], at each character's first step
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
     # each extra target layer
 
@@ -249,6 +251,8 @@ class Engine:
         batch = next(i.shape[0] for i in self.session.get_inputs() if i.name == contract.IMAGE)
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # a file exported at batch B
         self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
+        self.positions = next(o.shape[1] for o in self.session.get_outputs() if o.name == contract.LOGITS)
+        # (a recogniser's: how many characters its text can hold, its steps)
 
     def _check_graph(self) -> None:
         """The contract's inputs and outputs exist, and the card agrees with the graph's shapes."""
@@ -257,7 +261,8 @@ class Engine:
         if not set(contract.OUTPUTS) <= set(outputs) or not {contract.IMAGE, contract.TARGETS} <= set(inputs):
             raise OnnxcamError(f"{self.path} lacks the onnxcam inputs/outputs; re-create it with onnxcam export")
         classes = outputs[contract.LOGITS].shape[1]  # [N, K], or a detector's [N, K, A]
-        if isinstance(classes, int) and classes != len(self.card.labels):
+        symbols = self.card.task == "recognition"  # (a recogniser's [N, L] runs over positions, its labels symbols)
+        if isinstance(classes, int) and classes != len(self.card.labels) and not symbols:
             raise OnnxcamError(
                 f"{self.path}: its model card names {len(self.card.labels)} classes but the model scores {classes}; "
                 "re-create it with the right --labels"
@@ -281,6 +286,7 @@ class Engine:
             "classification": rank == 2 and not boxes,
             "detection": rank == 3,
             "segmentation": rank == 2 and contract.REGION in inputs,
+            "recognition": rank == 2,
         }
         if not task_fits[card.task] or not set(contract.TASK_OUTPUTS[card.task]) <= set(outputs):
             return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
@@ -433,6 +439,7 @@ class Engine:
 # each task's own inputs, fed by the engine (a classifier's: none)
 TASK_FEEDS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "classification": lambda engine, count, thresholds, region: {},
+    "recognition": lambda engine, count, thresholds, region: {},
     "segmentation": Engine._segmentation_feeds,
     "detection": Engine._detection_feeds,
 }

@@ -113,6 +113,9 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
     predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
                    for p in result.predictions]  # fmt: skip
     extra = {"sheets": sheets} if sheets else {}
+    if result.text is not None:  # a recogniser's text, and its confidence as PaddleOCR's (the mean over characters)
+        confidence = float(np.mean([p.probability for p in result.predictions])) if result.predictions else 0.0
+        extra |= {"text": result.text, "text_probability": round(confidence, 6)}
     return [
         {
             "path": path,
@@ -126,6 +129,7 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
                 "logit": round(m.logit, 6),
                 "method": m.method,
                 **({} if m.box is None else {"box": list(m.box), "rank": m.rank}),
+                **({} if m.position is None else {"position": m.position}),
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,
@@ -211,10 +215,11 @@ class Worker:
 
     def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
         o = self.options
-        if not result.maps:  # (only a detector's image can have no target): no detection is an answer
+        if not result.maps:  # (a detector's or a recogniser's image only): no detection, no text is an answer
             height, width = result.image_rgb.shape[:2]
+            found = {"detections": 0} if result.text is None else {"text": result.text}
             return [{"path": path, "stem": stem, "size": [width, height], "predictions": [], "target": None,
-                     "detections": 0, "error": None}]  # fmt: skip
+                     **found, "error": None}]  # fmt: skip
         names = [f"{outputs.map_name(stem, m.key, m.label, m.method)}.{o.picture}" for m in result.maps]
         clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
         if clash:

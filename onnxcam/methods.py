@@ -200,25 +200,35 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9+]", "", name.lower())
 
 
+# each task's method where none is asked for, where it is not gradcam: a recogniser's characters share the
+# channels that draw text, so Grad-CAM's weights (the gradient averaged over the whole line) light every
+# character for each; HiResCAM keeps where the gradient is (tests/test_recognition.py measures both)
+DEFAULT_METHODS = {"recognition": "hirescam"}
+
+
 def resolve(
-    names: str | list[str] | tuple[str, ...], outputs: frozenset[str] | None = None, task: str = "classification"
-) -> list[str]:
-    """Canonical method names from user text: any case, with or without dashes; ``all`` is every method.
+    names: str | list[str] | tuple[str, ...] | None, outputs: frozenset[str] | None = None,
+    task: str = "classification",
+) -> list[str]:  # fmt: skip
+    """Canonical method names from user text: any case, with or without dashes; ``all`` is every method; none
+    (None, or an empty list) is the task's default (:data:`DEFAULT_METHODS`, else gradcam).
 
     ``outputs``: the model's graph outputs, where known, and its card's ``task``: ``all`` is then every
     method the model can run, and a method it cannot run is an OnnxcamError (the methods with extra
     passes need a classifier's logits).
     """
-    given = [names] if isinstance(names, str) else list(names)
+    given = [names] if isinstance(names, str) else list(names or [])
+    if not given:
+        return [DEFAULT_METHODS.get(task, "gradcam")]
     if [_key(n) for n in given] == ["all"]:
         return [n for n, m in METHODS.items() if (outputs is None or m.requires in {None, *outputs})
                 and (task == "classification" or not m.extra_passes)]  # fmt: skip
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
-    if unknown or not given:
+    if unknown:
         close = difflib.get_close_matches(_key(unknown[0]), by_key, n=2) if unknown else []
         hint = f"; did you mean {' or '.join(by_key[c] for c in close)}?" if close else ""
-        raise OnnxcamError(f"unknown method {unknown[0] if unknown else given!r}{hint} "
+        raise OnnxcamError(f"unknown method {unknown[0]!r}{hint} "
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
     chosen = [by_key[_key(n)] for n in given]
     for name in chosen:

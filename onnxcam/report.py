@@ -138,6 +138,8 @@ def _items(records: list[dict], out: Path) -> list[dict]:
         if r["path"] not in items:
             photo = rel(os.path.abspath(r["path"]))
             top = r["predictions"][0] if r["predictions"] else {"label": "no detection", "probability": 0.0}
+            if "text" in r:  # a recogniser's: its text, and its confidence
+                top = {"label": f"text {r['text']!r}", "probability": r.get("text_probability", 0.0)}
             items[r["path"]] = {"path": r["path"], "top": top, "maps": [], "full": [photo], "captions": ["the photo"],
                                 "flagged": False}  # fmt: skip
         item = items[r["path"]]
