@@ -23,10 +23,11 @@ from onnxcam import contract
 from onnxcam.contract import MAX_INPUT_SIDE, SCORES, TASKS, ModelCard, imagenet_labels
 from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import Resize
+from onnxcam.methods import in_graph
 from onnxcam.outputs import file_digest
 from onnxcam_export import probe
 from onnxcam_export.builder import Types, infer_types, make_node
-from onnxcam_export.graft import graft, rename_tensor
+from onnxcam_export.graft import graft, graft_gradient_free, rename_tensor
 from onnxcam_export.layouts import Layout, infer_layouts
 from onnxcam_export.ops import ops_with
 from onnxcam_export.probe import annotate_shapes, fold_shape_computations
@@ -888,6 +889,7 @@ def graft_file(
         std=prep.std,
         labels=tuple(names),
         weights_path=weights_path,
+        saliency_methods=() if weights_path != "none" else tuple(in_graph(gradients=False)),
         score=found.explained or score,
         task=found.kind,
         background=found.background if found.background is not None else background,
@@ -966,7 +968,9 @@ def _grafted(
     model: onnx.ModelProto, layer: str, logits: str, types: Types, layout: Layout, score: str, found: Task,
     extras: list[str], windowed: bool, inputs: InputLayout, notes: list[str],
 ) -> tuple[onnx.ModelProto, str]:  # fmt: skip
-    """The grafted model and its ``weights_path``; a windowed walk is kept only where it equals the dense one."""
+    """The grafted model and its ``weights_path``; a windowed walk is kept only where it equals the dense one. A
+    classifier whose backward cannot be built (an op without a rule, control flow) gets a gradient-free file
+    (:func:`graft_gradient_free`, ``weights_path`` none)."""
     try:
         result = graft(model, layer, logits, types, layout, score, found, extras, windowed)
         if result.walk != "windowed":
@@ -974,7 +978,19 @@ def _grafted(
         dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False).model
         return _checked_windows(result.model, dense, inputs, notes), result.weights_path
     except UnsupportedOp as exc:
-        raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
+        if found.kind != "classification" or extras:
+            raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
+        why = exc
+    try:
+        model = graft_gradient_free(model, layer, logits, types, layout)
+    except UnsupportedOp as exc:
+        raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {why}; nor a gradient-free file: {exc}"
+                           ) from exc  # fmt: skip
+    short = re.split(r"; supported ops| Pick a", str(why))[0]  # (the op and the node; the list of rules is long)
+    notes.append(f"warning: cannot build the gradient for layer {layer!r}: {short}; the file is gradient-free: it "
+                 "carries ReciproCAM (the head run on each location of the layer alone), computed in the graph, and "
+                 "explain uses it (also Score-CAM, Ablation-CAM, Eigen-CAM)")  # fmt: skip
+    return model, "none"
 
 
 def _warn_if_coarse(grid: tuple[int, int], inputs: InputLayout, notes: list[str]) -> None:

@@ -44,6 +44,7 @@ from onnxcam_export.walk import (
     expose_extra_outputs,
     extra_outputs,
     head_nodes,
+    inputs_of,
     reached_gradient,
     static_tensors,
 )
@@ -72,29 +73,33 @@ Presummed = tuple[onnx.NodeProto, np.ndarray]  # the first FC node, its weight s
 Adapt = Callable[[str], str]  # a tensor of the target layer (or its gradient) -> the contract's layout
 
 
-def _head_copy(
-    graph: onnx.GraphProto, b: Builder, head: list[onnx.NodeProto], layer: str, layout: Layout | None
-) -> list[onnx.NodeProto] | None:
-    """The head's nodes again, reading ``head_activations`` and writing ``head_logits/run`` (weights shared).
+def head_copy(
+    graph: onnx.GraphProto, b: Builder, head: list[onnx.NodeProto], layer: str, layout: Layout | None,
+    source: str = contract.HEAD_ACTIVATIONS, prefix: str = "head/", result: str = HEAD_RUN_LOGITS,
+) -> list[onnx.NodeProto] | None:  # fmt: skip
+    """The head's nodes again, reading ``source`` (``[M, C, h, w]`` in the contract's layout; default
+    ``head_activations``) and writing ``result`` (default ``head_logits/run``), weights shared, its tensors named
+    with ``prefix``.
 
     The copies leave out the outputs only a gradient rule reads. None when the head also reads
     tensors computed before the target layer (not a cut), or tokens the contract's activations lack.
     """
     with b.subgraph() as copies:
-        start = contract.HEAD_ACTIVATIONS if layout is None else layout.adapter.from_contract(
-            b, contract.HEAD_ACTIVATIONS, layout)  # fmt: skip
+        start = source if layout is None else layout.adapter.from_contract(b, source, layout)
     if start is None:
         return None
-    renamed = {layer: start} | {o: f"head/{o}" for n in head for o in n.output if o}
-    renamed[contract.LOGITS] = HEAD_RUN_LOGITS
+    renamed = {layer: start} | {o: f"{prefix}{o}" for n in head for o in n.output if o}
+    renamed[contract.LOGITS] = result
     static = static_tensors(graph)
     for node in head:
         if any(i not in renamed and i not in static for i in node.input):
             return None
+        if set(inputs_of(node)[len(node.input) :]) & renamed.keys():  # a branch that reads a head tensor by name
+            return None  # (the copy renames node inputs only: it would read the original)
         extra = range(1, 1 + len(extra_outputs(node)))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.name = f"head/{node.name or node.output[0]}"
+        copy.name = f"{prefix}{node.name or node.output[0]}"
         copy.input[:] = [renamed.get(i) or b.weight(i) for i in node.input]
         copy.output[:] = [renamed[o] if o else "" for i, o in enumerate(node.output) if i not in extra]
         copies.append(copy)
@@ -216,11 +221,15 @@ def _add_head_only(graph: onnx.GraphProto, b: Builder, copies: list[onnx.NodePro
     graph.initializer.extend([numpy_helper.from_array(np.asarray(False), contract.RUN_HEAD), no_logits])
 
 
-def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool, attention: bool) -> None:
-    """The contract's inputs targets and full_gradients, and its outputs in contract order."""
+def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_only: bool, attention: bool,
+                     gradients: bool = True) -> None:  # fmt: skip
+    """The contract's inputs targets and full_gradients, and its outputs in contract order (without
+    ``gradients``: a gradient-free file's, its weights and gradients empty)."""
     elem, info = b.elem_type(contract.LOGITS), helper.make_tensor_value_info
     batch = b.shape(contract.LOGITS)[0] or "N"
     channels, classes, anchors = dims[0], b.shape(contract.LOGITS)[1], b.shape(contract.LOGITS)[2:]
+    grid = [f"h{i}" for i in range(len(SPATIAL))] if gradients else [0] * len(SPATIAL)
+    channels = channels if gradients else 0
     graph.input.append(info(contract.TARGETS, TensorProto.INT64, [batch, "T"]))
     graph.input.append(info(contract.FULL_GRADIENTS, TensorProto.BOOL, []))
     graph.initializer.append(numpy_helper.from_array(np.asarray(False), contract.FULL_GRADIENTS))
@@ -230,7 +239,7 @@ def _add_contract_io(graph: onnx.GraphProto, b: Builder, dims: list[int], head_o
             info(contract.LOGITS, elem, [batch, classes, *anchors]),  # a detector's: [N, K, A]
             info(contract.ACTIVATIONS, elem, [batch, *dims]),
             info(contract.WEIGHTS, elem, [batch, "T", channels]),
-            info(contract.GRADIENTS, elem, [batch, "T", channels, *[f"h{i}" for i in range(len(SPATIAL))]]),
+            info(contract.GRADIENTS, elem, [batch, "T", channels, *grid]),
             info(contract.TARGET_CLASSES, TensorProto.INT64, [batch, "T"]),
         ]
     )
@@ -371,7 +380,7 @@ def _start(
     b = Builder(out, types)
     b.wanted = differentiable(head, sources, b.types, contract.LOGITS)
     classifier = task.kind == "classification"  # (head-only passes are for classifiers)
-    head_only = _head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
+    head_only = head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     expose_extra_outputs(head)
     if layout is None:
         dims, adapt = b.shape(layer)[1:], (lambda x: x)
@@ -515,6 +524,81 @@ def graft(
     for emit in EMITTERS:
         emit(g, walked)
     return Grafted(g.out, walked.walk)
+
+
+def graft_gradient_free(
+    model: onnx.ModelProto, activations: str, logits: str, types: Types | None = None, layout: Layout | None = None
+) -> onnx.ModelProto:
+    """A classifier's file for a head whose backward cannot be built (an op without a rule, control flow): the
+    contract's outputs with ``weights`` ``[N, T, 0]`` and ``gradients`` ``[N, T, 0, 0, 0]`` (the card's
+    ``weights_path`` is ``none``), the head-only graph (for ReciproCAM, Score-CAM and Ablation-CAM in Python),
+    and ReciproCAM's finished map as the ``saliency`` output (:func:`_reciprocam`), for hosts without Python."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    layout = None if layout is None or layout.channels_first else layout
+    layer = contract.ACTIVATIONS if layout is None else activations
+    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
+        renamed = rename_tensor(graph, tensor, name)
+        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
+    head = head_nodes(graph, {layer}, contract.LOGITS)
+    b = Builder(out, types)
+    copies = head_copy(graph, b, head, layer, layout)
+    if copies is None:
+        raise UnsupportedOp("the head cannot run alone (ReciproCAM's passes): it is not a cut of the graph, or a "
+                            "branch reads its tensors by name")  # fmt: skip
+    if layout is None:
+        dims = b.shape(layer)[1:]
+    else:
+        dims = layout.contract_dims(b.shape(layer))
+        _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
+    if not all(isinstance(d, int) for d in dims):
+        raise UnsupportedOp(f"the target layer's shape {dims} is not fixed, which ReciproCAM's mosaics need")
+    _resolve_targets(b, contract.LOGITS)
+    for name, rank in ((contract.WEIGHTS, 3), (contract.GRADIENTS, 5)):  # empty: no backward
+        shape = b.op("Concat", b.dims(contract.TARGET_CLASSES, 0, 2), b.ints([0] * (rank - 2)), axis=0)
+        b.op("Identity", b.zeros(shape, like=contract.LOGITS), name=name)
+    size = _input_size(b)
+    if size is None:
+        raise UnsupportedOp("the model has no image input of a fixed size, which the in-graph map takes")
+    _reciprocam(graph, b, head, layer, layout, dims, size)
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.initializers)
+    _add_head_only(graph, b, copies, dims)
+    _add_contract_io(graph, b, dims, head_only=True, attention=False, gradients=False)
+    _add_saliency_output(graph, b)
+    return out
+
+
+def _reciprocam(
+    graph: onnx.GraphProto, b: Builder, head: list[onnx.NodeProto], layer: str, layout: Layout | None,
+    dims: list[int], size: tuple[int, int],
+) -> None:  # fmt: skip
+    """The ``saliency`` output of a gradient-free file: ReciproCAM (Byun & Lee, 2022) as
+    :func:`onnxcam.passes.reciprocam_maps` computes it, in one batch. Each location (i, j) of the activations
+    ``A [N, C, h, w]`` kept alone (a mosaic: every channel there, zeros elsewhere), the N * h * w mosaics through a
+    copy of the head, the map of target class c at (i, j) its softmax probability on that mosaic; finished as
+    every in-graph map (:mod:`onnxcam_export.saliency`). Behind an ``If`` on ``return_saliency``."""
+    channels, height, width = dims
+    cells = height * width
+    with b.subgraph() as then_nodes:
+        alone = np.eye(cells, dtype=b.np_dtype(contract.ACTIVATIONS)).reshape(1, cells, 1, height, width)
+        mosaics = b.op("Mul", b.unsqueeze(contract.ACTIVATIONS, [1]), b.const(alone, "reciprocam/alone"))
+        mosaics = b.op("Reshape", mosaics, b.ints([-1, channels, height, width]))  # [N * h * w, C, h, w]
+        scores = "reciprocam/logits"
+        b.nodes.extend(head_copy(graph, b, head, layer, layout, mosaics, "reciprocam/", scores))
+        per_image = b.op("Concat", b.dims(contract.ACTIVATIONS, 0, 1), b.ints([cells]), b.dims(contract.LOGITS, 1, 2),
+                         axis=0)  # fmt: skip
+        as_float64 = b.op("Cast", b.op("Reshape", scores, per_image), to=TensorProto.DOUBLE)  # (as the Python path)
+        probs = b.op("Softmax", as_float64, axis=2)  # [N, h * w, K]
+        index = b.op("Expand", b.unsqueeze(contract.TARGET_CLASSES, [1]), b.op(
+            "Concat", b.dims(contract.ACTIVATIONS, 0, 1), b.ints([cells]), b.dims(contract.TARGET_CLASSES, 1, 2),
+            axis=0))  # fmt: skip
+        picked = b.op("Transpose", b.op("GatherElements", probs, index, axis=2), perm=[0, 2, 1])  # [N, T, h * w]
+        cam = b.op("Reshape", picked, b.op("Concat", b.dims(contract.TARGET_CLASSES, 0, 2),
+                                           b.ints([height, width]), axis=0))  # fmt: skip
+        finished = saliency.finish(b, cam, size)
+    saliency.emit_saliency(graph, b, (then_nodes, finished))
 
 
 def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) -> None:

@@ -152,7 +152,7 @@ def _aggregate(b: Builder, sums: list[str], grid: tuple[int, int]) -> str:
     return b.op("Div", total, _s(b, float(len(sums))))
 
 
-def _finish(b: Builder, summed: str, size: tuple[int, int]) -> str:
+def finish(b: Builder, summed: str, size: tuple[int, int]) -> str:
     """ReLU, bilinear resize to ``size`` (OpenCV's INTER_LINEAR centres), min-max per map, float32.
 
     The minimum is subtracted in float64 before the resize, as :func:`onnxcam.maps.finish` does.
@@ -191,11 +191,17 @@ def add_saliency(
     with b.subgraph() as then_nodes:
         sums = [_choose(b, _float64(b, scale), methods) for scale in range(max(len(grids), 1))]
         summed = sums[0] if len(sums) == 1 else _aggregate(b, sums, finest(grids))
-        finished = _finish(b, summed, size)
+        finished = finish(b, summed, size)
+    emit_saliency(graph, b, (then_nodes, finished))
+
+
+def emit_saliency(graph: onnx.GraphProto, b: Builder, finished: tuple[list[onnx.NodeProto], str]) -> None:
+    """The ``saliency`` output: the branch ``finished`` (its nodes and its ``[N, T, H, W]`` map) where
+    ``return_saliency``, else ``[N, T, 0, 0]``; and the two inputs that ask for it."""
     with b.subgraph() as else_nodes:
         shape = b.op("Concat", b.op("Shape", contract.TARGET_CLASSES), b.ints([0, 0]), axis=0)
         skipped = b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0]))
-    b.if_(contract.RETURN_SALIENCY, (then_nodes, finished), (else_nodes, skipped), contract.SALIENCY, TensorProto.FLOAT)
+    b.if_(contract.RETURN_SALIENCY, finished, (else_nodes, skipped), contract.SALIENCY, TensorProto.FLOAT)
     # required inputs, not initializers with a default: JavaScript's ONNX Runtime cannot override those
     graph.input.append(helper.make_tensor_value_info(contract.RETURN_SALIENCY, TensorProto.BOOL, []))
     graph.input.append(helper.make_tensor_value_info(contract.SALIENCY_METHOD, TensorProto.INT64, []))

@@ -25,7 +25,7 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
     A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``), one with
     integer kernels is ``quantized``. Returns the card as written.
     """
-    if any(o.name == contract.SALIENCY for o in model.graph.output):
+    if any(o.name == contract.SALIENCY for o in model.graph.output) and not card.saliency_methods:
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))
     card = dataclasses.replace(card, quantized=any(n.op_type in QUANTIZED_OPS for n in model.graph.node))
     del model.metadata_props[:]

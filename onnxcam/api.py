@@ -263,7 +263,7 @@ class Explainer:
         (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
         pixels each class's score sums, instead of the pixels predicted as the class.
         """
-        names = methods.resolve(method, self.engine.outputs, self.card.task)
+        names = methods.resolve(method, self.engine.outputs, self.card.task, self.card.has_gradients)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
         codes = self.target_codes(targets, top_k)

@@ -115,6 +115,9 @@ def _model_warnings(explainer: Explainer) -> tuple[list[str], list[str]]:
         were = "was" if len(assumed) == 1 else "were"
         quiet.append(f"{path}: its {', '.join(assumed)} {were} assumed at export (nothing in the file named them): "
                      "if the deployed pipeline differs, re-export with them")  # fmt: skip
+    if not card.has_gradients:
+        quiet.append(f"{path} carries no gradients (its backward could not be built at export: `onnxcam info` says "
+                     "why): its maps are gradient-free, ReciproCAM's by default")  # fmt: skip
     return loud, quiet
 
 
@@ -202,7 +205,8 @@ def export(
             help="With --from: what the model predicts [default: told from its outputs' layout: classifier "
             "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
             "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1]; RT-DETR "
-            "[N, Q, K]); a one-channel map [N, 1, H, W] is a segmenter of its foreground]."
+            "[N, Q, K]); a one-channel map [N, 1, H, W] is a segmenter of its foreground; a softmax per step [N, T, K] "
+            "a CTC text recogniser (recognition)]."
         ),
     ] = None,
     detector_layout: Annotated[
@@ -220,7 +224,8 @@ def export(
     background: Annotated[
         int | None,
         typer.Option(
-            help="With --from, a detector: its background class index, never a detection (SSD: 0) [default: none]."
+            help="With --from, a detector: its background class index, never a detection (SSD: 0) [default: none]; "
+            "a text recogniser: its CTC blank (Keras: the last symbol) [default: 0]."
         ),
     ] = None,
 ) -> None:
@@ -324,7 +329,7 @@ def _method_names(method: str | None, explainer: Explainer | None = None) -> lis
     given = _given_methods(method)
     if explainer is None:
         return methods.resolve(given)
-    return methods.resolve(given, explainer.engine.outputs, explainer.card.task)
+    return methods.resolve(given, explainer.engine.outputs, explainer.card.task, explainer.card.has_gradients)
 
 
 def _check_limits(max_pixels: int, max_bytes: int) -> None:

@@ -89,6 +89,12 @@ Several target layers (the card's ``extra_layers``, e.g. a detector's scales): t
 pytorch-grad-cam's multi-layer aggregation does, also in the file's ``saliency`` output (at the finest
 grid of the layers).
 
+A gradient-free file (the card's ``weights_path`` ``none``: a classifier whose backward could not be built, an
+op without a rule or control flow between the target layer and the logits) has the same inputs and outputs, with
+``weights`` ``[N, T, 0]`` and ``gradients`` ``[N, T, 0, 0, 0]``: its ``saliency`` output computes ReciproCAM (the
+head run on each location of the target layer kept alone, in one batch; the card's ``saliency_methods`` is
+``reciprocam``), and its head-only graph serves the gradient-free methods of :mod:`onnxcam.methods`.
+
 The model card (:class:`ModelCard`) is stored as ``onnxcam.*`` metadata strings.
 """
 
@@ -148,7 +154,9 @@ def scale_output(name: str, scale: int) -> str:
 
 
 META_PREFIX = "onnxcam."
-WEIGHTS_PATHS = ("presummed", "gradient-mean")  # how the `weights` output is computed
+# how the `weights` output is computed; none: the backward could not be built (an op without a rule), so the file
+# carries no gradients (`weights` [N, T, 0], `gradients` [N, T, 0, 0, 0]) and computes ReciproCAM in its graph
+WEIGHTS_PATHS = ("presummed", "gradient-mean", "none")
 SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
 TASKS = ("classification", "segmentation", "detection", "recognition")  # what a target row explains (see above)
 ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
@@ -194,6 +202,11 @@ class ModelCard:
     quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
     resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
     sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it
+
+    @property
+    def has_gradients(self) -> bool:
+        """Whether the file carries its backward (one whose backward could not be built is gradient-free)."""
+        return self.weights_path != "none"
 
     @property
     def resizing(self) -> Resize:

@@ -295,7 +295,7 @@ class Engine:
             return f"names {len(card.extra_layers)} extra target layers but the graph has {layers}"
         from onnxcam.methods import in_graph  # (methods reads engines: imported when a card is checked)
 
-        methods, known = list(card.saliency_methods), in_graph()
+        methods, known = list(card.saliency_methods), in_graph(card.has_gradients)
         if (contract.SALIENCY in outputs) != bool(methods) or methods != known[: len(methods)]:
             return (f"lists the in-graph methods {methods} but the graph's saliency output computes "
                     f"{known if contract.SALIENCY in outputs else 'none'} in that order")

@@ -157,6 +157,7 @@ class Method:
     ``in_graph``: the exporter also builds the finished map into the graph (the ``saliency``
     output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
     ``spatial``: the map itself from extra passes, no channel weighting (ReciproCAM).
+    ``gradient_free``: it reads no gradient, so a file without a backward (an op without a rule) runs it.
     """
 
     name: str
@@ -168,6 +169,7 @@ class Method:
     requires: str | None = None
     in_graph: bool = False
     spatial: SpatialMap | None = None
+    gradient_free: bool = False
 
     @property
     def extra_passes(self) -> bool:
@@ -184,11 +186,13 @@ METHODS: dict[str, Method] = {
         Method("hirescam", hirescam, in_graph=True),
         Method("gradcam-elementwise", gradcam_elementwise, in_graph=True),
         Method("layercam", layercam, in_graph=True),
-        Method("eigencam", eigencam, uses="weights", eigen=True),
+        Method("eigencam", eigencam, uses="weights", eigen=True, gradient_free=True),
         Method("eigengradcam", eigengradcam, eigen=True),
-        Method("scorecam", gradcam, uses="passes", passes=passes.score_weights),
-        Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights, requires=contract.HEAD_LOGITS),
-        Method("reciprocam", uses="passes", spatial=passes.reciprocam_maps, requires=contract.HEAD_LOGITS),
+        Method("scorecam", gradcam, uses="passes", passes=passes.score_weights, gradient_free=True),
+        Method("ablationcam", gradcam, uses="passes", passes=passes.ablation_weights, requires=contract.HEAD_LOGITS,
+               gradient_free=True),
+        Method("reciprocam", uses="passes", spatial=passes.reciprocam_maps, requires=contract.HEAD_LOGITS,
+               gradient_free=True),
         Method("rollout", uses="attentions", attention=attention_rollout, requires=contract.ATTENTIONS),
         Method("attention-relevance", uses="attentions", attention=attention_relevance,
                requires=contract.ATTENTION_GRADIENTS),
@@ -204,14 +208,17 @@ def _key(name: str) -> str:
 # channels that draw text, so Grad-CAM's weights (the gradient averaged over the whole line) light every
 # character for each; HiResCAM keeps where the gradient is (tests/test_recognition.py measures both)
 DEFAULT_METHODS = {"recognition": "hirescam"}
+# what a file without a backward (an op with no rule) computes in its graph, and explains with by default
+GRADIENT_FREE_IN_GRAPH = ("reciprocam",)
 
 
 def resolve(
     names: str | list[str] | tuple[str, ...] | None, outputs: frozenset[str] | None = None,
-    task: str = "classification",
+    task: str = "classification", gradients: bool = True,
 ) -> list[str]:  # fmt: skip
     """Canonical method names from user text: any case, with or without dashes; ``all`` is every method; none
-    (None, or an empty list) is the task's default (:data:`DEFAULT_METHODS`, else gradcam).
+    (None, or an empty list) is the task's default (:data:`DEFAULT_METHODS`, else gradcam; without
+    ``gradients``, a file whose backward could not be built: :data:`GRADIENT_FREE_IN_GRAPH`'s).
 
     ``outputs``: the model's graph outputs, where known, and its card's ``task``: ``all`` is then every
     method the model can run, and a method it cannot run is an OnnxcamError (the methods with extra
@@ -219,10 +226,10 @@ def resolve(
     """
     given = [names] if isinstance(names, str) else list(names or [])
     if not given:
-        return [DEFAULT_METHODS.get(task, "gradcam")]
+        return [DEFAULT_METHODS.get(task, "gradcam") if gradients else GRADIENT_FREE_IN_GRAPH[0]]
     if [_key(n) for n in given] == ["all"]:
         return [n for n, m in METHODS.items() if (outputs is None or m.requires in {None, *outputs})
-                and (task == "classification" or not m.extra_passes)]  # fmt: skip
+                and (task == "classification" or not m.extra_passes) and (gradients or m.gradient_free)]  # fmt: skip
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
     if unknown:
@@ -232,6 +239,10 @@ def resolve(
                            f"(choose from: {', '.join(METHODS)}, or all)")  # fmt: skip
     chosen = [by_key[_key(n)] for n in given]
     for name in chosen:
+        if not gradients and not METHODS[name].gradient_free:
+            free = ", ".join(n for n, m in METHODS.items() if m.gradient_free)
+            raise OnnxcamError(f"{name} reads gradients, which this file does not carry (its backward could not be "
+                               f"built at export: `onnxcam info` says why); choose a gradient-free method: {free}")
         if task != "classification" and METHODS[name].extra_passes:
             raise OnnxcamError(f"{name} needs extra passes through a classifier's head; this is a {task} model: "
                                "choose a gradient method (gradcam, hirescam, ...) or eigencam")  # fmt: skip
@@ -256,9 +267,10 @@ def attention_outputs(names: list[str]) -> tuple[str, ...]:
     return (contract.ATTENTIONS,) if needed else ()
 
 
-def in_graph() -> list[str]:
-    """The methods whose finished map the exporter builds into the graph, in ``saliency_method`` order."""
-    return [name for name, m in METHODS.items() if m.in_graph]
+def in_graph(gradients: bool = True) -> list[str]:
+    """The methods whose finished map the exporter builds into the graph, in ``saliency_method`` order (without
+    ``gradients``: a file whose backward could not be built)."""
+    return [name for name, m in METHODS.items() if m.in_graph] if gradients else list(GRADIENT_FREE_IN_GRAPH)
 
 
 def needs_gradients(names: list[str]) -> bool:
