@@ -42,6 +42,7 @@ from onnxcam_export.tasks import (
     add_detector_split,
     add_recognition_scores,
     add_segment_scores,
+    class_count,
     detector_layout,
 )
 from onnxcam_export.vjp import RULES, UnsupportedOp
@@ -457,12 +458,40 @@ def _task_logits(
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
+def _extra_rows(graph: onnx.GraphProto, shapes: Shapes, facts: Facts) -> int:
+    """How many values per anchor of an ultralytics output follow its class scores and are no classes: a pose
+    model's keypoints (its metadata's ``kpt_shape``), an instance segmenter's mask coefficients (as many as the
+    channels of its prototype output ``[N, M, h, w]``, its second). Oriented boxes are refused."""
+    family = facts.values.get("family")
+    if family == "ultralytics-obb":
+        raise OnnxcamError("an ultralytics OBB model predicts rotated boxes, which ultralytics suppresses by their "
+                           "rotated overlap and onnxcam's in-graph NMS (axis-aligned) does not; onnxcam explains "
+                           "ultralytics' detect, segment, pose and classify exports")  # fmt: skip
+    if family == "ultralytics-pose":
+        return int(facts.values["keypoints"])
+    protos = [shapes.get(o.name) or [] for o in graph.output[1:]]
+    protos = [s for s in protos if len(s) == 4 and isinstance(s[1], int)]
+    if family == "ultralytics-segment" and not protos:
+        raise OnnxcamError("the ultralytics metadata says segment but the model has no prototype output "
+                           "[N, 32, h, w] beside its detections; re-export it with ultralytics")  # fmt: skip
+    if protos and (family == "ultralytics-segment" or len(graph.output) == 2):
+        return protos[0][1]
+    return 0
+
+
 def _detector_split(
     model: onnx.ModelProto, types: Types, name: str, reads: list[str], decoding: Decoding, notes: list[str]
 ) -> tuple[str, Task, int]:
     """A detector's class scores (the logits), its task and class count, per layout ``name`` of outputs ``reads``."""
     layout, shapes = DETECTOR_LAYOUTS[name], _shapes(types)
-    classes = layout.classes([shapes[r] for r in reads])
+    classes = class_count(name, [shapes[r] for r in reads], decoding)
+    if classes < 1:
+        raise OnnxcamError(f"{' and '.join(f'{r!r} {shapes[r]}' for r in reads)} leave no class scores beside the "
+                           f"{decoding.extra} values per anchor that are no classes; re-export the model")  # fmt: skip
+    if decoding.extra and layout.extra_rows:
+        what = "its keypoints" if decoding.family == "ultralytics-pose" else "its instance masks' coefficients"
+        notes.append(f"the last {decoding.extra} values per anchor are no classes ({what}): each box's class score "
+                     "is explained")  # fmt: skip
     if decoding.box_format is not None and decoding.box_format not in layout.box_formats:
         raise OnnxcamError(f"--box-format applies to a pair of scores and boxes in pixels (ssd); {name}'s boxes are "
                            "fixed by its layout")  # fmt: skip
@@ -861,7 +890,9 @@ def graft_file(
     prep = _resolve(facts, notes)
     _fold_shapes(model, inputs)
     types = _annotate_shapes(model, inputs)
-    decoding = Decoding((inputs.height, inputs.width), box_format, background, facts.values.get("family"))
+    family = facts.values.get("family")
+    decoding = Decoding((inputs.height, inputs.width), box_format, background, family,
+                        _extra_rows(model.graph, _shapes(types), facts))  # fmt: skip
     logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
     if found.kind != "classification" and score != "logit":
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")

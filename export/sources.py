@@ -31,7 +31,8 @@ from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import STRETCH, Resize
 from onnxcam.inputs import read_small_text
 
-FACTS = ("labels", "size", "mean", "std", "bgr", "resize", "family")
+# family: what the exporter calls the model; keypoints: a pose model's values per anchor (ultralytics' kpt_shape)
+FACTS = ("labels", "size", "mean", "std", "bgr", "resize", "family", "keypoints")
 DEFAULTS: dict[str, object] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "bgr": False, "resize": STRETCH}
 ASSUMED = {
     "mean": "ImageNet's mean (0.485, 0.456, 0.406)",
@@ -117,8 +118,17 @@ def _ultralytics(meta: dict[str, str]) -> Facts | None:
     task = meta.get("task", "detect")
     resize = (Resize("crop", "pil-bilinear", shorter=min(height, width)) if task == "classify"
               else Resize("letterbox", "linear", pad=114))  # fmt: skip
+    keypoints = None
+    if task == "pose":
+        try:
+            shape = ast.literal_eval(meta.get("kpt_shape", ""))
+            keypoints = math.prod(int(d) for d in shape)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise OnnxcamError(f"the ultralytics pose metadata's kpt_shape {meta.get('kpt_shape', '')[:40]!r} is not "
+                               "[keypoints, values]; re-export the model with ultralytics") from None  # fmt: skip
     return Facts().add(where, labels=_names(names, "the ultralytics metadata's names"), size=(height, width),
-                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bgr=False, resize=resize)  # fmt: skip
+                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bgr=False, resize=resize,
+                       family=f"ultralytics-{task}", keypoints=keypoints)  # fmt: skip
 
 
 METADATA: dict[str, Callable[[dict[str, str]], Facts | None]] = {"ultralytics": _ultralytics}

@@ -58,6 +58,7 @@ class Decoding:
     box_format: str | None = None
     background: int | None = None
     family: str | None = None  # what the exporter calls the model (a Hugging Face config's model_type)
+    extra: int = 0  # an ultralytics output's rows after its class scores: mask coefficients (-seg), keypoints (-pose)
 
 
 def _emit(model: onnx.ModelProto, b: Builder) -> None:
@@ -160,10 +161,11 @@ def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) ->
 
 
 def _ultralytics(b: Builder, raws: list[str], decoding: Decoding) -> None:
-    """``[N, 4 + K, A]``: cx, cy, w, h, then the class scores (YOLOv8/v11/YOLOv5u)."""
+    """``[N, 4 + K + E, A]``: cx, cy, w, h, then the class scores (YOLOv8/v11/YOLOv5u), then E values that are no
+    classes (``decoding.extra``: an instance segmenter's mask coefficients, a pose model's keypoints)."""
     (raw,) = raws
     _slice(b, raw, 0, 4, BOXES_XYWH)
-    _slice(b, raw, 4, b.shape(raw)[1], CLASS_SCORES)
+    _slice(b, raw, 4, b.shape(raw)[1] - decoding.extra, CLASS_SCORES)
 
 
 def _yolov5(b: Builder, raws: list[str], decoding: Decoding) -> None:
@@ -228,6 +230,13 @@ class DetectorLayout:
     pyramid: bool = False  # its anchors must be the cells of a feature pyramid at the input size (YOLO heads)
     families: frozenset[str] = frozenset()  # the exporters' names of models with this layout (HF's model_type)
     every_class: bool = False  # each (anchor, class) pair is a detection, not an anchor's best class alone
+    extra_rows: bool = False  # rows after its class scores may be no classes (Decoding.extra: ultralytics -seg, -pose)
+
+
+def class_count(name: str, shapes: list[list[int]], decoding: Decoding) -> int:
+    """The classes that layout ``name`` reads from outputs of ``shapes``: its rows but ``decoding.extra``."""
+    layout = DETECTOR_LAYOUTS[name]
+    return layout.classes(shapes) - (decoding.extra if layout.extra_rows else 0)
 
 
 def pyramid_cells(anchors: int, size: tuple[int, int]) -> bool:
@@ -250,7 +259,7 @@ def _pair(s: list[list[int]]) -> bool:
 DETECTOR_LAYOUTS = {
     "ultralytics": DetectorLayout(lambda s: 4 < s[0][1] < s[0][2], lambda s: s[0][1] - 4, _ultralytics,
                                   "an ultralytics detector's output (cx, cy, w, h and K class scores per anchor)", 2,
-                                  pyramid=True),
+                                  pyramid=True, extra_rows=True),
     "yolov5": DetectorLayout(lambda s: 5 < s[0][2] < s[0][1], lambda s: s[0][2] - 5, _yolov5,
                              "a YOLOv5 detector's output (cx, cy, w, h, objectness and K class probabilities per "
                              "anchor; a box's class score is objectness x class probability)", 1, pyramid=True),
@@ -328,7 +337,7 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
     found.split(b, raws, decoding)
     ranked = contract.LOGITS  # (the graft's name for CLASS_SCORES)
     if decoding.background is not None:
-        classes = found.classes([b.shape(r) for r in raws])
+        classes = class_count(layout, [b.shape(r) for r in raws], decoding)
         column = b.const((np.arange(classes) == decoding.background).reshape(1, classes, 1))
         lowest = b.const(np.asarray(np.finfo(np.float32).min, b.np_dtype(raws[0])))  # finite: 0 x it stays 0
         ranked = RANKED_SCORES

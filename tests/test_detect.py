@@ -616,3 +616,77 @@ def test_a_detector_the_window_walk_does_not_fit_keeps_the_dense_walk(tmp_path: 
     grads = np.stack([torch.autograd.grad(s, activations, retain_graph=True)[0][0].numpy() for s in scores])
     assert out.gradients.shape[3:] == (SIZE // 8, SIZE // 8), "its coarse scale comes first, so its layer is first"
     assert _rel(out.gradients[0], grads) < TOL
+
+
+# -- ultralytics' segment, pose and OBB exports: rows after the class scores ------------------------------------------
+class TinyYoloExtras(TinyDetector):
+    """An ultralytics -seg or -pose head: ``[N, 4 + K + E, A]``, E values per anchor after the class scores (mask
+    coefficients, keypoints), and for -seg a prototype output ``[N, E, 16, 16]``."""
+
+    def __init__(self, extra: int, protos: bool) -> None:
+        super().__init__(CLASSES)
+        self.extra = nn.ModuleList(nn.Conv2d(16, extra, 1) for _ in range(2))
+        self.protos = nn.Conv2d(16, extra, 1) if protos else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        store: list[torch.Tensor] = []
+        hook = self.stem.register_forward_hook(lambda m, i, o: store.append(o))  # (the stem, run once by scales)
+        detections = torch.cat(self.scales(x), 2)
+        hook.remove()
+        (p3,) = store
+        coefficients = torch.cat([self.extra[0](p3).flatten(2), self.extra[1](self.down(p3)).flatten(2)], 2)
+        out = torch.cat([detections, coefficients], 1)
+        if self.protos is None:
+            return out
+        return out, F.interpolate(self.protos(p3), scale_factor=2.0)
+
+
+def _with_ultralytics_metadata(path: Path, task: str, **more: str) -> Path:
+    import onnx
+
+    model = onnx.load(path)
+    meta = {"author": "Ultralytics", "task": task, "imgsz": f"[{SIZE}, {SIZE}]",
+            "names": str({i: f"shape {i}" for i in range(CLASSES)}), **more}  # fmt: skip
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items())
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["segment", "segment without metadata", "pose"])
+def test_ultralytics_masks_and_keypoints_are_no_classes(kind: str, tmp_path: Path) -> None:
+    """A -seg export's 32 mask coefficients and a -pose export's keypoints per anchor were read as classes (K + 32
+    "classes", or a refusal that the names do not match); the classes are the metadata's names, or the rows left
+    beside the prototype output's channels."""
+    torch.manual_seed(0)
+    model = TinyYoloExtras(extra=8 if kind != "pose" else 9, protos=kind != "pose").eval()
+    source = tmp_path / "yolo.onnx"
+    export_torch(model, (SIZE, SIZE), source, False, output=("output0", "output1") if kind != "pose" else "output0")
+    if kind != "segment without metadata":
+        _with_ultralytics_metadata(source, kind, **({"kpt_shape": "[3, 3]"} if kind == "pose" else {}))
+    prep = {} if "without" not in kind else {"prep": UNIT}
+    card, notes = graft_file(source, tmp_path / "yolo.cam.onnx", **prep)
+    assert card["task"] == "detection" and len(Engine(tmp_path / "yolo.cam.onnx").card.labels) == CLASSES
+    what = "keypoints" if kind == "pose" else "instance masks' coefficients"
+    assert any(f"the last {9 if kind == 'pose' else 8} values per anchor are no classes (its {what})" in n
+               for n in notes), notes  # fmt: skip
+    engine = Engine(tmp_path / "yolo.cam.onnx")
+    images = _images(2, seed=5)
+    anchors, classes = np.array([[3, 70], [79, 0]]), np.array([[0, 2], [1, 1]])
+    out = engine.run(images, classes * ANCHORS + anchors, full_gradients=True)
+    activations, raw = forward_with(model, model.stem, images)
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    assert _rel(out.logits, raw[:, 4 : 4 + CLASSES].detach().numpy()) < TOL
+    n = torch.arange(2)[:, None]
+    scores = raw[n, 4 + torch.from_numpy(classes), torch.from_numpy(anchors)]
+    grads = np.stack([torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0].numpy()
+                      for t in range(2)], axis=1)  # fmt: skip
+    assert _rel(out.gradients, grads) < TOL
+
+
+def test_an_ultralytics_obb_model_is_refused_with_what_it_is(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = tmp_path / "obb.onnx"
+    export_torch(TinyYoloExtras(extra=1, protos=False).eval(), (SIZE, SIZE), source, False, output="output0")
+    _with_ultralytics_metadata(source, "obb")
+    assert_clean_failure(run("export", "--from", str(source)), "rotated boxes", "axis-aligned")
+    assert not (tmp_path / "obb.cam.onnx").exists()
