@@ -38,11 +38,12 @@ SIZE = 320  # 2100 anchors: the layout of 640, a quarter of the work
 HEAD_INPUTS = [f"/model.{i}/cv2/act/Mul_output_0" for i in (15, 18, 21)]  # P3, P4, P5: what Detect reads
 
 
-def _random_yolo(class_weights: float = 1.0) -> YOLO:
-    """YOLOv8n with seeded random weights whose scores spread out (``class_weights`` scales the class convolution:
-    below 1 keeps real photos' scores away from 1.0, where ties would make the order ambiguous)."""
+def _random_yolo(class_weights: float = 1.0, config: str = "yolov8n.yaml") -> YOLO:
+    """YOLOv8n (or the ``config``: -seg, -pose) with seeded random weights whose scores spread out
+    (``class_weights`` scales the class convolution: below 1 keeps real photos' scores away from 1.0, where ties
+    would make the order ambiguous)."""
     torch.manual_seed(0)
-    model = YOLO("yolov8n.yaml")
+    model = YOLO(config)
     for branch in model.model.model[-1].cv3:
         branch[-1].bias.data.zero_()
         branch[-1].weight.data *= class_weights
@@ -128,19 +129,29 @@ def _same_box(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.abs(a - b).max() <= 0.5 or (union > 0 and inner / union >= 0.95))
 
 
-def test_a_deployed_export_is_explained_as_ultralytics_predicts_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["detect", "segment", "pose"])
+def test_a_deployed_export_is_explained_as_ultralytics_predicts_it(task: str, tmp_path: Path) -> None:
+    """Also the -seg and -pose heads, whose mask coefficients (32) and keypoints (17 x 3) per anchor follow the
+    class scores: they were read as 112 and 131 classes."""
     from onnxcam.api import Explainer
     from onnxcam.image import read_rgb
 
-    model = _random_yolo(class_weights=0.05)
-    model.model.names = {i: f"thing {i}" for i in range(80)}
+    model = _random_yolo(0.05, {"detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml",
+                                "pose": "yolov8n-pose.yaml"}[task])  # fmt: skip
+    names = 80 if task != "pose" else 1
+    model.model.names = {i: f"thing {i}" for i in range(names)}
     plain = _export(model, tmp_path, dynamic=False)
-    card, _ = graft_file(plain, tmp_path / "deployed.cam.onnx")  # no flag: everything from the file
+    card, notes = graft_file(plain, tmp_path / "deployed.cam.onnx")  # no flag: everything from the file
+    if task != "detect":
+        extra = {"segment": "32 values per anchor are no classes (its instance masks' coefficients)",
+                 "pose": "51 values per anchor are no classes (its keypoints)"}[task]  # fmt: skip
+        assert any(extra in n for n in notes), notes
     assert card["resize"] == {"mode": "letterbox", "interpolation": "linear", "pad": 114}
     assert set(card["sources"].values()) == {"file metadata (ultralytics)", "the model's input"}
     explainer = Explainer(tmp_path / "deployed.cam.onnx")
-    assert explainer.labels[7] == "thing 7" and explainer.card.mean == (0, 0, 0) and explainer.card.std == (1, 1, 1)
-    predictor = YOLO(plain, task="detect")
+    assert explainer.labels[-1] == f"thing {names - 1}" and len(explainer.labels) == names
+    assert explainer.card.mean == (0, 0, 0) and explainer.card.std == (1, 1, 1)
+    predictor = YOLO(plain, task=task)
     photo = read_rgb(Path(__file__).parents[1] / "examples" / "chelsea.png")  # 451x300
     views = {"3:2": photo, "2:3": photo.transpose(1, 0, 2), "2:1": photo[37:263], "1:3": photo[:, 200:300],
              "3:2 upscaled": photo[::3, ::3]}  # fmt: skip
