@@ -458,25 +458,25 @@ def _task_logits(
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
-def _extra_rows(graph: onnx.GraphProto, shapes: Shapes, facts: Facts) -> int:
+def _extra_rows(graph: onnx.GraphProto, shapes: Shapes, facts: Facts) -> tuple[int, str | None]:
     """How many values per anchor of an ultralytics output follow its class scores and are no classes: a pose
     model's keypoints (its metadata's ``kpt_shape``), an instance segmenter's mask coefficients (as many as the
-    channels of its prototype output ``[N, M, h, w]``, its second). Oriented boxes are refused."""
+    channels of its prototype output ``[N, M, h, w]``, its second, also returned). Oriented boxes are refused."""
     family = facts.values.get("family")
     if family == "ultralytics-obb":
         raise OnnxcamError("an ultralytics OBB model predicts rotated boxes, which ultralytics suppresses by their "
                            "rotated overlap and onnxcam's in-graph NMS (axis-aligned) does not; onnxcam explains "
                            "ultralytics' detect, segment, pose and classify exports")  # fmt: skip
     if family == "ultralytics-pose":
-        return int(facts.values["keypoints"])
-    protos = [shapes.get(o.name) or [] for o in graph.output[1:]]
-    protos = [s for s in protos if len(s) == 4 and isinstance(s[1], int)]
+        return int(facts.values["keypoints"]), None
+    protos = [o.name for o in graph.output[1:] if len(shapes.get(o.name) or []) == 4
+              and all(isinstance(d, int) for d in shapes[o.name][1:])]  # fmt: skip
     if family == "ultralytics-segment" and not protos:
         raise OnnxcamError("the ultralytics metadata says segment but the model has no prototype output "
                            "[N, 32, h, w] beside its detections; re-export it with ultralytics")  # fmt: skip
     if protos and (family == "ultralytics-segment" or len(graph.output) == 2):
-        return protos[0][1]
-    return 0
+        return shapes[protos[0]][1], protos[0]
+    return 0, None
 
 
 def _detector_split(
@@ -892,7 +892,7 @@ def graft_file(
     types = _annotate_shapes(model, inputs)
     family = facts.values.get("family")
     decoding = Decoding((inputs.height, inputs.width), box_format, background, family,
-                        _extra_rows(model.graph, _shapes(types), facts))  # fmt: skip
+                        *_extra_rows(model.graph, _shapes(types), facts))  # fmt: skip
     logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
     if found.kind != "classification" and score != "logit":
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")

@@ -33,7 +33,7 @@ from onnxcam_export import windowed as windows
 from onnxcam_export.builder import Builder, Types
 from onnxcam_export.layouts import Layout
 from onnxcam_export.ops import ops_with
-from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets
+from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets, instance_masks
 from onnxcam_export.vjp import UnsupportedOp, attrs
 from onnxcam_export.walk import (
     SPATIAL,
@@ -389,6 +389,8 @@ def _start(
         _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
         adapt = lambda g: layout.adapter.to_contract(b, g, layout, 2)  # noqa: E731
     targets = detection_targets(b, task.ranked, task.boxes, task.every_class) if task.kind == "detection" else None
+    if task.protos is not None:
+        instance_masks(b, task.protos, *targets)
     return _Graft(out, b, head, layer, layout, dims, adapt, task, score, extra_layers, windowed, head_only, targets)
 
 
@@ -485,6 +487,10 @@ def _io_part(g: _Graft, w: _Walked) -> None:
     _add_contract_io(graph, b, g.dims, g.head_only is not None, g.attention)
     if g.task.kind == "detection":
         add_detection_io(graph, b, g.task.nms)
+    if g.task.protos is not None:
+        batch, (_, _, height, width) = b.shape(contract.LOGITS)[0] or "N", b.shape(g.task.protos)
+        graph.output.append(helper.make_tensor_value_info(contract.INSTANCE_MASKS, b.elem_type(contract.LOGITS),
+                                                          [batch, "T", height, width]))  # fmt: skip
     _add_scale_io(graph, b, g.extra_layers)
     _add_task_outputs(graph, b, g.task.outputs)
     if g.saliency_size is not None:

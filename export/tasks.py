@@ -25,6 +25,7 @@ SEGMENT_SCORES = "onnxcam/segment_scores"
 CLASS_SCORES = "onnxcam/class_scores"
 BOXES_XYWH = "onnxcam/boxes_xywh"
 RECOGNITION_SCORES = "onnxcam/recognition_scores"
+EXTRA_ROWS = "onnxcam/extra_rows"  # an ultralytics output's rows after its class scores [N, E, A]
 RANKED_SCORES = "onnxcam/ranked_scores"  # the class scores with the background column below any score
 # (cx, cy, w, h) @ XYWH_TO_XYXY = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
 XYWH_TO_XYXY = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]])
@@ -46,6 +47,7 @@ class Task:
     outputs: tuple[str, ...] = ()  # the task's own graph outputs beyond the contract's, ``[N, K]`` each
     every_class: bool = False  # each (anchor, class) pair is a detection (sigmoid DETRs), not an anchor's best class
     background: int | None = None  # a recogniser's CTC blank (a detector's background is the card's, from --background)
+    protos: str | None = None  # an instance segmenter's prototype masks [N, E, h, w], its coefficients EXTRA_ROWS
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Decoding:
     background: int | None = None
     family: str | None = None  # what the exporter calls the model (a Hugging Face config's model_type)
     extra: int = 0  # an ultralytics output's rows after its class scores: mask coefficients (-seg), keypoints (-pose)
+    protos: str | None = None  # an instance segmenter's prototype masks [N, E, h, w], the coefficients' partner
 
 
 def _emit(model: onnx.ModelProto, b: Builder) -> None:
@@ -165,7 +168,10 @@ def _ultralytics(b: Builder, raws: list[str], decoding: Decoding) -> None:
     classes (``decoding.extra``: an instance segmenter's mask coefficients, a pose model's keypoints)."""
     (raw,) = raws
     _slice(b, raw, 0, 4, BOXES_XYWH)
-    _slice(b, raw, 4, b.shape(raw)[1] - decoding.extra, CLASS_SCORES)
+    rows = b.shape(raw)[1]
+    _slice(b, raw, 4, rows - decoding.extra, CLASS_SCORES)
+    if decoding.extra:
+        _slice(b, raw, rows - decoding.extra, rows, EXTRA_ROWS)
 
 
 def _yolov5(b: Builder, raws: list[str], decoding: Decoding) -> None:
@@ -344,7 +350,8 @@ def add_detector_split(model: onnx.ModelProto, raws: list[str], types: Types, la
         b.op("Where", column, lowest, CLASS_SCORES, name=ranked)
     _emit(model, b)
     return Task("detection", BOXES_XYWH, found.anchor_axis, ranked, found.nms, found.explained,
-                every_class=found.every_class)
+                every_class=found.every_class,
+                protos=decoding.protos if found.extra_rows else None)
 
 
 # -- in the grafted graph: a detector's target rows ---------------------------------------------------
@@ -424,6 +431,23 @@ def _emit_detections(b: Builder, scores: str, xywh: str, flat: str, valid: str, 
     index = b.op("Expand", index, b.op("Concat", b.op("Shape", flat), b.ints([4]), axis=0))
     box = b.op("GatherElements", xyxy, index, axis=1)  # [N, T, 4]
     b.op("Mul", box, b.unsqueeze(on, [2]), name=contract.BOXES)
+
+
+def instance_masks(b: Builder, protos: str, flat: str, valid: str) -> None:
+    """``instance_masks`` ``[N, T, h, w]``: each target row's mask logits at the prototypes' resolution, its box's
+    coefficients (:data:`EXTRA_ROWS`) times the prototypes ``protos`` ``[N, E, h, w]`` (zero on rows that are not a
+    detection). Its mask, as ultralytics' ``process_mask`` with ``upsample``: the logits upsampled bilinearly to
+    the input, above 0, inside its box (:func:`onnxcam.api.instance_mask`). Data, not differentiated."""
+    height, width = b.shape(protos)[2:]
+    anchor = b.op("Mod", flat, b.value(b.shape(EXTRA_ROWS)[2]))  # [N, T]
+    index = b.op("Expand", b.unsqueeze(anchor, [1]), b.op("Concat", b.dims(EXTRA_ROWS, 0, 2), b.dims(flat, 1, 2),
+                                                             axis=0))  # fmt: skip
+    coefficients = b.op("Transpose", b.op("GatherElements", EXTRA_ROWS, index, axis=2), perm=[0, 2, 1])  # [N, T, E]
+    planes = b.op("Reshape", protos, b.op("Concat", b.dims(protos, 0, 2), b.ints([height * width]), axis=0))
+    logits = b.op("Reshape", b.op("MatMul", coefficients, planes),
+                  b.op("Concat", b.dims(flat, 0, 2), b.ints([height, width]), axis=0))  # fmt: skip
+    on = b.op("Cast", b.unsqueeze(valid, [2, 3]), to=b.elem_type(protos))
+    b.op("Mul", logits, on, name=contract.INSTANCE_MASKS)
 
 
 def add_detection_io(graph: onnx.GraphProto, b: Builder, nms: bool = True) -> None:

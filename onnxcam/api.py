@@ -49,6 +49,7 @@ class TargetMap:
     box: tuple[float, float, float, float] | None = None  # a detection's x1, y1, x2, y2 in image pixels
     rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
     position: int | None = None  # a recognised character's place in the text, 0 = the first
+    mask: np.ndarray | None = None  # an instance segmenter's detection: its mask, bool [H, W] at the image's size
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
@@ -356,6 +357,8 @@ class Explainer:
         for n, p in enumerate(prepared):
             kept = np.flatnonzero(out.box_anchors[n] >= 0)
             boxes = p.placement.boxes_to_photo(out.boxes[n])
+            masks = {t: instance_mask(out.instance_masks[n, t], out.boxes[n, t], p.placement) for t in kept
+                     } if out.instance_masks is not None else {}  # fmt: skip
             found = []
             for name in names:
                 lowres = self._maps(name, batch[n], out, n, eigen_smooth)
@@ -363,7 +366,7 @@ class Explainer:
                     box = tuple(float(v) for v in np.round(boxes[t], 2))
                     found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
                                            cam_lowres=lowres[t], size=p.photo.shape[:2], method=name, box=box,
-                                           rank=int(t) + 1, placement=p.placement))  # fmt: skip
+                                           rank=int(t) + 1, placement=p.placement, mask=masks.get(t)))  # fmt: skip
             results.append(Explanation(p.photo, [self._detection(out, n, t) for t in kept], found))
         return results
 
@@ -430,6 +433,19 @@ class Explainer:
 
     def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
         return Prediction(index, self.labels[index], float(probs[index]), float(logits[index]))
+
+
+def instance_mask(logits: np.ndarray, box: np.ndarray, placement: Placement) -> np.ndarray:
+    """A detection's mask, bool at the photo's size, from its ``instance_masks`` logits ``[h, w]`` and its box (x1,
+    y1, x2, y2 in input pixels), as ultralytics' ``process_mask(..., upsample=True)``: upsampled bilinearly to the
+    model's input, above 0, inside the box (the columns and rows whose index is in [x1, x2), [y1, y2)); then
+    placed in the photo as a map is (the padding cut away)."""
+    height, width = placement.input
+    mask = maps.upsample(logits, placement.input) > 0
+    x1, y1, x2, y2 = box
+    columns, rows = np.arange(width), np.arange(height)[:, None]
+    mask &= (columns >= x1) & (columns < x2) & (rows >= y1) & (rows < y2)
+    return placement.map_to_photo(mask.astype(np.float32)) > 0.5
 
 
 def _thresholds(conf: float | None, iou: float | None) -> dict[str, float]:

@@ -139,6 +139,7 @@ BOX_SCORES = "box_scores"
 BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
 PIXEL_SHARES = "pixel_shares"
+INSTANCE_MASKS = "instance_masks"  # an instance segmenter's (ultralytics -seg): [N, T, h, w] mask logits per row
 CHARACTERS = "characters"
 CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns

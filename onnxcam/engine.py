@@ -46,6 +46,7 @@ class Outputs:
     box_scores: np.ndarray | None = None  # detectors: [N, T]
     box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
     pixel_shares: np.ndarray | None = None  # segmenters: [N, K], the share of the pixels predicted as each class
+    instance_masks: np.ndarray | None = None  # instance segmenters: [N, T, h, w] mask logits (the mask: above 0)
     characters: np.ndarray | None = None  # recognisers: [N, L] int64, each position's symbol, -1 beyond the text
     character_probabilities: np.ndarray | None = None  # recognisers: [N, L], at each character's first step
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
@@ -349,6 +350,7 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
+        names += [contract.INSTANCE_MASKS] if contract.INSTANCE_MASKS in self.outputs else []
         feeds |= self._task_feeds(len(images), thresholds or {}, region)
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)

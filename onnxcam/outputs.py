@@ -326,6 +326,8 @@ def _write_boxes(result: Explanation, path: Path, replace: bool) -> str:
     """The photo with every detection's box and label, once per image."""
     picture = result.image_rgb.copy()
     for m in {m.rank: m for m in result.maps}.values():
+        if m.mask is not None:
+            overlay.draw_mask(picture, m.mask)
         overlay.draw_box(picture, m.box, f"{m.label} {m.probability:.2f}")
     write_picture_rgb(path, picture, replace)
     return str(path)
@@ -361,6 +363,8 @@ def save_explanation(
         entry = {"overlay": str(out / f"{name}.{picture}"), "map": str(out / f"{name}.npy")}
         entry |= {"boxes": boxes} if boxes else {}
         blended = overlay.overlay_rgb(result.image_rgb, m.cam, alpha, colormap)
+        if m.mask is not None:  # (the instance's mask drawn with its box: its outline on the map)
+            overlay.draw_mask(blended, m.mask, alpha=0.0)
         if m.box is not None:
             overlay.draw_box(blended, m.box, f"{m.label} {m.probability:.2f}")
         for box, label in marks:

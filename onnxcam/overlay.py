@@ -58,6 +58,16 @@ def draw_box(image_rgb: np.ndarray, box: tuple[float, float, float, float], labe
     return image_rgb
 
 
+def draw_mask(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """Tint an instance's mask (bool ``[H, W]``) in the box colour by ``alpha`` and outline it, on ``image_rgb``, in
+    place."""
+    tint = image_rgb[mask].astype(np.float32) * (1 - alpha) + np.asarray(BOX_RGB, np.float32) * alpha
+    image_rgb[mask] = np.clip(np.rint(tint), 0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(image_rgb, contours, -1, BOX_RGB, max(1, round(max(image_rgb.shape[:2]) / 600)), cv2.LINE_AA)
+    return image_rgb
+
+
 LABEL_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 

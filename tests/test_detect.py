@@ -690,3 +690,58 @@ def test_an_ultralytics_obb_model_is_refused_with_what_it_is(tmp_path: Path) -> 
     _with_ultralytics_metadata(source, "obb")
     assert_clean_failure(run("export", "--from", str(source)), "rotated boxes", "axis-aligned")
     assert not (tmp_path / "obb.cam.onnx").exists()
+
+
+def process_mask(protos: np.ndarray, coefficients: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ultralytics' ``ops.process_mask(..., upsample=True)`` in numpy: ``coefficients [T, E] @ protos [E, h, w]``,
+    upsampled bilinearly to ``size`` (half-pixel centres, as ``F.interpolate``), above 0, zero outside each box
+    (x1, y1, x2, y2 at ``size``; ``crop_mask``)."""
+    extra, height, width = protos.shape
+    logits = (coefficients @ protos.reshape(extra, -1)).reshape(-1, height, width)
+    masks = np.stack([cv2.resize(m, size[::-1], interpolation=cv2.INTER_LINEAR) for m in logits]) > 0
+    cols, rows = np.arange(size[1])[None, None, :], np.arange(size[0])[None, :, None]
+    x1, y1, x2, y2 = (boxes[:, k, None, None] for k in range(4))
+    return masks & (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
+
+
+def test_an_instance_segmenters_masks_are_ultralytics_process_mask(tmp_path: Path) -> None:
+    """One mask per kept detection, from its coefficients and the prototypes, upsampled and cropped to its box (as
+    ultralytics' ``process_mask``); drawn with its box."""
+    from onnxcam.api import instance_mask
+
+    torch.manual_seed(0)
+    model = TinyYoloExtras(extra=8, protos=True).eval()
+    source = tmp_path / "seg.onnx"
+    export_torch(model, (SIZE, SIZE), source, False, output=("output0", "output1"))
+    _with_ultralytics_metadata(source, "segment")
+    graft_file(source, tmp_path / "seg.cam.onnx")
+    images = _images(2, seed=5)
+    explainer = Explainer(tmp_path / "seg.cam.onnx")
+    out = explainer.engine.run(images, -np.tile(np.arange(1, 6), (2, 1)), thresholds={"conf_threshold": 0.0})
+    with torch.no_grad():
+        raw, protos = (t.numpy() for t in model.float()(_as_input(images).float()))
+    for n in range(2):
+        kept = out.box_anchors[n] >= 0
+        assert kept.sum() == 5
+        coefficients = raw[n][4 + CLASSES :, out.box_anchors[n][kept]].T
+        logits = (coefficients @ protos[n].reshape(8, -1)).reshape(-1, 16, 16)
+        assert _rel(out.instance_masks[n][kept], logits) < TOL
+        expected = process_mask(protos[n], coefficients, out.boxes[n][kept], (SIZE, SIZE))
+        placement = explainer.prepare(images[n]).placement  # (the input itself: the photo is the input)
+        ours = np.stack([instance_mask(out.instance_masks[n, t], out.boxes[n, t], placement)
+                         for t in np.flatnonzero(kept)])  # fmt: skip
+        assert expected.any() and np.array_equal(ours, expected)
+    photo = street_photo(tmp_path)
+    result = explainer.explain(photo, top_k=3, conf=0.0)
+    assert all(m.mask is not None and m.mask.shape == photo.shape[:2] and m.mask.any() for m in result.maps)
+    for m in result.maps:  # inside its box, within the pixel the box's edge falls in
+        x1, y1, x2, y2 = m.box
+        ys, xs = np.nonzero(m.mask)
+        assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2 + 1
+    run_out = tmp_path / "out"
+    result = run("explain", str(tmp_path / "street.png"), "--model", str(tmp_path / "seg.cam.onnx"), "--top-k", "3",
+                 "--conf", "0", "--out", str(run_out), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)["images"][0]["targets"]
+    assert [t["mask_pixels"] for t in targets] == [int(m.mask.sum()) for m in explainer.explain(
+        photo, top_k=3, conf=0.0).maps]  # fmt: skip

@@ -198,3 +198,32 @@ def test_a_deployed_classifier_export_is_explained_as_ultralytics_classifies(tmp
         assert [p.index for p in ours] == list(probs.top5)
         np.testing.assert_allclose([p.probability for p in ours], probs.data.numpy()[probs.top5], atol=1e-3)
         assert ours[0].probability - ours[4].probability > 0.01, "the scores are degenerate"
+
+
+def test_a_segment_exports_masks_are_those_ultralytics_predicts(tmp_path: Path) -> None:
+    """Each kept detection's mask (its coefficients times the prototypes, cropped to its box, upsampled to the
+    input) is the mask of ``YOLO(file).predict`` for the same box, at the letterboxed input."""
+    from onnxcam.api import Explainer, Prepared, instance_mask
+    from onnxcam.image import read_rgb
+
+    model = _random_yolo(0.05, "yolov8n-seg.yaml")
+    plain = _export(model, tmp_path, dynamic=False)
+    graft_file(plain, tmp_path / "seg.cam.onnx")
+    explainer = Explainer(tmp_path / "seg.cam.onnx")
+    photo = read_rgb(Path(__file__).parents[1] / "examples" / "chelsea.png")
+    prepared = explainer.prepare(photo)
+    out = explainer.engine.run(prepared.model_input[None], -np.arange(1, 11)[None],
+                               thresholds={"conf_threshold": 0.5, "iou_threshold": 0.7})  # fmt: skip
+    theirs = YOLO(plain, task="segment").predict(photo[:, :, ::-1].copy(), conf=0.5, iou=0.7, imgsz=SIZE,
+                                                 verbose=False)[0]  # fmt: skip
+    boxes, masks = theirs.boxes.xyxy.numpy(), theirs.masks.data.numpy() > 0.5  # [n, 320, 320] at the input
+    input_boxes = out.boxes[0]
+    assert (out.box_anchors[0] >= 0).sum() == 10 and len(boxes) >= 10
+    whole = Prepared.as_input(prepared.model_input).placement  # (their masks are at the letterboxed input)
+    for t in range(10):
+        ours = instance_mask(out.instance_masks[0, t], input_boxes[t], whole)
+        photo_box = prepared.placement.boxes_to_photo(input_boxes[t : t + 1])[0]
+        match = [i for i in range(len(boxes)) if _same_box(photo_box, boxes[i])]
+        assert match, photo_box
+        overlap = [(ours & masks[i]).sum() / max((ours | masks[i]).sum(), 1) for i in match]
+        assert max(overlap) > 0.999, (t, overlap)
