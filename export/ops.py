@@ -24,6 +24,8 @@ class OpFacts:
     ``step_back``: a trailing pool or layout change, no better target layer than its input. ``quantized``:
     ONNX Runtime's quantized kernels and the QDQ pair. ``flat``: a float output whose derivative is zero almost
     everywhere (rounding, signs, one-hot maxima, random draws), so no gradient passes and no rule is asked for.
+    ``no_empty_batch``: ONNX Runtime cannot run it on an empty batch (its recurrent kernels abort the process,
+    1.32): a file holding one never feeds head-only passes an empty image batch.
     """
 
     pointwise: bool = False
@@ -38,6 +40,7 @@ class OpFacts:
     step_back: bool = False
     quantized: bool = False
     flat: bool = False
+    no_empty_batch: bool = False
 
 
 _ACTIVATION = OpFacts(pointwise=True, unary=True, local=True)
@@ -74,6 +77,7 @@ OPS: dict[str, OpFacts] = {
                      "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"], _INTEGER),
     **dict.fromkeys(["Floor", "Ceil", "Round", "Sign", "Hardmax", "EyeLike", "RandomNormalLike",
                      "RandomUniformLike", "Bernoulli", "Multinomial"], _FLAT),
+    **dict.fromkeys(["LSTM", "GRU", "RNN"], OpFacts(no_empty_batch=True)),
     "QuantizeLinear": _QUANTIZED,
     "DequantizeLinear": _QUANTIZED,
     **dict.fromkeys(["QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",

@@ -17,6 +17,16 @@ from onnxcam_export.ops import ops_with
 from onnxcam_export.saliency import saliency_methods
 
 QUANTIZED_OPS = ops_with("quantized")  # ONNX Runtime's QDQ pairs (default domain) and QOperator ops (QLinear*)
+NO_EMPTY_BATCH = ops_with("no_empty_batch")  # ops ONNX Runtime cannot run on an empty batch (LSTM)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of every branch and body inside them."""
+    nodes = list(graph.node)
+    for node in graph.node:
+        for a in node.attribute:
+            nodes += _all_nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else []
+    return nodes
 
 
 def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelCard:
@@ -27,7 +37,8 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
     """
     if any(o.name == contract.SALIENCY for o in model.graph.output) and not card.saliency_methods:
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))
-    card = dataclasses.replace(card, quantized=any(n.op_type in QUANTIZED_OPS for n in model.graph.node))
+    ops = {n.op_type for n in _all_nodes(model.graph)}
+    card = dataclasses.replace(card, quantized=bool(ops & QUANTIZED_OPS), empty_batch=not ops & NO_EMPTY_BATCH)
     del model.metadata_props[:]
     for key, value in card.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

@@ -203,6 +203,7 @@ class ModelCard:
     quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
     resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
     sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it
+    empty_batch: bool = True  # head-only passes may feed an empty image batch (not where ORT aborts on one: LSTM)
 
     @property
     def has_gradients(self) -> bool:
@@ -365,6 +366,7 @@ _CHECKS: dict[str, Check] = {
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
     "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "quantized": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "empty_batch": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "task": lambda v: None if v in TASKS else f"must be one of {TASKS}, got {v!r}",
     "extra_layers": lambda v: (

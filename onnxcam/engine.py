@@ -251,7 +251,8 @@ class Engine:
         self._check_graph()
         batch = next(i.shape[0] for i in self.session.get_inputs() if i.name == contract.IMAGE)
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # a file exported at batch B
-        self._empty_batch = 0  # image batch size fed with head-only passes (1 if the model cannot take 0)
+        self._empty_batch = 0 if self.card.empty_batch else 1  # the image batch head-only passes feed (1 where the
+        # model cannot take 0: where it raises, found on the first pass; where ORT would abort, said by the card)
         self.positions = next(o.shape[1] for o in self.session.get_outputs() if o.name == contract.LOGITS)
         # (a recogniser's: how many characters its text can hold, its steps)
 

@@ -144,3 +144,21 @@ def test_a_detector_without_a_backward_is_still_refused_naming_the_op(tmp_path: 
                  "--task", "segmentation", "--layer", "/features/features.1/Relu_output_0")  # fmt: skip
     assert_clean_failure(result, "no gradient rule for op 'LSTM'")
     assert not (tmp_path / "seg.cam.onnx").exists()
+
+
+def test_a_recurrent_head_never_runs_on_an_empty_image_batch(tmp_path: Path) -> None:
+    """Head-only passes feed an empty image batch so that the backbone costs nothing; ONNX Runtime 1.32 aborts the
+    process (no exception) when an LSTM runs on an empty batch: `explain` died with SIGABRT."""
+    import cv2
+
+    from tests.small_graphs import LAYER as CELLS
+    from tests.small_graphs import classifier
+
+    source = classifier(tmp_path / "lstm.onnx", lstm=True)
+    graft_file(source, tmp_path / "lstm.cam.onnx", layer=CELLS, prep=UNIT)
+    assert not Engine(tmp_path / "lstm.cam.onnx").card.empty_batch
+    cv2.imwrite(str(tmp_path / "photo.png"), images(1)[0])
+    result = run("explain", str(tmp_path / "photo.png"), "--model", str(tmp_path / "lstm.cam.onnx"), "--out",
+                 str(tmp_path / "out"), "--json")  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr[-500:])
+    assert json.loads(result.stdout)["images"][0]["targets"][0]["method"] == "reciprocam"
