@@ -67,6 +67,7 @@ class Entry:
     outputs: tuple[str, ...] = ("logits",)
     grid: str = ""  # a phrase of the card's layer description
     discrete: str = ""  # why a finite difference of its head is ambiguous (a step moves a discrete choice)
+    dynamo: bool = False  # torch.onnx's dynamo exporter (the TorchScript one cannot export it)
 
 
 CORPUS = {
@@ -102,6 +103,13 @@ CORPUS = {
                    lambda: transformers.YolosImageProcessor(size={"height": 64, "width": 64}, do_pad=False),
                    "detection", "object-detection", ("logits", "pred_boxes"),
                    grid="1 prefix and 10 suffix tokens dropped"),  # detection tokens after the patches
+    "dinov2-registers": Entry(lambda: transformers.Dinov2WithRegistersConfig(
+                              image_size=224, patch_size=28, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=128, num_register_tokens=4, **_labels(10)),
+                              transformers.Dinov2WithRegistersForImageClassification,
+                              lambda: transformers.BitImageProcessor(size={"height": 224, "width": 224},
+                              do_center_crop=False), "classification", None,
+                              grid="5 prefix tokens dropped", dynamo=True),  # the class token and 4 registers
     "conditional-detr": Entry(lambda: transformers.ConditionalDetrConfig(backbone=None, backbone_config=_resnet(),
                               **DETR, **_labels(5)), transformers.ConditionalDetrForObjectDetection,
                               lambda: transformers.ConditionalDetrImageProcessor(size={"height": 128, "width": 128},
@@ -164,10 +172,12 @@ def _export(name: str, folder: Path) -> Path:
                     out = model(pixel_values=pixel_values)
                     return tuple(getattr(out, o) for o in entry.outputs)
 
+            batch = {"dynamic_shapes": {"pixel_values": {0: torch.export.Dim("batch_size")}}} if entry.dynamo else {
+                "dynamic_axes": {"pixel_values": {0: "batch_size"}}}  # fmt: skip
             with torch.no_grad():
                 torch.onnx.export(Outputs(), (torch.zeros(1, 3, *size),), folder / "onnx" / "model.onnx",
-                                  input_names=["pixel_values"], output_names=list(entry.outputs),
-                                  dynamic_axes={"pixel_values": {0: "batch_size"}}, opset_version=18, dynamo=False)
+                                  input_names=["pixel_values"], output_names=list(entry.outputs), opset_version=18,
+                                  dynamo=entry.dynamo, **batch)
     return folder / "onnx" / "model.onnx"
 
 
