@@ -91,3 +91,42 @@ def test_a_keras_application_is_explained_as_preprocess_input_feeds_it_with_no_f
         score = predictions[:, int(tf.argmax(predictions[0]))]
     heatmap = tf.maximum(tf.squeeze(conv[0] @ tf.reduce_mean(tape.gradient(score, conv), axis=(0, 1, 2))[:, None]), 0)
     assert np.corrcoef(found.maps[0].cam_lowres.ravel(), heatmap.numpy().ravel())[0, 1] >= 0.999
+
+
+def test_a_tflite_file_through_tf2onnx_predicts_as_the_interpreter_and_has_keras_gradients(tmp_path: Path) -> None:
+    """The TFLite path (``TFLiteConverter``, then ``tf2onnx.convert.from_tflite``: NHWC, tf2onnx's transposes): the
+    grafted file's probabilities are the TFLite interpreter's on the same input, and its Grad-CAM weights at the
+    last convolution are Keras's GradientTape ones on the same weights; its head's finite difference agrees too."""
+    from tests.graph_fd import finite_difference
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.layers.Input((32, 32, 3))
+    last = keras.layers.Conv2D(16, 3, 2, padding="same", activation="relu", name="last")(
+        keras.layers.Conv2D(8, 3, 2, padding="same", activation="relu")(inputs))  # fmt: skip
+    outputs = keras.layers.Dense(5, activation="softmax")(keras.layers.GlobalAveragePooling2D()(last))
+    model = keras.Model(inputs, outputs)
+    (tmp_path / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    tf2onnx.convert.from_tflite(str(tmp_path / "m.tflite"), opset=17, output_path=str(tmp_path / "m.onnx"))
+    prep = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)  # the model takes pixel / 255
+    card, _ = graft_file(tmp_path / "m.onnx", tmp_path / "m.cam.onnx", prep=prep, score="probability")
+    assert card["task"] == "classification" and card["layer"].endswith("(16x8x8)"), card["layer"]
+    explainer = Explainer(tmp_path / "m.cam.onnx")
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = (image / 255.0).astype(np.float32)[None]
+    interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "m.tflite"))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    theirs = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+    out = explainer.engine.run(image[None], np.array([[-1, 2]]))
+    probs = np.exp(out.logits[0] - out.logits[0].max())
+    np.testing.assert_allclose(probs / probs.sum(), theirs, rtol=1e-5, atol=1e-6)
+    grad_model = keras.Model(model.inputs, [model.get_layer("last").output, model.output])
+    with tf.GradientTape(persistent=True) as tape:
+        conv, predictions = grad_model(x)
+        scores = [predictions[:, int(c)] for c in out.target_classes[0]]
+    for t, score in enumerate(scores):
+        expected = tf.reduce_mean(tape.gradient(score, conv), axis=(0, 1, 2)).numpy()
+        np.testing.assert_allclose(out.weights[0, t], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    logit, _ = graft_file(tmp_path / "m.onnx", tmp_path / "logit.cam.onnx", prep=prep)  # (the difference: of logits)
+    finite_difference(tmp_path / "logit.cam.onnx", logit, image, np.array([[-1, 2]]))
