@@ -23,24 +23,30 @@ from onnxcam_export.walk import head_nodes, inputs_of
 
 
 def as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph computing in float64: float weights, constants, casts and declared types."""
+    """The graph computing in float64: float weights, constants, casts and declared types (in branches too)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _graph_as_float64(out.graph)
+    return out
+
+
+def _graph_as_float64(graph: onnx.GraphProto) -> None:
     f, d = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
-    for init in out.graph.initializer:
+    for init in graph.initializer:
         if init.data_type == f:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
-    for node in out.graph.node:
+    for node in graph.node:
         for a in node.attribute:
             if a.name == "to" and a.i == f:
                 a.i = d
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
-    for info in [*out.graph.input, *out.graph.output]:
+            if a.type == onnx.AttributeProto.GRAPH:  # an If's branches
+                _graph_as_float64(a.g)
+    for info in [*graph.input, *graph.output]:
         if info.type.tensor_type.elem_type == f:
             info.type.tensor_type.elem_type = d
-    del out.graph.value_info[:]
-    return out
+    del graph.value_info[:]
 
 
 def _layer(card: dict) -> tuple[str, re.Match | None]:

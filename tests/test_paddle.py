@@ -127,3 +127,61 @@ def test_explain_writes_the_text(exported: tuple, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     item = json.loads(result.stdout)["images"][0]
     assert item["text"] == Explainer(path).explain(text_line(1)).text and len(item["targets"]) == len(item["text"])
+
+
+class TextDetector(nn.Layer):
+    """A DB text detector in miniature (PaddleOCR's det models): conv-BN-ReLU stages to stride 8, upsampled back by
+    two transposed convolutions, one sigmoid probability map ``[N, 1, H, W]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2D(3, 16, 3, 2, 1), nn.BatchNorm2D(16), nn.ReLU(),
+                                      nn.Conv2D(16, 32, 3, 2, 1), nn.BatchNorm2D(32), nn.ReLU(),
+                                      nn.Conv2D(32, 32, 3, 2, 1), nn.BatchNorm2D(32), nn.ReLU())  # fmt: skip
+        self.head = nn.Sequential(nn.Conv2DTranspose(32, 16, 2, 2), nn.BatchNorm2D(16), nn.ReLU(),
+                                  nn.Conv2DTranspose(16, 1, 4, 4))  # fmt: skip
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return nn.functional.sigmoid(self.head(self.backbone(x)))
+
+
+class DirectionClassifier(nn.Layer):
+    """PaddleOCR's text-direction classifier in miniature (0 or 180 degrees): conv-BN-ReLU stages, a pool, a
+    linear layer and a softmax over the 2 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2D(3, 16, 3, 2, 1), nn.BatchNorm2D(16), nn.ReLU(),
+                                      nn.Conv2D(16, 32, 3, 2, 1), nn.BatchNorm2D(32), nn.ReLU())  # fmt: skip
+        self.pool, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(32, 2)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return nn.functional.softmax(self.fc(self.pool(self.backbone(x)).flatten(1)) * 8, axis=1)
+
+
+@pytest.mark.parametrize("kind", ["detector", "classifier"])
+def test_paddleocrs_detector_and_direction_classifier_graft_with_their_gradients(kind: str, tmp_path: Path) -> None:
+    """The other two PP-OCR stages: the DB detector's one-channel map is a one-class segmenter (its logits before
+    the Sigmoid, the pixels above 0), the direction classifier a classifier; each gradient matches its head."""
+    paddle.seed(0)
+    model, size, task = {"detector": (TextDetector(), (64, 64), "segmentation"),
+                         "classifier": (DirectionClassifier(), (48, 192), "classification")}[kind]  # fmt: skip
+    model.eval()
+    spec = [paddle.static.InputSpec([None, 3, *size], "float32", "x")]
+    paddle.onnx.export(model, str(tmp_path / "m"), input_spec=spec, opset_version=13)
+    prep = Preprocessing.create(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False)  # PP-OCR det and cls
+    card, _ = graft_file(tmp_path / "m.onnx", tmp_path / "m.cam.onnx", prep=prep)
+    assert card["task"] == task
+    explainer = Explainer(tmp_path / "m.cam.onnx")
+    line = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    x = paddle.to_tensor(((line / 255.0 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)).transpose(2, 0, 1)[None]
+                         .astype(np.float32))  # fmt: skip
+    theirs = model(x).numpy()[0]
+    result = explainer.explain(line)
+    if kind == "classifier":
+        assert result.predictions[0].index == int(theirs.argmax())
+        np.testing.assert_allclose(result.predictions[0].probability, theirs.max(), rtol=1e-4)
+    else:  # the share of the pixels the detector finds text in
+        np.testing.assert_allclose(result.predictions[0].probability, (theirs > 0.5).mean(), atol=1 / theirs.size)
+    rows = np.array([[0, 1]]) if kind == "classifier" else np.array([[0]])
+    finite_difference(tmp_path / "m.cam.onnx", card, explainer.prepare(line).model_input, rows)
