@@ -276,7 +276,8 @@ class ModelCard:
                 ("mean (0..1)", fmt(f"{v:.4f}" for v in self.mean)),
                 ("std (0..1)", fmt(f"{v:.4f}" for v in self.std)),
                 ("classes", f"{len(self.labels)} ({fmt(self.labels[:3])}, ...)"),
-                ("channel weights", self.weights_path),
+                ("channel weights", self.weights_path if self.has_gradients else "none: no gradients (the backward "
+                 "could not be built, the notes say why); gradient-free methods only, ReciproCAM by default"),
                 ("task", self.task),
                 *self._background_rows(),
                 ("explained score", self.score),
@@ -289,7 +290,8 @@ class ModelCard:
     def _background_rows(self) -> list[tuple[str, str]]:
         if self.background is None:
             return []
-        return [("background class", f"{self.background} ({self.labels[self.background]}): never a detection")]
+        never = "the CTC blank, never a character" if self.task == "recognition" else "never a detection"
+        return [("background class", f"{self.background} ({self.labels[self.background]}): {never}")]
 
     def _saliency_rows(self) -> list[tuple[str, str]]:
         if not self.saliency_methods:
