@@ -265,8 +265,8 @@ def _logits(graph: onnx.GraphProto, notes: list[str]) -> str:
 
 OUTPUT_LAYOUTS = (
     "classifier [N, K] (or [N, K, 1, 1]), semantic segmenter [N, K, H, W], ultralytics detector [N, 4 + K, A], "
-    "YOLOv5 detector [N, A, 5 + K], or a pair of class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR's "
-    "[N, Q, K + 1] logits)"
+    "YOLOv5 detector [N, A, 5 + K], a pair of class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR's "
+    "[N, Q, K + 1] logits), or a CTC text recogniser's per-step softmax [N, T, K]"
 )
 
 
@@ -331,8 +331,8 @@ def _refuse_an_image(graph: onnx.GraphProto, raw: str, shape: list[int | None], 
 
 KEYPOINTS = re.compile(r"(?:^|[^a-z])(?:heat_?map|key_?point|kpt|landmark|pose)", re.I)  # pose models' outputs
 EMBEDDING = re.compile(r"(?:^|[^a-z])(?:embed|pooler|feature|hidden|descriptor)", re.I)  # embedding models' outputs
-NOT_EXPLAINED = ("onnxcam explains classifiers, segmenters and detectors; force a task with --task where the "
-                 "output is one of those")
+NOT_EXPLAINED = ("onnxcam explains classifiers, segmenters, detectors and CTC text recognisers; force a task with "
+                 "--task where the output is one of those")
 
 
 def _normalised(graph: onnx.GraphProto, name: str) -> bool:
@@ -374,7 +374,15 @@ def _recogniser(graph: onnx.GraphProto, shapes: Shapes) -> str | None:
         return None
     axis = int(next((a.i for a in node.attribute if a.name == "axis"), -1)) % 3
     boxes = any(len(shapes.get(o.name) or []) == 3 and shapes[o.name][2] == 4 for o in graph.output[1:])
-    return None if axis != 2 or boxes else f"a {node.op_type} over {shape[2]} symbols at each of {shape[1]} steps"
+    image = shapes.get(graph.input[0].name) or []
+    longest = max((d for d in image[1:] if isinstance(d, int)), default=None)
+    if axis != 2 or boxes or (isinstance(shape[1], int) and longest is not None and shape[1] > longest):
+        return None  # (more steps than the input has columns: a flattened map, a detector's anchors)
+    if image and shape[0] != image[0] and shape[1] == image[0]:
+        raise OnnxcamError(f"the model's output {output!r} {shape} is a {node.op_type} over {shape[2]} symbols per "
+                           "step, time-major [T, N, K] (a CRNN's): transpose it to [N, T, K] (torch: "
+                           "log_probs.permute(1, 0, 2)) before the export")  # fmt: skip
+    return f"a {node.op_type} over {shape[2]} symbols at each of {shape[1]} steps"
 
 
 def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str | None) -> None:
@@ -474,8 +482,14 @@ def _extra_rows(graph: onnx.GraphProto, shapes: Shapes, facts: Facts) -> tuple[i
     if family == "ultralytics-segment" and not protos:
         raise OnnxcamError("the ultralytics metadata says segment but the model has no prototype output "
                            "[N, 32, h, w] beside its detections; re-export it with ultralytics")  # fmt: skip
-    if protos and (family == "ultralytics-segment" or len(graph.output) == 2):
+    if family == "ultralytics-segment":
         return shapes[protos[0]][1], protos[0]
+    first, image = shapes.get(graph.output[0].name) or [], shapes.get(graph.input[0].name) or []
+    sides = sorted(d for d in image[1:] if isinstance(d, int) and d > 3)[-2:]  # the input's (h, w), NCHW or NHWC
+    if protos and len(graph.output) == 2 and len(first) == 3 and isinstance(first[1], int) and len(sides) == 2:
+        channels, grid = shapes[protos[0]][1], sorted(shapes[protos[0]][2:])
+        if channels < first[1] - 4 and grid == [side // 4 for side in sides]:  # ultralytics' Proto: input / 4
+            return channels, protos[0]
     return 0, None
 
 
@@ -1021,6 +1035,10 @@ def _grafted(
     notes.append(f"warning: cannot build the gradient for layer {layer!r}: {short}; the file is gradient-free: it "
                  "carries ReciproCAM (the head run on each location of the layer alone), computed in the graph, and "
                  "explain uses it (also Score-CAM, Ablation-CAM, Eigen-CAM)")  # fmt: skip
+    channels, height, width = layout.contract_dims(_shapes(types)[layer])
+    megabytes = (height * width) ** 2 * channels * 4 / 2**20
+    notes.append(f"ReciproCAM in the graph runs {height * width} mosaics of {channels}x{height}x{width} per image "
+                 f"({megabytes:.0f} MB of float32 each image)")  # fmt: skip
     return model, "none"
 
 

@@ -560,6 +560,9 @@ def graft_gradient_free(
         _emit_activations(b, layer, lambda x: layout.adapter.to_contract(b, x, layout, 1))
     if not all(isinstance(d, int) for d in dims):
         raise UnsupportedOp(f"the target layer's shape {dims} is not fixed, which ReciproCAM's mosaics need")
+    if isinstance((b.shape(contract.IMAGE) or [None])[0], int):
+        raise UnsupportedOp("the model takes a fixed batch, and ReciproCAM runs its h * w mosaics of each image as "
+                            "one batch through the head: export the model with a dynamic batch")  # fmt: skip
     _resolve_targets(b, contract.LOGITS)
     for name, rank in ((contract.WEIGHTS, 3), (contract.GRADIENTS, 5)):  # empty: no backward
         shape = b.op("Concat", b.dims(contract.TARGET_CLASSES, 0, 2), b.ints([0] * (rank - 2)), axis=0)

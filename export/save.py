@@ -32,8 +32,9 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelCard:
     """Store ``card`` as ``onnxcam.*`` metadata, check the graph, write ``out`` through a temporary name.
 
-    A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``), one with
-    integer kernels is ``quantized``. Returns the card as written.
+    A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``, unless the
+    card lists them: a gradient-free file's), one with integer kernels is ``quantized``, one with an op ONNX
+    Runtime cannot run on an empty batch has ``empty_batch`` false. Returns the card as written.
     """
     if any(o.name == contract.SALIENCY for o in model.graph.output) and not card.saliency_methods:
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))

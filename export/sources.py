@@ -122,7 +122,9 @@ def _ultralytics(meta: dict[str, str]) -> Facts | None:
     if task == "pose":
         try:
             shape = ast.literal_eval(meta.get("kpt_shape", ""))
-            keypoints = math.prod(int(d) for d in shape)
+            if len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
+                raise ValueError(shape)
+            keypoints = math.prod(shape)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise OnnxcamError(f"the ultralytics pose metadata's kpt_shape {meta.get('kpt_shape', '')[:40]!r} is not "
                                "[keypoints, values]; re-export the model with ultralytics") from None  # fmt: skip
@@ -324,7 +326,8 @@ def labels_file(path: Path) -> list[str]:
         elif isinstance(data, dict) and "names" in data:
             data = data["names"]
         return _names(data, str(path))
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    # (surrounding whitespace is dropped, but a line of whitespace alone is kept: a recogniser's space character)
+    return [line.strip() or line for line in text.splitlines() if line]
 
 
 def from_file(model: onnx.ModelProto, source: Path) -> Facts:

@@ -127,9 +127,9 @@ def add_recognition_scores(model: onnx.ModelProto, steps: str, types: Types, bla
     is data: the gradient flows through the probabilities only. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/recognise/")
     _, count, classes = b.shape(steps)
-    if not isinstance(count, int):
-        raise OnnxcamError(f"the recogniser's step count is not fixed ({b.shape(steps)}): export it at a fixed "
-                           "input width (--size)")  # fmt: skip
+    if not isinstance(count, int) or not isinstance(classes, int):
+        raise OnnxcamError(f"the recogniser's steps and symbols are not fixed ({b.shape(steps)}): export it at a "
+                           "fixed input width (--size)")  # fmt: skip
     if not 0 <= blank < classes:
         raise OnnxcamError(f"--background {blank} is not a symbol: the recogniser scores {classes} (0-{classes - 1})")
     probs = b.op("Softmax", steps, axis=2)

@@ -319,6 +319,8 @@ class Explainer:
                                "(DETR): its k-th detection is its k-th query by score")  # fmt: skip
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+        if task == "recognition" and aug_smooth:
+            raise OnnxcamError("--aug-smooth flips the image, which reverses a line of text; leave it out")
 
     def _region(self, mask: np.ndarray | str | Path, prepared: list[Prepared]) -> np.ndarray:
         """``[N, H, W]`` float32 pixel weights at the model's size: ``mask`` (non-zero inside) placed as each photo."""

@@ -63,7 +63,7 @@ def fresh_folder(base: Path) -> Path:
 METHOD_HELP = (
     f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
     "(they add a side-by-side sheet) [default: gradcam; a text recogniser's: hirescam, which keeps each "
-    "character's map on it]."
+    "character's map on it; a gradient-free file's: reciprocam]."
 )
 
 
@@ -632,7 +632,11 @@ def eval_command(
     images: ImagesArgument,
     model: ModelOption = DEFAULT_MODEL,
     target: Annotated[str | None, typer.Option(help="Class to explain [default: each image's top prediction].")] = None,
-    method: Annotated[str, typer.Option(help=f"CAM method, any case: {', '.join(methods.METHODS)}.")] = "gradcam",
+    method: Annotated[
+        str | None,
+        typer.Option(help=f"CAM method, any case: {', '.join(methods.METHODS)} [default: gradcam; a gradient-free "
+                     "file's: reciprocam].", show_default=False),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps (equal shares of the pixels).")] = 32,
     boxes: Annotated[
         Path | None, typer.Option(help='JSON {"image path": [x0, y0, x1, y1]} for the pointing games.')

@@ -71,6 +71,10 @@ detection           the model outputs ``[N, 4 + K, A]`` (ultralytics: cx, cy, w,
                     them: not clipped to the image; ``explain`` clips), ``box_scores``
                     float ``[N, T]`` and ``box_anchors`` int64 ``[N, T]``; a ``-k`` row with no k-th
                     detection has anchor and class -1, a zero box and score, and zero gradients.
+                    An instance segmenter (ultralytics ``-seg``) also returns ``instance_masks`` float
+                    ``[N, T, h, w]``: each row's mask logits at its prototypes' resolution (its coefficients
+                    times the prototypes, zero on a row with no detection); its mask is where they are above 0
+                    once upsampled to the input, inside its box (ultralytics' ``process_mask``).
 
 recognition         the model outputs per-step scores ``[N, L, K]`` over K symbols (CTC text recognition:
                     CRNN, SVTR), the card's ``background`` the CTC blank. The graph decodes greedily (the best

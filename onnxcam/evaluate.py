@@ -94,7 +94,7 @@ def evaluate(
     explainer: Explainer,
     paths: list[Path],
     target: str | None = None,
-    method: str = "gradcam",
+    method: str | None = None,
     steps: int = 32,
     boxes: dict[str, Box] | None = None,
     road: bool = False,

@@ -36,7 +36,7 @@ class Options:
     out: Path
     targets: list[str] = field(default_factory=list)
     top_k: int | None = None
-    methods: list[str] = field(default_factory=lambda: ["gradcam"])
+    methods: list[str] = field(default_factory=list)  # none: the model's default (methods.resolve)
     eigen_smooth: bool = False
     aug_smooth: bool = False
     alpha: float = HEAT_WEIGHT
@@ -108,14 +108,22 @@ def read_local(path: str, options: Options) -> np.ndarray:
     return read_rgb(path, options.max_pixels, options.max_bytes)
 
 
+def _predictions(result: Explanation) -> list[dict]:
+    return [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)} for p in result.predictions]
+
+
+def _text(result: Explanation) -> dict[str, object]:
+    """A recogniser's text and its confidence as PaddleOCR's (the mean over its characters); none for other tasks."""
+    if result.text is None:
+        return {}
+    confidence = float(np.mean([p.probability for p in result.predictions])) if result.predictions else 0.0
+    return {"text": result.text, "text_probability": round(confidence, 6)}
+
+
 def _records(path: str, stem: str, result: Explanation, files: list[dict], sheets: list[str]) -> list[dict]:
     height, width = result.image_rgb.shape[:2]
-    predictions = [{"class": p.index, "label": p.label, "probability": round(p.probability, 6)}
-                   for p in result.predictions]  # fmt: skip
-    extra = {"sheets": sheets} if sheets else {}
-    if result.text is not None:  # a recogniser's text, and its confidence as PaddleOCR's (the mean over characters)
-        confidence = float(np.mean([p.probability for p in result.predictions])) if result.predictions else 0.0
-        extra |= {"text": result.text, "text_probability": round(confidence, 6)}
+    predictions = _predictions(result)
+    extra = ({"sheets": sheets} if sheets else {}) | _text(result)
     return [
         {
             "path": path,
@@ -218,9 +226,9 @@ class Worker:
         o = self.options
         if not result.maps:  # (a detector's or a recogniser's image only): no detection, no text is an answer
             height, width = result.image_rgb.shape[:2]
-            found = {"detections": 0} if result.text is None else {"text": result.text}
-            return [{"path": path, "stem": stem, "size": [width, height], "predictions": [], "target": None,
-                     **found, "error": None}]  # fmt: skip
+            found = {"detections": 0} if result.text is None else _text(result)  # (a text shorter than asked)
+            return [{"path": path, "stem": stem, "size": [width, height], "predictions": _predictions(result),
+                     "target": None, **found, "error": None}]  # fmt: skip
         names = [f"{outputs.map_name(stem, m.key, m.label, m.method)}.{o.picture}" for m in result.maps]
         clash = [n for n in names if os.path.realpath(o.out / n) in self.inputs]
         if clash:

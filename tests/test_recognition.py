@@ -207,3 +207,44 @@ def test_explain_writes_the_text_and_a_map_per_character(recogniser: tuple, tmp_
     assert f"text {expected.text!r}" in table.stdout and "character 0" in table.stdout, table.stderr
     beyond = run("explain", str(photo), "--model", str(path), "--out", str(tmp_path / "no"), "--target", "32")
     assert_clean_failure(beyond, "character position from 0 to 31")
+
+
+def test_a_time_major_output_is_refused_with_how_to_transpose_it(tmp_path: Path) -> None:
+    """A CRNN's ``[T, N, K]`` (torch's CTC loss takes it so) at batch 1 was read as one step of T images."""
+
+    class TimeMajor(TinyRecogniser):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(super().forward(x).transpose(0, 1), -1)
+
+    torch.manual_seed(0)
+    source = tmp_path / "rec.onnx"
+    with torch.no_grad():
+        torch.onnx.export(TimeMajor(softmax=False).eval(), (torch.zeros(1, 3, *SIZE),), source, input_names=["x"],
+                          output_names=["probs"], opset_version=17, dynamo=False)  # fmt: skip
+    result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
+    assert_clean_failure(result, "[32, 1, 12]", "time-major", "permute(1, 0, 2)")
+
+
+def test_a_space_in_the_character_list_is_a_character(tmp_path: Path) -> None:
+    """PaddleOCR's dictionaries end with a line holding one space (``use_space_char``); the line was dropped."""
+    export_plain(build(), SIZE, tmp_path / "rec.onnx", dynamo=False)
+    (tmp_path / "keys.txt").write_text("".join(f"{c}\n" for c in "abcdefghij") + " \n")
+    graft_file(tmp_path / "rec.onnx", tmp_path / "rec.cam.onnx", labels=tmp_path / "keys.txt", prep=UNIT)
+    assert Engine(tmp_path / "rec.cam.onnx").card.labels == ("<blank>", *"abcdefghij", " ")
+
+
+def test_what_a_recogniser_cannot_do_is_refused_and_a_short_text_still_recorded(recogniser: tuple,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    import cv2
+
+    _, path, _, _ = recogniser
+    photo = tmp_path / "line.png"
+    cv2.imwrite(str(photo), photos(1, seed=5)[0][:, :, ::-1])
+    flipped = run("explain", str(photo), "--model", str(path), "--out", str(tmp_path / "a"), "--aug-smooth")
+    assert_clean_failure(flipped, "reverses a line of text")
+    text = Explainer(path).explain(photos(1, seed=5)[0]).text
+    beyond = run("explain", str(photo), "--model", str(path), "--out", str(tmp_path / "b"), "--target",
+                 str(len(text)), "--json")  # fmt: skip
+    assert beyond.returncode == 0, beyond.stderr
+    item = json.loads(beyond.stdout)["images"][0]
+    assert item["text"] == text and item["targets"] == [] and len(item["predictions"]) == len(text)

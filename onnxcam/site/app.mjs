@@ -73,7 +73,7 @@ const model = await open().catch((error) => {
 if (model) {
   const { card } = model;
   $("model").textContent = `${card.arch}, ${card.labels.length} classes, target layer ${card.layer}, ` +
-    `input ${card.input_size.join("x")}`;
+    `input ${card.input_size.join("x")}, maps: ${card.saliency_methods[0]}`;
   if (!card.trained) $("model").innerHTML += ' <span class="warning">NOT TRAINED: its maps mean nothing</span>';
   $("status").textContent = `ready (${model.provider}): pick or drop a photo`;
   window.onnxcam = { state: "ready", provider: model.provider };

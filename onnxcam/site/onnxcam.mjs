@@ -4,7 +4,7 @@
 // feeds the contract's inputs and paints the overlay as the Python path does (onnxcam/overlay.py).
 
 export const HEAT_WEIGHT = 0.4; // 0.4 heat map + 0.6 photo, as the CLI
-export const GRADCAM = 0; // saliency_method 0 is Grad-CAM in every onnxcam model (the card lists the others)
+export const GRADCAM = 0; // saliency_method 0: Grad-CAM, or a gradient-free file's ReciproCAM (card.saliency_methods)
 
 // OpenCV's COLORMAP_JET as RGB triples for levels 0..255 (tests/test_web.py checks it against cv2).
 export const JET = new Uint8Array([
