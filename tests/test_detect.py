@@ -621,7 +621,7 @@ def test_a_detector_the_window_walk_does_not_fit_keeps_the_dense_walk(tmp_path: 
 # -- ultralytics' segment, pose and OBB exports: rows after the class scores ------------------------------------------
 class TinyYoloExtras(TinyDetector):
     """An ultralytics -seg or -pose head: ``[N, 4 + K + E, A]``, E values per anchor after the class scores (mask
-    coefficients, keypoints), and for -seg a prototype output ``[N, E, 16, 16]``."""
+    coefficients, keypoints), and for -seg a prototype output ``[N, E, 8, 8]``."""
 
     def __init__(self, extra: int, protos: bool) -> None:
         super().__init__(CLASSES)
@@ -638,7 +638,7 @@ class TinyYoloExtras(TinyDetector):
         out = torch.cat([detections, coefficients], 1)
         if self.protos is None:
             return out
-        return out, F.interpolate(self.protos(p3), scale_factor=2.0)
+        return out, self.protos(p3)  # (at a quarter of the input, as ultralytics' Proto)
 
 
 def _with_ultralytics_metadata(path: Path, task: str, **more: str) -> Path:
@@ -724,7 +724,7 @@ def test_an_instance_segmenters_masks_are_ultralytics_process_mask(tmp_path: Pat
         kept = out.box_anchors[n] >= 0
         assert kept.sum() == 5
         coefficients = raw[n][4 + CLASSES :, out.box_anchors[n][kept]].T
-        logits = (coefficients @ protos[n].reshape(8, -1)).reshape(-1, 16, 16)
+        logits = (coefficients @ protos[n].reshape(8, -1)).reshape(-1, 8, 8)
         assert _rel(out.instance_masks[n][kept], logits) < TOL
         expected = process_mask(protos[n], coefficients, out.boxes[n][kept], (SIZE, SIZE))
         placement = explainer.prepare(images[n]).placement  # (the input itself: the photo is the input)
