@@ -279,6 +279,7 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
         "segmentation": rank == 4 and all(isinstance(d, int) and d >= 2 for d in shape[2:]),
         "detection": detector,
         "recognition": rank == 3 and forced == "recognition",  # (told by its softmax: :func:`_recogniser`)
+        "regression": rank == 2 and forced == "regression",  # (only when told: it has a classifier's shape)
     }
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
@@ -421,7 +422,7 @@ def _task_logits(
                          "recogniser (CTC text recognition)")  # fmt: skip
             forced = "recognition"
     stepped: list[str] = []
-    raw = _logits(model.graph, stepped)
+    raw = _logits(model.graph, stepped) if forced != "regression" else model.graph.output[0].name  # (as they are)
     raw, threshold = _one_channel(model, raw, types, shapes, stepped)
     detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size,
                                decoding.family)  # fmt: skip
@@ -458,11 +459,15 @@ def _task_logits(
         return scores, Task(task, outputs=contract.TASK_OUTPUTS[task]), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
+    if task == "regression":
+        notes.append(f"{raw!r} {shape} is read as a regressor's values: each target is one output coordinate, its "
+                     "map where the evidence raises it")  # fmt: skip
+        return _flatten_logits(model, raw, shapes), Task(task, explained="value"), shape[1]
     if shape[1] == 1:
         raise OnnxcamError(f"the model's output {raw!r} {shape} is one score per image (a regressor, or a sigmoid "
-                           "for one class), not class scores that a softmax ranks; onnxcam explains classifiers of 2 "
-                           "or more classes, segmenters and detectors (a detector or segmenter read as this: force its "
-                           "task with --task)")  # fmt: skip
+                           "for one class), not class scores that a softmax ranks: explain its value with --task "
+                           "regression; onnxcam explains classifiers of 2 or more classes this way (a detector or "
+                           "segmenter read as this: force its task with --task)")  # fmt: skip
     return _flatten_logits(model, raw, shapes), Task(task), shape[1]
 
 
@@ -798,12 +803,15 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Re
 BLANK = "<blank>"  # a recogniser's CTC blank, where its character list leaves it out
 
 
-def _labels(facts: Facts, classes: int, notes: list[str], background: int | None = None, blank: int | None = None
-            ) -> tuple[list[str], str]:  # fmt: skip
+def _labels(facts: Facts, classes: int, notes: list[str], background: int | None = None, blank: int | None = None,
+            kind: str = "classification") -> tuple[list[str], str]:  # fmt: skip
     """The class names and where they came from: ``--labels``, the file's metadata or sidecar, or assumed;
-    a recogniser's (``blank``: its CTC blank) are its symbols, from a character list with or without the blank."""
+    a recogniser's (``blank``: its CTC blank) are its symbols, from a character list with or without the blank; a
+    regressor's name its outputs (``output i`` where nothing does)."""
     if blank is not None:
         return _symbols(facts, classes, notes, blank)
+    if kind == "regression" and "labels" not in facts.values:
+        return [f"output {i}" for i in range(classes)], "assumed (output i)"
     if "labels" in facts.values:
         names, source = facts.values["labels"], facts.sources["labels"]
     elif classes == 1:
@@ -908,7 +916,7 @@ def graft_file(
     decoding = Decoding((inputs.height, inputs.width), box_format, background, family,
                         *_extra_rows(model.graph, _shapes(types), facts))  # fmt: skip
     logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
-    if found.kind != "classification" and score != "logit":
+    if found.kind != "classification" and score != "logit":  # (a regressor's value is its "logit": as it is)
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
     types = infer_types(model) if found.kind != "classification" else types
     layer, extras, layout = _choose_layers(model, Path(source), layer, logits, found, classes, types, inputs, notes)
@@ -922,7 +930,7 @@ def graft_file(
                                      notes)  # fmt: skip
     shapes = _shapes(types)
     channels, h, w = layout.contract_dims(shapes[layer])
-    names, labels_source = _labels(facts, classes, notes, background, found.background)
+    names, labels_source = _labels(facts, classes, notes, background, found.background, found.kind)
     _warn_if_coarse((h, w), inputs, notes)
     described = "" if layout.channels_first else f" [{layout.describe(shapes[layer])}]"
     card = ModelCard(

@@ -179,7 +179,7 @@ def _seed(b: Builder, logits: str, score: str) -> str:
     target_classes = _resolve_targets(b, logits)
     classes = b.op("Reshape", b.dims(logits, 1, 2), b.ints([]))
     onehot = b.op("OneHot", target_classes, classes, b.const(np.asarray([0, 1], dtype=b.np_dtype(logits))), axis=-1)
-    if score == "logit":
+    if score != "probability":  # a logit, or a regressor's value, as it is
         return onehot
     p = b.unsqueeze(b.op("Softmax", logits, axis=1 if b.opset >= 13 else -1), [1])  # [N, 1, K]
     p_c = b.reduce("ReduceSum", b.op("Mul", onehot, p), [2], keepdims=1)  # [N, T, 1]
@@ -398,6 +398,7 @@ SEEDS: dict[str, Callable[[_Graft], str]] = {  # the gradient of the explained s
     "classification": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "segmentation": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "recognition": lambda g: _seed(g.b, contract.LOGITS, g.score),
+    "regression": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "detection": lambda g: detection_seed(g.b, contract.LOGITS, *g.targets),
 }
 

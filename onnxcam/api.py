@@ -50,6 +50,7 @@ class TargetMap:
     rank: int | None = None  # a detection's place among the kept ones, 1 = highest score
     position: int | None = None  # a recognised character's place in the text, 0 = the first
     mask: np.ndarray | None = None  # an instance segmenter's detection: its mask, bool [H, W] at the image's size
+    explains: str | None = None  # what the map shows where that is not a class's evidence (a regressor's direction)
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
@@ -118,6 +119,7 @@ class Request:
     mask: np.ndarray | str | Path | None = None  # a segmenter's region (an image file, or [H, W] non-zero inside)
 
 
+REGRESSION_SIGN = "where the evidence raises this output's value (what lowers it is not shown)"
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 DETECTIONS = 10  # kept detections explained by default
 MAX_DETECTIONS = 300  # ultralytics' max_det
@@ -174,6 +176,8 @@ class Explainer:
             return self._detection_codes(targets, top_k)
         if self.card.task == "recognition":
             return self._character_codes(targets, top_k)
+        if self.card.task == "regression":
+            return self._coordinate_codes(targets, top_k)
         codes = [self.class_index(t) for t in targets]
         k = top_k if top_k is not None else (0 if codes else 1)
         if not 0 <= k <= len(self.labels):
@@ -191,6 +195,13 @@ class Explainer:
         if not 1 <= k <= MAX_DETECTIONS:
             raise OnnxcamError(f"top-k (detections to explain) must be between 1 and {MAX_DETECTIONS}, got {k}")
         return [-(i + 1) for i in range(k)]
+
+    def _coordinate_codes(self, targets: Sequence[int | str], top_k: int | None) -> list[int]:
+        """A regressor's target rows: output coordinates (indices or names), every one by default."""
+        if top_k is not None:
+            raise OnnxcamError("a regressor's outputs have no ranking: give --target (an output's index or name; "
+                               "default: every output), not --top-k")  # fmt: skip
+        return [self.class_index(t) for t in targets] or list(range(len(self.labels)))
 
     def _character_codes(self, targets: Sequence[int | str], top_k: int | None) -> list[int]:
         """A recogniser's target rows: character positions (0 = the first), every one by default, or the first k."""
@@ -285,12 +296,17 @@ class Explainer:
         region = None if asked.mask is None else self._region(asked.mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
-        # a segmenter's masked sums have no softmax meaning: its "probability" is each class's share of the pixels
-        segmenter = self.card.task == "segmentation"
-        probs = out.pixel_shares.astype(np.float64) if segmenter else softmax(out.logits.astype(np.float64))
+        # a segmenter's masked sums have no softmax meaning: its "probability" is each class's share of the pixels;
+        # a regressor's is its value, its predictions every output in order
+        segmenter, regressor = self.card.task == "segmentation", self.card.task == "regression"
+        probs = (out.pixel_shares.astype(np.float64) if segmenter else out.logits.astype(np.float64) if regressor
+                 else softmax(out.logits.astype(np.float64)))  # fmt: skip
+        explains = REGRESSION_SIGN if regressor else None
         results = []
         for n, (photo, placed) in enumerate(zip(photos, prepared, strict=True)):
-            order = np.argsort(-(probs if segmenter else out.logits)[n], kind="stable")[: asked.predictions]
+            ranking = np.arange(probs.shape[1]) if regressor else np.argsort(-(probs if segmenter else out.logits)[n],
+                                                                               kind="stable")  # fmt: skip
+            order = ranking[: asked.predictions]
             preds = [self._prediction(int(i), probs[n], out.logits[n]) for i in order]
             found = []
             for name in names:
@@ -301,7 +317,8 @@ class Explainer:
                 for t, index in enumerate(out.target_classes[n]):
                     pred = self._prediction(int(index), probs[n], out.logits[n])
                     found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t],
-                                           size=photo.shape[:2], method=name, placement=placed.placement))  # fmt: skip
+                                           size=photo.shape[:2], method=name, placement=placed.placement,
+                                           explains=explains))  # fmt: skip
             results.append(Explanation(photo, preds, found))
         return results
 
@@ -319,6 +336,9 @@ class Explainer:
                                "(DETR): its k-th detection is its k-th query by score")  # fmt: skip
         if task == "detection" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which moves a detector's boxes; leave it out")
+        if task == "regression" and aug_smooth:
+            raise OnnxcamError("--aug-smooth flips the image, which changes what a regressor's outputs may mean (a "
+                               "landmark's x); leave it out")  # fmt: skip
         if task == "recognition" and aug_smooth:
             raise OnnxcamError("--aug-smooth flips the image, which reverses a line of text; leave it out")
 

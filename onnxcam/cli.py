@@ -206,7 +206,7 @@ def export(
             "[N, K], segmenter [N, K, H, W], detector: ultralytics [N, 4 + K, A], YOLOv5 [N, A, 5 + K], or "
             "two outputs, class scores [N, A, K] and boxes [N, A, 4] (SSD, RetinaNet; DETR [N, Q, K + 1]; RT-DETR "
             "[N, Q, K]); a one-channel map [N, 1, H, W] is a segmenter of its foreground; a softmax per step [N, T, K] "
-            "a CTC text recogniser (recognition)]."
+            "a CTC text recogniser (recognition); values [N, D] are a regressor's only when told (regression)]."
         ),
     ] = None,
     detector_layout: Annotated[
@@ -545,7 +545,7 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
 
 
 PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "segmentation": "pixels",
-                     "recognition": "probability"}
+                     "recognition": "probability", "regression": "value"}
 
 
 def _print_table(report: list[dict], file: TextIO, task: str) -> None:

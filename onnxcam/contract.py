@@ -86,6 +86,11 @@ recognition         the model outputs per-step scores ``[N, L, K]`` over K symbo
                     beyond the text) and ``character_probabilities`` float ``[N, L]`` (each character's
                     probability at its first step, the confidence PaddleOCR reports).
 
+regression          the model outputs ``[N, D]`` values (a quality score, a landmark's coordinates, an age),
+                    ``logits`` as they are (the card's ``score`` is ``value``); ``c >= 0`` asks for output
+                    coordinate c, and its map shows where the evidence raises that value (Grad-CAM keeps the
+                    positive part of the gradient's direction).
+
 Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
 ``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
 ``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
@@ -148,7 +153,7 @@ CHARACTERS = "characters"
 CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns
 TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS,
-                "recognition": (CHARACTERS, CHARACTER_PROBABILITIES)}
+                "recognition": (CHARACTERS, CHARACTER_PROBABILITIES), "regression": ()}
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
 SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
 
@@ -162,8 +167,8 @@ META_PREFIX = "onnxcam."
 # how the `weights` output is computed; none: the backward could not be built (an op without a rule), so the file
 # carries no gradients (`weights` [N, T, 0], `gradients` [N, T, 0, 0, 0]) and computes ReciproCAM in its graph
 WEIGHTS_PATHS = ("presummed", "gradient-mean", "none")
-SCORES = ("logit", "probability")  # the explained score: a class logit, or its softmax probability
-TASKS = ("classification", "segmentation", "detection", "recognition")  # what a target row explains (see above)
+SCORES = ("logit", "probability", "value")  # the explained score: a class logit, its softmax, a regressor's output
+TASKS = ("classification", "segmentation", "detection", "recognition", "regression")  # what a target row explains
 ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
          "densenet121", "convnext_tiny")  # onnxcam export --arch: the first two are onnxcam's, the rest torchvision's
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model

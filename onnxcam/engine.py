@@ -289,6 +289,7 @@ class Engine:
             "detection": rank == 3,
             "segmentation": rank == 2 and contract.REGION in inputs,
             "recognition": rank == 2,
+            "regression": rank == 2 and not boxes,
         }
         if not task_fits[card.task] or not set(contract.TASK_OUTPUTS[card.task]) <= set(outputs):
             return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
@@ -443,6 +444,7 @@ class Engine:
 TASK_FEEDS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "classification": lambda engine, count, thresholds, region: {},
     "recognition": lambda engine, count, thresholds, region: {},
+    "regression": lambda engine, count, thresholds, region: {},
     "segmentation": Engine._segmentation_feeds,
     "detection": Engine._detection_feeds,
 }

@@ -139,6 +139,7 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
                 **({} if m.box is None else {"box": list(m.box), "rank": m.rank}),
                 **({} if m.position is None else {"position": m.position}),
                 **({} if m.mask is None else {"mask_pixels": int(m.mask.sum())}),
+                **({} if m.explains is None else {"explains": m.explains}),
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,
