@@ -66,7 +66,7 @@ BROKEN_CARDS = {
     "std zero": ({"std": "[0, 1, 1]"}, "'std' must be three finite numbers > 0"),
     "unknown weights path": ({"weights_path": "magic"}, "'weights_path' must be one of"),
     "trained not a bool": ({"trained": '"yes"'}, "'trained' must be true or false"),
-    "unknown score": ({"score": "softmax"}, "'score' must be one of ('logit', 'probability')"),
+    "unknown score": ({"score": "softmax"}, "'score' must be one of ('logit', 'probability', 'value')"),
     "layer missing": ({"layer": None}, "lacks the field 'layer'"),
 }
 
