@@ -446,7 +446,8 @@ def _task_logits(
                      f"{blank} the blank{'' if decoding.background is not None else ' (--background)'}: each target "
                      "is one decoded character, its probability summed over its steps")  # fmt: skip
         return add_recognition_scores(model, raw, types, blank), Task(task, outputs=contract.TASK_OUTPUTS[task],
-                                                                      background=blank), shape[2]  # fmt: skip
+                                                                      explained="probability", background=blank
+                                                                      ), shape[2]  # fmt: skip
     if task == "segmentation" and forced is None:
         _refuse_an_image(model.graph, raw, shape, decoding.size)
     if task == "segmentation":
