@@ -8,6 +8,7 @@ softmax) and explained on fresh lines: the graph decodes the text, and each char
 whether its peak lies on that character's columns (the pointing game, per character).
 
     python scripts/ocr_demo.py OUT_DIR      # writes the models, test lines and their character boxes
+    python scripts/ocr_demo.py --figure OUT_DIR docs/ocr.png   # the README's picture: each character's map
 """
 
 from __future__ import annotations
@@ -135,6 +136,23 @@ def pointing(model: Path, truth: dict, method: str | None = None) -> tuple[int, 
     return right, characters, hits
 
 
+def figure(out: Path, picture: Path, lines: int = 3, zoom: int = 2) -> None:
+    """Each of the first ``lines`` test lines beside its characters' maps (the recogniser's default method), one
+    row per line: the photo, then one overlay per character."""
+    from onnxcam import overlay
+    from onnxcam.api import Explainer
+
+    explainer, rows = Explainer(out / "digits.cam.onnx"), []
+    for path in list(json.loads((out / "truth.json").read_text()))[:lines]:
+        result = explainer.explain(path)
+        tiles = [result.image_rgb] + [overlay.overlay_rgb(result.image_rgb, m.cam, 0.5) for m in result.maps]
+        tiles += [np.full_like(result.image_rgb, 255)] * (6 - len(tiles))  # (lines of 3 to 5 characters)
+        rows.append(np.hstack([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles]))
+    sheet = np.vstack(rows)
+    sheet = cv2.resize(sheet, (sheet.shape[1] * zoom, sheet.shape[0] * zoom), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(picture), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
 def main(out: Path) -> None:
     model = build(out)
     truth = json.loads((out / "truth.json").read_text())
@@ -145,4 +163,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("ocr-demo"))
+    if sys.argv[1:2] == ["--figure"]:
+        figure(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("ocr-demo"))
