@@ -101,6 +101,7 @@ class Builder:
         self._weights: dict[str, str] = {}
         self._elems: dict[str, int] = {}  # the element types of the tensors this builder emitted
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
+        self.static: set[str] = set()  # tensors computed from weights alone (a Transpose of one): no batch axis
 
     def needs(self, name: str) -> bool:
         """Whether a rule should build the gradient of forward tensor ``name``."""

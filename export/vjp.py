@@ -142,8 +142,9 @@ def MatMul(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     if b.rank(a) < 2 or b.rank(c) < 2:
         raise _unsupported(node, "1-D operands are not supported")
 
-    def transposed(t: str) -> str:  # a forward operand, its last two axes swapped; a weight has no batch axis
-        batched = b.rank(t) == b.rank(out) and b.constant_value(t) is None
+    def transposed(t: str) -> str:  # a forward operand, its last two axes swapped; a weight has no batch axis (nor
+        # what is computed from weights alone: a Transpose of one that no exporter folded)
+        batched = b.rank(t) == b.rank(out) and b.constant_value(t) is None and t not in b.static
         return _transpose_last(b, b.fwd(t) if batched else b.weight(t), b.rank(t) + batched)
 
     da = b.op("MatMul", dy[0], transposed(c)) if b.needs(a) else None

@@ -732,3 +732,32 @@ def test_an_output_shaped_like_a_task_but_something_else_is_refused_with_what_it
     result = run("export", "--from", str(source), "--mean", "0", "0", "0", "--std", "1", "1", "1")
     assert_clean_failure(result, *phrases)
     assert not (tmp_path / "model.cam.onnx").exists()
+
+
+def test_a_matmul_whose_weight_is_computed_from_weights_has_no_batch_axis(tmp_path: Path) -> None:
+    """``MatMul(features, Transpose(W))`` with the Transpose left unfolded: the rule took the computed operand of
+    the output's rank for a batched one, and ONNX Runtime failed (it could have broadcast silently)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as h
+
+    from onnxcam.engine import Engine
+    from onnxcam_export.from_onnx import Preprocessing, graft_file
+
+    rng = np.random.default_rng(0)
+    conv, fc = rng.normal(size=(8, 3, 3, 3)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c"], ["act"]),
+             h.make_node("GlobalAveragePool", ["act"], ["p"]), h.make_node("Flatten", ["p"], ["f"]),
+             h.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), h.make_node("MatMul", ["f", "Wt"], ["scores"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                         [h.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],
+                         [numpy_helper.from_array(conv, "W1"), numpy_helper.from_array(fc, "W")])  # fmt: skip
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "mm.onnx")
+    graft_file(tmp_path / "mm.onnx", tmp_path / "mm.cam.onnx", prep=Preprocessing.create(None, (0, 0, 0), (1, 1, 1),
+                                                                                           False))  # fmt: skip
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    out = Engine(tmp_path / "mm.cam.onnx").run(images, np.array([[0, 3], [1, 4]]))
+    expected = np.stack([fc[[0, 3]], fc[[1, 4]]]) / 256  # d score_c / d act[k] = W[c, k] / (h * w)
+    assert np.abs(out.weights - expected).max() < 1e-6 * np.abs(expected).max() + 1e-9
