@@ -42,6 +42,7 @@ from onnxcam_export.tasks import (
     add_detector_split,
     add_recognition_scores,
     add_segment_scores,
+    add_similarity_scores,
     class_count,
     detector_layout,
 )
@@ -280,6 +281,7 @@ def _task_of(shape: list[int | None] | None, forced: str | None, detector: bool)
         "detection": detector,
         "recognition": rank == 3 and forced == "recognition",  # (told by its softmax: :func:`_recogniser`)
         "regression": rank == 2 and forced == "regression",  # (only when told: it has a classifier's shape)
+        "similarity": rank == 2 and forced == "similarity",  # (told by its normalisation or name: _embedding)
     }
     return next((task for task in ([forced] if forced else TASKS) if fits[task]), None)
 
@@ -386,21 +388,25 @@ def _recogniser(graph: onnx.GraphProto, shapes: Shapes) -> str | None:
     return f"a {node.op_type} over {shape[2]} symbols at each of {shape[1]} steps"
 
 
+def _embedding(graph: onnx.GraphProto, shapes: Shapes) -> str | None:
+    """Why the first output ``[N, D]`` is an embedding (L2-normalised, or named so), or None."""
+    output = graph.output[0].name
+    if len(shapes.get(output) or []) != 2:
+        return None
+    if _normalised(graph, output):
+        return "is L2-normalised"
+    return "is named as one" if EMBEDDING.search(output) else None
+
+
 def _refuse_a_false_friend(model: onnx.ModelProto, shapes: Shapes, family: str | None) -> None:
     """Outputs whose shapes fit a task onnxcam explains but which are something else, refused with what they are:
-    keypoints (heat maps ``[N, J, h, w]`` by name or family), an embedding ``[N, D]`` (L2-normalised, or named
-    so)."""
+    keypoints (heat maps ``[N, J, h, w]`` by name or family)."""
     graph = model.graph
     output = graph.output[0].name
     shape = shapes.get(output) or []
     if KEYPOINTS.search(output) or (family or "").lower() in ("vitpose", "pose"):
         raise OnnxcamError(f"the model's output {output!r} {shape} holds keypoints (a pose model's heat maps or "
                            f"coordinates), which onnxcam does not explain; {NOT_EXPLAINED}")  # fmt: skip
-    normalised = len(shape) == 2 and _normalised(graph, output)
-    if len(shape) == 2 and (normalised or EMBEDDING.search(output)):
-        why = "is L2-normalised" if normalised else "is named as one"
-        raise OnnxcamError(f"the model's output {output!r} {shape} is an embedding (it {why}): a vector per image, "
-                           f"not class scores, which onnxcam does not explain yet; {NOT_EXPLAINED}")  # fmt: skip
 
 
 def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
@@ -416,13 +422,19 @@ def _task_logits(
     shapes = _shapes(types)
     if forced is None and layout is None:
         _refuse_a_false_friend(model, shapes, decoding.family)
+        embedding = _embedding(model.graph, shapes)
+        if embedding:
+            notes.append(f"the model's output {model.graph.output[0].name!r} {embedding}: an embedding, explained by "
+                         "its cosine similarity to the references each call gives (explain --like)")  # fmt: skip
+            forced = "similarity"
         recogniser = _recogniser(model.graph, shapes)
         if recogniser:
             notes.append(f"the model's output {model.graph.output[0].name!r} is {recogniser}: a sequence "
                          "recogniser (CTC text recognition)")  # fmt: skip
             forced = "recognition"
     stepped: list[str] = []
-    raw = _logits(model.graph, stepped) if forced != "regression" else model.graph.output[0].name  # (as they are)
+    as_they_are = forced in ("regression", "similarity")
+    raw = model.graph.output[0].name if as_they_are else _logits(model.graph, stepped)
     raw, threshold = _one_channel(model, raw, types, shapes, stepped)
     detected = detector_layout(shapes, raw, [o.name for o in model.graph.output], layout, decoding.size,
                                decoding.family)  # fmt: skip
@@ -460,6 +472,9 @@ def _task_logits(
         return scores, Task(task, outputs=contract.TASK_OUTPUTS[task]), shape[1]
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
+    if task == "similarity":
+        return add_similarity_scores(model, raw, types), Task(task, outputs=contract.TASK_OUTPUTS[task],
+                                                              explained="value"), 1  # fmt: skip
     if task == "regression":
         notes.append(f"{raw!r} {shape} is read as a regressor's values: each target is one output coordinate, its "
                      "map where the evidence raises it")  # fmt: skip
@@ -811,6 +826,8 @@ def _labels(facts: Facts, classes: int, notes: list[str], background: int | None
     regressor's name its outputs (``output i`` where nothing does)."""
     if blank is not None:
         return _symbols(facts, classes, notes, blank)
+    if kind == "similarity":  # (its references, given with each call, are its "classes")
+        return ["reference"], "assumed (a similarity model: its references come with each call)"
     if kind == "regression" and "labels" not in facts.values:
         return [f"output {i}" for i in range(classes)], "assumed (output i)"
     if "labels" in facts.values:

@@ -379,6 +379,7 @@ def _start(
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
     b = Builder(out, types)
     b.wanted = differentiable(head, sources, b.types, contract.LOGITS)
+    b.static = static_tensors(graph)
     classifier = task.kind == "classification"  # (head-only passes are for classifiers)
     head_only = head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     expose_extra_outputs(head)
@@ -399,6 +400,7 @@ SEEDS: dict[str, Callable[[_Graft], str]] = {  # the gradient of the explained s
     "segmentation": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "recognition": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "regression": lambda g: _seed(g.b, contract.LOGITS, g.score),
+    "similarity": lambda g: _seed(g.b, contract.LOGITS, g.score),
     "detection": lambda g: detection_seed(g.b, contract.LOGITS, *g.targets),
 }
 
@@ -615,7 +617,9 @@ def _add_task_outputs(graph: onnx.GraphProto, b: Builder, names: Sequence[str]) 
     """A task's own ``[N, K]`` outputs (a segmenter's pixel shares, a recogniser's characters), in the graph
     already, declared."""
     batch, classes = b.shape(contract.LOGITS)[0] or "N", b.shape(contract.LOGITS)[1]
-    graph.output.extend(helper.make_tensor_value_info(n, b.elem_type(n), [batch, classes]) for n in names)
+    for n in names:  # [N, K], or its own width (a similarity model's embeddings [N, D])
+        width = (b.shape(n) or [None, None])[1] if n == contract.EMBEDDINGS else classes
+        graph.output.append(helper.make_tensor_value_info(n, b.elem_type(n), [batch, width]))
 
 
 def _identity_branch(b: Builder, grad: str) -> Branch:

@@ -25,6 +25,7 @@ SEGMENT_SCORES = "onnxcam/segment_scores"
 CLASS_SCORES = "onnxcam/class_scores"
 BOXES_XYWH = "onnxcam/boxes_xywh"
 RECOGNITION_SCORES = "onnxcam/recognition_scores"
+SIMILARITY_SCORES = "onnxcam/similarity_scores"
 EXTRA_ROWS = "onnxcam/extra_rows"  # an ultralytics output's rows after its class scores [N, E, A]
 RANKED_SCORES = "onnxcam/ranked_scores"  # the class scores with the background column below any score
 # (cx, cy, w, h) @ XYWH_TO_XYXY = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
@@ -153,6 +154,32 @@ def add_recognition_scores(model: onnx.ModelProto, steps: str, types: Types, bla
     b.op("Identity", symbol, name=contract.CHARACTERS)  # (symbol + 1 at the start step, 0 elsewhere: -1 beyond)
     _emit(model, b)
     return summed
+
+
+def add_similarity_scores(model: onnx.ModelProto, embedding: str, types: Types) -> str:
+    """``[N, R]`` cosine similarities of the image's embedding ``embedding`` ``[N, D]`` to each row of the
+    :data:`contract.REFERENCES` input ``[R, D]``, and :data:`contract.EMBEDDINGS`, the embedding L2-normalised (a
+    zero vector stays zero). The references are data: the gradient flows through the image's embedding only.
+    Appended in place."""
+    b = Builder(model, types, prefix="onnxcam/similarity/")
+    dims = b.shape(embedding)[1]
+    if not isinstance(dims, int):
+        raise OnnxcamError(f"the embedding's size is not fixed ({b.shape(embedding)}); re-export the model")
+
+    def unit(x: str) -> str:
+        norm = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", x, x), [1], keepdims=1))
+        return b.op("Div", x, b.op("Max", norm, b.scalar(1e-12, embedding)))
+
+    image = b.op("Identity", unit(embedding), name=contract.EMBEDDINGS)
+    # (a broadcast product summed, not a MatMul: the references carry no batch axis, which the MatMul rule takes
+    # any computed operand of the output's rank to have)
+    pairs = b.op("Mul", b.unsqueeze(image, [1]), b.unsqueeze(unit(contract.REFERENCES), [0]))  # [N, R, D]
+    scores = b.op("Identity", b.reduce("ReduceSum", pairs, [2], keepdims=0), name=SIMILARITY_SCORES)
+    _emit(model, b)
+    model.graph.input.append(helper.make_tensor_value_info(contract.REFERENCES, b.elem_type(embedding), ["R", dims]))
+    zero = np.zeros((1, dims), b.np_dtype(embedding))  # (a default, as the region's: one zero vector, similarity 0)
+    model.graph.initializer.append(numpy_helper.from_array(zero, contract.REFERENCES))
+    return scores
 
 
 def _slice(b: Builder, x: str, start: int, end: int, name: str | None = None) -> str:

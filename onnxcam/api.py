@@ -117,9 +117,12 @@ class Request:
     conf: float | None = None
     iou: float | None = None
     mask: np.ndarray | str | Path | None = None  # a segmenter's region (an image file, or [H, W] non-zero inside)
+    references: np.ndarray | None = None  # a similarity model's: the [R, D] embeddings each image is compared with
+    reference_names: tuple[str, ...] = ()  # and what each is (a file's name)
 
 
 REGRESSION_SIGN = "where the evidence raises this output's value (what lowers it is not shown)"
+LIKENESS = "where the evidence raises the image's cosine similarity to this reference"
 AUG_GAINS = (0.9, 1.0, 1.1)  # brightness factors of the test-time augmentation, as ttach's Multiply
 DETECTIONS = 10  # kept detections explained by default
 MAX_DETECTIONS = 300  # ultralytics' max_det
@@ -261,6 +264,7 @@ class Explainer:
         conf: float | None = None,
         iou: float | None = None,
         mask: np.ndarray | str | Path | None = None,
+        like: Sequence[np.ndarray | str | Path] = (),
     ) -> Request:
         """What to explain, checked against this model: a bad method name, class, top-k or an option the model's
         task has no use for is an OnnxcamError here, before any image is read.
@@ -273,13 +277,50 @@ class Explainer:
         for the classes resolved on the original view. On a detector, ``maps`` holds one map per kept
         detection (with its box), and ``conf``, ``iou`` are its suppression thresholds. On a segmenter, ``mask``
         (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
-        pixels each class's score sums, instead of the pixels predicted as the class.
+        pixels each class's score sums, instead of the pixels predicted as the class. On a similarity model,
+        ``like`` gives the references (images, RGB arrays, or ``.npy`` files of ``[R, D]`` embeddings): one map per
+        reference, of the image's cosine similarity to it.
         """
         names = methods.resolve(method, self.engine.outputs, self.card.task, self.card.has_gradients)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
+        if self.card.task == "similarity" or like:
+            references, labels = self._references(like, targets, top_k)
+            codes = tuple(range(len(references)))
+            return Request(codes, tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask, references,
+                           labels)  # fmt: skip
         codes = self.target_codes(targets, top_k)
         return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask)
+
+    def _references(self, like: Sequence[np.ndarray | str | Path], targets: Sequence[int | str], top_k: int | None
+                    ) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
+        """A similarity model's references ``[R, D]`` and their names: ``.npy`` embeddings as they are, images
+        (paths or RGB arrays) embedded by this model."""
+        if self.card.task != "similarity":
+            raise OnnxcamError(f"--like compares embeddings; this is a {self.card.task} model")
+        if not like:
+            raise OnnxcamError("a similarity model explains a likeness: give --like IMAGE (or a .npy of embeddings), "
+                               "one or more")  # fmt: skip
+        if targets or top_k is not None:
+            raise OnnxcamError("a similarity model's targets are its --like references: leave out --target and --top-k")
+        rows, names = [], []
+        for i, item in enumerate(like):
+            if isinstance(item, str | Path) and Path(item).suffix.lower() == ".npy":
+                found, stem = _embeddings_file(Path(item)), Path(item).stem
+                rows.append(found)
+                names += [stem] if len(found) == 1 else [f"{stem}[{r}]" for r in range(len(found))]
+            else:
+                rows.append(self.embed([item]))
+                names.append(Path(item).stem if isinstance(item, str | Path) else f"reference {i}")
+        references = np.concatenate(rows)
+        self.engine._similarity_feeds(references)  # (the embedding's size checked before any image is read)
+        return references, tuple(names)
+
+    def embed(self, images: Sequence[np.ndarray | str | Path]) -> np.ndarray:
+        """A similarity model's embeddings ``[M, D]`` (L2-normalised) of ``images`` (paths or RGB arrays), prepared
+        as any image is."""
+        batch = np.stack([self.prepare(im).model_input for im in images])
+        return self.engine.run(batch, np.zeros((len(images), 1), np.int64)).embeddings
 
     def run(self, images: Sequence[np.ndarray | str | Path | Prepared], asked: Request) -> list[Explanation]:
         """Explain ``images`` as ``asked`` (a :meth:`request` of this model), in one ORT call."""
@@ -293,6 +334,8 @@ class Explainer:
             return self._explain_detections(prepared, batch, codes, names, eigen_smooth, thresholds)
         if self.card.task == "recognition":
             return self._explain_text(prepared, batch, codes, names, eigen_smooth)
+        if self.card.task == "similarity":
+            return self._explain_likeness(prepared, batch, asked)
         region = None if asked.mask is None else self._region(asked.mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
         out = self.engine.run(batch, targets, full, attention, region=region)
@@ -413,6 +456,25 @@ class Explainer:
             results.append(Explanation(p.photo, characters, found, "".join(c.label for c in characters)))
         return results
 
+    def _explain_likeness(self, prepared: list[Prepared], batch: np.ndarray, asked: Request) -> list[Explanation]:
+        """A similarity model's cosine similarity of each image to each reference, and one map per reference, from
+        one ORT call."""
+        codes = np.asarray(asked.codes, dtype=np.int64)
+        out = self.engine.run(batch, np.tile(codes, (len(prepared), 1)), methods.needs_gradients(list(asked.methods)),
+                              references=asked.references)  # fmt: skip
+        results = []
+        for n, p in enumerate(prepared):
+            likes = [Prediction(int(r), asked.reference_names[r], float(out.logits[n, r]), float(out.logits[n, r]))
+                     for r in codes]  # fmt: skip
+            found = []
+            for name in asked.methods:
+                lowres = self._maps(name, batch[n], out, n, asked.eigen_smooth)
+                found += [TargetMap(**vars(likes[t]), weights=out.weights[n, t], cam_lowres=lowres[t],
+                                    size=p.photo.shape[:2], method=name, placement=p.placement, explains=LIKENESS)
+                          for t in range(len(codes))]  # fmt: skip
+            results.append(Explanation(p.photo, likes, found))
+        return results
+
     def _character(self, out: Outputs, n: int, j: int) -> Prediction:
         """Character ``j`` of image ``n``: its symbol, its probability at its first step and its explained score."""
         index = int(out.characters[n, j])
@@ -468,6 +530,18 @@ def instance_mask(logits: np.ndarray, box: np.ndarray, placement: Placement) -> 
     columns, rows = np.arange(width), np.arange(height)[:, None]
     mask &= (columns >= x1) & (columns < x2) & (rows >= y1) & (rows < y2)
     return placement.map_to_photo(mask.astype(np.float32)) > 0.5
+
+
+def _embeddings_file(path: Path) -> np.ndarray:
+    """``[R, D]`` reference embeddings from a ``.npy`` file (a single ``[D]`` one as one row); no pickles."""
+    try:
+        found = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OnnxcamError(f"cannot read {path} as a .npy of embeddings: {str(exc).splitlines()[0][:120]}") from None
+    found = found[None] if found.ndim == 1 else found
+    if found.ndim != 2 or not np.issubdtype(found.dtype, np.number) or not np.isfinite(found).all():
+        raise OnnxcamError(f"{path} must hold finite embeddings [R, D] or [D], got {found.dtype} {list(found.shape)}")
+    return found.astype(np.float32)
 
 
 def _thresholds(conf: float | None, iou: float | None) -> dict[str, float]:

@@ -399,6 +399,13 @@ def explain(
             "(non-zero inside) [default: the pixels predicted as the class]."
         ),
     ] = None,
+    like: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Similarity models (an embedding [N, D]): explain each image's cosine similarity to this "
+            "reference, a photo or a .npy of embeddings [R, D]; repeat it for several [needed by them]."
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -431,7 +438,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
-        conf=conf, iou=iou, mask=mask,
+        conf=conf, iou=iou, mask=mask, like=list(like or []),
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -545,7 +552,7 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
 
 
 PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "segmentation": "pixels",
-                     "recognition": "probability", "regression": "value"}
+                     "recognition": "probability", "regression": "value", "similarity": "cosine"}
 
 
 def _print_table(report: list[dict], file: TextIO, task: str) -> None:

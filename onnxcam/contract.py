@@ -91,6 +91,13 @@ regression          the model outputs ``[N, D]`` values (a quality score, a land
                     coordinate c, and its map shows where the evidence raises that value (Grad-CAM keeps the
                     positive part of the gradient's direction).
 
+similarity          the model outputs an embedding ``[N, D]`` (face recognition, re-identification, retrieval,
+                    an image tower); the input ``references`` float ``[R, D]`` holds the embeddings to compare
+                    with; ``logits`` ``[N, R]`` is the cosine similarity of the image's embedding to each, and
+                    ``c >= 0`` asks for reference c. Extra output: ``embeddings`` ``[N, D]``, the image's own
+                    embedding, L2-normalised (another call's reference). Its labels name nothing: its
+                    references are given with each call.
+
 Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
 ``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
 ``[N, C_i, h_i, w_i]``, ``weights/i`` ``[N, T, C_i]`` and ``gradients/i`` (full when
@@ -149,11 +156,13 @@ BOX_ANCHORS = "box_anchors"
 DETECTION_OUTPUTS = (BOXES, BOX_SCORES, BOX_ANCHORS)
 PIXEL_SHARES = "pixel_shares"
 INSTANCE_MASKS = "instance_masks"  # an instance segmenter's (ultralytics -seg): [N, T, h, w] mask logits per row
+REFERENCES = "references"  # a similarity model's input: the [R, D] embeddings its targets are compared with
+EMBEDDINGS = "embeddings"  # a similarity model's output: the image's own embedding [N, D], L2-normalised
 CHARACTERS = "characters"
 CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns
 TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS,
-                "recognition": (CHARACTERS, CHARACTER_PROBABILITIES), "regression": ()}
+                "recognition": (CHARACTERS, CHARACTER_PROBABILITIES), "regression": (), "similarity": (EMBEDDINGS,)}
 DEFAULT_THRESHOLDS = {CONF_THRESHOLD: 0.25, IOU_THRESHOLD: 0.45}  # ultralytics' predict defaults
 SCALE_OUTPUTS = (ACTIVATIONS, WEIGHTS, GRADIENTS)  # what each extra target layer has (see scale_output)
 
@@ -168,7 +177,7 @@ META_PREFIX = "onnxcam."
 # carries no gradients (`weights` [N, T, 0], `gradients` [N, T, 0, 0, 0]) and computes ReciproCAM in its graph
 WEIGHTS_PATHS = ("presummed", "gradient-mean", "none")
 SCORES = ("logit", "probability", "value")  # the explained score: a class logit, its softmax, a regressor's output
-TASKS = ("classification", "segmentation", "detection", "recognition", "regression")  # what a target row explains
+TASKS = ("classification", "segmentation", "detection", "recognition", "regression", "similarity")  # (see above)
 ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
          "densenet121", "convnext_tiny")  # onnxcam export --arch: the first two are onnxcam's, the rest torchvision's
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model

@@ -47,6 +47,7 @@ class Outputs:
     box_anchors: np.ndarray | None = None  # detectors: [N, T], -1 where a -k row found no k-th detection
     pixel_shares: np.ndarray | None = None  # segmenters: [N, K], the share of the pixels predicted as each class
     instance_masks: np.ndarray | None = None  # instance segmenters: [N, T, h, w] mask logits (the mask: above 0)
+    embeddings: np.ndarray | None = None  # similarity models: [N, D], each image's embedding, L2-normalised
     characters: np.ndarray | None = None  # recognisers: [N, L] int64, each position's symbol, -1 beyond the text
     character_probabilities: np.ndarray | None = None  # recognisers: [N, L], at each character's first step
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
@@ -290,6 +291,7 @@ class Engine:
             "segmentation": rank == 2 and contract.REGION in inputs,
             "recognition": rank == 2,
             "regression": rank == 2 and not boxes,
+            "similarity": rank == 2 and contract.REFERENCES in inputs,
         }
         if not task_fits[card.task] or not set(contract.TASK_OUTPUTS[card.task]) <= set(outputs):
             return f"says task {card.task!r} but the graph's outputs are not a {card.task} model's"
@@ -313,6 +315,7 @@ class Engine:
         saliency: str | None = None,
         thresholds: dict[str, float] | None = None,
         region: np.ndarray | None = None,
+        references: np.ndarray | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
@@ -321,7 +324,8 @@ class Engine:
         ``saliency_methods``) at the model's input size. ``thresholds``: a detector's
         ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too. ``region``:
         a segmenter's float ``[N, H, W]`` pixel weights that each class's score sums its logits over, where not
-        the pixels predicted as the class.
+        the pixels predicted as the class. ``references``: a similarity model's ``[R, D]`` embeddings that its
+        targets (0 .. R - 1) compare each image's with.
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -331,7 +335,7 @@ class Engine:
         fixed = self.fixed_batch
         if fixed is not None and len(images) != fixed:  # a file exported at a fixed batch: run it B images at a time
             options = {"full_gradients": full_gradients, "attention": attention, "saliency": saliency,
-                       "thresholds": thresholds}  # fmt: skip
+                       "thresholds": thresholds, "references": references}  # fmt: skip
             parts = []
             for start in range(0, len(images), fixed):
                 count = min(fixed, len(images) - start)
@@ -353,7 +357,7 @@ class Engine:
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
         names += [contract.INSTANCE_MASKS] if contract.INSTANCE_MASKS in self.outputs else []
-        feeds |= self._task_feeds(len(images), thresholds or {}, region)
+        feeds |= self._task_feeds(len(images), thresholds or {}, region, references)
         if saliency is not None:
             feeds |= self._saliency_feeds(saliency)
             names.append(contract.SALIENCY)
@@ -366,15 +370,28 @@ class Engine:
         grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
         return Outputs(**values, scales=grouped)
 
-    def _task_feeds(self, count: int, thresholds: dict[str, float], region: np.ndarray | None
-                    ) -> dict[str, np.ndarray]:  # fmt: skip
+    def _task_feeds(self, count: int, thresholds: dict[str, float], region: np.ndarray | None,
+                    references: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """The inputs of the model's task (:data:`TASK_FEEDS`: a detector's thresholds, a segmenter's region),
         refusing another task's."""
         if thresholds and self.card.task != "detection":
             raise OnnxcamError(f"{self.path} is a {self.card.task} model: thresholds apply to detectors only")
         if region is not None and contract.REGION not in self.inputs:
             raise OnnxcamError(f"{self.path} takes no region: a mask applies to segmenters; re-export it")
+        if references is not None and self.card.task != "similarity":
+            raise OnnxcamError(f"{self.path} is a {self.card.task} model: references apply to similarity models")
+        if self.card.task == "similarity":
+            return self._similarity_feeds(references)
         return TASK_FEEDS[self.card.task](self, count, thresholds, region)
+
+    def _similarity_feeds(self, references: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The references ``[R, D]`` (none given: one zero vector, whose similarity is 0: a call for embeddings)."""
+        declared = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        width = next(i.shape[1] for i in declared if i.name == contract.REFERENCES)
+        found = np.zeros((1, width), np.float32) if references is None else np.asarray(references, np.float32)
+        if found.ndim != 2 or found.shape[1] != width or not len(found):
+            raise OnnxcamError(f"references must be [R, {width}] embeddings (R >= 1), got {list(found.shape)}")
+        return {contract.REFERENCES: found}
 
     def _detection_feeds(self, count: int, thresholds: dict[str, float], region: None) -> dict[str, np.ndarray]:
         feeds = _threshold_feeds(thresholds)

@@ -52,11 +52,13 @@ class Options:
     conf: float | None = None  # a detector's suppression thresholds (None: the graph's defaults)
     iou: float | None = None
     mask: Path | None = None  # a segmenter's region, an image file the size of every image
+    like: list[Path] = field(default_factory=list)  # a similarity model's references: images or .npy embeddings
 
     def request(self, explainer: Explainer) -> Request:
         """What to explain, resolved and checked against ``explainer``'s model once (:meth:`Explainer.request`)."""
         return explainer.request(self.targets, self.top_k, method=self.methods, eigen_smooth=self.eigen_smooth,
-                                 aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask)  # fmt: skip
+                                 aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask,
+                                 like=self.like)  # fmt: skip
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -74,6 +76,7 @@ class Options:
             "conf": self.conf,
             "iou": self.iou,
             **({} if self.mask is None else {"mask": "sha256:" + outputs.file_digest(self.mask)[:16]}),
+            **({"like": ["sha256:" + outputs.file_digest(p)[:16] for p in self.like]} if self.like else {}),
         }
 
 

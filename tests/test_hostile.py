@@ -695,9 +695,8 @@ FALSE_FRIENDS = {  # head -> (output names, the phrases of its refusal)
                                                         "are not a layout onnxcam knows", "--detector-layout"]),
     # a pose model's keypoint heat maps [N, 17, h, w], shaped as a segmenter's masks
     "keypoint heat maps": (("heatmaps",), ["'heatmaps' [1, 17, 8, 8]", "keypoints"]),
-    # an embedding [N, D], L2-normalised (CLIP's image tower, a face recogniser), shaped as a classifier's scores
-    "normalised embedding": (("logits",), ["[1, 16]", "embedding", "L2-normalised"]),
-    "named embedding": (("image_embeds",), ["'image_embeds' [1, 16]", "embedding", "named as one"]),
+    # (an embedding [N, D], L2-normalised or named so, once read as a classifier of D classes, is a similarity
+    # model: tests/test_similarity.py)
 }
 
 
@@ -718,10 +717,7 @@ def test_an_output_shaped_like_a_task_but_something_else_is_refused_with_what_it
             if head == "anchor offsets":  # 8x8 cells + 4x4 cells x 2 anchors = 96
                 cells = torch.cat([f.flatten(2), f[:, :, ::2, ::2].flatten(2).repeat(1, 1, 2)], 2).transpose(1, 2)
                 return cells @ torch.ones(16, 16), cells @ torch.ones(16, 1)
-            if head == "keypoint heat maps":
-                return torch.cat([f, f[:, :1]], 1)
-            pooled = f.mean((2, 3))
-            return pooled / pooled.norm(dim=1, keepdim=True) if head == "normalised embedding" else pooled
+            return torch.cat([f, f[:, :1]], 1)  # keypoint heat maps
 
     names, phrases = FALSE_FRIENDS[head]
     source = tmp_path / "model.onnx"

@@ -1,0 +1,122 @@
+"""Embedding models (``[N, D]``, L2-normalised: face recognition, re-identification, an image tower) grafted with
+no flag: the cosine similarity to references given per call, its gradient against torch autograd (float64
+reference, float32 graph), and ``explain --like``. They were refused as embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxcam.api import Explainer
+from onnxcam.engine import Engine
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+from tests.test_cli import assert_clean_failure, run
+from tests.test_transformers import export_plain
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+UNIT = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)  # the model takes pixel / 255
+SIZE = (32, 32)
+TOL = 1e-4
+
+
+class Embedder(nn.Module):
+    """Convolutions to an 8x8 grid, a pool, a linear layer to 16 dimensions and an L2 normalisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(x))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        e = self.fc(features.mean((2, 3)))
+        return e / e.norm(dim=1, keepdim=True)
+
+
+def images(count: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, *SIZE, 3), dtype=np.uint8)
+
+
+def as_input(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch / 255.0).permute(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, list[str]]:
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    folder = tmp_path_factory.mktemp("embedder")
+    export_plain(model, SIZE, folder / "emb.onnx", dynamo=False, output="output")
+    card, notes = graft_file(folder / "emb.onnx", folder / "emb.cam.onnx", prep=UNIT)
+    assert card["task"] == "similarity"
+    return model, folder / "emb.cam.onnx", notes
+
+
+def test_the_similarity_to_each_reference_and_its_gradient_equal_autograd(embedder: tuple) -> None:
+    model, path, notes = embedder
+    assert any("is L2-normalised: an embedding" in n for n in notes), notes
+    reference = Embedder().double()
+    reference.load_state_dict(model.state_dict())
+    refs = np.random.default_rng(1).standard_normal((3, 16))
+    out = Engine(path).run(images(), np.array([[0, 1, 2], [2, 0, 1]]), full_gradients=True, references=refs)
+    features = reference.features(as_input(images())).detach().requires_grad_(True)
+    embeddings = reference.embed(features)
+    units = torch.from_numpy(refs / np.linalg.norm(refs, axis=1, keepdims=True))
+    cosines = embeddings @ units.T  # [N, 3]
+    np.testing.assert_allclose(out.embeddings, embeddings.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logits, cosines.detach().numpy(), rtol=1e-5, atol=1e-6)
+    for n in range(2):
+        for t, r in enumerate(out.target_classes[n]):
+            (grad,) = torch.autograd.grad(cosines[n, r], features, retain_graph=True)
+            expected = grad[n].numpy()
+            assert np.abs(out.gradients[n, t] - expected).max() / np.abs(expected).max() < TOL
+
+
+def test_explain_like_a_photo_and_like_saved_embeddings(embedder: tuple, tmp_path: Path) -> None:
+    import cv2
+
+    model, path, _ = embedder
+    a, b, c = images(3, seed=4)
+    for name, photo in (("a", a), ("b", b), ("c", c)):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), photo[:, :, ::-1])
+    with torch.no_grad():
+        e = model(as_input(np.stack([a, b, c])).float()).numpy()
+    np.save(tmp_path / "c.npy", e[2])
+    result = run("explain", str(tmp_path / "a.png"), "--model", str(path), "--like", str(tmp_path / "b.png"),
+                 "--like", str(tmp_path / "c.npy"), "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    item = json.loads(result.stdout)["images"][0]
+    assert [p["label"] for p in item["predictions"]] == ["b", "c"]
+    np.testing.assert_allclose([p["probability"] for p in item["predictions"]], [e[0] @ e[1], e[0] @ e[2]],
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert [t["label"] for t in item["targets"]] == ["b", "c"]
+    assert all("cosine similarity to this reference" in t["explains"] for t in item["targets"])
+    assert all(Path(t["overlay"]).is_file() for t in item["targets"])
+    explainer = Explainer(path)
+    np.testing.assert_allclose(explainer.embed([a])[0], e[0], rtol=1e-5, atol=1e-6)
+    unlike = run("explain", str(tmp_path / "a.png"), "--model", str(path), "--out", str(tmp_path / "no"))
+    assert_clean_failure(unlike, "explains a likeness", "--like")
+    np.save(tmp_path / "wide.npy", np.ones((1, 7)))
+    wide = run("explain", str(tmp_path / "a.png"), "--model", str(path), "--like", str(tmp_path / "wide.npy"),
+               "--out", str(tmp_path / "wide"))  # fmt: skip
+    assert_clean_failure(wide, "references must be [R, 16]")
+
+
+def test_an_embedding_named_so_is_a_similarity_model_too(tmp_path: Path) -> None:
+    """Not L2-normalised, but named as one (``image_embeds``): it was refused (and before that read as 16
+    classes)."""
+
+    class Unnormalised(Embedder):
+        def embed(self, features: torch.Tensor) -> torch.Tensor:
+            return self.fc(features.mean((2, 3)))
+
+    torch.manual_seed(0)
+    export_plain(Unnormalised().eval(), SIZE, tmp_path / "e.onnx", dynamo=False, output="image_embeds")
+    card, notes = graft_file(tmp_path / "e.onnx", tmp_path / "e.cam.onnx", prep=UNIT)
+    assert card["task"] == "similarity" and any("is named as one: an embedding" in n for n in notes), notes
