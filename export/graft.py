@@ -360,20 +360,29 @@ class _Graft:
         return contract.FULL_GRADIENTS if self.saliency_size is None else saliency.gradients_condition(self.b)
 
 
+def _renamed_copy(
+    model: onnx.ModelProto, activations: str, logits: str, types: Types | None, layout: Layout | None
+) -> tuple[onnx.ModelProto, str, Layout | None, Types | None]:
+    """A copy of ``model`` with the logits named ``logits`` and the target layer ``activations`` (where NCHW; a
+    layout's tensor keeps its name), the layer's name, its layout (None: NCHW) and ``types`` renamed alike."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    layout = None if layout is None or layout.channels_first else layout
+    layer = contract.ACTIVATIONS if layout is None else activations
+    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
+        renamed = rename_tensor(out.graph, tensor, name)
+        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
+    return out, layer, layout, types
+
+
 def _start(
     model: onnx.ModelProto, activations: str, logits: str, types: Types | None, layout: Layout | None, score: str,
     task: Task, extra_layers: tuple[str, ...], windowed: bool,
 ) -> _Graft:  # fmt: skip
     """A copy of ``model`` with the target layer and the logits renamed to the contract's names, its head found
     and checked for rules, and what every walk reads prepared (the layout's adapters, a detector's targets)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, layer, layout, types = _renamed_copy(model, activations, logits, types, layout)
     graph = out.graph
-    layout = None if layout is None or layout.channels_first else layout
-    layer = contract.ACTIVATIONS if layout is None else activations
-    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
-        renamed = rename_tensor(graph, tensor, name)
-        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
     sources = {layer, *extra_layers}
     head = head_nodes(graph, sources, contract.LOGITS)
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
@@ -542,14 +551,8 @@ def graft_gradient_free(
     contract's outputs with ``weights`` ``[N, T, 0]`` and ``gradients`` ``[N, T, 0, 0, 0]`` (the card's
     ``weights_path`` is ``none``), the head-only graph (for ReciproCAM, Score-CAM and Ablation-CAM in Python),
     and ReciproCAM's finished map as the ``saliency`` output (:func:`_reciprocam`), for hosts without Python."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, layer, layout, types = _renamed_copy(model, activations, logits, types, layout)
     graph = out.graph
-    layout = None if layout is None or layout.channels_first else layout
-    layer = contract.ACTIVATIONS if layout is None else activations
-    for tensor, name in ((activations, layer), (logits, contract.LOGITS)):
-        renamed = rename_tensor(graph, tensor, name)
-        types = None if types is None else {renamed.get(t, t): value for t, value in types.items()}
     head = head_nodes(graph, {layer}, contract.LOGITS)
     b = Builder(out, types)
     copies = head_copy(graph, b, head, layer, layout)
