@@ -87,3 +87,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "vgg16_model" in getattr(item, "fixturenames", ()) or "[vgg16" in item.nodeid:
             item.add_marker(pytest.mark.slow)
+
+
+def assert_rows_match_autograd(out: object, scores: object, features: object, tol: float = 1e-4) -> None:
+    """Each target row's ``gradients`` (``out``: an engine run with full gradients) against torch autograd of the
+    explained score ``scores[n, target_classes[n, t]]`` w.r.t. ``features`` (the target layer, float64), relative
+    to the largest magnitude."""
+    import torch
+
+    for n in range(len(out.target_classes)):
+        for t, c in enumerate(out.target_classes[n]):
+            (grad,) = torch.autograd.grad(scores[n, c], features, retain_graph=True)
+            expected = grad[n].numpy()
+            assert np.abs(out.gradients[n, t] - expected).max() / np.abs(expected).max() < tol
