@@ -8,8 +8,11 @@ graft the gradients and store the model card.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,8 @@ from onnxcam.contract import MAX_INPUT_SIDE, SCORES, TASKS, ModelCard, imagenet_
 from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import Resize
 from onnxcam.methods import in_graph
-from onnxcam.outputs import file_digest
-from onnxcam_export import probe
+from onnxcam.outputs import atomic_write, file_digest
+from onnxcam_export import image_text, probe
 from onnxcam_export.builder import Types, infer_types, make_node
 from onnxcam_export.graft import graft, graft_gradient_free, rename_tensor
 from onnxcam_export.layouts import Layout, infer_layouts
@@ -415,10 +418,10 @@ def _outputs_found(graph: onnx.GraphProto, shapes: Shapes) -> str:
 
 def _task_logits(
     model: onnx.ModelProto, types: Types, forced: str | None, notes: list[str], decoding: Decoding,
-    layout: str | None = None,
+    layout: str | None = None, scale: float | None = None,
 ) -> tuple[str, Task, int]:  # fmt: skip
     """The logits the graft explains, the task and its class count, from the model's outputs (``layout``: a
-    detector's :data:`DETECTOR_LAYOUTS` entry, forced)."""
+    detector's :data:`DETECTOR_LAYOUTS` entry, forced; ``scale``: an image-text model's logit scale)."""
     shapes = _shapes(types)
     if forced is None and layout is None:
         _refuse_a_false_friend(model, shapes, decoding.family)
@@ -473,7 +476,7 @@ def _task_logits(
     if task == "detection":
         return _detector_split(model, types, *detected, decoding, notes)
     if task == "similarity":
-        return add_similarity_scores(model, raw, types), Task(task, outputs=contract.TASK_OUTPUTS[task],
+        return add_similarity_scores(model, raw, types, scale), Task(task, outputs=contract.TASK_OUTPUTS[task],
                                                               explained="value"), 1  # fmt: skip
     if task == "regression":
         notes.append(f"{raw!r} {shape} is read as a regressor's values: each target is one output coordinate, its "
@@ -908,24 +911,68 @@ def graft_file(
     box_format: str | None = None,
     background: int | None = None,
     windowed: bool = True,
+    text: Path | None = None,
+    tokenizer: Path | None = None,
+    logit_scale: float | None = None,
+    prompts: Path | None = None,
 ) -> tuple[dict[str, object], list[str]]:
-    """Write ``out``, the onnxcam version of classifier, segmenter or detector ``source``; return its card and
-    notes for the user.
+    """Write ``out``, the onnxcam version of classifier, segmenter, detector or image-text model ``source``; return
+    its card and notes for the user.
 
     ``score``: the explained score, ``logit`` (as the Grad-CAM paper) or ``probability`` (its softmax).
     ``task``: one of :data:`onnxcam.contract.TASKS`, or None to tell it from the output's layout.
     ``layout``: a detector's :data:`DETECTOR_LAYOUTS` entry, or None to tell it from its outputs;
     ``box_format``: a pair's boxes (:data:`BOX_FORMATS`); ``background``: a detector's class that is never a detection.
     ``windowed``: a detector's backward over the windows each box reads where that reproduces the walk over
-    whole feature maps (:mod:`onnxcam_export.windowed`); False: over whole maps.
+    whole feature maps (:mod:`onnxcam_export.windowed`); False: over whole maps. An image-text model (CLIP: the
+    combined export, or its image tower with ``text``, its text tower; ``tokenizer``, its ``tokenizer.json``
+    where none lies beside it; ``logit_scale``, where the combined export does not give it) is a similarity model
+    whose references are text prompts' embeddings, its text tower written beside ``out``; with ``prompts`` (a
+    file of one prompt per line) it is a zero-shot classifier of those prompts instead (:mod:`image_text`).
     """
     _check_options(score, task, layout, box_format)
     given = (prep or Preprocessing()).given
     if labels is not None:  # read before any work: a bad file is refused at once
         given = Facts(dict(given.values), dict(given.sources)).add(f"flag --labels {Path(labels).name}",
                                                                     labels=labels_file(Path(labels)))  # fmt: skip
+    baked = None if prompts is None else image_text.prompts_file(Path(prompts))
+    if baked is not None:
+        given = Facts(dict(given.values), dict(given.sources)).add(f"the prompts of --prompts {Path(prompts).name}",
+                                                                    labels=baked)  # fmt: skip
     notes: list[str] = []
     model, facts = _load_source(Path(source), given)
+    with tempfile.TemporaryDirectory() as scratch:
+        pair = image_text.resolve(model, Path(source), text, tokenizer, logit_scale, Path(scratch))
+        if pair is None and baked is not None:
+            raise OnnxcamError("--prompts bakes an image-text model's prompts: give its text tower with --text (or "
+                               "the combined export)")  # fmt: skip
+        if pair is not None and task not in (None, "classification" if baked else "similarity"):
+            raise OnnxcamError(f"an image-text model is explained by its prompts: drop --task {task}")
+        if pair is not None:
+            model = image_text.bake_prompts(pair, baked, Path(scratch)) if baked else pair.image
+            task = "classification" if baked else "similarity"
+            _describe_pair(pair, baked, notes)
+        return _graft_loaded(model, facts, Path(source), out, layer, score, task, layout, box_format, background,
+                             windowed, notes, None if baked else pair, Path(scratch))  # fmt: skip
+
+
+def _describe_pair(pair: image_text.ImageText, baked: list[str] | None, notes: list[str]) -> None:
+    where = "; ".join(f"{fact}: {found}" for fact, found in pair.sources.items())
+    if baked:
+        notes.append(f"an image-text model: {len(baked)} prompts baked in, a zero-shot classifier of them, each "
+                     f"logit {pair.scale:g} x the cosine of the image's and the prompt's embeddings ({where})")
+    else:
+        notes.append(f"an image-text model: the text tower and tokenizer are written beside the file, each prompt's "
+                     f"logit {pair.scale:g} x the cosine of the embeddings (explain --prompt; {where})")
+
+
+def _graft_loaded(
+    model: onnx.ModelProto, facts: Facts, source: Path, out: Path, layer: str | None, score: str, task: str | None,
+    layout: str | None, box_format: str | None, background: int | None, windowed: bool, notes: list[str],
+    pair: image_text.ImageText | None, scratch: Path,
+) -> tuple[dict[str, object], list[str]]:  # fmt: skip
+    """:func:`graft_file` from the loaded model on (``pair``: an image-text model's, its text tower in
+    ``scratch``)."""
     inputs = _input_layout(model.graph, facts, notes)
     prep = _resolve(facts, notes)
     _fold_shapes(model, inputs)
@@ -933,8 +980,10 @@ def graft_file(
     family = facts.values.get("family")
     decoding = Decoding((inputs.height, inputs.width), box_format, background, family,
                         *_extra_rows(model.graph, _shapes(types), facts))  # fmt: skip
-    logits, found, classes = _task_logits(model, types, task, notes, decoding, layout)
-    if found.kind != "classification" and score != "logit":  # (a regressor's value is its "logit": as it is)
+    logits, found, classes = _task_logits(model, types, task, notes, decoding, layout, pair and pair.scale)
+    if pair is not None:  # the model's own image-text logits, or their softmax over the prompts
+        found = dataclasses.replace(found, explained=score)
+    elif found.kind != "classification" and score != "logit":  # (a regressor's value is its "logit": as it is)
         raise OnnxcamError(f"a {found.kind} model explains its scores as they are: drop --score {score}")
     types = infer_types(model) if found.kind != "classification" else types
     layer, extras, layout = _choose_layers(model, Path(source), layer, logits, found, classes, types, inputs, notes)
@@ -967,10 +1016,31 @@ def graft_file(
         extra_layers=tuple(f"{name} ({'x'.join(str(d) for d in shapes[name][1:])})" for name in extras),
         notes="; ".join([*notes, f"the model receives {'BGR' if prep.bgr else 'RGB'} channels"]),
         resize=prep.resize.to_card(),
-        sources=prep.sources | {"labels": labels_source},
+        sources=prep.sources | {"labels": labels_source} | (pair.sources if pair else {}),
+        logit_scale=pair and pair.scale,
+        text=_text_sidecars(pair, scratch, out),
     )
-    card = save_explainer(grafted, card, out)
+    try:
+        card = save_explainer(grafted, card, out)
+    except BaseException:
+        for name in (card.text.get("model"), card.text.get("tokenizer")):
+            if name:
+                (out.parent / name).unlink(missing_ok=True)
+        raise
     return card.summary(), notes
+
+
+def _text_sidecars(pair: image_text.ImageText | None, scratch: Path, out: Path) -> dict:
+    """An image-text model's text tower and tokenizer written beside ``out`` (``<name>.text.onnx``,
+    ``<name>.tokenizer.json``): the card's ``text``, or {} for every other model."""
+    if pair is None:
+        return {}
+    stem = out.name.removesuffix(".onnx")
+    spec = pair.spec | {"model": f"{stem}.text.onnx", "tokenizer": f"{stem}.tokenizer.json"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for given, name in ((pair.spec["model"], spec["model"]), (pair.spec["tokenizer"], spec["tokenizer"])):
+        atomic_write(out.parent / name, lambda tmp, given=given: shutil.copyfile(scratch / given, tmp))
+    return spec
 
 
 def _check_options(score: str, task: str | None, layout: str | None, box_format: str | None) -> None:

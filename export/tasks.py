@@ -156,11 +156,11 @@ def add_recognition_scores(model: onnx.ModelProto, steps: str, types: Types, bla
     return summed
 
 
-def add_similarity_scores(model: onnx.ModelProto, embedding: str, types: Types) -> str:
+def add_similarity_scores(model: onnx.ModelProto, embedding: str, types: Types, scale: float | None = None) -> str:
     """``[N, R]`` cosine similarities of the image's embedding ``embedding`` ``[N, D]`` to each row of the
-    :data:`contract.REFERENCES` input ``[R, D]``, and :data:`contract.EMBEDDINGS`, the embedding L2-normalised (a
-    zero vector stays zero). The references are data: the gradient flows through the image's embedding only.
-    Appended in place."""
+    :data:`contract.REFERENCES` input ``[R, D]`` (times ``scale``, an image-text model's logit scale, where given),
+    and :data:`contract.EMBEDDINGS`, the embedding L2-normalised (a zero vector stays zero). The references are
+    data: the gradient flows through the image's embedding only. Appended in place."""
     b = Builder(model, types, prefix="onnxcam/similarity/")
     dims = b.shape(embedding)[1]
     if not isinstance(dims, int):
@@ -174,7 +174,9 @@ def add_similarity_scores(model: onnx.ModelProto, embedding: str, types: Types) 
     # (a broadcast product summed, not a MatMul: the references carry no batch axis, which the MatMul rule takes
     # any computed operand of the output's rank to have)
     pairs = b.op("Mul", b.unsqueeze(image, [1]), b.unsqueeze(unit(contract.REFERENCES), [0]))  # [N, R, D]
-    scores = b.op("Identity", b.reduce("ReduceSum", pairs, [2], keepdims=0), name=SIMILARITY_SCORES)
+    cosines = b.reduce("ReduceSum", pairs, [2], keepdims=0)
+    scaled = cosines if scale is None else b.op("Mul", cosines, b.scalar(scale, embedding))
+    scores = b.op("Identity", scaled, name=SIMILARITY_SCORES)
     _emit(model, b)
     model.graph.input.append(helper.make_tensor_value_info(contract.REFERENCES, b.elem_type(embedding), ["R", dims]))
     zero = np.zeros((1, dims), b.np_dtype(embedding))  # (a default, as the region's: one zero vector, similarity 0)

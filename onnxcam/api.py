@@ -23,6 +23,7 @@ from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import STRETCH, Placement
 from onnxcam.image import read_mask, read_rgb
+from onnxcam.prompts import TextTower
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TargetMap:
     position: int | None = None  # a recognised character's place in the text, 0 = the first
     mask: np.ndarray | None = None  # an instance segmenter's detection: its mask, bool [H, W] at the image's size
     explains: str | None = None  # what the map shows where that is not a class's evidence (a regressor's direction)
+    similarity: float | None = None  # a similarity model's: the cosine of the image's embedding and the reference's
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
@@ -118,7 +120,8 @@ class Request:
     iou: float | None = None
     mask: np.ndarray | str | Path | None = None  # a segmenter's region (an image file, or [H, W] non-zero inside)
     references: np.ndarray | None = None  # a similarity model's: the [R, D] embeddings each image is compared with
-    reference_names: tuple[str, ...] = ()  # and what each is (a file's name)
+    reference_names: tuple[str, ...] = ()  # and what each is (a file's name, a prompt)
+    prompts: int = 0  # how many of the references (the last ones) are text prompts' embeddings
 
 
 REGRESSION_SIGN = "where the evidence raises this output's value (what lowers it is not shown)"
@@ -265,6 +268,7 @@ class Explainer:
         iou: float | None = None,
         mask: np.ndarray | str | Path | None = None,
         like: Sequence[np.ndarray | str | Path] = (),
+        prompts: Sequence[str] = (),
     ) -> Request:
         """What to explain, checked against this model: a bad method name, class, top-k or an option the model's
         task has no use for is an OnnxcamError here, before any image is read.
@@ -279,28 +283,37 @@ class Explainer:
         (an image file, or an ``[H, W]`` array, non-zero inside; the size of every image) is the region whose
         pixels each class's score sums, instead of the pixels predicted as the class. On a similarity model,
         ``like`` gives the references (images, RGB arrays, or ``.npy`` files of ``[R, D]`` embeddings): one map per
-        reference, of the image's cosine similarity to it.
+        reference, of the image's cosine similarity to it. On an image-text model (CLIP), ``prompts`` are texts
+        whose embeddings (its text tower's) are references too: each map explains the model's logit for the
+        prompt, ``logit_scale`` times the cosine, or its softmax over the references (the card's ``score``).
         """
         names = methods.resolve(method, self.engine.outputs, self.card.task, self.card.has_gradients)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
-        if self.card.task == "similarity" or like:
-            references, labels = self._references(like, targets, top_k)
+        if self.card.task == "similarity" or like or prompts:
+            references, labels = self._references(like, prompts, targets, top_k)
             codes = tuple(range(len(references)))
             return Request(codes, tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask, references,
-                           labels)  # fmt: skip
+                           labels, len(prompts))  # fmt: skip
         codes = self.target_codes(targets, top_k)
         return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask)
 
-    def _references(self, like: Sequence[np.ndarray | str | Path], targets: Sequence[int | str], top_k: int | None
-                    ) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
+    def _references(self, like: Sequence[np.ndarray | str | Path], prompts: Sequence[str],
+                    targets: Sequence[int | str], top_k: int | None) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
         """A similarity model's references ``[R, D]`` and their names: ``.npy`` embeddings as they are, images
-        (paths or RGB arrays) embedded by this model."""
+        (paths or RGB arrays) embedded by this model, then text prompts embedded by its text tower."""
         if self.card.task != "similarity":
-            raise OnnxcamError(f"--like compares embeddings; this is a {self.card.task} model")
-        if not like:
-            raise OnnxcamError("a similarity model explains a likeness: give --like IMAGE (or a .npy of embeddings), "
-                               "one or more")  # fmt: skip
+            given = "--prompt explains an image-text model's prompts" if prompts else "--like compares embeddings"
+            raise OnnxcamError(f"{given}; this is a {self.card.task} model")
+        if prompts and not self.card.text:
+            raise OnnxcamError(f"--prompt needs an image-text model's text tower, which {self.engine.path.name} "
+                               "has not: export the CLIP model with it (export --from ... --text ...)")  # fmt: skip
+        if not like and not prompts:
+            ask = "--prompt TEXT (or --like IMAGE)" if self.card.text else "--like IMAGE (or a .npy of embeddings)"
+            raise OnnxcamError(f"a similarity model explains a likeness: give {ask}, one or more")
+        repeated = [p for p in dict.fromkeys(prompts) if list(prompts).count(p) > 1]
+        if repeated:
+            raise OnnxcamError(f"the prompt {repeated[0]!r} is given twice; give each prompt once")
         if targets or top_k is not None:
             raise OnnxcamError("a similarity model's targets are its --like references: leave out --target and --top-k")
         rows, names = [], []
@@ -312,9 +325,18 @@ class Explainer:
             else:
                 rows.append(self.embed([item]))
                 names.append(Path(item).stem if isinstance(item, str | Path) else f"reference {i}")
+        if prompts:
+            rows.append(self.text_tower.embed(prompts))
+            names += list(prompts)
         references = np.concatenate(rows)
         self.engine._similarity_feeds(references)  # (the embedding's size checked before any image is read)
         return references, tuple(names)
+
+    @cached_property
+    def text_tower(self) -> TextTower:
+        """An image-text model's text tower (beside its file), loaded at its first prompt; it caches each prompt's
+        embedding."""
+        return TextTower(Path(self.engine.path).parent, self.card.text, self.engine.session.get_providers())
 
     def embed(self, images: Sequence[np.ndarray | str | Path]) -> np.ndarray:
         """A similarity model's embeddings ``[M, D]`` (L2-normalised) of ``images`` (paths or RGB arrays), prepared
@@ -462,15 +484,19 @@ class Explainer:
         codes = np.asarray(asked.codes, dtype=np.int64)
         out = self.engine.run(batch, np.tile(codes, (len(prepared), 1)), methods.needs_gradients(list(asked.methods)),
                               references=asked.references)  # fmt: skip
+        scale, first_prompt = self.card.logit_scale, len(codes) - asked.prompts
         results = []
         for n, p in enumerate(prepared):
-            likes = [Prediction(int(r), asked.reference_names[r], float(out.logits[n, r]), float(out.logits[n, r]))
-                     for r in codes]  # fmt: skip
+            logits = out.logits[n].astype(np.float64)  # an image-text model's: logit_scale * cosine
+            shares = softmax(logits[None])[0] if scale else logits  # (the softmax over the references)
+            likes = [Prediction(int(r), asked.reference_names[r], float(shares[r]), float(logits[r])) for r in codes]
             found = []
             for name in asked.methods:
                 lowres = self._maps(name, batch[n], out, n, asked.eigen_smooth)
                 found += [TargetMap(**vars(likes[t]), weights=out.weights[n, t], cam_lowres=lowres[t],
-                                    size=p.photo.shape[:2], method=name, placement=p.placement, explains=LIKENESS)
+                                    size=p.photo.shape[:2], method=name, placement=p.placement,
+                                    explains=None if t >= first_prompt else LIKENESS,
+                                    similarity=float(logits[t] / (scale or 1.0)))
                           for t in range(len(codes))]  # fmt: skip
             results.append(Explanation(p.photo, likes, found))
         return results

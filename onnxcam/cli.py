@@ -228,6 +228,31 @@ def export(
             "a text recogniser: its CTC blank (Keras: the last symbol) [default: 0]."
         ),
     ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --from an image tower (CLIP's: pixels -> image embedding): its text tower, token ids -> text "
+            "embedding, written beside the output for explain --prompt [not with the combined export: it holds both]."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="An image-text model's Hugging Face tokenizer.json [default: the one beside the model]."),
+    ] = None,
+    logit_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="An image-text model's logit scale, exp(t) [default: measured from the combined export's "
+            "logits_per_image, else 100, every released CLIP's]."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="An image-text model: bake these prompts (one per line) into the file, a zero-shot classifier of "
+            "them with no text tower at run time."
+        ),
+    ] = None,
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -239,16 +264,21 @@ def export(
     Example: onnxcam export --from hf-export/model.onnx   (optimum: config.json, preprocessor_config.json beside it)
     Example: onnxcam export --from rec.onnx --size 48 320 --resize pad --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5
     Example: onnxcam export --from ssd.onnx --background 0 --labels coco91.txt   (SSD: scores and boxes)
+    Example: onnxcam export --from clip-onnx/model.onnx   (optimum's CLIP export: explain --prompt TEXT)
+    Example: onnxcam export --from image.onnx --text text.onnx --tokenizer tokenizer.json --prompts labels.txt
     """
     if source is not None:
-        detector = {"layout": detector_layout, "box_format": box_format, "background": background}
+        detector = {"layout": detector_layout, "box_format": box_format, "background": background,
+                    "text": text, "tokenizer": tokenizer, "logit_scale": logit_scale, "prompts": prompts}  # fmt: skip
         prep = {"size": _size(size), "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "bgr": bgr,
                 "preprocess": preprocess, "resize": resize}  # fmt: skip
         _export_from(source, out, layer, labels, prep, score.value, task and task.value, detector)
         return
-    if task is not None or detector_layout or box_format or background is not None:
-        raise OnnxcamError("--task, --detector-layout, --box-format and --background apply with --from only: the "
-                           "--arch networks are classifiers")  # fmt: skip
+    given = [text, tokenizer, logit_scale, prompts, detector_layout, box_format, background]
+    if task is not None or any(v is not None for v in given):
+        raise OnnxcamError("--task, --detector-layout, --box-format, --background, --text, --tokenizer, "
+                           "--logit-scale and --prompts apply with --from only: the --arch networks are "
+                           "classifiers")  # fmt: skip
     missing = [name for name in ("torch", "onnx", "onnxcam_export") if not installed(name)]
     if missing:
         raise OnnxcamError(
@@ -406,6 +436,14 @@ def explain(
             "reference, a photo or a .npy of embeddings [R, D]; repeat it for several [needed by them]."
         ),
     ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Image-text models (CLIP, exported with their text tower): explain each image's logit for this "
+            "text prompt; repeat it for several (one map each, one call) [needed by them, or --like].",
+            metavar="TEXT",
+        ),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -438,7 +476,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
-        conf=conf, iou=iou, mask=mask, like=list(like or []),
+        conf=conf, iou=iou, mask=mask, like=list(like or []), prompts=list(prompt or []),
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -449,7 +487,7 @@ def explain(
             records = _explain_records(images, model, provider, method, options, address, ray_actors, scratch, quiet)
             for record in records:
                 if "summary" in record:
-                    summary, warnings, task = record["summary"], record["warnings"], record["task"]
+                    summary, warnings, column = record["summary"], record["warnings"], record["task"]
                     continue
                 if record["error"]:
                     _echo(f"error: {record['error']}", err=True)  # the message names the file
@@ -462,7 +500,7 @@ def explain(
         doc = {"model": str(model), "warnings": warnings, "images": list(shown.values()), "summary": summary}
         typer.echo(json.dumps(doc, indent=2), file=stdout)
     else:
-        _print_table(list(shown.values()), stdout, task)
+        _print_table(list(shown.values()), stdout, column)
         _echo(_summary_line(summary), file=stdout)
     if summary["failed"] and not keep_going:
         raise SystemExit(2)
@@ -526,7 +564,8 @@ def _explain_records(
         records = distributed.run(explainer, paths, options, ray, actors, progress=not quiet, warnings=warnings,
                                   request=request)  # fmt: skip
     for record in records:
-        yield {**record, "warnings": warnings, "task": explainer.card.task} if "summary" in record else record
+        column = "probability" if explainer.card.logit_scale else PREDICTION_COLUMN[explainer.card.task]
+        yield {**record, "warnings": warnings, "task": column} if "summary" in record else record
 
 
 def _collect(shown: dict[str, dict], record: dict) -> None:
@@ -555,10 +594,9 @@ PREDICTION_COLUMN = {"classification": "probability", "detection": "score", "seg
                      "recognition": "probability", "regression": "value", "similarity": "cosine"}
 
 
-def _print_table(report: list[dict], file: TextIO, task: str) -> None:
-    """The predictions and the files of each image; a segmenter's "probability" is a class's share of the pixels,
-    a detector's is its box's score."""
-    kind = PREDICTION_COLUMN[task]
+def _print_table(report: list[dict], file: TextIO, kind: str) -> None:
+    """The predictions and the files of each image, their scores headed ``kind`` (:data:`PREDICTION_COLUMN`: a
+    segmenter's "probability" is a class's share of the pixels, a detector's its box's score)."""
     for item in report:
         if "error" in item:
             continue  # already said on stderr
@@ -575,6 +613,7 @@ def _print_table(report: list[dict], file: TextIO, task: str) -> None:
             note = "  (empty map: no region supports this class)" if t["empty_map"] else ""
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
             box += f" character {t['position']}" if "position" in t else ""
+            box += f" logit {t['logit']:.4g}, cosine {t['similarity']:.4f}" if "similarity" in t else ""
             what = f"{t['method']} map for {t['label']} ({t['class']}){box}"
             _echo(f"  {what}: {t['overlay']}  {t['map']}{note}", file=file)
         for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):

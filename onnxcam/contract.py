@@ -96,7 +96,11 @@ similarity          the model outputs an embedding ``[N, D]`` (face recognition,
                     with; ``logits`` ``[N, R]`` is the cosine similarity of the image's embedding to each, and
                     ``c >= 0`` asks for reference c. Extra output: ``embeddings`` ``[N, D]``, the image's own
                     embedding, L2-normalised (another call's reference). Its labels name nothing: its
-                    references are given with each call.
+                    references are given with each call. An image-text model's image tower (CLIP) has the
+                    card's ``logit_scale``: ``logits`` is ``logit_scale`` times the cosine, the model's own
+                    image-text logit, and its score may be ``probability`` (the softmax over the references);
+                    the card's ``text`` names its text tower and tokenizer, beside the file, whose embeddings
+                    of text prompts are the references (``explain --prompt``).
 
 Several target layers (the card's ``extra_layers``, e.g. a detector's scales): the first is
 ``activations`` as above; each further one, i = 1, 2, ..., has its own ``activations/i``
@@ -118,6 +122,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
@@ -180,6 +185,10 @@ SCORES = ("logit", "probability", "value")  # the explained score: a class logit
 TASKS = ("classification", "segmentation", "detection", "recognition", "regression", "similarity")  # (see above)
 ARCHS = ("efficientnet_lite0", "vgg16", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
          "densenet121", "convnext_tiny")  # onnxcam export --arch: the first two are onnxcam's, the rest torchvision's
+# an image-text model's text tower (the card's ``text``): its file and tokenizer beside the model, the tokens it
+# takes (a fixed length, padded with ``pad``, or null: each prompt as long as it is) and its inputs' names
+TEXT_TOWER = ("model", "tokenizer", "length", "pad", "ids", "mask")
+MAX_TEXT_LENGTH = 4096
 MAX_INPUT_SIDE = 4096  # an input side beyond this is a broken card, not a model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -222,6 +231,8 @@ class ModelCard:
     resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
     sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it
     empty_batch: bool = True  # head-only passes may feed an empty image batch (not where ORT aborts on one: LSTM)
+    logit_scale: float | None = None  # an image-text model's: logits = logit_scale * cosine (CLIP's exp(t))
+    text: dict = field(default_factory=dict)  # an image-text model's text tower beside the file (see TEXT_TOWER)
 
     @property
     def has_gradients(self) -> bool:
@@ -362,6 +373,22 @@ def _resize(value: object) -> str | None:
     return None
 
 
+def _text_tower(value: object) -> str | None:
+    if value == {}:
+        return None
+    if not isinstance(value, dict) or set(value) != set(TEXT_TOWER):
+        return f"must be {{}} or an object with {', '.join(TEXT_TOWER)}, got {value!r}"
+    files = (value["model"], value["tokenizer"])
+    if not all(isinstance(f, str) and re.fullmatch(r"[\w.-]+", f) and ".." not in f for f in files):
+        return f"must name its files beside the model (plain names), got {files!r}"
+    length, pad = value["length"], value["pad"]
+    if not (length is None or (type(length) is int and 1 <= length <= MAX_TEXT_LENGTH)) or type(pad) is not int:
+        return f"must give a length (1 to {MAX_TEXT_LENGTH} tokens, or null) and a pad id, got {length!r}, {pad!r}"
+    if not isinstance(value["ids"], str) or not (value["mask"] is None or isinstance(value["mask"], str)):
+        return f"must name the token ids' input (and the mask's, or null), got {value['ids']!r}, {value['mask']!r}"
+    return None
+
+
 def _sources(value: object) -> str | None:
     ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     return None if ok else f"must map facts to where they came from (strings), got {value!r}"
@@ -396,6 +423,9 @@ _CHECKS: dict[str, Check] = {
     "resize": _resize,
     "sources": _sources,
     "channel_order": lambda v: None if v == "RGB" else f"must be 'RGB', got {v!r}",
+    "logit_scale": lambda v: None if v is None or (type(v) in (int, float) and 0 < v < math.inf) else (
+        f"must be a positive number, got {v!r}"),
+    "text": lambda v: _text_tower(v),
     "saliency_methods": lambda v: (
         None
         if isinstance(v, tuple) and all(isinstance(n, str) for n in v)

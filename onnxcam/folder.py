@@ -53,12 +53,13 @@ class Options:
     iou: float | None = None
     mask: Path | None = None  # a segmenter's region, an image file the size of every image
     like: list[Path] = field(default_factory=list)  # a similarity model's references: images or .npy embeddings
+    prompts: list[str] = field(default_factory=list)  # an image-text model's: text prompts, references too
 
     def request(self, explainer: Explainer) -> Request:
         """What to explain, resolved and checked against ``explainer``'s model once (:meth:`Explainer.request`)."""
         return explainer.request(self.targets, self.top_k, method=self.methods, eigen_smooth=self.eigen_smooth,
                                  aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask,
-                                 like=self.like)  # fmt: skip
+                                 like=self.like, prompts=self.prompts)  # fmt: skip
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -77,6 +78,7 @@ class Options:
             "iou": self.iou,
             **({} if self.mask is None else {"mask": "sha256:" + outputs.file_digest(self.mask)[:16]}),
             **({"like": ["sha256:" + outputs.file_digest(p)[:16] for p in self.like]} if self.like else {}),
+            **({"prompts": list(self.prompts)} if self.prompts else {}),
         }
 
 
@@ -143,6 +145,7 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
                 **({} if m.position is None else {"position": m.position}),
                 **({} if m.mask is None else {"mask_pixels": int(m.mask.sum())}),
                 **({} if m.explains is None else {"explains": m.explains}),
+                **({} if m.similarity is None else {"similarity": round(m.similarity, 6)}),
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,

@@ -1,0 +1,274 @@
+"""Image-text models (CLIP and relatives) for the graft: the image tower, the text tower, the logit scale.
+
+A CLIP-style model scores an image against a text by ``logit_scale * cos(image_embed, text_embed)``. onnxcam
+grafts the image tower as a similarity model (:func:`onnxcam_export.tasks.add_similarity_scores`, the logit scale
+multiplied in) whose references are the prompts' text embeddings, and puts the text tower and its tokenizer beside
+the file (the card's ``text``, run by :mod:`onnxcam.prompts`); or it bakes a list of prompts' embeddings into
+the file, which is then a zero-shot classifier with no text tower at run time (:func:`bake_prompts`).
+
+The towers come as two files (the image tower's first output its embedding ``[N, D]``, the text tower's ``[T, D]``
+from token ids), or as one combined export (optimum's zero-shot export: ``pixel_values``, ``input_ids``,
+``attention_mask`` in, ``logits_per_image``, ``image_embeds``, ``text_embeds`` out), which is cut in two and
+whose logit scale is measured from its own ``logits_per_image``.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.errors import OnnxcamError
+from onnxcam.prompts import TextTower, load_tokenizer, unit
+
+CLIP_SCALE = 100.0  # exp(logit_scale) of every released CLIP (OpenAI's and open_clip's: clamped at 100)
+INTEGER = (TensorProto.INT64, TensorProto.INT32)
+MASK = re.compile(r"mask", re.I)
+TOKENIZER = "tokenizer.json"  # the file a Hugging Face tokenizer saves, and optimum's export folder holds
+BAKED = "zero_shot_logits"  # a baked file's logits: logit_scale * cos(image, prompt k), [N, K]
+
+
+@dataclass
+class ImageText:
+    """The towers of an image-text model, the logit scale and where each fact came from."""
+
+    image: onnx.ModelProto  # pixels -> image embedding, its first output
+    text: onnx.ModelProto  # token ids (and a mask) -> text embedding [T, D], its only output
+    tokenizer: Path
+    scale: float
+    sources: dict[str, str]
+    spec: dict  # the card's ``text`` (contract.TEXT_TOWER), its file names still to be set
+
+
+def _rank(value: onnx.ValueInfoProto) -> int:
+    return len(value.type.tensor_type.shape.dim)
+
+
+def _elem(value: onnx.ValueInfoProto) -> int:
+    return value.type.tensor_type.elem_type
+
+
+def _inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs that are no weights (an input with an initializer is a default)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _ancestry(graph: onnx.GraphProto) -> dict[str, set[str]]:
+    """Each tensor -> the graph inputs it is computed from."""
+    found: dict[str, set[str]] = {i.name: {i.name} for i in graph.input}
+    for node in graph.node:  # (topological order, as ONNX requires)
+        reached = set().union(*(found.get(name, set()) for name in node.input if name))
+        for attribute in node.attribute:  # a subgraph's outer names
+            for sub in [attribute.g, *attribute.graphs]:
+                reached |= set().union(*(found.get(n, set()) for s in sub.node for n in s.input))
+        for name in node.output:
+            found[name] = reached
+    return found
+
+
+def is_combined(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` takes an image and token ids (a combined image-text export)."""
+    inputs = _inputs(model)
+    return any(_rank(i) == 4 for i in inputs) and any(_rank(i) == 2 and _elem(i) in INTEGER for i in inputs)
+
+
+def _extract(model: onnx.ModelProto, inputs: list[str], output: str) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``output`` from ``inputs`` (ONNX's extractor)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, part = Path(tmp) / "whole.onnx", Path(tmp) / "part.onnx"
+        onnx.save(model, whole)
+        onnx.utils.extract_model(str(whole), str(part), inputs, [output], check_model=False)
+        return onnx.load(part)
+
+
+def _embedding_output(model: onnx.ModelProto, computed_from: set[str], prefer: str, ancestry: dict) -> str:
+    """The ``[M, D]`` output computed from ``computed_from`` only (by name ``prefer`` among several)."""
+    found = [o.name for o in model.graph.output if _rank(o) == 2 and ancestry.get(o.name, set()) <= computed_from
+             and ancestry.get(o.name)]  # fmt: skip
+    named = [name for name in found if prefer in name.lower()]
+    if len(named) == 1 or len(found) == 1:
+        return (named or found)[0]
+    shown = ", ".join(o.name for o in model.graph.output)
+    raise OnnxcamError(f"cannot tell the {prefer} among the outputs of the image-text model ({shown}); export its "
+                       "two towers as two files and give the text tower with --text")  # fmt: skip
+
+
+def split_combined(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, str | None]:
+    """The image tower, the text tower and the name of the pair's image-text logits ``[N, T]`` (or None) of a
+    combined export."""
+    inputs, ancestry = _inputs(model), _ancestry(model.graph)
+    image = next(i.name for i in inputs if _rank(i) == 4)
+    tokens = {i.name for i in inputs if _rank(i) == 2 and _elem(i) in INTEGER}
+    image_out = _embedding_output(model, {image}, "image_embeds", ancestry)
+    text_out = _embedding_output(model, tokens, "text_embeds", ancestry)
+    both = [o.name for o in model.graph.output if _rank(o) == 2 and ancestry.get(o.name, set()) >= {image, *tokens}]
+    logits = next((n for n in both if "per_image" in n), both[0] if both else None)
+    text_inputs = [i.name for i in inputs if i.name in tokens]
+    return _extract(model, [image], image_out), _extract(model, text_inputs, text_out), logits
+
+
+def text_spec(text: onnx.ModelProto, source: str) -> dict:
+    """The card's ``text`` for a text tower (its file names still to be set): its token ids' input, its mask's,
+    its length; refused where it is no text tower."""
+    inputs = _inputs(text)
+    ids = [i for i in inputs if _rank(i) == 2 and _elem(i) in INTEGER and not MASK.search(i.name)]
+    masks = [i for i in inputs if _rank(i) == 2 and _elem(i) in INTEGER and MASK.search(i.name)]
+    described = ", ".join(f"{i.name} {_rank(i)}-D" for i in inputs)
+    if len(ids) != 1 or len(masks) > 1 or len(inputs) != len(ids) + len(masks):
+        raise OnnxcamError(f"{source} is not a text tower onnxcam knows: it takes ({described}), not token ids "
+                           "[T, L] (and an attention mask)")  # fmt: skip
+    if len(text.graph.output) != 1 or _rank(text.graph.output[0]) != 2:
+        shown = ", ".join(f"{o.name} {_rank(o)}-D" for o in text.graph.output)
+        raise OnnxcamError(f"{source}'s outputs ({shown}) are not one text embedding [T, D]")
+    batch, length = (d.dim_value if d.HasField("dim_value") else None for d in ids[0].type.tensor_type.shape.dim)
+    if batch not in (None, 1):
+        raise OnnxcamError(f"{source} takes a fixed batch of {batch} prompts; re-export it with a free batch axis")
+    return {"model": "", "tokenizer": "", "length": length, "pad": 0, "ids": ids[0].name,
+            "mask": masks[0].name if masks else None}  # fmt: skip
+
+
+def _pad_id(tokenizer: object, spec: dict) -> tuple[int, str]:
+    """The id a fixed-length tower's prompts are padded with, and where it came from."""
+    padding = getattr(tokenizer, "padding", None)
+    if padding and "pad_id" in padding:
+        return int(padding["pad_id"]), "the tokenizer's padding"
+    return 0, "assumed 0 (open_clip's; the tokenizer sets none)" if spec["length"] else "none needed (free length)"
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _measured_scale(combined: onnx.ModelProto, logits: str, image: onnx.ModelProto, tower: TextTower) -> float:
+    """The pair's logit scale, from its own image-text logits for a random image and two prompts (one call each):
+    the least squares ratio to the cosines of its towers' embeddings, refused where that is no scaled cosine."""
+    session, prompts = _session(combined), ("a photo of a cat", "a diagram")
+    pixels = next(i for i in _inputs(combined) if _rank(i) == 4)
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in pixels.type.tensor_type.shape.dim]
+    image_feed = {pixels.name: np.random.default_rng(0).normal(0, 1, [1, *(d or 224 for d in dims[1:])])
+                  .astype(np.float32)}  # fmt: skip
+    given = np.asarray([session.run([logits], image_feed | tower.tokens(p))[0].item() for p in prompts])
+    (image_embed,) = _session(image).run(None, {image.graph.input[0].name: image_feed[pixels.name]})
+    cosines = (unit(image_embed.astype(np.float64)) @ tower.embed(prompts).astype(np.float64).T).ravel()
+    scale = float(cosines @ given / (cosines @ cosines))
+    if not np.allclose(scale * cosines, given, rtol=1e-3, atol=1e-4 * max(1.0, abs(scale))):
+        raise OnnxcamError(f"the model's {logits!r} is not a scaled cosine of its image and text embeddings "
+                           f"({given.round(4).tolist()} against {cosines.round(4).tolist()}); export its towers as "
+                           "two files and give --text and --logit-scale")  # fmt: skip
+    return scale
+
+
+def resolve(
+    model: onnx.ModelProto, source: Path, text: Path | None, tokenizer: Path | None, scale: float | None,
+    folder: Path,
+) -> ImageText | None:  # fmt: skip
+    """The image-text model ``source`` (combined, or its image tower with ``text``) and what it needs, or None
+    where it is no image-text model (nothing asked for one). ``folder``: a scratch folder for the text tower."""
+    combined = is_combined(model)
+    if not combined and text is None:
+        if tokenizer is not None or scale is not None:
+            raise OnnxcamError("--tokenizer and --logit-scale go with an image-text model: give its text tower with "
+                               "--text, or the combined export")  # fmt: skip
+        return None
+    if combined and text is not None:
+        raise OnnxcamError(f"{source} holds both towers already (it takes an image and token ids): drop --text")
+    sources: dict[str, str] = {}
+    tokenizer = tokenizer or _beside(source, text)
+    sources["tokenizer"] = f"{'flag --tokenizer' if tokenizer else 'found beside the model'} {tokenizer.name}"
+    if combined:
+        image, tower, logits = split_combined(model)
+        where = f"{source.name}, cut from the combined export"
+    else:
+        try:
+            tower = onnx.load(text)
+        except Exception as exc:
+            raise OnnxcamError(f"cannot read {text} as an ONNX model: {exc}") from None
+        image, logits, where = model, None, text.name
+    sources["text tower"] = where
+    spec = text_spec(tower, where)
+    loaded = load_tokenizer(tokenizer)
+    spec["pad"], sources["pad"] = _pad_id(loaded, spec)
+    spec |= {"model": "text.onnx", "tokenizer": tokenizer.name}
+    onnx.save(tower, folder / "text.onnx")
+    (folder / tokenizer.name).write_bytes(tokenizer.read_bytes())
+    towers = TextTower(folder, spec)
+    if scale is not None:
+        sources["logit scale"] = f"flag --logit-scale {scale:g}"
+    elif logits is not None:
+        scale = _measured_scale(model, logits, image, towers)
+        sources["logit scale"] = f"measured from {logits!r}: {scale:.6g}"
+    else:
+        scale = CLIP_SCALE
+        sources["logit scale"] = f"assumed {CLIP_SCALE:g} (every released CLIP's; --logit-scale)"
+    if not (0 < scale < np.inf):
+        raise OnnxcamError(f"the logit scale must be a positive number, got {scale}")
+    return ImageText(image, tower, tokenizer, scale, sources, spec)
+
+
+def _beside(source: Path, text: Path | None) -> Path:
+    """The ``tokenizer.json`` beside the text tower or the model, where no --tokenizer names one."""
+    for folder in dict.fromkeys(p.parent for p in (text, source) if p is not None):
+        if (folder / TOKENIZER).is_file():
+            return folder / TOKENIZER
+    raise OnnxcamError(f"an image-text model needs its tokenizer: give --tokenizer tokenizer.json (no {TOKENIZER} "
+                       f"lies beside {source.name})")  # fmt: skip
+
+
+def prompts_file(path: Path) -> list[str]:
+    """``--prompts``: one prompt per line (blank lines skipped), each once."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxcamError(f"cannot read the prompts {path}: {exc}") from None
+    prompts = [line for line in lines if line]
+    if len(prompts) < 2 or len(set(prompts)) != len(prompts):
+        raise OnnxcamError(f"{path} must hold two or more different prompts, one per line (found {len(prompts)}, "
+                           f"{len(prompts) - len(set(prompts))} repeated)")  # fmt: skip
+    return prompts
+
+
+def bake_prompts(pair: ImageText, prompts: list[str], folder: Path) -> onnx.ModelProto:
+    """The image tower with the prompts' text embeddings baked in: a zero-shot classifier whose logits
+    :data:`BAKED` ``[N, K]`` are ``logit_scale * cos(image, prompt k)``, its only output."""
+    embeddings = TextTower(folder, pair.spec).embed(prompts)  # [K, D] unit rows
+    model = pair.image
+    graph = model.graph
+    output = graph.output[0]
+    dims = embeddings.shape[1]
+    given = output.type.tensor_type.shape.dim
+    if len(given) != 2 or (given[1].HasField("dim_value") and given[1].dim_value != dims):
+        raise OnnxcamError(f"the image tower's output {output.name!r} does not match the text tower's embeddings "
+                           f"[T, {dims}]")  # fmt: skip
+    kind = output.type.tensor_type.elem_type
+    dtype = helper.tensor_dtype_to_np_dtype(kind)
+    p = "onnxcam/zero_shot/"
+    graph.initializer.extend([
+        numpy_helper.from_array((embeddings.T * pair.scale).astype(dtype), p + "scaled_prompts"),  # [D, K]
+        numpy_helper.from_array(np.asarray([1], np.int64), p + "axis"),
+        numpy_helper.from_array(np.asarray(1e-12, dtype), p + "eps"),
+    ])  # fmt: skip
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    summed = (helper.make_node("ReduceSum", [p + "squares", p + "axis"], [p + "sum"], keepdims=1) if opset >= 13
+              else helper.make_node("ReduceSum", [p + "squares"], [p + "sum"], keepdims=1, axes=[1]))  # fmt: skip
+    graph.node.extend([
+        helper.make_node("Mul", [output.name, output.name], [p + "squares"]),
+        summed,
+        helper.make_node("Sqrt", [p + "sum"], [p + "norm"]),
+        helper.make_node("Max", [p + "norm", p + "eps"], [p + "clamped"]),
+        helper.make_node("Div", [output.name, p + "clamped"], [p + "unit"]),
+        helper.make_node("MatMul", [p + "unit", p + "scaled_prompts"], [BAKED]),
+    ])  # fmt: skip
+    batch = given[0].dim_param or given[0].dim_value or "N"
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(BAKED, kind, [batch, len(prompts)]))
+    return model
+
