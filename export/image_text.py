@@ -14,6 +14,7 @@ whose logit scale is measured from its own ``logits_per_image``.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -134,11 +135,15 @@ def text_spec(text: onnx.ModelProto, source: str) -> dict:
             "mask": masks[0].name if masks else None}  # fmt: skip
 
 
-def _pad_id(tokenizer: object, spec: dict) -> tuple[int, str]:
-    """The id a fixed-length tower's prompts are padded with, and where it came from."""
-    padding = getattr(tokenizer, "padding", None)
-    if padding and "pad_id" in padding:
-        return int(padding["pad_id"]), "the tokenizer's padding"
+def _pad_id(tokenizer: Path, spec: dict) -> tuple[int, str]:
+    """The id a fixed-length tower's prompts are padded with (the padding ``tokenizer.json`` sets), and where it
+    came from."""
+    try:
+        padding = json.loads(tokenizer.read_text(encoding="utf-8")).get("padding") or {}
+    except (OSError, ValueError, AttributeError):
+        padding = {}
+    if isinstance(padding, dict) and type(padding.get("pad_id")) is int:
+        return padding["pad_id"], f"the padding of {tokenizer.name}"
     return 0, "assumed 0 (open_clip's; the tokenizer sets none)" if spec["length"] else "none needed (free length)"
 
 
@@ -182,8 +187,9 @@ def resolve(
     if combined and text is not None:
         raise OnnxcamError(f"{source} holds both towers already (it takes an image and token ids): drop --text")
     sources: dict[str, str] = {}
+    sources["tokenizer"] = f"flag --tokenizer {tokenizer.name}" if tokenizer else "found beside the model"
     tokenizer = tokenizer or _beside(source, text)
-    sources["tokenizer"] = f"{'flag --tokenizer' if tokenizer else 'found beside the model'} {tokenizer.name}"
+    sources["tokenizer"] += "" if sources["tokenizer"].startswith("flag") else f" ({tokenizer.name})"
     if combined:
         image, tower, logits = split_combined(model)
         where = f"{source.name}, cut from the combined export"
@@ -195,8 +201,8 @@ def resolve(
         image, logits, where = model, None, text.name
     sources["text tower"] = where
     spec = text_spec(tower, where)
-    loaded = load_tokenizer(tokenizer)
-    spec["pad"], sources["pad"] = _pad_id(loaded, spec)
+    load_tokenizer(tokenizer)  # (a file it cannot read is refused here)
+    spec["pad"], sources["pad"] = _pad_id(tokenizer, spec)
     spec |= {"model": "text.onnx", "tokenizer": tokenizer.name}
     onnx.save(tower, folder / "text.onnx")
     (folder / tokenizer.name).write_bytes(tokenizer.read_bytes())

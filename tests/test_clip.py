@@ -204,7 +204,8 @@ def test_two_towers_with_a_fixed_length_give_the_same_logits(clip: tuple, tmp_pa
     out = tmp_path / "two.cam.onnx"
     card, _ = graft_file(folder / "image.onnx", out, prep=UNIT, text=folder / "towers" / "text.onnx",
                          logit_scale=SCALE)  # fmt: skip
-    assert card["text"]["length"] == LENGTH and card["sources"]["tokenizer"].endswith("tokenizer.json")
+    assert card["text"]["length"] == LENGTH
+    assert card["sources"]["tokenizer"] == "found beside the model (tokenizer.json)"
     assert card["sources"]["logit scale"] == f"flag --logit-scale {SCALE:g}"
     explainer = Explainer(out)
     result = explainer.explain(images(1)[0], prompts=PROMPTS)

@@ -40,7 +40,8 @@ EXPECTED = {  # what each example's output must say
 SLOW = {"from", "byo", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization
 # torch makes the stand-in models; the Ray extra; quantize
 NEEDS = {"from": "torch", "byo": "torch", "ray": "ray", "int8": "onnx"}
-OWN_TESTS = {"bias", "vit", "detect", "ocr"}  # run by tests/test_{bias,vit,detect,ocr}_demo.py, which check meaning
+# run by tests/test_{bias,vit,detect,ocr,clip}_demo.py, which check meaning
+OWN_TESTS = {"bias", "vit", "detect", "ocr", "clip"}
 
 
 def test_every_code_block_is_run_or_says_why() -> None:
