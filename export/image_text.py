@@ -37,14 +37,12 @@ BAKED = "zero_shot_logits"  # a baked file's logits: logit_scale * cos(image, pr
 
 @dataclass
 class ImageText:
-    """The towers of an image-text model, the logit scale and where each fact came from."""
+    """An image-text model's image tower, its logit scale, where each fact came from and its text tower's spec."""
 
     image: onnx.ModelProto  # pixels -> image embedding, its first output
-    text: onnx.ModelProto  # token ids (and a mask) -> text embedding [T, D], its only output
-    tokenizer: Path
     scale: float
     sources: dict[str, str]
-    spec: dict  # the card's ``text`` (contract.TEXT_TOWER), its file names still to be set
+    spec: dict  # the card's ``text`` (contract.TEXT_TOWER), naming the text tower and tokenizer in the scratch folder
 
 
 def _rank(value: onnx.ValueInfoProto) -> int:
@@ -217,7 +215,7 @@ def resolve(
         sources["logit scale"] = f"assumed {CLIP_SCALE:g} (every released CLIP's; --logit-scale)"
     if not (0 < scale < np.inf):
         raise OnnxcamError(f"the logit scale must be a positive number, got {scale}")
-    return ImageText(image, tower, tokenizer, scale, sources, spec)
+    return ImageText(image, scale, sources, spec)
 
 
 def _beside(source: Path, text: Path | None) -> Path:
