@@ -87,16 +87,32 @@ def _extract(model: onnx.ModelProto, inputs: list[str], output: str) -> onnx.Mod
         return onnx.load(part)
 
 
-def _embedding_output(model: onnx.ModelProto, computed_from: set[str], prefer: str, ancestry: dict) -> str:
-    """The ``[M, D]`` output computed from ``computed_from`` only (by name ``prefer`` among several)."""
+def _embedding_output(model: onnx.ModelProto, computed_from: set[str], prefer: str, ancestry: dict, hint: str) -> str:
+    """The ``[M, D]`` output computed from ``computed_from`` only (by name ``prefer`` among several); refused with
+    ``hint`` where there is none or no one."""
     found = [o.name for o in model.graph.output if _rank(o) == 2 and ancestry.get(o.name, set()) <= computed_from
              and ancestry.get(o.name)]  # fmt: skip
     named = [name for name in found if prefer in name.lower()]
     if len(named) == 1 or len(found) == 1:
         return (named or found)[0]
-    shown = ", ".join(o.name for o in model.graph.output)
-    raise OnnxcamError(f"cannot tell the {prefer} among the outputs of the image-text model ({shown}); export its "
-                       "two towers as two files and give the text tower with --text")  # fmt: skip
+    shown = ", ".join(f"{o.name} {_rank(o)}-D" for o in model.graph.output)
+    raise OnnxcamError(f"cannot tell the {prefer} [M, D] among the outputs ({shown}); {hint}")
+
+
+def _tower(model: onnx.ModelProto, prefer: str, source: str) -> onnx.ModelProto:
+    """One tower's file cut to its embedding, where it returns more (Hugging Face's ``...WithProjection`` towers:
+    the embedding and the last hidden state)."""
+    if len(model.graph.output) == 1:
+        return model
+    inputs = [i.name for i in _inputs(model)]
+    hint = f"export {source} with its embedding as its only output"
+    return _extract(model, inputs, _embedding_output(model, set(inputs), prefer, _ancestry(model.graph), hint))
+
+
+def _width(model: onnx.ModelProto) -> int | None:
+    """The embedding's size D of a tower's one output ``[M, D]`` (None where it is symbolic)."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
 
 
 def split_combined(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, str | None]:
@@ -105,8 +121,9 @@ def split_combined(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelP
     inputs, ancestry = _inputs(model), _ancestry(model.graph)
     image = next(i.name for i in inputs if _rank(i) == 4)
     tokens = {i.name for i in inputs if _rank(i) == 2 and _elem(i) in INTEGER}
-    image_out = _embedding_output(model, {image}, "image_embeds", ancestry)
-    text_out = _embedding_output(model, tokens, "text_embeds", ancestry)
+    hint = "export its two towers as two files and give the text tower with --text"
+    image_out = _embedding_output(model, {image}, "image_embeds", ancestry, hint)
+    text_out = _embedding_output(model, tokens, "text_embeds", ancestry, hint)
     both = [o.name for o in model.graph.output if _rank(o) == 2 and ancestry.get(o.name, set()) >= {image, *tokens}]
     logits = next((n for n in both if "per_image" in n), both[0] if both else None)
     text_inputs = [i.name for i in inputs if i.name in tokens]
@@ -196,8 +213,13 @@ def resolve(
             tower = onnx.load(text)
         except Exception as exc:
             raise OnnxcamError(f"cannot read {text} as an ONNX model: {exc}") from None
-        image, logits, where = model, None, text.name
+        image, tower = _tower(model, "image_embeds", source.name), _tower(tower, "text_embeds", text.name)
+        logits, where = None, text.name
     sources["text tower"] = where
+    if None not in (_width(image), _width(tower)) and _width(image) != _width(tower):
+        raise OnnxcamError(f"the image tower's embedding has {_width(image)} dimensions but the text tower's "
+                           f"output {tower.graph.output[0].name!r} has {_width(tower)}: give the text tower with its "
+                           "projection (text_embeds), as the image tower has its")  # fmt: skip
     spec = text_spec(tower, where)
     load_tokenizer(tokenizer)  # (a file it cannot read is refused here)
     spec["pad"], sources["pad"] = _pad_id(tokenizer, spec)

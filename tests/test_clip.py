@@ -15,6 +15,7 @@ import pytest
 
 from onnxcam.api import Explainer
 from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
 from onnxcam_export.from_onnx import Preprocessing, graft_file
 from tests.conftest import assert_rows_match_autograd
 from tests.test_cli import assert_clean_failure, run
@@ -216,6 +217,48 @@ def test_two_towers_with_a_fixed_length_give_the_same_logits(clip: tuple, tmp_pa
     np.testing.assert_allclose([p.probability for p in result.predictions], shares, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([m.similarity for m in result.maps], expected / SCALE, rtol=1e-5, atol=1e-6)
     assert [m.label for m in result.maps] == PROMPTS and all(m.explains is None for m in result.maps)
+
+
+class WithHidden(nn.Module):
+    """A tower that returns its token-level or grid states beside its embedding (Hugging Face's
+    ``CLIPTextModelWithProjection`` and ``CLIPVisionModelWithProjection``), in either order; ``projected=False``:
+    the text embedding before its projection (``CLIPTextModel``'s ``pooler_output``, 16 dimensions, not 12)."""
+
+    def __init__(self, clip: TinyClip, text: bool, projected: bool = True) -> None:
+        super().__init__()
+        self.clip, self.text, self.projected = clip, text, projected
+
+    def forward(self, *args: torch.Tensor) -> tuple:
+        if not self.text:
+            features = self.clip.features(args[0])
+            return features, self.clip.pooled(features)
+        ids, mask = args
+        x = self.clip.tokens(ids) + self.clip.positions[: ids.shape[1]]
+        embed = self.clip.text(ids, mask)
+        return embed if self.projected else x.mean(1), x
+
+
+def test_towers_that_return_their_states_beside_the_embedding_use_the_embedding(clip: tuple, tmp_path: Path) -> None:
+    model, _ = clip
+    fixed = torch.zeros(1, LENGTH, dtype=torch.long), torch.ones(1, LENGTH, dtype=torch.long)
+    axes = {"input_ids": {0: "T"}, "attention_mask": {0: "T"}}
+    export(WithHidden(model, True), fixed, tmp_path / "text.onnx", ["input_ids", "attention_mask"],
+           ["text_embeds", "last_hidden_state"], axes)  # fmt: skip
+    export(WithHidden(model, False), (torch.zeros(1, 3, *SIZE),), tmp_path / "image.onnx", ["x"],
+           ["last_hidden_state", "image_embeds"], {"x": {0: "N"}})  # fmt: skip
+    write_tokenizer(tmp_path / "tokenizer.json")
+    out = tmp_path / "states.cam.onnx"
+    card, _ = graft_file(tmp_path / "image.onnx", out, prep=UNIT, text=tmp_path / "text.onnx", logit_scale=SCALE)
+    assert card["task"] == "similarity"
+    result = Explainer(out).explain(images(1)[0], prompts=PROMPTS)
+    logits, _ = reference(model, PROMPTS, images(1))
+    np.testing.assert_allclose([p.logit for p in result.predictions], logits.detach().numpy()[0], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    export(WithHidden(model, True, projected=False), fixed, tmp_path / "pooled.onnx", ["input_ids", "attention_mask"],
+           ["pooler_output", "last_hidden_state"], axes)  # fmt: skip
+    with pytest.raises(OnnxcamError, match=r"12 dimensions but the text tower's output 'pooler_output' has 16"):
+        graft_file(tmp_path / "image.onnx", tmp_path / "bad.cam.onnx", prep=UNIT, text=tmp_path / "pooled.onnx")
+    assert not list(tmp_path.glob("bad.cam*")), "nothing written"
 
 
 def test_the_zero_shot_file_gives_the_prompt_paths_maps(clip: tuple, combined: tuple, tmp_path: Path) -> None:
