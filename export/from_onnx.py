@@ -161,11 +161,17 @@ def _reaches_the_grid(
 ) -> bool:
     """Whether the class gradient reaches the grid tokens of ``layer``: after a class-token head's last
     attention, only the prefix tokens lead to the logits, and the map would be empty. (A detector's rows are its
-    first two (anchor, class) pairs, found whatever its scores.)"""
+    first two (anchor, class) pairs, found whatever its scores; a similarity model's, two random references: its
+    default, one zero vector, has no gradient anywhere.)"""
     grafted = graft(model, layer, logits, types, layout, task=task).model
     session = probe.session(grafted)
     targets = np.array([[0, 1]] if task.kind == "detection" else [[-1, -2]])
     feed = feed | {contract.TARGETS: targets, contract.FULL_GRADIENTS: np.asarray(True)}
+    references = next((i for i in grafted.graph.input if i.name == contract.REFERENCES), None)
+    if references is not None:  # ([R, D], D fixed: tasks.add_similarity_scores)
+        dims = references.type.tensor_type.shape.dim[1].dim_value
+        dtype = helper.tensor_dtype_to_np_dtype(references.type.tensor_type.elem_type)
+        feed[contract.REFERENCES] = np.random.default_rng(0).standard_normal((2, dims)).astype(dtype)
     return bool(np.any(session.run([contract.GRADIENTS], feed)[0]))
 
 

@@ -117,3 +117,49 @@ def test_an_embedding_named_so_is_a_similarity_model_too(tmp_path: Path) -> None
     export_plain(Unnormalised().eval(), SIZE, tmp_path / "e.onnx", dynamo=False, output="image_embeds")
     card, notes = graft_file(tmp_path / "e.onnx", tmp_path / "e.cam.onnx", prep=UNIT)
     assert card["task"] == "similarity" and any("is named as one: an embedding" in n for n in notes), notes
+
+
+class TokenEmbedder(nn.Module):
+    """A ViT whose embedding is its class token, normalised (DINOv2's, CLIP's image tower): the gradient reaches the
+    grid tokens only before the last block's attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from onnxcam_export.transformers import VisionTransformer
+
+        self.vit = VisionTransformer(SIZE, patch=8, dim=32, depth=2, heads=4, classes=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.vit.blocks[0](self.tokens(x)))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = v.patch_embed(x).flatten(2).transpose(1, 2)
+        return torch.cat([v.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + v.pos_embed
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.vit.head(self.vit.norm(self.vit.blocks[1](tokens))[:, 0])
+        return e / e.norm(dim=1, keepdim=True)
+
+
+def test_a_class_token_embedding_is_explained_at_the_last_token_layer_its_gradient_reaches(tmp_path: Path) -> None:
+    """The layer is found with references in the probe's feed: with none (the file's default, one zero vector) every
+    similarity, and so every gradient, was zero, and a ViT embedder was refused ("reaches no token layer")."""
+    torch.manual_seed(0)
+    model = TokenEmbedder().eval()
+    export_plain(model, SIZE, tmp_path / "vit.onnx", dynamo=False, output="output")
+    card, _ = graft_file(tmp_path / "vit.onnx", tmp_path / "vit.cam.onnx", prep=UNIT)
+    assert card["task"] == "similarity" and "blocks.0" in card["layer"], card["layer"]
+    assert "(32x4x4) [token layer: 1 + 16 tokens of 32, 4x4 grid, class token dropped]" in card["layer"]
+    reference = TokenEmbedder().double()
+    reference.load_state_dict(model.state_dict())
+    refs = np.random.default_rng(1).standard_normal((3, 16))
+    out = Engine(tmp_path / "vit.cam.onnx").run(images(), np.array([[0, 1], [2, 0]]), full_gradients=True,
+                                                references=refs)  # fmt: skip
+    with torch.no_grad():
+        tokens = reference.vit.blocks[0](reference.tokens(as_input(images())))
+    grid = tokens[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4).clone().requires_grad_(True)  # the contract's view
+    embeddings = reference.embed(torch.cat([tokens[:, :1], grid.flatten(2).transpose(1, 2)], dim=1))
+    cosines = embeddings @ torch.from_numpy(refs / np.linalg.norm(refs, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(out.logits, cosines.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert_rows_match_autograd(out, cosines, grid, TOL)
