@@ -948,7 +948,8 @@ def graft_file(
     notes: list[str] = []
     model, facts = _load_source(Path(source), given)
     with tempfile.TemporaryDirectory() as scratch:
-        pair = image_text.resolve(model, Path(source), text, tokenizer, logit_scale, Path(scratch))
+        pair = image_text.resolve(model, Path(source), text, tokenizer, logit_scale, Path(scratch),
+                                  facts.values.get("size"))  # fmt: skip
         if pair is None and baked is not None:
             raise OnnxcamError("--prompts bakes an image-text model's prompts: give its text tower with --text (or "
                                "the combined export)")  # fmt: skip

@@ -168,16 +168,26 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _measured_scale(combined: onnx.ModelProto, logits: str, image: onnx.ModelProto, tower: TextTower) -> float:
+def _measured_scale(
+    combined: onnx.ModelProto, logits: str, image: onnx.ModelProto, tower: TextTower, size: tuple[int, int] | None
+) -> float:
     """The pair's logit scale, from its own image-text logits for a random image and two prompts (one call each):
-    the least squares ratio to the cosines of its towers' embeddings, refused where that is no scaled cosine."""
+    the least squares ratio to the cosines of its towers' embeddings, refused where that is no scaled cosine.
+    ``size``: the input size where the model leaves it symbolic (optimum does), from the sidecars or --size."""
     session, prompts = _session(combined), ("a photo of a cat", "a diagram")
     pixels = next(i for i in _inputs(combined) if _rank(i) == 4)
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in pixels.type.tensor_type.shape.dim]
-    image_feed = {pixels.name: np.random.default_rng(0).normal(0, 1, [1, *(d or 224 for d in dims[1:])])
-                  .astype(np.float32)}  # fmt: skip
-    given = np.asarray([session.run([logits], image_feed | tower.tokens(p))[0].item() for p in prompts])
-    (image_embed,) = _session(image).run(None, {image.graph.input[0].name: image_feed[pixels.name]})
+    if not all(dims[2:]) and size is None:
+        raise OnnxcamError(f"input {pixels.name!r} has a dynamic size and nothing names one, so the logit scale "
+                           "cannot be measured: pass --size (or --logit-scale)")  # fmt: skip
+    shape = [1, dims[1] or 3, *(d or s for d, s in zip(dims[2:], size or dims[2:], strict=True))]
+    image_feed = {pixels.name: np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)}
+    try:
+        given = np.asarray([session.run([logits], image_feed | tower.tokens(p))[0].item() for p in prompts])
+        (image_embed,) = _session(image).run(None, {image.graph.input[0].name: image_feed[pixels.name]})
+    except Exception as exc:  # (onnxruntime's errors have no common base)
+        raise OnnxcamError(f"the combined export does not run on a {'x'.join(map(str, shape))} image to measure its "
+                           f"logit scale ({str(exc).splitlines()[0][:160]}); give --size or --logit-scale") from None
     cosines = (unit(image_embed.astype(np.float64)) @ tower.embed(prompts).astype(np.float64).T).ravel()
     scale = float(cosines @ given / (cosines @ cosines))
     if not np.allclose(scale * cosines, given, rtol=1e-3, atol=1e-4 * max(1.0, abs(scale))):
@@ -189,10 +199,11 @@ def _measured_scale(combined: onnx.ModelProto, logits: str, image: onnx.ModelPro
 
 def resolve(
     model: onnx.ModelProto, source: Path, text: Path | None, tokenizer: Path | None, scale: float | None,
-    folder: Path,
+    folder: Path, size: tuple[int, int] | None = None,
 ) -> ImageText | None:  # fmt: skip
     """The image-text model ``source`` (combined, or its image tower with ``text``) and what it needs, or None
-    where it is no image-text model (nothing asked for one). ``folder``: a scratch folder for the text tower."""
+    where it is no image-text model (nothing asked for one). ``folder``: a scratch folder for the text tower;
+    ``size``: the input size the sidecars or flags give, where the model's is symbolic."""
     combined = is_combined(model)
     if not combined and text is None:
         if tokenizer is not None or scale is not None:
@@ -230,7 +241,7 @@ def resolve(
     if scale is not None:
         sources["logit scale"] = f"flag --logit-scale {scale:g}"
     elif logits is not None:
-        scale = _measured_scale(model, logits, image, towers)
+        scale = _measured_scale(model, logits, image, towers, size)
         sources["logit scale"] = f"measured from {logits!r}: {scale:.6g}"
     else:
         scale = CLIP_SCALE

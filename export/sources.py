@@ -149,11 +149,14 @@ def _read_json(path: Path) -> object:
 
 
 def hf_config(path: Path) -> Facts:
-    """``config.json``: the class names of ``id2label``, and the ``model_type`` (which detector layout it has)."""
+    """``config.json``: the class names of ``id2label``, and the ``model_type`` (which detector layout it has); a
+    model with no classes (optimum's CLIP export: its labels are the prompts) has the model type alone."""
     data = _read_json(path)
-    if not isinstance(data, dict) or "id2label" not in data:
-        raise OnnxcamError(f"{path} has no id2label: it is not a Hugging Face model config")
-    family = data.get("model_type") if isinstance(data.get("model_type"), str) else None
+    family = data.get("model_type") if isinstance(data, dict) and isinstance(data.get("model_type"), str) else None
+    if not isinstance(data, dict) or ("id2label" not in data and family is None):
+        raise OnnxcamError(f"{path} has no id2label and no model_type: it is not a Hugging Face model config")
+    if "id2label" not in data:
+        return Facts().add(f"sidecar {path.name}", family=family)
     return Facts().add(f"sidecar {path.name}", labels=_names(data["id2label"], f"{path} id2label"), family=family)
 
 

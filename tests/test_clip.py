@@ -344,3 +344,25 @@ def test_bad_prompts_and_options_are_refused_in_one_line(clip: tuple, combined: 
     prompt_on_plain = Explainer(combined[0])
     with pytest.raises(Exception, match="a likeness"):
         prompt_on_plain.request()
+
+
+def test_optimums_folder_with_every_axis_symbolic_and_a_config_with_no_classes(clip: tuple, tmp_path: Path) -> None:
+    """optimum's CLIP export: its config.json has a model_type and no id2label (refused as "not a Hugging Face
+    config"), and the input's size is symbolic, so the logit scale's probe image takes the size the flags give (it
+    took 224 for every symbolic axis, channels too, and failed with a traceback)."""
+    model, _ = clip
+    ids, mask = torch.tensor([token_ids("a dog")]), torch.ones(1, 4, dtype=torch.long)
+    export(model, (ids, torch.zeros(1, 3, *SIZE), mask), tmp_path / "model.onnx",
+           ["input_ids", "pixel_values", "attention_mask"],
+           ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"],
+           {"input_ids": {0: "T", 1: "L"}, "attention_mask": {0: "T", 1: "L"},
+            "pixel_values": {0: "N", 1: "C", 2: "H", 3: "W"}})  # fmt: skip
+    write_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "projection_dim": 12}))
+    out = tmp_path / "clip.cam.onnx"
+    failed = run("export", "--from", str(tmp_path / "model.onnx"), "--mean", "0", "0", "0", "--std", "1", "1", "1",
+                 "--out", str(out))  # fmt: skip
+    assert_clean_failure(failed, "pass --size")
+    assert not out.exists()
+    card, _ = graft_file(tmp_path / "model.onnx", out, prep=Preprocessing.create(SIZE, (0, 0, 0), (1, 1, 1), False))
+    assert abs(card["logit_scale"] - SCALE) < 1e-4 * SCALE and card["task"] == "similarity"
