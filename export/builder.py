@@ -42,6 +42,7 @@ def infer_types(model: onnx.ModelProto) -> Types:
     return types
 
 
+PREFIX = "onnxcam/"  # the names of the nodes and tensors the grafter adds (a source model's are taken not to)
 WEIGHT_ELEMENTS = 4096  # initializers above this many elements: only their type and shape matter to inference
 
 
@@ -78,7 +79,7 @@ def make_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], name:
 class Builder:
     """Emits default-domain ONNX nodes with fresh names into ``self.nodes``."""
 
-    def __init__(self, model: onnx.ModelProto, types: Types | None = None, prefix: str = "onnxcam/") -> None:
+    def __init__(self, model: onnx.ModelProto, types: Types | None = None, prefix: str = PREFIX) -> None:
         """``types``: :func:`infer_types` of ``model`` where the caller has it; inferred here otherwise."""
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.prefix = prefix

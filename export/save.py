@@ -13,6 +13,7 @@ from onnxcam import contract
 from onnxcam.contract import ModelCard
 from onnxcam.errors import OnnxcamError
 from onnxcam.outputs import atomic_write
+from onnxcam_export.builder import PREFIX, infer_types
 from onnxcam_export.ops import ops_with
 from onnxcam_export.saliency import saliency_methods
 
@@ -34,12 +35,16 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
 
     A graph with the ``saliency`` output gets its methods listed in the card (``saliency_methods``, unless the
     card lists them: a gradient-free file's), one with integer kernels is ``quantized``, one with an op ONNX
-    Runtime cannot run on an empty batch has ``empty_batch`` false. Returns the card as written.
+    Runtime cannot run on an empty batch has ``empty_batch`` false, one whose weights ONNX Runtime should pre-pack
+    (:func:`onnxcam.engine.without_prepacking`: integer kernels, or :func:`_products_over_rows`) has ``prepack``.
+    Returns the card as written.
     """
     if any(o.name == contract.SALIENCY for o in model.graph.output) and not card.saliency_methods:
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))
     ops = {n.op_type for n in _all_nodes(model.graph)}
-    card = dataclasses.replace(card, quantized=bool(ops & QUANTIZED_OPS), empty_batch=not ops & NO_EMPTY_BATCH)
+    quantized = bool(ops & QUANTIZED_OPS)
+    card = dataclasses.replace(card, quantized=quantized, empty_batch=not ops & NO_EMPTY_BATCH,
+                               prepack=quantized or _products_over_rows(model))  # fmt: skip
     del model.metadata_props[:]
     for key, value in card.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
@@ -50,6 +55,17 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
         check(model)
         atomic_write(out, lambda tmp: onnx.save(model, tmp))
     return card
+
+
+def _products_over_rows(model: onnx.ModelProto) -> bool:
+    """Whether a MatMul of the source model multiplies a constant weight by many rows per image (a transformer's
+    tokens: ``[N, L, C]`` or more axes), where packing the weight once is faster than on every call. A classifier
+    head's ``[N, C]`` is one row per image; the grafted backward's products are not counted: their ``[N, T, C]``
+    rows are targets, and packing would copy the weights they share with the forward (VGG16's FC1)."""
+    weights = {t.name for t in model.graph.initializer}
+    types = infer_types(model)
+    return any(n.op_type == "MatMul" and not n.name.startswith(PREFIX) and n.input[1] in weights and n.input[0] in types
+               and len(types[n.input[0]].shape.dim) >= 3 for n in model.graph.node)  # fmt: skip
 
 
 def _size(tensor: onnx.TensorProto) -> int:

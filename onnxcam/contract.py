@@ -228,6 +228,7 @@ class ModelCard:
     extra_layers: tuple[str, ...] = ()  # more target layers after ``layer``, described as it is
     background: int | None = None  # a detector's background class (never a detection) or a recogniser's CTC blank
     quantized: bool = False  # the graph runs integer kernels (Quantize/DequantizeLinear or QLinear ops)
+    prepack: bool = False  # ONNX Runtime should pre-pack its weights (engine.without_prepacking says when)
     resize: dict = field(default_factory=dict)  # how a photo becomes the input (geometry.Resize); {}: a stretch
     sources: dict = field(default_factory=dict)  # fact (labels, size, mean, ...) -> where the exporter found it
     empty_batch: bool = True  # head-only passes may feed an empty image batch (not where ORT aborts on one: LSTM)
@@ -342,6 +343,10 @@ def _text(value: object) -> str | None:
     return None if isinstance(value, str) else f"must be a string, got {value!r}"
 
 
+def _flag(value: object) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
 Check = Callable[[object], str | None]
 
 
@@ -411,9 +416,10 @@ _CHECKS: dict[str, Check] = {
     "std": _triple(positive=True),
     "labels": _labels,
     "weights_path": lambda v: None if v in WEIGHTS_PATHS else f"must be one of {WEIGHTS_PATHS}, got {v!r}",
-    "trained": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
-    "quantized": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
-    "empty_batch": lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}",
+    "trained": _flag,
+    "quantized": _flag,
+    "prepack": _flag,
+    "empty_batch": _flag,
     "score": lambda v: None if v in SCORES else f"must be one of {SCORES}, got {v!r}",
     "task": lambda v: None if v in TASKS else f"must be one of {TASKS}, got {v!r}",
     "extra_layers": lambda v: (

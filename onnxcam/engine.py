@@ -134,21 +134,22 @@ def sharing_cores(session_options: ort.SessionOptions | None = None) -> ort.Sess
     return session_options
 
 
-def without_prepacking(session_options: ort.SessionOptions, quantized: bool = False) -> ort.SessionOptions:
-    """``session_options`` with weight pre-packing off for a float model, unless the caller set it.
+def without_prepacking(session_options: ort.SessionOptions, prepack: bool = False) -> ort.SessionOptions:
+    """``session_options`` with weight pre-packing off unless the card says ``prepack`` or the caller set it.
 
     ONNX Runtime pre-packs a constant weight once per node that reads it: VGG16's 411 MB FC1 weight is
     read by the forward Gemm, the full-gradient branch and the head-only copy, and a session peaked at
     1.66 GB for 562 MB of weights. Without pre-packing it peaks at 1.00 GB (0.69 GB with the weights in an
     external data file, which ONNX Runtime maps instead of copying) at the same speed (ratios 0.99 on VGG16
-    and Lite0, batch 1 and 8: benchmarks/startup.py). A ``quantized`` model keeps it: its integer kernels
-    repack their weights on every call without it (INT8 / float explain time, batch 1: VGG16 0.76 -> 0.62,
-    EfficientNet-Lite0 1.08 -> 0.73).
+    and Lite0, batch 1 and 8: benchmarks/startup.py). The card's ``prepack`` keeps it where it pays: integer
+    kernels repack their weights on every call without it (INT8 / float explain time, batch 1: VGG16 0.76 -> 0.62,
+    EfficientNet-Lite0 1.08 -> 0.73), and so do the MatMuls of a transformer's tokens (a CLIP ViT-B/32 explain, one
+    prompt: 141 ms without, 89 ms with, as its plain forward with it: benchmarks/clip_cost.py).
     """
     try:
         session_options.get_session_config_entry(NO_PREPACKING)
     except RuntimeError:  # not set by the caller
-        session_options.add_session_config_entry(NO_PREPACKING, "0" if quantized else "1")
+        session_options.add_session_config_entry(NO_PREPACKING, "0" if prepack else "1")
     return session_options
 
 
@@ -229,10 +230,12 @@ class Engine:
         _check_model_path(path)
         providers = _providers(provider)
         try:
-            quantized = file_metadata(path).get(contract.META_PREFIX + "quantized") == "true"
+            facts = file_metadata(path)
         except OSError as exc:
             raise OnnxcamError(f"cannot read model {path}: {exc.strerror}") from None
-        session_options = without_prepacking(session_options or ort.SessionOptions(), quantized)
+        prepack = facts.get(contract.META_PREFIX + "prepack", facts.get(contract.META_PREFIX + "quantized"))
+        session_options = without_prepacking(session_options or ort.SessionOptions(), prepack == "true")  # (older
+        # files' cards have no ``prepack``: their integer kernels said it)
         session_options.log_severity_level = 3  # ORT's warnings (e.g. about the overridable default input): noise
         try:
             self.session = ort.InferenceSession(str(path), session_options, providers=providers)

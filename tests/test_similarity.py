@@ -163,3 +163,20 @@ def test_a_class_token_embedding_is_explained_at_the_last_token_layer_its_gradie
     cosines = embeddings @ torch.from_numpy(refs / np.linalg.norm(refs, axis=1, keepdims=True)).T
     np.testing.assert_allclose(out.logits, cosines.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert_rows_match_autograd(out, cosines, grid, TOL)
+
+
+def test_a_token_model_keeps_weight_prepacking_and_a_convolutional_model_not(embedder: tuple, tmp_path: Path) -> None:
+    """A transformer's MatMuls multiply each weight by every token: without ONNX Runtime's pre-packing a CLIP ViT-B/32
+    explain took 1.6x its own forward (benchmarks/clip_cost.py). Its card says ``prepack``, a CNN's does not (there it
+    only copies the weights), and the engine's session follows the card."""
+    from onnxcam.engine import NO_PREPACKING
+
+    torch.manual_seed(0)
+    export_plain(TokenEmbedder().eval(), SIZE, tmp_path / "vit.onnx", dynamo=False, output="output")
+    card, _ = graft_file(tmp_path / "vit.onnx", tmp_path / "vit.cam.onnx", prep=UNIT)
+    chosen = {}
+    for path in (tmp_path / "vit.cam.onnx", embedder[1]):
+        engine = Engine(path)
+        chosen[path.stem] = (engine.card.prepack, engine.session.get_session_options().get_session_config_entry(
+            NO_PREPACKING))  # fmt: skip
+    assert card["prepack"] and chosen == {"vit.cam": (True, "0"), "emb.cam": (False, "1")}
