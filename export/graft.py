@@ -30,9 +30,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export import windowed as windows
-from onnxcam_export.builder import Builder, Types
+from onnxcam_export.builder import Builder, Types, infer_types
 from onnxcam_export.layouts import Layout
 from onnxcam_export.ops import ops_with
+from onnxcam_export.simplify import pick_tokens_early
 from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets, instance_masks
 from onnxcam_export.vjp import UnsupportedOp, attrs
 from onnxcam_export.walk import (
@@ -386,6 +387,10 @@ def _start(
     sources = {layer, *extra_layers}
     head = head_nodes(graph, sources, contract.LOGITS)
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
+    types = types or infer_types(out)
+    if pick_tokens_early(graph, types, sources):  # (a ViT's class token before its last MLP)
+        types = infer_types(out)
+        head = head_nodes(graph, sources, contract.LOGITS)
     b = Builder(out, types)
     b.wanted = differentiable(head, sources, b.types, contract.LOGITS)
     b.static = static_tensors(graph)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import onnx.utils
@@ -84,3 +86,140 @@ def fold_pads(model: onnx.ModelProto) -> onnx.ModelProto:
         if not any(pad.input[1] in n.input for n in graph.node):
             graph.initializer.remove(next(t for t in graph.initializer if t.name == pad.input[1]))
     return model
+
+
+UNARY_PER_ELEMENT = {"Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "Exp", "Neg", "Sqrt", "Identity", "Elu",
+                     "LeakyRelu", "HardSigmoid", "HardSwish", "Mish", "Abs", "Cast"}  # fmt: skip
+BINARY_PER_ELEMENT = {"Add", "Sub", "Mul", "Div", "Pow"}
+
+
+def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bool:
+    """Move each pick of one token (``Gather`` of a constant scalar index along a token axis: a ViT's class token)
+    up through the per-token ops before it (element-wise ops, a LayerNormalization over channels, a MatMul by a
+    matrix), which then run on that token alone; ``keep`` (the target layers) are picked, never crossed. Whether a
+    rewrite happened (the ``types`` are then stale).
+
+    The result is the same: those ops compute each token from that token alone. A ViT's last block after its
+    attention (its MLP, two thirds of the block) then runs on the class token, in the forward and in each target's
+    backward, whose gradient was zero at every other token there (benchmarks/clip_cost.py: CLIP ViT-B/32, 8 prompts).
+    """
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
+    constants |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"
+                  and n.attribute[0].name == "value" and not n.attribute[0].t.dims}  # fmt: skip
+    stops = keep | {i.name for i in graph.input} | {o.name for o in graph.output}
+
+    fixed = {t.name: list(t.dims) for t in graph.initializer}  # (the types of inference leave small weights out)
+    fixed |= {n.output[0]: list(n.attribute[0].t.dims) for n in nodes
+              if n.op_type == "Constant" and n.attribute[0].name == "value"}  # fmt: skip
+
+    def shape(name: str) -> list | None:
+        found = types.get(name)
+        if found is None:
+            return fixed.get(name)
+        return [d.dim_value or d.dim_param or None for d in found.shape.dim]
+
+    def crossable(name: str, axis: int) -> list | None:
+        node, dims = producer.get(name), shape(name)
+        if node is None or name in stops or dims is None or None in dims:
+            return None
+        return _per_token_inputs(node, shape, dims, axis)
+
+    crossed: set[str] = set()
+    crossed_by: list[onnx.NodeProto] = []  # the picks moved so far
+    for pick in [n for n in nodes if n.op_type == "Gather" and n.input[1] in constants]:
+        data, index, dims = pick.input[0], pick.input[1], shape(pick.input[0])
+        axis = next((a.i for a in pick.attribute if a.name == "axis"), 0)
+        if dims is None or len(dims) < 3 or constants[index].dtype.kind != "i" or None in dims:
+            continue
+        axis %= len(dims)
+        if crossable(data, axis) is None:
+            continue
+        added: list[onnx.NodeProto] = []
+        memo: dict[str, str] = {}  # (per pick: a DeiT picks its class and its distillation token)
+
+        def picked(name: str, axis: int = axis, index: str = index, added: list = added, memo: dict = memo) -> str:
+            """A tensor equal to ``name`` picked at the token (``name`` has the token axis)."""
+            if name not in memo:
+                inputs, out = crossable(name, axis), f"{name}/picked{len(crossed_by)}"
+                if inputs is None:
+                    added.append(onnx.helper.make_node("Gather", [name, index], [out], axis=axis))
+                else:
+                    node = producer[name]
+                    crossed.add(name)
+                    new = [picked(x) if cross else x for x, cross in inputs]
+                    added.append(onnx.helper.make_node(node.op_type, new, [out], domain=node.domain))
+                    added[-1].attribute.extend(node.attribute)
+                memo[name] = out
+            return memo[name]
+
+        result = picked(data)
+        crossed_by.append(pick)
+        at = nodes.index(pick)
+        nodes[at:at] = added
+        del pick.input[:], pick.attribute[:]
+        pick.op_type = "Identity"  # (keeps its output's name)
+        pick.input.append(result)
+    if crossed_by:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unread(graph, crossed)
+    return bool(crossed_by)
+
+
+def _per_token_inputs(node: onnx.NodeProto, shape: Callable, dims: list, axis: int) -> list | None:
+    """``node``'s inputs, each with whether it carries the token axis (to be picked), where ``node`` computes each
+    token of its output (shape ``dims``) from that token alone; else None."""
+    if len(node.output) != 1 and node.op_type != "LayerNormalization":
+        return None
+    rank = len(dims)
+    if node.op_type in UNARY_PER_ELEMENT:
+        return [(node.input[0], True)] if shape(node.input[0]) == dims else None
+    if node.op_type == "LayerNormalization":
+        norm = next((a.i for a in node.attribute if a.name == "axis"), -1) % rank
+        alone = all(not o for o in node.output[1:])
+        return [(node.input[0], True), *((x, False) for x in node.input[1:])] if norm > axis and alone else None
+    if node.op_type == "MatMul":
+        right = shape(node.input[1])
+        return [(node.input[0], True), (node.input[1], False)] if right is not None and len(right) == 2 and \
+            axis < rank - 1 and shape(node.input[0]) == [*dims[:-1], right[0]] else None  # fmt: skip
+    if node.op_type in BINARY_PER_ELEMENT:
+        found = []
+        for x in node.input:
+            own = shape(x)
+            if own is None or None in own:
+                return None
+            if len(own) < rank - axis:  # broadcast along the tokens (a bias)
+                found.append((x, False))
+            elif own == dims:
+                found.append((x, True))
+            else:
+                return None
+        return found
+    return None
+
+
+def _drop_unread(graph: onnx.GraphProto, tensors: set[str]) -> None:
+    """The nodes making one of ``tensors`` that no other node, branch or graph output reads any more."""
+    while True:
+        read = {o.name for o in graph.output}
+        for node in graph.node:
+            read.update(node.input)
+            read.update(_branch_inputs(node))
+        unread = [n for n in graph.node if len(n.output) == 1 and n.output[0] in tensors and n.output[0] not in read]
+        if not unread:
+            return
+        for node in unread:
+            graph.node.remove(node)
+
+
+def _branch_inputs(node: onnx.NodeProto) -> set[str]:
+    """The names the branches and bodies of ``node`` read (their implicit inputs among them)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for inner in a.g.node:
+                names.update(inner.input)
+                names.update(_branch_inputs(inner))
+    return names
