@@ -150,7 +150,7 @@ def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bo
                     crossed.add(name)
                     new = [picked(x) if cross else x for x, cross in inputs]
                     added.append(onnx.helper.make_node(node.op_type, new, [out], domain=node.domain))
-                    added[-1].attribute.extend(node.attribute)
+                    added[-1].attribute.extend(_counted_from_the_end(node, len(shape(name))))
                 memo[name] = out
             return memo[name]
 
@@ -198,6 +198,13 @@ def _per_token_inputs(node: onnx.NodeProto, shape: Callable, dims: list, axis: i
                 return None
         return found
     return None
+
+
+def _counted_from_the_end(node: onnx.NodeProto, rank: int) -> list[onnx.AttributeProto]:
+    """``node``'s attributes with a LayerNormalization's ``axis`` counted from the end: the picked input has one
+    axis fewer, before it."""
+    return [onnx.helper.make_attribute("axis", a.i % rank - rank) if node.op_type == "LayerNormalization" and
+            a.name == "axis" else a for a in node.attribute]  # fmt: skip
 
 
 def _drop_unread(graph: onnx.GraphProto, tensors: set[str]) -> None:

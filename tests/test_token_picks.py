@@ -17,13 +17,14 @@ TOKENS, WIDTH = 5, 4
 
 
 def _tokens_model() -> onnx.ModelProto:
-    """x [N, 5, 4] -> LayerNormalization -> Relu ("layer") -> MatMul -> + bias -> * itself -> token 2 -> [N, 3]."""
+    """x [N, 5, 4] -> LayerNormalization over axis 2 -> Relu ("layer") -> MatMul -> + bias -> * itself -> token 2
+    -> [N, 3]."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
                for n, s in (("scale", (WIDTH,)), ("shift", (WIDTH,)), ("w", (WIDTH, 3)), ("bias", (3,)))]  # fmt: skip
     weights.append(numpy_helper.from_array(np.array(2, np.int64), "index"))
     nodes = [
-        helper.make_node("LayerNormalization", ["x", "scale", "shift"], ["normed"], axis=-1),
+        helper.make_node("LayerNormalization", ["x", "scale", "shift"], ["normed"], axis=2),  # (counted from 0)
         helper.make_node("Relu", ["normed"], ["layer"]),
         helper.make_node("MatMul", ["layer", "w"], ["product"]),
         helper.make_node("Add", ["product", "bias"], ["shifted"]),
