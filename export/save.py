@@ -63,7 +63,10 @@ def _products_over_rows(model: onnx.ModelProto) -> bool:
     head's ``[N, C]`` is one row per image; the grafted backward's products are not counted: their ``[N, T, C]``
     rows are targets, and packing would copy the weights they share with the forward (VGG16's FC1)."""
     weights = {t.name for t in model.graph.initializer}
-    types = infer_types(model)
+    try:
+        types = infer_types(model)
+    except onnx.shape_inference.InferenceError:  # (ranks unknown: pre-packing stays off, as for any float model)
+        return False
     return any(n.op_type == "MatMul" and not n.name.startswith(PREFIX) and n.input[1] in weights and n.input[0] in types
                and len(types[n.input[0]].shape.dim) >= 3 for n in model.graph.node)  # fmt: skip
 
