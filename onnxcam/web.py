@@ -66,6 +66,11 @@ def write_site(model: Path, out: Path, ort_dist: Path = DEFAULT_ORT, overwrite: 
     """Write the page for ``model`` into ``out``; return the files written. Checks come before any write: ``out``
     must be new, empty, or a site written here (replaced only with ``overwrite``), and never a link."""
     card = Engine(model).card
+    if card.text:
+        raise OnnxcamError(f"{model} is an image-text model and the page has no prompt box (its text tower and "
+                           "tokenizer do not run in the browser): bake the prompts in with onnxcam export --from ... "
+                           "--prompts labels.txt (a zero-shot classifier, which the page shows), or use explain "
+                           "--prompt")  # fmt: skip
     if card.task != "classification":
         raise OnnxcamError(f"{model} is a {card.task} model; the page shows a classifier's classes: use explain")
     if not card.saliency_methods:

@@ -314,6 +314,9 @@ def test_bad_prompts_and_options_are_refused_in_one_line(clip: tuple, combined: 
     cv2.imwrite(str(photo), images(1)[0])
     out = str(tmp_path / "out")
     assert_clean_failure(run("explain", str(photo), "--model", str(path), "--out", out), "give --prompt TEXT")
+    page = run("web", str(path), "--out", str(tmp_path / "site"))
+    assert_clean_failure(page, "is an image-text model and the page has no prompt box")
+    assert not (tmp_path / "site").exists()
     twice = run("explain", str(photo), "--model", str(path), "--prompt", "a dog", "--prompt", "a dog", "--out", out)
     assert_clean_failure(twice, "is given twice")
     assert_clean_failure(run("explain", str(photo), "--model", str(path), "--prompt", " ", "--out", out),
