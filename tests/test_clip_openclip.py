@@ -1,0 +1,99 @@
+"""An open_clip CLIP (a small ViT config, seeded random weights) exported as two towers through torch.onnx
+(``encode_image`` and ``encode_text``, open_clip's own, fixed text length, no attention mask), grafted with the
+text tower and a tokenizer.json beside it: each prompt's logit equals open_clip's
+``logit_scale.exp() * cos(encode_image, encode_text)`` on the same ids, and the gradients of several prompts' logits
+at the automatic target layer (the first resblock's output: the last the class token's gradient reaches the grid
+from) equal torch autograd in float64, from one call.
+
+Runs where open_clip imports (the bench venv of the README); skipped elsewhere, with the reason."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxcam.engine import Engine
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+from tests.conftest import assert_rows_match_autograd
+from tests.test_clip import LENGTH, SIZE, VOCAB, as_input, images, token_ids, write_tokenizer
+
+try:
+    import open_clip
+    import torch
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+except Exception as exc:  # ImportError, or torchvision's operator errors when releases do not match
+    pytest.skip(f"open_clip does not import here ({type(exc).__name__}: {exc})"[:300], allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+UNIT = Preprocessing.create(None, (0, 0, 0), (1, 1, 1), False)  # the towers take pixel / 255 (as the test's)
+PROMPTS = ["a photo of a dog", "grass", "a red circle"]
+WIDTH, GRID = 32, 4
+
+
+class Tower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, text: bool) -> None:
+        super().__init__()
+        self.model, self.text = model, text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(x) if self.text else self.model.encode_image(x)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return open_clip.CLIP(24, CLIPVisionCfg(layers=2, width=WIDTH, head_width=8, patch_size=8, image_size=SIZE[0]),
+                          CLIPTextCfg(context_length=LENGTH, vocab_size=len(VOCAB), width=WIDTH, heads=4, layers=2))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, dict]:
+    model = _model().eval()
+    folder = tmp_path_factory.mktemp("openclip")
+    with warnings.catch_warnings():  # (with grad on: under no_grad nn.MultiheadAttention's fast path does not export)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tower(model, False), (torch.zeros(1, 3, *SIZE),), folder / "image.onnx", input_names=["x"],
+                          output_names=["image_embeds"], dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+        (folder / "text").mkdir()
+        ids = torch.zeros(1, LENGTH, dtype=torch.long)
+        torch.onnx.export(Tower(model, True), (ids,), folder / "text" / "text.onnx", input_names=["input_ids"],
+                          output_names=["text_embeds"], dynamic_axes={"input_ids": {0: "T"}}, opset_version=17,
+                          dynamo=False)  # fmt: skip
+    write_tokenizer(folder / "text" / "tokenizer.json")
+    scale = float(model.logit_scale.exp())
+    card, _ = graft_file(folder / "image.onnx", folder / "clip.cam.onnx", prep=UNIT, text=folder / "text" / "text.onnx",
+                         logit_scale=scale)  # fmt: skip
+    return model, folder / "clip.cam.onnx", card
+
+
+def _padded(prompt: str) -> list[int]:
+    ids = token_ids(prompt)
+    return ids + [VOCAB.index("[PAD]")] * (LENGTH - len(ids))
+
+
+def test_each_prompts_logit_and_gradient_equal_open_clip_in_one_call(exported: tuple) -> None:
+    model, path, card = exported
+    assert card["task"] == "similarity" and card["text"]["length"] == LENGTH
+    assert "resblocks.0" in card["layer"] and f"1 + {GRID * GRID} tokens" in card["layer"], card["layer"]
+    double = _model().double().eval()
+    double.load_state_dict(model.state_dict())
+    grid = []
+
+    def leaf(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:  # the target layer as a leaf
+        grid.append(out[:, 1:].transpose(1, 2).reshape(len(out), WIDTH, GRID, GRID).detach().requires_grad_(True))
+        return torch.cat([out[:, :1].detach(), grid[-1].flatten(2).transpose(1, 2)], dim=1)
+
+    double.visual.transformer.resblocks[0].register_forward_hook(leaf)
+    batch = images()
+    pixels = double.encode_image(as_input(batch), normalize=True)
+    with torch.no_grad():
+        texts = double.encode_text(torch.tensor([_padded(p) for p in PROMPTS]), normalize=True)
+    logits = double.logit_scale.exp() * pixels @ texts.T
+    from onnxcam.api import Explainer
+
+    references = Explainer(path).text_tower.embed(PROMPTS)
+    out = Engine(path).run(batch, np.array([[0, 1, 2], [2, 0, 1]]), full_gradients=True, references=references)
+    np.testing.assert_allclose(out.logits, logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert_rows_match_autograd(out, logits, grid[0], 1e-4)
