@@ -388,7 +388,7 @@ def _start(
     head = head_nodes(graph, sources, contract.LOGITS)
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
     types = types or infer_types(out)
-    if pick_tokens_early(graph, types, sources):  # (a ViT's class token before its last MLP)
+    if pick_tokens_early(out, types, sources):  # (a ViT's class token before its last MLP)
         types = infer_types(out)
         head = head_nodes(graph, sources, contract.LOGITS)
     b = Builder(out, types)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import onnx
 import onnx.utils
 
 from onnxcam import contract
+from onnxcam_export.builder import Builder, Types
 from onnxcam_export.probe import probe
 
 
@@ -93,7 +92,7 @@ UNARY_PER_ELEMENT = {"Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "Exp"
 BINARY_PER_ELEMENT = {"Add", "Sub", "Mul", "Div", "Pow"}
 
 
-def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bool:
+def pick_tokens_early(model: onnx.ModelProto, types: Types, keep: set[str]) -> bool:
     """Move each pick of one token (``Gather`` of a constant scalar index along a token axis: a ViT's class token)
     up through the per-token ops before it (element-wise ops, a LayerNormalization over channels, a MatMul by a
     matrix), which then run on that token alone; ``keep`` (the target layers) are picked, never crossed. Whether a
@@ -103,37 +102,23 @@ def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bo
     attention (its MLP, two thirds of the block) then runs on the class token, in the forward and in each target's
     backward, whose gradient was zero at every other token there (benchmarks/clip_cost.py: CLIP ViT-B/32, 8 prompts).
     """
+    graph, b = model.graph, Builder(model, types)
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
-    constants |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"
-                  and n.attribute[0].name == "value" and not n.attribute[0].t.dims}  # fmt: skip
     stops = keep | {i.name for i in graph.input} | {o.name for o in graph.output}
 
-    fixed = {t.name: list(t.dims) for t in graph.initializer}  # (the types of inference leave small weights out)
-    fixed |= {n.output[0]: list(n.attribute[0].t.dims) for n in nodes
-              if n.op_type == "Constant" and n.attribute[0].name == "value"}  # fmt: skip
-
-    def shape(name: str) -> list | None:
-        found = types.get(name)
-        if found is None:
-            return fixed.get(name)
-        return [d.dim_value or d.dim_param or None for d in found.shape.dim]
-
     def crossable(name: str, axis: int) -> list | None:
-        node, dims = producer.get(name), shape(name)
-        if node is None or name in stops or dims is None or None in dims:
-            return None
-        return _per_token_inputs(node, shape, dims, axis)
+        node = producer.get(name)
+        return None if node is None or name in stops or b.shape(name) is None else _per_token_inputs(b, node, axis)
 
     crossed: set[str] = set()
     crossed_by: list[onnx.NodeProto] = []  # the picks moved so far
-    for pick in [n for n in nodes if n.op_type == "Gather" and n.input[1] in constants]:
-        data, index, dims = pick.input[0], pick.input[1], shape(pick.input[0])
-        axis = next((a.i for a in pick.attribute if a.name == "axis"), 0)
-        if dims is None or len(dims) < 3 or constants[index].dtype.kind != "i" or None in dims:
+    for pick in [n for n in nodes if n.op_type == "Gather"]:
+        data, index, shape = pick.input[0], pick.input[1], b.shape(pick.input[0])
+        value = b.constant_value(index)
+        if value is None or value.ndim or value.dtype.kind != "i" or shape is None or len(shape) < 3:
             continue
-        axis %= len(dims)
+        axis = next((a.i for a in pick.attribute if a.name == "axis"), 0) % len(shape)
         if crossable(data, axis) is None:
             continue
         added: list[onnx.NodeProto] = []
@@ -150,7 +135,7 @@ def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bo
                     crossed.add(name)
                     new = [picked(x) if cross else x for x, cross in inputs]
                     added.append(onnx.helper.make_node(node.op_type, new, [out], domain=node.domain))
-                    added[-1].attribute.extend(_counted_from_the_end(node, len(shape(name))))
+                    added[-1].attribute.extend(_counted_from_the_end(node, b.rank(name)))
                 memo[name] = out
             return memo[name]
 
@@ -168,31 +153,34 @@ def pick_tokens_early(graph: onnx.GraphProto, types: dict, keep: set[str]) -> bo
     return bool(crossed_by)
 
 
-def _per_token_inputs(node: onnx.NodeProto, shape: Callable, dims: list, axis: int) -> list | None:
+def _per_token_inputs(b: Builder, node: onnx.NodeProto, axis: int) -> list | None:
     """``node``'s inputs, each with whether it carries the token axis (to be picked), where ``node`` computes each
-    token of its output (shape ``dims``) from that token alone; else None."""
+    token of its output from that token alone; else None."""
     if len(node.output) != 1 and node.op_type != "LayerNormalization":
         return None
-    rank = len(dims)
+    out, rank = node.output[0], b.rank(node.output[0])
+
+    def alike(x: str, axes: int = rank) -> bool:  # provably the size of the output along its first ``axes`` axes
+        shape = b.shape(x)
+        return shape is not None and len(shape) == rank and all(b.same_dim(x, out, i) for i in range(axes))
+
     if node.op_type in UNARY_PER_ELEMENT:
-        return [(node.input[0], True)] if shape(node.input[0]) == dims else None
+        return [(node.input[0], True)] if alike(node.input[0]) else None
     if node.op_type == "LayerNormalization":
         norm = next((a.i for a in node.attribute if a.name == "axis"), -1) % rank
         alone = all(not o for o in node.output[1:])
         return [(node.input[0], True), *((x, False) for x in node.input[1:])] if norm > axis and alone else None
     if node.op_type == "MatMul":
-        right = shape(node.input[1])
-        return [(node.input[0], True), (node.input[1], False)] if right is not None and len(right) == 2 and \
-            axis < rank - 1 and shape(node.input[0]) == [*dims[:-1], right[0]] else None  # fmt: skip
+        matrix = b.shape(node.input[1])
+        by_matrix = matrix is not None and len(matrix) == 2 and axis < rank - 1
+        return [(node.input[0], True), (node.input[1], False)] if by_matrix and alike(node.input[0], rank - 1) else None
     if node.op_type in BINARY_PER_ELEMENT:
         found = []
         for x in node.input:
-            own = shape(x)
-            if own is None or None in own:
-                return None
-            if len(own) < rank - axis:  # broadcast along the tokens (a bias)
+            shape = b.shape(x)
+            if shape is not None and len(shape) < rank - axis:  # broadcast along the tokens (a bias)
                 found.append((x, False))
-            elif own == dims:
+            elif alike(x):
                 found.append((x, True))
             else:
                 return None

@@ -47,7 +47,7 @@ def test_the_token_is_picked_before_the_per_token_ops_and_never_past_a_target_la
     model = _tokens_model()
     x = np.random.default_rng(1).standard_normal((2, TOKENS, WIDTH)).astype(np.float32)
     expected = _run(model, x)
-    assert pick_tokens_early(model.graph, infer_types(model), set(keep))
+    assert pick_tokens_early(model, infer_types(model), set(keep))
     onnx.checker.check_model(model, full_check=True)
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
     assert [n.input[0] for n in gathers] == [picked]
@@ -63,7 +63,7 @@ def test_a_token_op_that_mixes_tokens_or_a_second_reader_stops_the_pick() -> Non
     model.graph.node[2].input[0] = "mixed"
     model.graph.node.insert(2, helper.make_node("Softmax", ["layer"], ["mixed"], axis=1))
     model.graph.output.append(helper.make_tensor_value_info("shifted", TensorProto.FLOAT, ["N", TOKENS, 3]))
-    assert pick_tokens_early(model.graph, infer_types(model), set())
+    assert pick_tokens_early(model, infer_types(model), set())
     gathers = [n.input[0] for n in model.graph.node if n.op_type == "Gather"]
     assert gathers == ["shifted"]  # (a graph output: picked there, not crossed)
     x = np.random.default_rng(1).standard_normal((2, TOKENS, WIDTH)).astype(np.float32)
@@ -83,7 +83,7 @@ def test_two_tokens_picked_from_one_tensor_are_two_picks() -> None:
     x = np.random.default_rng(1).standard_normal((2, TOKENS, WIDTH)).astype(np.float32)
     names = ["y", "z"]
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(names, {"x": x})
-    assert pick_tokens_early(model.graph, infer_types(model), set())
+    assert pick_tokens_early(model, infer_types(model), set())
     onnx.checker.check_model(model, full_check=True)
     found = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(names, {"x": x})
     for a, b in zip(found, expected, strict=True):
