@@ -9,6 +9,7 @@ import onnx.utils
 from onnxcam import contract
 from onnxcam_export.builder import Builder, Types
 from onnxcam_export.probe import probe
+from onnxcam_export.walk import inputs_of
 
 
 def forward_part(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -200,21 +201,10 @@ def _drop_unread(graph: onnx.GraphProto, tensors: set[str]) -> None:
     while True:
         read = {o.name for o in graph.output}
         for node in graph.node:
-            read.update(node.input)
-            read.update(_branch_inputs(node))
+            read.update(inputs_of(node))
         unread = [n for n in graph.node if len(n.output) == 1 and n.output[0] in tensors and n.output[0] not in read]
         if not unread:
             return
         for node in unread:
             graph.node.remove(node)
 
-
-def _branch_inputs(node: onnx.NodeProto) -> set[str]:
-    """The names the branches and bodies of ``node`` read (their implicit inputs among them)."""
-    names: set[str] = set()
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            for inner in a.g.node:
-                names.update(inner.input)
-                names.update(_branch_inputs(inner))
-    return names
