@@ -88,6 +88,7 @@ class Explanation:
     predictions: list[Prediction]  # a recogniser's: its characters in reading order
     maps: list[TargetMap]
     text: str | None = None  # a recogniser's decoded text (its characters' labels joined)
+    embedding: np.ndarray | None = None  # a similarity model's: the image's embedding [D], L2-normalised
 
 
 @dataclass(frozen=True)
@@ -498,7 +499,7 @@ class Explainer:
                                     explains=None if t >= first_prompt else LIKENESS,
                                     similarity=float(logits[t] / (scale or 1.0)))
                           for t in range(len(codes))]  # fmt: skip
-            results.append(Explanation(p.photo, likes, found))
+            results.append(Explanation(p.photo, likes, found, embedding=out.embeddings[n]))
         return results
 
     def _character(self, out: Outputs, n: int, j: int) -> Prediction:

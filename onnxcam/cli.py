@@ -436,6 +436,14 @@ def explain(
             "reference, a photo or a .npy of embeddings [R, D]; repeat it for several [needed by them]."
         ),
     ] = None,
+    both: Annotated[
+        bool,
+        typer.Option(
+            "--both",
+            help="With --like IMAGE: also explain each reference image's similarity to each image (its map on the "
+            "reference; records marked mirror) [off].",
+        ),
+    ] = False,
     prompt: Annotated[
         list[str] | None,
         typer.Option(
@@ -476,7 +484,7 @@ def explain(
         out=out, targets=target or [], top_k=top_k, methods=names, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
         alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
-        conf=conf, iou=iou, mask=mask, like=list(like or []), prompts=list(prompt or []),
+        conf=conf, iou=iou, mask=mask, like=list(like or []), prompts=list(prompt or []), both=both,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}
@@ -575,8 +583,11 @@ def _collect(shown: dict[str, dict], record: dict) -> None:
         return
     item = shown.setdefault(
         record["path"],
-        {"path": record["path"], "size": record["size"], "predictions": record["predictions"], "targets": []},
+        {"path": record["path"], "size": record["size"], "predictions": [], "targets": []},
     )
+    if record.get("mirror"):  # --both: a reference image, explained against each batch's images in turn
+        item["mirror"] = True
+    item["predictions"] += [p for p in record["predictions"] if p not in item["predictions"]]
     for key in ("text", "text_probability"):  # a recogniser's
         if key in record:
             item[key] = record[key]

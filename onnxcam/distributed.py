@@ -113,7 +113,8 @@ def fetch_model(model: str, folder: Path) -> Path:
 class ExplainActor:
     """One Ray actor: one ONNX Runtime session (loaded once) running the local Worker on its batches."""
 
-    def __init__(self, model: str, options: Options, threads: int, base: str, request: Request | None = None) -> None:
+    def __init__(self, model: str, options: Options, threads: int, base: str, request: Request | None = None,
+                 mirrors: dict[str, str] | None = None) -> None:  # fmt: skip
         local = Path(model if is_uri(model) or os.path.isabs(model) else os.path.join(base, model))
         if is_uri(model) or not local.is_file():  # a URI, or a path this worker cannot see: fetch it once
             local = fetch_model(model, Path(tempfile.mkdtemp(prefix="onnxcam-actor-")))
@@ -125,7 +126,7 @@ class ExplainActor:
             return read_any(path if is_uri(path) or os.path.isabs(path) else os.path.join(base, path), o)
 
         # a retried batch rewrites its files; the request is the driver's, resolved once for the run
-        self.worker = Worker(explainer, options, read=read, replace=True, request=request)
+        self.worker = Worker(explainer, options, read=read, replace=True, request=request, mirrors=mirrors)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lines = self.worker([(str(p), str(s)) for p, s in zip(batch["path"], batch["stem"], strict=True)])
@@ -165,14 +166,15 @@ def connect(address: str, cpus: int | None = None, quiet: bool = False) -> None:
 
 
 def explain_rows(dataset: object, model: str, options: Options, actors: int, threads: int = 1,
-                 request: Request | None = None) -> object:  # fmt: skip
+                 request: Request | None = None, mirrors: dict[str, str] | None = None) -> object:  # fmt: skip
     """A Ray Dataset of ``(path, stem)`` rows -> a Dataset of ``record`` rows (JSON, one per image and target).
 
     For teams with a Ray pipeline: the files are written into ``options.out`` as a local run
-    writes them; the records say where.
+    writes them; the records say where. ``mirrors``: ``--both``'s reference images' stems (:attr:`Plan.mirrors`).
     """
     ray = _ray()
-    kwargs = {"model": model, "options": options, "threads": threads, "base": os.getcwd(), "request": request}
+    kwargs = {"model": model, "options": options, "threads": threads, "base": os.getcwd(), "request": request,
+              "mirrors": mirrors}  # fmt: skip
     # Ray Data restarts a dead actor and retries its batch (max_restarts and max_task_retries default to -1)
     return dataset.map_batches(
         ExplainActor, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, num_cpus=threads,
@@ -211,7 +213,8 @@ def run(
         if work.todo:
             rows = ray.data.from_items([{"path": p, "stem": s} for p, s in work.todo])
             resolved = replace(options, out=out.resolve())  # actors may run elsewhere: they write to the full path
-            results = explain_rows(rows, str(explainer.engine.path), resolved, actors, request=request)
+            results = explain_rows(rows, str(explainer.engine.path), resolved, actors, request=request,
+                                   mirrors=work.mirrors)  # fmt: skip
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 yield from driver.append([_as_given(json.loads(r), resolved.out, out) for r in batch["record"]])
             outputs.remove_partials(out)  # an actor killed while writing left its temporary; its batch was redone

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -54,9 +54,18 @@ class Options:
     mask: Path | None = None  # a segmenter's region, an image file the size of every image
     like: list[Path] = field(default_factory=list)  # a similarity model's references: images or .npy embeddings
     prompts: list[str] = field(default_factory=list)  # an image-text model's: text prompts, references too
+    both: bool = False  # and each reference image explained against each image (its likeness to it)
+
+    @property
+    def mirrors(self) -> list[str]:
+        """The reference images that ``both`` explains too (paths of ``like`` that are not ``.npy`` files)."""
+        return [str(p) for p in self.like if Path(p).suffix.lower() != ".npy"] if self.both else []
 
     def request(self, explainer: Explainer) -> Request:
         """What to explain, resolved and checked against ``explainer``'s model once (:meth:`Explainer.request`)."""
+        if self.both and not self.mirrors:
+            raise OnnxcamError("--both explains each --like image against each image too: give --like IMAGE "
+                               "(a .npy of embeddings or a prompt has no image to explain)")  # fmt: skip
         return explainer.request(self.targets, self.top_k, method=self.methods, eigen_smooth=self.eigen_smooth,
                                  aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask,
                                  like=self.like, prompts=self.prompts)  # fmt: skip
@@ -79,6 +88,7 @@ class Options:
             **({} if self.mask is None else {"mask": "sha256:" + outputs.file_digest(self.mask)[:16]}),
             **({"like": ["sha256:" + outputs.file_digest(p)[:16] for p in self.like]} if self.like else {}),
             **({"prompts": list(self.prompts)} if self.prompts else {}),
+            **({"both": True} if self.both else {}),
         }
 
 
@@ -171,17 +181,20 @@ class Worker:
     The local pipeline runs its three steps in overlapping threads; a Ray actor calls it whole.
     ``inputs`` (real paths of the run's images) guards against an output overwriting an input;
     ``replace`` allows replacing files of the same run (``--resume``, a retried Ray task). ``request``: the
-    options' request where the caller resolved it (:meth:`Options.request`).
+    options' request where the caller resolved it (:meth:`Options.request`). ``mirrors``: the output stems of
+    the reference images that ``options.both`` explains against each batch's images (:attr:`Plan.mirrors`).
     """
 
     def __init__(self, explainer: Explainer, options: Options, read: Reader = read_local,
                  inputs: frozenset[str] = frozenset(), replace: bool = False,
-                 request: Request | None = None) -> None:  # fmt: skip
+                 request: Request | None = None, mirrors: dict[str, str] | None = None) -> None:  # fmt: skip
         self.explainer, self.options, self.read, self.inputs, self.replace = explainer, options, read, inputs, replace
         self.request = request or options.request(explainer)
+        self.mirrors = mirrors or {}
+        self._mirrored: list[Decoded] | None = None  # the reference images, decoded at the first batch
 
     def __call__(self, items: list[Item]) -> list[dict]:
-        return self.save_all(self.explain_decoded(self.decode(items)), dict(items))
+        return self.save_all(self.explain_decoded(self.decode(items), dict(items)), dict(items))
 
     def decode(self, items: list[Item]) -> list[Decoded]:
         decoded: list[Decoded] = []
@@ -192,8 +205,8 @@ class Worker:
                 decoded.append((path, describe(exc, path)))
         return decoded
 
-    def _explain(self, images: list[Prepared]) -> list[Explanation | str]:
-        call = lambda batch: self.explainer.run(batch, self.request)  # noqa: E731
+    def _explain(self, images: list[Prepared], request: Request | None = None) -> list[Explanation | str]:
+        call = lambda batch: self.explainer.run(batch, request or self.request)  # noqa: E731
         try:
             return list(call(images))
         except Exception:  # one image may break the batch: find it by explaining one at a time
@@ -207,26 +220,48 @@ class Worker:
                 results.append(describe(exc))
         return results
 
-    def explain_decoded(self, decoded: list[Decoded]) -> list[tuple[str, Explanation | str]]:
-        """ORT's part: each decoded image's explanation, or its error message (one call per batch)."""
+    def explain_decoded(self, decoded: list[Decoded], stems: dict[str, str]) -> list[tuple[str, Explanation | str]]:
+        """ORT's part: each decoded image's explanation, or its error message (one call per batch); then, with
+        mirrors, each reference image's against the batch's explained images (named by their ``stems``: one
+        more call)."""
         good = [(p, image) for p, image in decoded if isinstance(image, Prepared)]
         try:
             explained = self._explain([image for _, image in good]) if good else []
         except Exception as exc:
             explained = [describe(exc)] * len(good)
         results = dict(zip([p for p, _ in good], explained, strict=True))
-        return [(path, results.get(path, image)) for path, image in decoded]
+        found = [(path, results.get(path, image)) for path, image in decoded]
+        return found + self._explain_mirrors([(p, r) for p, r in found if isinstance(r, Explanation)], stems)
+
+    def _explain_mirrors(self, explained: list[tuple[str, Explanation]], stems: dict[str, str]) -> list[Decoded]:
+        """``--both``: each reference image's likeness to each of ``explained`` (their embeddings are its
+        references, their stems its targets' names), from one call."""
+        if not self.mirrors or not explained:
+            return []
+        if self._mirrored is None:
+            self._mirrored = self.decode([(p, s) for p, s in self.mirrors.items()])
+        asked = replace(self.request, codes=tuple(range(len(explained))), prompts=0,
+                        references=np.stack([r.embedding for _, r in explained]),
+                        reference_names=tuple(stems[p] for p, _ in explained))  # fmt: skip
+        good = [(p, image) for p, image in self._mirrored if isinstance(image, Prepared)]
+        try:
+            back = self._explain([image for _, image in good], asked) if good else []
+        except Exception as exc:
+            back = [describe(exc)] * len(good)
+        results = dict(zip([p for p, _ in good], back, strict=True))
+        return [(path, results.get(path, image)) for path, image in self._mirrored]
 
     def save_all(self, explained: list[tuple[str, Explanation | str]], stems: dict[str, str]) -> list[dict]:
         """The writer's part: files and records of a batch (errors become records)."""
         lines: list[dict] = []
         for path, found in explained:
+            mirror = {"mirror": True} if path in self.mirrors and path not in stems else {}
             try:
                 if isinstance(found, str):
                     raise OnnxcamError(found)
-                lines += self._save(path, stems[path], found)
+                lines += [{**r, **mirror} for r in self._save(path, {**self.mirrors, **stems}[path], found)]
             except Exception as exc:  # a file that cannot be written fails this image only
-                lines.append({"path": path, "error": describe(exc, path)})
+                lines.append({"path": path, "error": describe(exc, path), **mirror})
         return lines
 
     def _save(self, path: str, stem: str, result: Explanation) -> list[dict]:
@@ -259,7 +294,7 @@ def _pipeline(worker: Worker, todo: list[Item], size: int) -> Iterator[tuple[lis
             if i < len(chunks):
                 decoded = decoding.result()
                 decoding = reader.submit(worker.decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-                explained = worker.explain_decoded(decoded)
+                explained = worker.explain_decoded(decoded, dict(chunks[i]))
             if writing is not None:
                 yield chunks[i - 1], writing.result()
             writing = writer.submit(worker.save_all, explained, dict(chunks[i])) if explained is not None else None
@@ -271,6 +306,7 @@ class Plan:
 
     todo: list[Item]
     summary: Summary
+    mirrors: dict[str, str] = field(default_factory=dict)  # --both: reference images' output stems
 
 
 def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
@@ -280,9 +316,14 @@ def plan(explainer: Explainer, paths: list[str], options: Options) -> Plan:
     done = complete_records(kept, out)
     outputs.write_text(out / outputs.RESULTS, "".join(json.dumps(r) + "\n" for rs in done.values() for r in rs))
     fixed = {p: rs[0]["stem"] for p, rs in done.items() if isinstance(rs[0].get("stem"), str)}
-    stems = outputs.unique_stems(paths, fixed)
+    mirrors = options.mirrors
+    inputs = {os.path.realpath(p) for p in paths}
+    if any(os.path.realpath(p) in inputs for p in mirrors):
+        raise OnnxcamError("with --both, a --like image is explained against the images: give it as --like or as an "
+                           "image, not both")  # fmt: skip
+    stems = outputs.unique_stems(paths + mirrors, fixed)
     todo = [(p, stems[p]) for p in paths if p not in done]
-    return Plan(todo, Summary(images=len(paths), skipped=len(paths) - len(todo)))
+    return Plan(todo, Summary(images=len(paths), skipped=len(paths) - len(todo)), {p: stems[p] for p in mirrors})
 
 
 class Driver:
@@ -297,9 +338,10 @@ class Driver:
 
     def append(self, lines: list[dict]) -> list[dict]:
         """Append one batch's records (one write: whole records) and count its images; returns them."""
-        failed = {r["path"] for r in lines if r.get("error")}
+        ours = [r for r in lines if not r.get("mirror")]  # (--both's reference images are not the run's images)
+        failed = {r["path"] for r in ours if r.get("error")}
         self.summary.failed += len(failed)
-        self.summary.explained += len({r["path"] for r in lines}) - len(failed)
+        self.summary.explained += len({r["path"] for r in ours}) - len(failed)
         self.log.write("".join(json.dumps(r) + "\n" for r in lines))
         self.log.flush()
         return lines
@@ -339,7 +381,8 @@ def run(
     with outputs.owned(out):
         work = plan(explainer, [str(p) for p in paths], options)
         inputs = frozenset(os.path.realpath(p) for p in paths)
-        worker = Worker(explainer, options, inputs=inputs, replace=options.resume, request=request)
+        worker = Worker(explainer, options, inputs=inputs, replace=options.resume, request=request,
+                        mirrors=work.mirrors)  # fmt: skip
         driver = Driver(out, work.summary)
         with progress_bar(len(work.todo)) if progress else nullcontext(None) as advance:
             for items, lines in _pipeline(worker, work.todo, options.batch_size):

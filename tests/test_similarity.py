@@ -105,6 +105,50 @@ def test_explain_like_a_photo_and_like_saved_embeddings(embedder: tuple, tmp_pat
     assert_clean_failure(wide, "references must be [R, 16]")
 
 
+def test_both_explains_the_reference_against_each_image_too(embedder: tuple, tmp_path: Path) -> None:
+    """``--like b --both``: b's map of its cosine similarity to a (and to c) beside a's and c's to b; b's Grad-CAM
+    map equals torch autograd's on b's features (float64), its cosine torch's, and the run counts two images."""
+    import cv2
+
+    from onnxcam import maps
+
+    model, path, _ = embedder
+    a, b, c = images(3, seed=5)
+    for name, photo in (("a", a), ("b", b), ("c", c)):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), photo[:, :, ::-1])
+    result = run("explain", str(tmp_path / "a.png"), str(tmp_path / "c.png"), "--model", str(path), "--like",
+                 str(tmp_path / "b.png"), "--both", "--batch-size", "1", "--out", str(tmp_path / "out"),
+                 "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["summary"]["images"] == 2 and doc["summary"]["explained"] == 2, doc["summary"]
+    found = {Path(item["path"]).name: item for item in doc["images"]}
+    assert found["b.png"]["mirror"] and "mirror" not in found["a.png"]
+    back = {t["label"]: t for t in found["b.png"]["targets"]}
+    assert sorted(back) == ["a", "c"]  # one batch per image: b against a, then against c
+    reference = Embedder().double()
+    reference.load_state_dict(model.state_dict())
+    features = reference.features(as_input(np.stack([a, b, c]))).detach()
+    units = reference.embed(features).detach()
+    for k, other in ((0, "a"), (2, "c")):
+        mine = features[1:2].clone().requires_grad_(True)
+        cosine = (reference.embed(mine)[0] * units[k]).sum()
+        (gradient,) = torch.autograd.grad(cosine, mine)
+        cam = torch.relu((gradient.mean((2, 3), keepdim=True) * mine).sum(1))[0].detach().numpy()
+        assert back[other]["similarity"] == pytest.approx(cosine.item(), abs=1e-5)
+        expected, _ = maps.finish(cam, SIZE)
+        np.testing.assert_allclose(np.load(back[other]["map"]), expected, atol=1e-4)
+    a_to_b = found["a.png"]["targets"][0]
+    assert a_to_b["label"] == "b" and a_to_b["similarity"] == pytest.approx(back["a"]["similarity"], abs=1e-6)
+    np.save(tmp_path / "b.npy", units[1].numpy())
+    only = run("explain", str(tmp_path / "a.png"), "--model", str(path), "--like", str(tmp_path / "b.npy"),
+               "--both", "--out", str(tmp_path / "npy"))  # fmt: skip
+    assert_clean_failure(only, "--both explains each --like image", "--like IMAGE")
+    same = run("explain", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(path), "--like",
+               str(tmp_path / "b.png"), "--both", "--out", str(tmp_path / "same"))  # fmt: skip
+    assert_clean_failure(same, "give it as --like or as an image")
+
+
 def test_an_embedding_named_so_is_a_similarity_model_too(tmp_path: Path) -> None:
     """Not L2-normalised, but named as one (``image_embeds``): it was refused (and before that read as 16
     classes)."""
