@@ -14,6 +14,7 @@ whose logit scale is measured from its own ``logits_per_image``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import tempfile
@@ -32,6 +33,8 @@ CLIP_SCALE = 100.0  # exp(logit_scale) of every released CLIP (OpenAI's and open
 INTEGER = (TensorProto.INT64, TensorProto.INT32)
 MASK = re.compile(r"mask", re.I)
 TOKENIZER = "tokenizer.json"  # the file a Hugging Face tokenizer saves, and optimum's export folder holds
+CLIP_MERGES = 49152 - 256 - 2  # the merges OpenAI's and open_clip's tokenizers read: a 49408-token vocabulary
+CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # their words (after lower case)
 BAKED = "zero_shot_logits"  # a baked file's logits: logit_scale * cos(image, prompt k), [N, K]
 
 
@@ -150,6 +153,54 @@ def text_spec(text: onnx.ModelProto, source: str) -> dict:
             "mask": masks[0].name if masks else None}  # fmt: skip
 
 
+def is_bpe_vocabulary(path: Path) -> bool:
+    """``path`` is CLIP's own BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``: a version line, then merges)."""
+    return path.name.endswith((".txt.gz", ".txt"))
+
+
+def clip_bpe_tokenizer(path: Path) -> object:
+    """A ``tokenizers.Tokenizer`` equal to OpenAI's and open_clip's ``SimpleTokenizer`` on the BPE vocabulary
+    ``path``: the vocabulary is the 256 byte symbols, the same with ``</w>``, the first :data:`CLIP_MERGES` merges
+    joined, then ``<start_of_text>`` and ``<end_of_text>``, which frame every prompt. Text is NFC-normalised,
+    its whitespace runs made one space, lower-cased and split into CLIP's words (the normaliser and pre-tokeniser
+    of Hugging Face's CLIP converter); open_clip's ftfy repair of broken Unicode is not applied."""
+    from onnxcam.prompts import MISSING
+
+    try:
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    except ImportError:
+        raise OnnxcamError(MISSING) from None
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise OnnxcamError(f"cannot read {path} as CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz): "
+                           f"{exc}") from None
+    merges = [tuple(line.split()) for line in lines[1:] if line.strip()][:CLIP_MERGES]
+    if not merges or any(len(m) != 2 for m in merges):
+        raise OnnxcamError(f"{path} is not CLIP's BPE vocabulary: after its first line, each line must be one merge "
+                           "of two symbols ('t h'), as bpe_simple_vocab_16e6.txt.gz holds")  # fmt: skip
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # (printable bytes as themselves, the rest from U+0100)
+    words = [*symbols, *(v + "</w>" for v in symbols), *("".join(m) for m in merges), "<start_of_text>",
+             "<end_of_text>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tokenizer = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                                     fuse_unk=False))  # fmt: skip
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Strip(), normalizers.Lowercase()])  # fmt: skip
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.add_special_tokens(["<start_of_text>", "<end_of_text>"])
+    start, end = vocab["<start_of_text>"], vocab["<end_of_text>"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<start_of_text> $A <end_of_text>", special_tokens=[("<start_of_text>", start), ("<end_of_text>", end)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
 def _pad_id(tokenizer: Path, spec: dict) -> tuple[int, str]:
     """The id a fixed-length tower's prompts are padded with (the padding ``tokenizer.json`` sets), and where it
     came from."""
@@ -232,11 +283,16 @@ def resolve(
                            f"output {tower.graph.output[0].name!r} has {_width(tower)}: give the text tower with its "
                            "projection (text_embeds), as the image tower has its")  # fmt: skip
     spec = text_spec(tower, where)
+    if is_bpe_vocabulary(tokenizer):  # CLIP's own vocabulary: written as the tokenizer.json the runtime reads
+        clip_bpe_tokenizer(tokenizer).save(str(folder / TOKENIZER))
+        sources["tokenizer"] += ", CLIP's BPE vocabulary as a tokenizer.json"
+        tokenizer = folder / TOKENIZER
     load_tokenizer(tokenizer)  # (a file it cannot read is refused here)
     spec["pad"], sources["pad"] = _pad_id(tokenizer, spec)
     spec |= {"model": "text.onnx", "tokenizer": tokenizer.name}
     onnx.save(tower, folder / "text.onnx")
-    (folder / tokenizer.name).write_bytes(tokenizer.read_bytes())
+    if tokenizer != folder / TOKENIZER:
+        (folder / tokenizer.name).write_bytes(tokenizer.read_bytes())
     towers = TextTower(folder, spec)
     if scale is not None:
         sources["logit scale"] = f"flag --logit-scale {scale:g}"
@@ -256,8 +312,8 @@ def _beside(source: Path, text: Path | None) -> Path:
     for folder in dict.fromkeys(p.parent for p in (text, source) if p is not None):
         if (folder / TOKENIZER).is_file():
             return folder / TOKENIZER
-    raise OnnxcamError(f"an image-text model needs its tokenizer: give --tokenizer tokenizer.json (no {TOKENIZER} "
-                       f"lies beside {source.name})")  # fmt: skip
+    raise OnnxcamError(f"an image-text model needs its tokenizer: give --tokenizer tokenizer.json, or CLIP's "
+                       f"bpe_simple_vocab_16e6.txt.gz (no {TOKENIZER} lies beside {source.name})")  # fmt: skip
 
 
 def prompts_file(path: Path) -> list[str]:

@@ -237,7 +237,8 @@ def export(
     ] = None,
     tokenizer: Annotated[
         Path | None,
-        typer.Option(help="An image-text model's Hugging Face tokenizer.json [default: the one beside the model]."),
+        typer.Option(help="An image-text model's Hugging Face tokenizer.json, or CLIP's BPE vocabulary (open_clip's "
+                     "bpe_simple_vocab_16e6.txt.gz) [default: the tokenizer.json beside the model]."),
     ] = None,
     logit_scale: Annotated[
         float | None,

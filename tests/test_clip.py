@@ -369,3 +369,24 @@ def test_optimums_folder_with_every_axis_symbolic_and_a_config_with_no_classes(c
     assert not out.exists()
     card, _ = graft_file(tmp_path / "model.onnx", out, prep=Preprocessing.create(SIZE, (0, 0, 0), (1, 1, 1), False))
     assert abs(card["logit_scale"] - SCALE) < 1e-4 * SCALE and card["task"] == "similarity"
+
+
+def test_clips_own_bpe_vocabulary_is_read_as_its_tokenizer(tmp_path: Path) -> None:
+    """``--tokenizer bpe_simple_vocab_16e6.txt.gz``: CLIP's vocabulary is 256 byte symbols, the same with
+    ``</w>``, the merges, then start and end of text; ids counted by hand on a two-merge file ('a' is byte 97, the
+    65th printable symbol: 256 + 64; 'dog</w>' the second merge: 512 + 1; open_clip's own ids for 'a' and the
+    specials on the real file are 320, 49406, 49407, checked by tests/test_clip_openclip.py)."""
+    import gzip
+
+    from onnxcam_export.image_text import clip_bpe_tokenizer
+
+    vocabulary = tmp_path / "bpe_tiny.txt.gz"
+    with gzip.open(vocabulary, "wt", encoding="utf-8") as f:
+        f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\nd o\ndo g</w>\n")
+    tokenizer = clip_bpe_tokenizer(vocabulary)
+    assert tokenizer.encode("A  Dog").ids == [514, 320, 513, 515]
+    assert tokenizer.encode("dogs").ids == [514, 512, 70, 82 + 256, 515]  # do, g, s</w>: no merge 'g s</w>'
+    with gzip.open(vocabulary, "wt", encoding="utf-8") as f:
+        f.write("#version\nd o x\n")
+    with pytest.raises(OnnxcamError, match="each line must be one merge of two symbols"):
+        clip_bpe_tokenizer(vocabulary)

@@ -1,9 +1,10 @@
 """An open_clip CLIP (a small ViT config, seeded random weights) exported as two towers through torch.onnx
 (``encode_image`` and ``encode_text``, open_clip's own, fixed text length, no attention mask), grafted with the
-text tower and a tokenizer.json beside it: each prompt's logit equals open_clip's
-``logit_scale.exp() * cos(encode_image, encode_text)`` on the same ids, and the gradients of several prompts' logits
-at the automatic target layer (the first resblock's output: the last the class token's gradient reaches the grid
-from) equal torch autograd in float64, from one call.
+text tower and open_clip's own BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``, read as a tokenizer.json): each
+prompt's logit equals open_clip's ``logit_scale.exp() * cos(encode_image, encode_text)`` on open_clip's own
+tokenization, the tokenizer's ids equal open_clip's ``SimpleTokenizer``'s on hard prompts, and the gradients of
+several prompts' logits at the automatic target layer (the first resblock's output: the last the class token's
+gradient reaches the grid from) equal torch autograd in float64, from one call.
 
 Runs where open_clip imports (the bench venv of the README); skipped elsewhere, with the reason."""
 
@@ -17,13 +18,15 @@ import pytest
 
 from onnxcam.engine import Engine
 from onnxcam_export.from_onnx import Preprocessing, graft_file
+from onnxcam_export.image_text import clip_bpe_tokenizer
 from tests.conftest import assert_rows_match_autograd
-from tests.test_clip import LENGTH, SIZE, VOCAB, as_input, images, token_ids, write_tokenizer
+from tests.test_clip import LENGTH, SIZE, as_input, images
 
 try:
     import open_clip
     import torch
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
 except Exception as exc:  # ImportError, or torchvision's operator errors when releases do not match
     pytest.skip(f"open_clip does not import here ({type(exc).__name__}: {exc})"[:300], allow_module_level=True)
 
@@ -45,7 +48,7 @@ class Tower(torch.nn.Module):
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return open_clip.CLIP(24, CLIPVisionCfg(layers=2, width=WIDTH, head_width=8, patch_size=8, image_size=SIZE[0]),
-                          CLIPTextCfg(context_length=LENGTH, vocab_size=len(VOCAB), width=WIDTH, heads=4, layers=2))
+                          CLIPTextCfg(context_length=LENGTH, width=WIDTH, heads=4, layers=2))  # (49408 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +64,25 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
         torch.onnx.export(Tower(model, True), (ids,), folder / "text" / "text.onnx", input_names=["input_ids"],
                           output_names=["text_embeds"], dynamic_axes={"input_ids": {0: "T"}}, opset_version=17,
                           dynamo=False)  # fmt: skip
-    write_tokenizer(folder / "text" / "tokenizer.json")
     scale = float(model.logit_scale.exp())
     card, _ = graft_file(folder / "image.onnx", folder / "clip.cam.onnx", prep=UNIT, text=folder / "text" / "text.onnx",
-                         logit_scale=scale)  # fmt: skip
+                         tokenizer=Path(default_bpe()), logit_scale=scale)  # fmt: skip
     return model, folder / "clip.cam.onnx", card
 
 
-def _padded(prompt: str) -> list[int]:
-    ids = token_ids(prompt)
-    return ids + [VOCAB.index("[PAD]")] * (LENGTH - len(ids))
+HARD = ["a photo of a dog", "A  Photo OF a Cat!!", "it's the 2nd of July, 1999 \u2014 na\u00efve caf\u00e9",
+        "don't you'll we've I'm", "hello,world...foo?!", "\u65e5\u672c\u8a9e", "emoji \U0001f436 dog",
+        "x\u00b2+y\u00b3",
+        "<start_of_text> hi", "tab\tand\nnewline", "a1b2c3", "  spaces   around  "]
+
+
+def test_clips_bpe_vocabulary_tokenizes_as_open_clip() -> None:
+    """CLIP's own vocabulary file read as a Hugging Face tokenizer: the same ids as open_clip's SimpleTokenizer
+    (start and end of text around them) on punctuation, digits, accents, CJK, emoji and odd whitespace."""
+    ours, theirs = clip_bpe_tokenizer(Path(default_bpe())), SimpleTokenizer()
+    assert ours.get_vocab_size() == theirs.vocab_size == 49408
+    for prompt in HARD:
+        assert ours.encode(prompt).ids == [theirs.sot_token_id, *theirs.encode(prompt), theirs.eot_token_id], prompt
 
 
 def test_each_prompts_logit_and_gradient_equal_open_clip_in_one_call(exported: tuple) -> None:
@@ -89,7 +101,7 @@ def test_each_prompts_logit_and_gradient_equal_open_clip_in_one_call(exported: t
     batch = images()
     pixels = double.encode_image(as_input(batch), normalize=True)
     with torch.no_grad():
-        texts = double.encode_text(torch.tensor([_padded(p) for p in PROMPTS]), normalize=True)
+        texts = double.encode_text(open_clip.tokenize(PROMPTS, context_length=LENGTH), normalize=True)
     logits = double.logit_scale.exp() * pixels @ texts.T
     from onnxcam.api import Explainer
 
