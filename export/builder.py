@@ -103,6 +103,10 @@ class Builder:
         self._elems: dict[str, int] = {}  # the element types of the tensors this builder emitted
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
         self.static: set[str] = set()  # tensors computed from weights alone (a Transpose of one): no batch axis
+        weights = {i.name for i in model.graph.initializer}
+        first = [i for i in model.graph.input if i.name not in weights][:1]
+        shaped = first and first[0].type.tensor_type.HasField("shape") and first[0].type.tensor_type.shape.dim
+        self._batch = first[0].type.tensor_type.shape.dim[0] if shaped else None  # the model input's first axis
 
     def needs(self, name: str) -> bool:
         """Whether a rule should build the gradient of forward tensor ``name``."""
@@ -269,6 +273,14 @@ class Builder:
         if a.HasField("dim_value") and c.HasField("dim_value"):
             return a.dim_value == c.dim_value
         return bool(a.dim_param) and a.dim_param == c.dim_param and not a.dim_param.startswith("unk__")
+
+    def maybe_batch(self, x: str) -> bool:
+        """Whether axis 0 of ``x`` may be the batch (the model input's first axis): False only where its size is
+        known and the batch's is symbolic or another (an attention pool's ``[HW, N, C]`` tokens)."""
+        size = (self.shape(x) or [None])[0]
+        if size is None or self._batch is None:
+            return True
+        return self._batch.HasField("dim_value") and self._batch.dim_value == size
 
     def rank(self, name: str) -> int:
         shape = self.shape(name)

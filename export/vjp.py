@@ -464,7 +464,7 @@ def _reduced_axes(b: Builder, node: onnx.NodeProto) -> list[int] | None:
     if not axes and int(attrs(node).get("noop_with_empty_axes", 0)):
         return None
     axes = sorted(ax % rank for ax in axes) if axes else list(range(rank))
-    if 0 in axes:
+    if 0 in axes and (b.maybe_batch(x) or len(axes) == rank):
         raise _unsupported(node, "it reduces over the batch axis")
     return axes
 
@@ -485,12 +485,17 @@ def _reduction(local: Local | None, identity: bool = True) -> VJP:
                 raise _unsupported(node, "noop_with_empty_axes with empty axes is not supported")
             return [dy[0]]
         kept = int(attrs(node).get("keepdims", 1))
-        g = dy[0] if kept else b.unsqueeze(dy[0], [ax + 1 for ax in axes])
-        expanded = b.op("Expand", g, b.grad_shape(dy[0], x))
+        g = dy[0]
+        if not kept and axes[0] == 0:  # (a token axis first: dY [y0, T, ..] -> [1, T, y0, ..])
+            g = b.unsqueeze(b.op("Transpose", g, perm=[1, 0, *range(2, b.rank(node.output[0]) + 1)]), [0])
+        g = g if kept else b.unsqueeze(g, [ax + 1 for ax in axes if ax > 0])
+        shape = (b.grad_shape(dy[0], x) if axes[0] else
+                 b.op("Concat", b.dims(x, 0, 1), b.dims(dy[0], 1, 2), b.dims(x, 1), axis=0))  # fmt: skip
+        expanded = b.op("Expand", g, shape)
         if local is None:
             return [expanded]
         y = node.output[0] if kept else b.unsqueeze(node.output[0], axes)
-        return [b.op("Mul", expanded, local(b, b.fwd(x), b.fwd(y), [ax + 1 for ax in axes]))]
+        return [b.op("Mul", expanded, local(b, b.fwd(x), b.fwd(y), [ax + (ax > 0) for ax in axes]))]
 
     return rule
 

@@ -45,20 +45,27 @@ class Tower(torch.nn.Module):
         return self.model.encode_text(x) if self.text else self.model.encode_image(x)
 
 
-def _model() -> torch.nn.Module:
+RESNET = 128  # the ResNet tower's input: a 4x4 grid at its last stage (stride 32)
+
+
+def _model(kind: str) -> torch.nn.Module:
+    """A ViT tower, or a ResNet one (open_clip's ModifiedResNet: stages of one bottleneck, an attention pool)."""
     torch.manual_seed(0)
-    return open_clip.CLIP(24, CLIPVisionCfg(layers=2, width=WIDTH, head_width=8, patch_size=8, image_size=SIZE[0]),
-                          CLIPTextCfg(context_length=LENGTH, width=WIDTH, heads=4, layers=2))  # (49408 tokens)
+    vision = (CLIPVisionCfg(layers=2, width=WIDTH, head_width=8, patch_size=8, image_size=SIZE[0]) if kind == "vit"
+              else CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, head_width=8, image_size=RESNET))  # fmt: skip
+    return open_clip.CLIP(24, vision, CLIPTextCfg(context_length=LENGTH, width=WIDTH, heads=4, layers=2))  # 49408 ids
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, dict]:
-    model = _model().eval()
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    model = _model(request.param).eval()
     folder = tmp_path_factory.mktemp("openclip")
+    side = SIZE[0] if request.param == "vit" else RESNET
     with warnings.catch_warnings():  # (with grad on: under no_grad nn.MultiheadAttention's fast path does not export)
         warnings.simplefilter("ignore")
-        torch.onnx.export(Tower(model, False), (torch.zeros(1, 3, *SIZE),), folder / "image.onnx", input_names=["x"],
-                          output_names=["image_embeds"], dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(Tower(model, False), (torch.zeros(1, 3, side, side),), folder / "image.onnx",
+                          input_names=["x"], output_names=["image_embeds"], dynamic_axes={"x": {0: "N"}},
+                          opset_version=17, dynamo=False)  # fmt: skip
         (folder / "text").mkdir()
         ids = torch.zeros(1, LENGTH, dtype=torch.long)
         torch.onnx.export(Tower(model, True), (ids,), folder / "text" / "text.onnx", input_names=["input_ids"],
@@ -67,7 +74,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
     scale = float(model.logit_scale.exp())
     card, _ = graft_file(folder / "image.onnx", folder / "clip.cam.onnx", prep=UNIT, text=folder / "text" / "text.onnx",
                          tokenizer=Path(default_bpe()), logit_scale=scale)  # fmt: skip
-    return model, folder / "clip.cam.onnx", card
+    return model, folder / "clip.cam.onnx", card, request.param
 
 
 HARD = ["a photo of a dog", "A  Photo OF a Cat!!", "it's the 2nd of July, 1999 \u2014 na\u00efve caf\u00e9",
@@ -86,19 +93,30 @@ def test_clips_bpe_vocabulary_tokenizes_as_open_clip() -> None:
 
 
 def test_each_prompts_logit_and_gradient_equal_open_clip_in_one_call(exported: tuple) -> None:
-    model, path, card = exported
+    """ViT: the automatic layer is the first block's tokens (the class token's gradient reaches the grid only before
+    the last block's attention); ResNet (ModifiedResNet): the last stage's output, before the attention pool (what
+    users of pytorch-grad-cam pick, ``visual.layer4``), its pool's mean over the grid taken as a token."""
+    model, path, card, kind = exported
     assert card["task"] == "similarity" and card["text"]["length"] == LENGTH
-    assert "resblocks.0" in card["layer"] and f"1 + {GRID * GRID} tokens" in card["layer"], card["layer"]
-    double = _model().double().eval()
+    double = _model(kind).double().eval()
     double.load_state_dict(model.state_dict())
     grid = []
 
     def leaf(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:  # the target layer as a leaf
+        if kind == "resnet":
+            grid.append(out.detach().requires_grad_(True))
+            return grid[-1]
         grid.append(out[:, 1:].transpose(1, 2).reshape(len(out), WIDTH, GRID, GRID).detach().requires_grad_(True))
         return torch.cat([out[:, :1].detach(), grid[-1].flatten(2).transpose(1, 2)], dim=1)
 
-    double.visual.transformer.resblocks[0].register_forward_hook(leaf)
-    batch = images()
+    if kind == "vit":
+        assert "resblocks.0" in card["layer"] and f"1 + {GRID * GRID} tokens" in card["layer"], card["layer"]
+        double.visual.transformer.resblocks[0].register_forward_hook(leaf)
+        batch = images()
+    else:
+        assert "layer4" in card["layer"] and "x4x4" in card["layer"], card["layer"]
+        double.visual.layer4.register_forward_hook(leaf)
+        batch = np.random.default_rng(0).integers(0, 256, (2, RESNET, RESNET, 3), dtype=np.uint8)
     pixels = double.encode_image(as_input(batch), normalize=True)
     with torch.no_grad():
         texts = double.encode_text(open_clip.tokenize(PROMPTS, context_length=LENGTH), normalize=True)

@@ -856,6 +856,35 @@ def test_a_path_that_carries_no_gradient_needs_no_rule(side: str) -> None:
     np.testing.assert_allclose(weights, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_a_mean_over_a_token_axis_first_is_differentiated(keepdims: int) -> None:
+    """An attention pool's first step (open_clip's ModifiedResNet, CLIP RN50): the grid as tokens first,
+    ``[HW, N, C]``, averaged over them; axis 0 is no batch axis there (16 tokens, a batch of 2), so the mean
+    over it has a gradient, equal to torch autograd's. Over the batch axis itself it is refused (REFUSALS)."""
+    w = RNG.standard_normal((3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Reshape", ["a", "cells"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["tokens"], perm=[2, 0, 1]),  # [16, N, 3]
+        helper.make_node("ReduceMean", ["tokens", "axes"], ["m" if keepdims else "mean"], keepdims=keepdims),
+        *[helper.make_node("Squeeze", ["m", "axes"], ["mean"])] * keepdims,
+        helper.make_node("Mul", ["mean", "mean"], ["square"]),
+        helper.make_node("MatMul", ["square", "w"], ["scores"]),
+    ]
+    model = _model(nodes, [2, 3, 4, 4], w=w)
+    model.graph.initializer.extend([numpy_helper.from_array(np.asarray([0, 3, 16]), "cells"),
+                                    numpy_helper.from_array(np.asarray([0]), "axes")])  # fmt: skip
+    session = ort.InferenceSession(graft(model, "a", "scores").model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    (weights,) = session.run(["weights"], {"x": x, "targets": np.asarray([[0, 2]] * 2)})
+    a = torch.relu(torch.from_numpy(x).double()).requires_grad_(True)
+    scores = a.reshape(2, 3, 16).permute(2, 0, 1).mean(0).square() @ torch.from_numpy(w).double()
+    for t, c in enumerate([0, 2]):
+        (grad,) = torch.autograd.grad(scores[:, c].sum(), a, retain_graph=True)
+        np.testing.assert_allclose(weights[:, t], grad.mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("op", ["Floor", "Ceil", "Round", "Sign"])
 def test_a_flat_op_is_one_torch_gives_a_zero_gradient(op: str) -> None:
     """The ops the table calls flat: torch autograd's derivative of each is zero (away from its jumps)."""
