@@ -37,8 +37,15 @@ def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelC
     card lists them: a gradient-free file's), one with integer kernels is ``quantized``, one with an op ONNX
     Runtime cannot run on an empty batch has ``empty_batch`` false, one whose weights ONNX Runtime should pre-pack
     (:func:`onnxcam.engine.without_prepacking`: integer kernels, or :func:`_products_over_rows`) has ``prepack``.
-    Returns the card as written.
+    A similarity model's references lose their default: every call gives them. Returns the card as written.
     """
+    inputs = {i.name for i in model.graph.input}
+    # a similarity model's references: an input with no default in the file (onnxruntime-web cannot replace an
+    # initializer, so the browser page could not give its prompts); the graft's analyses took the default as data
+    kept = [t for t in model.graph.initializer if not (t.name == contract.REFERENCES and t.name in inputs)]
+    if len(kept) < len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     if any(o.name == contract.SALIENCY for o in model.graph.output) and not card.saliency_methods:
         card = dataclasses.replace(card, saliency_methods=tuple(saliency_methods()))
     ops = {n.op_type for n in _all_nodes(model.graph)}

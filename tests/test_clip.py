@@ -314,8 +314,15 @@ def test_bad_prompts_and_options_are_refused_in_one_line(clip: tuple, combined: 
     cv2.imwrite(str(photo), images(1)[0])
     out = str(tmp_path / "out")
     assert_clean_failure(run("explain", str(photo), "--model", str(path), "--out", out), "give --prompt TEXT")
-    page = run("web", str(path), "--out", str(tmp_path / "site"))
-    assert_clean_failure(page, "is an image-text model and the page has no prompt box")
+    odd = tmp_path / "odd"  # a tokenizer of a kind the page's JavaScript does not run (SentencePiece's Metaspace)
+    odd.mkdir()
+    for name in (path.name, combined[1]["text"]["model"]):
+        (odd / name).write_bytes((path.parent / name).read_bytes())
+    tokenizer = json.loads((path.parent / combined[1]["text"]["tokenizer"]).read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}
+    (odd / combined[1]["text"]["tokenizer"]).write_text(json.dumps(tokenizer))
+    page = run("web", str(odd / path.name), "--out", str(tmp_path / "site"))
+    assert_clean_failure(page, "tokenizer's pre_tokenizer (Metaspace) does not run in the page", "--prompts")
     assert not (tmp_path / "site").exists()
     twice = run("explain", str(photo), "--model", str(path), "--prompt", "a dog", "--prompt", "a dog", "--out", out)
     assert_clean_failure(twice, "is given twice")

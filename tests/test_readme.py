@@ -34,7 +34,7 @@ EXPECTED = {  # what each example's output must say
     "eval": ["deletion_auc", "insertion_auc", "road_morf"],
     "api": ["tabby", "wrote api-out/tabby.png"],
     "ray": ["explained 2 of 2 images"],
-    "web": ["wrote 8 files to site/", "class 285: wrote cat-overlay.png"],
+    "web": ["wrote 9 files to site/", "class 285: wrote cat-overlay.png"],
     "int8": ["wrote 16 scenes", "wrote models/efficientnet_lite0.int8.onnx", "Egyptian cat"],
 }
 SLOW = {"from", "byo", "eval", "ray", "web", "int8"}  # torch export, ROAD, starting Ray, node, quantization

@@ -13,7 +13,8 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,9 @@ def site(lite0_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def served(site: Path) -> Iterator[str]:
-    """The site on a local static file server (127.0.0.1, a free port) for the test's duration."""
+@contextmanager
+def serving(site: Path) -> Iterator[str]:
+    """The site on a local static file server (127.0.0.1, a free port) while the block runs."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -117,36 +118,53 @@ def served(site: Path) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=site))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/index.html"
-    server.shutdown()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/index.html"
+    finally:
+        server.shutdown()
+        thread.join()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_the_page_explains_the_cat_in_headless_chromium(served: str, lite0_model: Path) -> None:
-    """The browser's top classes and Grad-CAM map of the bundled cat against the Python path's (same model)."""
+def in_chromium(site: Path, photo: Path, before: Callable | None = None, after: Callable | None = None) -> tuple:
+    """Open the site in headless Chromium, run ``before(page)``, give it ``photo``, wait for the result; then
+    ``after(page)``. Returns (window.onnxcam, after's value, the page's text); no page error may occur."""
     playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is in the test extra")
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
-    with playwright.sync_playwright() as p:
+    with serving(site) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags, headless=True)
         try:
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(served)
+            page.goto(url)
             page.wait_for_function("window.onnxcam.state !== 'loading'", timeout=120_000)
-            page.set_input_files("#file", str(CAT))
+            if before:
+                before(page)
+            page.set_input_files("#file", str(photo))
             page.wait_for_function("['done', 'error'].includes(window.onnxcam.state)", timeout=120_000)
             state = page.evaluate("window.onnxcam")
-            buttons = page.locator("#classes button")
-            buttons.nth(1).click()
-            pressed = [buttons.nth(i).get_attribute("aria-pressed") for i in range(buttons.count())]
+            found = after(page) if after else None
+            text = page.inner_text("body")
         finally:
             browser.close()
     assert state["state"] == "done", state.get("error")
     assert not errors, errors
+    return state, found, text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_explains_the_cat_in_headless_chromium(site: Path, lite0_model: Path) -> None:
+    """The browser's top classes and Grad-CAM map of the bundled cat against the Python path's (same model)."""
+
+    def click_second(page: object) -> list[str]:
+        buttons = page.locator("#classes button")
+        buttons.nth(1).click()
+        return [buttons.nth(i).get_attribute("aria-pressed") for i in range(buttons.count())]
+
+    state, pressed, text = in_chromium(site, CAT, after=click_second)
+    assert "classes, its labels baked in the file" in text and "prompts" not in text.split("Pick a photo")[0]
     explainer = Explainer(lite0_model)
     reference = explainer.explain(resize_rgb(read_rgb(CAT), explainer.card.input_size), top_k=5)
     assert state["classes"][0] == reference.maps[0].index == 285  # Egyptian cat
@@ -169,3 +187,110 @@ def test_the_node_script_writes_the_overlay_of_the_cli(lite0_model: Path, tmp_pa
     ours = read_rgb(out)
     assert ours.shape == expected.shape
     assert pearson(ours, expected) >= 0.999
+
+
+HARD_PROMPTS = ["a photo of a dog", "A  Photo OF a Cat!!", "it's the 2nd of July, 1999 \u2014 na\u00efve caf\u00e9",
+                "don't you'll we've I'm", "hello,world...foo?!", "\u65e5\u672c\u8a9e", "emoji \U0001f436 dog",
+                "x\u00b2+y\u00b3", "<start_of_text> hi", "tab\tand\nnewline", "a1b2c3", "  spaces   around  ",
+                "red circle blue square", "grass"]  # fmt: skip
+
+
+def _trained_clip_vocabulary(path: Path) -> Path:
+    """A CLIP-style BPE vocabulary file (a version line, then merges) of merges learnt on this repository's README
+    by Hugging Face's BPE trainer over CLIP's words and byte alphabet, as bpe_simple_vocab_16e6.txt.gz is laid out."""
+    import gzip
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from onnxcam_export.image_text import CLIP_SPLIT
+
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  end_of_word_suffix="</w>", show_progress=False)  # fmt: skip
+    learner.train([str(ROOT / "README.md")], trainer)
+    merges = json.loads(learner.to_str())["model"]["merges"]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
+    return path
+
+
+@needs_npm
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
+def test_the_pages_tokenizer_gives_the_tokenizers_packages_ids(tmp_path: Path) -> None:
+    """tokenizer.mjs against Hugging Face's tokenizers (the Python path's) on hard prompts: a word-level tokenizer
+    with a template, CLIP's BPE vocabulary as onnxcam writes it (merges learnt here: 1000+ of them), and the same
+    with Hugging Face's CLIP layout (RobertaProcessing, ByteLevel over GPT-2's split)."""
+    from tokenizers import Tokenizer, processors
+
+    from onnxcam_export.image_text import clip_bpe_tokenizer
+    from tests.test_clip import write_tokenizer
+
+    write_tokenizer(tmp_path / "words.json")
+    clip = clip_bpe_tokenizer(_trained_clip_vocabulary(tmp_path / "bpe.txt.gz"))
+    assert clip.get_vocab_size() > 1000
+    clip.save(str(tmp_path / "clip.json"))
+    layout = json.loads(clip.to_str())
+    layout["pre_tokenizer"]["pretokenizers"][1]["use_regex"] = True
+    hf = Tokenizer.from_str(json.dumps(layout))
+    start, end = clip.token_to_id("<start_of_text>"), clip.token_to_id("<end_of_text>")
+    hf.post_processor = processors.RobertaProcessing(("<end_of_text>", end), ("<start_of_text>", start),
+                                                     add_prefix_space=False, trim_offsets=False)  # fmt: skip
+    hf.save(str(tmp_path / "hf.json"))
+    (tmp_path / "prompts.json").write_text(json.dumps(HARD_PROMPTS))
+    code = ("import { Tokenizer } from './tokenizer.mjs'; import fs from 'node:fs';"
+            "const [file, prompts] = process.argv.slice(1);"
+            "const t = new Tokenizer(JSON.parse(fs.readFileSync(file, 'utf8')));"
+            "for (const p of JSON.parse(fs.readFileSync(prompts, 'utf8'))) console.log(JSON.stringify(t.encode(p)));")
+    for name in ("words.json", "clip.json", "hf.json"):
+        shown = subprocess.run([NODE, "--input-type=module", "-e", code, str(tmp_path / name),
+                                str(tmp_path / "prompts.json")], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT / "onnxcam" / "site")  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        ours = [json.loads(line) for line in shown.stdout.splitlines()]
+        reference = Tokenizer.from_file(str(tmp_path / name))
+        assert ours == [reference.encode(p).ids for p in HARD_PROMPTS], name
+    assert any(len(ids) > 4 for ids in ours) and max(max(ids) for ids in ours) > 600, "real merges were used"
+
+
+@pytest.mark.slow
+@needs_npm
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_explains_typed_prompts_of_an_image_text_model(tmp_path: Path) -> None:
+    """An image-text model's page: its prompt box, the text tower and tokenizer run in the browser, one call for
+    three prompts; each prompt's logit and map equal the Python path's (explain --prompt) on the same photo."""
+    pytest.importorskip("torch")
+    import cv2
+    import torch
+
+    from onnxcam_export.from_onnx import graft_file
+    from tests import test_clip as clip
+
+    torch.manual_seed(0)
+    model = clip.TinyClip().eval()
+    ids, mask = torch.tensor([clip.token_ids("a dog"), clip.token_ids("a cat")]), torch.ones(2, 4, dtype=torch.long)
+    clip.export(model, (ids, torch.zeros(1, 3, *clip.SIZE), mask), tmp_path / "model.onnx",
+                ["input_ids", "pixel_values", "attention_mask"],
+                ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"],
+                {"input_ids": {0: "T", 1: "L"}, "attention_mask": {0: "T", 1: "L"},
+                 "pixel_values": {0: "N"}})  # fmt: skip
+    clip.write_tokenizer(tmp_path / "tokenizer.json")
+    graft_file(tmp_path / "model.onnx", tmp_path / "clip.cam.onnx", prep=clip.UNIT)
+    written = run("web", str(tmp_path / "clip.cam.onnx"), "--out", str(tmp_path / "site"), "--ort",
+                  str(ROOT / DEFAULT_ORT))  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), clip.images(1, seed=3)[0][:, :, ::-1])
+    prompts = ["a red circle", "grass", "a photo of a dog"]
+    typed = "\n".join(prompts)
+    state, _, text = in_chromium(tmp_path / "site", photo, before=lambda page: page.fill("#prompts", typed))
+    assert "text prompts typed in the box below" in text
+    expected = Explainer(tmp_path / "clip.cam.onnx").explain(read_rgb(photo), prompts=prompts)
+    assert state["classes"] == [0, 1, 2]
+    np.testing.assert_allclose(state["logits"], [m.logit for m in expected.maps], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state["probabilities"], [m.probability for m in expected.maps], atol=1e-5)
+    for browser_map, m in zip(state["maps"], expected.maps, strict=True):
+        assert pearson(np.asarray(browser_map).reshape(clip.SIZE), m.cam) >= 0.999

@@ -278,13 +278,16 @@ export function cardOf(bytes) {
 }
 
 // One ONNX Runtime call: logits, the classes of `targets` (-k: the k-th best) and their finished maps.
-export async function explain(ort, session, pixels, size, targets, method = GRADCAM) {
+// `references`: an image-text (similarity) model's [R, D] prompt embeddings (a Float32Array of R rows), whose
+// logits (logit_scale times the cosine) the targets 0..R-1 explain.
+export async function explain(ort, session, pixels, size, targets, method = GRADCAM, references = null) {
   const feeds = {
     image: new ort.Tensor("uint8", pixels, [1, size[0], size[1], 3]),
     targets: new ort.Tensor("int64", BigInt64Array.from(targets, BigInt), [1, targets.length]),
     return_saliency: new ort.Tensor("bool", Uint8Array.from([1]), []),
     saliency_method: new ort.Tensor("int64", BigInt64Array.from([BigInt(method)]), []),
   };
+  if (references) feeds.references = new ort.Tensor("float32", references, [targets.length, references.length / targets.length]);
   const out = await session.run(feeds, ["logits", "target_classes", "saliency"]);
   const plane = size[0] * size[1];
   const saliency = out.saliency.data;
@@ -293,6 +296,27 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
     classes: Array.from(out.target_classes.data, Number),
     maps: Array.from(targets, (_, t) => saliency.subarray(t * plane, (t + 1) * plane)),
   };
+}
+
+// A prompt's text embedding, L2-normalised, from the text tower (`spec`: the card's `text`), one prompt per call
+// as the Python path runs it (onnxcam/prompts.py): its ids padded with the card's pad id to a fixed-length tower's
+// length, and a mask of ones on its tokens where the tower takes one; a prompt too long is refused, not cut.
+export async function embedPrompt(ort, textSession, spec, tokenizer, prompt) {
+  if (!prompt.trim()) throw new Error("a prompt must hold some text, e.g. a photo of a dog");
+  const ids = tokenizer.encode(prompt);
+  if (spec.length !== null && ids.length > spec.length) {
+    throw new Error(`the prompt "${prompt.slice(0, 60)}" is ${ids.length} tokens; the text tower takes at most ${spec.length}`);
+  }
+  const length = spec.length ?? ids.length;
+  const wide = textSession.inputMetadata?.find?.((m) => m.name === spec.ids)?.type !== "int32";
+  const tensor = (values) => (wide ? new ort.Tensor("int64", BigInt64Array.from(values, BigInt), [1, length])
+                                   : new ort.Tensor("int32", Int32Array.from(values), [1, length]));
+  const feeds = { [spec.ids]: tensor([...ids, ...Array(length - ids.length).fill(spec.pad)]) };
+  if (spec.mask !== null) feeds[spec.mask] = tensor([...Array(ids.length).fill(1), ...Array(length - ids.length).fill(0)]);
+  const out = await textSession.run(feeds, [textSession.outputNames[0]]);
+  const embedding = Float64Array.from(out[textSession.outputNames[0]].data);
+  const norm = Math.max(Math.hypot(...embedding), 1e-12);
+  return Float32Array.from(embedding, (v) => v / norm);
 }
 
 // Softmax probabilities of `logits`, and the `k` best as [index, probability].
