@@ -676,6 +676,7 @@ def _checked_windows(
         contract.CONF_THRESHOLD: np.asarray(0.0, np.float32),
         contract.RETURN_SALIENCY: np.asarray(False),
         contract.SALIENCY_METHOD: np.asarray(0, np.int64),
+        contract.RETURN_PIXELS: np.asarray(False),
     }
     results = []
     for model in (windowed, dense):
@@ -921,6 +922,7 @@ def graft_file(
     tokenizer: Path | None = None,
     logit_scale: float | None = None,
     prompts: Path | None = None,
+    pixels: bool = False,
 ) -> tuple[dict[str, object], list[str]]:
     """Write ``out``, the onnxcam version of classifier, segmenter, detector or image-text model ``source``; return
     its card and notes for the user.
@@ -935,6 +937,7 @@ def graft_file(
     where none lies beside it; ``logit_scale``, where the combined export does not give it) is a similarity model
     whose references are text prompts' embeddings, its text tower written beside ``out``; with ``prompts`` (a
     file of one prompt per line) it is a zero-shot classifier of those prompts instead (:mod:`image_text`).
+    ``pixels``: the backward also reaches the model's float input (pixel attributions; :func:`graft.graft`).
     """
     _check_options(score, task, layout, box_format)
     given = (prep or Preprocessing()).given
@@ -960,7 +963,7 @@ def graft_file(
             task = "classification" if baked else "similarity"
             _describe_pair(pair, baked, notes)
         return _graft_loaded(model, facts, Path(source), out, layer, score, task, layout, box_format, background,
-                             windowed, notes, None if baked else pair, Path(scratch))  # fmt: skip
+                             windowed, notes, None if baked else pair, Path(scratch), pixels)  # fmt: skip
 
 
 def _describe_pair(pair: image_text.ImageText, baked: list[str] | None, notes: list[str]) -> None:
@@ -976,7 +979,7 @@ def _describe_pair(pair: image_text.ImageText, baked: list[str] | None, notes: l
 def _graft_loaded(
     model: onnx.ModelProto, facts: Facts, source: Path, out: Path, layer: str | None, score: str, task: str | None,
     layout: str | None, box_format: str | None, background: int | None, windowed: bool, notes: list[str],
-    pair: image_text.ImageText | None, scratch: Path,
+    pair: image_text.ImageText | None, scratch: Path, pixels: bool = False,
 ) -> tuple[dict[str, object], list[str]]:  # fmt: skip
     """:func:`graft_file` from the loaded model on (``pair``: an image-text model's, its text tower in
     ``scratch``)."""
@@ -1001,7 +1004,7 @@ def _graft_loaded(
     _prepend_preprocessing(model, inputs, prep)
     types = infer_types(model)  # once more: the model changed (opset, preprocessing in front)
     grafted, weights_path = _grafted(model, layer, logits, types, layout, score, found, extras, windowed, inputs,
-                                     notes)  # fmt: skip
+                                     notes, pixels)  # fmt: skip
     shapes = _shapes(types)
     channels, h, w = layout.contract_dims(shapes[layer])
     names, labels_source = _labels(facts, classes, notes, background, found.background, found.kind)
@@ -1114,18 +1117,20 @@ def _choose_layers(
 
 def _grafted(
     model: onnx.ModelProto, layer: str, logits: str, types: Types, layout: Layout, score: str, found: Task,
-    extras: list[str], windowed: bool, inputs: InputLayout, notes: list[str],
+    extras: list[str], windowed: bool, inputs: InputLayout, notes: list[str], pixels: bool = False,
 ) -> tuple[onnx.ModelProto, str]:  # fmt: skip
     """The grafted model and its ``weights_path``; a windowed walk is kept only where it equals the dense one. A
     classifier whose backward cannot be built (an op without a rule, control flow) gets a gradient-free file
     (:func:`graft_gradient_free`, ``weights_path`` none)."""
     try:
-        result = graft(model, layer, logits, types, layout, score, found, extras, windowed)
+        result = graft(model, layer, logits, types, layout, score, found, extras, windowed, pixels)
         if result.walk != "windowed":
             return result.model, result.weights_path
-        dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False).model
+        dense = graft(model, layer, logits, types, layout, score, found, extras, windowed=False, pixels=pixels).model
         return _checked_windows(result.model, dense, inputs, notes), result.weights_path
     except UnsupportedOp as exc:
+        if pixels:  # (a gradient-free file has no backward to the input either)
+            raise OnnxcamError(f"cannot build the gradient to the model's input (--pixels): {exc}") from exc
         if found.kind != "classification" or extras:
             raise OnnxcamError(f"cannot build the gradient for layer {layer!r}: {exc}") from exc
         why = exc

@@ -329,7 +329,14 @@ class _Graft:
     windowed: bool
     head_only: list[onnx.NodeProto] | None  # the head's copy for head-only passes (classifiers), or None
     targets: tuple[str, str] | None  # a detector's flat target indices and their validity, else None
+    pixels: tuple[str, bool] | None = None  # the model's float input and whether it is channels-first, where the
+    # backward is grafted down to it (pixel attributions)
     attention: bool = False  # whether the attention outputs were emitted
+
+    @cached_property
+    def body(self) -> list[onnx.NodeProto]:
+        """The nodes on a path from the model's float input to the logits (the backward to the input walks them)."""
+        return head_nodes(self.graph, self.pixels[0], contract.LOGITS) if self.pixels else []
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -376,17 +383,43 @@ def _renamed_copy(
     return out, layer, layout, types
 
 
+def model_pixels(graph: onnx.GraphProto) -> tuple[str, bool]:
+    """The model's float input after the in-graph preprocessing (where Captum takes its input) and whether it is
+    channels-first: the end of the chain of element-wise casts, channel gathers, the one transpose and the affine
+    normalisation that starts at the uint8 ``image`` input (as onnxcam export puts it in front of every model)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    current, channels_first = contract.IMAGE, False
+    while len(readers.get(current, [])) == 1 and readers[current][0].op_type in PREPROCESSING:
+        node = readers[current][0]
+        channels_first |= node.op_type == "Transpose" and list(attrs(node).get("perm", [])) == [0, 3, 1, 2]
+        current = node.output[0]
+    if current == contract.IMAGE:
+        raise UnsupportedOp(f"no float input follows the {contract.IMAGE!r} input")
+    return current, channels_first
+
+
+PREPROCESSING = ("Cast", "Gather", "Transpose", "Sub", "Div", "Mul", "Add")  # (uint8 image -> the model's input)
+
+
 def _start(
     model: onnx.ModelProto, activations: str, logits: str, types: Types | None, layout: Layout | None, score: str,
-    task: Task, extra_layers: tuple[str, ...], windowed: bool,
+    task: Task, extra_layers: tuple[str, ...], windowed: bool, pixels: bool = False,
 ) -> _Graft:  # fmt: skip
     """A copy of ``model`` with the target layer and the logits renamed to the contract's names, its head found
-    and checked for rules, and what every walk reads prepared (the layout's adapters, a detector's targets)."""
+    and checked for rules, and what every walk reads prepared (the layout's adapters, a detector's targets).
+    ``pixels``: the backward goes on to the model's float input (:func:`model_pixels`), its nodes checked too."""
     out, layer, layout, types = _renamed_copy(model, activations, logits, types, layout)
     graph = out.graph
     sources = {layer, *extra_layers}
     head = head_nodes(graph, sources, contract.LOGITS)
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
+    found = model_pixels(graph) if pixels else None
+    if found:
+        body = head_nodes(graph, found[0], contract.LOGITS)
+        check_rules(body, differentiable(body, {found[0]}, types, contract.LOGITS))
     types = types or infer_types(out)
     if pick_tokens_early(out, types, sources):  # (a ViT's class token before its last MLP)
         types = infer_types(out)
@@ -397,6 +430,8 @@ def _start(
     classifier = task.kind == "classification"  # (head-only passes are for classifiers)
     head_only = head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     expose_extra_outputs(head)
+    if found:  # (the body's MaxPools need their Indices too)
+        expose_extra_outputs(head_nodes(graph, found[0], contract.LOGITS))
     if layout is None:
         dims, adapt = b.shape(layer)[1:], (lambda x: x)
     else:
@@ -406,7 +441,8 @@ def _start(
     targets = detection_targets(b, task.ranked, task.boxes, task.every_class) if task.kind == "detection" else None
     if task.protos is not None:
         instance_masks(b, task.protos, *targets)
-    return _Graft(out, b, head, layer, layout, dims, adapt, task, score, extra_layers, windowed, head_only, targets)
+    return _Graft(out, b, head, layer, layout, dims, adapt, task, score, extra_layers, windowed, head_only, targets,
+                  found)  # fmt: skip
 
 
 SEEDS: dict[str, Callable[[_Graft], str]] = {  # the gradient of the explained scores w.r.t. the logits, by task
@@ -485,6 +521,26 @@ def _saliency_part(g: _Graft, w: _Walked) -> None:
         saliency.add_saliency(g.graph, g.b, g.saliency_size, g.grids)
 
 
+def _pixels_part(g: _Graft, w: _Walked) -> None:
+    """The model's float input (``pixels``, channels-first) and, when ``return_pixels``, the explained scores'
+    gradient at it: the whole backward from the logits, in its own ``If`` (a CAM call builds none of it)."""
+    if g.pixels is None:
+        return
+    b, (pixels, channels_first) = g.b, g.pixels
+    first = (lambda x, extra: x) if channels_first else (
+        lambda x, extra: b.op("Transpose", x, perm=[0, *range(1, extra + 1), extra + 3, extra + 1, extra + 2]))
+    b.op("Identity", first(pixels, 0), name=contract.PIXELS)
+    seed = g.seed  # (built outside the branches: a walk that needed none, the windowed one, has not built it)
+    wanted, b.wanted = b.wanted, differentiable(g.body, {pixels}, b.types, contract.LOGITS)
+    with b.subgraph() as nodes:
+        found = first(reached_gradient(b, backward(b, g.body, {contract.LOGITS: [seed]}), pixels), 1)
+    b.wanted = wanted
+    with b.subgraph() as empty:
+        shape = b.op("Concat", b.op("Slice", b.op("Shape", seed), [0], [2]), b.ints([0, 0, 0]), axis=0)
+        none = b.zeros(shape, like=contract.LOGITS)
+    b.if_(contract.RETURN_PIXELS, (nodes, found), (empty, none), contract.PIXEL_GRADIENTS, b.elem_type(contract.LOGITS))
+
+
 def _attention_part(g: _Graft, w: _Walked) -> None:
     if g.layout is not None and g.layout.has_tokens and not g.layout.suffix:  # (rollout reads P + h*w tokens)
         attentions = attention_probabilities(g.graph, g.b, g.layer)
@@ -510,11 +566,16 @@ def _io_part(g: _Graft, w: _Walked) -> None:
                                                           [batch, "T", height, width]))  # fmt: skip
     _add_scale_io(graph, b, g.extra_layers)
     _add_task_outputs(graph, b, g.task.outputs)
+    if g.pixels is not None:  # (a required input: JavaScript's ONNX Runtime cannot override a default)
+        elem, info, batch = b.elem_type(contract.LOGITS), helper.make_tensor_value_info, b.shape(contract.LOGITS)[0]
+        graph.input.append(info(contract.RETURN_PIXELS, TensorProto.BOOL, []))
+        graph.output.extend([info(contract.PIXELS, elem, [batch or "N", "C", "H", "W"]),
+                             info(contract.PIXEL_GRADIENTS, elem, [batch or "N", "T", "c", "h", "w"])])  # fmt: skip
     if g.saliency_size is not None:
         _add_saliency_output(graph, b)
 
 
-EMITTERS = (_weights_part, _gradients_part, _saliency_part, _attention_part, _flush_part, _io_part)
+EMITTERS = (_weights_part, _gradients_part, _saliency_part, _pixels_part, _attention_part, _flush_part, _io_part)
 
 
 def graft(
@@ -527,6 +588,7 @@ def graft(
     task: Task | None = None,
     extra_layers: Sequence[str] = (),
     windowed: bool = True,
+    pixels: bool = False,
 ) -> Grafted:
     """A copy of ``model`` obeying the onnxcam contract, and the walk that computed its weights.
 
@@ -538,11 +600,15 @@ def graft(
     activations, weights and gradients outputs (:func:`contract.scale_output`), which its in-graph saliency
     aggregates; such a file has no head-only graph. ``windowed``: a detector's backward box by box over the
     windows its scores read (:mod:`onnxcam_export.windowed`) where its head allows, else over whole maps.
+    ``pixels``: the backward also goes on to the model's float input (:func:`model_pixels`, after the in-graph
+    normalisation), for pixel attributions: the ``pixels`` and ``pixel_gradients`` outputs, built when the
+    ``return_pixels`` input says so; every op on the way needs a rule.
 
     The plan: :func:`_start` prepares the copy, the first of :data:`WALK_STRATEGIES` that applies walks it
     back, and each of :data:`EMITTERS` adds its part. A new family adds a :data:`SEEDS` row and an emitter.
     """
-    g = _start(model, activations, logits, types, layout, score, task or Task(), tuple(extra_layers), windowed)
+    g = _start(model, activations, logits, types, layout, score, task or Task(), tuple(extra_layers), windowed,
+               pixels)  # fmt: skip
     walked = next(w for w in (walk(g) for walk in WALK_STRATEGIES) if w is not None)
     for emit in EMITTERS:
         emit(g, walked)

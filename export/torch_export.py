@@ -197,15 +197,17 @@ def resolve_layer(arch: Arch, model: nn.Module, layer: str | None) -> tuple[str,
     return name, path
 
 
-def export_arch(arch_name: str, weights: str, layer: str | None, out: Path, score: str = "logit") -> dict[str, object]:
-    """Build, export and graft ``arch_name``; write ``out``; return the model card without its labels."""
+def export_arch(arch_name: str, weights: str, layer: str | None, out: Path, score: str = "logit",
+                pixels: bool = False) -> dict[str, object]:  # fmt: skip
+    """Build, export and graft ``arch_name``; write ``out``; return the model card without its labels (``pixels``:
+    with the backward to its input too, :func:`export_module`)."""
     if arch_name not in ARCHS:
         raise OnnxcamError(f"unknown architecture {arch_name!r}; choose one of: {', '.join(ARCHS)}")
     arch = ARCHS[arch_name]
     torch.manual_seed(RANDOM_SEED)
     model = arch.build().eval()
     source = load_weights(arch, model, weights)
-    return export_module(model, arch_name, source, layer, out, trained=weights != "none", score=score)
+    return export_module(model, arch_name, source, layer, out, trained=weights != "none", score=score, pixels=pixels)
 
 
 def export_module(
@@ -216,10 +218,12 @@ def export_module(
     out: Path,
     trained: bool = True,
     score: str = "logit",
+    pixels: bool = False,
 ) -> dict[str, object]:
     """Export and graft an already built (and loaded) ``model`` of architecture ``arch_name``.
 
-    ``score``: the explained score, ``logit`` or ``probability``.
+    ``score``: the explained score, ``logit`` or ``probability``. ``pixels``: the backward goes on to the model's
+    normalised input too (pixel attributions; :func:`onnxcam_export.graft.graft`).
     """
     arch = ARCHS[arch_name]
     for module in model.modules():
@@ -232,9 +236,10 @@ def export_module(
     if rank != 4:
         raise OnnxcamError(f"layer {layer_name!r} gives a {rank}-D output; Grad-CAM needs a 4-D [N, C, h, w] layer")
     try:
-        grafted = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types, score=score)
+        grafted = graft(forward, contract.ACTIVATIONS, contract.LOGITS, types, score=score, pixels=pixels)
     except UnsupportedOp as exc:
-        raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}: {exc}") from exc
+        raise OnnxcamError(f"cannot build the gradient for layer {layer_name!r}{' or the input' * pixels}: {exc}"
+                           ) from exc  # fmt: skip
     card = ModelCard(
         arch=arch_name,
         weights=source,

@@ -254,6 +254,14 @@ def export(
             "them with no text tower at run time."
         ),
     ] = None,
+    pixels: Annotated[
+        bool,
+        typer.Option(
+            "--pixels",
+            help="Also graft the backward to the model's input (after its normalisation), for pixel attributions: "
+            "the scores' gradient at every input pixel, built only on the calls that ask [off: a CAM-only file].",
+        ),
+    ] = False,
 ) -> None:
     """Build an ONNX model whose outputs are the logits AND the class gradients.
 
@@ -270,7 +278,8 @@ def export(
     """
     if source is not None:
         detector = {"layout": detector_layout, "box_format": box_format, "background": background,
-                    "text": text, "tokenizer": tokenizer, "logit_scale": logit_scale, "prompts": prompts}  # fmt: skip
+                    "text": text, "tokenizer": tokenizer, "logit_scale": logit_scale, "prompts": prompts,
+                    "pixels": pixels}  # fmt: skip
         prep = {"size": _size(size), "mean": _numbers("--mean", mean), "std": _numbers("--std", std), "bgr": bgr,
                 "preprocess": preprocess, "resize": resize}  # fmt: skip
         _export_from(source, out, layer, labels, prep, score.value, task and task.value, detector)
@@ -289,7 +298,7 @@ def export(
     from onnxcam_export.torch_export import export_arch
 
     target = out or Path("models") / f"{arch.value}.onnx"
-    _report_export(target, export_arch(arch.value, weights, layer, target, score.value), [])
+    _report_export(target, export_arch(arch.value, weights, layer, target, score.value, pixels), [])
 
 
 def _export_from(

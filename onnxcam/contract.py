@@ -140,6 +140,7 @@ RUN_HEAD = "run_head"
 RETURN_SALIENCY = "return_saliency"
 REGION = "region"
 SALIENCY_METHOD = "saliency_method"
+RETURN_PIXELS = "return_pixels"  # a file grafted with its backward to the input: whether to build it this call
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"
@@ -164,6 +165,8 @@ INSTANCE_MASKS = "instance_masks"  # an instance segmenter's (ultralytics -seg):
 REFERENCES = "references"  # a similarity model's input: the [R, D] embeddings its targets are compared with
 EMBEDDINGS = "embeddings"  # a similarity model's output: the image's own embedding [N, D], L2-normalised
 CHARACTERS = "characters"
+PIXELS = "pixels"  # such a file's: the model's float input [N, C, H, W] (after the in-graph normalisation)
+PIXEL_GRADIENTS = "pixel_gradients"  # and the explained scores' gradient at it, [N, T, C, H, W] (when asked for)
 CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns
 TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS,

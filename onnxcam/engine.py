@@ -50,6 +50,8 @@ class Outputs:
     embeddings: np.ndarray | None = None  # similarity models: [N, D], each image's embedding, L2-normalised
     characters: np.ndarray | None = None  # recognisers: [N, L] int64, each position's symbol, -1 beyond the text
     character_probabilities: np.ndarray | None = None  # recognisers: [N, L], at each character's first step
+    pixels: np.ndarray | None = None  # a file with its backward to the input: the model's float input [N, C, H, W]
+    pixel_gradients: np.ndarray | None = None  # and the gradient there [N, T, C, H, W] (when asked for)
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
     # each extra target layer
 
@@ -319,6 +321,7 @@ class Engine:
         thresholds: dict[str, float] | None = None,
         region: np.ndarray | None = None,
         references: np.ndarray | None = None,
+        pixels: bool = False,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
@@ -328,7 +331,8 @@ class Engine:
         ``conf_threshold`` / ``iou_threshold`` where not the graph's defaults; its boxes come too. ``region``:
         a segmenter's float ``[N, H, W]`` pixel weights that each class's score sums its logits over, where not
         the pixels predicted as the class. ``references``: a similarity model's ``[R, D]`` embeddings that its
-        targets (0 .. R - 1) compare each image's with.
+        targets (0 .. R - 1) compare each image's with. ``pixels``: also the explained scores' gradients at the
+        model's float input (a file exported with ``--pixels``).
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -338,7 +342,7 @@ class Engine:
         fixed = self.fixed_batch
         if fixed is not None and len(images) != fixed:  # a file exported at a fixed batch: run it B images at a time
             options = {"full_gradients": full_gradients, "attention": attention, "saliency": saliency,
-                       "thresholds": thresholds, "references": references}  # fmt: skip
+                       "thresholds": thresholds, "references": references, "pixels": pixels}  # fmt: skip
             parts = []
             for start in range(0, len(images), fixed):
                 count = min(fixed, len(images) - start)
@@ -359,6 +363,12 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
+        if contract.RETURN_PIXELS in self.inputs:
+            feeds[contract.RETURN_PIXELS] = np.asarray(pixels)
+            names += [contract.PIXELS, contract.PIXEL_GRADIENTS]
+        elif pixels:
+            raise OnnxcamError(f"{self.path} has no backward to its input (pixel attributions): export it again "
+                               "with --pixels")  # fmt: skip
         names += [contract.INSTANCE_MASKS] if contract.INSTANCE_MASKS in self.outputs else []
         feeds |= self._task_feeds(len(images), thresholds or {}, region, references)
         if saliency is not None:
@@ -446,6 +456,8 @@ class Engine:
         }
         if self.card.saliency_methods:
             feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
+        if contract.RETURN_PIXELS in self.inputs:
+            feeds[contract.RETURN_PIXELS] = np.asarray(False)
         try:
             return self.session.run([contract.HEAD_LOGITS], feeds)[0]
         except Exception as exc:  # ORT's Fail: e.g. a Reshape to [-1, ...] cannot take an empty batch

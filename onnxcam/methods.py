@@ -9,7 +9,9 @@ Eigen-CAM variants always use it. Score-CAM and Ablation-CAM get their channel w
 from extra model passes (:mod:`onnxcam.passes`), and ReciproCAM its whole map, gradient-free.
 Attention rollout and attention relevance read a vision transformer's attention probabilities
 ``A [L, H, T, T]`` (and their gradients ``dA [T', L, H, T, T]``) from the same call instead, and give the
-relevance of the grid tokens.
+relevance of the grid tokens. The pixel methods read a file with its backward to the input (``export --pixels``):
+the model's float input ``x [C, H, W]`` and the scores' gradients there ``dS/dx [T, C, H, W]``, from the same call,
+and give maps at the input's resolution.
 
 Adding a method: its function here, one :class:`Method` record in :data:`METHODS`, one row
 in the tests' formula table (``tests/test_methods.py``) and in the README's methods table.
@@ -104,6 +106,19 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     return (projection if loadings.sum() >= 0 else -projection).reshape(h, w)
 
 
+def saliency(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Saliency (Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", ICLR workshop 2014): the
+    largest ``|dS/dx_c|`` over the channels at each pixel, ``[T, H, W]``."""
+    return np.abs(g).max(axis=1)
+
+
+def gradient_x_input(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Gradient x input (Shrikumar et al., "Not Just a Black Box", 2016; Captum's InputXGradient):
+    ``sum_c x_c dS/dx_c`` at each pixel, ``[T, H, W]``, signed; the map shows its positive part (where the input
+    raises the score)."""
+    return (g * x[None]).sum(axis=1)
+
+
 def _query(tokens: int, prefix: int) -> np.ndarray:
     """The row that reads a relevance matrix: the class token's (one-hot), or the mean row without one."""
     return np.eye(tokens)[0] if prefix else np.full(tokens, 1 / tokens)
@@ -142,6 +157,7 @@ Contributions = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (A [C, h, w], 
 AttentionMap = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]  # (A, dA, prefix) -> [T' or 1, T]
 PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
 SpatialMap = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, h, w]
+PixelMap = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x [C, H, W], dS/dx [T, C, H, W]) -> [T, H, W]
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class Method:
     output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
     ``spatial``: the map itself from extra passes, no channel weighting (ReciproCAM).
     ``gradient_free``: it reads no gradient, so a file without a backward (an op without a rule) runs it.
+    ``pixel``: ``"pixels"``: the map at the input's resolution from the model's float input and the gradients
+    there (a file exported with ``--pixels``).
     """
 
     name: str
@@ -170,6 +188,7 @@ class Method:
     in_graph: bool = False
     spatial: SpatialMap | None = None
     gradient_free: bool = False
+    pixel: PixelMap | None = None
 
     @property
     def extra_passes(self) -> bool:
@@ -196,6 +215,8 @@ METHODS: dict[str, Method] = {
         Method("rollout", uses="attentions", attention=attention_rollout, requires=contract.ATTENTIONS),
         Method("attention-relevance", uses="attentions", attention=attention_relevance,
                requires=contract.ATTENTION_GRADIENTS),
+        Method("saliency", uses="pixels", pixel=saliency, requires=contract.PIXEL_GRADIENTS),
+        Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS),
     )
 }  # fmt: skip
 
@@ -256,6 +277,7 @@ REQUIREMENTS = {  # why a model lacks an optional output
     contract.HEAD_LOGITS: "its head is not a cut of the graph, or needs tokens the activations lack",
     contract.ATTENTIONS: "only vision transformers grafted at a token layer have attention maps",
     contract.ATTENTION_GRADIENTS: "only vision transformers grafted at a token layer have attention maps",
+    contract.PIXEL_GRADIENTS: "it was exported without its backward to the input: export it again with --pixels",
 }
 
 
@@ -278,6 +300,11 @@ def needs_gradients(names: list[str]) -> bool:
     return any(METHODS[n].uses == "gradients" for n in names)
 
 
+def needs_pixels(names: list[str]) -> bool:
+    """Whether any of these methods needs the gradients at the model's input."""
+    return any(METHODS[n].uses == "pixels" for n in names)
+
+
 def cam(
     method: str,
     activations: np.ndarray,
@@ -286,14 +313,21 @@ def cam(
     eigen_smooth: bool = False,
     attentions: np.ndarray | None = None,
     attention_gradients: np.ndarray | None = None,
+    pixels: np.ndarray | None = None,
+    pixel_gradients: np.ndarray | None = None,
 ) -> np.ndarray:
     """Low-resolution maps ``[T, h, w]`` (>= 0, unnormalised) from the graph's outputs for one image.
 
     ``activations`` is ``[C, h, w]``; ``gradients`` ``[T, C, h, w]``; ``weights`` ``[T, C]``: the
     graph's Grad-CAM channel weights, or the channel weights of a method's extra passes;
-    ``attentions`` ``[L, H, P + h*w, P + h*w]`` and ``attention_gradients`` ``[T, L, H, ...]``.
+    ``attentions`` ``[L, H, P + h*w, P + h*w]`` and ``attention_gradients`` ``[T, L, H, ...]``; ``pixels``
+    ``[C, H, W]`` and ``pixel_gradients`` ``[T, C, H, W]`` (a pixel method's maps are ``[T, H, W]``).
     """
     m = METHODS[method]
+    if m.pixel is not None:
+        if pixel_gradients is None or not pixel_gradients.size:
+            raise ValueError(f"{method} needs the gradients at the input (run with pixels=True)")
+        return np.maximum(m.pixel(pixels.astype(np.float64), pixel_gradients.astype(np.float64)), 0)
     if m.attention is not None:
         return _attention_maps(m, activations.shape[1:], len(weights), attentions, attention_gradients)
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32

@@ -1,0 +1,237 @@
+"""The backward to the input (``export --pixels``): the explained scores' gradient at the model's float input,
+after its in-graph normalisation (where Captum takes its input), from the same call as the CAM, against torch
+autograd in float64; a CAM call builds none of it, and an op without a rule on the way is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.engine import Engine
+from onnxcam.errors import OnnxcamError
+from onnxcam_export.from_onnx import Preprocessing, graft_file
+from tests.conftest import random_images
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET = Preprocessing.create(None, MEAN, STD, False)
+SIZE = (32, 32)
+TOL = 1e-4
+
+
+class Small(nn.Module):
+    """Conv-BN-ReLU, a max pool, conv-ReLU (the target layer), a residual conv, average pool, linear: 5 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU())
+        self.skip = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.block(self.stem(x))
+        return self.fc((a + torch.tanh(self.skip(a))).mean((2, 3)))
+
+
+def as_normalised(batch: np.ndarray, mean: tuple = MEAN, std: tuple = STD) -> torch.Tensor:
+    """The model's input from uint8 RGB ``[N, H, W, 3]``, as onnxcam's preprocessing and a torchvision pipeline."""
+    x = torch.from_numpy(batch / 255.0).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(std).double().view(1, 3, 1, 1)
+
+
+def input_gradients(model: nn.Module, batch: np.ndarray, classes: np.ndarray, mean: tuple = MEAN,
+                    std: tuple = STD) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(the normalised input, d logit_c / d input ``[N, T, 3, H, W]``) by autograd in float64."""
+    x = as_normalised(batch, mean, std).requires_grad_(True)
+    logits = model.double()(x)
+    rows = [torch.autograd.grad(logits.gather(1, torch.from_numpy(classes[:, [t]])).sum(), x, retain_graph=True)[0]
+            for t in range(classes.shape[1])]  # fmt: skip
+    return x.detach().numpy(), torch.stack(rows, 1).numpy()
+
+
+def assert_close(found: np.ndarray, expected: np.ndarray) -> None:
+    """Relative to the largest magnitude per target row (as the target-layer gradient tests)."""
+    for n in range(len(expected)):
+        for t in range(expected.shape[1]):
+            assert np.abs(found[n, t] - expected[n, t]).max() / np.abs(expected[n, t]).max() < TOL, (n, t)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    from tests.test_transformers import export_plain
+
+    torch.manual_seed(0)
+    model = Small().eval()
+    with torch.no_grad():  # (a BatchNorm with statistics that are not the identity)
+        model.stem[1].running_mean.uniform_(-0.5, 0.5)
+        model.stem[1].running_var.uniform_(0.5, 2.0)
+    folder = tmp_path_factory.mktemp("pixels")
+    export_plain(model, SIZE, folder / "small.onnx", dynamo=False)
+    graft_file(folder / "small.onnx", folder / "small.cam.onnx", prep=IMAGENET, pixels=True)
+    return model, folder / "small.cam.onnx"
+
+
+def test_the_input_gradient_of_each_target_equals_autograd_from_the_cams_call(small: tuple) -> None:
+    model, path = small
+    batch, classes = random_images(2, seed=1, size=SIZE[0]), np.array([[0, 3], [4, 1]])
+    out = Engine(path).run(batch, classes, pixels=True)
+    x, expected = input_gradients(model, batch, classes)
+    np.testing.assert_allclose(out.pixels, x, rtol=1e-5, atol=1e-5)
+    assert out.pixel_gradients.shape == (2, 2, 3, *SIZE)
+    assert_close(out.pixel_gradients, expected)
+    assert out.weights.shape == (2, 2, 16), "the CAM's weights come from the same call"
+
+
+def test_a_cam_call_builds_no_input_gradient_and_a_cam_only_file_has_none(small: tuple, tmp_path: Path) -> None:
+    _, path = small
+    out = Engine(path).run(random_images(1, size=SIZE[0]), np.array([[0, 1, 2]]))
+    assert out.pixel_gradients.shape == (1, 3, 0, 0, 0)
+    graft_file(path.with_name("small.onnx"), tmp_path / "cam.onnx", prep=IMAGENET)
+    plain = Engine(tmp_path / "cam.onnx")
+    assert plain.run(random_images(1, size=SIZE[0]), np.array([[0]])).pixel_gradients is None
+    with pytest.raises(OnnxcamError, match="export it again with --pixels"):
+        plain.run(random_images(1, size=SIZE[0]), np.array([[0]]), pixels=True)
+
+
+def test_an_op_without_a_rule_before_the_target_layer_is_refused_by_name_only_with_pixels(tmp_path: Path) -> None:
+    """Trilu (no rule) between the input and the layer: a CAM file needs no gradient there, --pixels does."""
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(0, 0.5, (8, 3, 3, 3)), "fc": rng.normal(0, 1, (8, 4))}
+    nodes = [helper.make_node("Trilu", ["x"], ["t"], name="odd_op"),
+             helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["features"]),
+             helper.make_node("GlobalAveragePool", ["features"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "fc"], ["scores"])]  # fmt: skip
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])]
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4])]
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    graft_file(tmp_path / "m.onnx", tmp_path / "cam.onnx", prep=IMAGENET)
+    with pytest.raises(OnnxcamError, match=r"to the model's input \(--pixels\): .*Trilu.*'odd_op'"):
+        graft_file(tmp_path / "m.onnx", tmp_path / "pixels.onnx", prep=IMAGENET, pixels=True)
+    assert not (tmp_path / "pixels.onnx").exists()
+
+
+def test_a_vits_input_gradient_equals_autograd(tmp_path: Path) -> None:
+    """A ViT (patch embedding, attention, LayerNorm, GELU, the class token's head), target layer automatic: the
+    pick of the class token before the last MLP leaves the backward to the input exact."""
+    from onnxcam_export.transformers import VisionTransformer
+    from tests.test_transformers import export_plain
+
+    torch.manual_seed(0)
+    model = VisionTransformer((32, 48), 8, 32, 2, 2, 5).eval()
+    export_plain(model, (32, 48), tmp_path / "vit.onnx", dynamo=False)
+    graft_file(tmp_path / "vit.onnx", tmp_path / "vit.cam.onnx", prep=IMAGENET, pixels=True)
+    batch = np.random.default_rng(3).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    classes = np.array([[0, 4], [2, 1]])
+    out = Engine(tmp_path / "vit.cam.onnx").run(batch, classes, pixels=True)
+    _, expected = input_gradients(model, batch, classes)
+    assert_close(out.pixel_gradients, expected)
+
+
+@pytest.mark.slow
+def test_lite0s_input_gradient_equals_autograd(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 with its ImageNet weights, exported natively with --pixels."""
+    from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, export_arch, load_weights
+
+    export_arch("efficientnet_lite0", "imagenet", None, tmp_path / "lite0.onnx", pixels=True)
+    arch = ARCHS["efficientnet_lite0"]
+    torch.manual_seed(RANDOM_SEED)
+    model = arch.build().eval()
+    load_weights(arch, model, "imagenet")
+    batch, classes = random_images(1, seed=2), np.array([[285, 281]])
+    out = Engine(tmp_path / "lite0.onnx").run(batch, classes, pixels=True)
+    x, expected = input_gradients(model, batch, classes, arch.mean, arch.std)  # (Lite0's: (pixel - 127) / 128)
+    np.testing.assert_allclose(out.pixels, x, rtol=1e-5, atol=1e-5)
+    assert_close(out.pixel_gradients, expected)
+
+
+def test_a_detectors_box_score_gradient_at_the_input_equals_autograd(tmp_path: Path) -> None:
+    """A detector's targets are boxes (anchor, class): the gradient of each kept box's score at the input."""
+    from tests import test_detect as detect
+
+    torch.manual_seed(0)
+    model = detect.TinyDetector(detect.CLASSES)
+    path, _ = detect.grafted(model, tmp_path, pixels=True)
+    images = detect._images(2, seed=5)
+    anchors, classes = np.array([[3, 70], [79, 12]]), np.array([[0, 2], [1, 0]])
+    out = Engine(path).run(images, classes * detect.ANCHORS + anchors, thresholds={"conf_threshold": 0.0},
+                           pixels=True)  # fmt: skip
+    x = detect._as_input(images).requires_grad_(True)
+    raw = model.double()(x)
+    n = torch.arange(2)[:, None]
+    scores = raw[n, 4 + torch.from_numpy(out.target_classes), torch.from_numpy(out.box_anchors)]
+    expected = torch.stack([torch.autograd.grad(scores[:, t].sum(), x, retain_graph=True)[0] for t in range(2)], 1)
+    assert_close(out.pixel_gradients, expected.numpy())
+
+
+def test_a_file_with_pixels_runs_every_method_as_a_cam_only_file(small: tuple, tmp_path: Path) -> None:
+    """The same maps as the CAM-only file of the same model, for the gradient methods and the head-only passes
+    (Score-CAM runs the head alone)."""
+    from onnxcam.api import Explainer
+
+    _, path = small
+    graft_file(path.with_name("small.onnx"), tmp_path / "cam.onnx", prep=IMAGENET)
+    photo = random_images(1, seed=7, size=SIZE[0])[0]
+    for method in ("gradcam", "scorecam"):
+        ours, theirs = (Explainer(p).explain(photo, method=method, top_k=2) for p in (path, tmp_path / "cam.onnx"))
+        for a, b in zip(ours.maps, theirs.maps, strict=True):
+            np.testing.assert_allclose(a.cam, b.cam, atol=1e-5)
+
+
+def test_the_pixel_methods_maps_are_their_formulas_on_the_calls_outputs(small: tuple) -> None:
+    """explain --method saliency / gradient-x-input: max_c |dS/dx_c| and the positive part of sum_c x_c dS/dx_c,
+    at the input's resolution, from the autograd gradients; a CAM-only file refuses them in one line."""
+    from onnxcam import maps
+    from onnxcam.api import Explainer
+
+    model, path = small
+    photo = random_images(1, seed=4, size=SIZE[0])[0]
+    found = Explainer(path).explain(photo, method=["saliency", "gradient-x-input"], targets=[1, 3])
+    x, g = input_gradients(model, photo[None], np.array([[1, 3]]))
+    formulas = {"saliency": np.abs(g[0]).max(axis=1), "gradient-x-input": np.maximum((g[0] * x[0]).sum(axis=1), 0)}
+    for m in found.maps:
+        expected, _ = maps.finish(formulas[m.method][[1, 3].index(m.index)], SIZE)
+        np.testing.assert_allclose(m.cam, expected, atol=1e-3)
+    assert {m.method for m in found.maps} == set(formulas)
+
+
+def test_a_pixel_method_on_a_file_without_pixels_is_one_line(small: tuple, tmp_path: Path) -> None:
+    from tests.test_cli import assert_clean_failure, run
+
+    _, path = small
+    graft_file(path.with_name("small.onnx"), tmp_path / "cam.onnx", prep=IMAGENET)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "p.png"), random_images(1, size=SIZE[0])[0])
+    result = run("explain", str(tmp_path / "p.png"), "--model", str(tmp_path / "cam.onnx"), "--method", "saliency",
+                 "--out", str(tmp_path / "out"))  # fmt: skip
+    assert_clean_failure(result, "needs the model output 'pixel_gradients'", "--pixels")
+
+
+def test_export_pixels_then_explain_saliency_on_the_command_line(small: tuple, tmp_path: Path) -> None:
+    import json
+
+    import cv2
+
+    from tests.test_cli import run
+
+    _, path = small
+    made = run("export", "--from", str(path.with_name("small.onnx")), "--mean", *map(str, MEAN), "--std",
+               *map(str, STD), "--pixels", "--out", str(tmp_path / "px.onnx"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    cv2.imwrite(str(tmp_path / "p.png"), random_images(1, seed=9, size=SIZE[0])[0])
+    shown = run("explain", str(tmp_path / "p.png"), "--model", str(tmp_path / "px.onnx"), "--method",
+                "saliency,gradcam", "--top-k", "1", "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    targets = json.loads(shown.stdout)["images"][0]["targets"]
+    assert [t["method"] for t in targets] == ["saliency", "gradcam"]
+    assert np.load(targets[0]["map"]).shape == SIZE and Path(targets[0]["overlay"]).is_file()
