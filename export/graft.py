@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcam import contract
 from onnxcam_export import saliency
 from onnxcam_export import windowed as windows
-from onnxcam_export.builder import Builder, Types, infer_types
+from onnxcam_export.builder import Builder, Types, infer_types, make_node
 from onnxcam_export.layouts import Layout
 from onnxcam_export.ops import ops_with
 from onnxcam_export.simplify import pick_tokens_early
@@ -329,14 +329,14 @@ class _Graft:
     windowed: bool
     head_only: list[onnx.NodeProto] | None  # the head's copy for head-only passes (classifiers), or None
     targets: tuple[str, str] | None  # a detector's flat target indices and their validity, else None
-    pixels: tuple[str, bool] | None = None  # the model's float input and whether it is channels-first, where the
-    # backward is grafted down to it (pixel attributions)
+    pixels: tuple[str, bool, str] | None = None  # the model's float input, whether it is channels-first, and what
+    # the model reads instead (_steered_pixels), where the backward is grafted down to it (pixel attributions)
     attention: bool = False  # whether the attention outputs were emitted
 
     @cached_property
     def body(self) -> list[onnx.NodeProto]:
         """The nodes on a path from the model's float input to the logits (the backward to the input walks them)."""
-        return head_nodes(self.graph, self.pixels[0], contract.LOGITS) if self.pixels else []
+        return head_nodes(self.graph, self.pixels[2], contract.LOGITS) if self.pixels else []
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -404,6 +404,35 @@ def model_pixels(graph: onnx.GraphProto) -> tuple[str, bool]:
 PREPROCESSING = ("Cast", "Gather", "Transpose", "Sub", "Div", "Mul", "Add")  # (uint8 image -> the model's input)
 
 
+def _steered_pixels(graph: onnx.GraphProto, pixels: str, channels_first: bool) -> str:
+    """What the model reads instead of its input ``pixels``: ``baselines + alphas * (pixels - baselines) + noise``
+    (the inputs :data:`contract.PIXEL_ALPHAS` ``[N]``, and :data:`contract.PIXEL_BASELINES`,
+    :data:`contract.PIXEL_NOISE` ``[N or 1, C, H, W]`` channels-first), emitted right after ``pixels`` is made;
+    the name of the result. Required inputs: JavaScript's ONNX Runtime cannot override a default."""
+    steered = f"{contract.PIXELS}/steered"
+    layout = [] if channels_first else [("Transpose", {"perm": [0, 2, 3, 1]})]
+    names = {k: f"onnxcam/pixels/{k}" for k in ("baseline", "noise", "alpha", "shape", "delta", "scaled", "sum")}
+    nodes = [make_node("Constant", [], [names["shape"]], value=numpy_helper.from_array(np.array([-1, 1, 1, 1])))]
+    nodes += [make_node("Reshape", [contract.PIXEL_ALPHAS, names["shape"]], [names["alpha"]])]
+    for key, given in (("baseline", contract.PIXEL_BASELINES), ("noise", contract.PIXEL_NOISE)):
+        nodes += [make_node(op, [given], [names[key]], **a) for op, a in layout] or [
+            make_node("Identity", [given], [names[key]])]
+    nodes += [make_node("Sub", [pixels, names["baseline"]], [names["delta"]]),
+              make_node("Mul", [names["alpha"], names["delta"]], [names["scaled"]]),
+              make_node("Add", [names["baseline"], names["scaled"]], [names["sum"]]),
+              make_node("Add", [names["sum"], names["noise"]], [steered])]  # fmt: skip
+    for node in graph.node:  # (the model's nodes read the steered input)
+        node.input[:] = [steered if name == pixels else name for name in node.input]
+    made = next(i for i, n in enumerate(graph.node) if pixels in n.output)
+    for k, node in enumerate(nodes, start=made + 1):
+        graph.node.insert(k, node)
+    float_input = helper.make_tensor_value_info
+    graph.input.extend([float_input(contract.PIXEL_ALPHAS, TensorProto.FLOAT, ["M"]),
+                        float_input(contract.PIXEL_BASELINES, TensorProto.FLOAT, ["B", "C", "H", "W"]),
+                        float_input(contract.PIXEL_NOISE, TensorProto.FLOAT, ["E", "C", "H", "W"])])  # fmt: skip
+    return steered
+
+
 def _start(
     model: onnx.ModelProto, activations: str, logits: str, types: Types | None, layout: Layout | None, score: str,
     task: Task, extra_layers: tuple[str, ...], windowed: bool, pixels: bool = False,
@@ -418,8 +447,10 @@ def _start(
     check_rules(head, differentiable(head, sources, types, contract.LOGITS))  # before shape inference (may fail)
     found = model_pixels(graph) if pixels else None
     if found:
-        body = head_nodes(graph, found[0], contract.LOGITS)
-        check_rules(body, differentiable(body, {found[0]}, types, contract.LOGITS))
+        found = (found[0], found[1], _steered_pixels(graph, *found))
+        types = infer_types(out)  # (the steered input is new)
+        body = head_nodes(graph, found[2], contract.LOGITS)
+        check_rules(body, differentiable(body, {found[2]}, types, contract.LOGITS))
     types = types or infer_types(out)
     if pick_tokens_early(out, types, sources):  # (a ViT's class token before its last MLP)
         types = infer_types(out)
@@ -431,7 +462,7 @@ def _start(
     head_only = head_copy(graph, b, head, layer, layout) if classifier and not extra_layers else None
     expose_extra_outputs(head)
     if found:  # (the body's MaxPools need their Indices too)
-        expose_extra_outputs(head_nodes(graph, found[0], contract.LOGITS))
+        expose_extra_outputs(head_nodes(graph, found[2], contract.LOGITS))
     if layout is None:
         dims, adapt = b.shape(layer)[1:], (lambda x: x)
     else:
@@ -526,14 +557,14 @@ def _pixels_part(g: _Graft, w: _Walked) -> None:
     gradient at it: the whole backward from the logits, in its own ``If`` (a CAM call builds none of it)."""
     if g.pixels is None:
         return
-    b, (pixels, channels_first) = g.b, g.pixels
+    b, (pixels, channels_first, steered) = g.b, g.pixels
     first = (lambda x, extra: x) if channels_first else (
         lambda x, extra: b.op("Transpose", x, perm=[0, *range(1, extra + 1), extra + 3, extra + 1, extra + 2]))
     b.op("Identity", first(pixels, 0), name=contract.PIXELS)
     seed = g.seed  # (built outside the branches: a walk that needed none, the windowed one, has not built it)
-    wanted, b.wanted = b.wanted, differentiable(g.body, {pixels}, b.types, contract.LOGITS)
-    with b.subgraph() as nodes:
-        found = first(reached_gradient(b, backward(b, g.body, {contract.LOGITS: [seed]}), pixels), 1)
+    wanted, b.wanted = b.wanted, differentiable(g.body, {steered}, b.types, contract.LOGITS)
+    with b.subgraph() as nodes:  # (the gradient at what the model read: at each row's steered input)
+        found = first(reached_gradient(b, backward(b, g.body, {contract.LOGITS: [seed]}), steered), 1)
     b.wanted = wanted
     with b.subgraph() as empty:
         shape = b.op("Concat", b.op("Slice", b.op("Shape", seed), [0], [2]), b.ints([0, 0, 0]), axis=0)

@@ -167,6 +167,9 @@ EMBEDDINGS = "embeddings"  # a similarity model's output: the image's own embedd
 CHARACTERS = "characters"
 PIXELS = "pixels"  # such a file's: the model's float input [N, C, H, W] (after the in-graph normalisation)
 PIXEL_GRADIENTS = "pixel_gradients"  # and the explained scores' gradient at it, [N, T, C, H, W] (when asked for)
+# such a file's forward runs on baselines + alphas * (pixels - baselines) + noise, per row: 1, 0 and 0 for a plain
+# call; Integrated Gradients' interpolation steps and SmoothGrad's noisy copies as rows of one batch
+PIXEL_ALPHAS, PIXEL_BASELINES, PIXEL_NOISE = "pixel_alphas", "pixel_baselines", "pixel_noise"
 CHARACTER_PROBABILITIES = "character_probabilities"
 # each task's own outputs beside the contract's (see above), which every call returns
 TASK_OUTPUTS = {"classification": (), "segmentation": (PIXEL_SHARES,), "detection": DETECTION_OUTPUTS,

@@ -322,6 +322,7 @@ class Engine:
         region: np.ndarray | None = None,
         references: np.ndarray | None = None,
         pixels: bool = False,
+        steering: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
@@ -332,7 +333,9 @@ class Engine:
         a segmenter's float ``[N, H, W]`` pixel weights that each class's score sums its logits over, where not
         the pixels predicted as the class. ``references``: a similarity model's ``[R, D]`` embeddings that its
         targets (0 .. R - 1) compare each image's with. ``pixels``: also the explained scores' gradients at the
-        model's float input (a file exported with ``--pixels``).
+        model's float input (a file exported with ``--pixels``). ``steering``: such a file's rows run on
+        ``baselines + alphas * (pixels - baselines) + noise`` instead of their pixels: ``(alphas [N], baselines
+        [N or 1, C, H, W], noise [N or 1, C, H, W])`` in the model's normalised input space (default 1, 0, 0).
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -341,6 +344,8 @@ class Engine:
             raise ValueError(f"targets must be [N, T] with N = {images.shape[0]}, got {targets.shape}")
         fixed = self.fixed_batch
         if fixed is not None and len(images) != fixed:  # a file exported at a fixed batch: run it B images at a time
+            if steering is not None:
+                raise OnnxcamError(f"{self.path} has a fixed batch of {fixed}; pixel attributions need a dynamic one")
             options = {"full_gradients": full_gradients, "attention": attention, "saliency": saliency,
                        "thresholds": thresholds, "references": references, "pixels": pixels}  # fmt: skip
             parts = []
@@ -365,6 +370,7 @@ class Engine:
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
         if contract.RETURN_PIXELS in self.inputs:
             feeds[contract.RETURN_PIXELS] = np.asarray(pixels)
+            feeds |= self._steering_feeds(len(images), steering)
             names += [contract.PIXELS, contract.PIXEL_GRADIENTS]
         elif pixels:
             raise OnnxcamError(f"{self.path} has no backward to its input (pixel attributions): export it again "
@@ -382,6 +388,16 @@ class Engine:
         per_scale = [values.pop(name) for name in scales]
         grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
         return Outputs(**values, scales=grouped)
+
+    def _steering_feeds(self, count: int, steering: tuple | None) -> dict[str, np.ndarray]:
+        """A file with pixels: each row's alpha, baseline and noise (none given: its own pixels)."""
+        if steering is None:
+            height, width = self.card.input_size
+            none = np.zeros((1, 3, height, width), np.float32)
+            return {contract.PIXEL_ALPHAS: np.ones(count, np.float32), contract.PIXEL_BASELINES: none,
+                    contract.PIXEL_NOISE: none}  # fmt: skip
+        alphas, baselines, noise = (np.ascontiguousarray(v, np.float32) for v in steering)
+        return {contract.PIXEL_ALPHAS: alphas, contract.PIXEL_BASELINES: baselines, contract.PIXEL_NOISE: noise}
 
     def _task_feeds(self, count: int, thresholds: dict[str, float], region: np.ndarray | None,
                     references: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
@@ -458,6 +474,7 @@ class Engine:
             feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
         if contract.RETURN_PIXELS in self.inputs:
             feeds[contract.RETURN_PIXELS] = np.asarray(False)
+            feeds |= self._steering_feeds(self._empty_batch, None)
         try:
             return self.session.run([contract.HEAD_LOGITS], feeds)[0]
         except Exception as exc:  # ORT's Fail: e.g. a Reshape to [-1, ...] cannot take an empty batch

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcam import contract, passes
+from onnxcam import contract, passes, pixels
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 
@@ -117,6 +117,25 @@ def gradient_x_input(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     ``sum_c x_c dS/dx_c`` at each pixel, ``[T, H, W]``, signed; the map shows its positive part (where the input
     raises the score)."""
     return (g * x[None]).sum(axis=1)
+
+
+def integrated_gradients_maps(engine: Engine, image: np.ndarray, activations: np.ndarray,
+                              classes: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Integrated Gradients (:func:`onnxcam.pixels.integrated_gradients`: black baseline, 32 Gauss-Legendre
+    steps): the positive part of its channel sum, ``[T, H, W]``."""
+    return np.maximum(pixels.integrated_gradients(engine, image, classes).values.sum(axis=1), 0)
+
+
+def smoothgrad_maps(engine: Engine, image: np.ndarray, activations: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """SmoothGrad (:func:`onnxcam.pixels.smoothgrad`: 16 samples, noise 15% of the input range, seed 0): the
+    largest ``|mean gradient|`` over the channels, ``[T, H, W]``."""
+    return np.abs(pixels.smoothgrad(engine, image, classes).values).max(axis=1)
+
+
+def smoothgrad_squared_maps(engine: Engine, image: np.ndarray, activations: np.ndarray,
+                            classes: np.ndarray) -> np.ndarray:  # fmt: skip
+    """SmoothGrad-Squared (Hooker et al. 2019): the largest mean squared gradient over the channels, ``[T, H, W]``."""
+    return pixels.smoothgrad(engine, image, classes, squared=True).values.max(axis=1)
 
 
 def _query(tokens: int, prefix: int) -> np.ndarray:
@@ -217,6 +236,10 @@ METHODS: dict[str, Method] = {
                requires=contract.ATTENTION_GRADIENTS),
         Method("saliency", uses="pixels", pixel=saliency, requires=contract.PIXEL_GRADIENTS),
         Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS),
+        Method("integrated-gradients", uses="passes", spatial=integrated_gradients_maps,
+               requires=contract.PIXEL_GRADIENTS),
+        Method("smoothgrad", uses="passes", spatial=smoothgrad_maps, requires=contract.PIXEL_GRADIENTS),
+        Method("smoothgrad-squared", uses="passes", spatial=smoothgrad_squared_maps, requires=contract.PIXEL_GRADIENTS),
     )
 }  # fmt: skip
 

@@ -287,7 +287,11 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
     return_saliency: new ort.Tensor("bool", Uint8Array.from([1]), []),
     saliency_method: new ort.Tensor("int64", BigInt64Array.from([BigInt(method)]), []),
   };
-  if (session.inputNames.includes("return_pixels")) feeds.return_pixels = new ort.Tensor("bool", Uint8Array.from([0]), []);
+  if (session.inputNames.includes("return_pixels")) { // (a file with pixels: each row on its own pixels)
+    const none = new ort.Tensor("float32", new Float32Array(3 * size[0] * size[1]), [1, 3, size[0], size[1]]);
+    Object.assign(feeds, { return_pixels: new ort.Tensor("bool", Uint8Array.from([0]), []), pixel_baselines: none,
+                           pixel_alphas: new ort.Tensor("float32", Float32Array.from([1]), [1]), pixel_noise: none });
+  }
   if (references) feeds.references = new ort.Tensor("float32", references, [targets.length, references.length / targets.length]);
   const out = await session.run(feeds, ["logits", "target_classes", "saliency"]);
   const plane = size[0] * size[1];
