@@ -279,7 +279,9 @@ def test_torchvision_architectures_say_what_to_install(tmp_path: Path) -> None:
 
 
 def test_method_all_writes_every_map_and_a_sheet(tmp_path: Path) -> None:
-    """Every method a CNN can run: all but those that read a vision transformer's attention maps."""
+    """Every method this CNN file can run: all but those that read a vision transformer's attention maps and
+    those that read input gradients (the file was built without ``--pixels``)."""
+    from onnxcam import contract
     from onnxcam.methods import METHODS
     from tests.test_passes import build_tiny
 
@@ -287,7 +289,8 @@ def test_method_all_writes_every_map_and_a_sheet(tmp_path: Path) -> None:
     result = run("explain", CAT, "--model", str(model), "--method", "all", "--out", str(tmp_path / "o"), "--json")
     assert result.returncode == 0, result.stderr
     (image,) = json.loads(result.stdout)["images"]
-    cnn_methods = [name for name, m in METHODS.items() if m.uses != "attentions"]
+    cnn_methods = [name for name, m in METHODS.items()
+                   if m.uses != "attentions" and m.requires != contract.PIXEL_GRADIENTS]
     assert [t["method"] for t in image["targets"]] == cnn_methods
     assert len({t["overlay"] for t in image["targets"]}) == len(cnn_methods)
     (sheet,) = image["sheets"]
