@@ -677,6 +677,7 @@ def _checked_windows(
         contract.RETURN_SALIENCY: np.asarray(False),
         contract.SALIENCY_METHOD: np.asarray(0, np.int64),
         contract.RETURN_PIXELS: np.asarray(False),
+        contract.RETURN_GUIDED: np.asarray(False),
         contract.PIXEL_ALPHAS: np.ones(batch, np.float32),
         contract.PIXEL_BASELINES: np.zeros((1, 3, inputs.height, inputs.width), np.float32),
         contract.PIXEL_NOISE: np.zeros((1, 3, inputs.height, inputs.width), np.float32),

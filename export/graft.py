@@ -35,7 +35,7 @@ from onnxcam_export.layouts import Layout
 from onnxcam_export.ops import ops_with
 from onnxcam_export.simplify import pick_tokens_early
 from onnxcam_export.tasks import Task, add_detection_io, detection_seed, detection_targets, instance_masks
-from onnxcam_export.vjp import UnsupportedOp, attrs
+from onnxcam_export.vjp import GUIDED, UnsupportedOp, attrs
 from onnxcam_export.walk import (
     SPATIAL,
     Branch,
@@ -554,7 +554,8 @@ def _saliency_part(g: _Graft, w: _Walked) -> None:
 
 def _pixels_part(g: _Graft, w: _Walked) -> None:
     """The model's float input (``pixels``, channels-first) and, when ``return_pixels``, the explained scores'
-    gradient at it: the whole backward from the logits, in its own ``If`` (a CAM call builds none of it)."""
+    gradient at it: the whole backward from the logits, in its own ``If`` (a CAM call builds none of it); when
+    ``return_guided``, Guided Backpropagation's backward there (:data:`onnxcam_export.vjp.GUIDED`), in another."""
     if g.pixels is None:
         return
     b, (pixels, channels_first, steered) = g.b, g.pixels
@@ -563,13 +564,15 @@ def _pixels_part(g: _Graft, w: _Walked) -> None:
     b.op("Identity", first(pixels, 0), name=contract.PIXELS)
     seed = g.seed  # (built outside the branches: a walk that needed none, the windowed one, has not built it)
     wanted, b.wanted = b.wanted, differentiable(g.body, {steered}, b.types, contract.LOGITS)
-    with b.subgraph() as nodes:  # (the gradient at what the model read: at each row's steered input)
-        found = first(reached_gradient(b, backward(b, g.body, {contract.LOGITS: [seed]}), steered), 1)
+    for condition, output, rules in ((contract.RETURN_PIXELS, contract.PIXEL_GRADIENTS, None),
+                                     (contract.RETURN_GUIDED, contract.GUIDED_GRADIENTS, GUIDED)):  # fmt: skip
+        with b.subgraph() as nodes:  # (the gradient at what the model read: at each row's steered input)
+            found = first(reached_gradient(b, backward(b, g.body, {contract.LOGITS: [seed]}, rules), steered), 1)
+        with b.subgraph() as empty:
+            shape = b.op("Concat", b.op("Slice", b.op("Shape", seed), [0], [2]), b.ints([0, 0, 0]), axis=0)
+            none = b.zeros(shape, like=contract.LOGITS)
+        b.if_(condition, (nodes, found), (empty, none), output, b.elem_type(contract.LOGITS))
     b.wanted = wanted
-    with b.subgraph() as empty:
-        shape = b.op("Concat", b.op("Slice", b.op("Shape", seed), [0], [2]), b.ints([0, 0, 0]), axis=0)
-        none = b.zeros(shape, like=contract.LOGITS)
-    b.if_(contract.RETURN_PIXELS, (nodes, found), (empty, none), contract.PIXEL_GRADIENTS, b.elem_type(contract.LOGITS))
 
 
 def _attention_part(g: _Graft, w: _Walked) -> None:
@@ -599,9 +602,10 @@ def _io_part(g: _Graft, w: _Walked) -> None:
     _add_task_outputs(graph, b, g.task.outputs)
     if g.pixels is not None:  # (a required input: JavaScript's ONNX Runtime cannot override a default)
         elem, info, batch = b.elem_type(contract.LOGITS), helper.make_tensor_value_info, b.shape(contract.LOGITS)[0]
-        graph.input.append(info(contract.RETURN_PIXELS, TensorProto.BOOL, []))
+        graph.input.extend(info(n, TensorProto.BOOL, []) for n in (contract.RETURN_PIXELS, contract.RETURN_GUIDED))
         graph.output.extend([info(contract.PIXELS, elem, [batch or "N", "C", "H", "W"]),
-                             info(contract.PIXEL_GRADIENTS, elem, [batch or "N", "T", "c", "h", "w"])])  # fmt: skip
+                             *(info(name, elem, [batch or "N", "T", "c", "h", "w"])
+                               for name in (contract.PIXEL_GRADIENTS, contract.GUIDED_GRADIENTS))])  # fmt: skip
     if g.saliency_size is not None:
         _add_saliency_output(graph, b)
 
@@ -632,8 +636,9 @@ def graft(
     aggregates; such a file has no head-only graph. ``windowed``: a detector's backward box by box over the
     windows its scores read (:mod:`onnxcam_export.windowed`) where its head allows, else over whole maps.
     ``pixels``: the backward also goes on to the model's float input (:func:`model_pixels`, after the in-graph
-    normalisation), for pixel attributions: the ``pixels`` and ``pixel_gradients`` outputs, built when the
-    ``return_pixels`` input says so; every op on the way needs a rule.
+    normalisation), for pixel attributions: the ``pixels``, ``pixel_gradients`` and ``guided_gradients`` outputs,
+    the latter two built when the ``return_pixels`` and ``return_guided`` inputs say so; every op on the way needs
+    a rule.
 
     The plan: :func:`_start` prepares the copy, the first of :data:`WALK_STRATEGIES` that applies walks it
     back, and each of :data:`EMITTERS` adds its part. A new family adds a :data:`SEEDS` row and an emitter.

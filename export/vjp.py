@@ -98,6 +98,22 @@ def Clip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [dy[0] if keep is None else _mask(b, dy[0], keep, x)]
 
 
+# Guided Backpropagation (Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR workshop
+# 2015): the ReLU family's backward passes only positive gradients where its input was positive,
+# dX = ReLU(dY) * (Y > 0); a Clip from 0 (ReLU6) likewise inside its bounds. Other ops keep their rules.
+def GuidedRelu(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    return Relu(b, node, [b.op("Relu", dy[0])])
+
+
+def GuidedClip(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
+    if b.opset < 11:
+        lower = attrs(node).get("min")
+    else:
+        found = b.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        lower = None if found is None else float(np.asarray(found).reshape(-1)[0])
+    return Clip(b, node, [b.op("Relu", dy[0])] if lower == 0 else dy)
+
+
 def _swap_front(b: Builder, g: str, x: str) -> str:
     """Swap the first two axes of ``g``, a gradient of forward tensor ``x``: [X0, T, X1, ...] <-> [T, X0, X1, ...]."""
     return b.op("Transpose", g, perm=[1, 0, *range(2, b.rank(x) + 1)])
@@ -1415,3 +1431,4 @@ RULES: dict[str, Rule] = {op: Rule(vjp) for op, vjp in {
     "GridSample": Rule(GridSample, opset=16),
     "QuantizeLinear": Rule(QuantizeLinear, levels=True),
 }  # fmt: skip
+GUIDED: dict[str, Rule] = {"Relu": Rule(GuidedRelu), "Clip": Rule(GuidedClip)}  # Guided Backpropagation's rules

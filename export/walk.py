@@ -9,7 +9,7 @@ one rule per node, newest first, summing the gradients that reach a tensor along
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 
@@ -48,12 +48,15 @@ def rule_for(node: onnx.NodeProto) -> Rule:
 
 
 
-def input_gradients(b: Builder, node: onnx.NodeProto, dys: list[Grad]) -> list[Grad]:
-    """One gradient per input of ``node`` from its rule, given one per output (None: no gradient).
+def input_gradients(b: Builder, node: onnx.NodeProto, dys: list[Grad],
+                    rules: Mapping[str, Rule] | None = None) -> list[Grad]:  # fmt: skip
+    """One gradient per input of ``node`` from its rule (``rules``' for its op where it has one), given one per
+    output (None: no gradient).
 
     A rule may stop after its last differentiable input; the trailing inputs get None.
     """
-    dxs = list(rule_for(node).vjp(b, node, dys))
+    own = rules.get(node.op_type) if rules and node.domain in ("", "ai.onnx") else None
+    dxs = list((own or rule_for(node)).vjp(b, node, dys))
     if len(dxs) > len(node.input):
         raise RuntimeError(
             f"the {node.op_type} rule returned {len(dxs)} gradients {dxs} for node "
@@ -74,18 +77,20 @@ def gradient_of(b: Builder, grads: Grads, name: str) -> Grad:
 
 
 
-def backward(b: Builder, nodes: Sequence[onnx.NodeProto], grads: Grads) -> Grads:
+def backward(b: Builder, nodes: Sequence[onnx.NodeProto], grads: Grads,
+             rules: Mapping[str, Rule] | None = None) -> Grads:  # fmt: skip
     """Reverse mode over ``nodes`` (in graph order), newest first, starting from ``grads``.
 
-    A node whose outputs have a gradient passes it to its inputs through its rule; only the
-    inputs the builder ``needs`` keep theirs. Returns the gradients after the walk (a new map).
+    A node whose outputs have a gradient passes it to its inputs through its rule (``rules`` override some ops'
+    rules: :data:`onnxcam_export.vjp.GUIDED`); only the inputs the builder ``needs`` keep theirs. Returns the
+    gradients after the walk (a new map).
     """
     grads = {name: list(parts) for name, parts in grads.items()}
     for node in reversed(nodes):
         dys = [gradient_of(b, grads, name) for name in node.output]
         if all(dy is None for dy in dys):
             continue
-        for name, dx in zip(node.input, input_gradients(b, node, dys), strict=True):
+        for name, dx in zip(node.input, input_gradients(b, node, dys, rules), strict=True):
             if dx is not None and b.needs(name):
                 grads.setdefault(name, []).append(dx)
     return grads

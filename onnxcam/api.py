@@ -361,7 +361,7 @@ class Explainer:
             return self._explain_likeness(prepared, batch, asked)
         region = None if asked.mask is None else self._region(asked.mask, prepared)
         targets = np.tile(np.asarray(codes, dtype=np.int64), (len(photos), 1))
-        out = self.engine.run(batch, targets, full, attention, region=region, pixels=methods.needs_pixels(names))
+        out = self.engine.run(batch, targets, full, attention, region=region, **methods.pixel_flags(names))
         # a segmenter's masked sums have no softmax meaning: its "probability" is each class's share of the pixels;
         # a regressor's is its value, its predictions every output in order
         segmenter, regressor = self.card.task == "segmentation", self.card.task == "regression"
@@ -440,7 +440,7 @@ class Explainer:
         (the padding taken off, clipped to the photo, as ultralytics' ``scale_boxes``)."""
         full = methods.needs_gradients(names)
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)), full,
-                              thresholds=thresholds, pixels=methods.needs_pixels(names))  # fmt: skip
+                              thresholds=thresholds, **methods.pixel_flags(names))  # fmt: skip
         results = []
         for n, p in enumerate(prepared):
             kept = np.flatnonzero(out.box_anchors[n] >= 0)
@@ -463,7 +463,7 @@ class Explainer:
     ) -> list[Explanation]:
         """A recogniser's decoded text and one map per asked character that it holds, from one ORT call."""
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)),
-                              methods.needs_gradients(names), pixels=methods.needs_pixels(names))  # fmt: skip
+                              methods.needs_gradients(names), **methods.pixel_flags(names))  # fmt: skip
         results = []
         for n, p in enumerate(prepared):
             length = int((out.characters[n] >= 0).sum())
@@ -485,7 +485,7 @@ class Explainer:
         codes = np.asarray(asked.codes, dtype=np.int64)
         names = list(asked.methods)
         out = self.engine.run(batch, np.tile(codes, (len(prepared), 1)), methods.needs_gradients(names),
-                              references=asked.references, pixels=methods.needs_pixels(names))  # fmt: skip
+                              references=asked.references, **methods.pixel_flags(names))  # fmt: skip
         scale, first_prompt = self.card.logit_scale, len(codes) - asked.prompts
         results = []
         for n, p in enumerate(prepared):
@@ -523,7 +523,7 @@ class Explainer:
         if extra is not None:
             weights = extra(self.engine, image, activations, classes)
         attentions = [None if a is None else a[n] for a in (out.attentions, out.attention_gradients)]
-        inputs = [None if a is None else a[n] for a in (out.pixels, out.pixel_gradients)]
+        inputs = [None if a is None else a[n] for a in (out.pixels, out.pixel_gradients, out.guided_gradients)]
         first = methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions, *inputs)
         if not out.scales or methods.METHODS[name].pixel is not None:  # (a pixel map is of the whole input)
             return first
@@ -537,7 +537,7 @@ class Explainer:
         batch = np.stack([np.clip(np.rint((image[:, ::-1] if f else image) * g), 0, 255).astype(np.uint8)
                           for f, g in views])  # fmt: skip
         out = self.engine.run(batch, np.tile(classes, (len(views), 1)), full, attention,
-                              pixels=methods.needs_pixels([name]))  # fmt: skip
+                              **methods.pixel_flags([name]))  # fmt: skip
         total = 0.0
         for v, (flip, _) in enumerate(views):
             lowres = self._maps(name, batch[v], out, v, eigen_smooth)

@@ -141,6 +141,7 @@ RETURN_SALIENCY = "return_saliency"
 REGION = "region"
 SALIENCY_METHOD = "saliency_method"
 RETURN_PIXELS = "return_pixels"  # a file grafted with its backward to the input: whether to build it this call
+RETURN_GUIDED = "return_guided"  # and whether to build its guided backward (Guided Backpropagation's) this call
 
 LOGITS = "logits"
 ACTIVATIONS = "activations"
@@ -167,6 +168,7 @@ EMBEDDINGS = "embeddings"  # a similarity model's output: the image's own embedd
 CHARACTERS = "characters"
 PIXELS = "pixels"  # such a file's: the model's float input [N, C, H, W] (after the in-graph normalisation)
 PIXEL_GRADIENTS = "pixel_gradients"  # and the explained scores' gradient at it, [N, T, C, H, W] (when asked for)
+GUIDED_GRADIENTS = "guided_gradients"  # and their guided backward there (the ReLUs pass only positive gradients)
 # such a file's forward runs on baselines + alphas * (pixels - baselines) + noise, per row: 1, 0 and 0 for a plain
 # call; Integrated Gradients' interpolation steps and SmoothGrad's noisy copies as rows of one batch
 PIXEL_ALPHAS, PIXEL_BASELINES, PIXEL_NOISE = "pixel_alphas", "pixel_baselines", "pixel_noise"

@@ -52,6 +52,7 @@ class Outputs:
     character_probabilities: np.ndarray | None = None  # recognisers: [N, L], at each character's first step
     pixels: np.ndarray | None = None  # a file with its backward to the input: the model's float input [N, C, H, W]
     pixel_gradients: np.ndarray | None = None  # and the gradient there [N, T, C, H, W] (when asked for)
+    guided_gradients: np.ndarray | None = None  # and Guided Backpropagation's there [N, T, C, H, W] (when asked for)
     scales: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()  # (activations, weights, gradients) of
     # each extra target layer
 
@@ -323,6 +324,7 @@ class Engine:
         references: np.ndarray | None = None,
         pixels: bool = False,
         steering: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        guided: bool = False,
     ) -> Outputs:
         """``images`` uint8 ``[N, H, W, 3]`` RGB at the model's size; ``targets`` int64 ``[N, T]``.
 
@@ -336,6 +338,7 @@ class Engine:
         model's float input (a file exported with ``--pixels``). ``steering``: such a file's rows run on
         ``baselines + alphas * (pixels - baselines) + noise`` instead of their pixels: ``(alphas [N], baselines
         [N or 1, C, H, W], noise [N or 1, C, H, W])`` in the model's normalised input space (default 1, 0, 0).
+        ``guided``: also Guided Backpropagation's gradients there (the same file).
         """
         height, width = self.card.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
@@ -347,7 +350,8 @@ class Engine:
             if steering is not None:
                 raise OnnxcamError(f"{self.path} has a fixed batch of {fixed}; pixel attributions need a dynamic one")
             options = {"full_gradients": full_gradients, "attention": attention, "saliency": saliency,
-                       "thresholds": thresholds, "references": references, "pixels": pixels}  # fmt: skip
+                       "thresholds": thresholds, "references": references, "pixels": pixels,
+                       "guided": guided}  # fmt: skip
             parts = []
             for start in range(0, len(images), fixed):
                 count = min(fixed, len(images) - start)
@@ -368,10 +372,16 @@ class Engine:
             )
         feeds |= {ATTENTION_FLAGS[name]: np.asarray(True) for name in attention}
         names = [*contract.OUTPUTS, *attention, *contract.TASK_OUTPUTS[self.card.task]]
+        if guided and contract.RETURN_GUIDED not in self.inputs:
+            raise OnnxcamError(f"{self.path} has no guided backward to its input (Guided Backpropagation): export it "
+                               "again with --pixels")  # fmt: skip
         if contract.RETURN_PIXELS in self.inputs:
             feeds[contract.RETURN_PIXELS] = np.asarray(pixels)
             feeds |= self._steering_feeds(len(images), steering)
             names += [contract.PIXELS, contract.PIXEL_GRADIENTS]
+            if contract.RETURN_GUIDED in self.inputs:
+                feeds[contract.RETURN_GUIDED] = np.asarray(guided)
+                names.append(contract.GUIDED_GRADIENTS)
         elif pixels:
             raise OnnxcamError(f"{self.path} has no backward to its input (pixel attributions): export it again "
                                "with --pixels")  # fmt: skip
@@ -472,8 +482,9 @@ class Engine:
         }
         if self.card.saliency_methods:
             feeds |= {contract.RETURN_SALIENCY: np.asarray(False), contract.SALIENCY_METHOD: np.asarray(0, np.int64)}
+        feeds |= {name: np.asarray(False) for name in (contract.RETURN_PIXELS, contract.RETURN_GUIDED)
+                  if name in self.inputs}  # fmt: skip
         if contract.RETURN_PIXELS in self.inputs:
-            feeds[contract.RETURN_PIXELS] = np.asarray(False)
             feeds |= self._steering_feeds(self._empty_batch, None)
         try:
             return self.session.run([contract.HEAD_LOGITS], feeds)[0]

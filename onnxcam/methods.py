@@ -29,6 +29,7 @@ import numpy as np
 from onnxcam import contract, passes, pixels
 from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
+from onnxcam.maps import upsample
 
 EPS = 1e-7  # XGrad-CAM's guard for a channel whose activations sum to zero (pytorch-grad-cam's value)
 
@@ -109,6 +110,16 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
 def saliency(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Saliency (Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", ICLR workshop 2014): the
     largest ``|dS/dx_c|`` over the channels at each pixel, ``[T, H, W]``."""
+    return np.abs(g).max(axis=1)
+
+
+def guided_backprop(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Guided Backpropagation (Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR
+    workshop 2015; Captum's GuidedBackprop): ``g`` is the gradient at the input through a backward whose ReLUs (and
+    ReLU6s) pass only positive gradients where their input was positive; the map is its largest ``|g_c|`` over the
+    channels, ``[T, H, W]``. It is close to an edge detector: Adebayo et al. ("Sanity Checks for Saliency Maps",
+    NeurIPS 2018) find it barely changes when the model's weights are re-initialised, and it is hardly
+    class-sensitive; Guided Grad-CAM multiplies in the class map for that."""
     return np.abs(g).max(axis=1)
 
 
@@ -193,8 +204,10 @@ class Method:
     output; its ONNX form is in ``onnxcam_export.saliency``), for hosts without Python.
     ``spatial``: the map itself from extra passes, no channel weighting (ReciproCAM).
     ``gradient_free``: it reads no gradient, so a file without a backward (an op without a rule) runs it.
-    ``pixel``: ``"pixels"``: the map at the input's resolution from the model's float input and the gradients
-    there (a file exported with ``--pixels``).
+    ``pixel``: the map at the input's resolution from the model's float input and the gradients there (``uses``
+    ``"pixels"``), or the guided ones (``"guided"``), of a file exported with ``--pixels``; with ``contributions``
+    too, that map times the CAM map of those at the target layer, upsampled bilinearly to the input (Guided
+    Grad-CAM, Selvaraju et al.: guided backprop (.) Grad-CAM).
     """
 
     name: str
@@ -240,6 +253,8 @@ METHODS: dict[str, Method] = {
                requires=contract.PIXEL_GRADIENTS),
         Method("smoothgrad", uses="passes", spatial=smoothgrad_maps, requires=contract.PIXEL_GRADIENTS),
         Method("smoothgrad-squared", uses="passes", spatial=smoothgrad_squared_maps, requires=contract.PIXEL_GRADIENTS),
+        Method("guided-backprop", uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
+        Method("guided-gradcam", gradcam, uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
     )
 }  # fmt: skip
 
@@ -301,6 +316,8 @@ REQUIREMENTS = {  # why a model lacks an optional output
     contract.ATTENTIONS: "only vision transformers grafted at a token layer have attention maps",
     contract.ATTENTION_GRADIENTS: "only vision transformers grafted at a token layer have attention maps",
     contract.PIXEL_GRADIENTS: "it was exported without its backward to the input: export it again with --pixels",
+    contract.GUIDED_GRADIENTS: "it was exported without its guided backward to the input: export it again with "
+                               "--pixels",
 }
 
 
@@ -323,9 +340,10 @@ def needs_gradients(names: list[str]) -> bool:
     return any(METHODS[n].uses == "gradients" for n in names)
 
 
-def needs_pixels(names: list[str]) -> bool:
-    """Whether any of these methods needs the gradients at the model's input."""
-    return any(METHODS[n].uses == "pixels" for n in names)
+def pixel_flags(names: list[str]) -> dict[str, bool]:
+    """Whether these methods need the gradients at the model's input (``pixels``) and the guided ones there
+    (``guided``): :meth:`onnxcam.engine.Engine.run`'s arguments."""
+    return {flag: any(METHODS[n].uses == flag for n in names) for flag in ("pixels", "guided")}
 
 
 def cam(
@@ -338,19 +356,27 @@ def cam(
     attention_gradients: np.ndarray | None = None,
     pixels: np.ndarray | None = None,
     pixel_gradients: np.ndarray | None = None,
+    guided_gradients: np.ndarray | None = None,
 ) -> np.ndarray:
     """Low-resolution maps ``[T, h, w]`` (>= 0, unnormalised) from the graph's outputs for one image.
 
     ``activations`` is ``[C, h, w]``; ``gradients`` ``[T, C, h, w]``; ``weights`` ``[T, C]``: the
     graph's Grad-CAM channel weights, or the channel weights of a method's extra passes;
     ``attentions`` ``[L, H, P + h*w, P + h*w]`` and ``attention_gradients`` ``[T, L, H, ...]``; ``pixels``
-    ``[C, H, W]`` and ``pixel_gradients`` ``[T, C, H, W]`` (a pixel method's maps are ``[T, H, W]``).
+    ``[C, H, W]``, ``pixel_gradients`` and ``guided_gradients`` ``[T, C, H, W]`` (a pixel method's maps are
+    ``[T, H, W]``).
     """
     m = METHODS[method]
     if m.pixel is not None:
-        if pixel_gradients is None or not pixel_gradients.size:
-            raise ValueError(f"{method} needs the gradients at the input (run with pixels=True)")
-        return np.maximum(m.pixel(pixels.astype(np.float64), pixel_gradients.astype(np.float64)), 0)
+        found = guided_gradients if m.uses == "guided" else pixel_gradients
+        if found is None or not found.size:
+            raise ValueError(f"{method} needs the gradients at the input (run with {m.uses}=True)")
+        at_input = np.maximum(m.pixel(pixels.astype(np.float64), found.astype(np.float64)), 0)
+        if m.contributions is None:
+            return at_input
+        channels = m.contributions(activations.astype(np.float64), weights[:, :, None, None].astype(np.float64))
+        layer = np.maximum(channels.sum(axis=1), 0)  # [T, h, w]
+        return at_input * np.stack([upsample(c, at_input.shape[1:]) for c in layer]).astype(np.float64)
     if m.attention is not None:
         return _attention_maps(m, activations.shape[1:], len(weights), attentions, attention_gradients)
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32

@@ -1,7 +1,7 @@
 """Pixel attributions against Captum on the same weights and inputs (where captum imports; skipped elsewhere):
-Saliency, InputXGradient, IntegratedGradients (the same baseline, steps and rule) and NoiseTunnel's SmoothGrad fed
-the same noisy inputs, on a small CNN and on EfficientNet-Lite0 with its ImageNet weights: Pearson >= 0.999 and
-a largest difference <= 1e-3 of the largest magnitude."""
+Saliency, InputXGradient, IntegratedGradients (the same baseline, steps and rule), NoiseTunnel's SmoothGrad fed
+the same noisy inputs, GuidedBackprop and GuidedGradCam, on a small CNN and on EfficientNet-Lite0 with its ImageNet
+weights: Pearson >= 0.999 and a largest difference <= 1e-3 of the largest magnitude."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnxcam import pixels
 from onnxcam.engine import Engine
 from tests.conftest import random_images
-from tests.test_pixels import as_normalised, lite0_pixels, lite0_torch, small  # noqa: F401 (fixtures)
+from tests.test_pixels import Small, as_normalised, lite0_pixels, lite0_torch, small  # noqa: F401 (fixtures)
 
 torch = pytest.importorskip("torch")
 captum = pytest.importorskip("captum.attr", reason="captum is not installed (pip install captum)")
@@ -76,3 +76,76 @@ def test_smoothgrad_equals_captums_noise_tunnel_on_the_same_samples(case: tuple)
     noisy = torch.from_numpy(pixels.noise_samples(engine, photo, samples=4)).double()
     theirs = captum.Saliency(model).attribute(noisy, target=c, abs=False).detach().numpy().mean(0)
     agree(found.values[0], theirs, kinks)
+
+
+class GuidableReLU6(torch.nn.ReLU):
+    """ReLU6 as a module Captum's guided methods hook (they override the backward of ``nn.ReLU`` modules only)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu6(x)
+
+
+def guidable(model: torch.nn.Module) -> torch.nn.Module:
+    """Lite0 with each ReLU6 (its modules and its blocks' ``F.relu6`` calls) a :class:`GuidableReLU6` module, the
+    same function; a model of ``nn.ReLU`` modules as it is."""
+    import types
+
+    def block(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = self.act0(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = self._bn2(self._project_conv(self.act1(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.skip else y
+
+    for module in list(model.modules()):
+        if type(module).__name__ == "MBConv":
+            module.act0, module.act1 = GuidableReLU6(), GuidableReLU6()
+            module.forward = types.MethodType(block, module)
+        for child, inner in list(module.named_children()):
+            if isinstance(inner, torch.nn.ReLU6):
+                setattr(module, child, GuidableReLU6())
+    return model
+
+
+class Joined(Small):
+    """The small CNN with its target layer (the residual sum, ``/Add_output_0``) a module's output, for Captum's
+    layer attributions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.join = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.block(self.stem(x))
+        return self.fc(self.join(a + torch.tanh(self.skip(a))).mean((2, 3)))
+
+
+def for_captum(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the same function as Captum's guided methods need it, the module whose output is the file's target layer):
+    the small CNN's residual sum, Lite0's head ReLU6."""
+    if isinstance(model, Small):
+        joined = Joined().double().eval()
+        joined.load_state_dict(model.state_dict())
+        return joined, joined.join
+    model = guidable(model)
+    return model, model._relu1
+
+
+def test_guided_backprop_and_guided_gradcam_equal_captums(case: tuple) -> None:
+    """GuidedBackprop: the largest |guided gradient| over the channels; GuidedGradCam (bilinear, as the paper):
+    Captum's is per channel, guided gradient times the upsampled Grad-CAM map, so ours is its largest |.| over the
+    channels (the map is >= 0)."""
+    from onnxcam.methods import cam
+
+    model, path, photo, c, mean, std, _ = case
+    model, layer = for_captum(model)
+    engine = Engine(path)
+    x = as_normalised(photo[None], mean, std)
+    out = engine.run(photo[None], np.array([[c]]), pixels=True, guided=True)
+    theirs = captum.GuidedBackprop(model).attribute(x.clone(), target=c).detach().numpy()[0]
+    agree(out.guided_gradients[0, 0], theirs)
+    plain = captum.Saliency(model).attribute(x.clone(), target=c, abs=False).detach().numpy()[0]
+    assert np.corrcoef(plain.ravel(), theirs.ravel())[0, 1] < 0.9, "the guided backward is not the plain one"
+    ggc = captum.GuidedGradCam(model, layer).attribute(x.clone(), target=c,
+                                                                         interpolate_mode="bilinear")  # fmt: skip
+    ours = cam("guided-gradcam", out.activations[0], None, out.weights[0], pixels=out.pixels[0],
+               guided_gradients=out.guided_gradients[0])  # fmt: skip
+    agree(ours[0], np.abs(ggc.detach().numpy()[0]).max(axis=0))

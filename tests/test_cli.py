@@ -289,8 +289,8 @@ def test_method_all_writes_every_map_and_a_sheet(tmp_path: Path) -> None:
     result = run("explain", CAT, "--model", str(model), "--method", "all", "--out", str(tmp_path / "o"), "--json")
     assert result.returncode == 0, result.stderr
     (image,) = json.loads(result.stdout)["images"]
-    cnn_methods = [name for name, m in METHODS.items()
-                   if m.uses != "attentions" and m.requires != contract.PIXEL_GRADIENTS]
+    at_input = {contract.PIXEL_GRADIENTS, contract.GUIDED_GRADIENTS}
+    cnn_methods = [name for name, m in METHODS.items() if m.uses != "attentions" and m.requires not in at_input]
     assert [t["method"] for t in image["targets"]] == cnn_methods
     assert len({t["overlay"] for t in image["targets"]}) == len(cnn_methods)
     (sheet,) = image["sheets"]

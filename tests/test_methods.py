@@ -67,7 +67,8 @@ def pca_projection(weighted: np.ndarray) -> np.ndarray:
     return (x @ (v if v.sum() >= 0 else -v)).reshape(h, w)
 
 
-ONE_CALL = [name for name, m in METHODS.items() if m.contributions is not None and m.passes is None]  # A and G only
+ONE_CALL = [name for name, m in METHODS.items()
+            if m.contributions is not None and m.passes is None and m.pixel is None]  # A and G only
 ATTENTION = [name for name, m in METHODS.items() if m.uses == "attentions"]
 
 
@@ -80,6 +81,41 @@ def test_method_equals_its_formula_computed_with_loops(method: str, eigen_smooth
     else:
         expected = np.maximum(weighted.sum(axis=1), 0)
     np.testing.assert_allclose(cam(method, A, G, eigen_smooth=eigen_smooth), expected, rtol=1e-9, atol=1e-12)
+
+
+def bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Upsampling one sample at a time: each output pixel centre mapped back to the input's coordinates
+    ((i + 0.5) * h / height - 0.5), clamped at the border, between its four neighbours."""
+    h, w = image.shape
+    out = np.zeros((height, width))
+    for i in range(height):
+        for j in range(width):
+            y = min(max((i + 0.5) * h / height - 0.5, 0.0), h - 1.0)
+            x = min(max((j + 0.5) * w / width - 0.5, 0.0), w - 1.0)
+            y0, x0 = int(y), int(x)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            dy, dx = y - y0, x - x0
+            out[i, j] = ((1 - dy) * ((1 - dx) * image[y0, x0] + dx * image[y0, x1])
+                         + dy * ((1 - dx) * image[y1, x0] + dx * image[y1, x1]))  # fmt: skip
+    return out
+
+
+def test_guided_gradcam_is_guided_backprop_times_the_upsampled_gradcam_map() -> None:
+    """Selvaraju et al.: the guided gradient at the input (largest |g_c| over channels) times Grad-CAM's map
+    ReLU(sum_k alpha_k A_k), upsampled bilinearly to the input, pixel by pixel."""
+    x, guided = RNG.standard_normal((3, 12, 9)), RNG.standard_normal((T, 3, 12, 9))
+    alphas = G.mean(axis=(2, 3))
+    expected = np.zeros((T, 12, 9))
+    for t in range(T):
+        layer = np.maximum(sum(alphas[t, k] * A[k] for k in range(C)), 0)
+        up = bilinear(layer, 12, 9)
+        for i in range(12):
+            for j in range(9):
+                expected[t, i, j] = max(abs(guided[t, c, i, j]) for c in range(3)) * up[i, j]
+    found = cam("guided-gradcam", A, None, alphas, pixels=x, guided_gradients=guided)
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6 * expected.max())
+    np.testing.assert_allclose(cam("guided-backprop", A, None, alphas, pixels=x, guided_gradients=guided),
+                               np.abs(guided).max(axis=1), rtol=1e-12)  # fmt: skip
 
 
 def test_gradcam_plus_plus_does_not_depend_on_the_gradients_scale() -> None:

@@ -317,3 +317,86 @@ def test_smoothgrad_is_the_mean_gradient_over_its_noisy_inputs(small: tuple) -> 
     rows = torch.stack([torch.autograd.grad(logits[:, c].sum(), inputs, retain_graph=True)[0] for c in classes], 1)
     assert_close(found.values[None], rows.mean(0).numpy()[None])
     assert_close(squared.values[None], (rows**2).mean(0).numpy()[None])
+
+
+class GuidedReLU(torch.autograd.Function):
+    """Guided Backpropagation's ReLU (Springenberg et al.): the forward's, and a backward that passes only the
+    positive gradients where the input was positive; ``top`` bounds it as ReLU6 (passing inside (0, 6))."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, top: float | None = None) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.top = top
+        return x.clamp(0, top)
+
+    @staticmethod
+    def backward(ctx: object, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        inside = (x > 0) & (x < ctx.top) if ctx.top is not None else x > 0
+        return dy.clamp(min=0) * inside, None
+
+
+class Guided(nn.Module):
+    """A ReLU, a ReLU6 (Clip from 0: guided too), a hardtanh (Clip from -1: its plain rule) and a max pool."""
+
+    def __init__(self, guided: bool = False) -> None:
+        super().__init__()
+        self.guided = guided
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 16, 3, 1, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def relu(self, x: torch.Tensor, top: float | None = None) -> torch.Tensor:
+        if self.guided:
+            return GuidedReLU.apply(x, top)
+        return torch.relu(x) if top is None else x.clamp(0, top)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.relu(self.a(x)), 2)
+        x = torch.nn.functional.hardtanh(self.relu(self.b(x), 6.0) - 1.0)
+        return self.fc(self.relu(self.c(x)).mean((2, 3)))
+
+
+def test_the_guided_backward_equals_autograd_with_guided_relus_beside_the_plain_one(tmp_path: Path) -> None:
+    """Guided Backpropagation's gradient at the input (its ReLUs and ReLU6s pass only positive gradients where
+    their input was positive; the Clip from -1 keeps its rule) equals float64 autograd through guided ReLUs, and
+    the plain gradient of the same call stays autograd's plain one."""
+    from tests.test_transformers import export_plain
+
+    torch.manual_seed(3)
+    model = Guided().eval()
+    export_plain(model, SIZE, tmp_path / "g.onnx", dynamo=False)
+    graft_file(tmp_path / "g.onnx", tmp_path / "g.cam.onnx", prep=IMAGENET, pixels=True)
+    ops = {n.op_type for n in onnx.load(tmp_path / "g.onnx").graph.node}
+    assert {"Relu", "Clip", "MaxPool"} <= ops, ops
+    batch, classes = random_images(2, seed=6, size=SIZE[0]), np.array([[0, 2], [3, 1]])
+    engine = Engine(tmp_path / "g.cam.onnx")
+    out = engine.run(batch, classes, pixels=True, guided=True)
+    guided = Guided(guided=True).eval()
+    guided.load_state_dict(model.state_dict())
+    _, plain = input_gradients(model, batch, classes)
+    _, expected = input_gradients(guided, batch, classes)
+    assert np.abs(expected - plain).max() > 0.1 * np.abs(plain).max(), "guidance changes the gradient"
+    assert_close(out.guided_gradients, expected)
+    assert_close(out.pixel_gradients, plain)
+    alone = engine.run(batch, classes, pixels=True)
+    assert alone.guided_gradients.shape == (2, 2, 0, 0, 0), "a call that does not ask builds no guided backward"
+
+
+def test_explain_guided_methods_read_the_guided_backward_of_the_same_call(small: tuple) -> None:
+    """explain --method guided-backprop,guided-gradcam: the maps of the call's guided gradients (its ReLUs guided,
+    so not saliency's), guided-gradcam that times the call's Grad-CAM map upsampled to the input."""
+    from onnxcam import maps
+    from onnxcam.api import Explainer
+
+    _, path = small
+    photo = random_images(1, seed=8, size=SIZE[0])[0]
+    found = {m.method: m for m in Explainer(path).explain(
+        photo, method=["guided-backprop", "guided-gradcam", "gradcam", "saliency"], targets=[2]).maps}  # fmt: skip
+    out = Engine(path).run(photo[None], np.array([[2]]), pixels=True, guided=True)
+    guided = np.abs(out.guided_gradients[0]).max(axis=1)
+    expected, _ = maps.finish(guided[0], SIZE)
+    np.testing.assert_allclose(found["guided-backprop"].cam, expected, atol=1e-4)
+    layer = found["gradcam"].cam_lowres
+    expected, _ = maps.finish(guided[0] * maps.upsample(layer, SIZE), SIZE)
+    np.testing.assert_allclose(found["guided-gradcam"].cam, expected, atol=1e-4)
+    assert np.abs(found["saliency"].cam - found["guided-backprop"].cam).max() > 0.1

@@ -289,7 +289,8 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
   };
   if (session.inputNames.includes("return_pixels")) { // (a file with pixels: each row on its own pixels)
     const none = new ort.Tensor("float32", new Float32Array(3 * size[0] * size[1]), [1, 3, size[0], size[1]]);
-    Object.assign(feeds, { return_pixels: new ort.Tensor("bool", Uint8Array.from([0]), []), pixel_baselines: none,
+    const no = new ort.Tensor("bool", Uint8Array.from([0]), []);
+    Object.assign(feeds, { return_pixels: no, return_guided: no, pixel_baselines: none,
                            pixel_alphas: new ort.Tensor("float32", Float32Array.from([1]), [1]), pixel_noise: none });
   }
   if (references) feeds.references = new ort.Tensor("float32", references, [targets.length, references.length / targets.length]);
