@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from onnxcam import contract, maps, methods
+from onnxcam import contract, maps, methods, pixels
 from onnxcam.engine import Engine, Outputs, softmax
 from onnxcam.errors import OnnxcamError
 from onnxcam.geometry import STRETCH, Placement
@@ -53,11 +54,15 @@ class TargetMap:
     mask: np.ndarray | None = None  # an instance segmenter's detection: its mask, bool [H, W] at the image's size
     explains: str | None = None  # what the map shows where that is not a class's evidence (a regressor's direction)
     similarity: float | None = None  # a similarity model's: the cosine of the image's embedding and the reference's
+    attribution: np.ndarray | None = None  # a pixel method's: its float map [H, W] at the model's input, before
+    # the ReLU (signed for gradient x input and Integrated Gradients), channels reduced as the method says
+    completeness: float | None = None  # Integrated Gradients': |sum(attr) - (f(x) - f(baseline))| / |f(x) - f(b..)|
+    percentile: float | None = None  # the map clipped at this percentile of its values before scaling
 
     @cached_property
     def _finished(self) -> tuple[np.ndarray, bool]:
         # computed when first read: a folder run reads it in its writer thread, not in ORT's
-        return maps.finish(self.cam_lowres, self.size, self.placement)
+        return maps.finish(self.cam_lowres, self.size, self.placement, self.percentile)
 
     @property
     def cam(self) -> np.ndarray:
@@ -123,6 +128,26 @@ class Request:
     references: np.ndarray | None = None  # a similarity model's: the [R, D] embeddings each image is compared with
     reference_names: tuple[str, ...] = ()  # and what each is (a file's name, a prompt)
     prompts: int = 0  # how many of the references (the last ones) are text prompts' embeddings
+    # the many-input pixel methods' steps, baseline, samples
+    attribution: pixels.Settings = field(default_factory=pixels.Settings)
+    percentile: float | None = None  # clip each map at this percentile (None: the pixel methods' 99, else none)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One method's maps of one image ``[T, h, w]`` (>= 0, unnormalised) and, for a pixel method, its float maps
+    at the input before the ReLU and Integrated Gradients' completeness errors ``[T]``."""
+
+    lowres: np.ndarray
+    attribution: np.ndarray | None = None
+    completeness: np.ndarray | None = None
+
+    def target(self, t: int, percentile: float | None) -> dict[str, Any]:
+        """Target ``t``'s fields of a :class:`TargetMap`."""
+        at = self.attribution
+        return {"cam_lowres": self.lowres[t], "attribution": None if at is None else at[t].astype(np.float32),
+                "completeness": None if self.completeness is None else float(self.completeness[t]),
+                "percentile": percentile if percentile is not None or at is None else methods.PIXEL_PERCENTILE}
 
 
 REGRESSION_SIGN = "where the evidence raises this output's value (what lowers it is not shown)"
@@ -270,6 +295,8 @@ class Explainer:
         mask: np.ndarray | str | Path | None = None,
         like: Sequence[np.ndarray | str | Path] = (),
         prompts: Sequence[str] = (),
+        attribution: pixels.Settings | None = None,
+        percentile: float | None = None,
     ) -> Request:
         """What to explain, checked against this model: a bad method name, class, top-k or an option the model's
         task has no use for is an OnnxcamError here, before any image is read.
@@ -287,17 +314,34 @@ class Explainer:
         reference, of the image's cosine similarity to it. On an image-text model (CLIP), ``prompts`` are texts
         whose embeddings (its text tower's) are references too: each map explains the model's logit for the
         prompt, ``logit_scale`` times the cosine, or its softmax over the references (the card's ``score``).
+        ``attribution``: how Integrated Gradients and SmoothGrad run (its ``baseline`` may be an image file, read
+        and resized as a photo); ``percentile``: clip each map at that percentile before scaling it (default: 99 for
+        the pixel methods, none for the others).
         """
         names = methods.resolve(method, self.engine.outputs, self.card.task, self.card.has_gradients)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
+        settings = self._attribution(attribution or pixels.Settings())
+        if percentile is not None and not 0 < percentile <= 100:
+            raise OnnxcamError(f"--percentile must be in (0, 100], got {percentile}")
+        shared = {"attribution": settings, "percentile": percentile}
         if self.card.task == "similarity" or like or prompts:
             references, labels = self._references(like, prompts, targets, top_k)
             codes = tuple(range(len(references)))
             return Request(codes, tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask, references,
-                           labels, len(prompts))  # fmt: skip
+                           labels, len(prompts), **shared)  # fmt: skip
         codes = self.target_codes(targets, top_k)
-        return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask)
+        return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask, **shared)
+
+    def _attribution(self, settings: pixels.Settings) -> pixels.Settings:
+        """``settings`` checked; a baseline image (a file or an RGB array) made the model's input as a photo is."""
+        given = settings.baseline
+        if not isinstance(given, str) or given not in pixels.BASELINES:
+            settings = dataclasses.replace(settings, baseline=self.prepare(given).model_input)
+        problem = settings.problem()
+        if problem is not None:
+            raise OnnxcamError(problem)
+        return settings
 
     def _references(self, like: Sequence[np.ndarray | str | Path], prompts: Sequence[str],
                     targets: Sequence[int | str], top_k: int | None) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
@@ -354,9 +398,9 @@ class Explainer:
         full, attention = methods.needs_gradients(names), methods.attention_outputs(names)
         if self.card.task == "detection":
             thresholds = _thresholds(asked.conf, asked.iou)
-            return self._explain_detections(prepared, batch, codes, names, eigen_smooth, thresholds)
+            return self._explain_detections(prepared, batch, asked, thresholds)
         if self.card.task == "recognition":
-            return self._explain_text(prepared, batch, codes, names, eigen_smooth)
+            return self._explain_text(prepared, batch, asked)
         if self.card.task == "similarity":
             return self._explain_likeness(prepared, batch, asked)
         region = None if asked.mask is None else self._region(asked.mask, prepared)
@@ -377,12 +421,13 @@ class Explainer:
             found = []
             for name in names:
                 if asked.aug_smooth:
-                    lowres = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth, attention)
+                    made = self._augmented_maps(name, batch[n], out.target_classes[n], full, eigen_smooth, attention,
+                                                asked.attribution)  # fmt: skip
                 else:
-                    lowres = self._maps(name, batch[n], out, n, eigen_smooth)
+                    made = self._maps(name, batch[n], out, n, eigen_smooth, asked.attribution)
                 for t, index in enumerate(out.target_classes[n]):
                     pred = self._prediction(int(index), probs[n], out.logits[n])
-                    found.append(TargetMap(**vars(pred), weights=out.weights[n, t], cam_lowres=lowres[t],
+                    found.append(TargetMap(**vars(pred), weights=out.weights[n, t], **made.target(t, asked.percentile),
                                            size=photo.shape[:2], method=name, placement=placed.placement,
                                            explains=explains))  # fmt: skip
             results.append(Explanation(photo, preds, found))
@@ -433,11 +478,11 @@ class Explainer:
                                f"{self.card.task} model: use onnxcam explain")  # fmt: skip
 
     def _explain_detections(
-        self, prepared: list[Prepared], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool,
-        thresholds: dict[str, float],
-    ) -> list[Explanation]:  # fmt: skip
+        self, prepared: list[Prepared], batch: np.ndarray, asked: Request, thresholds: dict[str, float]
+    ) -> list[Explanation]:
         """One map per kept detection of each photo, from one ORT call; boxes mapped back to the photo's pixels
         (the padding taken off, clipped to the photo, as ultralytics' ``scale_boxes``)."""
+        codes, names, eigen_smooth = list(asked.codes), list(asked.methods), asked.eigen_smooth
         full = methods.needs_gradients(names)
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)), full,
                               thresholds=thresholds, **methods.pixel_flags(names))  # fmt: skip
@@ -449,19 +494,19 @@ class Explainer:
                      } if out.instance_masks is not None else {}  # fmt: skip
             found = []
             for name in names:
-                lowres = self._maps(name, batch[n], out, n, eigen_smooth)
+                made = self._maps(name, batch[n], out, n, eigen_smooth, asked.attribution)
                 for t in kept:
                     box = tuple(float(v) for v in np.round(boxes[t], 2))
                     found.append(TargetMap(**vars(self._detection(out, n, t)), weights=out.weights[n, t],
-                                           cam_lowres=lowres[t], size=p.photo.shape[:2], method=name, box=box,
-                                           rank=int(t) + 1, placement=p.placement, mask=masks.get(t)))  # fmt: skip
+                                           **made.target(t, asked.percentile), size=p.photo.shape[:2], method=name,
+                                           box=box, rank=int(t) + 1, placement=p.placement,
+                                           mask=masks.get(t)))  # fmt: skip
             results.append(Explanation(p.photo, [self._detection(out, n, t) for t in kept], found))
         return results
 
-    def _explain_text(
-        self, prepared: list[Prepared], batch: np.ndarray, codes: list[int], names: list[str], eigen_smooth: bool
-    ) -> list[Explanation]:
+    def _explain_text(self, prepared: list[Prepared], batch: np.ndarray, asked: Request) -> list[Explanation]:
         """A recogniser's decoded text and one map per asked character that it holds, from one ORT call."""
+        codes, names, eigen_smooth = list(asked.codes), list(asked.methods), asked.eigen_smooth
         out = self.engine.run(batch, np.tile(np.asarray(codes, dtype=np.int64), (len(prepared), 1)),
                               methods.needs_gradients(names), **methods.pixel_flags(names))  # fmt: skip
         results = []
@@ -470,11 +515,12 @@ class Explainer:
             characters = [self._character(out, n, j) for j in range(length)]
             found = []
             for name in names:
-                lowres = self._maps(name, batch[n], out, n, eigen_smooth)
+                made = self._maps(name, batch[n], out, n, eigen_smooth, asked.attribution)
                 for t, j in enumerate(codes):
                     if j < length:
-                        found.append(TargetMap(**vars(characters[j]), weights=out.weights[n, t], cam_lowres=lowres[t],
-                                               size=p.photo.shape[:2], method=name, position=j,
+                        found.append(TargetMap(**vars(characters[j]), weights=out.weights[n, t],
+                                               **made.target(t, asked.percentile), size=p.photo.shape[:2],
+                                               method=name, position=j,
                                                placement=p.placement))  # fmt: skip
             results.append(Explanation(p.photo, characters, found, "".join(c.label for c in characters)))
         return results
@@ -494,8 +540,8 @@ class Explainer:
             likes = [Prediction(int(r), asked.reference_names[r], float(shares[r]), float(logits[r])) for r in codes]
             found = []
             for name in asked.methods:
-                lowres = self._maps(name, batch[n], out, n, asked.eigen_smooth)
-                found += [TargetMap(**vars(likes[t]), weights=out.weights[n, t], cam_lowres=lowres[t],
+                made = self._maps(name, batch[n], out, n, asked.eigen_smooth, asked.attribution)
+                found += [TargetMap(**vars(likes[t]), weights=out.weights[n, t], **made.target(t, asked.percentile),
                                     size=p.photo.shape[:2], method=name, placement=p.placement,
                                     explains=None if t >= first_prompt else LIKENESS,
                                     similarity=float(logits[t] / (scale or 1.0)))
@@ -513,26 +559,34 @@ class Explainer:
         index, score = int(out.target_classes[n, t]), float(out.box_scores[n, t])
         return Prediction(index, self.labels[index], score, score)
 
-    def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool) -> np.ndarray:
-        """Low-resolution maps ``[T, h, w]`` of method ``name`` for image ``n`` of a run."""
+    def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool,
+              settings: pixels.Settings) -> Found:  # fmt: skip
+        """Method ``name``'s maps of image ``n`` of a run (``settings``: the many-input pixel methods')."""
         activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
-        spatial = methods.METHODS[name].spatial
-        if spatial is not None:
-            return spatial(self.engine, image, activations, classes)
-        extra = methods.METHODS[name].passes
-        if extra is not None:
-            weights = extra(self.engine, image, activations, classes)
+        m = methods.METHODS[name]
+        if m.attribute is not None:
+            found = m.attribute(self.engine, image, classes, settings)
+            signed = m.pixel(out.pixels[n].astype(np.float64) if out.pixels is not None else None, found.values)
+            return Found(np.maximum(signed, 0), signed, found.completeness)
+        if m.spatial is not None:
+            return Found(m.spatial(self.engine, image, activations, classes))
+        if m.passes is not None:
+            weights = m.passes(self.engine, image, activations, classes)
+        if m.pixel is not None:
+            inputs = [None if a is None else a[n] for a in (out.pixels, out.pixel_gradients, out.guided_gradients)]
+            signed = methods.at_input(name, activations, weights, *inputs)
+            return Found(np.maximum(signed, 0), signed)
         attentions = [None if a is None else a[n] for a in (out.attentions, out.attention_gradients)]
-        inputs = [None if a is None else a[n] for a in (out.pixels, out.pixel_gradients, out.guided_gradients)]
-        first = methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions, *inputs)
-        if not out.scales or methods.METHODS[name].pixel is not None:  # (a pixel map is of the whole input)
-            return first
+        first = methods.cam(name, activations, out.gradients[n], weights, eigen_smooth, *attentions)
+        if not out.scales:
+            return Found(first)
         more = [methods.cam(name, a[n], g[n], w[n], eigen_smooth) for a, w, g in out.scales]
-        return maps.aggregate([first, *more])
+        return Found(maps.aggregate([first, *more]))
 
     def _augmented_maps(
-        self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool, attention: tuple
-    ) -> np.ndarray:
+        self, name: str, image: np.ndarray, classes: np.ndarray, full: bool, eigen_smooth: bool, attention: tuple,
+        settings: pixels.Settings,
+    ) -> Found:  # fmt: skip
         views = [(flip, gain) for flip in (False, True) for gain in AUG_GAINS]
         batch = np.stack([np.clip(np.rint((image[:, ::-1] if f else image) * g), 0, 255).astype(np.uint8)
                           for f, g in views])  # fmt: skip
@@ -540,10 +594,10 @@ class Explainer:
                               **methods.pixel_flags([name]))  # fmt: skip
         total = 0.0
         for v, (flip, _) in enumerate(views):
-            lowres = self._maps(name, batch[v], out, v, eigen_smooth)
+            lowres = self._maps(name, batch[v], out, v, eigen_smooth, settings).lowres
             lowres = lowres[:, :, ::-1] if flip else lowres
             total = total + np.stack([maps.normalize(m)[0] for m in lowres])
-        return total / len(views)
+        return Found(total / len(views))
 
     def _prediction(self, index: int, probs: np.ndarray, logits: np.ndarray) -> Prediction:
         return Prediction(index, self.labels[index], float(probs[index]), float(logits[index]))

@@ -22,7 +22,7 @@ from typing import Annotated, TextIO
 
 import typer
 
-from onnxcam import __version__, audit, contract, evaluate, methods, outputs, overlay
+from onnxcam import __version__, audit, contract, evaluate, methods, outputs, overlay, pixels
 from onnxcam.api import Explainer
 from onnxcam.engine import installed, sharing_cores
 from onnxcam.errors import OnnxcamError, printable
@@ -462,6 +462,25 @@ def explain(
             metavar="TEXT",
         ),
     ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Integrated Gradients: interpolation steps (Captum's default is 50).")
+    ] = pixels.STEPS,
+    rule: Annotated[
+        str, typer.Option(help=f"Integrated Gradients: the quadrature, as Captum's ({', '.join(pixels.RULES)}).")
+    ] = "gausslegendre",
+    baseline: Annotated[
+        str,
+        typer.Option(help="Integrated Gradients: the baseline, black, blur (the photo blurred) or an image file."),
+    ] = "black",
+    samples: Annotated[int, typer.Option(help="SmoothGrad: noisy copies of the input.")] = pixels.SAMPLES,
+    noise: Annotated[
+        float, typer.Option(help="SmoothGrad: the noise's standard deviation, a fraction of the input's range.")
+    ] = pixels.NOISE,
+    percentile: Annotated[
+        float | None,
+        typer.Option(help="Clip each map at this percentile of its values before scaling it [default: 99 for the "
+                     "pixel methods, none for the others]."),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -495,6 +514,7 @@ def explain(
         alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
         conf=conf, iou=iou, mask=mask, like=list(like or []), prompts=list(prompt or []), both=both,
+        attribution=pixels.Settings(steps, rule, baseline, samples, noise), percentile=percentile,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}

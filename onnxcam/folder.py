@@ -20,7 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
-from onnxcam import maps, outputs
+from onnxcam import maps, outputs, pixels
 from onnxcam.api import Explainer, Explanation, Prepared, Request, TargetMap
 from onnxcam.errors import OnnxcamError, describe
 from onnxcam.image import MAX_BYTES, MAX_PIXELS, read_rgb
@@ -55,6 +55,8 @@ class Options:
     like: list[Path] = field(default_factory=list)  # a similarity model's references: images or .npy embeddings
     prompts: list[str] = field(default_factory=list)  # an image-text model's: text prompts, references too
     both: bool = False  # and each reference image explained against each image (its likeness to it)
+    attribution: pixels.Settings = field(default_factory=pixels.Settings)  # Integrated Gradients', SmoothGrad's
+    percentile: float | None = None  # each map clipped at this percentile (None: the pixel methods' 99)
 
     @property
     def mirrors(self) -> list[str]:
@@ -68,7 +70,8 @@ class Options:
                                "(a .npy of embeddings or a prompt has no image to explain)")  # fmt: skip
         return explainer.request(self.targets, self.top_k, method=self.methods, eigen_smooth=self.eigen_smooth,
                                  aug_smooth=self.aug_smooth, conf=self.conf, iou=self.iou, mask=self.mask,
-                                 like=self.like, prompts=self.prompts)  # fmt: skip
+                                 like=self.like, prompts=self.prompts, attribution=self.attribution,
+                                 percentile=self.percentile)  # fmt: skip
 
     def settings(self, model: Path) -> dict[str, object]:
         """What the outputs depend on: a resumed run must ask exactly this again."""
@@ -89,7 +92,16 @@ class Options:
             **({"like": ["sha256:" + outputs.file_digest(p)[:16] for p in self.like]} if self.like else {}),
             **({"prompts": list(self.prompts)} if self.prompts else {}),
             **({"both": True} if self.both else {}),
+            **({} if self.attribution == pixels.Settings() else {"attribution": self._attribution_settings()}),
+            **({} if self.percentile is None else {"percentile": self.percentile}),
         }
+
+    def _attribution_settings(self) -> dict[str, object]:
+        """The many-input pixel methods' settings as the run's settings record them (a baseline file by digest)."""
+        given = vars(self.attribution) | {}
+        if str(given["baseline"]) not in pixels.BASELINES:
+            given["baseline"] = "sha256:" + outputs.file_digest(Path(given["baseline"]))[:16]
+        return given
 
 
 @dataclass
@@ -156,6 +168,7 @@ def _records(path: str, stem: str, result: Explanation, files: list[dict], sheet
                 **({} if m.mask is None else {"mask_pixels": int(m.mask.sum())}),
                 **({} if m.explains is None else {"explains": m.explains}),
                 **({} if m.similarity is None else {"similarity": round(m.similarity, 6)}),
+                **({} if m.completeness is None else {"completeness": round(m.completeness, 6)}),
             },
             "stats": maps.stats(m.cam),
             "empty_map": m.empty,

@@ -56,8 +56,10 @@ def aggregate(layers: list[np.ndarray]) -> np.ndarray:
     return np.mean(np.asarray(scaled, dtype=np.float64), axis=0)
 
 
-def finish(lowres: np.ndarray, size: tuple[int, int], placement: Placement | None = None) -> tuple[np.ndarray, bool]:
-    """A method's low-resolution map as the ``[0, 1]`` map of ``size``: upsampled, min-max scaled.
+def finish(lowres: np.ndarray, size: tuple[int, int], placement: Placement | None = None,
+           percentile: float | None = None) -> tuple[np.ndarray, bool]:  # fmt: skip
+    """A method's low-resolution map as the ``[0, 1]`` map of ``size``: upsampled, min-max scaled (``percentile``:
+    first clipped at that percentile of its values, so that a few extreme pixels do not darken the rest).
 
     The low-resolution minimum is subtracted first (min-max ignores it; bilinear weights sum
     to 1): a map whose values vary by 1% of their size would otherwise lose 1e-5 of its
@@ -66,6 +68,8 @@ def finish(lowres: np.ndarray, size: tuple[int, int], placement: Placement | Non
     upsampled to the input, its padding cut away, min-max scaled over the part of the photo the model saw, and
     zero where it saw nothing (a centre crop's margins).
     """
+    if percentile is not None and percentile < 100:
+        lowres = np.minimum(lowres, np.percentile(lowres, percentile))
     if placement is None or placement.whole:
         return normalize(upsample(lowres - lowres.min(), size))
     full = placement.map_to_photo(upsample(lowres - lowres.min(), placement.input))

@@ -31,6 +31,9 @@ from onnxcam.engine import Engine
 from onnxcam.errors import OnnxcamError
 from onnxcam.maps import upsample
 
+# the pixel methods' maps are clipped at this percentile before scaling: a few pixels hold most of the mass (the
+# usual visualisations do the same: PAIR's saliency library clips at the 99th, Captum's visualize_image_attr at 98th)
+PIXEL_PERCENTILE = 99.0
 EPS = 1e-7  # XGrad-CAM's guard for a channel whose activations sum to zero (pytorch-grad-cam's value)
 
 
@@ -130,23 +133,39 @@ def gradient_x_input(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (g * x[None]).sum(axis=1)
 
 
-def integrated_gradients_maps(engine: Engine, image: np.ndarray, activations: np.ndarray,
-                              classes: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Integrated Gradients (:func:`onnxcam.pixels.integrated_gradients`: black baseline, 32 Gauss-Legendre
-    steps): the positive part of its channel sum, ``[T, H, W]``."""
-    return np.maximum(pixels.integrated_gradients(engine, image, classes).values.sum(axis=1), 0)
+def channel_sum(x: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """An attribution's sum over the channels at each pixel, ``[T, H, W]``, signed."""
+    return a.sum(axis=1)
 
 
-def smoothgrad_maps(engine: Engine, image: np.ndarray, activations: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """SmoothGrad (:func:`onnxcam.pixels.smoothgrad`: 16 samples, noise 15% of the input range, seed 0): the
-    largest ``|mean gradient|`` over the channels, ``[T, H, W]``."""
-    return np.abs(pixels.smoothgrad(engine, image, classes).values).max(axis=1)
+def channel_max(x: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """An attribution's largest value over the channels at each pixel, ``[T, H, W]``."""
+    return a.max(axis=1)
 
 
-def smoothgrad_squared_maps(engine: Engine, image: np.ndarray, activations: np.ndarray,
-                            classes: np.ndarray) -> np.ndarray:  # fmt: skip
-    """SmoothGrad-Squared (Hooker et al. 2019): the largest mean squared gradient over the channels, ``[T, H, W]``."""
-    return pixels.smoothgrad(engine, image, classes, squared=True).values.max(axis=1)
+def integrated_gradients(engine: Engine, image: np.ndarray, classes: np.ndarray,
+                         settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+    """Integrated Gradients (Sundararajan, Taly & Yan, ICML 2017; :func:`onnxcam.pixels.integrated_gradients`):
+    the settings' baseline (black, blurred or an image), steps (32) and rule (Gauss-Legendre); the map is the
+    channel sum, signed (its positive part where the evidence raises the score), with the completeness error."""
+    return pixels.integrated_gradients(engine, image, classes, settings.baseline_of(image), settings.steps,
+                                       settings.rule, settings.chunk)  # fmt: skip
+
+
+def smoothgrad(engine: Engine, image: np.ndarray, classes: np.ndarray,
+               settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+    """SmoothGrad (Smilkov et al. 2017; :func:`onnxcam.pixels.smoothgrad`): the settings' samples (16), noise (15%
+    of the input range) and seed; the map is the largest ``|mean gradient|`` over the channels."""
+    return pixels.smoothgrad(engine, image, classes, settings.samples, settings.noise, settings.seed,
+                             chunk=settings.chunk)  # fmt: skip
+
+
+def smoothgrad_squared(engine: Engine, image: np.ndarray, classes: np.ndarray,
+                       settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+    """SmoothGrad-Squared (Hooker et al., NeurIPS 2019): the mean squared gradient over SmoothGrad's noisy inputs;
+    the map is its largest value over the channels."""
+    return pixels.smoothgrad(engine, image, classes, settings.samples, settings.noise, settings.seed, squared=True,
+                             chunk=settings.chunk)  # fmt: skip
 
 
 def _query(tokens: int, prefix: int) -> np.ndarray:
@@ -188,6 +207,7 @@ AttentionMap = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]  # (A,
 PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
 SpatialMap = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, h, w]
 PixelMap = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x [C, H, W], dS/dx [T, C, H, W]) -> [T, H, W]
+Attribute = Callable[[Engine, np.ndarray, np.ndarray, pixels.Settings], pixels.Attribution]  # -> [T, C, H, W]
 
 
 @dataclass(frozen=True)
@@ -207,7 +227,9 @@ class Method:
     ``pixel``: the map at the input's resolution from the model's float input and the gradients there (``uses``
     ``"pixels"``), or the guided ones (``"guided"``), of a file exported with ``--pixels``; with ``contributions``
     too, that map times the CAM map of those at the target layer, upsampled bilinearly to the input (Guided
-    Grad-CAM, Selvaraju et al.: guided backprop (.) Grad-CAM).
+    Grad-CAM, Selvaraju et al.: guided backprop (.) Grad-CAM). ``attribute``: the attribution at the input
+    ``[T, C, H, W]`` from many inputs' gradients (batched rows of one call each: Integrated Gradients, SmoothGrad),
+    its map ``pixel`` of it.
     """
 
     name: str
@@ -221,11 +243,12 @@ class Method:
     spatial: SpatialMap | None = None
     gradient_free: bool = False
     pixel: PixelMap | None = None
+    attribute: Attribute | None = None
 
     @property
     def extra_passes(self) -> bool:
         """Whether the method runs the model (or its head) again: a classifier's, of one target layer."""
-        return self.passes is not None or self.spatial is not None
+        return self.passes is not None or self.spatial is not None or self.attribute is not None
 
 
 METHODS: dict[str, Method] = {
@@ -249,10 +272,11 @@ METHODS: dict[str, Method] = {
                requires=contract.ATTENTION_GRADIENTS),
         Method("saliency", uses="pixels", pixel=saliency, requires=contract.PIXEL_GRADIENTS),
         Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS),
-        Method("integrated-gradients", uses="passes", spatial=integrated_gradients_maps,
+        Method("integrated-gradients", uses="passes", attribute=integrated_gradients, pixel=channel_sum,
                requires=contract.PIXEL_GRADIENTS),
-        Method("smoothgrad", uses="passes", spatial=smoothgrad_maps, requires=contract.PIXEL_GRADIENTS),
-        Method("smoothgrad-squared", uses="passes", spatial=smoothgrad_squared_maps, requires=contract.PIXEL_GRADIENTS),
+        Method("smoothgrad", uses="passes", attribute=smoothgrad, pixel=saliency, requires=contract.PIXEL_GRADIENTS),
+        Method("smoothgrad-squared", uses="passes", attribute=smoothgrad_squared, pixel=channel_max,
+               requires=contract.PIXEL_GRADIENTS),
         Method("guided-backprop", uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
         Method("guided-gradcam", gradcam, uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
     )
@@ -368,15 +392,7 @@ def cam(
     """
     m = METHODS[method]
     if m.pixel is not None:
-        found = guided_gradients if m.uses == "guided" else pixel_gradients
-        if found is None or not found.size:
-            raise ValueError(f"{method} needs the gradients at the input (run with {m.uses}=True)")
-        at_input = np.maximum(m.pixel(pixels.astype(np.float64), found.astype(np.float64)), 0)
-        if m.contributions is None:
-            return at_input
-        channels = m.contributions(activations.astype(np.float64), weights[:, :, None, None].astype(np.float64))
-        layer = np.maximum(channels.sum(axis=1), 0)  # [T, h, w]
-        return at_input * np.stack([upsample(c, at_input.shape[1:]) for c in layer]).astype(np.float64)
+        return np.maximum(at_input(method, activations, weights, pixels, pixel_gradients, guided_gradients), 0)
     if m.attention is not None:
         return _attention_maps(m, activations.shape[1:], len(weights), attentions, attention_gradients)
     activations = activations.astype(np.float64)  # float64: gradient powers underflow to slow denormals in float32
@@ -392,6 +408,25 @@ def cam(
         raise ValueError(f"{method} needs the full gradients (run with full_gradients=True)")
     maps = np.stack([first_component(w) for w in weighted]) if eigen_smooth or m.eigen else weighted.sum(axis=1)
     return np.maximum(maps, 0)
+
+
+def at_input(
+    method: str, activations: np.ndarray, weights: np.ndarray | None, pixels: np.ndarray | None,
+    pixel_gradients: np.ndarray | None = None, guided_gradients: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """A pixel method's map ``[T, H, W]`` at the model's input, before the ReLU (signed for gradient x input), from
+    the call's ``pixels`` ``[C, H, W]`` and its gradients there ``[T, C, H, W]`` (plain or guided, as the method
+    reads them; for a method with an ``attribute``, its attribution)."""
+    m = METHODS[method]
+    found = guided_gradients if m.uses == "guided" else pixel_gradients
+    if found is None or not found.size:
+        raise ValueError(f"{method} needs the gradients at the input (run with {m.uses}=True)")
+    signed = m.pixel(pixels.astype(np.float64), found.astype(np.float64))
+    if m.contributions is None:
+        return signed
+    channels = m.contributions(activations.astype(np.float64), weights[:, :, None, None].astype(np.float64))
+    layer = np.maximum(channels.sum(axis=1), 0)  # [T, h, w]
+    return signed * np.stack([upsample(c, signed.shape[1:]) for c in layer]).astype(np.float64)
 
 
 def _attention_maps(

@@ -271,7 +271,7 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
     return records
 
 
-FILE_KEYS = ("overlay", "map", "panel", "boxes")  # boxes: a detection's picture of every box of its image
+FILE_KEYS = ("overlay", "map", "attribution", "panel", "boxes")  # boxes: a detection's picture of all its image's boxes
 
 
 def record_files(record: dict, out: Path) -> list[Path]:
@@ -347,13 +347,13 @@ def save_explanation(
     colormap: str = "jet",
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Write every map of one image: the overlay (a ``picture``: png, jpg or webp) and the raw ``.npy``
-    (float32 in [0, 1]); with ``panel`` photo | heat map | overlay, with ``sheets`` one picture per
-    class with every method's overlay; for a detector's maps, their boxes drawn and one picture of
-    every box; ``marks`` (box, label) drawn on every overlay too (the audit's object); ``colormap``: one of
-    :data:`overlay.COLORMAPS`. ``replace=False``
-    never replaces an existing file.
+    (float32 in [0, 1]; a pixel method's float map at the model's input, before the ReLU, too); with ``panel``
+    photo | heat map | overlay, with ``sheets`` one picture per class with every method's overlay; for a detector's
+    maps, their boxes drawn and one picture of every box; ``marks`` (box, label) drawn on every overlay too (the
+    audit's object); ``colormap``: one of :data:`overlay.COLORMAPS`. ``replace=False`` never replaces an existing
+    file.
 
-    Returns the files of each map (``overlay``, ``map``, ``panel``, ``boxes``) and the sheets.
+    Returns the files of each map (``overlay``, ``map``, ``attribution``, ``panel``, ``boxes``) and the sheets.
     """  # fmt: skip
     files, tiles = [], {}
     detections = bool(result.maps) and result.maps[0].box is not None
@@ -371,6 +371,9 @@ def save_explanation(
             overlay.draw_box(blended, box, label)
         write_picture_rgb(Path(entry["overlay"]), blended, replace)
         write_npy(Path(entry["map"]), m.cam, replace)
+        if m.attribution is not None:  # (a pixel method's float map at the model's input, before the ReLU)
+            entry["attribution"] = str(out / f"{name}.attribution.npy")
+            write_npy(Path(entry["attribution"]), m.attribution, replace)
         if panel:
             entry["panel"] = str(out / f"{name}.panel.{picture}")
             caption = f"{m.label} {m.probability:.1%}"

@@ -10,7 +10,9 @@ one backward per target).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
 
 from onnxcam.engine import Engine
@@ -19,6 +21,8 @@ RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", 
 STEPS = 32  # Integrated Gradients' default steps (Captum's is 50; 32 keep completeness within 1% on Lite0)
 SAMPLES, NOISE = 16, 0.15  # SmoothGrad's samples and noise level (Smilkov et al.: 10% to 20% of the input range)
 CHUNK = 8  # rows per call: a VGG16 at 224 x 224 holds about 150 MB of activations per row
+BASELINES = ("black", "blur")  # Integrated Gradients' named baselines (else an image file)
+BLUR = 20  # the blurred baseline's Gaussian: sigma = the input's shorter side / BLUR (Sturmfels et al. 2020)
 
 
 def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +39,44 @@ def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.
         return np.linspace(0, 1, steps), sizes
     start = {"left": 0.0, "middle": 1 / (2 * steps), "right": 1 / steps}[kind]
     return np.linspace(start, start + 1 - 1 / steps, steps), sizes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the many-input methods run: Integrated Gradients' ``steps``, ``rule`` (one of :data:`RULES`) and
+    ``baseline`` (``"black"``, ``"blur"``: the photo blurred, or an image: a file or uint8 RGB, which
+    :meth:`onnxcam.api.Explainer.request` makes the model's input as a photo), SmoothGrad's
+    ``samples``, ``noise`` (the standard deviation as a fraction of the input's range) and ``seed``, and the rows per
+    call (``chunk``)."""
+
+    steps: int = STEPS
+    rule: str = "gausslegendre"
+    baseline: str | Path | np.ndarray = "black"
+    samples: int = SAMPLES
+    noise: float = NOISE
+    seed: int = 0
+    chunk: int = CHUNK
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, in words, or None."""
+        if self.rule not in RULES:
+            return f"the Integrated Gradients rule must be one of {', '.join(RULES)}, got {self.rule!r}"
+        least = 1 if self.rule == "gausslegendre" else 2
+        if self.steps < least:
+            return f"--steps must be at least {least} for {self.rule}, got {self.steps}"
+        if isinstance(self.baseline, str | Path) and str(self.baseline) not in BASELINES:
+            return f"--baseline must be black, blur or an image file, got {self.baseline!r}"
+        if self.samples < 1 or not 0 <= self.noise < 10 or self.chunk < 1:
+            return f"--samples must be >= 1 and --noise in [0, 10), got {self.samples} and {self.noise}"
+        return None
+
+    def baseline_of(self, image: np.ndarray) -> np.ndarray:
+        """The baseline image (uint8 RGB at the model's size) for ``image``."""
+        if not isinstance(self.baseline, str | Path):
+            return self.baseline
+        if self.baseline == "blur":
+            return cv2.GaussianBlur(image, (0, 0), min(image.shape[:2]) / BLUR)
+        return np.zeros_like(image)
 
 
 @dataclass(frozen=True)

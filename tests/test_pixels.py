@@ -223,7 +223,8 @@ def test_a_file_with_pixels_runs_every_method_as_a_cam_only_file(small: tuple, t
 
 def test_the_pixel_methods_maps_are_their_formulas_on_the_calls_outputs(small: tuple) -> None:
     """explain --method saliency / gradient-x-input: max_c |dS/dx_c| and the positive part of sum_c x_c dS/dx_c,
-    at the input's resolution, from the autograd gradients; a CAM-only file refuses them in one line."""
+    at the input's resolution, from the autograd gradients, clipped at their 99th percentile (the pixel methods'
+    default); the float maps before the ReLU are kept beside them (gradient x input signed)."""
     from onnxcam import maps
     from onnxcam.api import Explainer
 
@@ -232,9 +233,13 @@ def test_the_pixel_methods_maps_are_their_formulas_on_the_calls_outputs(small: t
     found = Explainer(path).explain(photo, method=["saliency", "gradient-x-input"], targets=[1, 3])
     x, g = input_gradients(model, photo[None], np.array([[1, 3]]))
     formulas = {"saliency": np.abs(g[0]).max(axis=1), "gradient-x-input": np.maximum((g[0] * x[0]).sum(axis=1), 0)}
+    signed = {"saliency": np.abs(g[0]).max(axis=1), "gradient-x-input": (g[0] * x[0]).sum(axis=1)}
     for m in found.maps:
-        expected, _ = maps.finish(formulas[m.method][[1, 3].index(m.index)], SIZE)
+        expected, _ = maps.finish(formulas[m.method][[1, 3].index(m.index)], SIZE, percentile=99)
         np.testing.assert_allclose(m.cam, expected, atol=1e-3)
+        raw = signed[m.method][[1, 3].index(m.index)]
+        np.testing.assert_allclose(m.attribution, raw, atol=1e-4 * np.abs(raw).max())
+    assert (found.maps[-1].attribution < 0).any(), "gradient x input keeps its sign"
     assert {m.method for m in found.maps} == set(formulas)
 
 
@@ -394,9 +399,60 @@ def test_explain_guided_methods_read_the_guided_backward_of_the_same_call(small:
         photo, method=["guided-backprop", "guided-gradcam", "gradcam", "saliency"], targets=[2]).maps}  # fmt: skip
     out = Engine(path).run(photo[None], np.array([[2]]), pixels=True, guided=True)
     guided = np.abs(out.guided_gradients[0]).max(axis=1)
-    expected, _ = maps.finish(guided[0], SIZE)
+    expected, _ = maps.finish(guided[0], SIZE, percentile=99)
     np.testing.assert_allclose(found["guided-backprop"].cam, expected, atol=1e-4)
     layer = found["gradcam"].cam_lowres
-    expected, _ = maps.finish(guided[0] * maps.upsample(layer, SIZE), SIZE)
+    expected, _ = maps.finish(guided[0] * maps.upsample(layer, SIZE), SIZE, percentile=99)
     np.testing.assert_allclose(found["guided-gradcam"].cam, expected, atol=1e-4)
     assert np.abs(found["saliency"].cam - found["guided-backprop"].cam).max() > 0.1
+
+
+def test_explain_integrated_gradients_flags_reach_the_attribution_and_its_completeness(small: tuple,
+                                                                                       tmp_path: Path) -> None:  # fmt: skip
+    """--steps, --rule and --baseline blur: the JSON's completeness and the attribution .npy (the channel sum,
+    signed) are those of pixels.integrated_gradients with the same settings on the same photo."""
+    import json
+
+    from onnxcam import pixels
+    from onnxcam.image import read_rgb
+    from tests.test_cli import run
+    from onnxcam.outputs import write_picture_rgb as write_png
+
+    _, path = small
+    photo = random_images(1, seed=12, size=SIZE[0])[0]
+    write_png(tmp_path / "p.png", photo)
+    shown = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+                "--target", "2", "--steps", "8", "--rule", "riemann_trapezoid", "--baseline", "blur",
+                "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    (target,) = json.loads(shown.stdout)["images"][0]["targets"]
+    settings = pixels.Settings(steps=8, rule="riemann_trapezoid", baseline="blur")
+    image = read_rgb(tmp_path / "p.png")
+    expected = pixels.integrated_gradients(Engine(path), image, np.array([2]), settings.baseline_of(image), 8,
+                                           "riemann_trapezoid")  # fmt: skip
+    assert target["completeness"] == pytest.approx(float(expected.completeness[0]), abs=1e-6)
+    raw = expected.values[0].sum(axis=0)
+    np.testing.assert_allclose(np.load(target["attribution"]), raw, atol=1e-5 * np.abs(raw).max())
+    black = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+                "--target", "2", "--steps", "8", "--out", str(tmp_path / "black"), "--json")  # fmt: skip
+    (other,) = json.loads(black.stdout)["images"][0]["targets"]
+    assert other["completeness"] != target["completeness"], "the baseline is the flag's"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "1", "--rule", "riemann_left"], "--steps must be at least 2 for riemann_left"),
+    (["--rule", "simpson"], "rule must be one of gausslegendre"),
+    (["--baseline", "missing.png"], "missing.png"),
+    (["--noise", "-1"], "--noise in [0, 10)"),
+    (["--percentile", "0"], "--percentile must be in (0, 100]"),
+])  # fmt: skip
+def test_bad_attribution_flags_fail_in_one_line(small: tuple, tmp_path: Path, flags: list[str], message: str) -> None:
+    from tests.test_cli import assert_clean_failure, run
+    from onnxcam.outputs import write_picture_rgb as write_png
+
+    _, path = small
+    write_png(tmp_path / "p.png", random_images(1, size=SIZE[0])[0])
+    result = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+                 *flags, "--out", str(tmp_path / "out"))  # fmt: skip
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "out").exists()
