@@ -74,6 +74,16 @@ class TargetMap:
         """True when no location supports the class (the map is all zero)."""
         return self._finished[1]
 
+    @cached_property
+    def signed(self) -> np.ndarray | None:
+        """A signed pixel method's float map (gradient x input, Integrated Gradients) at the image's size, both
+        signs kept (None for the others)."""
+        if self.attribution is None or not methods.METHODS[self.method].signed:
+            return None
+        if self.placement is None:
+            return maps.upsample(self.attribution, self.size)
+        return self.placement.map_to_photo(maps.upsample(self.attribution, self.placement.input))
+
     @property
     def peak(self) -> tuple[int, int]:
         """(x, y) of the map's maximum in image pixels."""

@@ -244,6 +244,7 @@ class Method:
     gradient_free: bool = False
     pixel: PixelMap | None = None
     attribute: Attribute | None = None
+    signed: bool = False  # its map before the ReLU has both signs (drawn in a diverging colour map too)
 
     @property
     def extra_passes(self) -> bool:
@@ -271,9 +272,10 @@ METHODS: dict[str, Method] = {
         Method("attention-relevance", uses="attentions", attention=attention_relevance,
                requires=contract.ATTENTION_GRADIENTS),
         Method("saliency", uses="pixels", pixel=saliency, requires=contract.PIXEL_GRADIENTS),
-        Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS),
+        Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS,
+               signed=True),
         Method("integrated-gradients", uses="passes", attribute=integrated_gradients, pixel=channel_sum,
-               requires=contract.PIXEL_GRADIENTS),
+               requires=contract.PIXEL_GRADIENTS, signed=True),
         Method("smoothgrad", uses="passes", attribute=smoothgrad, pixel=saliency, requires=contract.PIXEL_GRADIENTS),
         Method("smoothgrad-squared", uses="passes", attribute=smoothgrad_squared, pixel=channel_max,
                requires=contract.PIXEL_GRADIENTS),

@@ -271,7 +271,8 @@ def read_records(path: Path, strict: bool = True) -> list[dict]:
     return records
 
 
-FILE_KEYS = ("overlay", "map", "attribution", "panel", "boxes")  # boxes: a detection's picture of all its image's boxes
+# a record's files (boxes: a detection's picture of all its image's boxes; signed: a signed map's diverging colours)
+FILE_KEYS = ("overlay", "map", "attribution", "signed", "panel", "boxes")
 
 
 def record_files(record: dict, out: Path) -> list[Path]:
@@ -353,7 +354,8 @@ def save_explanation(
     audit's object); ``colormap``: one of :data:`overlay.COLORMAPS`. ``replace=False`` never replaces an existing
     file.
 
-    Returns the files of each map (``overlay``, ``map``, ``attribution``, ``panel``, ``boxes``) and the sheets.
+    Returns the files of each map (``overlay``, ``map``, ``attribution``, ``signed``: a signed map in a diverging
+    colour map, ``panel``, ``boxes``) and the sheets.
     """  # fmt: skip
     files, tiles = [], {}
     detections = bool(result.maps) and result.maps[0].box is not None
@@ -374,6 +376,11 @@ def save_explanation(
         if m.attribution is not None:  # (a pixel method's float map at the model's input, before the ReLU)
             entry["attribution"] = str(out / f"{name}.attribution.npy")
             write_npy(Path(entry["attribution"]), m.attribution, replace)
+        if m.signed is not None:  # (and where it is signed, both signs in a diverging colour map)
+            entry["signed"] = str(out / f"{name}.signed.{picture}")
+            percentile = 99.0 if m.percentile is None else m.percentile
+            write_picture_rgb(Path(entry["signed"]), overlay.signed_overlay_rgb(result.image_rgb, m.signed, percentile),
+                              replace)  # fmt: skip
         if panel:
             entry["panel"] = str(out / f"{name}.panel.{picture}")
             caption = f"{m.label} {m.probability:.1%}"

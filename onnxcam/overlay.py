@@ -42,6 +42,24 @@ def overlay_rgb(photo_rgb: np.ndarray, cam: np.ndarray, alpha: float = HEAT_WEIG
     return cv2.addWeighted(heat, alpha, photo_rgb, 1 - alpha, 0, dst=heat)
 
 
+# a diverging colour map for signed attributions (blue where the evidence lowers the score, white at zero, red where
+# it raises it: matplotlib's "bwr", as Captum's visualize_image_attr draws sign "all"), as a 256-entry RGB table
+DIVERGING = np.stack([np.clip(np.interp(np.arange(256), [0, 127.5, 255], ends), 0, 255)
+                      for ends in ([0, 255, 255], [0, 255, 0], [255, 255, 0])], axis=1).astype(np.uint8)  # fmt: skip
+
+
+def signed_overlay_rgb(photo_rgb: np.ndarray, signed: np.ndarray, percentile: float = 99.0,
+                       alpha: float = 0.6) -> np.ndarray:  # fmt: skip
+    """A signed map ``[H, W]`` (the photo's size) in :data:`DIVERGING` colours over the photo in grey: scaled by the
+    ``percentile`` of its magnitudes to [-1, 1] (zero white), blended ``alpha`` heat + ``1 - alpha`` photo."""
+    if signed.shape != photo_rgb.shape[:2]:
+        raise ValueError(f"map {signed.shape} and photo {photo_rgb.shape[:2]} differ in size")
+    top = float(np.percentile(np.abs(signed), percentile)) or float(np.abs(signed).max()) or 1.0
+    levels = np.rint(127.5 * (1 + np.clip(signed / top, -1, 1))).astype(np.uint8)
+    grey = cv2.cvtColor(cv2.cvtColor(photo_rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(DIVERGING[levels], alpha, grey, 1 - alpha, 0)
+
+
 BOX_RGB = (255, 255, 255)  # white with a black outline reads on any heat map
 
 

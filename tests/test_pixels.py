@@ -407,16 +407,16 @@ def test_explain_guided_methods_read_the_guided_backward_of_the_same_call(small:
     assert np.abs(found["saliency"].cam - found["guided-backprop"].cam).max() > 0.1
 
 
-def test_explain_integrated_gradients_flags_reach_the_attribution_and_its_completeness(small: tuple,
-                                                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_explain_integrated_gradients_flags_reach_the_attribution_and_completeness(small: tuple,
+                                                                                   tmp_path: Path) -> None:  # fmt: skip
     """--steps, --rule and --baseline blur: the JSON's completeness and the attribution .npy (the channel sum,
     signed) are those of pixels.integrated_gradients with the same settings on the same photo."""
     import json
 
     from onnxcam import pixels
     from onnxcam.image import read_rgb
-    from tests.test_cli import run
     from onnxcam.outputs import write_picture_rgb as write_png
+    from tests.test_cli import run
 
     _, path = small
     photo = random_images(1, seed=12, size=SIZE[0])[0]
@@ -437,6 +437,11 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_its_comple
                 "--target", "2", "--steps", "8", "--out", str(tmp_path / "black"), "--json")  # fmt: skip
     (other,) = json.loads(black.stdout)["images"][0]["targets"]
     assert other["completeness"] != target["completeness"], "the baseline is the flag's"
+    signed = read_rgb(target["signed"]).astype(int)  # both signs: red where raw > 0, blue where raw < 0
+    top = np.percentile(np.abs(raw), 99)
+    for sign, (more, less) in ((1, (0, 2)), (-1, (2, 0))):
+        strong = sign * raw > 0.5 * top
+        assert strong.any() and (signed[strong][:, more] > signed[strong][:, less]).all(), sign
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -447,8 +452,8 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_its_comple
     (["--percentile", "0"], "--percentile must be in (0, 100]"),
 ])  # fmt: skip
 def test_bad_attribution_flags_fail_in_one_line(small: tuple, tmp_path: Path, flags: list[str], message: str) -> None:
-    from tests.test_cli import assert_clean_failure, run
     from onnxcam.outputs import write_picture_rgb as write_png
+    from tests.test_cli import assert_clean_failure, run
 
     _, path = small
     write_png(tmp_path / "p.png", random_images(1, size=SIZE[0])[0])
