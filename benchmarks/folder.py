@@ -30,10 +30,10 @@ from onnxcam.image import read_rgb, resize_rgb
 from onnxcam_export.torch_export import export_arch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from nets import WEIGHTS
 from process import Run, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = {"efficientnet_lite0": "imagenet", "vgg16": "none"}  # VGG16's random weights cost the same
 
 
 def make_photos(folder: Path, count: int) -> None:

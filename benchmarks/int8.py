@@ -35,18 +35,12 @@ from onnxcam_export.torch_export import export_arch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from nets import WEIGHTS, quiet_options
 from process import finished, write_section
 from scenes import write_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = {"efficientnet_lite0": "imagenet", "vgg16": "none"}
 TARGETS = {"vgg16": 0.45, "efficientnet_lite0": 0.75}
-
-
-def quiet_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def timing(models: dict[str, Path], batch: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:

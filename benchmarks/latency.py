@@ -29,42 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
 
 from onnxcam import Explainer
 from onnxcam.methods import METHODS
-from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, resolve_layer
+from onnxcam_export.torch_export import export_arch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from nets import WEIGHTS, forward_only, quiet_options
 from process import finished
 
-WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
-
 ONE_CALL = [name for name, m in METHODS.items() if m.passes is None and m.requires is None]  # one ORT call, any CNN
-
-
-def forward_only(arch_name: str, out: Path) -> None:
-    """The same network and weights, exported by torch.onnx without onnxcam's graft."""
-    arch = ARCHS[arch_name]
-    torch.manual_seed(RANDOM_SEED)
-    model = arch.build().eval()
-    if WEIGHTS[arch_name] == "imagenet":
-        model.load_state_dict(arch.imagenet()[0], strict=False)
-    _, path = resolve_layer(arch, model, None)
-    wrapper = Explainable(model, dict(model.named_modules())[path], arch.mean, arch.std).eval()
-    graph, _ = export_forward(wrapper, arch.input_size)
-    del graph.graph.output[1:]  # logits only
-    onnx.save(graph, out)
-
-
-def quiet_options() -> ort.SessionOptions:
-    """Identical options for both sessions; no spinning, so one session's idle worker threads
-    do not steal the two cores from the other's run (which skews whoever runs next)."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def measure(arch_name: str, pairs: int, folder: Path, batch: int = 1) -> dict[str, list[float]]:

@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -38,13 +37,13 @@ from pytorch_grad_cam import GradCAM
 
 import onnxcam
 from onnxcam import Explainer
-from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, Explainable, export_arch, export_forward, load_weights
+from onnxcam_export.torch_export import ARCHS, Explainable, export_arch, export_forward
 
 sys.path.insert(0, str(Path(__file__).parent))
+from nets import WEIGHTS, normalised, photos, quiet_options, torch_model
 from process import finished, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = {"vgg16": "none", "efficientnet_lite0": "imagenet"}
 LAYERS = {"vgg16": "features.29", "efficientnet_lite0": "_relu1"}
 RUN_CLI = """import runpy, sys
 sys.argv = ["onnxcam"] + sys.argv[1:]
@@ -54,37 +53,6 @@ except SystemExit:
     pass
 """
 VMHWM = 'print("peak_rss_kb", next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])'
-
-
-def torch_model(arch_name: str) -> torch.nn.Module:
-    arch = ARCHS[arch_name]
-    torch.manual_seed(RANDOM_SEED)
-    model = arch.build().eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.ReLU):
-            module.inplace = False
-    load_weights(arch, model, WEIGHTS[arch_name])
-    return model
-
-
-def photos(batch: int) -> np.ndarray:
-    sources = [
-        cv2.cvtColor(cv2.imread(str(ROOT / "examples" / n)), cv2.COLOR_BGR2RGB) for n in ("chelsea.png", "coffee.png")
-    ]
-    return np.stack([cv2.resize(sources[i % 2][i * 4 :, i * 4 :], (224, 224), interpolation=cv2.INTER_AREA)
-                     for i in range(batch)])  # fmt: skip
-
-
-def normalised(images: np.ndarray, arch_name: str) -> torch.Tensor:
-    arch = ARCHS[arch_name]
-    x = (images.astype(np.float32) / 255 - np.float32(arch.mean)) / np.float32(arch.std)
-    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-
-
-def quiet_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def timings(arch_name: str, folder: Path, batch: int, rounds: int) -> dict[str, list[float]]:

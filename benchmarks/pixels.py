@@ -1,0 +1,159 @@
+"""The cost of pixel attributions (`export --pixels`) against a plain forward and against Captum, same weights.
+
+    pip install captum -e '.[export]'
+    python benchmarks/pixels.py [--rounds 3] [--archs vgg16 efficientnet_lite0]
+
+Per network (VGG16 with random weights: the cost does not depend on them; EfficientNet-Lite0 with its ImageNet
+weights), one 224x224 photo, its top class, contenders alternated in one process in a shuffled order each round:
+a plain ONNX Runtime forward of the same network (the bound), onnxcam's saliency (one call: the forward and the
+backward to the input), Integrated Gradients with 32 Gauss-Legendre steps from a black baseline (32 rows in calls
+of 8, plus the 2 rows its completeness error reads) and SmoothGrad with 16 samples, each beside Captum's
+`Saliency`, `IntegratedGradients` (n_steps=32, one batch) and `NoiseTunnel(Saliency)` (nt_samples=16) on the same
+weights and threads. Then the peak RSS (VmHWM) of a fresh process running the 32-step Integrated Gradients on
+VGG16. Prints the medians and the ratios asked for (saliency / forward <= 2.5, ours / Captum's <= 0.5, RSS <= 3 GB),
+the CPU's ISA beside them; results go to benchmarks/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+import onnxcam
+from onnxcam import Explainer, pixels
+from onnxcam_export.torch_export import export_arch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nets import WEIGHTS, forward_only, normalised, photos, quiet_options, torch_model
+from process import finished, write_section
+
+RSS_SCRIPT = """import sys
+import numpy as np
+from onnxcam import pixels
+engine = Engine(sys.argv[1])
+photo = np.load(sys.argv[2])
+pixels.integrated_gradients(engine, photo, np.array([int(sys.argv[3])]), steps=32)
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+"""
+
+
+def isa() -> str:
+    """The CPU's model and its widest vector instructions (INT8 and speed figures depend on them)."""
+    flags = model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags") and not flags:
+            flags = line
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    return f"{model}, {widest}{' + VNNI' if 'avx512_vnni' in flags else ''}"
+
+
+def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[float]], Path, np.ndarray, int]:
+    model = torch_model(arch_name)
+    cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.fwd.onnx"
+    export_arch(arch_name, WEIGHTS[arch_name], None, cam_path, pixels=True)
+    forward_only(arch_name, fwd_path)
+    explainer = Explainer(cam_path, session_options=quiet_options())
+    engine = explainer.engine
+    session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
+    images = photos(1)
+    photo = images[0]
+    x = normalised(images, arch_name)
+    with torch.no_grad():
+        top = int(model(x).argmax(1)[0])
+    black = normalised(np.zeros_like(images), arch_name)
+    sigma = pixels.NOISE * float(pixels.model_input(engine, photo).ptp())
+    classes = np.array([top])
+
+    contenders = {
+        "ORT forward": lambda: session.run(["logits"], {"image": images}),
+        "onnxcam saliency": lambda: finished([explainer.explain(photo, targets=[top], method="saliency")]),
+        "Captum Saliency": lambda: Saliency(model).attribute(x.clone(), target=top),
+        "onnxcam Integrated Gradients, 32 steps": lambda: pixels.integrated_gradients(engine, photo, classes),
+        "Captum IntegratedGradients, 32 steps": lambda: IntegratedGradients(model).attribute(
+            x, black, target=top, n_steps=32),
+        "onnxcam SmoothGrad, 16 samples": lambda: pixels.smoothgrad(engine, photo, classes),
+        "Captum NoiseTunnel smoothgrad, 16 samples": lambda: NoiseTunnel(Saliency(model)).attribute(
+            x.clone(), nt_type="smoothgrad", nt_samples=16, stdevs=sigma, target=top, abs=False),
+    }  # fmt: skip
+    for run in contenders.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = list(contenders)
+        order.shuffle(names)
+        for name in names:
+            time.sleep(0.05)
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, cam_path, photo, top
+
+
+def peak_rss(path: Path, photo: np.ndarray, top: int, folder: Path) -> float:
+    """Bytes at the high-water mark of a fresh process running a 32-step Integrated Gradients."""
+    np.save(folder / "photo.npy", photo)
+    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(folder / "photo.npy"), str(top)],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    return int(result.stdout.split()[-1]) * 1024
+
+
+def ratio(times: dict[str, list[float]], ours: str, theirs: str) -> str:
+    """The per-round ratio, as median (min-max)."""
+    values = [a / b for a, b in zip(times[ours], times[theirs], strict=True)]
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--archs", nargs="+", default=["vgg16", "efficientnet_lite0"])
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lines = [
+        "# Pixel attributions: their cost against a forward and against Captum",
+        "",
+        f"`python benchmarks/pixels.py --rounds {args.rounds}`, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
+        f"({isa()}) with {torch.get_num_threads()} threads; onnxruntime {ort.__version__}, torch {torch.__version__}, "
+        f"onnxcam {onnxcam.__version__}. Batch 1, 224x224; medians of the rounds, ratios per round as median "
+        "(min-max).",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for arch_name in args.archs:
+            times, path, photo, top = timings(arch_name, folder, args.rounds)
+            lines += [f"## {arch_name}", "", "| contender | median ms |", "|---|---|"]
+            lines += [f"| {name} | {statistics.median(v) * 1e3:.1f} |" for name, v in times.items()]
+            pairs = [("saliency / ORT forward", "onnxcam saliency", "ORT forward", "<= 2.5"),
+                     ("Integrated Gradients / Captum's", "onnxcam Integrated Gradients, 32 steps",
+                      "Captum IntegratedGradients, 32 steps", "<= 0.5"),
+                     ("SmoothGrad / Captum's", "onnxcam SmoothGrad, 16 samples",
+                      "Captum NoiseTunnel smoothgrad, 16 samples", "<= 0.5")]  # fmt: skip
+            lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+            lines += [f"| {what} | {ratio(times, ours, theirs)} | {target} |" for what, ours, theirs, target in pairs]
+            lines.append("")
+            if arch_name == "vgg16":
+                rss = peak_rss(path, photo, top, folder)
+                lines += [f"Peak RSS of a fresh process running the 32-step Integrated Gradients on VGG16 "
+                          f"({pixels.CHUNK} rows a call): {rss / 1e9:.2f} GB (target <= 3 GB).", ""]  # fmt: skip
+            print("\n".join(lines), flush=True)
+    write_section("pixels", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
