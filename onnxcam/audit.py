@@ -171,15 +171,17 @@ def audit_image(explainer: Explainer, path: Path, true_class: str, box: Box | No
 
 
 def run(explainer: Explainer, folder: Path, boxes: dict[str, Box], out: Path, overwrite: bool = False,
-        warnings: Sequence[str] = ()) -> Iterator[dict]:  # fmt: skip
+        warnings: Sequence[str] = (), method: str | None = None) -> Iterator[dict]:  # fmt: skip
     """Audit every labelled image into ``out`` (overlays, maps, ``audit.jsonl``); yields each record, then the
     summary (its ``report``: ``index.html`` with the per-class table and ``warnings`` about the model on top).
 
-    An image that cannot be audited (unreadable, no box, box outside it) is an error record.
+    An image that cannot be audited (unreadable, no box, box outside it) is an error record. ``method``: the map's
+    (default: the model's), unclipped (its mass is what is measured).
     """
     images = labelled_images(folder, explainer.labels)
-    request = explainer.request(top_k=1)  # the predicted class, resolved once for the run
-    settings = {"command": "audit", "model": "sha256:" + outputs.file_digest(explainer.engine.path)[:16]}
+    request = explainer.request(top_k=1, method=method, percentile=100)  # the predicted class, resolved once
+    settings = {"command": "audit", "model": "sha256:" + outputs.file_digest(explainer.engine.path)[:16],
+                **({} if method is None else {"method": request.methods[0]})}
     with outputs.owned(out):
         outputs.start_run(out, settings, resume=False, overwrite=overwrite, records=RECORDS)
         stems = outputs.unique_stems([str(path.parent / f"{label}-{path.name}") for path, label in images])

@@ -674,6 +674,11 @@ def audit_command(
     overwrite: OverwriteOption = False,
     keep_going: KeepGoingOption = False,
     json_output: JsonOption = False,
+    method: Annotated[
+        str | None,
+        typer.Option(help=f"CAM or pixel method, any case: {', '.join(methods.METHODS)} [default: gradcam].",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Bias audit: per class, how much of each map lies on the object and how much on the background.
 
@@ -687,7 +692,10 @@ def audit_command(
     explainer.require_classifier("audit")
     box_map = audit.load_boxes(boxes)
     records, report = [], None
-    for record in audit.run(explainer, folder, box_map, out, overwrite, warnings):
+    names = _method_names(method, explainer)
+    if method is not None and len(names) != 1:
+        raise OnnxcamError(f"audit takes one --method, got {method!r}")
+    for record in audit.run(explainer, folder, box_map, out, overwrite, warnings, names[0] if method else None):
         if "summary" in record:
             report = record["summary"]["report"]
             continue

@@ -49,7 +49,8 @@ def evaluate_image(
     prepared = explainer.prepare(photo)
     image = prepared.model_input  # the metrics perturb the model's input, as the pipeline feeds it
     targets = [target] if target is not None else []
-    top = explainer.explain(Prepared.as_input(image), targets, None if targets else 1, method=method).maps[0]
+    top = explainer.explain(Prepared.as_input(image), targets, None if targets else 1, method=method,
+                           percentile=100).maps[0]  # (the metrics rank the map's own values: unclipped)
     score = scorer(explainer, top.index)
     drop, increased = metrics.drop_and_increase(score, image, top.cam)
     row = {
@@ -74,7 +75,7 @@ def evaluate_detections(
     """A detector's image: the share of its kept boxes whose map peaks inside the box it explains, and the
     mean share of each map's mass inside its box."""
     photo = read_rgb(path)
-    found = explainer.explain(photo, method=method, conf=conf, iou=iou).maps
+    found = explainer.explain(photo, method=method, conf=conf, iou=iou, percentile=100).maps
     if not found:
         raise OnnxcamError(f"{path}: the detector kept no box above the confidence threshold; lower --conf")
     height, width = photo.shape[:2]

@@ -461,3 +461,38 @@ def test_bad_attribution_flags_fail_in_one_line(small: tuple, tmp_path: Path, fl
                  *flags, "--out", str(tmp_path / "out"))  # fmt: skip
     assert_clean_failure(result, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_and_audit_measure_a_pixel_methods_own_map(small: tuple, tmp_path: Path) -> None:
+    """eval --method saliency: the deletion AUC of the unclipped saliency map (from autograd's gradients) of the
+    top class; audit --method saliency: its mass inside the object's box."""
+    import json
+
+    from onnxcam import maps, metrics
+    from onnxcam.api import Explainer
+    from onnxcam.evaluate import scorer
+    from onnxcam.outputs import write_picture_rgb
+    from tests.test_cli import run
+
+    model, path = small
+    photo = random_images(1, seed=13, size=SIZE[0])[0]
+    explainer = Explainer(path)
+    top = explainer.explain(photo, top_k=1).maps[0].index
+    _, g = input_gradients(model, photo[None], np.array([[top]]))
+    cam, _ = maps.finish(np.abs(g[0, 0]).max(axis=0), SIZE)
+    label = explainer.labels[top]
+    (tmp_path / "data" / label).mkdir(parents=True)
+    write_picture_rgb(tmp_path / "data" / label / "p.png", photo)
+    evaluated = run("eval", str(tmp_path / "data" / label / "p.png"), "--model", str(path), "--method", "saliency",
+                    "--json")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    (row,) = json.loads(evaluated.stdout)["images"]
+    assert row["deletion_auc"] == pytest.approx(metrics.deletion(scorer(explainer, top), photo, cam)[0], abs=1e-3)
+    box = [0, 0, 15, 31]
+    (tmp_path / "boxes.json").write_text(json.dumps({str((tmp_path / "data" / label / "p.png").resolve()): box}))
+    audited = run("audit", str(tmp_path / "data"), "--boxes", str(tmp_path / "boxes.json"), "--model", str(path),
+                  "--method", "saliency", "--out", str(tmp_path / "audit"), "--json")  # fmt: skip
+    assert audited.returncode == 0, audited.stderr
+    (record,) = [r for r in (json.loads(x) for x in (tmp_path / "audit" / "audit.jsonl").read_text().splitlines())]
+    assert record["target"]["method"] == "saliency"
+    assert record["object_share"] == pytest.approx(maps.box_share(cam, tuple(box)), abs=1e-4)
