@@ -75,7 +75,7 @@ def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[f
     with torch.no_grad():
         top = int(model(x).argmax(1)[0])
     black = normalised(np.zeros_like(images), arch_name)
-    sigma = pixels.NOISE * float(pixels.model_input(engine, photo).ptp())
+    sigma = pixels.NOISE * float(np.ptp(pixels.model_input(engine, photo)))
     classes = np.array([top])
 
     contenders = {

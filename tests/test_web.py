@@ -26,6 +26,7 @@ from onnxcam.overlay import heatmap_rgb, overlay_rgb
 from onnxcam.web import DEFAULT_ORT, ORT_WEB_VERSION
 from tests.conftest import EXAMPLES, ROOT
 from tests.test_cli import assert_clean_failure, run
+from tests.test_pixels import small  # noqa: F401 (a fixture: a small CNN exported with --pixels)
 
 CAT = EXAMPLES / "chelsea.png"
 NODE = shutil.which("node")
@@ -294,3 +295,91 @@ def test_the_page_explains_typed_prompts_of_an_image_text_model(tmp_path: Path) 
     np.testing.assert_allclose(state["probabilities"], [m.probability for m in expected.maps], atol=1e-5)
     for browser_map, m in zip(state["maps"], expected.maps, strict=True):
         assert pearson(np.asarray(browser_map).reshape(clip.SIZE), m.cam) >= 0.999
+
+
+PIXEL_SCRIPT = """import ort from 'onnxruntime-node'; import fs from 'node:fs';
+import { explainPixels, gaussLegendre } from '../onnxcam/site/onnxcam.mjs';
+const [model, photo, size, method, target] = process.argv.slice(2);
+const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 });
+const pixels = Uint8Array.from(JSON.parse(fs.readFileSync(photo, 'utf8')));
+const found = await explainPixels(ort, session, pixels, [Number(size), Number(size)], [Number(target)], method);
+const rule = gaussLegendre(7);
+console.log(JSON.stringify({ classes: found.classes, map: Array.from(found.maps[0]),
+                             alphas: Array.from(rule.alphas), weights: Array.from(rule.weights) }));
+"""
+
+
+@needs_npm
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("method", ["saliency", "integrated-gradients"])
+def test_the_javascript_pixel_maps_equal_the_python_paths(request: pytest.FixtureRequest, tmp_path: Path,
+                                                           method: str) -> None:  # fmt: skip
+    """onnxcam.mjs's saliency and Integrated Gradients (32 Gauss-Legendre steps as rows of the same file, 8 a call)
+    on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within 1e-3); its Gauss-Legendre rule
+    is numpy's leggauss on [0, 1]."""
+    from onnxcam.pixels import quadrature
+    from tests.conftest import random_images
+
+    _, path = request.getfixturevalue("small")
+    photo = random_images(1, seed=21, size=32)[0]
+    (tmp_path / "photo.json").write_text(json.dumps(photo.ravel().tolist()))
+    (ROOT / "web" / ".pixels-test.mjs").write_text(PIXEL_SCRIPT)
+    try:
+        shown = subprocess.run([NODE, str(ROOT / "web" / ".pixels-test.mjs"), str(path), str(tmp_path / "photo.json"),
+                                "32", method, "3"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        (ROOT / "web" / ".pixels-test.mjs").unlink(missing_ok=True)
+    assert shown.returncode == 0, shown.stderr
+    found = json.loads(shown.stdout)
+    alphas, weights = quadrature(7)
+    np.testing.assert_allclose(found["alphas"], alphas, atol=1e-12)
+    np.testing.assert_allclose(found["weights"], weights, atol=1e-12)
+    reference = Explainer(path).explain(photo, targets=[3], method=method).maps[0]
+    ours = np.asarray(found["map"], np.float32).reshape(32, 32)
+    assert found["classes"] == [3]
+    assert pearson(ours, reference.cam) >= 0.999
+    assert np.abs(ours - reference.cam).max() <= 1e-3
+
+
+@needs_npm
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
+def test_the_node_script_writes_a_pixel_methods_overlay(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    from onnxcam.outputs import write_picture_rgb
+    from tests.conftest import random_images
+
+    _, path = request.getfixturevalue("small")
+    photo = random_images(1, seed=22, size=32)[0]
+    write_picture_rgb(tmp_path / "p.png", photo)
+    out = tmp_path / "node.png"
+    result = subprocess.run([NODE, str(ROOT / "web" / "explain.mjs"), str(path), str(tmp_path / "p.png"), str(out),
+                             "-1", "saliency"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = overlay_rgb(photo, Explainer(path).explain(photo, method="saliency").maps[0].cam)
+    assert pearson(read_rgb(out), expected) >= 0.999
+    wrong = subprocess.run([NODE, str(ROOT / "web" / "explain.mjs"), str(path), str(tmp_path / "p.png"), str(out),
+                            "-1", "smoothgrad"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert wrong.returncode == 2 and "usage:" in wrong.stderr and "Error" not in wrong.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_shows_integrated_gradients_of_a_file_with_pixels(request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """The page's map selector (a file exported with --pixels): Integrated Gradients computed in the browser from
+    the file's gradients, its 32 steps as rows of the same file, against the Python path's map."""
+    from onnxcam.outputs import write_picture_rgb
+    from tests.conftest import random_images
+
+    if not NODE_MODULES.is_dir():
+        pytest.skip("web/node_modules missing: run npm ci --prefix web")
+    _, path = request.getfixturevalue("small")
+    made = run("web", str(path), "--out", str(tmp_path / "site"), "--ort", str(ROOT / DEFAULT_ORT))
+    assert made.returncode == 0, made.stderr
+    photo = random_images(1, seed=23, size=32)[0]
+    write_picture_rgb(tmp_path / "p.png", photo)
+    state, _, text = in_chromium(tmp_path / "site", tmp_path / "p.png",
+                                 before=lambda page: page.select_option("#method", "integrated-gradients"))
+    assert state["method"] == "integrated-gradients" and "Integrated Gradients are computed here" in text
+    reference = Explainer(path).explain(photo, top_k=1, method="integrated-gradients").maps[0]
+    assert state["classes"][0] == reference.index
+    assert pearson(np.asarray(state["map"], np.float32).reshape(32, 32), reference.cam) >= 0.999

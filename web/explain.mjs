@@ -1,19 +1,21 @@
 // Grad-CAM from Node.js with onnxruntime-node: the .onnx file computes the map, this script paints it.
 //
 //   npm ci --prefix web
-//   node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]
+//   node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS] [METHOD]
 //
 // Prints the top-5 classes (index, probability, label) and writes the overlay of CLASS (default: the
-// top-1) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam explain`. The photo
-// is fitted to the model's input as its card says (stretch, letterbox, centre crop, padding), as in Python.
+// top-1; -k: the k-th best) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam
+// explain`. The photo is fitted to the model's input as its card says (stretch, letterbox, centre crop, padding),
+// as in Python. METHOD: the file's in-graph map (default), or a pixel method of a file exported with --pixels
+// (saliency, integrated-gradients), computed here from the file's gradients at its input.
 import { readFileSync, writeFileSync } from "node:fs";
 import ort from "onnxruntime-node";
 import { PNG } from "pngjs";
-import { cardOf, explain, modelInput, overlay, ranked } from "../onnxcam/site/onnxcam.mjs";
+import { PIXEL_METHODS, cardOf, explain, explainPixels, modelInput, overlay, ranked } from "../onnxcam/site/onnxcam.mjs";
 
-const [model, photo, out, target] = process.argv.slice(2);
-if (!out) {
-  console.error("usage: node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS]");
+const [model, photo, out, target, method] = process.argv.slice(2);
+if (!out || (method !== undefined && !PIXEL_METHODS.includes(method))) {
+  console.error(`usage: node web/explain.mjs MODEL.onnx PHOTO.png OVERLAY.png [CLASS] [${PIXEL_METHODS.join("|")}]`);
   process.exit(2);
 }
 // what goes wrong is one line, exit 2, as with the onnxcam command (no stack trace)
@@ -49,7 +51,8 @@ const session = await ort.InferenceSession.create(model, { logSeverityLevel: 3 }
 const size = card.input_size;
 const targets = target === undefined ? [-1] : [Number(target)];
 const { pixels, placement } = modelInput(rgb, height, width, size, card.resize);
-const result = await explain(ort, session, pixels, size, targets);
+const result = await (method === undefined ? explain(ort, session, pixels, size, targets)
+  : explainPixels(ort, session, pixels, size, targets, method)).catch(fail(`${method} on ${model}`));
 for (const [index, probability] of ranked(result.logits, 5)) {
   console.log(`${index}\t${probability.toFixed(4)}\t${card.labels[index]}`);
 }

@@ -3,7 +3,7 @@
 // its text tower and tokenizer run here, once per new prompt, and one call explains every prompt.
 // State for tests: window.onnxcam.
 import * as ort from "./ort/ort.min.mjs";
-import { embedPrompt, explain, mapToPhoto, modelInput, overlay, ranked } from "./onnxcam.mjs";
+import { PIXEL_METHODS, embedPrompt, explain, explainPixels, mapToPhoto, modelInput, overlay, ranked } from "./onnxcam.mjs";
 import { Tokenizer } from "./tokenizer.mjs";
 
 const TOP = 5;
@@ -73,7 +73,9 @@ async function explainFile(file, model) {
   const targets = asked ? asked.prompts.map((_, r) => r) : Array.from({ length: TOP }, (_, k) => -(k + 1));
   const { pixels, placement } = modelInput(photo.rgb, photo.height, photo.width, size, model.card.resize);
   photo.placement = placement;
-  const result = await explain(ort, model.session, pixels, size, targets, undefined, asked?.flat);
+  const method = $("method").value;
+  const result = PIXEL_METHODS.includes(method) ? await explainPixels(ort, model.session, pixels, size, targets, method)
+    : await explain(ort, model.session, pixels, size, targets, undefined, asked?.flat);
   const seconds = (performance.now() - started) / 1000;
   const probabilities = new Map(ranked(result.logits, labels.length)); // (an image-text model's: over the prompts)
   $("classes").replaceChildren(...result.classes.map((index, t) => {
@@ -88,7 +90,7 @@ async function explainFile(file, model) {
   $("status").textContent = `${file.name}: ${seconds.toFixed(2)} s on ${model.provider}; click a ${what} to see its map`;
   window.onnxcam = { state: "done", provider: model.provider, classes: result.classes,
                      probabilities: result.classes.map((i) => probabilities.get(i)), logits: Array.from(result.logits),
-                     maps: result.maps.map((m) => Array.from(m)), map: Array.from(result.maps[0]),
+                     method, maps: result.maps.map((m) => Array.from(m)), map: Array.from(result.maps[0]),
                      photoMap: Array.from(mapToPhoto(result.maps[0], placement)) };
 }
 
@@ -103,6 +105,13 @@ if (model) {
   $("model").textContent = `${card.arch}, ${targets}, target layer ${card.layer}, ` +
     `input ${card.input_size.join("x")}, maps: ${card.saliency_methods[0]}`;
   $("prompting").hidden = !model.text;
+  const pixelMaps = model.session.inputNames.includes("return_pixels") && !model.text;
+  $("method").replaceChildren(...[card.saliency_methods[0], ...(pixelMaps ? PIXEL_METHODS : [])].map((name) => {
+    const option = document.createElement("option");
+    option.textContent = name;
+    return option;
+  }));
+  $("choosing").hidden = !pixelMaps;
   if (!card.trained) $("model").innerHTML += ' <span class="warning">NOT TRAINED: its maps mean nothing</span>';
   $("status").textContent = `ready (${model.provider}): pick or drop a photo`;
   window.onnxcam = { state: "ready", provider: model.provider };
@@ -112,6 +121,7 @@ if (model) {
   });
   $("file").addEventListener("change", (event) => run(event.target.files[0]));
   $("again").addEventListener("click", () => run($("file").files[0]));
+  $("method").addEventListener("change", () => run($("file").files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));

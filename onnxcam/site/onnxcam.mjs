@@ -304,6 +304,124 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
   };
 }
 
+// The pixel methods a file exported with --pixels gives here, from its gradients at the model's input: their steps
+// as rows of one batch, CHUNK rows a call, as the Python path runs them (onnxcam/pixels.py, onnxcam/methods.py).
+export const PIXEL_METHODS = ["saliency", "integrated-gradients"];
+export const STEPS = 32; // Integrated Gradients' Gauss-Legendre steps, from a black baseline
+const CHUNK = 8;
+const PERCENTILE = 99; // a pixel map is clipped at this percentile of its values before it is scaled
+
+// Gauss-Legendre nodes and weights on [0, 1] (numpy's leggauss, mapped as Captum maps it): Newton's method on the
+// Legendre polynomial P_n from Chebyshev's guesses.
+export function gaussLegendre(n) {
+  const alphas = new Float64Array(n);
+  const weights = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    let x = Math.cos(Math.PI * (i + 0.75) / (n + 0.5));
+    let derivative = 0;
+    for (let iteration = 0; iteration < 100; iteration++) {
+      let [p0, p1] = [1, x];
+      for (let k = 2; k <= n; k++) [p0, p1] = [p1, ((2 * k - 1) * x * p1 - (k - 1) * p0) / k];
+      derivative = n === 1 ? 1 : (n * (x * p1 - p0)) / (x * x - 1);
+      const step = (n === 1 ? x : p1) / derivative;
+      x -= step;
+      if (Math.abs(step) < 1e-15) break;
+    }
+    alphas[n - 1 - i] = 0.5 * (x + 1);
+    weights[n - 1 - i] = 1 / ((1 - x * x) * derivative * derivative); // 0.5 * 2 / ((1 - x^2) P_n'(x)^2)
+  }
+  return { alphas, weights };
+}
+
+// numpy's percentile (linear between the order statistics).
+function percentile(values, p) {
+  const sorted = Float64Array.from(values).sort();
+  const at = (p / 100) * (sorted.length - 1);
+  const low = Math.floor(at);
+  return sorted[low] + (at - low) * ((sorted[Math.min(low + 1, sorted.length - 1)] ?? sorted[low]) - sorted[low]);
+}
+
+// A pixel map at the input's size as onnxcam/maps.py finishes it: clipped at PERCENTILE, min-max scaled to [0, 1].
+export function finishPixelMap(values) {
+  const top = percentile(values, PERCENTILE);
+  const clipped = Float64Array.from(values, (v) => Math.min(v, top));
+  const low = clipped.reduce((a, b) => Math.min(a, b), Infinity);
+  const range = clipped.reduce((a, b) => Math.max(a, b), -Infinity) - low;
+  return Float32Array.from(clipped, (v) => (range > 1.1754944e-38 ? (v - low) / range : 0));
+}
+
+// Rows of one photo through a file with pixels: row s runs on baseline + alphas[s] (x - baseline), and returns
+// (logits, target_classes, pixels, pixel_gradients) of the first chunk's first row, and the gradients of every row.
+async function pixelRows(ort, session, pixels, size, classes, alphas, baseline) {
+  const [height, width] = size;
+  const plane = 3 * height * width;
+  const gradients = [];
+  let first = null;
+  for (let start = 0; start < alphas.length; start += CHUNK) {
+    const count = Math.min(CHUNK, alphas.length - start);
+    const images = new Uint8Array(count * height * width * 3);
+    for (let r = 0; r < count; r++) images.set(pixels, r * pixels.length);
+    const targets = BigInt64Array.from({ length: count * classes.length }, (_, i) => BigInt(classes[i % classes.length]));
+    const out = await session.run({
+      image: new ort.Tensor("uint8", images, [count, height, width, 3]),
+      targets: new ort.Tensor("int64", targets, [count, classes.length]),
+      return_saliency: new ort.Tensor("bool", Uint8Array.from([0]), []),
+      saliency_method: new ort.Tensor("int64", BigInt64Array.from([0n]), []),
+      return_pixels: new ort.Tensor("bool", Uint8Array.from([1]), []),
+      return_guided: new ort.Tensor("bool", Uint8Array.from([0]), []),
+      pixel_alphas: new ort.Tensor("float32", Float32Array.from(alphas.slice(start, start + count)), [count]),
+      pixel_baselines: new ort.Tensor("float32", baseline ?? new Float32Array(plane), [1, 3, height, width]),
+      pixel_noise: new ort.Tensor("float32", new Float32Array(plane), [1, 3, height, width]),
+    }, ["logits", "target_classes", "pixels", "pixel_gradients"]);
+    first ??= out;
+    gradients.push(out.pixel_gradients.data);
+  }
+  return { first, gradients };
+}
+
+// A pixel method's maps (PIXEL_METHODS) of the classes of `targets` (-k: the k-th best), each [H, W] at the
+// model's input in [0, 1]: saliency, the largest |dS/dx_c| over the channels (one call); Integrated Gradients,
+// the positive part of the channel sum of (x - x') sum_s w_s dS/dx(x' + a_s (x - x')), x' the black photo's input.
+export async function explainPixels(ort, session, pixels, size, targets, method = "saliency") {
+  if (!session.inputNames.includes("return_pixels")) {
+    throw new Error(`${method} needs a file exported with --pixels (its backward to the input)`);
+  }
+  const plane = size[0] * size[1];
+  const one = await pixelRows(ort, session, pixels, size, targets, [1], null);
+  const classes = Array.from(one.first.target_classes.data, Number);
+  const gradient = one.gradients[0];
+  const raw = classes.map(() => new Float64Array(plane));
+  if (method === "saliency") {
+    raw.forEach((map, t) => {
+      for (let c = 0; c < 3; c++) {
+        for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], Math.abs(gradient[(t * 3 + c) * plane + i]));
+      }
+    });
+  } else if (method === "integrated-gradients") {
+    const x = one.first.pixels.data;
+    const black = await pixelRows(ort, session, new Uint8Array(pixels.length), size, classes, [1], null);
+    const reference = black.first.pixels.data;
+    const { alphas, weights } = gaussLegendre(STEPS);
+    const { gradients } = await pixelRows(ort, session, pixels, size, classes, Array.from(alphas), reference);
+    const stride = classes.length * 3 * plane;
+    raw.forEach((map, t) => {
+      for (let s = 0; s < STEPS; s++) {
+        const rows = gradients[Math.floor(s / CHUNK)];
+        const base = (s % CHUNK) * stride + t * 3 * plane;
+        for (let c = 0; c < 3; c++) {
+          for (let i = 0; i < plane; i++) {
+            map[i] += weights[s] * (x[c * plane + i] - reference[c * plane + i]) * rows[base + c * plane + i];
+          }
+        }
+      }
+      for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], 0);
+    });
+  } else {
+    throw new Error(`unknown pixel method ${method}: one of ${PIXEL_METHODS.join(", ")}`);
+  }
+  return { logits: one.first.logits.data, classes, maps: raw.map(finishPixelMap) };
+}
+
 // A prompt's text embedding, L2-normalised, from the text tower (`spec`: the card's `text`), one prompt per call
 // as the Python path runs it (onnxcam/prompts.py): its ids padded with the card's pad id to a fixed-length tower's
 // length, and a mask of ones on its tokens where the tower takes one; a prompt too long is refused, not cut.
