@@ -63,7 +63,9 @@ def fresh_folder(base: Path) -> Path:
 METHOD_HELP = (
     f"CAM method, any case: {', '.join(methods.METHODS)}; several comma-separated, or all "
     "(they add a side-by-side sheet) [default: gradcam; a text recogniser's: hirescam, which keeps each "
-    "character's map on it; a gradient-free file's: reciprocam]."
+    "character's map on it; a gradient-free file's: reciprocam]. The pixel methods (saliency ... guided-gradcam) "
+    "need a file exported with --pixels; guided-backprop barely changes when the model's weights are re-initialised "
+    "(Adebayo et al. 2018; the README's sanity check): it shows the photo's edges more than the model's reasons."
 )
 
 
