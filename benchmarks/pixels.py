@@ -42,6 +42,7 @@ from process import finished, write_section
 RSS_SCRIPT = """import sys
 import numpy as np
 from onnxcam import pixels
+from onnxcam.engine import Engine
 engine = Engine(sys.argv[1])
 photo = np.load(sys.argv[2])
 pixels.integrated_gradients(engine, photo, np.array([int(sys.argv[3])]), steps=32)
@@ -147,6 +148,7 @@ def main() -> None:
             lines += ["", "| ratio | measured | target |", "|---|---|---|"]
             lines += [f"| {what} | {ratio(times, ours, theirs)} | {target} |" for what, ours, theirs, target in pairs]
             lines.append("")
+            print("\n".join(lines), flush=True)
             if arch_name == "vgg16":
                 rss = peak_rss(path, photo, top, folder)
                 lines += [f"Peak RSS of a fresh process running the 32-step Integrated Gradients on VGG16 "

@@ -478,6 +478,11 @@ def explain(
     noise: Annotated[
         float, typer.Option(help="SmoothGrad: the noise's standard deviation, a fraction of the input's range.")
     ] = pixels.NOISE,
+    chunk: Annotated[
+        int,
+        typer.Option(help="Integrated Gradients and SmoothGrad: rows per ONNX Runtime call (each row holds one "
+                     "forward's activations and its backward: about 150 MB on VGG16)."),
+    ] = pixels.CHUNK,
     percentile: Annotated[
         float | None,
         typer.Option(help="Clip each map at this percentile of its values before scaling it [default: 99 for the "
@@ -516,7 +521,7 @@ def explain(
         alpha=alpha, colormap=colormap.value, batch_size=batch_size, panel=panel, sheets=len(names) > 1,
         resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, picture=overlay_format.value,
         conf=conf, iou=iou, mask=mask, like=list(like or []), prompts=list(prompt or []), both=both,
-        attribution=pixels.Settings(steps, rule, baseline, samples, noise), percentile=percentile,
+        attribution=pixels.Settings(steps, rule, baseline, samples, noise, chunk=chunk), percentile=percentile,
     )  # fmt: skip
     shown: dict[str, dict] = {}
     summary: dict = {}

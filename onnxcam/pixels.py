@@ -66,8 +66,10 @@ class Settings:
             return f"--steps must be at least {least} for {self.rule}, got {self.steps}"
         if isinstance(self.baseline, str | Path) and str(self.baseline) not in BASELINES:
             return f"--baseline must be black, blur or an image file, got {self.baseline!r}"
-        if self.samples < 1 or not 0 <= self.noise < 10 or self.chunk < 1:
+        if self.samples < 1 or not 0 <= self.noise < 10:
             return f"--samples must be >= 1 and --noise in [0, 10), got {self.samples} and {self.noise}"
+        if self.chunk < 1:
+            return f"--chunk must be at least 1 row per call, got {self.chunk}"
         return None
 
     def baseline_of(self, image: np.ndarray) -> np.ndarray:

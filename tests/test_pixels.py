@@ -209,6 +209,31 @@ def test_a_detectors_box_score_gradient_at_the_input_equals_autograd(tmp_path: P
     assert_close(out.pixel_gradients, expected.numpy())
 
 
+def test_a_segmenters_class_score_gradient_at_the_input_equals_autograd(tmp_path: Path) -> None:
+    """A segmenter's score of class c is the sum of its logits over the pixels predicted as c (the argmax mask is
+    constant almost everywhere): its gradient at the input, per class, against float64 autograd."""
+    from tests import test_detect as detect
+
+    torch.manual_seed(2)
+    model = detect.TinySegmenter().eval()
+    with torch.no_grad():  # (a classifier that splits the photo between several classes)
+        model.classifier.bias.zero_()
+        model.classifier.weight.mul_(10)
+        torch.onnx.export(model, (torch.zeros(1, 3, detect.SIZE, detect.SIZE),), tmp_path / "seg.onnx",
+                          dynamo=False, input_names=["x"], output_names=["out"], dynamic_axes={"x": {0: "n"}},
+                          opset_version=17)  # fmt: skip
+    graft_file(tmp_path / "seg.onnx", tmp_path / "seg.cam.onnx", prep=detect.UNIT, pixels=True)
+    images = detect._images(2, seed=8)
+    x = detect._as_input(images).requires_grad_(True)
+    counts = np.stack([np.bincount(m.ravel(), minlength=4) for m in model.double()(x).argmax(1).numpy()])
+    classes = np.argsort(-counts, axis=1, kind="stable")[:, :2]  # (each image's two classes with most pixels)
+    assert (np.take_along_axis(counts, classes, 1) > 0).all()
+    out = Engine(tmp_path / "seg.cam.onnx").run(images, classes, pixels=True)
+    scores = detect.segment_scores(model.double()(x), classes)
+    expected = torch.stack([torch.autograd.grad(scores[:, t].sum(), x, retain_graph=True)[0] for t in range(2)], 1)
+    assert_close(out.pixel_gradients, expected.numpy())
+
+
 def test_a_file_with_pixels_runs_every_method_as_a_cam_only_file(small: tuple, tmp_path: Path) -> None:
     """The same maps as the CAM-only file of the same model, for the gradient methods and the head-only passes
     (Score-CAM runs the head alone)."""
@@ -452,6 +477,7 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_completene
     (["--baseline", "missing.png"], "missing.png"),
     (["--noise", "-1"], "--noise in [0, 10)"),
     (["--percentile", "0"], "--percentile must be in (0, 100]"),
+    (["--chunk", "0"], "--chunk must be at least 1"),
 ])  # fmt: skip
 def test_bad_attribution_flags_fail_in_one_line(small: tuple, tmp_path: Path, flags: list[str], message: str) -> None:
     from onnxcam.outputs import write_picture_rgb as write_png
