@@ -100,6 +100,7 @@ class Builder:
         self._count = 0
         self._fwd: dict[str, str] = {}
         self._weights: dict[str, str] = {}
+        self.derived: dict[str, str] = {}  # constants a rule derives from a weight, made once (a flipped kernel)
         self._elems: dict[str, int] = {}  # the element types of the tensors this builder emitted
         self.wanted: set[str] | None = None  # tensors that need a gradient; None means all
         self.static: set[str] = set()  # tensors computed from weights alone (a Transpose of one): no batch axis

@@ -211,6 +211,14 @@ CASES = [
     Case("Conv", [2, 4, 5, 5], lambda x: F.conv2d(F.pad(x, (2, 1, 2, 1)), CONV_W4, stride=2),
          {"strides": [2, 2], "auto_pad": "SAME_LOWER"}, constants={"W": CONV_W4.numpy()},
          dtype=np.float32, tol=1e-5),
+    # stride 1: the backward is a Conv with the kernel flipped and each group's channels swapped
+    Case("Conv", [2, 4, 10, 9], lambda x: F.conv2d(F.pad(x, (1, 2, 2, 0)), CONV_WG, dilation=2, groups=2),
+         {"dilations": [2, 2], "group": 2, "pads": [2, 1, 0, 2]}, constants={"W": CONV_WG.numpy()},
+         dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 6, 7], lambda x: F.conv2d(x, CONV_DW, padding=1, groups=4),
+         {"group": 4, "pads": [1, 1, 1, 1]}, constants={"W": CONV_DW.numpy()}, dtype=np.float32, tol=1e-5),
+    Case("Conv", [2, 4, 5, 5], lambda x: F.conv2d(x, CONV_W, padding=4),  # (pads past the kernel: ConvTranspose)
+         {"pads": [4, 4, 4, 4]}, constants={"W": CONV_W.numpy()}, dtype=np.float32, tol=1e-5),
     Case("GlobalAveragePool", [2, 3, 4, 5], lambda x: x.mean((2, 3), keepdim=True), dtype=np.float32, tol=1e-5),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean((2, 3)), {"keepdims": 0}, constants={"axes": np.asarray([2, 3])}),
     Case("ReduceMean", [2, 3, 4, 5], lambda x: x.mean(-1, keepdim=True), constants={"axes": np.asarray([-1])}),
