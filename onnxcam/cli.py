@@ -481,7 +481,7 @@ def explain(
     chunk: Annotated[
         int,
         typer.Option(help="Integrated Gradients and SmoothGrad: rows per ONNX Runtime call (each row holds one "
-                     "forward's activations and its backward: about 150 MB on VGG16)."),
+                     "forward's activations and its backward: about 330 MB on VGG16)."),
     ] = pixels.CHUNK,
     percentile: Annotated[
         float | None,

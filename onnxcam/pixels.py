@@ -20,7 +20,7 @@ from onnxcam.engine import Engine
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")  # Captum's
 STEPS = 32  # Integrated Gradients' default steps (Captum's is 50; 32 keep completeness within 1% on Lite0)
 SAMPLES, NOISE = 16, 0.15  # SmoothGrad's samples and noise level (Smilkov et al.: 10% to 20% of the input range)
-CHUNK = 8  # rows per call: a VGG16 at 224 x 224 holds about 150 MB of activations per row
+CHUNK = 4  # rows per call: a VGG16 row at 224 x 224 holds about 330 MB (its forward and backward; 4: 2.0 GB peak)
 BASELINES = ("black", "blur")  # Integrated Gradients' named baselines (else an image file)
 BLUR = 20  # the blurred baseline's Gaussian: sigma = the input's shorter side / BLUR (Sturmfels et al. 2020)
 

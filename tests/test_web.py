@@ -314,7 +314,7 @@ console.log(JSON.stringify({ classes: found.classes, map: Array.from(found.maps[
 @pytest.mark.parametrize("method", ["saliency", "integrated-gradients"])
 def test_the_javascript_pixel_maps_equal_the_python_paths(request: pytest.FixtureRequest, tmp_path: Path,
                                                            method: str) -> None:  # fmt: skip
-    """onnxcam.mjs's saliency and Integrated Gradients (32 Gauss-Legendre steps as rows of the same file, 8 a call)
+    """onnxcam.mjs's saliency and Integrated Gradients (32 Gauss-Legendre steps as rows of the same file, 4 a call)
     on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within 1e-3); its Gauss-Legendre rule
     is numpy's leggauss on [0, 1]."""
     from onnxcam.pixels import quadrature

@@ -308,7 +308,7 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
 // as rows of one batch, CHUNK rows a call, as the Python path runs them (onnxcam/pixels.py, onnxcam/methods.py).
 export const PIXEL_METHODS = ["saliency", "integrated-gradients"];
 export const STEPS = 32; // Integrated Gradients' Gauss-Legendre steps, from a black baseline
-const CHUNK = 8;
+const CHUNK = 4; // (a VGG16 row holds about 330 MB: the WebAssembly heap is at most 4 GB)
 const PERCENTILE = 99; // a pixel map is clipped at this percentile of its values before it is scaled
 
 // Gauss-Legendre nodes and weights on [0, 1] (numpy's leggauss, mapped as Captum maps it): Newton's method on the
