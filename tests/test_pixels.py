@@ -175,15 +175,21 @@ def test_lite0s_integrated_gradients_converge_to_completeness(lite0_pixels: Path
 @pytest.mark.parametrize(("name", "weights"), [("efficientnet_lite0", "imagenet"), ("vgg16", "none")])
 def test_a_native_exports_input_gradient_equals_autograd(tmp_path: Path, name: str, weights: str) -> None:
     """EfficientNet-Lite0 with its ImageNet weights and VGG16 (seeded random weights: no download here), exported
-    natively with --pixels: the input gradients of two classes against float64 autograd."""
+    natively with --pixels: the input gradients of two classes against float64 autograd. VGG16 explains the cat:
+    on a photo of uniform noise its ReLUs and max pools meet values that float32 and float64 resolve differently
+    (units near zero, windows with near-equal largest values: 5-8% of the gradient's elements then move by up to 2%
+    of its largest); on the cat the two agree to 6e-7."""
+    from onnxcam.image import read_rgb, resize_rgb
     from onnxcam_export.torch_export import ARCHS, RANDOM_SEED, export_arch, load_weights
+    from tests.conftest import EXAMPLES
 
     export_arch(name, weights, None, tmp_path / "model.onnx", pixels=True)
     arch = ARCHS[name]
     torch.manual_seed(RANDOM_SEED)
     model = arch.build().eval()
     load_weights(arch, model, weights)
-    batch, classes = random_images(1, seed=2), np.array([[285, 281]])
+    cat = resize_rgb(read_rgb(EXAMPLES / "chelsea.png"), arch.input_size)[None]
+    batch, classes = cat if name == "vgg16" else random_images(1, seed=2), np.array([[285, 281]])
     out = Engine(tmp_path / "model.onnx").run(batch, classes, pixels=True)
     x, expected = input_gradients(model, batch, classes, arch.mean, arch.std)  # (Lite0's: (pixel - 127) / 128)
     np.testing.assert_allclose(out.pixels, x, rtol=1e-5, atol=1e-5)
