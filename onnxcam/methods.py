@@ -10,8 +10,9 @@ from extra model passes (:mod:`onnxcam.passes`), and ReciproCAM its whole map, g
 Attention rollout and attention relevance read a vision transformer's attention probabilities
 ``A [L, H, T, T]`` (and their gradients ``dA [T', L, H, T, T]``) from the same call instead, and give the
 relevance of the grid tokens. The pixel methods read a file with its backward to the input (``export --pixels``):
-the model's float input ``x [C, H, W]`` and the scores' gradients there ``dS/dx [T, C, H, W]``, from the same call,
-and give maps at the input's resolution.
+the model's float input ``x [C, H, W]`` and the scores' gradients there ``dS/dx [T, C, H, W]`` (or Guided
+Backpropagation's), from the same call, and give maps at the input's resolution; Integrated Gradients and SmoothGrad
+read many inputs' gradients, as rows of extra calls (:mod:`onnxcam.pixels`).
 
 Adding a method: its function here, one :class:`Method` record in :data:`METHODS`, one row
 in the tests' formula table (``tests/test_methods.py``) and in the README's methods table.

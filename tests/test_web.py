@@ -311,12 +311,12 @@ console.log(JSON.stringify({ classes: found.classes, map: Array.from(found.maps[
 
 @needs_npm
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("method", ["saliency", "integrated-gradients"])
+@pytest.mark.parametrize("method", ["saliency", "integrated-gradients", "guided-backprop"])
 def test_the_javascript_pixel_maps_equal_the_python_paths(request: pytest.FixtureRequest, tmp_path: Path,
                                                            method: str) -> None:  # fmt: skip
-    """onnxcam.mjs's saliency and Integrated Gradients (32 Gauss-Legendre steps as rows of the same file, 4 a call)
-    on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within 1e-3); its Gauss-Legendre rule
-    is numpy's leggauss on [0, 1]."""
+    """onnxcam.mjs's saliency, guided backprop and Integrated Gradients (32 Gauss-Legendre steps as rows of the
+    file, 4 a call) on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within 1e-3); its
+    Gauss-Legendre rule is numpy's leggauss on [0, 1]."""
     from onnxcam.pixels import quadrature
     from tests.conftest import random_images
 

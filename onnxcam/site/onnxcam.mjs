@@ -306,7 +306,7 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
 
 // The pixel methods a file exported with --pixels gives here, from its gradients at the model's input: their steps
 // as rows of one batch, CHUNK rows a call, as the Python path runs them (onnxcam/pixels.py, onnxcam/methods.py).
-export const PIXEL_METHODS = ["saliency", "integrated-gradients"];
+export const PIXEL_METHODS = ["saliency", "integrated-gradients", "guided-backprop"];
 export const STEPS = 32; // Integrated Gradients' Gauss-Legendre steps, from a black baseline
 const CHUNK = 4; // (a VGG16 row holds about 330 MB: the WebAssembly heap is at most 4 GB)
 const PERCENTILE = 99; // a pixel map is clipped at this percentile of its values before it is scaled
@@ -351,8 +351,9 @@ export function finishPixelMap(values) {
 }
 
 // Rows of one photo through a file with pixels: row s runs on baseline + alphas[s] (x - baseline), and returns
-// (logits, target_classes, pixels, pixel_gradients) of the first chunk's first row, and the gradients of every row.
-async function pixelRows(ort, session, pixels, size, classes, alphas, baseline) {
+// (logits, target_classes, pixels, ...) of the first chunk, and the gradients of every row (`guided`: Guided
+// Backpropagation's).
+async function pixelRows(ort, session, pixels, size, classes, alphas, baseline, guided = false) {
   const [height, width] = size;
   const plane = 3 * height * width;
   const gradients = [];
@@ -368,30 +369,32 @@ async function pixelRows(ort, session, pixels, size, classes, alphas, baseline) 
       return_saliency: new ort.Tensor("bool", Uint8Array.from([0]), []),
       saliency_method: new ort.Tensor("int64", BigInt64Array.from([0n]), []),
       return_pixels: new ort.Tensor("bool", Uint8Array.from([1]), []),
-      return_guided: new ort.Tensor("bool", Uint8Array.from([0]), []),
+      return_guided: new ort.Tensor("bool", Uint8Array.from([guided ? 1 : 0]), []),
       pixel_alphas: new ort.Tensor("float32", Float32Array.from(alphas.slice(start, start + count)), [count]),
       pixel_baselines: new ort.Tensor("float32", baseline ?? new Float32Array(plane), [1, 3, height, width]),
       pixel_noise: new ort.Tensor("float32", new Float32Array(plane), [1, 3, height, width]),
-    }, ["logits", "target_classes", "pixels", "pixel_gradients"]);
+    }, ["logits", "target_classes", "pixels", guided ? "guided_gradients" : "pixel_gradients"]);
     first ??= out;
-    gradients.push(out.pixel_gradients.data);
+    gradients.push((guided ? out.guided_gradients : out.pixel_gradients).data);
   }
   return { first, gradients };
 }
 
 // A pixel method's maps (PIXEL_METHODS) of the classes of `targets` (-k: the k-th best), each [H, W] at the
 // model's input in [0, 1]: saliency, the largest |dS/dx_c| over the channels (one call); Integrated Gradients,
-// the positive part of the channel sum of (x - x') sum_s w_s dS/dx(x' + a_s (x - x')), x' the black photo's input.
+// the positive part of the channel sum of (x - x') sum_s w_s dS/dx(x' + a_s (x - x')), x' the black photo's input;
+// guided-backprop, saliency's reduction of the file's guided gradients (its ReLUs pass only positive ones).
 export async function explainPixels(ort, session, pixels, size, targets, method = "saliency") {
   if (!session.inputNames.includes("return_pixels")) {
     throw new Error(`${method} needs a file exported with --pixels (its backward to the input)`);
   }
   const plane = size[0] * size[1];
-  const one = await pixelRows(ort, session, pixels, size, targets, [1], null);
+  if (!PIXEL_METHODS.includes(method)) throw new Error(`unknown pixel method ${method}: one of ${PIXEL_METHODS.join(", ")}`);
+  const one = await pixelRows(ort, session, pixels, size, targets, [1], null, method === "guided-backprop");
   const classes = Array.from(one.first.target_classes.data, Number);
   const gradient = one.gradients[0];
   const raw = classes.map(() => new Float64Array(plane));
-  if (method === "saliency") {
+  if (method === "saliency" || method === "guided-backprop") {
     raw.forEach((map, t) => {
       for (let c = 0; c < 3; c++) {
         for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], Math.abs(gradient[(t * 3 + c) * plane + i]));
@@ -416,8 +419,6 @@ export async function explainPixels(ort, session, pixels, size, targets, method 
       }
       for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], 0);
     });
-  } else {
-    throw new Error(`unknown pixel method ${method}: one of ${PIXEL_METHODS.join(", ")}`);
   }
   return { logits: one.first.logits.data, classes, maps: raw.map(finishPixelMap) };
 }
