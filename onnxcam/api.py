@@ -331,7 +331,7 @@ class Explainer:
         names = methods.resolve(method, self.engine.outputs, self.card.task, self.card.has_gradients)
         self.check_task(aug_smooth, conf, iou, mask is not None)
         self._check_scales(names)
-        settings = self._attribution(attribution or pixels.Settings())
+        settings = self._attribution(attribution or pixels.Settings(), names)
         if percentile is not None and not 0 < percentile <= 100:
             raise OnnxcamError(f"--percentile must be in (0, 100], got {percentile}")
         shared = {"attribution": settings, "percentile": percentile}
@@ -343,8 +343,17 @@ class Explainer:
         codes = self.target_codes(targets, top_k)
         return Request(tuple(codes), tuple(names), predictions, eigen_smooth, aug_smooth, conf, iou, mask, **shared)
 
-    def _attribution(self, settings: pixels.Settings) -> pixels.Settings:
-        """``settings`` checked; a baseline image (a file or an RGB array) made the model's input as a photo is."""
+    def _attribution(self, settings: pixels.Settings, names: list[str]) -> pixels.Settings:
+        """``settings`` checked (a setting that none of the methods ``names`` reads is refused, not ignored); a
+        baseline image (a file or an RGB array) made the model's input as a photo is."""
+        default, read = pixels.Settings(), {f for n in names for f in methods.METHODS[n].settings}
+        for name in (f.name for f in dataclasses.fields(settings)):
+            value = getattr(settings, name)
+            changed = not isinstance(value, str | int | float) or value != getattr(default, name)
+            if changed and name not in read:
+                readers = ", ".join(n for n, m in methods.METHODS.items() if name in m.settings)
+                raise OnnxcamError(f"--{name} applies to {readers}; the methods asked ({', '.join(names)}) do "
+                                   "not read it: leave it out or add one of them to --method")  # fmt: skip
         given = settings.baseline
         if not isinstance(given, str) or given not in pixels.BASELINES:
             settings = dataclasses.replace(settings, baseline=self.prepare(given).model_input)

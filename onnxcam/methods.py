@@ -246,6 +246,7 @@ class Method:
     pixel: PixelMap | None = None
     attribute: Attribute | None = None
     signed: bool = False  # its map before the ReLU has both signs (drawn in a diverging colour map too)
+    settings: tuple[str, ...] = ()  # the fields of onnxcam.pixels.Settings it reads (flags of the same names)
 
     @property
     def extra_passes(self) -> bool:
@@ -276,10 +277,11 @@ METHODS: dict[str, Method] = {
         Method("gradient-x-input", uses="pixels", pixel=gradient_x_input, requires=contract.PIXEL_GRADIENTS,
                signed=True),
         Method("integrated-gradients", uses="passes", attribute=integrated_gradients, pixel=channel_sum,
-               requires=contract.PIXEL_GRADIENTS, signed=True),
-        Method("smoothgrad", uses="passes", attribute=smoothgrad, pixel=saliency, requires=contract.PIXEL_GRADIENTS),
+               requires=contract.PIXEL_GRADIENTS, signed=True, settings=("steps", "rule", "baseline", "chunk")),
+        Method("smoothgrad", uses="passes", attribute=smoothgrad, pixel=saliency, requires=contract.PIXEL_GRADIENTS,
+               settings=("samples", "noise", "seed", "chunk")),
         Method("smoothgrad-squared", uses="passes", attribute=smoothgrad_squared, pixel=channel_max,
-               requires=contract.PIXEL_GRADIENTS),
+               requires=contract.PIXEL_GRADIENTS, settings=("samples", "noise", "seed", "chunk")),
         Method("guided-backprop", uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
         Method("guided-gradcam", gradcam, uses="guided", pixel=guided_backprop, requires=contract.GUIDED_GRADIENTS),
     )

@@ -484,15 +484,20 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_completene
     (["--noise", "-1"], "--noise in [0, 10)"),
     (["--percentile", "0"], "--percentile must be in (0, 100]"),
     (["--chunk", "0"], "--chunk must be at least 1"),
+    (["--method", "integrated-gradients", "--samples", "8"],
+     "--samples applies to smoothgrad, smoothgrad-squared; the methods asked (integrated-gradients) do not read it"),
 ])  # fmt: skip
 def test_bad_attribution_flags_fail_in_one_line(small: tuple, tmp_path: Path, flags: list[str], message: str) -> None:
+    """Each flag checked before any image is read; one that none of the methods asked reads is refused, not
+    ignored."""
     from onnxcam.outputs import write_picture_rgb as write_png
     from tests.test_cli import assert_clean_failure, run
 
     _, path = small
     write_png(tmp_path / "p.png", random_images(1, size=SIZE[0])[0])
-    result = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
-                 *flags, "--out", str(tmp_path / "out"))  # fmt: skip
+    method = [] if "--method" in flags else ["--method", "integrated-gradients,smoothgrad"]
+    result = run("explain", str(tmp_path / "p.png"), "--model", str(path), *method, *flags,
+                 "--out", str(tmp_path / "out"))  # fmt: skip
     assert_clean_failure(result, message)
     assert not (tmp_path / "out").exists()
 
