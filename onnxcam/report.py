@@ -148,6 +148,7 @@ def _items(records: list[dict], out: Path) -> list[dict]:
         target = r["target"]
         caption = (f"{target['method']} map of {target['label']} (value {target['probability']:.4g})" if "explains"
                    in target else f"{target['method']} map of {target['label']} ({100 * target['probability']:.1f}%)")
+        caption += f", completeness error {target['completeness']:.2%}" if "completeness" in target else ""
         item["maps"].append({"src": rel(r["overlay"]), "caption": caption, "class": target["class"]})
         item["full"].append(rel(r["panel"]) if r.get("panel") else rel(r["overlay"]))
         item["captions"].append(caption)

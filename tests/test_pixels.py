@@ -470,6 +470,10 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_completene
                 "--target", "2", "--steps", "8", "--out", str(tmp_path / "black"), "--json")  # fmt: skip
     (other,) = json.loads(black.stdout)["images"][0]["targets"]
     assert other["completeness"] != target["completeness"], "the baseline is the flag's"
+    table = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+                "--target", "2", "--steps", "8", "--out", str(tmp_path / "table"))  # fmt: skip
+    assert f"(completeness error {other['completeness']:.2%})" in table.stdout
+    assert f"completeness error {other['completeness']:.2%}" in (tmp_path / "table" / "index.html").read_text()
     signed = read_rgb(target["signed"]).astype(int)  # both signs: red where raw > 0, blue where raw < 0
     top = np.percentile(np.abs(raw), 99)
     for sign, (more, less) in ((1, (0, 2)), (-1, (2, 0))):
