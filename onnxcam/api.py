@@ -484,8 +484,10 @@ class Explainer:
         return np.stack([p.placement.region_to_input(inside.astype(np.float32)) for p in prepared])
 
     def _check_scales(self, names: list[str]) -> None:
-        """A model with several target layers runs the methods that read activations and gradients only."""
-        other = [n for n in names if methods.METHODS[n].extra_passes or methods.METHODS[n].attention]
+        """A model with several target layers runs the methods that read activations and gradients only (and
+        those that read none: the many-input pixel methods)."""
+        other = [n for n, m in ((n, methods.METHODS[n]) for n in names)
+                 if (m.extra_passes and m.attribute is None) or m.attention]  # fmt: skip
         if self.card.extra_layers and other:
             raise OnnxcamError(f"{', '.join(other)} cannot combine several target layers; this model has "
                                f"{1 + len(self.card.extra_layers)}: use a gradient method or eigencam")  # fmt: skip
@@ -583,8 +585,10 @@ class Explainer:
         """Method ``name``'s maps of image ``n`` of a run (``settings``: the many-input pixel methods')."""
         activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
         m = methods.METHODS[name]
-        if m.attribute is not None:
-            found = m.attribute(self.engine, image, classes, settings)
+        if m.attribute is not None:  # (a detector's rows are its boxes: class * A + anchor, fixed along the path)
+            codes = classes if out.box_anchors is None else classes * out.logits.shape[-1] + np.maximum(
+                out.box_anchors[n], 0)  # fmt: skip
+            found = m.attribute(self.engine, image, codes, settings)
             signed = m.pixel(out.pixels[n].astype(np.float64) if out.pixels is not None else None, found.values)
             return Found(np.maximum(signed, 0), signed, found.completeness)
         if m.spatial is not None:

@@ -317,7 +317,7 @@ def resolve(
         return [DEFAULT_METHODS.get(task, "gradcam") if gradients else GRADIENT_FREE_IN_GRAPH[0]]
     if [_key(n) for n in given] == ["all"]:
         return [n for n, m in METHODS.items() if (outputs is None or m.requires in {None, *outputs})
-                and (task == "classification" or not m.extra_passes) and (gradients or m.gradient_free)]  # fmt: skip
+                and _runs_on(m, task) and (gradients or m.gradient_free)]  # fmt: skip
     by_key = {_key(n): n for n in METHODS}
     unknown = [n for n in given if _key(n) not in by_key]
     if unknown:
@@ -331,13 +331,23 @@ def resolve(
             free = ", ".join(n for n, m in METHODS.items() if m.gradient_free)
             raise OnnxcamError(f"{name} reads gradients, which this file does not carry (its backward could not be "
                                f"built at export: `onnxcam info` says why); choose a gradient-free method: {free}")
-        if task != "classification" and METHODS[name].extra_passes:
-            raise OnnxcamError(f"{name} needs extra passes through a classifier's head; this is a {task} model: "
-                               "choose a gradient method (gradcam, hirescam, ...) or eigencam")  # fmt: skip
+        if not _runs_on(METHODS[name], task):
+            what = ("rows whose targets stay fixed along its path (a classifier's classes, a detector's boxes)"
+                    if METHODS[name].attribute else "extra passes through a classifier's head")
+            raise OnnxcamError(f"{name} needs {what}; this is a {task} model: choose a gradient method (gradcam, "
+                               "hirescam, ...) or eigencam")  # fmt: skip
         if outputs is not None and METHODS[name].requires not in {None, *outputs}:
             raise OnnxcamError(f"{name} needs the model output {METHODS[name].requires!r}, which this model lacks "
                                f"({REQUIREMENTS[METHODS[name].requires]}); choose another --method")  # fmt: skip
     return chosen
+
+
+def _runs_on(m: Method, task: str) -> bool:
+    """Whether method ``m`` runs on a model of ``task``: the head passes on classifiers; the many-input pixel
+    methods on classifiers and detectors (whose targets, classes and boxes, stay the same rows along the path)."""
+    if m.attribute is not None:
+        return task in ("classification", "detection")
+    return task == "classification" or not m.extra_passes
 
 
 REQUIREMENTS = {  # why a model lacks an optional output

@@ -117,7 +117,8 @@ def integrated_gradients(
 ) -> Attribution:  # fmt: skip
     """Integrated Gradients (Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017):
     ``(x - x') * sum_s w_s dS/dx (x' + a_s (x - x'))`` over ``steps`` points of ``rule`` (Captum's, the same
-    alphas and weights), ``x'`` the baseline image's input (uint8 RGB; default black) for targets ``classes``."""
+    alphas and weights), ``x'`` the baseline image's input (uint8 RGB; default black) for targets ``classes`` (a
+    classifier's classes; a detector's boxes as flat indices class * A + anchor, fixed along the path)."""
     baseline = np.zeros_like(image) if baseline is None else baseline
     x, reference = model_input(engine, image), model_input(engine, baseline)
     alphas, sizes = quadrature(steps, rule)
@@ -128,6 +129,7 @@ def integrated_gradients(
     if engine.card.score == "probability":  # (the explained score: the softmax of the logits)
         ends = np.exp(ends - ends.max(axis=1, keepdims=True))
         ends /= ends.sum(axis=1, keepdims=True)
+    ends = ends.reshape(2, -1)  # (a detector's [K, A] scores flat: its targets are class * A + anchor)
     change = ends[0, classes] - ends[1, classes]
     error = np.abs(values.reshape(len(classes), -1).sum(1) - change) / np.maximum(np.abs(change), 1e-12)
     return Attribution(values, error)

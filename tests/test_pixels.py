@@ -215,6 +215,44 @@ def test_a_detectors_box_score_gradient_at_the_input_equals_autograd(tmp_path: P
     assert_close(out.pixel_gradients, expected.numpy())
 
 
+def test_integrated_gradients_of_a_detectors_boxes_equal_the_formula_by_autograd(tmp_path: Path) -> None:
+    """explain --method integrated-gradients on a detector: each kept box's score (its class at its anchor, the
+    same row at every point of the path) integrated from a black photo, against the sum by autograd; the
+    completeness error is the file's own scores' change."""
+    from onnxcam import pixels
+    from onnxcam.api import Explainer
+    from tests import test_detect as detect
+
+    torch.manual_seed(0)
+    model = detect.TinyDetector(detect.CLASSES)
+    path, _ = detect.grafted(model, tmp_path, pixels=True)
+    photo = detect._images(1, seed=5)[0]
+    steps = 8
+    found = Explainer(path).explain(photo, method="integrated-gradients", conf=0.0,
+                                    attribution=pixels.Settings(steps=steps))  # fmt: skip
+    assert len(found.maps) >= 2 and all(m.box is not None for m in found.maps)
+    out = Engine(path).run(photo[None], np.array([[-1, -2]]), thresholds={"conf_threshold": 0.0})
+    codes = out.target_classes[0] * detect.ANCHORS + out.box_anchors[0]
+    ours = pixels.integrated_gradients(Engine(path), photo, codes, steps=steps)
+    alphas, sizes = pixels.quadrature(steps)
+    x = detect._as_input(photo[None])
+    total = torch.zeros(2, *x.shape[1:], dtype=torch.float64)
+    for alpha, size in zip(alphas, sizes, strict=True):
+        point = (alpha * x).requires_grad_(True)  # (the black baseline's input is 0: the model takes pixel / 255)
+        raw = model.double()(point)
+        for t, (c, a) in enumerate(zip(out.target_classes[0], out.box_anchors[0], strict=True)):
+            total[t] += size * torch.autograd.grad(raw[0, 4 + c, a], point, retain_graph=True)[0][0]
+    expected = (total * x[0]).numpy()
+    assert_close(ours.values[None], expected[None])
+    with torch.no_grad():
+        change = [float(model(x)[0, 4 + c, a] - model(0 * x)[0, 4 + c, a])
+                  for c, a in zip(out.target_classes[0], out.box_anchors[0], strict=True)]  # fmt: skip
+    np.testing.assert_allclose(ours.completeness, np.abs(expected.reshape(2, -1).sum(1) - change) / np.abs(change),
+                               atol=1e-4)  # fmt: skip
+    assert [m.completeness for m in found.maps[:2]] == pytest.approx(ours.completeness, abs=1e-6)
+    np.testing.assert_allclose(found.maps[0].attribution, expected[0].sum(0), atol=1e-4 * np.abs(expected[0]).max())
+
+
 def test_a_segmenters_class_score_gradient_at_the_input_equals_autograd(tmp_path: Path) -> None:
     """A segmenter's score of class c is the sum of its logits over the pixels predicted as c (the argmax mask is
     constant almost everywhere): its gradient at the input, per class, against float64 autograd."""
