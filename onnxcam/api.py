@@ -561,7 +561,7 @@ class Explainer:
             likes = [Prediction(int(r), asked.reference_names[r], float(shares[r]), float(logits[r])) for r in codes]
             found = []
             for name in asked.methods:
-                made = self._maps(name, batch[n], out, n, asked.eigen_smooth, asked.attribution)
+                made = self._maps(name, batch[n], out, n, asked.eigen_smooth, asked.attribution, asked.references)
                 found += [TargetMap(**vars(likes[t]), weights=out.weights[n, t], **made.target(t, asked.percentile),
                                     size=p.photo.shape[:2], method=name, placement=p.placement,
                                     explains=None if t >= first_prompt else LIKENESS,
@@ -581,14 +581,15 @@ class Explainer:
         return Prediction(index, self.labels[index], score, score)
 
     def _maps(self, name: str, image: np.ndarray, out: Outputs, n: int, eigen_smooth: bool,
-              settings: pixels.Settings) -> Found:  # fmt: skip
-        """Method ``name``'s maps of image ``n`` of a run (``settings``: the many-input pixel methods')."""
+              settings: pixels.Settings, references: np.ndarray | None = None) -> Found:  # fmt: skip
+        """Method ``name``'s maps of image ``n`` of a run (``settings``: the many-input pixel methods'; ``references``:
+        a similarity model's, which they feed their rows)."""
         activations, classes, weights = out.activations[n], out.target_classes[n], out.weights[n]
         m = methods.METHODS[name]
         if m.attribute is not None:  # (a detector's rows are its boxes: class * A + anchor, fixed along the path)
             codes = classes if out.box_anchors is None else classes * out.logits.shape[-1] + np.maximum(
                 out.box_anchors[n], 0)  # fmt: skip
-            found = m.attribute(self.engine, image, codes, settings)
+            found = m.attribute(self.engine, image, codes, settings, references)
             signed = m.pixel(out.pixels[n].astype(np.float64) if out.pixels is not None else None, found.values)
             return Found(np.maximum(signed, 0), signed, found.completeness)
         if m.spatial is not None:

@@ -144,29 +144,29 @@ def channel_max(x: np.ndarray, a: np.ndarray) -> np.ndarray:
     return a.max(axis=1)
 
 
-def integrated_gradients(engine: Engine, image: np.ndarray, classes: np.ndarray,
-                         settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+def integrated_gradients(engine: Engine, image: np.ndarray, classes: np.ndarray, settings: pixels.Settings,
+                         references: np.ndarray | None = None) -> pixels.Attribution:  # fmt: skip
     """Integrated Gradients (Sundararajan, Taly & Yan, ICML 2017; :func:`onnxcam.pixels.integrated_gradients`):
     the settings' baseline (black, blurred or an image), steps (32) and rule (Gauss-Legendre); the map is the
     channel sum, signed (its positive part where the evidence raises the score), with the completeness error."""
     return pixels.integrated_gradients(engine, image, classes, settings.baseline_of(image), settings.steps,
-                                       settings.rule, settings.chunk)  # fmt: skip
+                                       settings.rule, settings.chunk, references)  # fmt: skip
 
 
-def smoothgrad(engine: Engine, image: np.ndarray, classes: np.ndarray,
-               settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+def smoothgrad(engine: Engine, image: np.ndarray, classes: np.ndarray, settings: pixels.Settings,
+               references: np.ndarray | None = None) -> pixels.Attribution:  # fmt: skip
     """SmoothGrad (Smilkov et al. 2017; :func:`onnxcam.pixels.smoothgrad`): the settings' samples (16), noise (15%
     of the input range) and seed; the map is the largest ``|mean gradient|`` over the channels."""
     return pixels.smoothgrad(engine, image, classes, settings.samples, settings.noise, settings.seed,
-                             chunk=settings.chunk)  # fmt: skip
+                             chunk=settings.chunk, references=references)  # fmt: skip
 
 
-def smoothgrad_squared(engine: Engine, image: np.ndarray, classes: np.ndarray,
-                       settings: pixels.Settings) -> pixels.Attribution:  # fmt: skip
+def smoothgrad_squared(engine: Engine, image: np.ndarray, classes: np.ndarray, settings: pixels.Settings,
+                       references: np.ndarray | None = None) -> pixels.Attribution:  # fmt: skip
     """SmoothGrad-Squared (Hooker et al., NeurIPS 2019): the mean squared gradient over SmoothGrad's noisy inputs;
     the map is its largest value over the channels."""
     return pixels.smoothgrad(engine, image, classes, settings.samples, settings.noise, settings.seed, squared=True,
-                             chunk=settings.chunk)  # fmt: skip
+                             chunk=settings.chunk, references=references)  # fmt: skip
 
 
 def _query(tokens: int, prefix: int) -> np.ndarray:
@@ -208,7 +208,8 @@ AttentionMap = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]  # (A,
 PassWeights = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, C]
 SpatialMap = Callable[[Engine, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # -> [T, h, w]
 PixelMap = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x [C, H, W], dS/dx [T, C, H, W]) -> [T, H, W]
-Attribute = Callable[[Engine, np.ndarray, np.ndarray, pixels.Settings], pixels.Attribution]  # -> [T, C, H, W]
+# (engine, image, targets, settings, a similarity model's references) -> the attribution [T, C, H, W]
+Attribute = Callable[[Engine, np.ndarray, np.ndarray, pixels.Settings, np.ndarray | None], pixels.Attribution]
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ def resolve(
             raise OnnxcamError(f"{name} reads gradients, which this file does not carry (its backward could not be "
                                f"built at export: `onnxcam info` says why); choose a gradient-free method: {free}")
         if not _runs_on(METHODS[name], task):
-            what = ("rows whose targets stay fixed along its path (a classifier's classes, a detector's boxes)"
+            what = ("targets that stay the same score along its path (a class, a box, an output, a reference)"
                     if METHODS[name].attribute else "extra passes through a classifier's head")
             raise OnnxcamError(f"{name} needs {what}; this is a {task} model: choose a gradient method (gradcam, "
                                "hirescam, ...) or eigencam")  # fmt: skip
@@ -344,9 +345,10 @@ def resolve(
 
 def _runs_on(m: Method, task: str) -> bool:
     """Whether method ``m`` runs on a model of ``task``: the head passes on classifiers; the many-input pixel
-    methods on classifiers and detectors (whose targets, classes and boxes, stay the same rows along the path)."""
+    methods where each target stays the same score along the path (a class, a box, an output, a reference), not
+    a segmenter's (its predicted pixels move) or a recogniser's (its characters do)."""
     if m.attribute is not None:
-        return task in ("classification", "detection")
+        return task in ("classification", "detection", "regression", "similarity")
     return task == "classification" or not m.extra_passes
 
 

@@ -91,16 +91,19 @@ class Attribution:
     completeness: np.ndarray | None = None
 
 
-def _rows(engine: Engine, image: np.ndarray, classes: np.ndarray, alphas: np.ndarray, baselines: np.ndarray,
-          noise: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(logits [S, K], gradients [S, T, C, H, W]) of ``len(alphas)`` rows of one image, ``chunk`` rows a call."""
+def _rows(
+    engine: Engine, image: np.ndarray, classes: np.ndarray, alphas: np.ndarray, baselines: np.ndarray,
+    noise: np.ndarray, chunk: int, references: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(logits [S, K], gradients [S, T, C, H, W]) of ``len(alphas)`` rows of one image, ``chunk`` rows a call
+    (``references``: a similarity model's, which its targets compare with)."""
     logits, gradients = [], []
     for start in range(0, len(alphas), chunk):
         part = slice(start, start + chunk)
         count = len(alphas[part])
         noisy = noise[part] if len(noise) > 1 else noise
         out = engine.run(np.repeat(image[None], count, 0), np.tile(classes, (count, 1)), pixels=True,
-                         steering=(alphas[part], baselines, noisy))  # fmt: skip
+                         steering=(alphas[part], baselines, noisy), references=references)  # fmt: skip
         logits.append(out.logits.astype(np.float64))
         gradients.append(out.pixel_gradients.astype(np.float64))
     return np.concatenate(logits), np.concatenate(gradients)
@@ -113,19 +116,20 @@ def model_input(engine: Engine, image: np.ndarray) -> np.ndarray:
 
 def integrated_gradients(
     engine: Engine, image: np.ndarray, classes: np.ndarray, baseline: np.ndarray | None = None, steps: int = STEPS,
-    rule: str = "gausslegendre", chunk: int = CHUNK,
+    rule: str = "gausslegendre", chunk: int = CHUNK, references: np.ndarray | None = None,
 ) -> Attribution:  # fmt: skip
     """Integrated Gradients (Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017):
     ``(x - x') * sum_s w_s dS/dx (x' + a_s (x - x'))`` over ``steps`` points of ``rule`` (Captum's, the same
     alphas and weights), ``x'`` the baseline image's input (uint8 RGB; default black) for targets ``classes`` (a
-    classifier's classes; a detector's boxes as flat indices class * A + anchor, fixed along the path)."""
+    classifier's classes; a detector's boxes as flat indices class * A + anchor, fixed along the path; a similarity
+    model's references, given as ``references``)."""
     baseline = np.zeros_like(image) if baseline is None else baseline
     x, reference = model_input(engine, image), model_input(engine, baseline)
     alphas, sizes = quadrature(steps, rule)
     none = np.zeros((1, *x.shape), np.float32)
-    _, gradients = _rows(engine, image, classes, alphas, reference[None], none, chunk)
+    _, gradients = _rows(engine, image, classes, alphas, reference[None], none, chunk, references)
     values = np.tensordot(sizes, gradients, axes=1) * (x - reference)[None]  # [T, C, H, W]
-    ends, _ = _rows(engine, image, classes, np.array([1.0, 0.0]), reference[None], none, chunk)
+    ends, _ = _rows(engine, image, classes, np.array([1.0, 0.0]), reference[None], none, chunk, references)
     if engine.card.score == "probability":  # (the explained score: the softmax of the logits)
         ends = np.exp(ends - ends.max(axis=1, keepdims=True))
         ends /= ends.sum(axis=1, keepdims=True)
@@ -136,13 +140,14 @@ def integrated_gradients(
 
 
 def smoothgrad(engine: Engine, image: np.ndarray, classes: np.ndarray, samples: int = SAMPLES, noise: float = NOISE,
-               seed: int = 0, squared: bool = False, chunk: int = CHUNK) -> Attribution:  # fmt: skip
+               seed: int = 0, squared: bool = False, chunk: int = CHUNK,
+               references: np.ndarray | None = None) -> Attribution:  # fmt: skip
     """SmoothGrad (Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017): the mean gradient (with
     ``squared``, the mean squared gradient: SmoothGrad-Squared, Hooker et al. 2019) over ``samples`` copies of the
     input with Gaussian noise of standard deviation ``noise`` times the input's range (max - min), seeded."""
     x = model_input(engine, image)
     draws = _noise(x, samples, noise, seed)
-    _, gradients = _rows(engine, image, classes, np.ones(samples), np.zeros((1, *x.shape)), draws, chunk)
+    _, gradients = _rows(engine, image, classes, np.ones(samples), np.zeros((1, *x.shape)), draws, chunk, references)
     return Attribution((gradients**2 if squared else gradients).mean(axis=0))
 
 

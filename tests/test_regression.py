@@ -97,3 +97,25 @@ def test_one_value_per_image_is_refused_unless_told_and_explained_when_told(tmp_
                "--task", "regression")  # fmt: skip
     assert told.returncode == 0, told.stderr
     assert Explainer(tmp_path / "one.cam.onnx").labels == ("output 0",)
+
+
+def test_smoothgrad_of_an_output_is_its_mean_gradient_over_the_noisy_inputs(tmp_path: Path) -> None:
+    """--method smoothgrad on a regressor exported with --pixels: each output's mean gradient over SmoothGrad's
+    noisy inputs (pixels.noise_samples: the same draws), by autograd."""
+    from onnxcam import pixels
+    from tests.test_pixels import assert_close
+
+    torch.manual_seed(0)
+    model = Regressor().eval()
+    export_plain(model, SIZE, tmp_path / "reg.onnx", dynamo=False, output="values")
+    graft_file(tmp_path / "reg.onnx", tmp_path / "reg.cam.onnx", prep=UNIT, task="regression", pixels=True)
+    photo = images(1)[0]
+    explainer = Explainer(tmp_path / "reg.cam.onnx")
+    found = explainer.explain(photo, targets=[0, 2], method="smoothgrad", attribution=pixels.Settings(samples=4))
+    noisy = torch.from_numpy(pixels.noise_samples(explainer.engine, photo, samples=4)).double().requires_grad_(True)
+    reference = Regressor().double()
+    reference.load_state_dict(model.state_dict())
+    values = reference(noisy)
+    for m, output in zip(found.maps, (0, 2), strict=True):
+        mean = torch.autograd.grad(values[:, output].sum(), noisy, retain_graph=True)[0].numpy().mean(0)
+        assert_close(m.attribution[None, None], np.abs(mean).max(0)[None, None])

@@ -224,3 +224,42 @@ def test_a_token_model_keeps_weight_prepacking_and_a_convolutional_model_not(emb
         chosen[path.stem] = (engine.card.prepack, engine.session.get_session_options().get_session_config_entry(
             NO_PREPACKING))  # fmt: skip
     assert card["prepack"] and chosen == {"vit.cam": (True, "0"), "emb.cam": (False, "1")}
+
+
+def test_integrated_gradients_of_a_likeness_equal_the_formula_by_autograd(tmp_path: Path) -> None:
+    """explain --like with --method integrated-gradients on a file exported with --pixels: the cosine to each
+    reference integrated from a black photo (the references fed to every row) against the sum by autograd."""
+    from onnxcam import pixels
+    from onnxcam.api import Explainer
+    from tests.test_pixels import assert_close
+
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    export_plain(model, SIZE, tmp_path / "emb.onnx", dynamo=False, output="output")
+    graft_file(tmp_path / "emb.onnx", tmp_path / "emb.cam.onnx", prep=UNIT, pixels=True)
+    refs = np.random.default_rng(2).standard_normal((2, 16))
+    np.save(tmp_path / "refs.npy", refs)
+    photo = images(1, seed=3)[0]
+    steps = 8
+    found = Explainer(tmp_path / "emb.cam.onnx").explain(photo, method="integrated-gradients",
+                                                         like=[tmp_path / "refs.npy"],
+                                                         attribution=pixels.Settings(steps=steps))  # fmt: skip
+    units = torch.from_numpy(refs / np.linalg.norm(refs, axis=1, keepdims=True))
+    x = as_input(photo[None])
+    alphas, sizes = pixels.quadrature(steps)
+    total = torch.zeros(2, *x.shape[1:], dtype=torch.float64)
+    reference = Embedder().double()
+    reference.load_state_dict(model.state_dict())
+    for alpha, size in zip(alphas, sizes, strict=True):
+        point = (alpha * x).requires_grad_(True)  # (the black photo's input is 0: the model takes pixel / 255)
+        cosines = reference(point) @ units.T
+        for r in range(2):
+            total[r] += size * torch.autograd.grad(cosines[0, r], point, retain_graph=True)[0][0]
+    expected = (total * x[0]).numpy()
+    assert [m.index for m in found.maps] == [0, 1]
+    for r, m in enumerate(found.maps):
+        assert_close(m.attribution[None, None], expected[r].sum(0)[None, None])
+    with torch.no_grad():
+        change = (reference(x) @ units.T - reference(0 * x) @ units.T)[0].numpy()
+    errors = np.abs(expected.reshape(2, -1).sum(1) - change) / np.abs(change)
+    assert [m.completeness for m in found.maps] == pytest.approx(errors, abs=1e-4)
