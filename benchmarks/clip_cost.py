@@ -16,17 +16,16 @@ ratios is printed (as ``latency.py``). The onnxcam call returns the T logits, th
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.process import alternated, cpu
 from onnxcam.engine import Engine
 from onnxcam_export.from_onnx import Preprocessing, graft_file
 from onnxcam_export.image_text import split_combined
@@ -54,14 +53,6 @@ def export(folder: Path) -> Path:
     return folder / "onnx" / "model.onnx"
 
 
-def cpu() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = [("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
-    isa = next((shown for flag, shown in flags if flag in text), "?")
-    return f"{name or platform.processor()} ({isa})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -86,17 +77,7 @@ def main() -> None:
         contenders = {"forward": lambda: plain.run(None, {image.graph.input[0].name: pixels})}
         for t in counts:
             contenders[f"T={t}"] = lambda t=t: engine.run(photo, np.arange(t)[None], references=texts[:t])
-        for run in contenders.values():  # warm-up
-            run()
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(args.rounds):
-            order = list(contenders)
-            random.shuffle(order)
-            for name in order:
-                time.sleep(0.05)
-                start = time.perf_counter()
-                contenders[name]()
-                times[name].append(time.perf_counter() - start)
+        times = alternated(contenders, args.rounds, random.Random())
     print(f"CLIP ViT-B/32 image tower, batch 1, {args.rounds} rounds, {cpu()}, onnxruntime {ort.__version__}")
     print(f"  forward: median {statistics.median(times['forward']) * 1e3:.1f} ms")
     for t in counts:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from onnxcam_export.torch_export import ARCHS, Explainable, export_arch, export_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nets import WEIGHTS, normalised, photos, quiet_options, torch_model
-from process import finished, write_section
+from process import alternated, finished, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"vgg16": "features.29", "efficientnet_lite0": "_relu1"}
@@ -89,18 +88,7 @@ def timings(arch_name: str, folder: Path, batch: int, rounds: int) -> dict[str, 
         "Captum LayerGradCam": captum_run,
         "PyTorch forward (no grad)": torch_forward,
     }
-    for run in contenders.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    order = random.Random(0)
-    for _ in range(rounds):
-        names = list(contenders)
-        order.shuffle(names)
-        for name in names:
-            time.sleep(0.05)
-            start = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - start)
+    times = alternated(contenders, rounds)
     return times
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from onnxcam_export.torch_export import export_arch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nets import WEIGHTS, forward_only, normalised, photos, quiet_options, torch_model
-from process import finished, write_section
+from process import alternated, cpu, finished, write_section
 
 RSS_SCRIPT = """import sys
 import numpy as np
@@ -48,18 +47,6 @@ photo = np.load(sys.argv[2])
 pixels.integrated_gradients(engine, photo, np.array([int(sys.argv[3])]), steps=32)
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """
-
-
-def isa() -> str:
-    """The CPU's model and its widest vector instructions (INT8 and speed figures depend on them)."""
-    flags = model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags") and not flags:
-            flags = line
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    return f"{model}, {widest}{' + VNNI' if 'avx512_vnni' in flags else ''}"
 
 
 def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[float]], Path, np.ndarray, int]:
@@ -90,18 +77,7 @@ def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[f
         "Captum NoiseTunnel smoothgrad, 16 samples": lambda: NoiseTunnel(Saliency(model)).attribute(
             x.clone(), nt_type="smoothgrad", nt_samples=16, stdevs=sigma, target=top, abs=False),
     }  # fmt: skip
-    for run in contenders.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    order = random.Random(0)
-    for _ in range(rounds):
-        names = list(contenders)
-        order.shuffle(names)
-        for name in names:
-            time.sleep(0.05)
-            start = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - start)
+    times = alternated(contenders, rounds)
     return times, cam_path, photo, top
 
 
@@ -129,7 +105,7 @@ def main() -> None:
         "# Pixel attributions: their cost against a forward and against Captum",
         "",
         f"`python benchmarks/pixels.py --rounds {args.rounds}`, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-        f"({isa()}) with {torch.get_num_threads()} threads; onnxruntime {ort.__version__}, torch {torch.__version__}, "
+        f"({cpu()}) with {torch.get_num_threads()} threads; onnxruntime {ort.__version__}, torch {torch.__version__}, "
         f"onnxcam {onnxcam.__version__}. Batch 1, 224x224; medians of the rounds, ratios per round as median "
         "(min-max).",
         "",

@@ -1,11 +1,15 @@
-"""Shared by the benchmarks: the onnxcam CLI run in a fresh process (wall time, peak RSS), and :func:`finished`."""
+"""Shared by the benchmarks: the onnxcam CLI run in a fresh process (wall time, peak RSS), :func:`finished`, the
+contenders timed in alternated rounds (:func:`alternated`) and the CPU named beside the figures (:func:`cpu`)."""
 
 from __future__ import annotations
 
+import platform
+import random
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,35 @@ hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"
 print("peak_rss_kb", hwm.split()[1], file=sys.stderr)
 sys.exit(code)
 """
+
+
+def cpu() -> str:
+    """The CPU's model and its widest vector instructions (INT8 and speed figures depend on them)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = [("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+    isa = next((shown for flag, shown in flags if flag in text), "?")
+    return f"{name or platform.processor()} ({isa})"
+
+
+def alternated(contenders: dict[str, Callable[[], object]], rounds: int,
+               order: random.Random | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of each contender per round: each run once to warm up, then every round runs all of them in a
+    shuffled order (``order``: default seeded 0), with a pause before each, so that idle worker threads of one do
+    not slow the next."""
+    for run in contenders.values():
+        run()
+    order = order or random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        names = list(contenders)
+        order.shuffle(names)
+        for name in names:
+            time.sleep(0.05)
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def finished(results: list) -> list:
