@@ -431,9 +431,9 @@ def at_input(
     method: str, activations: np.ndarray, weights: np.ndarray | None, pixels: np.ndarray | None,
     pixel_gradients: np.ndarray | None = None, guided_gradients: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """A pixel method's map ``[T, H, W]`` at the model's input, before the ReLU (signed for gradient x input), from
-    the call's ``pixels`` ``[C, H, W]`` and its gradients there ``[T, C, H, W]`` (plain or guided, as the method
-    reads them; for a method with an ``attribute``, its attribution)."""
+    """A one-call pixel method's map ``[T, H, W]`` at the model's input, before the ReLU (signed for gradient x
+    input), from the call's ``pixels`` ``[C, H, W]`` and its gradients there ``[T, C, H, W]`` (plain or guided, as
+    the method reads them). A method with an ``attribute`` maps its attribution with ``pixel`` itself."""
     m = METHODS[method]
     found = guided_gradients if m.uses == "guided" else pixel_gradients
     if found is None or not found.size:
