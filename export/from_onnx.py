@@ -811,8 +811,7 @@ def _prepend_preprocessing(model: onnx.ModelProto, layout: InputLayout, prep: Re
     constants = {
         "onnxcam/scale": (1 / std).reshape(per_channel).astype(np.float32),
         "onnxcam/shift": (-mean / std).reshape(per_channel).astype(np.float32),
-        "onnxcam/bgr": np.asarray([2, 1, 0], np.int64),
-    }
+    } | ({"onnxcam/bgr": np.asarray([2, 1, 0], np.int64)} if prep.bgr else {})  # (no dead weight in the file)
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
     steps = [("Cast", [], {"to": TensorProto.FLOAT})]
     steps += [("Gather", ["onnxcam/bgr"], {"axis": 3})] if prep.bgr else []

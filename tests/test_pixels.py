@@ -137,6 +137,46 @@ def test_a_vits_input_gradient_equals_autograd(tmp_path: Path) -> None:
     assert_close(out.pixel_gradients, expected)
 
 
+def _branch(graph: onnx.GraphProto, node_name: str) -> onnx.GraphProto:
+    node = next(n for n in graph.node if n.name == node_name)
+    return next(a.g for a in node.attribute if a.name == "then_branch")
+
+
+def test_the_backwards_constants_live_in_the_branches_that_read_them(small: tuple) -> None:
+    """ONNX Runtime lays out only a Conv whose weight is its own graph's initializer (see the Lite0 test below):
+    the flipped kernels of the backward's convolutions are in each backward's ``If`` branch, none in the main
+    graph, and no main-graph initializer is read by the branches alone."""
+    _, path = small
+    graph = onnx.load(path).graph
+    for name in ("pixel_gradients", "guided_gradients"):
+        local = {t.name for t in _branch(graph, name).initializer}
+        convs = [n for n in _branch(graph, name).node if n.op_type == "Conv"]
+        assert convs and all(n.input[1] in local for n in convs), name
+    outer = {i for n in graph.node if n.op_type != "If" for i in n.input} | {v.name for v in graph.input}
+    assert {t.name for t in graph.initializer} <= outer | {o.name for o in graph.output}
+    out = Engine(path).run(random_images(1, size=SIZE[0]), np.array([[2]]), pixels=True, guided=True)
+    assert np.abs(out.pixel_gradients).max() > 0 and np.abs(out.guided_gradients).max() > 0
+
+
+@pytest.mark.slow
+def test_lite0s_backward_convolutions_run_in_onnx_runtimes_blocked_layout(lite0_pixels: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's optimised graph: every Conv of the backward to the input is its NCHWc kernel, as the
+    forward's are (with the kernels read from the outer scope none was, and the backward's convolutions took twice
+    as long)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(lite0_pixels), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(tmp_path / "optimised.onnx").graph
+    blocked = ("com.microsoft.nchwc", "Conv")
+    if not any((n.domain, n.op_type) == blocked for n in graph.node):
+        pytest.skip("this CPU has no NCHWc kernels in ONNX Runtime (its forward has none either)")
+    kinds = [(n.domain, n.op_type) for n in _branch(graph, "pixel_gradients").node]
+    assert kinds.count(blocked) >= 40 and ("", "Conv") not in kinds, kinds
+
+
 @pytest.fixture(scope="module")
 def lite0_pixels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """EfficientNet-Lite0 with its ImageNet weights, exported natively with --pixels."""
