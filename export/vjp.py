@@ -316,14 +316,28 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     return [b.op("Reshape", dx, b.grad_shape(dy[0], x))]
 
 
-def _fold_targets(b: Builder, dy: str) -> tuple[str, str]:
-    """[N, T, C, h, w] -> [N*T, C, h, w], and the [N, T] head to unfold with."""
-    return b.op("Reshape", dy, b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)), b.dims(dy, 0, 2)
+def _fold_targets(b: Builder, dy: str, y: str | None = None) -> tuple[str, str]:
+    """[N, T, C, h, w] -> [N*T, C, h, w], and the [N, T] head to unfold with. ``y``: the forward tensor ``dy``
+    is the gradient of; where its ``[C, h, w]`` is static the target shape is a constant (``-1`` resolves on an
+    empty batch too when no other size is 0): 4 small shape ops fewer per Conv, where a backward runs 44 of them
+    (EfficientNet-Lite0)."""
+    trailing = _static_trailing(b, y)
+    shape = b.ints([-1, *trailing]) if trailing else b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)
+    return b.op("Reshape", dy, shape), b.dims(dy, 0, 2)
 
 
 def _unfold_targets(b: Builder, dx: str, head: str, x: str) -> str:
     """[N*T, C, H, W] -> [N, T, C, H, W], the gradient of forward tensor ``x``, with ``head`` = [N, T]."""
-    return b.op("Reshape", dx, b.op("Concat", head, b.dims(x, 1), axis=0))
+    trailing = _static_trailing(b, x)
+    return b.op("Reshape", dx, b.op("Concat", head, b.ints(trailing) if trailing else b.dims(x, 1), axis=0))
+
+
+def _static_trailing(b: Builder, x: str | None) -> list[int] | None:
+    """``x.shape[1:]`` where every size is known and above 0, else None."""
+    shape = None if x is None else b.shape(x)
+    if shape is None or len(shape) < 2 or any(d is None or d <= 0 for d in shape[1:]):
+        return None
+    return [int(d) for d in shape[1:]]
 
 
 def _explicit_pads(
@@ -371,7 +385,7 @@ def _window_sum_back(b: Builder, node: onnx.NodeProto, g: str) -> str:
     cut = [min(k, n + p) for k, n, p in zip(kernel, spatial, pads, strict=False)]
     if cut == [1] * nd and strides == [1] * nd and not any(pads) and out == spatial:
         return g
-    folded, head = _fold_targets(b, g)
+    folded, head = _fold_targets(b, g, node.output[0])
     ones = b.const(np.ones([b.shape(x)[1], 1, *cut], dtype=b.np_dtype(x)), "pool_ones")
     dx = b.op("ConvTranspose", folded, ones, group=b.shape(x)[1], strides=strides, pads=pads[:nd] + [0] * nd,
               kernel_shape=cut)  # fmt: skip
@@ -430,7 +444,7 @@ def Conv(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
     out = b.shape(node.output[0])[2:]
     reach = [(out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + nd] for i in range(nd)]
     extra = [shape[2 + i] - reach[i] for i in range(nd)]
-    folded, head = _fold_targets(b, dy[0])
+    folded, head = _fold_targets(b, dy[0], node.output[0])
     group = int(a.get("group", 1))
     reverse = [p for _ in range(2) for p in ((k - 1) * d for k, d in zip(kernel, dilations, strict=True))]
     reverse = [r - p for r, p in zip(reverse, pads, strict=True)]
@@ -471,7 +485,7 @@ def ConvTranspose(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad
         raise _unsupported(node, "auto_pad and output_shape are not supported (explicit pads are)")
     kernel = list(a.get("kernel_shape", w_shape[2:]))
     nd = len(kernel)
-    folded, head = _fold_targets(b, dy[0])
+    folded, head = _fold_targets(b, dy[0], node.output[0])
     dx = b.op(
         "Conv", folded, b.weight(weight), group=int(a.get("group", 1)), strides=list(a.get("strides", [1] * nd)),
         pads=list(a.get("pads", [0] * 2 * nd)), dilations=list(a.get("dilations", [1] * nd)), kernel_shape=kernel,
@@ -999,7 +1013,7 @@ def _unshuffle(b: Builder, node: onnx.NodeProto, dy: str, split: list[int], perm
     shape = b.shape(node.input[0])
     if shape is None or any(d is None for d in shape[1:]):
         raise _unsupported(node, "needs a static shape to move blocks between depth and space")
-    folded, head = _fold_targets(b, dy)
+    folded, head = _fold_targets(b, dy, node.output[0])
     moved = b.op("Reshape", folded, b.op("Concat", b.product(folded, 0, 1), [split[p - 1] for p in perm[1:]], axis=0))
     back = b.op("Transpose", moved, perm=[int(i) for i in np.argsort(perm)])
     return _unfold_targets(b, b.op("Reshape", back, b.op("Concat", b.product(folded, 0, 1), shape[1:], axis=0)),
