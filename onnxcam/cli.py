@@ -662,7 +662,7 @@ def _print_table(report: list[dict], file: TextIO, kind: str) -> None:
             box = f" box {t['rank']} [{', '.join(f'{v:.0f}' for v in t['box'])}]" if "box" in t else ""
             box += f" character {t['position']}" if "position" in t else ""
             box += f" logit {t['logit']:.4g}, cosine {t['similarity']:.4f}" if "similarity" in t else ""
-            box += f" (completeness error {t['completeness']:.2%})" if "completeness" in t else ""
+            box += f" (completeness error {pixels.completeness_text(t['completeness'])})" if "completeness" in t else ""
             what = f"{t['method']} map for {t['label']} ({t['class']}){box}"
             _echo(f"  {what}: {t['overlay']}  {t['map']}{note}", file=file)
         for boxes in dict.fromkeys(t["boxes"] for t in item["targets"] if "boxes" in t):

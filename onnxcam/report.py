@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from onnxcam.outputs import REPORT, write_text
+from onnxcam.pixels import completeness_text
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
@@ -148,7 +149,8 @@ def _items(records: list[dict], out: Path) -> list[dict]:
         target = r["target"]
         caption = (f"{target['method']} map of {target['label']} (value {target['probability']:.4g})" if "explains"
                    in target else f"{target['method']} map of {target['label']} ({100 * target['probability']:.1f}%)")
-        caption += f", completeness error {target['completeness']:.2%}" if "completeness" in target else ""
+        if "completeness" in target:
+            caption += f", completeness error {completeness_text(target['completeness'])}"
         item["maps"].append({"src": rel(r["overlay"]), "caption": caption, "class": target["class"]})
         item["full"].append(rel(r["panel"]) if r.get("panel") else rel(r["overlay"]))
         item["captions"].append(caption)

@@ -550,8 +550,18 @@ def test_explain_integrated_gradients_flags_reach_the_attribution_and_completene
     assert other["completeness"] != target["completeness"], "the baseline is the flag's"
     table = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
                 "--target", "2", "--steps", "8", "--out", str(tmp_path / "table"))  # fmt: skip
-    assert f"(completeness error {other['completeness']:.2%})" in table.stdout
-    assert f"completeness error {other['completeness']:.2%}" in (tmp_path / "table" / "index.html").read_text()
+    shown = pixels.completeness_text(other["completeness"])
+    assert f"(completeness error {shown})" in table.stdout
+    assert f"completeness error {shown}" in (tmp_path / "table" / "index.html").read_text()
+    few = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+              "--target", "2", "--steps", "1", "--out", str(tmp_path / "few"), "--json")  # fmt: skip
+    error = json.loads(few.stdout)["images"][0]["targets"][0]["completeness"]
+    assert error > pixels.COMPLETE > other["completeness"], "one step misses the integral, eight do not (the cases)"
+    assert shown == f"{other['completeness']:.2%}"
+    assert pixels.completeness_text(error) == f"{error:.2%}, above 5%: raise --steps"
+    few = run("explain", str(tmp_path / "p.png"), "--model", str(path), "--method", "integrated-gradients",
+              "--target", "2", "--steps", "1", "--out", str(tmp_path / "few table"))  # fmt: skip
+    assert f"(completeness error {error:.2%}, above 5%: raise --steps)" in few.stdout
     signed = read_rgb(target["signed"]).astype(int)  # both signs: red where raw > 0, blue where raw < 0
     top = np.percentile(np.abs(raw), 99)
     for sign, (more, less) in ((1, (0, 2)), (-1, (2, 0))):
