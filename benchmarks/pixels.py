@@ -7,11 +7,13 @@ Per network (VGG16 with random weights: the cost does not depend on them; Effici
 weights), one 224x224 photo, its top class, contenders alternated in one process in a shuffled order each round:
 a plain ONNX Runtime forward of the same network (the bound), onnxcam's saliency (one call: the forward and the
 backward to the input), Integrated Gradients with 32 Gauss-Legendre steps from a black baseline (32 rows in calls
-of 8, plus the 2 rows its completeness error reads) and SmoothGrad with 16 samples, each beside Captum's
-`Saliency`, `IntegratedGradients` (n_steps=32, one batch) and `NoiseTunnel(Saliency)` (nt_samples=16) on the same
-weights and threads. Then the peak RSS (VmHWM) of a fresh process running the 32-step Integrated Gradients on
-VGG16. Prints the medians and the ratios asked for (saliency / forward <= 2.5, ours / Captum's <= 0.5, RSS <= 3 GB),
-the CPU's ISA beside them; results go to benchmarks/results.md.
+of pixels.CHUNK, plus a forward of its two ends for the completeness error) and SmoothGrad with 16 samples, each
+beside Captum's `Saliency`, `IntegratedGradients` (n_steps=32, one batch) and `NoiseTunnel(Saliency)`
+(nt_samples=16) on the same weights and threads; a Grad-CAM call on the file and on one exported without --pixels. Then the peak RSS (VmHWM) of a fresh process running the 32-step Integrated Gradients on
+VGG16. Prints the medians and the ratios asked for (saliency / forward <= 2.5, ours / Captum's <= 0.5, RSS <= 3 GB)
+beside the ratio if our work cost only its plain forwards (:data:`FORWARDS`), what a Grad-CAM call costs on the
+file with --pixels against one without, and Integrated Gradients' completeness error by steps (the trained
+network's); the CPU's ISA beside them; results go to benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[f
     cam_path, fwd_path = folder / f"{arch_name}.onnx", folder / f"{arch_name}.fwd.onnx"
     export_arch(arch_name, WEIGHTS[arch_name], None, cam_path, pixels=True)
     forward_only(arch_name, fwd_path)
+    export_arch(arch_name, WEIGHTS[arch_name], None, folder / f"{arch_name}.camonly.onnx")
     explainer = Explainer(cam_path, session_options=quiet_options())
+    cam_only = Explainer(folder / f"{arch_name}.camonly.onnx", session_options=quiet_options())
     engine = explainer.engine
     session = ort.InferenceSession(str(fwd_path), quiet_options(), providers=["CPUExecutionProvider"])
     images = photos(1)
@@ -68,6 +72,8 @@ def timings(arch_name: str, folder: Path, rounds: int) -> tuple[dict[str, list[f
 
     contenders = {
         "ORT forward": lambda: session.run(["logits"], {"image": images}),
+        "onnxcam Grad-CAM, this file": lambda: finished([explainer.explain(photo, targets=[top])]),
+        "onnxcam Grad-CAM, a file without --pixels": lambda: finished([cam_only.explain(photo, targets=[top])]),
         "onnxcam saliency": lambda: finished([explainer.explain(photo, targets=[top], method="saliency")]),
         "Captum Saliency": lambda: Saliency(model).attribute(x.clone(), target=top),
         "onnxcam Integrated Gradients, 32 steps": lambda: pixels.integrated_gradients(engine, photo, classes),
@@ -95,12 +101,36 @@ def ratio(times: dict[str, list[float]], ours: str, theirs: str) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+# plain forwards a contender's work is worth: a row is a forward and a backward (as many multiply-adds); IG's
+# ends are a forward of two rows, SmoothGrad's noise scale reads the input's range from one
+FORWARDS = {"onnxcam saliency": 2, "onnxcam Integrated Gradients, 32 steps": 2 * pixels.STEPS + 2,
+            "onnxcam SmoothGrad, 16 samples": 2 * pixels.SAMPLES + 1}  # fmt: skip
+
+
+def bound(times: dict[str, list[float]], ours: str, theirs: str) -> str:
+    """The ratio if our work cost only its :data:`FORWARDS` (a floor for ONNX Runtime, whose backward is made of
+    forward ops: no fused ReLU masks, no kernel that reads the forward's own layout)."""
+    floor = FORWARDS[ours] * statistics.median(times["ORT forward"])
+    return f"{floor / statistics.median(times[theirs]):.2f}"
+
+
+def completeness(path: Path, photo: np.ndarray, top: int) -> str:
+    """Integrated Gradients' completeness error on the photo's top class, black baseline, by steps."""
+    engine = Explainer(path, session_options=quiet_options()).engine
+    errors = {n: pixels.integrated_gradients(engine, photo, np.array([top]), steps=n).completeness[0]
+              for n in (32, 64, 128, 256)}  # fmt: skip
+    shown = ", ".join(f"{100 * e:.2f}% at {n}" for n, e in errors.items())
+    return (f"Integrated Gradients' completeness error on the photo's top class ({top}), black baseline, "
+            f"Gauss-Legendre: {shown} steps (target <= 1% at 64).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--archs", nargs="+", default=["vgg16", "efficientnet_lite0"])
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    assert pixels.STEPS == 32 and pixels.SAMPLES == 16, "the contenders' names give the steps and samples"
     lines = [
         "# Pixel attributions: their cost against a forward and against Captum",
         "",
@@ -121,9 +151,14 @@ def main() -> None:
                       "Captum IntegratedGradients, 32 steps", "<= 0.5"),
                      ("SmoothGrad / Captum's", "onnxcam SmoothGrad, 16 samples",
                       "Captum NoiseTunnel smoothgrad, 16 samples", "<= 0.5")]  # fmt: skip
-            lines += ["", "| ratio | measured | target |", "|---|---|---|"]
-            lines += [f"| {what} | {ratio(times, ours, theirs)} | {target} |" for what, ours, theirs, target in pairs]
-            lines.append("")
+            lines += ["", "| ratio | measured | target | two forwards a row |", "|---|---|---|---|"]
+            lines += [f"| {what} | {ratio(times, ours, theirs)} | {target} | {bound(times, ours, theirs)} |"
+                      for what, ours, theirs, target in pairs]  # fmt: skip
+            lines += [f"| Grad-CAM call, a file with --pixels / without | "
+                      f"{ratio(times, 'onnxcam Grad-CAM, this file', 'onnxcam Grad-CAM, a file without --pixels')} "
+                      "| | |", ""]  # fmt: skip
+            if WEIGHTS[arch_name] != "none":
+                lines += [completeness(path, photo, top), ""]
             print("\n".join(lines), flush=True)
             if arch_name == "vgg16":
                 rss = peak_rss(path, photo, top, folder)
