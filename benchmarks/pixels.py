@@ -9,11 +9,12 @@ a plain ONNX Runtime forward of the same network (the bound), onnxcam's saliency
 backward to the input), Integrated Gradients with 32 Gauss-Legendre steps from a black baseline (32 rows in calls
 of pixels.CHUNK, plus a forward of its two ends for the completeness error) and SmoothGrad with 16 samples, each
 beside Captum's `Saliency`, `IntegratedGradients` (n_steps=32, one batch) and `NoiseTunnel(Saliency)`
-(nt_samples=16) on the same weights and threads; a Grad-CAM call on the file and on one exported without --pixels. Then the peak RSS (VmHWM) of a fresh process running the 32-step Integrated Gradients on
-VGG16. Prints the medians and the ratios asked for (saliency / forward <= 2.5, ours / Captum's <= 0.5, RSS <= 3 GB)
-beside the ratio if our work cost only its plain forwards (:data:`FORWARDS`), what a Grad-CAM call costs on the
-file with --pixels against one without, and Integrated Gradients' completeness error by steps (the trained
-network's); the CPU's ISA beside them; results go to benchmarks/results.md.
+(nt_samples=16) on the same weights and threads; a Grad-CAM call on the file and on one exported without --pixels.
+Then the peak RSS (VmHWM) of a fresh process running the 32-step Integrated Gradients on VGG16. Prints the medians
+and the ratios asked for (saliency / forward <= 2.5, ours / Captum's <= 0.5, RSS <= 3 GB) beside the ratio if our
+work cost only its plain forwards (:data:`FORWARDS`), what a Grad-CAM call costs on the file with --pixels against
+one without, and Integrated Gradients' completeness error by steps (the trained network's); the CPU's ISA beside
+them; results go to benchmarks/results.md.
 """
 
 from __future__ import annotations

@@ -47,17 +47,14 @@ def _branch_constants(graph: onnx.GraphProto) -> None:
     branches = [a.g for node in graph.node if node.op_type == "If" for a in node.attribute
                 if a.type == onnx.AttributeProto.GRAPH]  # fmt: skip
     reads = [_names_read(branch) for branch in branches]
-    kept = []
-    for tensor in graph.initializer:
+    for index in reversed(range(len(graph.initializer))):  # (deleted in place: a copy of all past 2 GB cannot be made)
+        tensor = graph.initializer[index]
         readers = [b for b, names in zip(branches, reads, strict=True) if tensor.name in names]
         if tensor.name in outer or not readers:
-            kept.append(tensor)
             continue
         for branch in readers:
             branch.initializer.append(tensor)
-    if len(kept) < len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        del graph.initializer[index]
 
 
 def save_explainer(model: onnx.ModelProto, card: ModelCard, out: Path) -> ModelCard:
