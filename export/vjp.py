@@ -319,8 +319,8 @@ def MaxPool(b: Builder, node: onnx.NodeProto, dy: list[Grad]) -> list[Grad]:
 def _fold_targets(b: Builder, dy: str, y: str | None = None) -> tuple[str, str]:
     """[N, T, C, h, w] -> [N*T, C, h, w], and the [N, T] head to unfold with. ``y``: the forward tensor ``dy``
     is the gradient of; where its ``[C, h, w]`` is static the target shape is a constant (``-1`` resolves on an
-    empty batch too when no other size is 0): 4 small shape ops fewer per Conv, where a backward runs 44 of them
-    (EfficientNet-Lite0)."""
+    empty batch too when no other size is 0): 6 small shape ops fewer per Conv (2 more in :func:`_unfold_targets`),
+    where a backward runs 44 of them (EfficientNet-Lite0)."""
     trailing = _static_trailing(b, y)
     shape = b.ints([-1, *trailing]) if trailing else b.op("Concat", b.product(dy, 0, 2), b.dims(dy, 2), axis=0)
     return b.op("Reshape", dy, shape), b.dims(dy, 0, 2)

@@ -383,8 +383,7 @@ class Engine:
                 feeds[contract.RETURN_GUIDED] = np.asarray(guided)
                 names.append(contract.GUIDED_GRADIENTS)
         elif pixels:
-            raise OnnxcamError(f"{self.path} has no backward to its input (pixel attributions): export it again "
-                               "with --pixels")  # fmt: skip
+            self.require_pixels()
         names += [contract.INSTANCE_MASKS] if contract.INSTANCE_MASKS in self.outputs else []
         feeds |= self._task_feeds(len(images), thresholds or {}, region, references)
         if saliency is not None:
@@ -398,6 +397,12 @@ class Engine:
         per_scale = [values.pop(name) for name in scales]
         grouped = tuple(tuple(per_scale[i : i + 3]) for i in range(0, len(per_scale), 3))
         return Outputs(**values, scales=grouped)
+
+    def require_pixels(self) -> None:
+        """Refuse, in one line, a file without the backward to its input (``export --pixels``)."""
+        if contract.RETURN_PIXELS not in self.inputs:
+            raise OnnxcamError(f"{self.path} has no backward to its input (pixel attributions): export it again "
+                               "with --pixels")  # fmt: skip
 
     def _steering_feeds(self, count: int, steering: tuple | None) -> dict[str, np.ndarray]:
         """A file with pixels: each row's alpha, baseline and noise (none given: its own pixels)."""

@@ -120,6 +120,7 @@ def _rows(
 
 def model_input(engine: Engine, image: np.ndarray) -> np.ndarray:
     """The model's normalised input ``[C, H, W]`` of a uint8 RGB image at its size (the file's own preprocessing)."""
+    engine.require_pixels()
     return engine.run(image[None], np.zeros((1, 1), np.int64)).pixels[0].astype(np.float64)
 
 
@@ -133,7 +134,7 @@ def integrated_gradients(
     classifier's classes; a detector's boxes as flat indices class * A + anchor, fixed along the path; a similarity
     model's references, given as ``references``)."""
     baseline = np.zeros_like(image) if baseline is None else baseline
-    # the path's two ends in one forward call: their inputs (x, x') and scores (f(x), f(x'))
+    engine.require_pixels()  # (the path's two ends in one forward call: their inputs x, x' and scores f(x), f(x'))
     out = engine.run(np.stack([image, baseline]), np.tile(classes, (2, 1)), references=references)
     (x, reference), ends = out.pixels.astype(np.float64), out.logits.astype(np.float64)
     alphas, sizes = quadrature(steps, rule)

@@ -97,6 +97,11 @@ def test_a_cam_call_builds_no_input_gradient_and_a_cam_only_file_has_none(small:
     assert plain.run(random_images(1, size=SIZE[0]), np.array([[0]])).pixel_gradients is None
     with pytest.raises(OnnxcamError, match="export it again with --pixels"):
         plain.run(random_images(1, size=SIZE[0]), np.array([[0]]), pixels=True)
+    from onnxcam import pixels
+
+    for attribute in (pixels.integrated_gradients, pixels.smoothgrad):  # (it was a TypeError on a missing output)
+        with pytest.raises(OnnxcamError, match=r"has no backward to its input.*export it again with --pixels"):
+            attribute(plain, random_images(1, size=SIZE[0])[0], np.array([0]))
 
 
 def test_an_op_without_a_rule_before_the_target_layer_is_refused_by_name_only_with_pixels(tmp_path: Path) -> None:
