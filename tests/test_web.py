@@ -311,12 +311,12 @@ console.log(JSON.stringify({ classes: found.classes, map: Array.from(found.maps[
 
 @needs_npm
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("method", ["saliency", "integrated-gradients", "guided-backprop"])
+@pytest.mark.parametrize("method", ["saliency", "gradient-x-input", "integrated-gradients", "guided-backprop"])
 def test_the_javascript_pixel_maps_equal_the_python_paths(request: pytest.FixtureRequest, tmp_path: Path,
                                                            method: str) -> None:  # fmt: skip
-    """onnxcam.mjs's saliency, guided backprop and Integrated Gradients (32 Gauss-Legendre steps as rows of the
-    file, 4 a call) on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within 1e-3); its
-    Gauss-Legendre rule is numpy's leggauss on [0, 1]."""
+    """onnxcam.mjs's saliency, gradient x input, guided backprop and Integrated Gradients (32 Gauss-Legendre steps
+    as rows of the file, 4 a call) on onnxruntime-node against Explainer.explain's maps (Pearson >= 0.999, within
+    1e-3); its Gauss-Legendre rule is numpy's leggauss on [0, 1]."""
     from onnxcam.pixels import quadrature
     from tests.conftest import random_images
 
@@ -379,7 +379,7 @@ def test_the_page_shows_integrated_gradients_of_a_file_with_pixels(request: pyte
     write_picture_rgb(tmp_path / "p.png", photo)
     state, _, text = in_chromium(tmp_path / "site", tmp_path / "p.png",
                                  before=lambda page: page.select_option("#method", "integrated-gradients"))
-    assert state["method"] == "integrated-gradients" and "Integrated Gradients are computed here" in text
+    assert state["method"] == "integrated-gradients" and "Integrated Gradients and guided" in text
     reference = Explainer(path).explain(photo, top_k=1, method="integrated-gradients").maps[0]
     assert state["classes"][0] == reference.index
     assert pearson(np.asarray(state["map"], np.float32).reshape(32, 32), reference.cam) >= 0.999

@@ -7,7 +7,8 @@
 // top-1; -k: the k-th best) at the photo's size: JET colours blended 0.4 / 0.6 over the photo, as `onnxcam
 // explain`. The photo is fitted to the model's input as its card says (stretch, letterbox, centre crop, padding),
 // as in Python. METHOD: the file's in-graph map (default), or a pixel method of a file exported with --pixels
-// (saliency, integrated-gradients), computed here from the file's gradients at its input.
+// (saliency, gradient-x-input, integrated-gradients, guided-backprop), computed here from the file's gradients at
+// its input.
 import { readFileSync, writeFileSync } from "node:fs";
 import ort from "onnxruntime-node";
 import { PNG } from "pngjs";

@@ -306,7 +306,7 @@ export async function explain(ort, session, pixels, size, targets, method = GRAD
 
 // The pixel methods a file exported with --pixels gives here, from its gradients at the model's input: their steps
 // as rows of one batch, CHUNK rows a call, as the Python path runs them (onnxcam/pixels.py, onnxcam/methods.py).
-export const PIXEL_METHODS = ["saliency", "integrated-gradients", "guided-backprop"];
+export const PIXEL_METHODS = ["saliency", "gradient-x-input", "integrated-gradients", "guided-backprop"];
 export const STEPS = 32; // Integrated Gradients' Gauss-Legendre steps, from a black baseline
 const CHUNK = 4; // (a VGG16 row holds about 330 MB: the WebAssembly heap is at most 4 GB)
 const PERCENTILE = 99; // a pixel map is clipped at this percentile of its values before it is scaled
@@ -381,9 +381,10 @@ async function pixelRows(ort, session, pixels, size, classes, alphas, baseline, 
 }
 
 // A pixel method's maps (PIXEL_METHODS) of the classes of `targets` (-k: the k-th best), each [H, W] at the
-// model's input in [0, 1]: saliency, the largest |dS/dx_c| over the channels (one call); Integrated Gradients,
-// the positive part of the channel sum of (x - x') sum_s w_s dS/dx(x' + a_s (x - x')), x' the black photo's input;
-// guided-backprop, saliency's reduction of the file's guided gradients (its ReLUs pass only positive ones).
+// model's input in [0, 1]: saliency, the largest |dS/dx_c| over the channels (one call); gradient x input, the
+// positive part of sum_c x_c dS/dx_c (the same call); Integrated Gradients, the positive part of the channel sum
+// of (x - x') sum_s w_s dS/dx(x' + a_s (x - x')), x' the black photo's input; guided-backprop, saliency's
+// reduction of the file's guided gradients (its ReLUs pass only positive ones).
 export async function explainPixels(ort, session, pixels, size, targets, method = "saliency") {
   if (!session.inputNames.includes("return_pixels")) {
     throw new Error(`${method} needs a file exported with --pixels (its backward to the input)`);
@@ -399,6 +400,14 @@ export async function explainPixels(ort, session, pixels, size, targets, method 
       for (let c = 0; c < 3; c++) {
         for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], Math.abs(gradient[(t * 3 + c) * plane + i]));
       }
+    });
+  } else if (method === "gradient-x-input") {
+    const x = one.first.pixels.data;
+    raw.forEach((map, t) => {
+      for (let c = 0; c < 3; c++) {
+        for (let i = 0; i < plane; i++) map[i] += x[c * plane + i] * gradient[(t * 3 + c) * plane + i];
+      }
+      for (let i = 0; i < plane; i++) map[i] = Math.max(map[i], 0);
     });
   } else if (method === "integrated-gradients") {
     const x = one.first.pixels.data;
