@@ -43,9 +43,11 @@ def _branch_constants(graph: onnx.GraphProto) -> None:
     ``If``, ran its convolutions at half the speed until their flipped kernels moved in (EfficientNet-Lite0's
     saliency call on AMD EPYC, AVX-512: 39 ms, then 32 ms).
     """
+    nodes = [(node, [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]) for node in graph.node]
     outer = {name for node in graph.node for name in node.input} | {v.name for v in [*graph.input, *graph.output]}
-    branches = [a.g for node in graph.node if node.op_type == "If" for a in node.attribute
-                if a.type == onnx.AttributeProto.GRAPH]  # fmt: skip
+    outer |= {name for node, bodies in nodes if node.op_type != "If" for body in bodies
+              for name in _names_read(body)}  # (a Loop's or Scan's body reads the outer scope too)  # fmt: skip
+    branches = [g for node, bodies in nodes if node.op_type == "If" for g in bodies]
     reads = [_names_read(branch) for branch in branches]
     for index in reversed(range(len(graph.initializer))):  # (deleted in place: a copy of all past 2 GB cannot be made)
         tensor = graph.initializer[index]

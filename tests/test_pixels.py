@@ -163,6 +163,48 @@ def test_the_backwards_constants_live_in_the_branches_that_read_them(small: tupl
     assert np.abs(out.pixel_gradients).max() > 0 and np.abs(out.guided_gradients).max() > 0
 
 
+def test_a_constant_a_loop_body_reads_too_stays_in_the_main_graph() -> None:
+    """Only constants that nothing but ``If`` branches read move in: one that a Loop's body also reads (from the
+    outer scope, not as a node input) stays, and the graph still runs."""
+    import onnxruntime as ort
+
+    from onnxcam_export.save import _branch_constants
+
+    def branch(op: str, name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["x", name], [f"{name}_{op}"])], op, [],
+                                 [helper.make_tensor_value_info(f"{name}_{op}", TensorProto.FLOAT, [2])])  # fmt: skip
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["keep"], ["keep_out"]), helper.make_node("Add", ["total", "shared"], ["next"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("keep", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("total", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("keep_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("next", TensorProto.FLOAT, [2])])  # fmt: skip
+    nodes = [helper.make_node("If", ["flag"], ["a"], then_branch=branch("Add", "shared"),
+                              else_branch=branch("Sub", "only")),
+             helper.make_node("Loop", ["count", "", "x"], ["b"], body=body)]  # fmt: skip
+    constants = {"shared": np.array([1.0, 2.0], np.float32), "only": np.array([3.0, 4.0], np.float32),
+                 "count": np.array(3, np.int64)}  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                     helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "ab"],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _branch_constants(model.graph)
+    assert {t.name for t in model.graph.initializer} == {"shared", "count"}
+    local = {a.name: [t.name for t in a.g.initializer] for a in model.graph.node[0].attribute}
+    assert local == {"then_branch": [], "else_branch": ["only"]}
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([10.0, 20.0], np.float32)
+    for flag, expected in ((True, x + constants["shared"]), (False, x - constants["only"])):
+        a, b = session.run(None, {"x": x, "flag": np.asarray(flag)})
+        np.testing.assert_array_equal(a, expected)
+        np.testing.assert_array_equal(b, x + 3 * constants["shared"])
+
+
 @pytest.mark.slow
 def test_lite0s_backward_convolutions_run_in_onnx_runtimes_blocked_layout(lite0_pixels: Path, tmp_path: Path) -> None:
     """ONNX Runtime's optimised graph: every Conv of the backward to the input is its NCHWc kernel, as the
