@@ -16,23 +16,20 @@ from onnxcam.outputs import atomic_write
 from onnxcam_export.builder import PREFIX, infer_types
 from onnxcam_export.ops import ops_with
 from onnxcam_export.saliency import saliency_methods
+from onnxcam_export.walk import inputs_of, outer_reads, subgraphs
 
 QUANTIZED_OPS = ops_with("quantized")  # ONNX Runtime's QDQ pairs (default domain) and QOperator ops (QLinear*)
 NO_EMPTY_BATCH = ops_with("no_empty_batch")  # ops ONNX Runtime cannot run on an empty batch (LSTM)
 
 
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every branch and body inside it."""
+    return [graph, *(inner for node in graph.node for body in subgraphs(node) for inner in _graphs(body))]
+
+
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The graph's nodes and those of every branch and body inside them."""
-    nodes = list(graph.node)
-    for node in graph.node:
-        for a in node.attribute:
-            nodes += _all_nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else []
-    return nodes
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """The tensor names the nodes of ``graph`` and of every branch and body inside them read."""
-    return {name for node in _all_nodes(graph) for name in node.input}
+    return [node for g in _graphs(graph) for node in g.node]
 
 
 def _branch_constants(graph: onnx.GraphProto) -> None:
@@ -43,12 +40,11 @@ def _branch_constants(graph: onnx.GraphProto) -> None:
     ``If``, ran its convolutions at half the speed until their flipped kernels moved in (EfficientNet-Lite0's
     saliency call on AMD EPYC, AVX-512: 39 ms, then 32 ms).
     """
-    nodes = [(node, [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]) for node in graph.node]
-    outer = {name for node in graph.node for name in node.input} | {v.name for v in [*graph.input, *graph.output]}
-    outer |= {name for node, bodies in nodes if node.op_type != "If" for body in bodies
-              for name in _names_read(body)}  # (a Loop's or Scan's body reads the outer scope too)  # fmt: skip
-    branches = [g for node, bodies in nodes if node.op_type == "If" for g in bodies]
-    reads = [_names_read(branch) for branch in branches]
+    # (what else reads a constant: a node by name, a Loop's or Scan's body from the outer scope, the graph's ends)
+    outer = {name for node in graph.node for name in (node.input if node.op_type == "If" else inputs_of(node))}
+    outer |= {v.name for v in [*graph.input, *graph.output]}
+    branches = [g for node in graph.node if node.op_type == "If" for g in subgraphs(node)]
+    reads = [set(outer_reads(branch)) for branch in branches]
     for index in reversed(range(len(graph.initializer))):  # (deleted in place: a copy of all past 2 GB cannot be made)
         tensor = graph.initializer[index]
         readers = [b for b, names in zip(branches, reads, strict=True) if tensor.name in names]
@@ -106,12 +102,6 @@ def _products_over_rows(model: onnx.ModelProto) -> bool:
         return False
     return any(n.op_type == "MatMul" and not n.name.startswith(PREFIX) and n.input[1] in weights and n.input[0] in types
                and len(types[n.input[0]].shape.dim) >= 3 for n in model.graph.node)  # fmt: skip
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and every branch and body inside it."""
-    inner = [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return [graph, *(g for branch in inner for g in _graphs(branch))]
 
 
 def _size(tensor: onnx.TensorProto) -> int:

@@ -108,12 +108,13 @@ def reached_gradient(b: Builder, grads: Grads, name: str) -> str:
 
 
 # -- the head: the nodes between the target layer and the logits ----------------------------------
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """A node's graphs: an ``If``'s branches, a ``Loop``'s or ``Scan``'s body."""
     return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
 
 
 
-def _outer_reads(graph: onnx.GraphProto) -> list[str]:
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
     """The tensors of enclosing graphs that ``graph``'s nodes read by name."""
     inner, found = {i.name for i in graph.input} | {i.name for i in graph.initializer}, []
     for node in graph.node:
@@ -126,7 +127,7 @@ def _outer_reads(graph: onnx.GraphProto) -> list[str]:
 def inputs_of(node: onnx.NodeProto) -> list[str]:
     """The tensors ``node`` reads: its inputs, and the outer ones its subgraphs read by name (an ``If`` branch, a
     ``Loop`` or ``Scan`` body), which a walk over node inputs alone would miss."""
-    return list(node.input) + [i for graph in _subgraphs(node) for i in _outer_reads(graph)]
+    return list(node.input) + [i for graph in subgraphs(node) for i in outer_reads(graph)]
 
 
 
@@ -136,8 +137,8 @@ def _gradient_enters(node: onnx.NodeProto, reached: set[str]) -> bool:
     carry its gradient)."""
     if reached.intersection(node.input):
         return True
-    for graph in _subgraphs(node):
-        outer = reached.intersection(_outer_reads(graph))
+    for graph in subgraphs(node):
+        outer = reached.intersection(outer_reads(graph))
         if outer and differentiable(graph.node, outer, None).intersection(o.name for o in graph.output):
             return True
     return False
