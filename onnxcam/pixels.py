@@ -103,19 +103,18 @@ def completeness_text(error: float) -> str:
 def _rows(
     engine: Engine, image: np.ndarray, classes: np.ndarray, alphas: np.ndarray, baselines: np.ndarray,
     noise: np.ndarray, chunk: int, references: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(logits [S, K], gradients [S, T, C, H, W]) of ``len(alphas)`` rows of one image, ``chunk`` rows a call
+) -> np.ndarray:  # fmt: skip
+    """The gradients ``[S, T, C, H, W]`` of ``len(alphas)`` rows of one image, ``chunk`` rows a call
     (``references``: a similarity model's, which its targets compare with)."""
-    logits, gradients = [], []
+    gradients = []
     for start in range(0, len(alphas), chunk):
         part = slice(start, start + chunk)
         count = len(alphas[part])
         noisy = noise[part] if len(noise) > 1 else noise
         out = engine.run(np.repeat(image[None], count, 0), np.tile(classes, (count, 1)), pixels=True,
                          steering=(alphas[part], baselines, noisy), references=references)  # fmt: skip
-        logits.append(out.logits.astype(np.float64))
         gradients.append(out.pixel_gradients.astype(np.float64))
-    return np.concatenate(logits), np.concatenate(gradients)
+    return np.concatenate(gradients)
 
 
 def model_input(engine: Engine, image: np.ndarray) -> np.ndarray:
@@ -139,7 +138,7 @@ def integrated_gradients(
     (x, reference), ends = out.pixels.astype(np.float64), out.logits.astype(np.float64)
     alphas, sizes = quadrature(steps, rule)
     none = np.zeros((1, *x.shape), np.float32)
-    _, gradients = _rows(engine, image, classes, alphas, reference[None], none, chunk, references)
+    gradients = _rows(engine, image, classes, alphas, reference[None], none, chunk, references)
     values = np.tensordot(sizes, gradients, axes=1) * (x - reference)[None]  # [T, C, H, W]
     if engine.card.score == "probability":  # (the explained score: the softmax of the logits)
         ends = np.exp(ends - ends.max(axis=1, keepdims=True))
@@ -158,7 +157,7 @@ def smoothgrad(engine: Engine, image: np.ndarray, classes: np.ndarray, samples: 
     input with Gaussian noise of standard deviation ``noise`` times the input's range (max - min), seeded."""
     x = model_input(engine, image)
     draws = _noise(x, samples, noise, seed)
-    _, gradients = _rows(engine, image, classes, np.ones(samples), np.zeros((1, *x.shape)), draws, chunk, references)
+    gradients = _rows(engine, image, classes, np.ones(samples), np.zeros((1, *x.shape)), draws, chunk, references)
     return Attribution((gradients**2 if squared else gradients).mean(axis=0))
 
 
